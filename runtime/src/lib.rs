@@ -1,0 +1,12 @@
+//! nomoat runtime: everything shared by the native CLI and the browser build.
+//!
+//! - `gguf`: the file format (parse from bytes or in chunks, typed errors).
+//! - `ggml_type`: block layouts of GGML tensor types.
+//! - `quant`: plain CPU dequantization of every supported block type (the reference).
+//! - `reference`: plain CPU versions of every GPU op, the yardstick tests compare against.
+//! - `device`, `shaders`, `kernels`: the GPU side.
+
+pub mod ggml_type;
+pub mod gguf;
+pub mod quant;
+pub mod reference;

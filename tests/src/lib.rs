@@ -1,0 +1,2 @@
+//! Shared helpers for nomoat's test suites.
+pub mod support;

@@ -1,0 +1,48 @@
+//! Where the test models live and small deterministic random numbers.
+
+use std::path::PathBuf;
+
+/// `$NOMOAT_CACHE/models` (default `~/.cache/nomoat/models`), filled by `scripts/fetch-models.sh`.
+pub fn models_dir() -> PathBuf {
+    let cache = std::env::var_os("NOMOAT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
+    cache.join("models")
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// Path of a test model; panics with the set-up command to run when it is missing, because
+/// a silently skipped test is a test that cannot fail.
+pub fn model_path(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(p.exists(), "test model {} missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
+/// SplitMix64: tiny, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn fill(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
