@@ -10,3 +10,6 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod quant;
 pub mod reference;
+pub mod device;
+pub mod kernels;
+pub mod shaders;

@@ -1,0 +1,285 @@
+//! The GPU device: adapter choice, limits, optional features, errors, buffers and read-back.
+//!
+//! nomoat asks for the adapter's own limits (browsers hand out the spec's 128 MiB storage binding
+//! unless asked) and for shader-f16 and subgroups when present; the kernels take the matching
+//! [`Variant`] and fall back to plain f32 / shared-memory code when a feature is missing.
+//! Validation and out-of-memory errors are caught with error scopes around the operations that
+//! can fail, and device loss is latched so every later call reports it instead of producing
+//! garbage.
+
+use crate::shaders::Variant;
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum GpuError {
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    #[error("could not open the GPU device: {0}")]
+    RequestDevice(String),
+    #[error("out of GPU memory while {what} ({bytes} bytes requested)")]
+    OutOfMemory { what: String, bytes: u64 },
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    #[error("GPU validation error while {what}: {message}")]
+    Validation { what: String, message: String },
+    #[error("reading back from the GPU failed: {0}")]
+    Readback(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What the caller wants from the device. Tests turn features off to exercise every variant.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub allow_f16: bool,
+    pub allow_subgroups: bool,
+    /// Substring of the adapter name to pick; `WGPU_ADAPTER_NAME` also works.
+    pub adapter_name: Option<String>,
+    /// Ask for a smaller storage-binding limit than the adapter offers: how tests (and anyone
+    /// curious) see what a phone's 128 MiB or smaller limit does to tensor splitting.
+    pub max_storage_binding: Option<u64>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None }
+    }
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub variant: Variant,
+    lost: Arc<Mutex<Option<String>>>,
+    pub(crate) pipelines: crate::kernels::PipelineCache,
+}
+
+impl Gpu {
+    pub async fn new(opts: GpuOptions) -> Result<Gpu, GpuError> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        // WGPU_BACKEND picks a backend; otherwise leave out OpenGL, whose compute support is
+        // too thin for these kernels (and on Linux it would offer llvmpipe beside lavapipe)
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            desc.backends = wgpu::Backends::PRIMARY;
+        }
+        let instance = wgpu::Instance::new(desc);
+        let wanted = opts.adapter_name.clone().or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok());
+        let adapter = match &wanted {
+            #[cfg(not(target_arch = "wasm32"))]
+            Some(name) => {
+                let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&name.to_lowercase()))
+                    .ok_or_else(|| GpuError::NoAdapter(format!(" named like '{name}' (have: {})", names.join(", "))))?
+            }
+            _ => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| GpuError::NoAdapter(format!(": {e}")))?,
+        };
+        let info = adapter.get_info();
+        let available = adapter.features();
+        let f16 = opts.allow_f16 && available.contains(wgpu::Features::SHADER_F16);
+        let subgroups = opts.allow_subgroups && available.contains(wgpu::Features::SUBGROUP);
+        let mut features = wgpu::Features::empty();
+        if f16 {
+            features |= wgpu::Features::SHADER_F16;
+        }
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        let mut limits = adapter.limits();
+        if let Some(cap) = opts.max_storage_binding {
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("nomoat"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+        let lost = Arc::new(Mutex::new(None));
+        let lost_flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            *lost_flag.lock().unwrap() = Some(format!("{reason:?}: {message}"));
+        });
+        // Errors outside an explicit scope would otherwise abort the process in wgpu's default
+        // handler; record them as a loss of the device so the caller gets an error instead.
+        let uncaptured = lost.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = uncaptured.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(format!("uncaptured GPU error: {e}"));
+            }
+        }));
+        let variant = Variant { f16, subgroups, web: cfg!(target_arch = "wasm32") };
+        Ok(Gpu { device, queue, info, limits, variant, lost, pipelines: Default::default() })
+    }
+
+    /// Largest byte size one tensor chunk may have: a storage binding and a buffer both cap it.
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
+    }
+
+    pub fn check_lost(&self) -> Result<(), GpuError> {
+        match self.lost.lock().unwrap().as_ref() {
+            Some(m) => Err(GpuError::DeviceLost(m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {}), kernels {}, max binding {} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.driver,
+            self.variant.label(),
+            self.max_binding() >> 20
+        )
+    }
+
+    /// Run `f` inside out-of-memory and validation error scopes and report what they caught.
+    pub async fn scoped<T>(&self, what: &str, bytes: u64, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        self.check_lost()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let v = validation.pop().await;
+        let o = oom.pop().await;
+        if let Some(e) = o {
+            let _ = e;
+            return Err(GpuError::OutOfMemory { what: what.to_string(), bytes });
+        }
+        if let Some(e) = v {
+            return Err(GpuError::Validation { what: what.to_string(), message: e.to_string() });
+        }
+        self.check_lost()?;
+        Ok(value)
+    }
+
+    /// A storage buffer holding `data`, padded with zeros to `data.len() + pad` rounded up to 4
+    /// bytes (the kernels that read GGUF blocks word by word read a little past a row's end).
+    pub async fn upload(&self, label: &str, data: &[u8], pad: usize) -> Result<wgpu::Buffer, GpuError> {
+        let size = ((data.len() + pad).max(4) + 3) & !3;
+        let buf = self.scoped(label, size as u64, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })
+        .await?;
+        let aligned = data.len() & !3;
+        if aligned > 0 {
+            self.queue.write_buffer(&buf, 0, &data[..aligned]);
+        }
+        if aligned < data.len() {
+            let mut tail = data[aligned..].to_vec();
+            tail.resize(4, 0);
+            self.queue.write_buffer(&buf, aligned as u64, &tail);
+        }
+        Ok(buf)
+    }
+
+    pub async fn upload_f32(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer, GpuError> {
+        self.upload(label, bytemuck::cast_slice(data), 0).await
+    }
+
+    pub async fn upload_u32(&self, label: &str, data: &[u32]) -> Result<wgpu::Buffer, GpuError> {
+        self.upload(label, bytemuck::cast_slice(data), 0).await
+    }
+
+    /// An uninitialised storage buffer of `bytes` (rounded up to 4).
+    pub async fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+        let size = (bytes.max(4) + 3) & !3;
+        self.scoped(label, size, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })
+        .await
+    }
+
+    pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
+        // uniform structs are sized in multiples of 16 bytes
+        let mut contents = bytemuck::bytes_of(value).to_vec();
+        contents.resize(contents.len().div_ceil(16) * 16, 0);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: &contents,
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// Copy `bytes` bytes from `src` at `offset` back to the host.
+    pub async fn read(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        self.check_lost()?;
+        let size = (bytes + 3) & !3;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: size.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, offset, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = futures::channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.check_lost()?;
+                return Err(GpuError::Readback(e.to_string()));
+            }
+            Err(_) => return Err(GpuError::Readback("map callback dropped".into())),
+        }
+        let data = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?.to_vec();
+        staging.unmap();
+        self.check_lost()?;
+        Ok(data[..bytes as usize].to_vec())
+    }
+
+    pub async fn read_f32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<f32>, GpuError> {
+        let b = self.read(src, offset_elems * 4, n as u64 * 4).await?;
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    pub async fn read_u32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<u32>, GpuError> {
+        let b = self.read(src, offset_elems * 4, n as u64 * 4).await?;
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    /// Wait until all submitted work is done (native; a no-op in the browser, where read-back
+    /// awaits instead).
+    pub fn wait(&self) -> Result<(), GpuError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        self.check_lost()
+    }
+}

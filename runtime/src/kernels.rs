@@ -1,0 +1,580 @@
+//! The Rust side of every WGSL kernel: its bind-group layout (named next to the shader it
+//! describes), its parameters, which (op, type, size) it supports, and how it is dispatched.
+//!
+//! Work is recorded into a [`Recorder`] (one command encoder) and submitted once, so a whole
+//! token's worth of dispatches costs one submission.
+
+use crate::device::{Gpu, GpuError};
+use crate::ggml_type::GgmlType;
+use crate::shaders::{self, Defines, Variant};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// How a kernel uses each binding, in binding order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bind {
+    Read,
+    ReadWrite,
+    Uniform,
+}
+use Bind::*;
+
+// Bind-group layouts, one per shader file (see the shader's header comment for the shapes).
+pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // matvec.wgsl: w, x, y, params
+pub const MATMUL_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // matmul.wgsl: w, x, y, params
+pub const GATHER_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // gather.wgsl: table, ids, out, params
+pub const NORM_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // norm.wgsl: x, w, b, out, params
+pub const SOFTMAX_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // softmax.wgsl: x, out, params
+pub const ELEMENTWISE_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // elementwise.wgsl: a, b, out, params
+pub const ROPE_LAYOUT: &[Bind] = &[ReadWrite, Uniform]; // rope.wgsl: x, params
+pub const KV_STORE_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // kv_store.wgsl: src, cache, params
+pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // attention.wgsl: q, k, v, out, params
+pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform]; // topk.wgsl: values, ids, out_values, out_ids, params
+pub const COPY_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // copy.wgsl: src, dst, params
+
+/// Bytes kept spare after every weight chunk: `ld_u32` reads one word past a row's last byte.
+pub const WEIGHT_PAD: usize = 16;
+
+/// The largest workgroup count per dimension WebGPU guarantees.
+const MAX_GROUPS: u32 = 65535;
+
+/// Workgroup counts for `n` groups, folded into a second dimension past 65535; kernels rebuild
+/// the linear index and skip the overshoot.
+pub fn grid(n: u32) -> (u32, u32) {
+    if n <= MAX_GROUPS {
+        (n.max(1), 1)
+    } else {
+        (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
+    }
+}
+
+/// Which GGML types the quantized kernels (matvec, matmul, gather) read, and whether a matrix
+/// of that shape fits them; the gate callers consult before building a pipeline.
+pub fn supports_quant_op(ty: GgmlType, k: u64) -> Result<(), String> {
+    if !ty.is_supported_by_kernels() {
+        return Err(format!("tensor type {ty} is not supported by nomoat's kernels"));
+    }
+    if k % ty.block_elems() as u64 != 0 {
+        return Err(format!("row length {k} is not a multiple of {ty}'s block of {}", ty.block_elems()));
+    }
+    if k > u32::MAX as u64 / 8 {
+        return Err(format!("row length {k} is too long"));
+    }
+    Ok(())
+}
+
+fn type_define(ty: GgmlType) -> String {
+    format!("TYPE_{}", ty.name())
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub file: &'static str,
+    pub entry: &'static str,
+    pub defines: Defines,
+}
+
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Every pipeline the runtime can build for some input, for validating all generated WGSL.
+pub fn all_pipeline_keys() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for ty in crate::ggml_type::KERNEL_TYPES {
+        let d = Defines::new().flag(&type_define(ty));
+        for file in ["matvec.wgsl", "matmul.wgsl", "gather.wgsl"] {
+            keys.push(PipelineKey { file, entry: "main", defines: d.clone() });
+        }
+    }
+    for entry in ["rms_norm", "layer_norm"] {
+        keys.push(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() });
+    }
+    keys.push(PipelineKey { file: "softmax.wgsl", entry: "main", defines: Defines::new() });
+    for entry in ["add", "scale", "softcap", "silu_gate", "gelu_gate"] {
+        keys.push(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() });
+    }
+    keys.push(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() });
+    for kv in [KvType::F32, KvType::F16] {
+        keys.push(PipelineKey { file: "kv_store.wgsl", entry: "main", defines: kv.defines() });
+        keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
+    }
+    keys.push(PipelineKey { file: "topk.wgsl", entry: "main", defines: Defines::new() });
+    keys.push(PipelineKey { file: "copy.wgsl", entry: "main", defines: Defines::new() });
+    keys
+}
+
+/// The layout a pipeline key uses.
+pub fn layout_of(file: &str) -> &'static [Bind] {
+    match file {
+        "matvec.wgsl" => MATVEC_LAYOUT,
+        "matmul.wgsl" => MATMUL_LAYOUT,
+        "gather.wgsl" => GATHER_LAYOUT,
+        "norm.wgsl" => NORM_LAYOUT,
+        "softmax.wgsl" => SOFTMAX_LAYOUT,
+        "elementwise.wgsl" => ELEMENTWISE_LAYOUT,
+        "rope.wgsl" => ROPE_LAYOUT,
+        "kv_store.wgsl" => KV_STORE_LAYOUT,
+        "attention.wgsl" => ATTENTION_LAYOUT,
+        "topk.wgsl" => TOPK_LAYOUT,
+        "copy.wgsl" => COPY_LAYOUT,
+        other => panic!("no layout for {other}"),
+    }
+}
+
+#[derive(Default)]
+pub struct PipelineCache {
+    map: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+}
+
+impl Gpu {
+    /// The compiled pipeline for `key` on this device's variant, built on first use.
+    pub async fn pipeline(&self, key: PipelineKey) -> Result<Arc<Pipeline>, GpuError> {
+        if let Some(p) = self.pipelines.map.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let source = shaders::generate(key.file, self.variant, &key.defines)
+            .map_err(|e| GpuError::Validation { what: "generating WGSL".into(), message: e })?;
+        let bind = layout_of(key.file);
+        let what = format!("building {}:{} {:?}", key.file, key.entry, key.defines.0.keys().collect::<Vec<_>>());
+        let p = self
+            .scoped(&what, 0, || {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = bind
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: match b {
+                            Read | ReadWrite => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage { read_only: *b == Read },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            Uniform => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(key.file),
+                    entries: &entries,
+                });
+                let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(key.file),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+                let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(key.file),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+                let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key.entry),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(key.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+                Pipeline { pipeline, layout }
+            })
+            .await?;
+        let p = Arc::new(p);
+        self.pipelines.map.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+/// A weight matrix on the GPU exactly as GGUF stores it, split into chunks of whole rows that
+/// each fit one storage binding. W: [n_rows][k].
+pub struct GpuMatrix {
+    pub name: String,
+    pub ty: GgmlType,
+    pub n_rows: u32,
+    pub k: u32,
+    pub row_bytes: u32,
+    pub chunks: Vec<MatrixChunk>,
+}
+
+pub struct MatrixChunk {
+    pub first_row: u32,
+    pub n_rows: u32,
+    pub buffer: wgpu::Buffer,
+}
+
+impl GpuMatrix {
+    /// Rows per chunk so that a chunk (plus padding) fits the device's binding limit.
+    pub fn rows_per_chunk(gpu: &Gpu, row_bytes: u64) -> u64 {
+        ((gpu.max_binding() - WEIGHT_PAD as u64 - 256) / row_bytes).max(1)
+    }
+
+    /// Upload `n_rows` rows of `k` elements of type `ty` from `bytes` (as stored in the file).
+    pub async fn upload(gpu: &Gpu, name: &str, ty: GgmlType, k: u64, n_rows: u64, bytes: &[u8]) -> Result<GpuMatrix, GpuError> {
+        supports_quant_op(ty, k).map_err(|m| GpuError::Unsupported(format!("tensor '{name}': {m}")))?;
+        let row_bytes = ty.row_bytes(k).unwrap();
+        if bytes.len() as u64 != row_bytes * n_rows {
+            return Err(GpuError::Unsupported(format!(
+                "tensor '{name}': {} bytes given for {n_rows} rows of {row_bytes}",
+                bytes.len()
+            )));
+        }
+        if row_bytes + WEIGHT_PAD as u64 + 256 > gpu.max_binding() {
+            return Err(GpuError::Unsupported(format!("tensor '{name}': one row ({row_bytes} bytes) exceeds the device's binding limit")));
+        }
+        let per = GpuMatrix::rows_per_chunk(gpu, row_bytes);
+        let mut chunks = Vec::new();
+        let mut first = 0u64;
+        while first < n_rows {
+            let n = per.min(n_rows - first);
+            let data = &bytes[(first * row_bytes) as usize..((first + n) * row_bytes) as usize];
+            let buffer = gpu.upload(name, data, WEIGHT_PAD).await?;
+            chunks.push(MatrixChunk { first_row: first as u32, n_rows: n as u32, buffer });
+            first += n;
+        }
+        Ok(GpuMatrix { name: name.to_string(), ty, n_rows: n_rows as u32, k: k as u32, row_bytes: row_bytes as u32, chunks })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.row_bytes as u64 * self.n_rows as u64
+    }
+
+    fn defines(&self) -> Defines {
+        Defines::new().flag(&type_define(self.ty))
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+impl KvType {
+    fn defines(self) -> Defines {
+        match self {
+            KvType::F32 => Defines::new(),
+            KvType::F16 => Defines::new().flag("KV_F16"),
+        }
+    }
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RopeArgs {
+    pub n_tokens: u32,
+    pub n_heads: u32,
+    pub head_dim: u32,
+    pub n_rot: u32,
+    pub pos0: u32,
+    pub neox: bool,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionArgs {
+    pub n_q: u32,
+    pub n_head: u32,
+    pub n_kv_head: u32,
+    pub head_dim: u32,
+    pub pos0: u32,
+    pub window: u32,
+    pub scale: f32,
+    pub kv: KvType,
+}
+
+pub const MAX_HEAD_DIM: u32 = 256;
+pub const MAX_TOP_K: u32 = 128;
+const TOPK_CHUNK: u32 = 1024;
+
+/// Records dispatches into one command encoder.
+pub struct Recorder<'g> {
+    pub gpu: &'g Gpu,
+    encoder: wgpu::CommandEncoder,
+}
+
+impl<'g> Recorder<'g> {
+    pub fn new(gpu: &'g Gpu) -> Recorder<'g> {
+        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()) }
+    }
+
+    pub fn submit(self) -> Result<(), GpuError> {
+        self.gpu.check_lost()?;
+        self.gpu.queue.submit([self.encoder.finish()]);
+        Ok(())
+    }
+
+    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        &mut self.encoder
+    }
+
+    async fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        key: PipelineKey,
+        buffers: &[&wgpu::Buffer],
+        params: &P,
+        groups: (u32, u32, u32),
+    ) -> Result<(), GpuError> {
+        let p = self.gpu.pipeline(key).await?;
+        let uniform = self.gpu.uniform(params);
+        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
+        let bg = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &p.layout, entries: &entries });
+        let mut pass = self.encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&p.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        Ok(())
+    }
+
+    /// y[row] = W[row] · x for one token. x: [k], y: [n_rows].
+    pub async fn matvec(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<(), GpuError> {
+        for c in &w.chunks {
+            let (gx, gy) = grid(c.n_rows);
+            let params = [c.n_rows, w.k, w.row_bytes, c.first_row];
+            self.dispatch(PipelineKey { file: "matvec.wgsl", entry: "main", defines: w.defines() }, &[&c.buffer, x, y], &params, (gx, gy, 1))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Y[t][row] = W[row] · X[t] for m tokens. X: [m][k], Y: [m][n_rows].
+    pub async fn matmul(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
+        for c in &w.chunks {
+            let params = [c.n_rows, w.k, w.row_bytes, c.first_row, m, w.n_rows, 0, 0];
+            self.dispatch(
+                PipelineKey { file: "matmul.wgsl", entry: "main", defines: w.defines() },
+                &[&c.buffer, x, y],
+                &params,
+                (c.n_rows.div_ceil(64), m.div_ceil(32), 1),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// out[t] = table row ids[t]. ids: [m] u32, out: [m][k].
+    pub async fn gather(&mut self, table: &GpuMatrix, ids: &wgpu::Buffer, out: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
+        for c in &table.chunks {
+            let params = [c.n_rows, table.k, table.row_bytes, c.first_row, m, 0, 0, 0];
+            self.dispatch(PipelineKey { file: "gather.wgsl", entry: "main", defines: table.defines() }, &[&c.buffer, ids, out], &params, (m, 1, 1))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of each row of x: [n_rows][n] into out.
+    pub async fn rms_norm(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
+        let (gx, gy) = grid(n_rows);
+        let params = NormParams { n, n_rows, eps, _pad: 0 };
+        self.dispatch(PipelineKey { file: "norm.wgsl", entry: "rms_norm", defines: Defines::new() }, &[x, w, w, out], &params, (gx, gy, 1))
+            .await
+    }
+
+    /// LayerNorm of each row of x: [n_rows][n] with weight and bias [n] into out.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn layer_norm(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
+        let (gx, gy) = grid(n_rows);
+        let params = NormParams { n, n_rows, eps, _pad: 0 };
+        self.dispatch(PipelineKey { file: "norm.wgsl", entry: "layer_norm", defines: Defines::new() }, &[x, w, b, out], &params, (gx, gy, 1))
+            .await
+    }
+
+    /// Softmax of each row of x: [n_rows][n] into out.
+    pub async fn softmax(&mut self, x: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32) -> Result<(), GpuError> {
+        let (gx, gy) = grid(n_rows);
+        self.dispatch(PipelineKey { file: "softmax.wgsl", entry: "main", defines: Defines::new() }, &[x, out], &[n, n_rows, 0, 0], (gx, gy, 1))
+            .await
+    }
+
+    async fn elementwise(&mut self, entry: &'static str, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
+        let (gx, gy) = grid(n.div_ceil(256));
+        let params = ElementwiseParams { n, s, _pad: [0; 2] };
+        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() }, &[a, b, out], &params, (gx, gy, 1))
+            .await
+    }
+
+    pub async fn add(&mut self, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        self.elementwise("add", a, b, out, n, 0.0).await
+    }
+    pub async fn scale(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
+        self.elementwise("scale", a, a, out, n, s).await
+    }
+    pub async fn softcap(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, cap: f32) -> Result<(), GpuError> {
+        self.elementwise("softcap", a, a, out, n, cap).await
+    }
+    pub async fn silu_gate(&mut self, gate: &wgpu::Buffer, up: &wgpu::Buffer, out: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        self.elementwise("silu_gate", gate, up, out, n, 0.0).await
+    }
+    pub async fn gelu_gate(&mut self, gate: &wgpu::Buffer, up: &wgpu::Buffer, out: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        self.elementwise("gelu_gate", gate, up, out, n, 0.0).await
+    }
+
+    /// RoPE in place on x: [n_tokens][n_heads][head_dim].
+    pub async fn rope(&mut self, x: &wgpu::Buffer, a: RopeArgs) -> Result<(), GpuError> {
+        if a.n_rot % 2 != 0 || a.n_rot > a.head_dim {
+            return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
+        }
+        let pairs = a.n_tokens * a.n_heads * (a.n_rot / 2);
+        let (gx, gy) = grid(pairs.div_ceil(256));
+        let params = RopeParams {
+            n_tokens: a.n_tokens,
+            n_heads: a.n_heads,
+            head_dim: a.head_dim,
+            n_rot: a.n_rot,
+            pos0: a.pos0,
+            neox: a.neox as u32,
+            log2_base: a.freq_base.log2(),
+            freq_scale: a.freq_scale,
+        };
+        self.dispatch(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() }, &[x], &params, (gx, gy, 1))
+            .await
+    }
+
+    /// Write src: [n_tokens][n_kv_head][head_dim] into the cache at positions pos0...
+    pub async fn kv_store(&mut self, src: &wgpu::Buffer, cache: &wgpu::Buffer, kv: KvType, row_elems: u32, n_tokens: u32, pos0: u32) -> Result<(), GpuError> {
+        if row_elems % 2 != 0 {
+            return Err(GpuError::Unsupported("KV rows must have an even number of elements".into()));
+        }
+        let n_pairs = n_tokens * row_elems / 2;
+        let (gx, gy) = grid(n_pairs.div_ceil(256));
+        self.dispatch(PipelineKey { file: "kv_store.wgsl", entry: "main", defines: kv.defines() }, &[src, cache], &[n_pairs, pos0 * row_elems, 0, 0], (gx, gy, 1))
+            .await
+    }
+
+    /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
+    pub async fn attention(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, a: AttentionArgs) -> Result<(), GpuError> {
+        if a.head_dim > MAX_HEAD_DIM || a.head_dim % 2 != 0 || a.n_kv_head == 0 || a.n_head % a.n_kv_head != 0 {
+            return Err(GpuError::Unsupported(format!(
+                "attention with head_dim {} and {}/{} heads",
+                a.head_dim, a.n_head, a.n_kv_head
+            )));
+        }
+        let params = AttentionParams {
+            n_q: a.n_q,
+            n_head: a.n_head,
+            n_kv_head: a.n_kv_head,
+            head_dim: a.head_dim,
+            pos0: a.pos0,
+            window: a.window,
+            scale: a.scale,
+            _pad: 0,
+        };
+        self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: a.kv.defines() }, &[q, k, v, out], &params, (a.n_head, a.n_q, 1))
+            .await
+    }
+
+    /// dst[..n] = src[..n] (n a multiple of 4): the bandwidth yardstick.
+    pub async fn copy(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        let n4 = n / 4;
+        let (gx, gy) = grid(n4.div_ceil(256));
+        self.dispatch(PipelineKey { file: "copy.wgsl", entry: "main", defines: Defines::new() }, &[src, dst], &[n4, 0, 0, 0], (gx, gy, 1)).await
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NormParams {
+    n: u32,
+    n_rows: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ElementwiseParams {
+    n: u32,
+    s: f32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeParams {
+    n_tokens: u32,
+    n_heads: u32,
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    neox: u32,
+    log2_base: f32,
+    freq_scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttentionParams {
+    n_q: u32,
+    n_head: u32,
+    n_kv_head: u32,
+    head_dim: u32,
+    pos0: u32,
+    window: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// The k best (id, value) pairs of values: [n], highest first, computed on the GPU in passes of
+/// per-workgroup selections until one workgroup remains. Argmax is `top_k(.., 1)`.
+pub async fn top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<Vec<(u32, f32)>, GpuError> {
+    if k == 0 || k > MAX_TOP_K || k > n {
+        return Err(GpuError::Unsupported(format!("top-k with k = {k} over {n} values (k must be 1..={MAX_TOP_K})")));
+    }
+    let (v, ids) = record_top_k(gpu, values, n, k).await?;
+    let vals = gpu.read_f32(&v, 0, k as usize).await?;
+    let ids = gpu.read_u32(&ids, 0, k as usize).await?;
+    Ok(ids.into_iter().zip(vals).collect())
+}
+
+/// Run the top-k passes and return the buffers holding the final k values and ids.
+pub async fn record_top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<(wgpu::Buffer, wgpu::Buffer), GpuError> {
+    let mut rec = Recorder::new(gpu);
+    let mut cur_v: Option<wgpu::Buffer> = None;
+    let mut cur_id: Option<wgpu::Buffer> = None;
+    let mut count = n;
+    loop {
+        let groups = count.div_ceil(TOPK_CHUNK);
+        let out_v = gpu.storage("topk values", (groups * k) as u64 * 4).await?;
+        let out_id = gpu.storage("topk ids", (groups * k) as u64 * 4).await?;
+        let first = cur_v.is_none();
+        let in_v = cur_v.as_ref().unwrap_or(values);
+        let in_id = cur_id.as_ref().unwrap_or(values);
+        rec.dispatch(
+            PipelineKey { file: "topk.wgsl", entry: "main", defines: Defines::new() },
+            &[in_v, in_id, &out_v, &out_id],
+            &[count, k, first as u32, 0],
+            (groups, 1, 1),
+        )
+        .await?;
+        cur_v = Some(out_v);
+        cur_id = Some(out_id);
+        count = groups * k;
+        if groups == 1 {
+            break;
+        }
+    }
+    rec.submit()?;
+    Ok((cur_v.unwrap(), cur_id.unwrap()))
+}
+
+/// The variant label pipelines were generated for, for reports.
+pub fn variant_of(gpu: &Gpu) -> Variant {
+    gpu.variant
+}

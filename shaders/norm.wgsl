@@ -1,0 +1,64 @@
+// Row normalisations over x: [n_rows][n] f32 with weight (and bias): [n] f32 → out: [n_rows][n].
+// One workgroup per row. out may alias nothing; in-place use passes a separate buffer.
+//   rms_norm:   x / sqrt(mean(x²) + eps) · w
+//   layer_norm: (x − mean) / sqrt(var + eps) · w + b
+
+struct Params {
+    n: u32,
+    n_rows: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+#include "reduce.wgsl"
+
+@compute @workgroup_size(WG)
+fn rms_norm(@builtin(local_invocation_index) lid: u32,
+            @builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.n_rows) {
+        return;
+    }
+    let base = r * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        ss += x[base + i] * x[base + i];
+    }
+    let inv = inverseSqrt(wg_sum(ss, Lane(lid, SG_SIZE, SG_LANE)) / f32(p.n) + p.eps);
+    for (var i = lid; i < p.n; i += WG) {
+        out[base + i] = x[base + i] * inv * w[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm(@builtin(local_invocation_index) lid: u32,
+              @builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.n_rows) {
+        return;
+    }
+    let base = r * p.n;
+    let lane = Lane(lid, SG_SIZE, SG_LANE);
+    var s = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        s += x[base + i];
+    }
+    let mean = wg_sum(s, lane) / f32(p.n);
+    // second pass over the row for the variance: exact where E[x²] − mean² would cancel
+    var v = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        let d = x[base + i] - mean;
+        v += d * d;
+    }
+    let inv = inverseSqrt(wg_sum(v, lane) / f32(p.n) + p.eps);
+    for (var i = lid; i < p.n; i += WG) {
+        out[base + i] = (x[base + i] - mean) * inv * w[i] + b[i];
+    }
+}

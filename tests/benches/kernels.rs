@@ -1,0 +1,74 @@
+//! Kernel benchmark (not a test): decode matvec throughput per GGML type on a 4096 x 4096
+//! matrix, as GB/s of weight bytes read, beside a plain f32 copy kernel's GB/s measured in the
+//! same run on the same device (bytes read + bytes written). The ratio says how close each
+//! dequantizing matvec comes to streaming memory as fast as the device can.
+//!
+//!   cargo bench -p nomoat-tests --bench kernels [-- --iters N] [-- --portable]
+//!
+//! Timing is wall clock around N dispatches recorded into one submission, after a warm-up
+//! submission, so pipeline compilation and upload stay out of the numbers.
+
+use nomoat_runtime::device::{Gpu, GpuOptions};
+use nomoat_runtime::ggml_type::KERNEL_TYPES;
+use nomoat_runtime::kernels::{GpuMatrix, Recorder};
+use nomoat_runtime::quant;
+use nomoat_tests::support::Rng;
+use std::time::Instant;
+
+const N: usize = 4096;
+
+fn time_submission(gpu: &Gpu, iters: usize, record: &dyn Fn(&mut Recorder) -> ()) -> f64 {
+    // warm-up: builds the pipeline and touches every page once
+    let mut rec = Recorder::new(gpu);
+    record(&mut rec);
+    rec.submit().unwrap();
+    gpu.wait().unwrap();
+    let start = Instant::now();
+    let mut rec = Recorder::new(gpu);
+    for _ in 0..iters {
+        record(&mut rec);
+    }
+    rec.submit().unwrap();
+    gpu.wait().unwrap();
+    start.elapsed().as_secs_f64() / iters as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let iters = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let portable = args.iter().any(|a| a == "--portable");
+    let opts = GpuOptions { allow_f16: !portable, allow_subgroups: !portable, ..Default::default() };
+    let gpu = pollster::block_on(Gpu::new(opts)).expect("no GPU");
+    println!("device: {}", gpu.describe());
+    println!("matvec {N}x{N}, {iters} iterations per measurement, wall clock per dispatch\n");
+
+    let copy_elems = 64usize << 20 >> 2; // 64 MiB of f32
+    let (src, dst) = pollster::block_on(async {
+        (gpu.upload_f32("src", &vec![1.0f32; copy_elems]).await.unwrap(), gpu.storage("dst", (copy_elems * 4) as u64).await.unwrap())
+    });
+    let copy_s = time_submission(&gpu, iters, &|rec| pollster::block_on(rec.copy(&src, &dst, copy_elems as u32)).unwrap());
+    let copy_gbs = 2.0 * (copy_elems * 4) as f64 / copy_s / 1e9;
+    println!("{:<8} {:>12} {:>10} {:>10} {:>9}", "type", "weight MiB", "ms", "GB/s", "vs copy");
+    println!("{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9}", "copy f32", (2 * copy_elems * 4) as f64 / (1 << 20) as f64, copy_s * 1e3, copy_gbs, "1.00");
+
+    let x = Rng::new(1).fill(N, 1.0);
+    let xb = pollster::block_on(gpu.upload_f32("x", &x)).unwrap();
+    let y = pollster::block_on(gpu.storage("y", (N * 4) as u64)).unwrap();
+    let mut rng = Rng::new(2);
+    let src_rows = rng.fill(N * 64, 1.0); // 64 distinct rows, repeated: quantizing 16M floats is slow
+    for ty in KERNEL_TYPES {
+        let block: Vec<u8> = src_rows.chunks(N).flat_map(|r| quant::quantize_row(ty, r).unwrap()).collect();
+        let bytes: Vec<u8> = block.iter().copied().cycle().take(block.len() * (N / 64)).collect();
+        let w = pollster::block_on(GpuMatrix::upload(&gpu, "w", ty, N as u64, N as u64, &bytes)).unwrap();
+        let s = time_submission(&gpu, iters, &|rec| pollster::block_on(rec.matvec(&w, &xb, &y)).unwrap());
+        let gbs = w.bytes() as f64 / s / 1e9;
+        println!(
+            "{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2}",
+            ty.name(),
+            w.bytes() as f64 / (1 << 20) as f64,
+            s * 1e3,
+            gbs,
+            gbs / copy_gbs
+        );
+    }
+}
