@@ -1,5 +1,5 @@
 // Elementwise ops over n f32 values, one invocation per element:
-//   add:       out = a + b
+//   add:       out = a + b, b repeating every b_len elements (a bias added to every token)
 //   scale:     out = a · s
 //   softcap:   out = s · tanh(a / s)         (logit soft-capping)
 //   silu_gate: out = silu(a) · b             (SwiGLU, a = gate, b = up)
@@ -8,6 +8,7 @@
 struct Params {
     n: u32,
     s: f32,
+    b_len: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -22,7 +23,7 @@ fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(256)
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
-    if (i < p.n) { out[i] = a[i] + b[i]; }
+    if (i < p.n) { out[i] = a[i] + b[i % p.b_len]; }
 }
 
 @compute @workgroup_size(256)

@@ -404,14 +404,23 @@ impl<'g> Recorder<'g> {
     }
 
     async fn elementwise(&mut self, entry: &'static str, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
+        self.elementwise_b(entry, a, b, out, n, s, n).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn elementwise_b(&mut self, entry: &'static str, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32, b_len: u32) -> Result<(), GpuError> {
         let (gx, gy) = grid(n.div_ceil(256));
-        let params = ElementwiseParams { n, s, _pad: [0; 2] };
+        let params = ElementwiseParams { n, s, b_len: b_len.max(1), _pad: 0 };
         self.dispatch(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() }, &[a, b, out], &params, (gx, gy, 1))
             .await
     }
 
     pub async fn add(&mut self, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
         self.elementwise("add", a, b, out, n, 0.0).await
+    }
+    /// out[t][i] = a[t][i] + bias[i] for rows of width `width`.
+    pub async fn add_bias(&mut self, a: &wgpu::Buffer, bias: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, width: u32) -> Result<(), GpuError> {
+        self.elementwise_b("add", a, bias, out, n, 0.0, width).await
     }
     pub async fn scale(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
         self.elementwise("scale", a, a, out, n, s).await
@@ -502,7 +511,8 @@ struct NormParams {
 struct ElementwiseParams {
     n: u32,
     s: f32,
-    _pad: [u32; 2],
+    b_len: u32,
+    _pad: u32,
 }
 
 #[repr(C)]

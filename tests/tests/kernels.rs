@@ -242,7 +242,7 @@ fn elementwise_ops() {
                 let ab = gpu.upload_f32("a", &a).await.unwrap();
                 let bb = gpu.upload_f32("b", &b).await.unwrap();
                 let mut outs = Vec::new();
-                for _ in 0..5 {
+                for _ in 0..6 {
                     outs.push(gpu.storage("o", (n * 4) as u64).await.unwrap());
                 }
                 let mut rec = Recorder::new(gpu);
@@ -251,6 +251,7 @@ fn elementwise_ops() {
                 rec.softcap(&ab, &outs[2], n as u32, 5.0).await.unwrap();
                 rec.silu_gate(&ab, &bb, &outs[3], n as u32).await.unwrap();
                 rec.gelu_gate(&ab, &bb, &outs[4], n as u32).await.unwrap();
+                rec.add_bias(&ab, &bb, &outs[5], n as u32, 7.min(n as u32)).await.unwrap();
                 rec.submit().unwrap();
                 let mut r = Vec::new();
                 for o in &outs {
@@ -264,8 +265,9 @@ fn elementwise_ops() {
                 reference::softcap(&a, 5.0),
                 reference::silu_gate(&a, &b),
                 reference::gelu_gate(&a, &b),
+                a.iter().enumerate().map(|(i, v)| v + b[i % 7.min(n)]).collect(),
             ];
-            for (name, (got, want)) in ["add", "scale", "softcap", "silu_gate", "gelu_gate"].iter().zip(outs.iter().zip(&wants)) {
+            for (name, (got, want)) in ["add", "scale", "softcap", "silu_gate", "gelu_gate", "add_bias"].iter().zip(outs.iter().zip(&wants)) {
                 let e = max_abs_diff(got, want);
                 assert!(e <= 1e-5, "{name} n={n} [{}]: {e:e}", gpu.variant.label());
             }
@@ -424,4 +426,45 @@ fn unsupported_inputs_are_refused_not_run() {
     assert!(e.to_string().contains("multiple"), "{e}");
     let e = block_on(kernels::top_k(gpu, &block_on(gpu.upload_f32("x", &[1.0; 10])).unwrap(), 10, 0)).err().unwrap();
     assert!(e.to_string().contains("k = 0"), "{e}");
+}
+
+/// Gemma 3's Q8_0 token embedding (640 x 262144, 178 MB) is larger than lavapipe's 128 MiB
+/// binding limit, and is also the model's output head: it must split on a real device too.
+#[test]
+fn gemma_embedding_over_the_binding_limit() {
+    use nomoat_runtime::gguf::Gguf;
+    use std::io::{Read, Seek, SeekFrom};
+    let path = nomoat_tests::support::model_path(nomoat_tests::support::GEMMA3);
+    let mut f = std::fs::File::open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let g = Gguf::read_from(&mut f, len).unwrap();
+    let t = g.tensor("token_embd.weight").unwrap().clone();
+    let range = g.tensor_data_range(&t);
+    let mut bytes = vec![0u8; (range.end - range.start) as usize];
+    f.seek(SeekFrom::Start(range.start)).unwrap();
+    f.read_exact(&mut bytes).unwrap();
+    let (k, n_rows) = (t.row_len() as usize, t.n_rows() as usize);
+
+    let gpu = &variants()[0];
+    let m = upload_matrix(gpu, t.ty, n_rows, k, &bytes);
+    assert_eq!(m.chunks.len() >= 2, bytes.len() as u64 > gpu.max_binding(), "{} chunks", m.chunks.len());
+    let x: Vec<f32> = refdata::matvec_x(k).iter().map(|v| *v as f32).collect();
+    let got = gpu_matvec(gpu, &m, &x);
+    let row_bytes = t.ty.row_bytes(k as u64).unwrap() as usize;
+    let mut row = vec![0f32; k];
+    let want: Vec<f32> = bytes
+        .chunks(row_bytes)
+        .map(|b| {
+            quant::dequantize_row(t.ty, b, &mut row).unwrap();
+            row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32
+        })
+        .collect();
+    let e = nmse(&got, &want);
+    assert!(e <= MATMUL_NMSE, "gemma token_embd matvec over {} chunks: NMSE {e:e}", m.chunks.len());
+    let ids = [0u32, 1, m.chunks[0].n_rows.saturating_sub(1), m.chunks.last().unwrap().first_row, n_rows as u32 - 1];
+    let got = gpu_gather(gpu, &m, &ids);
+    for (i, id) in ids.iter().enumerate() {
+        quant::dequantize_row(t.ty, &bytes[*id as usize * row_bytes..][..row_bytes], &mut row).unwrap();
+        assert_eq!(&got[i * k..(i + 1) * k], &row[..], "gemma token_embd row {id}");
+    }
 }

@@ -1,0 +1,621 @@
+//! Decoder-only transformer models, driven entirely by GGUF metadata: Llama (Llama 2/3, SmolLM,
+//! Mistral-style), Qwen2 (biases on q/k/v), Qwen3 (per-head RMSNorm on q and k) and Gemma 3
+//! (scaled embeddings, q/k norms, norms after attention and FFN, GELU, alternating sliding-window
+//! layers).
+//!
+//! One layer, as the papers write it (x: [n_tokens][n_embd]):
+//!   h   = x + Wo · Attn(RoPE(Wq · norm(x)), RoPE(Wk · norm(x)), Wv · norm(x))
+//!   out = h + Wdown · (act(Wgate · norm(h)) ⊙ Wup · norm(h))
+//! Gemma 3 also normalises each branch's output before adding it back.
+
+use crate::device::{Gpu, GpuError};
+use crate::ggml_type::GgmlType;
+use crate::gguf::{Gguf, GgufError, TensorInfo};
+use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder, RopeArgs};
+use crate::quant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture '{0}' (nomoat runs llama, qwen2, qwen3 and gemma3)")]
+    UnsupportedArchitecture(String),
+    #[error("{0}")]
+    Metadata(#[from] GgufError),
+    #[error("tensor '{0}' is missing from the model file")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {want:?}")]
+    BadShape { name: String, got: Vec<u64>, want: Vec<u64> },
+    #[error("tensor '{name}' has type {ty}, which nomoat cannot run")]
+    UnsupportedType { name: String, ty: GgmlType },
+    #[error("tensor '{name}' holds a non-finite value")]
+    NonFinite { name: String },
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    #[error("reading the model file: {0}")]
+    Io(String),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (use a larger --ctx-size, at most {max})")]
+    ContextFull { needed: usize, n_ctx: usize, max: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub arch: Arch,
+    pub arch_name: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub norm_eps: f32,
+    pub rope_base: f32,
+    /// RoPE base of the sliding-window layers (Gemma 3 uses 10,000 there).
+    pub rope_base_local: f32,
+    pub rope_freq_scale: f32,
+    pub n_rot: usize,
+    pub rope_neox: bool,
+    pub attn_scale: f32,
+    /// Some(window) for layers that attend only to the last `window` positions.
+    pub sliding_window: Option<usize>,
+    /// Layer i uses the sliding window unless (i + 1) % pattern == 0.
+    pub sliding_pattern: usize,
+    pub embed_scale: Option<f32>,
+    pub final_softcap: Option<f32>,
+    pub qk_norm: bool,
+    pub post_norms: bool,
+    pub qkv_bias: bool,
+    pub gelu: bool,
+}
+
+impl Config {
+    pub fn from_gguf(g: &Gguf) -> Result<Config, ModelError> {
+        let name = g.architecture()?.to_string();
+        let arch = match name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            _ => return Err(ModelError::UnsupportedArchitecture(name)),
+        };
+        let key = |k: &str| format!("{name}.{k}");
+        let n_embd = g.get_u64(&key("embedding_length"))? as usize;
+        let n_head = g.get_u64(&key("attention.head_count"))? as usize;
+        let n_kv_head = g.get_u64_opt(&key("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_head);
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(ModelError::Invalid(format!("{n_head} query heads cannot share {n_kv_head} key/value heads")));
+        }
+        let head_dim = g.get_u64_opt(&key("attention.key_length"))?.map(|v| v as usize).unwrap_or(n_embd / n_head);
+        let token_embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let n_vocab = token_embd.n_rows() as usize;
+        let rope_base = g.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
+        let rope_freq_scale = match (g.get_str_opt(&key("rope.scaling.type"))?, g.get_f32_opt(&key("rope.scaling.factor"))?) {
+            (Some("linear"), Some(f)) if f > 0.0 => 1.0 / f,
+            (Some(t), _) if t != "none" && t != "linear" => {
+                return Err(ModelError::Invalid(format!("RoPE scaling '{t}' is not supported yet")));
+            }
+            _ => 1.0,
+        };
+        let gemma = arch == Arch::Gemma3;
+        let sliding_window = if gemma { g.get_u64_opt(&key("attention.sliding_window"))?.map(|v| v as usize) } else { None };
+        let attn_scale = if gemma {
+            // llama.cpp: Gemma 3 scales queries by 1/sqrt(key_length), or by the query pre-attention scalar when given
+            match g.get_f32_opt(&key("attention.query_pre_attn_scalar"))? {
+                Some(s) if s > 0.0 => 1.0 / s.sqrt(),
+                _ => 1.0 / (head_dim as f32).sqrt(),
+            }
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let c = Config {
+            arch,
+            n_layer: g.get_u64(&key("block_count"))? as usize,
+            n_embd,
+            n_ff: g.get_u64(&key("feed_forward_length"))? as usize,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_vocab,
+            n_ctx_train: g.get_u64_opt(&key("context_length"))?.unwrap_or(2048) as usize,
+            norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_base,
+            rope_base_local: if gemma { g.get_f32_opt(&key("rope.freq_base_swa"))?.unwrap_or(10000.0) } else { rope_base },
+            rope_freq_scale,
+            n_rot: g.get_u64_opt(&key("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim),
+            rope_neox: arch != Arch::Llama,
+            attn_scale,
+            sliding_window,
+            sliding_pattern: 6,
+            embed_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            final_softcap: g.get_f32_opt(&key("final_logit_softcapping"))?.filter(|v| *v > 0.0),
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            post_norms: gemma,
+            qkv_bias: arch == Arch::Qwen2,
+            gelu: gemma,
+            arch_name: name,
+        };
+        if c.head_dim > kernels::MAX_HEAD_DIM as usize || c.head_dim % 2 != 0 || c.n_rot > c.head_dim {
+            return Err(ModelError::Invalid(format!("head size {} (RoPE over {}) is not supported", c.head_dim, c.n_rot)));
+        }
+        Ok(c)
+    }
+
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && (layer + 1) % self.sliding_pattern != 0
+    }
+
+    /// KV cache bytes per token of context.
+    pub fn kv_bytes_per_token(&self, kv: KvType) -> u64 {
+        2 * self.n_layer as u64 * (self.n_kv_head * self.head_dim) as u64 * kv.bytes()
+    }
+}
+
+/// Where model bytes come from: a file natively, a `File` or a download in the browser.
+#[allow(async_fn_in_trait)]
+pub trait ByteSource {
+    async fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ByteSource for std::fs::File {
+    async fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+        self.read_exact(buf).map_err(|e| e.to_string())
+    }
+}
+
+impl ByteSource for &[u8] {
+    async fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let end = offset as usize + buf.len();
+        let src = self.get(offset as usize..end).ok_or_else(|| format!("read past the end at {end}"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: wgpu::Buffer,     // [n_embd]
+    pub wq: GpuMatrix,               // [n_head * head_dim][n_embd]
+    pub wk: GpuMatrix,               // [n_kv_head * head_dim][n_embd]
+    pub wv: GpuMatrix,               // [n_kv_head * head_dim][n_embd]
+    pub bq: Option<wgpu::Buffer>,    // [n_head * head_dim]
+    pub bk: Option<wgpu::Buffer>,    // [n_kv_head * head_dim]
+    pub bv: Option<wgpu::Buffer>,    // [n_kv_head * head_dim]
+    pub q_norm: Option<wgpu::Buffer>, // [head_dim]
+    pub k_norm: Option<wgpu::Buffer>, // [head_dim]
+    pub wo: GpuMatrix,               // [n_embd][n_head * head_dim]
+    pub post_attn_norm: Option<wgpu::Buffer>, // [n_embd]
+    pub ffn_norm: wgpu::Buffer,      // [n_embd]
+    pub w_gate: GpuMatrix,           // [n_ff][n_embd]
+    pub w_up: GpuMatrix,             // [n_ff][n_embd]
+    pub w_down: GpuMatrix,           // [n_embd][n_ff]
+    pub post_ffn_norm: Option<wgpu::Buffer>, // [n_embd]
+}
+
+pub struct Model {
+    pub config: Config,
+    pub token_embd: GpuMatrix,       // [n_vocab][n_embd]
+    pub layers: Vec<Layer>,
+    pub output_norm: wgpu::Buffer,   // [n_embd]
+    /// None when the output head is tied to token_embd.
+    pub output: Option<GpuMatrix>,   // [n_vocab][n_embd]
+    pub weight_bytes: u64,
+}
+
+/// Progress of a load: bytes read from the source and uploaded so far, of the total.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+struct Loader<'a, S: ByteSource> {
+    gguf: &'a Gguf,
+    gpu: &'a Gpu,
+    src: &'a mut S,
+    done: u64,
+    total: u64,
+    progress: Progress<'a>,
+}
+
+impl<S: ByteSource> Loader<'_, S> {
+    fn info(&self, name: &str) -> Result<TensorInfo, ModelError> {
+        self.gguf.tensor(name).cloned().ok_or_else(|| ModelError::MissingTensor(name.into()))
+    }
+
+    async fn bytes(&mut self, t: &TensorInfo) -> Result<Vec<u8>, ModelError> {
+        let range = self.gguf.tensor_data_range(t);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.src.read_at(range.start, &mut buf).await.map_err(|e| ModelError::Io(format!("tensor '{}': {e}", t.name)))?;
+        self.done += buf.len() as u64;
+        (self.progress)(self.done, self.total);
+        Ok(buf)
+    }
+
+    fn check_shape(t: &TensorInfo, want: &[u64]) -> Result<(), ModelError> {
+        let mut got = t.dims.clone();
+        while got.len() > want.len() && got.last() == Some(&1) {
+            got.pop();
+        }
+        if got != want {
+            return Err(ModelError::BadShape { name: t.name.clone(), got: t.dims.clone(), want: want.to_vec() });
+        }
+        Ok(())
+    }
+
+    /// A weight matrix [rows][k] as stored.
+    async fn matrix(&mut self, name: &str, k: usize, rows: usize) -> Result<GpuMatrix, ModelError> {
+        let t = self.info(name)?;
+        Self::check_shape(&t, &[k as u64, rows as u64])?;
+        if !t.ty.is_supported_by_kernels() {
+            return Err(ModelError::UnsupportedType { name: name.into(), ty: t.ty });
+        }
+        let bytes = self.bytes(&t).await?;
+        check_scales_finite(&t, &bytes)?;
+        let m = GpuMatrix::upload(self.gpu, name, t.ty, k as u64, rows as u64, &bytes).await?;
+        drop(bytes);
+        // let the queue release its staging copy before the next tensor is read
+        self.gpu.wait()?;
+        Ok(m)
+    }
+
+    /// A vector [n] (norm weights, biases) converted to f32.
+    async fn vector(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer, ModelError> {
+        let t = self.info(name)?;
+        Self::check_shape(&t, &[n as u64])?;
+        let bytes = self.bytes(&t).await?;
+        let v = quant::dequantize(t.ty, &bytes, n).map_err(|e| ModelError::Invalid(format!("tensor '{name}': {e}")))?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(ModelError::NonFinite { name: name.into() });
+        }
+        Ok(self.gpu.upload_f32(name, &v).await?)
+    }
+
+    async fn optional_vector(&mut self, name: &str, n: usize) -> Result<Option<wgpu::Buffer>, ModelError> {
+        if self.gguf.tensor(name).is_some() {
+            Ok(Some(self.vector(name, n).await?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Blocks whose f16 scale is NaN or infinite turn a whole row into garbage; refuse them up front.
+fn check_scales_finite(t: &TensorInfo, bytes: &[u8]) -> Result<(), ModelError> {
+    let (_, block_bytes) = t.ty.block_layout();
+    let scale_offsets: &[usize] = match t.ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    };
+    for block in bytes.chunks_exact(block_bytes) {
+        for &o in scale_offsets {
+            if !half::f16::from_le_bytes([block[o], block[o + 1]]).is_finite() {
+                return Err(ModelError::NonFinite { name: t.name.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Read every tensor the graph needs from `src` and upload it, one tensor at a time.
+    pub async fn load<S: ByteSource>(gguf: &Gguf, gpu: &Gpu, src: &mut S, progress: Progress<'_>) -> Result<Model, ModelError> {
+        let c = Config::from_gguf(gguf)?;
+        let total = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+        let mut l = Loader { gguf, gpu, src, done: 0, total, progress };
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let q_dim = c.n_head * hd;
+        let kv_dim = c.n_kv_head * hd;
+        let token_embd = l.matrix("token_embd.weight", d, c.n_vocab).await?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let layer = Layer {
+                attn_norm: l.vector(&n("attn_norm.weight"), d).await?,
+                wq: l.matrix(&n("attn_q.weight"), d, q_dim).await?,
+                wk: l.matrix(&n("attn_k.weight"), d, kv_dim).await?,
+                wv: l.matrix(&n("attn_v.weight"), d, kv_dim).await?,
+                bq: if c.qkv_bias { l.optional_vector(&n("attn_q.bias"), q_dim).await? } else { None },
+                bk: if c.qkv_bias { l.optional_vector(&n("attn_k.bias"), kv_dim).await? } else { None },
+                bv: if c.qkv_bias { l.optional_vector(&n("attn_v.bias"), kv_dim).await? } else { None },
+                q_norm: if c.qk_norm { Some(l.vector(&n("attn_q_norm.weight"), hd).await?) } else { None },
+                k_norm: if c.qk_norm { Some(l.vector(&n("attn_k_norm.weight"), hd).await?) } else { None },
+                wo: l.matrix(&n("attn_output.weight"), q_dim, d).await?,
+                post_attn_norm: if c.post_norms { Some(l.vector(&n("post_attention_norm.weight"), d).await?) } else { None },
+                ffn_norm: l.vector(&n("ffn_norm.weight"), d).await?,
+                w_gate: l.matrix(&n("ffn_gate.weight"), d, c.n_ff).await?,
+                w_up: l.matrix(&n("ffn_up.weight"), d, c.n_ff).await?,
+                w_down: l.matrix(&n("ffn_down.weight"), c.n_ff, d).await?,
+                post_ffn_norm: if c.post_norms { Some(l.vector(&n("post_ffw_norm.weight"), d).await?) } else { None },
+            };
+            layers.push(layer);
+        }
+        let output_norm = l.vector("output_norm.weight", d).await?;
+        let output = if gguf.tensor("output.weight").is_some() { Some(l.matrix("output.weight", d, c.n_vocab).await?) } else { None };
+        let weight_bytes = l.done;
+        Ok(Model { config: c, token_embd, layers, output_norm, output, weight_bytes })
+    }
+
+    pub fn output_head(&self) -> &GpuMatrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+}
+
+/// Tokens processed per prefill step; the activation buffers are sized for it.
+pub const MAX_BATCH: usize = 64;
+
+/// Scratch activations for up to MAX_BATCH tokens, allocated once per session.
+struct Scratch {
+    ids: wgpu::Buffer,     // [B] u32
+    x: wgpu::Buffer,       // [B][n_embd] residual stream
+    x2: wgpu::Buffer,      // [B][n_embd] residual after attention
+    xn: wgpu::Buffer,      // [B][n_embd] normalised input of a branch
+    t1: wgpu::Buffer,      // [B][n_embd] branch output
+    t2: wgpu::Buffer,      // [B][n_embd] normalised branch output (Gemma)
+    q: wgpu::Buffer,       // [B][n_head][head_dim]
+    q2: wgpu::Buffer,      // [B][n_head][head_dim] after q-norm / bias
+    k: wgpu::Buffer,       // [B][n_kv_head][head_dim]
+    k2: wgpu::Buffer,      // [B][n_kv_head][head_dim]
+    v: wgpu::Buffer,       // [B][n_kv_head][head_dim]
+    v2: wgpu::Buffer,      // [B][n_kv_head][head_dim]
+    attn: wgpu::Buffer,    // [B][n_head][head_dim]
+    gate: wgpu::Buffer,    // [B][n_ff]
+    up: wgpu::Buffer,      // [B][n_ff]
+    act: wgpu::Buffer,     // [B][n_ff]
+    last: wgpu::Buffer,    // [n_embd] the last token's residual
+    last_n: wgpu::Buffer,  // [n_embd] normalised
+    logits: wgpu::Buffer,  // [n_vocab] (or [B][n_vocab] when all positions are asked for)
+    logits2: wgpu::Buffer, // same, soft-capped
+}
+
+/// A model plus its KV cache: the state of one conversation.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    pub gpu: &'m Gpu,
+    pub n_ctx: usize,
+    pub kv: KvType,
+    /// Tokens whose keys and values are in the cache, in order.
+    pub tokens: Vec<u32>,
+    k_cache: Vec<wgpu::Buffer>, // per layer [n_ctx][n_kv_head][head_dim]
+    v_cache: Vec<wgpu::Buffer>,
+    s: Scratch,
+    all_logits: bool,
+    /// Tokens in the most recent batch: the row of the last token's logits in all_logits mode.
+    last_batch: usize,
+}
+
+impl<'m> Session<'m> {
+    /// `all_logits` keeps logits of every position of the last batch (perplexity needs them).
+    pub async fn new(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool) -> Result<Session<'m>, ModelError> {
+        let c = &model.config;
+        if n_ctx == 0 || n_ctx > c.n_ctx_train.max(1) {
+            return Err(ModelError::Invalid(format!("context size {n_ctx} must be between 1 and the model's {}", c.n_ctx_train)));
+        }
+        let per_layer = n_ctx as u64 * (c.n_kv_head * c.head_dim) as u64 * kv.bytes();
+        if per_layer > gpu.max_binding() {
+            return Err(ModelError::Invalid(format!(
+                "a {n_ctx}-token KV cache needs {per_layer} bytes per layer, over this device's {}-byte binding limit",
+                gpu.max_binding()
+            )));
+        }
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in 0..c.n_layer {
+            k_cache.push(gpu.storage("k cache", per_layer).await?);
+            v_cache.push(gpu.storage("v cache", per_layer).await?);
+        }
+        let b = MAX_BATCH as u64;
+        let f = |n: usize| b * n as u64 * 4;
+        let logits_len = if all_logits { b * c.n_vocab as u64 * 4 } else { c.n_vocab as u64 * 4 };
+        let q_dim = c.n_head * c.head_dim;
+        let kv_dim = c.n_kv_head * c.head_dim;
+        let s = Scratch {
+            ids: gpu.storage("ids", b * 4).await?,
+            x: gpu.storage("x", f(c.n_embd)).await?,
+            x2: gpu.storage("x2", f(c.n_embd)).await?,
+            xn: gpu.storage("xn", f(c.n_embd)).await?,
+            t1: gpu.storage("t1", f(c.n_embd)).await?,
+            t2: gpu.storage("t2", f(c.n_embd)).await?,
+            q: gpu.storage("q", f(q_dim)).await?,
+            q2: gpu.storage("q2", f(q_dim)).await?,
+            k: gpu.storage("k", f(kv_dim)).await?,
+            k2: gpu.storage("k2", f(kv_dim)).await?,
+            v: gpu.storage("v", f(kv_dim)).await?,
+            v2: gpu.storage("v2", f(kv_dim)).await?,
+            attn: gpu.storage("attn", f(q_dim)).await?,
+            gate: gpu.storage("gate", f(c.n_ff)).await?,
+            up: gpu.storage("up", f(c.n_ff)).await?,
+            act: gpu.storage("act", f(c.n_ff)).await?,
+            last: gpu.storage("last", c.n_embd as u64 * 4).await?,
+            last_n: gpu.storage("last_n", c.n_embd as u64 * 4).await?,
+            logits: gpu.storage("logits", logits_len).await?,
+            logits2: gpu.storage("logits2", logits_len).await?,
+        };
+        Ok(Session { model, gpu, n_ctx, kv, tokens: Vec::new(), k_cache, v_cache, s, all_logits, last_batch: 0 })
+    }
+
+    /// Forget the cache from position `n` on (keep a shared prefix for the next prompt).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Feed `ids` after what the cache holds. Afterwards the logits buffer holds the last
+    /// token's logits (or, with all_logits, every token's of the last batch).
+    pub async fn eval(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+        let c = &self.model.config;
+        let needed = self.tokens.len() + ids.len();
+        if needed > self.n_ctx {
+            return Err(ModelError::ContextFull { needed, n_ctx: self.n_ctx, max: c.n_ctx_train });
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
+        }
+        for chunk in ids.chunks(MAX_BATCH) {
+            self.eval_batch(chunk).await?;
+            self.tokens.extend_from_slice(chunk);
+            self.last_batch = chunk.len();
+        }
+        Ok(())
+    }
+
+    async fn eval_batch(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+        let m = self.model;
+        let c = &m.config;
+        let gpu = self.gpu;
+        let s = &self.s;
+        let n = ids.len() as u32;
+        let pos0 = self.tokens.len() as u32;
+        let d = c.n_embd as u32;
+        let hd = c.head_dim as u32;
+        let q_dim = c.n_head as u32 * hd;
+        let kv_dim = c.n_kv_head as u32 * hd;
+        gpu.queue.write_buffer(&s.ids, 0, bytemuck::cast_slice(ids));
+        let mut r = Recorder::new(gpu);
+        // y = W x for the batch: matvec for one token, tiled matmul for more
+        async fn linear(r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+            if n == 1 {
+                r.matvec(w, x, y).await
+            } else {
+                r.matmul(w, x, y, n).await
+            }
+        }
+
+        // x = embed(ids) (· sqrt(n_embd) for Gemma)
+        if let Some(scale) = c.embed_scale {
+            r.gather(&m.token_embd, &s.ids, &s.t1, n).await?;
+            r.scale(&s.t1, &s.x, n * d, scale).await?;
+        } else {
+            r.gather(&m.token_embd, &s.ids, &s.x, n).await?;
+        }
+        for (i, l) in m.layers.iter().enumerate() {
+            // attention branch
+            r.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, c.norm_eps).await?;
+            linear(&mut r, &l.wq, &s.xn, &s.q, n).await?;
+            linear(&mut r, &l.wk, &s.xn, &s.k, n).await?;
+            linear(&mut r, &l.wv, &s.xn, &s.v, n).await?;
+            let (mut q, mut k, mut v) = (&s.q, &s.k, &s.v);
+            if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
+                r.add_bias(q, bq, &s.q2, n * q_dim, q_dim).await?;
+                r.add_bias(k, bk, &s.k2, n * kv_dim, kv_dim).await?;
+                r.add_bias(v, bv, &s.v2, n * kv_dim, kv_dim).await?;
+                (q, k, v) = (&s.q2, &s.k2, &s.v2);
+            }
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                // per-head RMSNorm: rows of head_dim
+                let (q_out, k_out) = if q == &s.q { (&s.q2, &s.k2) } else { (&s.q, &s.k) };
+                r.rms_norm(q, qn, q_out, hd, n * c.n_head as u32, c.norm_eps).await?;
+                r.rms_norm(k, kn, k_out, hd, n * c.n_kv_head as u32, c.norm_eps).await?;
+                (q, k) = (q_out, k_out);
+            }
+            let sliding = c.is_sliding(i);
+            let base = if sliding { c.rope_base_local } else { c.rope_base };
+            let rope = |heads: u32| RopeArgs {
+                n_tokens: n,
+                n_heads: heads,
+                head_dim: hd,
+                n_rot: c.n_rot as u32,
+                pos0,
+                neox: c.rope_neox,
+                freq_base: base,
+                freq_scale: c.rope_freq_scale,
+            };
+            r.rope(q, rope(c.n_head as u32)).await?;
+            r.rope(k, rope(c.n_kv_head as u32)).await?;
+            r.kv_store(k, &self.k_cache[i], self.kv, kv_dim, n, pos0).await?;
+            r.kv_store(v, &self.v_cache[i], self.kv, kv_dim, n, pos0).await?;
+            let args = AttentionArgs {
+                n_q: n,
+                n_head: c.n_head as u32,
+                n_kv_head: c.n_kv_head as u32,
+                head_dim: hd,
+                pos0,
+                window: if sliding { c.sliding_window.unwrap_or(0) as u32 } else { 0 },
+                scale: c.attn_scale,
+                kv: self.kv,
+            };
+            r.attention(q, &self.k_cache[i], &self.v_cache[i], &s.attn, args).await?;
+            linear(&mut r, &l.wo, &s.attn, &s.t1, n).await?;
+            if let Some(pn) = &l.post_attn_norm {
+                r.rms_norm(&s.t1, pn, &s.t2, d, n, c.norm_eps).await?;
+                r.add(&s.x, &s.t2, &s.x2, n * d).await?;
+            } else {
+                r.add(&s.x, &s.t1, &s.x2, n * d).await?;
+            }
+            // feed-forward branch
+            r.rms_norm(&s.x2, &l.ffn_norm, &s.xn, d, n, c.norm_eps).await?;
+            linear(&mut r, &l.w_gate, &s.xn, &s.gate, n).await?;
+            linear(&mut r, &l.w_up, &s.xn, &s.up, n).await?;
+            if c.gelu {
+                r.gelu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
+            } else {
+                r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
+            }
+            linear(&mut r, &l.w_down, &s.act, &s.t1, n).await?;
+            if let Some(pn) = &l.post_ffn_norm {
+                r.rms_norm(&s.t1, pn, &s.t2, d, n, c.norm_eps).await?;
+                r.add(&s.x2, &s.t2, &s.x, n * d).await?;
+            } else {
+                r.add(&s.x2, &s.t1, &s.x, n * d).await?;
+            }
+        }
+        let head = m.output_head();
+        let vocab = c.n_vocab as u32;
+        if self.all_logits {
+            r.rms_norm(&s.x, &m.output_norm, &s.xn, d, n, c.norm_eps).await?;
+            linear(&mut r, head, &s.xn, &s.logits, n).await?;
+            if let Some(cap) = c.final_softcap {
+                r.softcap(&s.logits, &s.logits2, n * vocab, cap).await?;
+                copy(&mut r, &s.logits2, &s.logits, n * vocab);
+            }
+        } else {
+            r.encoder().copy_buffer_to_buffer(&s.x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
+            r.rms_norm(&s.last, &m.output_norm, &s.last_n, d, 1, c.norm_eps).await?;
+            r.matvec(head, &s.last_n, &s.logits).await?;
+            if let Some(cap) = c.final_softcap {
+                r.softcap(&s.logits, &s.logits2, vocab, cap).await?;
+                copy(&mut r, &s.logits2, &s.logits, vocab);
+            }
+        }
+        r.submit()?;
+        Ok(())
+    }
+
+    /// Logits of the last evaluated token, [n_vocab].
+    pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
+        let v = self.model.config.n_vocab;
+        let n_last = if self.all_logits { self.last_batch.saturating_sub(1) } else { 0 };
+        Ok(self.gpu.read_f32(&self.s.logits, (n_last * v) as u64, v).await?)
+    }
+
+    /// Logits of every token of the last batch, [n][n_vocab] (needs all_logits).
+    pub async fn batch_logits(&self, n: usize) -> Result<Vec<f32>, ModelError> {
+        assert!(self.all_logits && n <= MAX_BATCH);
+        Ok(self.gpu.read_f32(&self.s.logits, 0, n * self.model.config.n_vocab).await?)
+    }
+
+    /// The k best (id, logit) of the last token, selected on the GPU.
+    pub async fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
+        if self.all_logits {
+            let logits = self.logits().await?;
+            return Ok(crate::reference::top_k(&logits, k as usize).into_iter().map(|(i, v)| (i as u32, v)).collect());
+        }
+        Ok(kernels::top_k(self.gpu, &self.s.logits, self.model.config.n_vocab as u32, k).await?)
+    }
+}
+
+fn copy(r: &mut Recorder<'_>, src: &wgpu::Buffer, dst: &wgpu::Buffer, n_f32: u32) {
+    r.encoder().copy_buffer_to_buffer(src, 0, dst, 0, n_f32 as u64 * 4);
+}

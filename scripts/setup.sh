@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything nomoat needs on a fresh Debian machine and fetch the test models.
+# Every step checks first, so re-running takes seconds.
+#   scripts/setup.sh            install + fetch
+# Environment: NOMOAT_CACHE (default ~/.cache/nomoat) holds models and tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NOMOAT_CACHE="${NOMOAT_CACHE:-$HOME/.cache/nomoat}"
+mkdir -p "$NOMOAT_CACHE"
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+
+need_apt=()
+[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]} ..."
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+fi
+
+rustup target list --installed 2>/dev/null | grep -q wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+# wasm-bindgen's CLI must match the library version Cargo.lock pins
+if grep -q '^name = "wasm-bindgen"$' Cargo.lock 2>/dev/null; then
+  wb=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)
+  if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$wb" ]; then
+    cargo install -q wasm-bindgen-cli --version "$wb"
+  fi
+fi
+
+# browser test tooling (playwright-core drives Debian's chromium; binaryen gives wasm-opt)
+if [ -f package.json ] && [ ! -d node_modules/playwright-core ]; then
+  npm install --no-audit --no-fund --silent
+fi
+
+python3 -c "import gguf, numpy" 2>/dev/null || pip install -q gguf numpy
+scripts/fetch-models.sh

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: install what is missing, then every Rust test on lavapipe (the CPU
+# Vulkan device), and the runtime built for wasm32 as well as natively.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# lavapipe is the device tests run on; a real GPU's driver would be picked otherwise
+export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+cargo build -q -p nomoat-runtime --target wasm32-unknown-unknown
+cargo test --workspace 2>&1
