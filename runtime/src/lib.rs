@@ -13,3 +13,4 @@ pub mod reference;
 pub mod device;
 pub mod kernels;
 pub mod shaders;
+pub mod model;
