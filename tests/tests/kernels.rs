@@ -468,3 +468,36 @@ fn gemma_embedding_over_the_binding_limit() {
         assert_eq!(&got[i * k..(i + 1) * k], &row[..], "gemma token_embd row {id}");
     }
 }
+
+/// gguf-py's dequantization of random blocks of every kernel type (including the five types
+/// neither test model uses, and blocks with extreme f16 scales): each block read through the
+/// GPU's row lookup must give gguf-py's values exactly.
+#[test]
+fn random_blocks_match_gguf_py() {
+    let refs = refdata::load_random();
+    assert_eq!(refs.types.len(), KERNEL_TYPES.len());
+    for gpu in variants() {
+        for t in &refs.types {
+            let ty = t.ggml_type();
+            for (bi, b) in t.blocks.iter().enumerate() {
+                let bytes = b.bytes();
+                let m = upload_matrix(gpu, ty, 1, b.n_elements, &bytes);
+                let got = gpu_gather(gpu, &m, &[0]);
+                let want = b.values_f32();
+                let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g == w));
+                assert!(same, "{ty} block {bi} [{}]: max diff {:e}", gpu.variant.label(), max_abs_diff(&got, &want));
+            }
+        }
+    }
+}
+
+#[test]
+fn impossible_allocations_are_errors() {
+    let gpu = &variants()[0];
+    let too_big = gpu.limits.max_buffer_size + 4;
+    let e = block_on(gpu.storage("huge", too_big)).err().expect("allocation over the device's limit must fail");
+    assert!(e.to_string().contains("huge"), "{e}");
+    // the device stays usable afterwards
+    let x = block_on(gpu.upload_f32("x", &[1.0, 2.0])).unwrap();
+    assert_eq!(block_on(gpu.read_f32(&x, 0, 2)).unwrap(), vec![1.0, 2.0]);
+}
