@@ -5,7 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::generate::{perplexity, GenerateOptions};
 use nomoat_runtime::model::{Model, Session};
+use nomoat_runtime::sampler::SamplerConfig;
+use nomoat_runtime::tokenizer::Tokenizer;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -17,6 +21,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text after a raw prompt (no chat template)
+    Run {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(short, long)]
+        prompt: String,
+        /// Tokens to generate at most
+        #[arg(short = 'n', long, default_value_t = 128)]
+        n_predict: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop string (repeatable)
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Print one JSON object {"prompt_tokens", "tokens", "text"} instead of streaming text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Token ids of a text, as a JSON list
+    Tokenize {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(short, long)]
+        prompt: String,
+        /// Do not add BOS/EOS even where the model's metadata asks for them
+        #[arg(long)]
+        no_special: bool,
+    },
+    /// llama.cpp-style perplexity over non-overlapping windows of a text file
+    Perplexity {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(short, long)]
+        file: PathBuf,
+    },
     /// Last-position logits of a prompt, as JSON: {"prompt_tokens": [..], "top": [{"id", "logit"}]}
     Logits {
         #[command(flatten)]
@@ -30,11 +69,65 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: u32,
     },
+    /// llama-bench-style throughput table: prompt processing (ppN) and generation (tgN) tok/s
+    Bench {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Prompt tokens per pp test
+        #[arg(short = 'p', long, default_value_t = 128)]
+        n_prompt: usize,
+        /// Generated tokens per tg test
+        #[arg(short = 'n', long, default_value_t = 128)]
+        n_gen: usize,
+        /// Repetitions
+        #[arg(short = 'r', long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a GGUF file and the device
     Info {
         #[command(flatten)]
         m: ModelArgs,
     },
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Temperature (0 = greedy)
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed (same seed, same output)
+    #[arg(long, default_value_t = SamplerConfig::DEFAULT_SEED)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            ..SamplerConfig::default()
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -61,6 +154,7 @@ fn default_model() -> PathBuf {
 }
 
 struct Loaded {
+    tokenizer: Tokenizer,
     gguf: Gguf,
     gpu: Gpu,
     model: Model,
@@ -79,6 +173,7 @@ fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
         bail!("model file {} not found (run scripts/setup.sh to fetch the test models, or pass -m)", path.display());
     }
     let (gguf, mut file) = open_gguf(&path)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf).context("building the tokenizer from the GGUF metadata")?;
     let gpu = pollster::block_on(Gpu::new(GpuOptions { allow_f16: !a.portable, allow_subgroups: !a.portable, ..Default::default() }))?;
     let bar = indicatif::ProgressBar::new(0);
     if quiet {
@@ -97,7 +192,7 @@ fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
     };
     let model = pollster::block_on(Model::load(&gguf, &gpu, &mut file, &mut progress))?;
     bar.finish_and_clear();
-    Ok(Loaded { gguf, gpu, model })
+    Ok(Loaded { tokenizer, gguf, gpu, model })
 }
 
 fn kv_type(a: &ModelArgs) -> KvType {
@@ -132,11 +227,65 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Tokenize { m, prompt, no_special }) => {
+            let path = m.model.clone().unwrap_or_else(default_model);
+            let (gguf, _) = open_gguf(&path)?;
+            let tok = Tokenizer::from_gguf(&gguf)?;
+            println!("{}", serde_json::json!(tok.encode(&prompt, !no_special, true)?));
+            Ok(())
+        }
+        Some(Command::Run { m, prompt, n_predict, sampling, stop, json }) => {
+            let l = load(&m, json)?;
+            let ids = l.tokenizer.encode(&prompt, true, true)?;
+            let n_ctx = m.ctx_size.min(l.model.config.n_ctx_train);
+            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), false))?;
+            let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(), stop, stop_at_eog: true };
+            let mut out = std::io::stdout();
+            if !json {
+                print!("{prompt}");
+                out.flush().ok();
+            }
+            let g = pollster::block_on(s.generate(&l.tokenizer, &ids, &opts, &mut |piece| {
+                if !json {
+                    print!("{piece}");
+                    out.flush().ok();
+                }
+                true
+            }))?;
+            if json {
+                println!("{}", serde_json::json!({"prompt_tokens": ids, "tokens": g.tokens, "text": g.text, "finish_reason": g.finish.as_str()}));
+            } else {
+                println!();
+                eprintln!(
+                    "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, {}]",
+                    g.prompt_tokens,
+                    g.prompt_tps(),
+                    g.tokens.len(),
+                    g.gen_tps(),
+                    g.finish.as_str()
+                );
+            }
+            Ok(())
+        }
+        Some(Command::Perplexity { m, file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let l = load(&m, false)?;
+            let tokens = l.tokenizer.encode(&text, true, false)?;
+            let n_ctx = m.ctx_size.min(l.model.config.n_ctx_train);
+            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), true))?;
+            let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
+            eprintln!("{} tokens, windows of {n_ctx}", tokens.len());
+            let p = pollster::block_on(perplexity(&mut s, &tokens, n_ctx, bos))?;
+            eprintln!("{} windows, {} scored tokens", p.windows, p.scored_tokens);
+            println!("perplexity: {:.4}", p.value);
+            Ok(())
+        }
+        Some(Command::Bench { m, n_prompt, n_gen, reps, json }) => bench(&m, n_prompt, n_gen, reps, json),
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;
             let ids = match (ids, prompt) {
                 (Some(ids), _) => ids,
-                (None, Some(_p)) => bail!("text prompts need the tokenizer (not built yet); pass --ids"),
+                (None, Some(p)) => l.tokenizer.encode(&p, true, true)?,
                 (None, None) => bail!("give a prompt with -p or token ids with --ids"),
             };
             if ids.is_empty() {
@@ -150,4 +299,75 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// Prompt processing: `n_prompt` tokens evaluated from an empty cache, timed to the last
+/// logits being ready. Generation: `n_gen` tokens one at a time, each argmax read back, as
+/// decoding does. Token ids are a fixed pseudo-random sequence (the content does not change
+/// the work).
+fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) -> Result<()> {
+    use std::time::Instant;
+    let l = load(m, json)?;
+    let c = &l.model.config;
+    let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
+    let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(m), false))?;
+    let ids: Vec<u32> = (0..n_prompt.max(1) as u64).map(|i| ((i * 2654435761 + 12345) % c.n_vocab as u64) as u32).collect();
+    // warm-up: compiles every pipeline both phases use
+    pollster::block_on(async {
+        s.eval(&ids[..ids.len().min(8)]).await?;
+        s.eval(&[1]).await?;
+        s.top_k(1).await.map(|_| ())
+    })?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..reps.max(1) {
+        if n_prompt > 0 {
+            s.reset();
+            let t = Instant::now();
+            pollster::block_on(async {
+                s.eval(&ids).await?;
+                s.top_k(1).await.map(|_| ())
+            })?;
+            pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if n_gen > 0 {
+            s.reset();
+            let t = Instant::now();
+            let mut next = 1u32;
+            for _ in 0..n_gen {
+                pollster::block_on(s.eval(&[next]))?;
+                next = pollster::block_on(s.top_k(1))?[0].0;
+            }
+            tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let name = m.model.clone().unwrap_or_else(default_model);
+    let name = name.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let size_mib = l.model.weight_bytes as f64 / (1 << 20) as f64;
+    let backend = format!("{} ({:?}, {})", l.gpu.info.name, l.gpu.info.backend, l.gpu.variant.label());
+    let rows: Vec<(String, Vec<f64>)> = [(format!("pp{n_prompt}"), pp), (format!("tg{n_gen}"), tg)].into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    if json {
+        let tests: Vec<_> = rows
+            .iter()
+            .map(|(t, v)| {
+                let (mean, std) = mean_std(v);
+                serde_json::json!({"test": t, "tok_s_mean": mean, "tok_s_std": std, "samples": v})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests}));
+    } else {
+        println!("| model | size | backend | test | t/s |");
+        println!("| --- | ---: | --- | ---: | ---: |");
+        for (t, v) in &rows {
+            let (mean, std) = mean_std(v);
+            println!("| {name} | {size_mib:.1} MiB | {backend} | {t} | {mean:.2} ± {std:.2} |");
+        }
+    }
+    Ok(())
 }

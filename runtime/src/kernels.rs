@@ -48,6 +48,30 @@ pub fn grid(n: u32) -> (u32, u32) {
     }
 }
 
+/// Invocations sharing one matvec row: 1 on CPU implementations of WebGPU (no reduction, no
+/// barrier), 32 elsewhere. `NOMOAT_MATVEC_TPR` overrides it for tuning.
+pub fn matvec_threads_per_row(gpu: &Gpu) -> u32 {
+    if let Some(v) = std::env::var("NOMOAT_MATVEC_TPR").ok().and_then(|v| v.parse::<u32>().ok()) {
+        if v.is_power_of_two() && v <= 64 {
+            return v;
+        }
+    }
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        1
+    } else {
+        32
+    }
+}
+
+fn matvec_defines(d: Defines, tpr: u32) -> Defines {
+    let d = d.value("TPR", format!("{tpr}u"));
+    if tpr == 1 {
+        d.flag("ROW_PER_INVOCATION")
+    } else {
+        d
+    }
+}
+
 /// Which GGML types the quantized kernels (matvec, matmul, gather) read, and whether a matrix
 /// of that shape fits them; the gate callers consult before building a pipeline.
 pub fn supports_quant_op(ty: GgmlType, k: u64) -> Result<(), String> {
@@ -84,8 +108,11 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for ty in crate::ggml_type::KERNEL_TYPES {
         let d = Defines::new().flag(&type_define(ty));
-        for file in ["matvec.wgsl", "matmul.wgsl", "gather.wgsl"] {
+        for file in ["matmul.wgsl", "gather.wgsl"] {
             keys.push(PipelineKey { file, entry: "main", defines: d.clone() });
+        }
+        for tpr in [1, 4, 32, 64] {
+            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(d.clone(), tpr) });
         }
     }
     for entry in ["rms_norm", "layer_norm"] {
@@ -170,10 +197,16 @@ impl Gpu {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
-                let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(key.file),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                });
+                let desc = wgpu::ShaderModuleDescriptor { label: Some(key.file), source: wgpu::ShaderSource::Wgsl(source.into()) };
+                let module = match std::env::var("NOMOAT_SHADER_CHECKS").ok().as_deref() {
+                    Some("none") => unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) },
+                    Some("bounds") => unsafe {
+                        let mut c = wgpu::ShaderRuntimeChecks::unchecked();
+                        c.bounds_checks = true;
+                        self.device.create_shader_module_trusted(desc, c)
+                    },
+                    _ => self.device.create_shader_module(desc),
+                };
                 let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.entry),
                     layout: Some(&pl),
@@ -345,11 +378,13 @@ impl<'g> Recorder<'g> {
 
     /// y[row] = W[row] · x for one token. x: [k], y: [n_rows].
     pub async fn matvec(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<(), GpuError> {
+        let tpr = matvec_threads_per_row(self.gpu);
+        let rows_per_wg = 64 / tpr;
         for c in &w.chunks {
-            let (gx, gy) = grid(c.n_rows);
+            let (gx, gy) = grid(c.n_rows.div_ceil(rows_per_wg));
             let params = [c.n_rows, w.k, w.row_bytes, c.first_row];
-            self.dispatch(PipelineKey { file: "matvec.wgsl", entry: "main", defines: w.defines() }, &[&c.buffer, x, y], &params, (gx, gy, 1))
-                .await?;
+            let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(w.defines(), tpr) };
+            self.dispatch(key, &[&c.buffer, x, y], &params, (gx, gy, 1)).await?;
         }
         Ok(())
     }

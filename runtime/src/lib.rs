@@ -8,9 +8,13 @@
 
 pub mod ggml_type;
 pub mod gguf;
+pub mod tokenizer;
 pub mod quant;
 pub mod reference;
 pub mod device;
 pub mod kernels;
 pub mod shaders;
+pub mod sampler;
+pub mod chat;
 pub mod model;
+pub mod generate;

@@ -1,0 +1,212 @@
+//! Text generation and perplexity on top of a [`Session`]: prompt in blocks, then one token per
+//! submission, sampled on the GPU (greedy) or on the CPU from read-back logits; text streamed
+//! in whole UTF-8 pieces, stopped by end-of-generation tokens, stop strings or the token budget.
+
+use crate::chat::StopMatcher;
+use crate::model::{ModelError, Session, MAX_BATCH};
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use web_time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    /// Stop at the model's end-of-generation tokens (EOS, end of turn).
+    pub stop_at_eog: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_tokens: 256, sampler: SamplerConfig::default(), stop: Vec::new(), stop_at_eog: true }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// The token budget or the context ran out.
+    Length,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens found already in the KV cache (shared prefix), not evaluated again.
+    pub reused_tokens: usize,
+    pub prompt_seconds: f64,
+    pub gen_seconds: f64,
+}
+
+impl Generation {
+    pub fn prompt_tps(&self) -> f64 {
+        (self.prompt_tokens - self.reused_tokens) as f64 / self.prompt_seconds.max(1e-9)
+    }
+    pub fn gen_tps(&self) -> f64 {
+        self.tokens.len() as f64 / self.gen_seconds.max(1e-9)
+    }
+}
+
+impl Session<'_> {
+    /// Make the cache hold exactly `prompt`, evaluating only what differs from what it holds.
+    /// Returns how many tokens were reused. At least one token is always evaluated, so the
+    /// logits belong to the prompt's last token.
+    pub async fn feed_prompt(&mut self, prompt: &[u32]) -> Result<usize, ModelError> {
+        if prompt.is_empty() {
+            return Err(ModelError::Invalid("the prompt has no tokens".into()));
+        }
+        let shared = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        self.truncate(shared);
+        self.eval(&prompt[shared..]).await?;
+        Ok(shared)
+    }
+
+    /// Generate after `prompt`, calling `on_text` with each piece of text as it decodes; it
+    /// returns false to stop.
+    pub async fn generate(
+        &mut self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        opts.sampler.validate().map_err(ModelError::Invalid)?;
+        let start = Instant::now();
+        let reused = self.feed_prompt(prompt).await?;
+        // the first sample waits for the prompt's GPU work, so it belongs to the prompt's time
+        let mut sampler = Sampler::new(opts.sampler.clone());
+        for &t in prompt {
+            sampler.accept(t);
+        }
+        let mut next = self.sample(&mut sampler).await?;
+        let prompt_seconds = start.elapsed().as_secs_f64();
+        let gen_start = Instant::now();
+        let eog = tokenizer.eot_ids();
+        let mut decoder = StreamDecoder::new(true);
+        let mut stops = StopMatcher::new(opts.stop.clone());
+        let mut out = Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: FinishReason::Length,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            prompt_seconds,
+            gen_seconds: 0.0,
+        };
+        loop {
+            if opts.stop_at_eog && eog.contains(&next) {
+                out.finish = FinishReason::Stop;
+                break;
+            }
+            out.tokens.push(next);
+            sampler.accept(next);
+            let piece = decoder.push(tokenizer, next);
+            let (emit, stopped) = stops.push(&piece);
+            if !emit.is_empty() {
+                out.text.push_str(&emit);
+                if !on_text(&emit) {
+                    out.finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            if stopped {
+                out.finish = FinishReason::Stop;
+                break;
+            }
+            if out.tokens.len() >= opts.max_tokens || self.tokens.len() + 1 > self.n_ctx {
+                out.finish = FinishReason::Length;
+                break;
+            }
+            self.eval(&[next]).await?;
+            next = self.sample(&mut sampler).await?;
+        }
+        if out.finish != FinishReason::Stop {
+            let (tail, _) = stops.push(&decoder.finish());
+            let rest = tail + &stops.finish();
+            if !rest.is_empty() {
+                out.text.push_str(&rest);
+                on_text(&rest);
+            }
+        }
+        out.gen_seconds = gen_start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// The next token after what the cache holds: the GPU's argmax when sampling is greedy
+    /// without penalties (4 bytes read back), otherwise the full logits through the sampler.
+    pub async fn sample(&mut self, sampler: &mut Sampler) -> Result<u32, ModelError> {
+        if sampler.config().needs_full_logits() {
+            let logits = self.logits().await?;
+            Ok(sampler.sample(&logits))
+        } else {
+            Ok(self.top_k(1).await?[0].0)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Perplexity {
+    pub value: f64,
+    pub windows: usize,
+    pub scored_tokens: usize,
+}
+
+/// llama.cpp-style perplexity: non-overlapping windows of `n_ctx` tokens, each started afresh
+/// (its first token replaced by BOS when the model adds one), scoring only the second half:
+/// the logits at position j predict token j + 1 for j in n_ctx/2 .. n_ctx − 1.
+/// The session must have been created with all_logits.
+pub async fn perplexity(s: &mut Session<'_>, tokens: &[u32], n_ctx: usize, bos: Option<u32>) -> Result<Perplexity, ModelError> {
+    if n_ctx < 4 || n_ctx > s.n_ctx {
+        return Err(ModelError::Invalid(format!("perplexity window {n_ctx} must be between 4 and the context size {}", s.n_ctx)));
+    }
+    let windows = tokens.len() / n_ctx;
+    if windows == 0 {
+        return Err(ModelError::Invalid(format!("the text has {} tokens, fewer than one window of {n_ctx}", tokens.len())));
+    }
+    let first = n_ctx / 2;
+    let vocab = s.model.config.n_vocab;
+    let mut nll = 0.0f64;
+    let mut count = 0usize;
+    for w in 0..windows {
+        let mut win = tokens[w * n_ctx..(w + 1) * n_ctx].to_vec();
+        if let Some(b) = bos {
+            win[0] = b;
+        }
+        s.reset();
+        for (bi, batch) in win.chunks(MAX_BATCH).enumerate() {
+            let b0 = bi * MAX_BATCH;
+            s.eval(batch).await?;
+            let lo = first.max(b0);
+            let hi = (b0 + batch.len()).min(n_ctx - 1);
+            if lo >= hi {
+                continue;
+            }
+            let logits = s.batch_logits(batch.len()).await?;
+            for j in lo..hi {
+                let row = &logits[(j - b0) * vocab..][..vocab];
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = max + row.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln();
+                nll += lse - row[win[j + 1] as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    Ok(Perplexity { value: (nll / count as f64).exp(), windows, scored_tokens: count })
+}

@@ -1,0 +1,459 @@
+//! CPU token sampler over a logits slice, following llama.cpp's default sampler chain:
+//!
+//! penalties → top-k → top-p → min-p → temperature → softmax → draw.
+//!
+//! - **Penalties** (llama.cpp's `penalties` sampler) look at the last `penalty_last_n` accepted
+//!   tokens (see [`Sampler::accept`]). For each token seen there `count` times: a positive logit
+//!   is divided by `repeat_penalty`, a negative one multiplied by it; then
+//!   `logit -= count * frequency_penalty + presence_penalty`.
+//! - **Top-k** keeps the `top_k` highest logits (0 = off).
+//! - **Top-p** keeps the shortest prefix of the candidates (sorted by probability at
+//!   temperature 1, as llama.cpp does) whose cumulative probability reaches `top_p` (1 = off).
+//! - **Min-p** keeps candidates whose probability is at least `min_p` times the highest one
+//!   (0 = off).
+//! - **Temperature** divides the logits; then a softmax and a draw from the seeded RNG.
+//!
+//! `temperature == 0` (or `top_k == 1`) is greedy: the argmax after penalties, the lowest id on
+//! ties. NaN logits count as `-inf`.
+//!
+//! Determinism: the same seed and the same sequence of logits (and accepted tokens) give the
+//! same tokens, on native and wasm alike: the RNG is our own xoshiro256**, ordering never depends
+//! on hash-map iteration, ties are broken by the lower token id, and the softmax uses an `exp`
+//! written here from IEEE basic operations only (the platform `exp` may differ by an ulp
+//! between native libm and wasm).
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+
+/// Sampling parameters, named and defaulted as in llama.cpp.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerConfig {
+    /// 0 = greedy (argmax after penalties).
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off. Must lie in (0, 1].
+    pub top_p: f32,
+    /// 0 = off. Must lie in [0, 1].
+    pub min_p: f32,
+    /// 1 = off. Must be > 0.
+    pub repeat_penalty: f32,
+    /// 0 = off.
+    pub frequency_penalty: f32,
+    /// 0 = off.
+    pub presence_penalty: f32,
+    /// How many of the most recently accepted tokens the penalties look at (0 = penalties off).
+    pub penalty_last_n: usize,
+    /// RNG seed. The default is the fixed [`SamplerConfig::DEFAULT_SEED`], so two runs with
+    /// default settings draw the same tokens; set it (e.g. from a clock) for varied output.
+    pub seed: u64,
+}
+
+impl SamplerConfig {
+    /// The seed [`Default`] uses (a fixed value, unlike llama.cpp's random default).
+    pub const DEFAULT_SEED: u64 = 0x6E6F_6D6F_6174; // "nomoat"
+
+    /// Plain argmax, no penalties: the GPU argmax is enough (see [`Self::needs_full_logits`]).
+    pub fn greedy() -> Self {
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        }
+    }
+
+    /// Checks every field; the message names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = self.temperature;
+        if t.is_nan() || t < 0.0 || t.is_infinite() {
+            return Err(format!(
+                "temperature must be a finite number >= 0 (0 = greedy), got {t}"
+            ));
+        }
+        let p = self.top_p;
+        if p.is_nan() || p <= 0.0 || p > 1.0 {
+            return Err(format!("top_p must lie in (0, 1] (1 = off), got {p}"));
+        }
+        let m = self.min_p;
+        if m.is_nan() || !(0.0..=1.0).contains(&m) {
+            return Err(format!("min_p must lie in [0, 1] (0 = off), got {m}"));
+        }
+        let r = self.repeat_penalty;
+        if r.is_nan() || r <= 0.0 || r.is_infinite() {
+            return Err(format!(
+                "repeat_penalty must be a finite number > 0 (1 = off), got {r}"
+            ));
+        }
+        if !self.frequency_penalty.is_finite() {
+            return Err(format!(
+                "frequency_penalty must be finite (0 = off), got {}",
+                self.frequency_penalty
+            ));
+        }
+        if !self.presence_penalty.is_finite() {
+            return Err(format!(
+                "presence_penalty must be finite (0 = off), got {}",
+                self.presence_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether any penalty can change a logit.
+    pub fn has_penalties(&self) -> bool {
+        self.penalty_last_n > 0
+            && (self.repeat_penalty != 1.0
+                || self.frequency_penalty != 0.0
+                || self.presence_penalty != 0.0)
+    }
+
+    /// Whether the choice is just the argmax of the raw logits (temperature 0 or top-k 1).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+
+    /// False when the token is the plain argmax of the logits (greedy, no penalties): then a GPU
+    /// argmax (lowest id on ties) gives the same token and the logits need not be read back.
+    pub fn needs_full_logits(&self) -> bool {
+        !self.is_greedy() || self.has_penalties()
+    }
+}
+
+impl Default for SamplerConfig {
+    /// llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, penalties off
+    /// (last_n 64), seed [`SamplerConfig::DEFAULT_SEED`].
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            penalty_last_n: 64,
+            seed: Self::DEFAULT_SEED,
+        }
+    }
+}
+
+/// xoshiro256** seeded through SplitMix64.
+#[derive(Clone, Debug)]
+struct Xoshiro256 {
+    s: [u64; 4],
+}
+
+impl Xoshiro256 {
+    fn new(seed: u64) -> Self {
+        let mut sm = seed;
+        let mut next = || {
+            sm = sm.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = sm;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Xoshiro256 {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// `e^x` from IEEE basic operations only (no platform libm, no FMA), so it gives the same bits
+/// on every target. Relative error about 1e-16.
+fn exp_det(x: f64) -> f64 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > 709.782_712_893_384 {
+        return f64::INFINITY;
+    }
+    if x < -745.2 {
+        return 0.0;
+    }
+    // fdlibm's split of ln 2: LN2_HI has trailing zero bits, so k * LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+    let k = (x * std::f64::consts::LOG2_E).round();
+    let r = (x - k * LN2_HI) - k * LN2_LO; // |r| <= ~0.347
+                                           // Taylor series to degree 13 (error < 1e-17 on |r| <= 0.35), Horner form.
+    let mut p = 1.0;
+    let mut i = 13.0;
+    while i >= 1.0 {
+        p = 1.0 + r * p / i;
+        i -= 1.0;
+    }
+    let k = k as i32;
+    if k >= -1022 {
+        p * f64::from_bits(((k + 1023) as u64) << 52)
+    } else {
+        // Two exact steps so the scale factor itself does not underflow.
+        p * f64::from_bits(((k + 600 + 1023) as u64) << 52)
+            * f64::from_bits(((1023 - 600) as u64) << 52)
+    }
+}
+
+/// NaN as `-inf`, so comparisons are total.
+#[inline]
+fn clean(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Higher logit first, then lower id.
+#[inline]
+fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(Ordering::Equal)
+        .then(a.1.cmp(&b.1))
+}
+
+/// Index of the highest value, the lowest index on ties (NaN counts as `-inf`).
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &x) in xs.iter().enumerate() {
+        let x = clean(x);
+        if x > best_v {
+            best_v = x;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A seeded sampler with the token history the penalties need.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    cfg: SamplerConfig,
+    rng: Xoshiro256,
+    /// The last `penalty_last_n` accepted tokens, oldest first.
+    history: VecDeque<u32>,
+    /// Reused buffers.
+    logits: Vec<f32>,
+    cand: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    /// A sampler for `cfg`. An invalid config (see [`SamplerConfig::validate`]) still samples
+    /// something, but callers should validate user input first.
+    pub fn new(cfg: SamplerConfig) -> Self {
+        Sampler {
+            rng: Xoshiro256::new(cfg.seed),
+            history: VecDeque::with_capacity(cfg.penalty_last_n.min(4096)),
+            cfg,
+            logits: Vec::new(),
+            cand: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// The tokens the penalties currently look at, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = u32> + '_ {
+        self.history.iter().copied()
+    }
+
+    /// Records a token that was emitted (sampled or forced, e.g. the prompt's tokens) for the
+    /// penalties. [`Sampler::sample`] does not record its own choice: call this with it.
+    pub fn accept(&mut self, id: u32) {
+        let n = self.cfg.penalty_last_n;
+        if n == 0 {
+            return;
+        }
+        while self.history.len() >= n {
+            self.history.pop_front();
+        }
+        self.history.push_back(id);
+    }
+
+    /// Forgets the history and reseeds the RNG from `config.seed`: the sampler then behaves
+    /// exactly as a new one.
+    pub fn reset(&mut self) {
+        self.history.clear();
+        self.rng = Xoshiro256::new(self.cfg.seed);
+    }
+
+    /// Picks the next token from one row of logits (one per vocabulary entry).
+    ///
+    /// Panics if `logits` is empty. If every logit is `-inf`/NaN the answer is token 0.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        assert!(!logits.is_empty(), "Sampler::sample: empty logits");
+        let cfg = &self.cfg;
+
+        // Penalties, on a copy.
+        let logits: &[f32] = if cfg.has_penalties() && !self.history.is_empty() {
+            self.logits.clear();
+            self.logits.extend_from_slice(logits);
+            apply_penalties(&mut self.logits, &self.history, cfg);
+            &self.logits
+        } else {
+            logits
+        };
+
+        if cfg.is_greedy() {
+            return argmax(logits);
+        }
+
+        // Candidates, without -inf (probability 0).
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (clean(l), i as u32))
+                .filter(|c| c.0 > f32::NEG_INFINITY),
+        );
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+
+        // Top-k.
+        if cfg.top_k > 0 && cfg.top_k < cand.len() {
+            cand.select_nth_unstable_by(cfg.top_k - 1, by_logit_desc);
+            cand.truncate(cfg.top_k);
+        }
+
+        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0)) as f64;
+
+        // Top-p needs the normaliser at temperature 1 over all candidates that survived top-k.
+        let use_top_p = cfg.top_p < 1.0;
+        let z: f64 = if use_top_p {
+            cand.iter().map(|c| exp_det(c.0 as f64 - max)).sum()
+        } else {
+            1.0
+        };
+
+        // Min-p keeps a prefix of the sorted order, and so does top-p: applying min-p first
+        // (before sorting, to sort fewer) and cutting top-p within what is left gives the same
+        // set as llama.cpp's order, since top-p's cumulative sums use the full normaliser.
+        if cfg.min_p > 0.0 {
+            let min_p = cfg.min_p as f64;
+            cand.retain(|c| exp_det(c.0 as f64 - max) >= min_p);
+        }
+
+        cand.sort_unstable_by(by_logit_desc);
+
+        if use_top_p {
+            let p = cfg.top_p as f64;
+            let mut cum = 0.0;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                cum += exp_det(c.0 as f64 - max) / z;
+                if cum >= p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep);
+        }
+
+        if cand.len() == 1 {
+            return cand[0].1;
+        }
+
+        // Temperature, softmax, draw.
+        let inv_t = 1.0 / cfg.temperature as f64;
+        let mut total = 0.0;
+        let weights: Vec<f64> = cand
+            .iter()
+            .map(|c| {
+                let w = exp_det((c.0 as f64 - max) * inv_t);
+                total += w;
+                w
+            })
+            .collect();
+        let u = self.rng.next_f64() * total;
+        let mut acc = 0.0;
+        for (c, w) in cand.iter().zip(&weights) {
+            acc += w;
+            if u < acc {
+                return c.1;
+            }
+        }
+        // Rounding left u at the very top: the last candidate with nonzero weight.
+        cand.iter()
+            .zip(&weights)
+            .rev()
+            .find(|(_, &w)| w > 0.0)
+            .map_or(cand[0].1, |(c, _)| c.1)
+    }
+}
+
+/// llama.cpp's penalties sampler over the history window.
+fn apply_penalties(logits: &mut [f32], history: &VecDeque<u32>, cfg: &SamplerConfig) {
+    let mut ids: Vec<u32> = history
+        .iter()
+        .copied()
+        .filter(|&id| (id as usize) < logits.len())
+        .collect();
+    ids.sort_unstable();
+    let mut i = 0;
+    while i < ids.len() {
+        let id = ids[i];
+        let mut j = i;
+        while j < ids.len() && ids[j] == id {
+            j += 1;
+        }
+        let count = (j - i) as f32;
+        let l = &mut logits[id as usize];
+        if *l <= 0.0 {
+            *l *= cfg.repeat_penalty;
+        } else {
+            *l /= cfg.repeat_penalty;
+        }
+        *l -= count * cfg.frequency_penalty + cfg.presence_penalty;
+        i = j;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_det_matches_std() {
+        let mut x = -700.0;
+        while x < 709.0 {
+            let (a, b) = (exp_det(x), x.exp());
+            assert!(((a - b) / b).abs() < 4e-16, "exp({x}): {a} vs {b}");
+            x += 0.37;
+        }
+        for x in [0.0, -1e-300, 1e-10, -0.5, 0.5, -30.25, 1.0] {
+            let (a, b) = (exp_det(x), f64::exp(x));
+            assert!(((a - b) / b).abs() < 4e-16, "exp({x}): {a} vs {b}");
+        }
+        // Subnormal results: same to within one unit of the smallest subnormal.
+        for x in [-710.0, -720.5, -740.0, -744.9] {
+            assert!((exp_det(x) - x.exp()).abs() <= 5e-324, "exp({x})");
+        }
+        assert_eq!(exp_det(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp_det(f64::INFINITY), f64::INFINITY);
+    }
+}
