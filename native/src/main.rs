@@ -19,8 +19,15 @@ struct Cli {
     command: Option<Command>,
 }
 
+mod chat;
+mod serve;
+
 #[derive(Subcommand)]
 enum Command {
+    /// Interactive chat in the terminal, with the model's chat template
+    Chat(chat::ChatArgs),
+    /// OpenAI-compatible HTTP server
+    Serve(serve::ServeArgs),
     /// Generate text after a raw prompt (no chat template)
     Run {
         #[command(flatten)]
@@ -92,30 +99,30 @@ enum Command {
     },
 }
 
-#[derive(Args, Clone)]
-struct SamplingArgs {
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
     /// Temperature (0 = greedy)
     #[arg(long = "temp", default_value_t = 0.8)]
-    temperature: f32,
+    pub temperature: f32,
     #[arg(long, default_value_t = 40)]
-    top_k: usize,
+    pub top_k: usize,
     #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
+    pub top_p: f32,
     #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
+    pub min_p: f32,
     #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
+    pub repeat_penalty: f32,
     #[arg(long, default_value_t = 0.0)]
-    presence_penalty: f32,
+    pub presence_penalty: f32,
     #[arg(long, default_value_t = 0.0)]
-    frequency_penalty: f32,
+    pub frequency_penalty: f32,
     /// Random seed (same seed, same output)
     #[arg(long, default_value_t = SamplerConfig::DEFAULT_SEED)]
-    seed: u64,
+    pub seed: u64,
 }
 
 impl SamplingArgs {
-    fn config(&self) -> SamplerConfig {
+    pub fn config(&self) -> SamplerConfig {
         SamplerConfig {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -130,34 +137,34 @@ impl SamplingArgs {
     }
 }
 
-#[derive(Args, Clone)]
-struct ModelArgs {
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
     /// GGUF model file (default: the SmolLM2 135M Instruct test model fetched by set-up)
     #[arg(short, long)]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Context size in tokens
     #[arg(short = 'c', long, default_value_t = 2048)]
-    ctx_size: usize,
+    pub ctx_size: usize,
     /// KV cache element type
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
-    kv: String,
+    pub kv: String,
     /// Disable shader-f16 and subgroups (the portable kernels every WebGPU device runs)
     #[arg(long)]
-    portable: bool,
+    pub portable: bool,
 }
 
-fn default_model() -> PathBuf {
+pub fn default_model() -> PathBuf {
     let cache = std::env::var_os("NOMOAT_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-struct Loaded {
-    tokenizer: Tokenizer,
-    gguf: Gguf,
-    gpu: Gpu,
-    model: Model,
+pub struct Loaded {
+    pub tokenizer: Tokenizer,
+    pub gguf: Gguf,
+    pub gpu: Gpu,
+    pub model: Model,
 }
 
 fn open_gguf(path: &PathBuf) -> Result<(Gguf, std::fs::File)> {
@@ -167,7 +174,7 @@ fn open_gguf(path: &PathBuf) -> Result<(Gguf, std::fs::File)> {
     Ok((g, f))
 }
 
-fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
+pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
     let path = a.model.clone().unwrap_or_else(default_model);
     if !path.exists() {
         bail!("model file {} not found (run scripts/setup.sh to fetch the test models, or pass -m)", path.display());
@@ -195,7 +202,7 @@ fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
     Ok(Loaded { tokenizer, gguf, gpu, model })
 }
 
-fn kv_type(a: &ModelArgs) -> KvType {
+pub fn kv_type(a: &ModelArgs) -> KvType {
     if a.kv == "f32" {
         KvType::F32
     } else {
@@ -213,9 +220,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        None => {
-            bail!("no command given (try `nomoat --help`)");
-        }
+        None => chat::run(chat::ChatArgs::default_model_chat()),
+        Some(Command::Chat(a)) => chat::run(a),
+        Some(Command::Serve(a)) => serve::run(a),
         Some(Command::Info { m }) => {
             let l = load(&m, false)?;
             let c = &l.model.config;
@@ -237,7 +244,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Run { m, prompt, n_predict, sampling, stop, json }) => {
             let l = load(&m, json)?;
             let ids = l.tokenizer.encode(&prompt, true, true)?;
-            let n_ctx = m.ctx_size.min(l.model.config.n_ctx_train);
+            let n_ctx = m.ctx_size;
             let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), false))?;
             let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(), stop, stop_at_eog: true };
             let mut out = std::io::stdout();
@@ -271,7 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let l = load(&m, false)?;
             let tokens = l.tokenizer.encode(&text, true, false)?;
-            let n_ctx = m.ctx_size.min(l.model.config.n_ctx_train);
+            let n_ctx = m.ctx_size;
             let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), true))?;
             let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
             eprintln!("{} tokens, windows of {n_ctx}", tokens.len());
@@ -291,7 +298,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt has no tokens");
             }
-            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, m.ctx_size.min(l.model.config.n_ctx_train), kv_type(&m), false))?;
+            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, m.ctx_size, kv_type(&m), false))?;
             pollster::block_on(s.eval(&ids))?;
             let top = pollster::block_on(s.top_k(top))?;
             let top: Vec<_> = top.into_iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect();

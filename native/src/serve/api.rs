@@ -1,0 +1,529 @@
+//! OpenAI request parsing (field by field, so that every wrong type or value is a 400 naming
+//! the field) and the JSON shapes of responses, chunks and errors.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nomoat_runtime::chat::Message;
+use nomoat_runtime::sampler::SamplerConfig;
+use serde_json::{json, Map, Value};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), kind, param: None, code: None }
+    }
+    /// 400 invalid_request_error.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+    /// 400 about one field.
+    pub fn param(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::invalid(message).with_param(param)
+    }
+    pub fn server(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+    pub fn with_param(mut self, p: &str) -> ApiError {
+        self.param = Some(p.to_string());
+        self
+    }
+    pub fn with_code(mut self, c: &'static str) -> ApiError {
+        self.code = Some(c);
+        self
+    }
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The body as a JSON object.
+pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid("the request body is empty; send a JSON object"));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(v) => Err(ApiError::invalid(format!("the request body must be a JSON object, got {}", type_name(&v)))),
+        Err(e) => Err(ApiError::invalid(format!("the request body is not valid JSON: {e}")).with_code("invalid_json")),
+    }
+}
+
+/// A field that is absent or null is None.
+fn field<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    o.get(name).filter(|v| !v.is_null())
+}
+
+fn opt_bool(o: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
+    match field(o, name) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(ApiError::param(name, format!("'{name}' must be a boolean, got {}", type_name(v)))),
+    }
+}
+
+fn opt_f32(o: &Map<String, Value>, name: &str) -> Result<Option<f32>, ApiError> {
+    match field(o, name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if !x.is_finite() || x.abs() > f32::MAX as f64 {
+                return Err(ApiError::param(name, format!("'{name}' must be a finite number, got {n}")));
+            }
+            Ok(Some(x as f32))
+        }
+        Some(v) => Err(ApiError::param(name, format!("'{name}' must be a number, got {}", type_name(v)))),
+    }
+}
+
+fn opt_int(o: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> {
+    match field(o, name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else if let Some(u) = n.as_u64() {
+                Ok(Some(u.min(i64::MAX as u64) as i64))
+            } else {
+                match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+                    _ => Err(ApiError::param(name, format!("'{name}' must be an integer, got {n}"))),
+                }
+            }
+        }
+        Some(v) => Err(ApiError::param(name, format!("'{name}' must be an integer, got {}", type_name(v)))),
+    }
+}
+
+/// Options both endpoints share.
+#[derive(Debug, Clone)]
+pub struct Common {
+    /// None: until the context fills (or the server's --max-tokens-limit).
+    pub max_tokens: Option<usize>,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub const MAX_STOPS: usize = 16;
+
+/// Reads the shared options; `random_seed` is used when the request has no `seed`.
+pub fn parse_common(o: &Map<String, Value>, random_seed: u64) -> Result<Common, ApiError> {
+    let stream = opt_bool(o, "stream")?.unwrap_or(false);
+    let mut include_usage = false;
+    if let Some(so) = field(o, "stream_options") {
+        let Value::Object(so) = so else {
+            return Err(ApiError::param("stream_options", format!("'stream_options' must be an object, got {}", type_name(so))));
+        };
+        include_usage = opt_bool(so, "include_usage").map_err(|e| e.with_param("stream_options.include_usage"))?.unwrap_or(false);
+    }
+    let mut max_tokens = None;
+    for name in ["max_tokens", "max_completion_tokens"] {
+        if let Some(n) = opt_int(o, name)? {
+            if n < 1 {
+                return Err(ApiError::param(name, format!("'{name}' must be at least 1, got {n}")));
+            }
+            max_tokens = Some(n as usize);
+        }
+    }
+    if let Some(n) = opt_int(o, "n")? {
+        if n != 1 {
+            return Err(ApiError::param("n", format!("only n = 1 is supported (one choice per request), got {n}")));
+        }
+    }
+    if let Some(n) = opt_int(o, "best_of")? {
+        if n != 1 {
+            return Err(ApiError::param("best_of", format!("only best_of = 1 is supported, got {n}")));
+        }
+    }
+    if let Some(v) = field(o, "logprobs") {
+        // chat: a boolean; completions: an integer count
+        let wanted = match v {
+            Value::Bool(b) => *b,
+            Value::Number(n) => n.as_u64() != Some(0),
+            _ => return Err(ApiError::param("logprobs", format!("'logprobs' must be a boolean or an integer, got {}", type_name(v)))),
+        };
+        if wanted {
+            return Err(ApiError::param("logprobs", "logprobs are not supported by this server"));
+        }
+    }
+    if let Some(v) = field(o, "tools") {
+        if !matches!(v, Value::Array(a) if a.is_empty()) {
+            return Err(ApiError::param("tools", "tools (function calling) are not supported by this server"));
+        }
+    }
+    if let Some(v) = field(o, "response_format") {
+        let ty = v.get("type").and_then(Value::as_str);
+        if ty != Some("text") {
+            return Err(ApiError::param("response_format", "only response_format {\"type\": \"text\"} is supported"));
+        }
+    }
+    let mut sampler = SamplerConfig { seed: random_seed, ..SamplerConfig::default() };
+    if let Some(t) = opt_f32(o, "temperature")? {
+        sampler.temperature = t;
+    }
+    if let Some(p) = opt_f32(o, "top_p")? {
+        sampler.top_p = p;
+    }
+    if let Some(p) = opt_f32(o, "min_p")? {
+        sampler.min_p = p;
+    }
+    if let Some(p) = opt_f32(o, "presence_penalty")? {
+        sampler.presence_penalty = p;
+    }
+    if let Some(p) = opt_f32(o, "frequency_penalty")? {
+        sampler.frequency_penalty = p;
+    }
+    if let Some(p) = opt_f32(o, "repeat_penalty")? {
+        sampler.repeat_penalty = p;
+    }
+    if let Some(k) = opt_int(o, "top_k")? {
+        if k < 0 {
+            return Err(ApiError::param("top_k", format!("'top_k' must be >= 0 (0 = off), got {k}")));
+        }
+        sampler.top_k = k as usize;
+    }
+    if let Some(s) = opt_int(o, "seed")? {
+        sampler.seed = s as u64;
+    }
+    if let Err(msg) = sampler.validate() {
+        let param = msg.split_whitespace().next().unwrap_or("").to_string();
+        return Err(ApiError::param(&param, msg));
+    }
+    let stop = match field(o, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            let mut v = Vec::new();
+            for x in a {
+                match x {
+                    Value::String(s) => v.push(s.clone()),
+                    _ => return Err(ApiError::param("stop", format!("'stop' must be a string or a list of strings; found {} in the list", type_name(x)))),
+                }
+            }
+            v
+        }
+        Some(v) => return Err(ApiError::param("stop", format!("'stop' must be a string or a list of strings, got {}", type_name(v)))),
+    };
+    if stop.len() > MAX_STOPS {
+        return Err(ApiError::param("stop", format!("at most {MAX_STOPS} stop strings, got {}", stop.len())));
+    }
+    let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    Ok(Common { max_tokens, sampler, stop, stream, include_usage })
+}
+
+/// The `messages` of a chat request, as the template takes them (text content only; a list of
+/// `{"type": "text", "text"}` parts is joined; the "developer" role is the "system" one).
+pub fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+    let msgs = match field(o, "messages") {
+        None => return Err(ApiError::param("messages", "'messages' is required: a list of {\"role\", \"content\"} objects")),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(ApiError::param("messages", format!("'messages' must be a list, got {}", type_name(v)))),
+    };
+    if msgs.is_empty() {
+        return Err(ApiError::param("messages", "'messages' must not be empty"));
+    }
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let p = format!("messages[{i}]");
+        let Value::Object(m) = m else {
+            return Err(ApiError::param(&p, format!("{p} must be an object, got {}", type_name(m))));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if !r.is_empty() => r.clone(),
+            Some(v) if !v.is_null() => return Err(ApiError::param(&format!("{p}.role"), format!("{p}.role must be a non-empty string, got {}", type_name(v)))),
+            _ => return Err(ApiError::param(&format!("{p}.role"), format!("{p} has no 'role'"))),
+        };
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) if role == "assistant" => String::new(),
+            None | Some(Value::Null) => return Err(ApiError::param(&format!("{p}.content"), format!("{p} has no 'content'"))),
+            Some(Value::Array(parts)) => {
+                let mut s = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let pp = format!("{p}.content[{j}]");
+                    match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => s.push_str(t),
+                        (Some("text"), _) => return Err(ApiError::param(&pp, format!("{pp} is a text part without a string 'text'"))),
+                        (Some(ty), _) => return Err(ApiError::param(&pp, format!("{pp} has type '{ty}'; only text content is supported"))),
+                        (None, _) => return Err(ApiError::param(&pp, format!("{pp} must be an object with a 'type'"))),
+                    }
+                }
+                s
+            }
+            Some(v) => return Err(ApiError::param(&format!("{p}.content"), format!("{p}.content must be a string or a list of text parts, got {}", type_name(v)))),
+        };
+        let role = if role == "developer" { "system".to_string() } else { role };
+        out.push(Message { role, content });
+    }
+    Ok(out)
+}
+
+/// The `prompt` of a completions request.
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub fn parse_prompt(o: &Map<String, Value>, vocab: usize) -> Result<Prompt, ApiError> {
+    let bad = |what: &str| ApiError::param("prompt", format!("'prompt' must be a string, a list of one string, or a list of token ids; got {what}"));
+    let tokens = |a: &Vec<Value>| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|t| match t.as_u64() {
+                Some(id) if (id as usize) < vocab => Ok(id as u32),
+                _ => Err(ApiError::param("prompt", format!("token id {t} is not in the vocabulary (0..{vocab})"))),
+            })
+            .collect()
+    };
+    match field(o, "prompt") {
+        None => Err(ApiError::param("prompt", "'prompt' is required")),
+        Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
+        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::param("prompt", "'prompt' must not be empty")),
+        Some(Value::Array(a)) => match &a[0] {
+            Value::String(s) if a.len() == 1 => Ok(Prompt::Text(s.clone())),
+            Value::Array(inner) if a.len() == 1 => Ok(Prompt::Tokens(tokens(inner)?)),
+            Value::String(_) | Value::Array(_) => Err(ApiError::param("prompt", "only one prompt per request is supported")),
+            Value::Number(_) => Ok(Prompt::Tokens(tokens(a)?)),
+            v => Err(bad(&format!("a list holding {}", type_name(v)))),
+        },
+        Some(v) => Err(bad(type_name(v))),
+    }
+}
+
+/// Completions options that this server does not implement.
+pub fn check_completion_extras(o: &Map<String, Value>) -> Result<(), ApiError> {
+    if opt_bool(o, "echo")?.unwrap_or(false) {
+        return Err(ApiError::param("echo", "echo is not supported by this server"));
+    }
+    match field(o, "suffix") {
+        None => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::param("suffix", "suffix (fill-in-the-middle) is not supported by this server")),
+    }
+}
+
+pub fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Which endpoint a response belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// What every response and chunk carries.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+pub const FINGERPRINT: &str = concat!("nomoat-", env!("CARGO_PKG_VERSION"));
+
+impl Meta {
+    fn base(&self, object: &str, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        })
+    }
+
+    /// The non-streaming response.
+    pub fn response(&self, text: &str, finish: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {
+        let mut v = match self.kind {
+            Kind::Chat => self.base(
+                "chat.completion",
+                json!([{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish}]),
+            ),
+            Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}])),
+        };
+        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v
+    }
+
+    /// A streamed chunk: `delta` content (chat) or text (completions); `role` in the first
+    /// chat chunk; `finish` in the last. With include_usage every chunk has `"usage": null`.
+    pub fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>, include_usage: bool) -> Value {
+        let mut v = match self.kind {
+            Kind::Chat => {
+                let mut delta = Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                self.base("chat.completion.chunk", json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]))
+            }
+            Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}])),
+        };
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
+    pub fn usage_chunk(&self, prompt_tokens: usize, completion_tokens: usize) -> Value {
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = self.base(object, json!([]));
+        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell how much
+/// of a guessed key was right. (The length of the key can still show; it is not the secret.)
+pub fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = (given.len() != key.len()) as u8;
+    for (i, k) in key.iter().enumerate() {
+        let g = given.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box(g ^ k);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(s: &str) -> Map<String, Value> {
+        parse_body(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn body_must_be_a_json_object() {
+        assert_eq!(parse_body(b"{\"a\": ").unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert!(parse_body(b"[1]").unwrap_err().message.contains("a list"));
+        assert!(parse_body(b"  ").unwrap_err().message.contains("empty"));
+    }
+
+    #[test]
+    fn common_fields_are_typed() {
+        let c = parse_common(&obj(r#"{"temperature": 0, "max_tokens": 5, "stop": "x", "seed": 7, "stream": true}"#), 1).unwrap();
+        assert_eq!(c.max_tokens, Some(5));
+        assert_eq!(c.sampler.temperature, 0.0);
+        assert_eq!(c.sampler.seed, 7);
+        assert_eq!(c.stop, vec!["x"]);
+        assert!(c.stream);
+        let c = parse_common(&obj(r#"{"max_completion_tokens": 3, "stop": ["a", ""]}"#), 99).unwrap();
+        assert_eq!((c.max_tokens, c.sampler.seed, c.stop.len()), (Some(3), 99, 1));
+        for (body, param) in [
+            (r#"{"temperature": "hot"}"#, "temperature"),
+            (r#"{"max_tokens": -1}"#, "max_tokens"),
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
+            (r#"{"max_tokens": 1.5}"#, "max_tokens"),
+            (r#"{"n": 2}"#, "n"),
+            (r#"{"stop": 3}"#, "stop"),
+            (r#"{"stop": ["a", 1]}"#, "stop"),
+            (r#"{"stream": "yes"}"#, "stream"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"temperature": -1}"#, "temperature"),
+            (r#"{"logprobs": true}"#, "logprobs"),
+            (r#"{"seed": "x"}"#, "seed"),
+        ] {
+            let e = parse_common(&obj(body), 0).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn messages() {
+        let m = parse_messages(&obj(r#"{"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#)).unwrap();
+        assert_eq!(m, vec![Message::system("s"), Message::user("ab")]);
+        for body in [
+            r#"{}"#,
+            r#"{"messages": "hi"}"#,
+            r#"{"messages": []}"#,
+            r#"{"messages": [1]}"#,
+            r#"{"messages": [{"content": "x"}]}"#,
+            r#"{"messages": [{"role": "user"}]}"#,
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+        ] {
+            assert_eq!(parse_messages(&obj(body)).unwrap_err().status, StatusCode::BAD_REQUEST, "{body}");
+        }
+    }
+
+    #[test]
+    fn prompts() {
+        assert!(matches!(parse_prompt(&obj(r#"{"prompt": "hi"}"#), 10), Ok(Prompt::Text(s)) if s == "hi"));
+        assert!(matches!(parse_prompt(&obj(r#"{"prompt": ["hi"]}"#), 10), Ok(Prompt::Text(s)) if s == "hi"));
+        assert!(matches!(parse_prompt(&obj(r#"{"prompt": [1, 2]}"#), 10), Ok(Prompt::Tokens(t)) if t == [1, 2]));
+        assert!(matches!(parse_prompt(&obj(r#"{"prompt": [[3]]}"#), 10), Ok(Prompt::Tokens(t)) if t == [3]));
+        for body in [r#"{}"#, r#"{"prompt": 5}"#, r#"{"prompt": []}"#, r#"{"prompt": ["a", "b"]}"#, r#"{"prompt": [10]}"#, r#"{"prompt": [-1]}"#] {
+            assert!(parse_prompt(&obj(body), 10).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn chunk_shapes() {
+        let m = Meta { kind: Kind::Chat, id: "chatcmpl-1".into(), created: 5, model: "m".into() };
+        let c = m.chunk(Some(""), true, None, false);
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        assert!(c.get("usage").is_none());
+        let c = m.chunk(None, false, Some("stop"), true);
+        assert_eq!(c["choices"][0]["delta"], json!({}));
+        assert!(c["usage"].is_null());
+        let u = m.usage_chunk(3, 4);
+        assert_eq!(u["usage"]["total_tokens"], 7);
+        assert_eq!(u["choices"], json!([]));
+        let r = Meta { kind: Kind::Completion, ..m }.response("t", "length", 1, 2);
+        assert_eq!(r["object"], "text_completion");
+        assert_eq!(r["choices"][0]["text"], "t");
+    }
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret1", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secret", b""));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

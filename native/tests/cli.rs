@@ -1,0 +1,91 @@
+//! The `nomoat` binary end to end on both test models: run (greedy text equal to llama.cpp's up
+//! to its first near-tie, from tests/data/models), logits, tokenize, and clear errors for bad
+//! input.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn models_dir() -> std::path::PathBuf {
+    let cache = std::env::var_os("NOMOAT_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/nomoat"));
+    cache.join("models")
+}
+
+fn nomoat(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nomoat")).args(args).env("XDG_RUNTIME_DIR", "/tmp").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn reference(stem: &str) -> Value {
+    let p = format!("{}/../tests/data/models/{stem}.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn check_run(file: &str) {
+    let stem = file.trim_end_matches(".gguf");
+    let refs = reference(stem);
+    let case = refs["cases"].as_array().unwrap().iter().find(|c| c["name"] == "short_en").unwrap();
+    let model = models_dir().join(file);
+    let model = model.to_str().unwrap();
+    let prompt = case["prompt"].as_str().unwrap();
+    let (ok, out, err) = nomoat(&["run", "-m", model, "-p", prompt, "-n", "8", "--temp", "0", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["prompt_tokens"], case["prompt_tokens"], "{stem}");
+    let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert!(!got.is_empty());
+    for (i, step) in case["greedy"].as_array().unwrap().iter().take(got.len()).enumerate() {
+        if got[i] != step["id"].as_u64().unwrap() {
+            assert!(step["margin"].as_f64().unwrap() < 0.5, "{stem}: token {i} is {} but llama.cpp's is {}", got[i], step["id"]);
+            break;
+        }
+    }
+    assert!(!v["text"].as_str().unwrap().is_empty());
+
+    let (ok, out, err) = nomoat(&["logits", "-m", model, "-p", prompt, "--top", "3"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["prompt_tokens"], case["prompt_tokens"]);
+    assert_eq!(v["top"][0]["id"], case["top10"][0]["id"], "{stem}: top logit");
+    assert_eq!(v["top"].as_array().unwrap().len(), 3);
+
+    let (ok, out, _) = nomoat(&["tokenize", "-m", model, "-p", prompt]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(out.trim()).unwrap(), case["prompt_tokens"]);
+}
+
+#[test]
+fn run_logits_tokenize_smollm2() {
+    check_run("SmolLM2-135M-Instruct.Q4_1.gguf");
+}
+
+#[test]
+fn run_logits_tokenize_gemma3() {
+    check_run("gemma-3-270m-q4_k_m.gguf");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let (ok, _, err) = nomoat(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    let dir = std::env::temp_dir().join(format!("nomoat-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a GGUF file at all").unwrap();
+    let (ok, _, err) = nomoat(&["run", "-m", junk.to_str().unwrap(), "-p", "hi"]);
+    assert!(!ok && err.contains("magic"), "{err}");
+    // a truncated copy of a real model: the header parses, the tensor data is cut off
+    let real = std::fs::read(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
+    let (ok, _, err) = nomoat(&["run", "-m", cut.to_str().unwrap(), "-p", "hi"]);
+    assert!(!ok && err.contains("file is"), "{err}");
+    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--temp", "-1"]);
+    assert!(!ok && err.to_lowercase().contains("temperature"), "{err}");
+    let (ok, _, err) = nomoat(&["logits", "--ids", "999999"]);
+    assert!(!ok && err.contains("vocabulary"), "{err}");
+    let (ok, _, err) = nomoat(&["run", "-p", "hi", "-c", "100000000"]);
+    assert!(!ok && err.contains("context"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
