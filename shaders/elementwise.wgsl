@@ -1,5 +1,6 @@
 // Elementwise ops over n f32 values, one invocation per element:
 //   add:       out = a + b, b repeating every b_len elements (a bias added to every token)
+//   accumulate: out += s · b               (adds a LoRA term into a projection's output)
 //   scale:     out = a · s
 //   softcap:   out = s · tanh(a / s)         (logit soft-capping)
 //   silu_gate: out = silu(a) · b             (SwiGLU, a = gate, b = up)
@@ -24,6 +25,12 @@ fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
     if (i < p.n) { out[i] = a[i] + b[i % p.b_len]; }
+}
+
+@compute @workgroup_size(256)
+fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if (i < p.n) { out[i] = out[i] + p.s * b[i]; }
 }
 
 @compute @workgroup_size(256)

@@ -5,12 +5,12 @@
 //! reply being written, not the program; `/reset` starts over, `/exit` (or Ctrl-D) quits. A line
 //! ending in `\` continues on the next one, and `"""` opens and closes a multi-line block.
 
-use crate::{kv_type, load, ModelArgs, SamplingArgs};
+use crate::{load, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::generate::GenerateOptions;
-use nomoat_runtime::model::{ModelError, Session};
+use nomoat_runtime::model::ModelError;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -113,7 +113,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
     let n_ctx = a.m.ctx_size;
-    let mut session = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&a.m), false))?;
+    let mut session = crate::new_session(&l, &a.m, n_ctx, false)?;
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler: a.sampling.config(), stop: Vec::new(), stop_at_eog: true };
     opts.sampler.validate().map_err(anyhow::Error::msg)?;
     let system: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();

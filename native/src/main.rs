@@ -9,7 +9,9 @@ use nomoat_runtime::generate::{perplexity, GenerateOptions};
 use nomoat_runtime::model::{Model, Session};
 use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::lora::LoraAdapter;
 use std::io::Write;
+use std::sync::Arc;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -151,6 +153,9 @@ pub struct ModelArgs {
     /// Disable shader-f16 and subgroups (the portable kernels every WebGPU device runs)
     #[arg(long)]
     pub portable: bool,
+    /// LoRA adapter (llama.cpp GGUF format) with an optional scale, PATH[:SCALE]; repeatable
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    pub lora: Vec<String>,
 }
 
 pub fn default_model() -> PathBuf {
@@ -161,6 +166,7 @@ pub fn default_model() -> PathBuf {
 }
 
 pub struct Loaded {
+    pub adapters: Vec<(Arc<LoraAdapter>, f32)>,
     pub tokenizer: Tokenizer,
     pub gguf: Gguf,
     pub gpu: Gpu,
@@ -199,7 +205,35 @@ pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
     };
     let model = pollster::block_on(Model::load(&gguf, &gpu, &mut file, &mut progress))?;
     bar.finish_and_clear();
-    Ok(Loaded { tokenizer, gguf, gpu, model })
+    let mut adapters = Vec::new();
+    for spec in &a.lora {
+        let (path, scale) = parse_lora_spec(spec)?;
+        let (ag, mut af) = open_gguf(&path)?;
+        let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+        let adapter = pollster::block_on(LoraAdapter::load(&name, &ag, &mut af, &gpu, &model, &gguf))?;
+        adapters.push((Arc::new(adapter), scale));
+    }
+    Ok(Loaded { adapters, tokenizer, gguf, gpu, model })
+}
+
+/// `PATH[:SCALE]`, the scale defaulting to 1.
+pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    if let Some((path, scale)) = spec.rsplit_once(':') {
+        if let Ok(s) = scale.parse::<f32>() {
+            if !s.is_finite() {
+                bail!("LoRA scale in '{spec}' must be a finite number");
+            }
+            return Ok((PathBuf::from(path), s));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+/// A session on the loaded model with the command line's adapters active.
+pub fn new_session<'m>(l: &'m Loaded, m: &ModelArgs, n_ctx: usize, all_logits: bool) -> Result<Session<'m>> {
+    let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(m), all_logits))?;
+    pollster::block_on(s.set_adapters(l.adapters.clone()))?;
+    Ok(s)
 }
 
 pub fn kv_type(a: &ModelArgs) -> KvType {
@@ -245,7 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             let l = load(&m, json)?;
             let ids = l.tokenizer.encode(&prompt, true, true)?;
             let n_ctx = m.ctx_size;
-            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), false))?;
+            let mut s = new_session(&l, &m, n_ctx, false)?;
             let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(), stop, stop_at_eog: true };
             let mut out = std::io::stdout();
             if !json {
@@ -279,7 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             let l = load(&m, false)?;
             let tokens = l.tokenizer.encode(&text, true, false)?;
             let n_ctx = m.ctx_size;
-            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(&m), true))?;
+            let mut s = new_session(&l, &m, n_ctx, true)?;
             let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
             eprintln!("{} tokens, windows of {n_ctx}", tokens.len());
             let p = pollster::block_on(perplexity(&mut s, &tokens, n_ctx, bos))?;
@@ -298,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt has no tokens");
             }
-            let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, m.ctx_size, kv_type(&m), false))?;
+            let mut s = new_session(&l, &m, m.ctx_size, false)?;
             pollster::block_on(s.eval(&ids))?;
             let top = pollster::block_on(s.top_k(top))?;
             let top: Vec<_> = top.into_iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect();
@@ -323,7 +357,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
     let l = load(m, json)?;
     let c = &l.model.config;
     let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
-    let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(m), false))?;
+    let mut s = new_session(&l, &m, n_ctx, false)?;
     let ids: Vec<u32> = (0..n_prompt.max(1) as u64).map(|i| ((i * 2654435761 + 12345) % c.n_vocab as u64) as u32).collect();
     // warm-up: compiles every pipeline both phases use
     pollster::block_on(async {

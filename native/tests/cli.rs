@@ -81,7 +81,7 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
     let (ok, _, err) = nomoat(&["run", "-m", cut.to_str().unwrap(), "-p", "hi"]);
     assert!(!ok && err.contains("file is"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--temp", "-1"]);
+    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--temp=-1"]);
     assert!(!ok && err.to_lowercase().contains("temperature"), "{err}");
     let (ok, _, err) = nomoat(&["logits", "--ids", "999999"]);
     assert!(!ok && err.contains("vocabulary"), "{err}");

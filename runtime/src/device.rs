@@ -132,6 +132,14 @@ impl Gpu {
         self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
+    /// Bytes of GPU buffers alive on this device, where wgpu counts them (native builds with
+    /// wgpu's `counters` feature); None elsewhere.
+    pub fn buffer_memory(&self) -> Option<i64> {
+        let c = self.device.get_internal_counters();
+        let v = c.hal.buffer_memory.read();
+        (v > 0).then_some(v as i64)
+    }
+
     pub fn check_lost(&self) -> Result<(), GpuError> {
         match self.lost.lock().unwrap().as_ref() {
             Some(m) => Err(GpuError::DeviceLost(m.clone())),

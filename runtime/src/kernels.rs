@@ -32,8 +32,9 @@ pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; /
 pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform]; // topk.wgsl: values, ids, out_values, out_ids, params
 pub const COPY_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // copy.wgsl: src, dst, params
 
-/// Bytes kept spare after every weight chunk: `ld_u32` reads one word past a row's last byte.
-pub const WEIGHT_PAD: usize = 16;
+/// Bytes kept spare after every weight chunk: `ld_u32` reads one word past a row's last byte,
+/// and matvec's vec4 reads of an unaligned block can reach up to 24 bytes past its end.
+pub const WEIGHT_PAD: usize = 32;
 
 /// The largest workgroup count per dimension WebGPU guarantees.
 const MAX_GROUPS: u32 = 65535;
@@ -48,28 +49,64 @@ pub fn grid(n: u32) -> (u32, u32) {
     }
 }
 
-/// Invocations sharing one matvec row: 1 on CPU implementations of WebGPU (no reduction, no
-/// barrier), 32 elsewhere. `NOMOAT_MATVEC_TPR` overrides it for tuning.
-pub fn matvec_threads_per_row(gpu: &Gpu) -> u32 {
-    if let Some(v) = std::env::var("NOMOAT_MATVEC_TPR").ok().and_then(|v| v.parse::<u32>().ok()) {
-        if v.is_power_of_two() && v <= 64 {
-            return v;
-        }
-    }
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        1
-    } else {
-        32
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
+}
+
+/// How a matvec dispatch is shaped: `tpr` invocations share a group of `rpi` consecutive rows,
+/// `wg` invocations per workgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatvecShape {
+    pub tpr: u32,
+    pub rpi: u32,
+    pub wg: u32,
+}
+
+impl MatvecShape {
+    pub fn rows_per_workgroup(&self) -> u32 {
+        self.wg / self.tpr * self.rpi
     }
 }
 
-fn matvec_defines(d: Defines, tpr: u32) -> Defines {
-    let d = d.value("TPR", format!("{tpr}u"));
-    if tpr == 1 {
-        d.flag("ROW_PER_INVOCATION")
-    } else {
-        d
+/// Invocations sharing one matvec row: 1 on CPU implementations of WebGPU (no reduction, no
+/// barrier), 32 elsewhere. `NOMOAT_MATVEC_TPR` overrides it for tuning.
+pub fn matvec_threads_per_row(gpu: &Gpu) -> u32 {
+    matvec_shape(gpu).tpr
+}
+
+/// The matvec shape for this device. CPU devices: every invocation its own 4 rows (one x load
+/// serves 4 rows), 16 invocations per workgroup so that small matrices still spread over the
+/// cores. GPUs: 32 invocations per row, one row each, 64 per workgroup.
+/// `NOMOAT_MATVEC_TPR`, `NOMOAT_MATVEC_RPI` and `NOMOAT_MATVEC_WG` override it for tuning.
+pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
+    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    let mut s = if cpu { MatvecShape { tpr: 1, rpi: 4, wg: 16 } } else { MatvecShape { tpr: 32, rpi: 1, wg: 64 } };
+    if let Some(v) = env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64) {
+        s.tpr = v;
     }
+    if let Some(v) = env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)) {
+        s.rpi = v;
+    }
+    if let Some(v) = env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)) {
+        s.wg = v;
+    }
+    s.wg = s.wg.max(s.tpr);
+    s
+}
+
+fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
+    let mut d = Defines::new()
+        .flag(&type_define(ty))
+        .value("TPR", format!("{}u", s.tpr))
+        .value("RPI", format!("{}u", s.rpi))
+        .value("WG", format!("{}u", s.wg));
+    if ty.block_elems() > 1 {
+        d = d.flag("X_VEC4");
+    }
+    if s.tpr == 1 {
+        d = d.flag("ROW_PER_INVOCATION");
+    }
+    d
 }
 
 /// Which GGML types the quantized kernels (matvec, matmul, gather) read, and whether a matrix
@@ -111,15 +148,15 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         for file in ["matmul.wgsl", "gather.wgsl"] {
             keys.push(PipelineKey { file, entry: "main", defines: d.clone() });
         }
-        for tpr in [1, 4, 32, 64] {
-            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(d.clone(), tpr) });
+        for (tpr, rpi, wg) in [(1, 1, 64), (1, 4, 16), (1, 8, 16), (4, 2, 64), (32, 1, 64), (64, 2, 256)] {
+            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(ty, MatvecShape { tpr, rpi, wg }) });
         }
     }
     for entry in ["rms_norm", "layer_norm"] {
         keys.push(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() });
     }
     keys.push(PipelineKey { file: "softmax.wgsl", entry: "main", defines: Defines::new() });
-    for entry in ["add", "scale", "softcap", "silu_gate", "gelu_gate"] {
+    for entry in ["add", "accumulate", "scale", "softcap", "silu_gate", "gelu_gate"] {
         keys.push(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() });
     }
     keys.push(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() });
@@ -378,19 +415,34 @@ impl<'g> Recorder<'g> {
 
     /// y[row] = W[row] · x for one token. x: [k], y: [n_rows].
     pub async fn matvec(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<(), GpuError> {
-        let tpr = matvec_threads_per_row(self.gpu);
-        let rows_per_wg = 64 / tpr;
+        self.matvec_tokens(w, x, y, 1).await
+    }
+
+    /// matvec.wgsl over m tokens, each invocation's rows for one token after another.
+    async fn matvec_tokens(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
+        let shape = matvec_shape(self.gpu);
         for c in &w.chunks {
-            let (gx, gy) = grid(c.n_rows.div_ceil(rows_per_wg));
-            let params = [c.n_rows, w.k, w.row_bytes, c.first_row];
-            let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(w.defines(), tpr) };
+            let (gx, gy) = grid(c.n_rows.div_ceil(shape.rows_per_workgroup()));
+            let params = [c.n_rows, w.k, w.row_bytes, c.first_row, m, w.n_rows, 0, 0];
+            let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(w.ty, shape) };
             self.dispatch(key, &[&c.buffer, x, y], &params, (gx, gy, 1)).await?;
         }
         Ok(())
     }
 
     /// Y[t][row] = W[row] · X[t] for m tokens. X: [m][k], Y: [m][n_rows].
+    /// GPUs run the shared-memory tiled matmul.wgsl. CPU devices, where shared-memory reads
+    /// and barriers cost a per-lane loop and a coroutine switch each, run matvec.wgsl with its
+    /// token loop instead (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
     pub async fn matmul(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
+        let rows = match std::env::var("NOMOAT_MATMUL").ok().as_deref() {
+            Some("tiled") => false,
+            Some("rows") => true,
+            _ => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
+        };
+        if rows {
+            return self.matvec_tokens(w, x, y, m).await;
+        }
         for c in &w.chunks {
             let params = [c.n_rows, w.k, w.row_bytes, c.first_row, m, w.n_rows, 0, 0];
             self.dispatch(
@@ -456,6 +508,10 @@ impl<'g> Recorder<'g> {
     /// out[t][i] = a[t][i] + bias[i] for rows of width `width`.
     pub async fn add_bias(&mut self, a: &wgpu::Buffer, bias: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, width: u32) -> Result<(), GpuError> {
         self.elementwise_b("add", a, bias, out, n, 0.0, width).await
+    }
+    /// y[i] += s · b[i], in place on y.
+    pub async fn accumulate(&mut self, y: &wgpu::Buffer, b: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
+        self.elementwise("accumulate", b, b, y, n, s).await
     }
     pub async fn scale(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
         self.elementwise("scale", a, a, out, n, s).await

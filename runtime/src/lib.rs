@@ -18,3 +18,4 @@ pub mod sampler;
 pub mod chat;
 pub mod model;
 pub mod generate;
+pub mod lora;

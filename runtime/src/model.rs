@@ -12,7 +12,9 @@ use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
 use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder, RopeArgs};
+use crate::lora::LoraAdapter;
 use crate::quant;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -389,6 +391,11 @@ pub struct Session<'m> {
     v_cache: Vec<wgpu::Buffer>,
     s: Scratch,
     all_logits: bool,
+    /// Active adapters and their user scales.
+    adapters: Vec<(Arc<LoraAdapter>, f32)>,
+    /// [B][max rank] and [B][max n_out] intermediates of B·(A·x), sized for the active adapters.
+    lora_t: Option<wgpu::Buffer>,
+    lora_u: Option<wgpu::Buffer>,
     /// Tokens in the most recent batch: the row of the last token's logits in all_logits mode.
     last_batch: usize,
 }
@@ -440,7 +447,7 @@ impl<'m> Session<'m> {
             logits: gpu.storage("logits", logits_len).await?,
             logits2: gpu.storage("logits2", logits_len).await?,
         };
-        Ok(Session { model, gpu, n_ctx, kv, tokens: Vec::new(), k_cache, v_cache, s, all_logits, last_batch: 0 })
+        Ok(Session { model, gpu, n_ctx, kv, tokens: Vec::new(), k_cache, v_cache, s, all_logits, last_batch: 0, adapters: Vec::new(), lora_t: None, lora_u: None })
     }
 
     /// Forget the cache from position `n` on (keep a shared prefix for the next prompt).
@@ -450,6 +457,33 @@ impl<'m> Session<'m> {
 
     pub fn reset(&mut self) {
         self.tokens.clear();
+    }
+
+    /// Use these adapters (with their user scales) from now on. The KV cache was computed with
+    /// the previous set, so it is cleared unless the set is unchanged.
+    pub async fn set_adapters(&mut self, adapters: Vec<(Arc<LoraAdapter>, f32)>) -> Result<(), ModelError> {
+        let same = adapters.len() == self.adapters.len()
+            && adapters.iter().zip(&self.adapters).all(|((a, s), (b, t))| Arc::ptr_eq(a, b) && s == t);
+        if same {
+            return Ok(());
+        }
+        self.tokens.clear();
+        let pairs = || adapters.iter().flat_map(|(a, _)| a.pairs.values());
+        let max_rank = pairs().map(|p| p.rank).max().unwrap_or(0) as u64;
+        let max_out = pairs().map(|p| p.b.n_rows).max().unwrap_or(0) as u64;
+        let b = MAX_BATCH as u64 * 4;
+        self.lora_t = None;
+        self.lora_u = None;
+        if max_rank > 0 {
+            self.lora_t = Some(self.gpu.storage("lora t", b * max_rank).await?);
+            self.lora_u = Some(self.gpu.storage("lora u", b * max_out).await?);
+        }
+        self.adapters = adapters;
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> &[(Arc<LoraAdapter>, f32)] {
+        &self.adapters
     }
 
     /// Feed `ids` after what the cache holds. Afterwards the logits buffer holds the last
@@ -484,15 +518,7 @@ impl<'m> Session<'m> {
         let kv_dim = c.n_kv_head as u32 * hd;
         gpu.queue.write_buffer(&s.ids, 0, bytemuck::cast_slice(ids));
         let mut r = Recorder::new(gpu);
-        // y = W x for the batch: matvec for one token, tiled matmul for more
-        async fn linear(r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
-            if n == 1 {
-                r.matvec(w, x, y).await
-            } else {
-                r.matmul(w, x, y, n).await
-            }
-        }
-
+        let lora = Lora { adapters: &self.adapters, t: self.lora_t.as_ref(), u: self.lora_u.as_ref() };
         // x = embed(ids) (· sqrt(n_embd) for Gemma)
         if let Some(scale) = c.embed_scale {
             r.gather(&m.token_embd, &s.ids, &s.t1, n).await?;
@@ -503,9 +529,9 @@ impl<'m> Session<'m> {
         for (i, l) in m.layers.iter().enumerate() {
             // attention branch
             r.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, c.norm_eps).await?;
-            linear(&mut r, &l.wq, &s.xn, &s.q, n).await?;
-            linear(&mut r, &l.wk, &s.xn, &s.k, n).await?;
-            linear(&mut r, &l.wv, &s.xn, &s.v, n).await?;
+            lora.linear(&mut r, &l.wq, &s.xn, &s.q, n).await?;
+            lora.linear(&mut r, &l.wk, &s.xn, &s.k, n).await?;
+            lora.linear(&mut r, &l.wv, &s.xn, &s.v, n).await?;
             let (mut q, mut k, mut v) = (&s.q, &s.k, &s.v);
             if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
                 r.add_bias(q, bq, &s.q2, n * q_dim, q_dim).await?;
@@ -547,7 +573,7 @@ impl<'m> Session<'m> {
                 kv: self.kv,
             };
             r.attention(q, &self.k_cache[i], &self.v_cache[i], &s.attn, args).await?;
-            linear(&mut r, &l.wo, &s.attn, &s.t1, n).await?;
+            lora.linear(&mut r, &l.wo, &s.attn, &s.t1, n).await?;
             if let Some(pn) = &l.post_attn_norm {
                 r.rms_norm(&s.t1, pn, &s.t2, d, n, c.norm_eps).await?;
                 r.add(&s.x, &s.t2, &s.x2, n * d).await?;
@@ -556,14 +582,14 @@ impl<'m> Session<'m> {
             }
             // feed-forward branch
             r.rms_norm(&s.x2, &l.ffn_norm, &s.xn, d, n, c.norm_eps).await?;
-            linear(&mut r, &l.w_gate, &s.xn, &s.gate, n).await?;
-            linear(&mut r, &l.w_up, &s.xn, &s.up, n).await?;
+            lora.linear(&mut r, &l.w_gate, &s.xn, &s.gate, n).await?;
+            lora.linear(&mut r, &l.w_up, &s.xn, &s.up, n).await?;
             if c.gelu {
                 r.gelu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
             } else {
                 r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
             }
-            linear(&mut r, &l.w_down, &s.act, &s.t1, n).await?;
+            lora.linear(&mut r, &l.w_down, &s.act, &s.t1, n).await?;
             if let Some(pn) = &l.post_ffn_norm {
                 r.rms_norm(&s.t1, pn, &s.t2, d, n, c.norm_eps).await?;
                 r.add(&s.x2, &s.t2, &s.x, n * d).await?;
@@ -575,7 +601,7 @@ impl<'m> Session<'m> {
         let vocab = c.n_vocab as u32;
         if self.all_logits {
             r.rms_norm(&s.x, &m.output_norm, &s.xn, d, n, c.norm_eps).await?;
-            linear(&mut r, head, &s.xn, &s.logits, n).await?;
+            lora.linear(&mut r, head, &s.xn, &s.logits, n).await?;
             if let Some(cap) = c.final_softcap {
                 r.softcap(&s.logits, &s.logits2, n * vocab, cap).await?;
                 copy(&mut r, &s.logits2, &s.logits, n * vocab);
@@ -583,7 +609,7 @@ impl<'m> Session<'m> {
         } else {
             r.encoder().copy_buffer_to_buffer(&s.x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
             r.rms_norm(&s.last, &m.output_norm, &s.last_n, d, 1, c.norm_eps).await?;
-            r.matvec(head, &s.last_n, &s.logits).await?;
+            lora.linear(&mut r, head, &s.last_n, &s.logits, 1).await?;
             if let Some(cap) = c.final_softcap {
                 r.softcap(&s.logits, &s.logits2, vocab, cap).await?;
                 copy(&mut r, &s.logits2, &s.logits, vocab);
@@ -618,4 +644,35 @@ impl<'m> Session<'m> {
 
 fn copy(r: &mut Recorder<'_>, src: &wgpu::Buffer, dst: &wgpu::Buffer, n_f32: u32) {
     r.encoder().copy_buffer_to_buffer(src, 0, dst, 0, n_f32 as u64 * 4);
+}
+
+/// The active adapters and their scratch: y = W·x, then y += s·(alpha/r)·B·(A·x) for each
+/// adapter that covers W.
+struct Lora<'a> {
+    adapters: &'a [(Arc<LoraAdapter>, f32)],
+    t: Option<&'a wgpu::Buffer>,
+    u: Option<&'a wgpu::Buffer>,
+}
+
+impl Lora<'_> {
+    async fn linear(&self, r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        product(r, w, x, y, n).await?;
+        for (adapter, scale) in self.adapters {
+            let Some(pair) = adapter.pairs.get(&w.name) else { continue };
+            let (t, u) = (self.t.unwrap(), self.u.unwrap());
+            product(r, &pair.a, x, t, n).await?;
+            product(r, &pair.b, t, u, n).await?;
+            r.accumulate(y, u, n * w.n_rows, adapter.factor(pair, *scale)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// y = W x for a batch: matvec for one token, tiled matmul for more.
+async fn product(r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+    if n == 1 {
+        r.matvec(w, x, y).await
+    } else {
+        r.matmul(w, x, y, n).await
+    }
 }

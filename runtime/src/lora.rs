@@ -1,0 +1,106 @@
+//! LoRA adapters in llama.cpp's GGUF format, applied unmerged on the GPU:
+//!
+//!   y = W·x + Σᵢ sᵢ · (alphaᵢ / rᵢ) · Bᵢ·(Aᵢ·x)
+//!
+//! The base weights are never touched, so adapters can be stacked, rescaled, added and removed
+//! between requests; each costs only its own A and B on the GPU.
+//! File format: `general.type` = "adapter", `adapter.type` = "lora", `adapter.lora.alpha`, and
+//! tensor pairs `<base>.lora_a` (GGUF dims [n_in, r], i.e. r rows of n_in) and `<base>.lora_b`
+//! ([r, n_out]: n_out rows of r).
+
+use crate::device::Gpu;
+use crate::ggml_type::GgmlType;
+use crate::gguf::Gguf;
+use crate::kernels::GpuMatrix;
+use crate::model::{ByteSource, Model, ModelError};
+use std::collections::BTreeMap;
+
+/// One adapted projection: A [rank][n_in], B [n_out][rank].
+pub struct LoraPair {
+    pub a: GpuMatrix,
+    pub b: GpuMatrix,
+    pub rank: u32,
+}
+
+pub struct LoraAdapter {
+    pub name: String,
+    pub alpha: f32,
+    /// Keyed by the base tensor's name, e.g. "blk.0.attn_q.weight".
+    pub pairs: BTreeMap<String, LoraPair>,
+    pub bytes: u64,
+}
+
+const ALLOWED: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0];
+
+impl LoraAdapter {
+    /// Check the adapter against `model` (architecture, tensor names, shapes) before reading
+    /// any tensor data, then upload its pairs.
+    pub async fn load<S: ByteSource>(name: &str, gguf: &Gguf, src: &mut S, gpu: &Gpu, model: &Model, base: &Gguf) -> Result<LoraAdapter, ModelError> {
+        let bad = |m: String| ModelError::Invalid(format!("adapter '{name}': {m}"));
+        if gguf.get_str_opt("general.type")? != Some("adapter") || gguf.get_str_opt("adapter.type")? != Some("lora") {
+            return Err(bad("not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')".into()));
+        }
+        let arch = gguf.get_str_opt("general.architecture")?.unwrap_or("");
+        if arch != model.config.arch_name {
+            return Err(bad(format!("made for architecture '{arch}', but the model is '{}'", model.config.arch_name)));
+        }
+        let alpha = gguf.get_f32_opt("adapter.lora.alpha")?.unwrap_or(0.0);
+        // pair up and check every tensor first, so a mismatch is refused before any upload
+        let mut plan = Vec::new();
+        for t in &gguf.tensors {
+            let Some(base_name) = t.name.strip_suffix(".lora_a") else {
+                if t.name.ends_with(".lora_b") {
+                    continue;
+                }
+                return Err(bad(format!("unexpected tensor '{}' (only .lora_a / .lora_b pairs)", t.name)));
+            };
+            let b = gguf.tensor(&format!("{base_name}.lora_b")).ok_or_else(|| bad(format!("tensor '{base_name}.lora_a' has no .lora_b")))?;
+            let w = base.tensor(base_name).ok_or_else(|| bad(format!("tensor '{}' adapts '{base_name}', which the model does not have", t.name)))?;
+            let (n_in, n_out) = (w.dims[0], w.n_rows());
+            if t.dims.len() != 2 || b.dims.len() != 2 || t.dims[0] != n_in || b.dims[1] != n_out || t.dims[1] != b.dims[0] || t.dims[1] == 0 {
+                return Err(bad(format!(
+                    "tensor '{}' has shape {:?} and '{}' {:?}, but '{base_name}' is {:?} (expected [{n_in}, r] and [r, {n_out}])",
+                    t.name, t.dims, b.name, b.dims, w.dims
+                )));
+            }
+            for x in [t, b] {
+                if !ALLOWED.contains(&x.ty) {
+                    return Err(bad(format!("tensor '{}' has type {}, adapters may use F32, F16 or Q8_0", x.name, x.ty)));
+                }
+            }
+            plan.push((base_name.to_string(), t.clone(), b.clone(), n_in, n_out));
+        }
+        if plan.is_empty() {
+            return Err(bad("no .lora_a / .lora_b tensor pairs".into()));
+        }
+        let mut pairs = BTreeMap::new();
+        let mut bytes = 0;
+        for (base_name, ta, tb, n_in, n_out) in plan {
+            let rank = ta.dims[1];
+            let buf_a = read_tensor(gguf, src, &ta).await.map_err(&bad)?;
+            let buf_b = read_tensor(gguf, src, &tb).await.map_err(&bad)?;
+            let a = GpuMatrix::upload(gpu, &ta.name, ta.ty, n_in, rank, &buf_a).await?;
+            let b = GpuMatrix::upload(gpu, &tb.name, tb.ty, rank, n_out, &buf_b).await?;
+            bytes += a.bytes() + b.bytes();
+            pairs.insert(base_name, LoraPair { a, b, rank: rank as u32 });
+        }
+        Ok(LoraAdapter { name: name.to_string(), alpha, pairs, bytes })
+    }
+
+    /// The factor on B·(A·x) for a user scale: scale · alpha / rank (alpha 0 means no alpha
+    /// scaling, as llama.cpp reads it).
+    pub fn factor(&self, pair: &LoraPair, scale: f32) -> f32 {
+        if self.alpha == 0.0 {
+            scale
+        } else {
+            scale * self.alpha / pair.rank as f32
+        }
+    }
+}
+
+async fn read_tensor<S: ByteSource>(gguf: &Gguf, src: &mut S, t: &crate::gguf::TensorInfo) -> Result<Vec<u8>, String> {
+    let r = gguf.tensor_data_range(t);
+    let mut buf = vec![0u8; (r.end - r.start) as usize];
+    src.read_at(r.start, &mut buf).await.map_err(|e| format!("reading '{}': {e}", t.name))?;
+    Ok(buf)
+}
