@@ -365,34 +365,46 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
         s.eval(&[1]).await?;
         s.top_k(1).await.map(|_| ())
     })?;
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for _ in 0..reps.max(1) {
-        if n_prompt > 0 {
-            s.reset();
-            let t = Instant::now();
-            pollster::block_on(async {
-                s.eval(&ids).await?;
-                s.top_k(1).await.map(|_| ())
-            })?;
-            pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
-        }
-        if n_gen > 0 {
-            s.reset();
-            let t = Instant::now();
-            let mut next = 1u32;
-            for _ in 0..n_gen {
-                pollster::block_on(s.eval(&[next]))?;
-                next = pollster::block_on(s.top_k(1))?[0].0;
+    // with adapters given, generation is also measured with 0, 1, ... of them active
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let sweep: Vec<usize> = if l.adapters.is_empty() { vec![0] } else { (0..=l.adapters.len()).collect() };
+    for &k in &sweep {
+        pollster::block_on(s.set_adapters(l.adapters[..k].to_vec()))?;
+        let label = |t: String| if l.adapters.is_empty() { t } else { format!("{t} +{k} lora") };
+        let mut pp = Vec::new();
+        let mut tg = Vec::new();
+        for _ in 0..reps.max(1) {
+            if n_prompt > 0 {
+                s.reset();
+                let t = Instant::now();
+                pollster::block_on(async {
+                    s.eval(&ids).await?;
+                    s.top_k(1).await.map(|_| ())
+                })?;
+                pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
             }
-            tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            if n_gen > 0 {
+                s.reset();
+                let t = Instant::now();
+                let mut next = 1u32;
+                for _ in 0..n_gen {
+                    pollster::block_on(s.eval(&[next]))?;
+                    next = pollster::block_on(s.top_k(1))?[0].0;
+                }
+                tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        if !pp.is_empty() {
+            rows.push((label(format!("pp{n_prompt}")), pp));
+        }
+        if !tg.is_empty() {
+            rows.push((label(format!("tg{n_gen}")), tg));
         }
     }
     let name = m.model.clone().unwrap_or_else(default_model);
     let name = name.file_name().unwrap_or_default().to_string_lossy().to_string();
     let size_mib = l.model.weight_bytes as f64 / (1 << 20) as f64;
     let backend = format!("{} ({:?}, {})", l.gpu.info.name, l.gpu.info.backend, l.gpu.variant.label());
-    let rows: Vec<(String, Vec<f64>)> = [(format!("pp{n_prompt}"), pp), (format!("tg{n_gen}"), tg)].into_iter().filter(|(_, v)| !v.is_empty()).collect();
     if json {
         let tests: Vec<_> = rows
             .iter()
