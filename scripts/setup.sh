@@ -34,5 +34,11 @@ if [ -f package.json ] && [ ! -d node_modules/playwright-core ]; then
   npm install --no-audit --no-fund --silent
 fi
 
+# the browser engine (www/pkg), once wasm-bindgen and binaryen are in place
+if [ -f web/Cargo.toml ] && [ ! -f www/pkg/nomoat_web_bg.wasm ] && command -v wasm-bindgen >/dev/null; then
+  scripts/build-web.sh
+fi
+
 python3 -c "import gguf, numpy" 2>/dev/null || pip install -q gguf numpy
+python3 -c "import openai" 2>/dev/null || pip install -q openai
 scripts/fetch-models.sh

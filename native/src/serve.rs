@@ -102,6 +102,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
         .unwrap_or_else(unix_now);
+    // Bind first: a port in use fails before the model loads. Connections made while it loads
+    // wait in the backlog.
+    let listener = std::net::TcpListener::bind((a.host.as_str(), a.port)).with_context(|| format!("listening on {}:{}", a.host, a.port))?;
+    listener.set_nonblocking(true)?;
     let max_queue = a.max_queue.max(1);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(max_queue);
     let stats = Arc::new(Stats::default());
@@ -125,9 +129,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
-            .await
-            .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         eprintln!("nomoat serve: {model_id} on {device}, context {n_ctx} tokens");
         eprintln!("nomoat serve: listening on http://{addr}{}", if state.api_key.is_some() { " (API key required)" } else { "" });
@@ -156,6 +158,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
 fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/adapters", get(adapters))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -170,7 +173,20 @@ fn router(state: Shared) -> Router {
         .route("/v1/health", get(health))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(content_length_limit))
         .with_state(state)
+}
+
+/// A declared body over the limit is refused before any of it is read (a body without a
+/// Content-Length is cut off at the limit by [`DefaultBodyLimit`] instead).
+async fn content_length_limit(req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body is larger than the {MAX_BODY}-byte limit"))
+            .with_code("request_too_large")
+            .into_response();
+    }
+    next.run(req).await
 }
 
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
@@ -218,6 +234,17 @@ fn model_object(s: &AppState) -> Value {
     json!({"id": s.model_id, "object": "model", "created": s.model_created, "owned_by": "nomoat", "meta": {"n_ctx": s.info.n_ctx, "n_ctx_train": s.info.n_ctx_train}})
 }
 
+/// The LoRA adapters loaded at start, which requests may pick with `adapters`.
+async fn adapters(State(s): State<Shared>) -> Json<Value> {
+    let data: Vec<Value> = s
+        .info
+        .adapters
+        .iter()
+        .map(|(name, scale, rank, bytes)| json!({"name": name, "object": "adapter", "default_scale": scale, "rank": rank, "bytes": bytes}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
 async fn models(State(s): State<Shared>) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_object(&s)]}))
 }
@@ -262,26 +289,13 @@ impl Drop for CancelOnDrop {
 
 async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
-    let o = api::parse_body(&body)?;
     let id_n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let random = mix(s.started ^ mix(id_n) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
-    let common: Common = api::parse_common(&o, random)?;
-    let tok = &s.info.tokenizer;
-    let prompt = match kind {
-        Kind::Chat => {
-            let messages = api::parse_messages(&o)?;
-            let template = s.info.template.as_ref().map_err(|e| ApiError::invalid(e.clone()).with_code("no_chat_template"))?;
-            let text = template.render(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
-            tok.encode(&text, false, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))?
-        }
-        Kind::Completion => {
-            api::check_completion_extras(&o)?;
-            match api::parse_prompt(&o, tok.vocab_size())? {
-                Prompt::Text(t) => tok.encode(&t, true, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))?,
-                Prompt::Tokens(ids) => ids,
-            }
-        }
-    };
+    // parsing, templating and tokenizing a large body takes a while: off the async workers
+    let s2 = s.clone();
+    let (common, prompt) = tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random))
+        .await
+        .map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
     let n_ctx = s.info.n_ctx;
     if prompt.is_empty() {
         return Err(ApiError::param("prompt", "the prompt has no tokens"));
@@ -305,8 +319,23 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
     let prompt_tokens = prompt.len();
     let cancel = Arc::new(AtomicBool::new(false));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let adapters = match &common.adapters {
+        None => None,
+        Some(list) => {
+            let mut out = Vec::new();
+            for (name, scale) in list {
+                let i = s.info.adapters.iter().position(|a| &a.0 == name).ok_or_else(|| {
+                    let known: Vec<&str> = s.info.adapters.iter().map(|a| a.0.as_str()).collect();
+                    ApiError::param("adapters", format!("no adapter named '{name}' is loaded (loaded: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+                })?;
+                out.push((i, *scale));
+            }
+            Some(out)
+        }
+    };
     let job = Job {
         id: id_n,
+        adapters,
         prompt,
         opts: GenerateOptions { max_tokens, sampler: common.sampler.clone(), stop: common.stop.clone(), stop_at_eog: true },
         cancel: cancel.clone(),
@@ -333,6 +362,29 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
     } else {
         collect_response(meta, ev_rx, guard, prompt_tokens).await
     }
+}
+
+/// The request's options and prompt tokens.
+fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>), ApiError> {
+    let o = api::parse_body(body)?;
+    let common = api::parse_common(&o, random_seed)?;
+    let tok = &s.info.tokenizer;
+    let prompt = match kind {
+        Kind::Chat => {
+            let messages = api::parse_messages(&o)?;
+            let template = s.info.template.as_ref().map_err(|e| ApiError::invalid(e.clone()).with_code("no_chat_template"))?;
+            let text = template.render(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
+            tok.encode(&text, false, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))?
+        }
+        Kind::Completion => {
+            api::check_completion_extras(&o)?;
+            match api::parse_prompt(&o, tok.vocab_size())? {
+                Prompt::Text(t) => tok.encode(&t, true, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))?,
+                Prompt::Tokens(ids) => ids,
+            }
+        }
+    };
+    Ok((common, prompt))
 }
 
 fn finish_str(f: FinishReason) -> &'static str {

@@ -136,6 +136,9 @@ pub struct Common {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `adapters`: [{"name", "scale"}] choosing among the adapters loaded at start (None: all
+    /// of them at their command-line scales; an empty list: none).
+    pub adapters: Option<Vec<(String, f32)>>,
 }
 
 pub const MAX_STOPS: usize = 16;
@@ -242,7 +245,26 @@ pub fn parse_common(o: &Map<String, Value>, random_seed: u64) -> Result<Common, 
         return Err(ApiError::param("stop", format!("at most {MAX_STOPS} stop strings, got {}", stop.len())));
     }
     let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
-    Ok(Common { max_tokens, sampler, stop, stream, include_usage })
+    let adapters = match field(o, "adapters") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => {
+            let mut out = Vec::new();
+            for item in items {
+                let bad = || ApiError::param("adapters", "each of 'adapters' must be {\"name\": string, \"scale\": number}".to_string());
+                let Value::Object(a) = item else { return Err(bad()) };
+                let Some(Value::String(name)) = a.get("name") else { return Err(bad()) };
+                let scale = match a.get("scale") {
+                    None => 1.0,
+                    Some(Value::Number(n)) => n.as_f64().filter(|v| v.is_finite()).ok_or_else(bad)? as f32,
+                    Some(_) => return Err(bad()),
+                };
+                out.push((name.clone(), scale));
+            }
+            Some(out)
+        }
+        Some(v) => return Err(ApiError::param("adapters", format!("'adapters' must be a list, got {}", type_name(v)))),
+    };
+    Ok(Common { max_tokens, sampler, stop, stream, include_usage, adapters })
 }
 
 /// The `messages` of a chat request, as the template takes them (text content only; a list of

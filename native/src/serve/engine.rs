@@ -7,6 +7,7 @@ use crate::{kv_type, load, Loaded, ModelArgs};
 use anyhow::{anyhow, Result};
 use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
+use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use std::panic::AssertUnwindSafe;
@@ -19,6 +20,8 @@ pub struct Job {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
+    /// Indices into the loaded adapters with their scales; None: all at their default scales.
+    pub adapters: Option<Vec<(usize, f32)>>,
     /// Set when the client has gone: the engine skips the job, or stops generating it.
     pub cancel: Arc<AtomicBool>,
     pub events: mpsc::UnboundedSender<Event>,
@@ -46,6 +49,8 @@ pub struct ModelInfo {
     pub n_ctx: usize,
     pub n_ctx_train: usize,
     pub device: String,
+    /// Adapters loaded at start: (name, default scale, rank of the first pair, bytes).
+    pub adapters: Vec<(String, f32, u32, u64)>,
 }
 
 /// Counters /health reports.
@@ -63,7 +68,7 @@ pub fn start(m: ModelArgs, jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Resu
         let fail = |e: anyhow::Error| {
             let _ = ready_tx.send(Err(e));
         };
-        let Loaded { tokenizer, gguf, gpu, model } = match load(&m, true) {
+        let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(&m, true) {
             Ok(l) => l,
             Err(e) => return fail(e),
         };
@@ -93,23 +98,32 @@ pub fn start(m: ModelArgs, jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Resu
         }
         eprintln!("nomoat serve: warmed up in {:.1} s", t.elapsed().as_secs_f64());
         let tokenizer = Arc::new(tokenizer);
-        let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe() };
+        let adapter_info = adapters
+            .iter()
+            .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
+            .collect();
+        let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info };
         if ready_tx.send(Ok(info)).is_err() {
             return;
         }
-        run(&mut session, &tokenizer, jobs, &stats);
+        run(&mut session, &tokenizer, &adapters, jobs, &stats);
     })?;
     ready_rx.recv().map_err(|_| anyhow!("the engine thread stopped while loading the model"))?
 }
 
-fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, mut jobs: mpsc::Receiver<Job>, stats: &Stats) {
+fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdapter>, f32)], mut jobs: mpsc::Receiver<Job>, stats: &Stats) {
     while let Some(job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
             eprintln!("[#{}] client left before its turn; skipped", job.id);
             continue;
         }
         stats.busy.store(true, Ordering::SeqCst);
+        let wanted: Vec<(Arc<LoraAdapter>, f32)> = match &job.adapters {
+            None => loaded.to_vec(),
+            Some(list) => list.iter().map(|(i, s)| (loaded[*i].0.clone(), *s)).collect(),
+        };
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pollster::block_on(session.set_adapters(wanted))?;
             let mut on_text = |piece: &str| -> bool {
                 !job.cancel.load(Ordering::SeqCst) && job.events.send(Event::Text(piece.to_string())).is_ok()
             };
