@@ -3,6 +3,7 @@
 // of the words of `src_q`, which the including kernel declares. Every block size is even, so a
 // block's f16 fields never straddle two words; `ld_u32` may, and the buffer carries 16 spare bytes
 // so its second word read stays in bounds at the very end.
+#include "unpack.wgsl"
 
 fn ld_u8(b: u32) -> u32 {
     return (src_q[b >> 2u] >> ((b & 3u) * 8u)) & 0xFFu;
@@ -24,14 +25,4 @@ fn ld_u32(b: u32) -> u32 {
 
 fn ld_f16(b: u32) -> f32 {
     return unpack2x16float(ld_u16(b)).x;
-}
-
-// the four bytes of w as signed integers, lowest byte first
-fn i8x4(w: u32) -> vec4<f32> {
-    return vec4<f32>(vec4<i32>(i32(w << 24u), i32(w << 16u), i32(w << 8u), i32(w)) >> vec4<u32>(24u));
-}
-
-// the four bytes of w as unsigned integers, lowest byte first
-fn u8x4(w: u32) -> vec4<u32> {
-    return vec4<u32>(w & 0xFFu, (w >> 8u) & 0xFFu, (w >> 16u) & 0xFFu, w >> 24u);
 }

@@ -39,8 +39,10 @@ impl Variant {
 }
 
 pub const FILES: &[(&str, &str)] = &[
+    ("unpack.wgsl", include_str!("../../shaders/unpack.wgsl")),
     ("bytes.wgsl", include_str!("../../shaders/bytes.wgsl")),
     ("dequant.wgsl", include_str!("../../shaders/dequant.wgsl")),
+    ("dot.wgsl", include_str!("../../shaders/dot.wgsl")),
     ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
     ("kv.wgsl", include_str!("../../shaders/kv.wgsl")),
     ("matvec.wgsl", include_str!("../../shaders/matvec.wgsl")),

@@ -1,7 +1,10 @@
 //! Kernel benchmark (not a test): decode matvec throughput per GGML type on a 4096 x 4096
 //! matrix, as GB/s of weight bytes read, beside a plain f32 copy kernel's GB/s measured in the
 //! same run on the same device (bytes read + bytes written). The ratio says how close each
-//! dequantizing matvec comes to streaming memory as fast as the device can.
+//! dequantizing matvec comes to streaming memory as fast as the device can. The last column is
+//! prefill: a 64-token matmul's time per token, as a fraction of one matvec's (lower is better;
+//! 1.0 means prefill gains nothing from batching). `NOMOAT_MATVEC_*` and `NOMOAT_MATMUL`
+//! (see runtime/src/kernels.rs) choose the kernels' shapes.
 //!
 //!   cargo bench -p nomoat-tests --bench kernels [-- --iters N] [-- --portable]
 //!
@@ -48,12 +51,15 @@ fn main() {
     });
     let copy_s = time_submission(&gpu, iters, &|rec| pollster::block_on(rec.copy(&src, &dst, copy_elems as u32)).unwrap());
     let copy_gbs = 2.0 * (copy_elems * 4) as f64 / copy_s / 1e9;
-    println!("{:<8} {:>12} {:>10} {:>10} {:>9}", "type", "weight MiB", "ms", "GB/s", "vs copy");
+    println!("{:<8} {:>12} {:>10} {:>10} {:>9} {:>12}", "type", "weight MiB", "ms", "GB/s", "vs copy", "mm64/tok");
     println!("{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9}", "copy f32", (2 * copy_elems * 4) as f64 / (1 << 20) as f64, copy_s * 1e3, copy_gbs, "1.00");
 
     let x = Rng::new(1).fill(N, 1.0);
     let xb = pollster::block_on(gpu.upload_f32("x", &x)).unwrap();
     let y = pollster::block_on(gpu.storage("y", (N * 4) as u64)).unwrap();
+    const M: usize = 64;
+    let xm = pollster::block_on(gpu.upload_f32("xm", &Rng::new(3).fill(M * N, 1.0))).unwrap();
+    let ym = pollster::block_on(gpu.storage("ym", (M * N * 4) as u64)).unwrap();
     let mut rng = Rng::new(2);
     let src_rows = rng.fill(N * 64, 1.0); // 64 distinct rows, repeated: quantizing 16M floats is slow
     for ty in KERNEL_TYPES {
@@ -62,13 +68,15 @@ fn main() {
         let w = pollster::block_on(GpuMatrix::upload(&gpu, "w", ty, N as u64, N as u64, &bytes)).unwrap();
         let s = time_submission(&gpu, iters, &|rec| pollster::block_on(rec.matvec(&w, &xb, &y)).unwrap());
         let gbs = w.bytes() as f64 / s / 1e9;
+        let mm = time_submission(&gpu, 1.max(iters / 4), &|rec| pollster::block_on(rec.matmul(&w, &xm, &ym, M as u32)).unwrap());
         println!(
-            "{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2}",
+            "{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2} {:>12.2}",
             ty.name(),
             w.bytes() as f64 / (1 << 20) as f64,
             s * 1e3,
             gbs,
-            gbs / copy_gbs
+            gbs / copy_gbs,
+            mm / M as f64 / s
         );
     }
 }
