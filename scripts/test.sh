@@ -9,3 +9,5 @@ export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 cargo build -q -p nomoat-runtime --target wasm32-unknown-unknown
 cargo test --workspace 2>&1
+# The browser suite (Chromium's WebGPU on SwiftShader, driven by playwright-core) runs apart:
+#   scripts/build-web.sh && cargo build --release -p nomoat && node --test tests/browser/

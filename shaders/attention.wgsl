@@ -58,7 +58,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let k_end = pos + 1u;
     var run_max = NEG_BIG;
     var run_sum = 0.0;
-    var acc: array<f32, DIMS_PER_LANE>;
+    var acc = array<f32, DIMS_PER_LANE>();
 
     for (var k0 = k_start; k0 < k_end; k0 += WG) {
         let j = k0 + lid;

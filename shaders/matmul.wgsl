@@ -35,7 +35,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let t0 = wid.y * TILE_T;
     let tr = (lid % 16u) * 4u;   // this invocation's rows in the tile: tr..tr+3
     let tt = (lid / 16u) * 2u;   // and tokens: tt, tt+1
-    var acc: array<array<f32, 2>, 4>;
+    var acc = array<array<f32, 2>, 4>();
 
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         // W slice: 64 rows x 16 = 256 groups of 4 elements, one per invocation

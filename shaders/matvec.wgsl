@@ -59,7 +59,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
     // tokens one after another, so that the rows' blocks stay in cache between tokens
     for (var t = 0u; t < p.m; t++) {
-        var acc: array<f32, RPI>;
+        var acc = array<f32, RPI>();
         let xt = t * p.k;
         let xt4 = xt / 4u;
 #if X_VEC4

@@ -1,0 +1,562 @@
+//! nomoat in the browser: an [`Engine`] class, exported with wasm-bindgen, over the same
+//! `nomoat-runtime` the native CLI uses (GGUF reader, WGSL kernels, model graphs, tokenizer,
+//! chat templates, sampler).
+//!
+//! Model bytes never sit in wasm memory as a whole: a JS-side reader (see `js/sources.js`)
+//! hands out ranges of a download in progress, a cached download or a `File`, the header is
+//! parsed from a growing prefix ([`Gguf::parse_prefix`]) and each tensor is copied in, uploaded
+//! to the GPU and dropped before the next one is read.
+//!
+//! Every method returns a promise; failures reject with a JS `Error` whose `name` says what kind
+//! of failure it is: `NoWebGPU`, `NotGGUF`, `UnsupportedModel`, `InvalidModel`, `OutOfMemory`,
+//! `DeviceLost`, `ReadError`, `Busy`, `NoModel`, `BadRequest`, `ContextFull`, `GPUError`.
+
+use js_sys::{Function, Promise, Reflect, Uint8Array};
+use nomoat_runtime::chat::{ChatTemplate, Message};
+use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
+use nomoat_runtime::generate::GenerateOptions;
+use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
+use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::model::{ByteSource, Model, ModelError, Session};
+use nomoat_runtime::sampler::SamplerConfig;
+use nomoat_runtime::tokenizer::Tokenizer;
+use serde::Deserialize;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{future_to_promise, JsFuture};
+
+mod conformance;
+
+// ---------------------------------------------------------------------------------------------
+// JS side: byte sources (js/sources.js, copied into pkg/snippets by wasm-bindgen).
+
+#[wasm_bindgen(module = "/js/sources.js")]
+extern "C" {
+    /// A model's bytes: `size` (bytes, or null while unknown), `read(offset, length)` resolving
+    /// to a Uint8Array (shorter only at the end of the file), `plan(ranges)`, `finish()`,
+    /// `close()`.
+    pub type Reader;
+    #[wasm_bindgen(method, getter)]
+    fn size(this: &Reader) -> Option<f64>;
+    #[wasm_bindgen(method, getter)]
+    fn name(this: &Reader) -> String;
+    #[wasm_bindgen(method, getter, js_name = fromCache)]
+    fn from_cache(this: &Reader) -> bool;
+    #[wasm_bindgen(method)]
+    fn read(this: &Reader, offset: f64, length: f64) -> Promise;
+    /// The byte ranges (flat [start, end, start, end, ...]) that will be read, each once: a
+    /// streaming reader frees a downloaded chunk once every planned byte in it has been read.
+    #[wasm_bindgen(method)]
+    fn plan(this: &Reader, ranges: Vec<f64>);
+    /// Resolves once the download (and its copy into the Cache API) is complete.
+    #[wasm_bindgen(method)]
+    fn finish(this: &Reader) -> Promise;
+    /// Give up: abort a download in progress and forget its partial cache entry.
+    #[wasm_bindgen(method)]
+    fn close(this: &Reader);
+
+    #[wasm_bindgen(js_name = openUrl)]
+    fn open_url(url: &str, on_progress: &JsValue, use_cache: bool) -> Promise;
+    #[wasm_bindgen(js_name = openFile)]
+    fn open_file(file: &JsValue) -> Promise;
+    #[wasm_bindgen(js_name = hasWebGPU)]
+    fn has_webgpu() -> bool;
+    #[wasm_bindgen(js_name = adapterInfo)]
+    fn adapter_info() -> Promise;
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = console, js_name = error)]
+    fn console_error(s: &str);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+fn js_error(kind: &str, msg: impl std::fmt::Display) -> JsValue {
+    let e = js_sys::Error::new(&msg.to_string());
+    e.set_name(kind);
+    e.into()
+}
+
+fn js_message(v: &JsValue) -> String {
+    if let Some(e) = v.dyn_ref::<js_sys::Error>() {
+        return String::from(e.message());
+    }
+    v.as_string().unwrap_or_else(|| format!("{v:?}"))
+}
+
+fn gpu_error(e: &GpuError) -> JsValue {
+    match e {
+        GpuError::OutOfMemory { .. } => js_error("OutOfMemory", format!("{e} — try a smaller model or a smaller context")),
+        GpuError::DeviceLost(_) => js_error("DeviceLost", format!("{e} — reload the page to start again")),
+        GpuError::NoAdapter(_) | GpuError::RequestDevice(_) => js_error("NoWebGPU", e),
+        _ => js_error("GPUError", e),
+    }
+}
+
+fn model_error(e: &ModelError) -> JsValue {
+    match e {
+        ModelError::UnsupportedArchitecture(_) | ModelError::UnsupportedType { .. } => js_error("UnsupportedModel", e),
+        ModelError::Gpu(g) => gpu_error(g),
+        ModelError::Io(_) => js_error("ReadError", e),
+        ModelError::ContextFull { .. } => js_error("ContextFull", e),
+        ModelError::Metadata(GgufError::BadMagic { .. }) => js_error("NotGGUF", e),
+        _ => js_error("InvalidModel", e),
+    }
+}
+
+fn gguf_error(e: &GgufError) -> JsValue {
+    match e {
+        GgufError::BadMagic { .. } => js_error("NotGGUF", e),
+        _ => js_error("InvalidModel", format!("not a usable GGUF file: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ByteSource over a JS reader.
+
+async fn read_js(reader: &Reader, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    let v = JsFuture::from(reader.read(offset as f64, len as f64)).await.map_err(|e| js_message(&e))?;
+    let arr = Uint8Array::new(&v);
+    Ok(arr.to_vec())
+}
+
+struct JsSource<'a>(&'a Reader);
+
+impl ByteSource for JsSource<'_> {
+    async fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let v = JsFuture::from(self.0.read(offset as f64, buf.len() as f64)).await.map_err(|e| js_message(&e))?;
+        let arr = Uint8Array::new(&v);
+        if arr.length() as usize != buf.len() {
+            return Err(format!("the file ended early: {} of {} bytes at offset {offset}", arr.length(), buf.len()));
+        }
+        arr.copy_to(buf);
+        Ok(())
+    }
+}
+
+/// Parse the header from a growing prefix: 1 MiB first, then as much as the parser asks for.
+async fn read_header(reader: &Reader) -> Result<Gguf, JsValue> {
+    let size = reader.size().map(|s| s as u64);
+    let mut want: u64 = 1 << 20;
+    loop {
+        let n = size.map_or(want, |s| want.min(s));
+        let bytes = read_js(reader, 0, n as usize).await.map_err(|e| js_error("ReadError", e))?;
+        let at_end = (bytes.len() as u64) < n || size == Some(n);
+        let parsed = match size {
+            Some(s) => Gguf::parse_prefix_of_file(&bytes, s),
+            None => Gguf::parse_prefix(&bytes),
+        };
+        match parsed {
+            Ok(Parse::Complete(g)) => {
+                if let Some(s) = size {
+                    g.check_file_len(s).map_err(|e| gguf_error(&e))?;
+                }
+                return Ok(g);
+            }
+            Ok(Parse::NeedMore { at_least }) => {
+                if at_end {
+                    return Err(js_error("InvalidModel", format!("not a usable GGUF file: it ends ({} bytes) inside its header", bytes.len())));
+                }
+                want = (at_least as u64).max(want * 2);
+            }
+            Err(e) => return Err(gguf_error(&e)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine.
+
+struct Loaded {
+    // Field order is drop order: the session borrows `model` (boxed, so it does not move) and
+    // the engine's boxed `Gpu`, and goes first.
+    session: Session<'static>,
+    model: Box<Model>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    name: String,
+    from_cache: bool,
+    load_seconds: f64,
+}
+
+struct Inner {
+    // dropped before `gpu`, which every session and model buffer belongs to
+    loaded: Option<Loaded>,
+    gpu: Box<Gpu>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct LoadOptions {
+    /// Context size in tokens (default 2048, at most the model's training context).
+    n_ctx: Option<usize>,
+    /// "f16" (default) or "f32".
+    kv: Option<String>,
+    /// Use the Cache API for URL loads (default true).
+    cache: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ChatOptions {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    seed: Option<u64>,
+    max_tokens: usize,
+    stop: Vec<String>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        let d = SamplerConfig::default();
+        ChatOptions {
+            temperature: d.temperature,
+            top_k: d.top_k,
+            top_p: d.top_p,
+            min_p: d.min_p,
+            repeat_penalty: d.repeat_penalty,
+            presence_penalty: d.presence_penalty,
+            frequency_penalty: d.frequency_penalty,
+            seed: None,
+            max_tokens: 512,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl ChatOptions {
+    fn generate_options(&self) -> GenerateOptions {
+        let sampler = SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed.unwrap_or(SamplerConfig::DEFAULT_SEED),
+            ..SamplerConfig::default()
+        };
+        GenerateOptions { max_tokens: self.max_tokens, sampler, stop: self.stop.clone(), stop_at_eog: true }
+    }
+}
+
+#[derive(Deserialize)]
+struct JsMessage {
+    role: String,
+    content: String,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(what: &str, s: &'a str) -> Result<T, JsValue> {
+    serde_json::from_str(s).map_err(|e| js_error("BadRequest", format!("{what}: {e}")))
+}
+
+/// Loads a GGUF model into WebGPU and chats with it. One engine holds one model and one
+/// conversation's KV cache (a new conversation reuses the longest shared prefix).
+#[wasm_bindgen]
+pub struct Engine {
+    inner: Rc<RefCell<Inner>>,
+    abort: Rc<Cell<bool>>,
+}
+
+fn busy() -> JsValue {
+    js_error("Busy", "the engine is busy with another load or chat; wait for it or call stop()")
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Opens the WebGPU device (adapter's own limits; shader-f16 and subgroups when offered).
+    pub async fn create() -> Result<Engine, JsValue> {
+        std::panic::set_hook(Box::new(|info| console_error(&format!("nomoat panicked: {info}"))));
+        if !has_webgpu() {
+            return Err(js_error(
+                "NoWebGPU",
+                "this browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or Firefox with WebGPU enabled, on a secure (https or localhost) page",
+            ));
+        }
+        let mut gpu = Gpu::new(GpuOptions::default()).await.map_err(|e| gpu_error(&e))?;
+        // wgpu's browser backend reports an empty adapter name and calls every adapter but a
+        // "fallback" one a GPU. Name it from GPUAdapterInfo, and mark software adapters
+        // (Chromium's SwiftShader) as CPUs so the kernels choose as they do natively on CPU
+        // devices (prefill through matvec's token loop rather than the tiled matmul).
+        if let Ok(v) = JsFuture::from(adapter_info()).await {
+            let get = |k: &str| Reflect::get(&v, &k.into()).ok().and_then(|s| s.as_string()).unwrap_or_default();
+            let (vendor, arch, desc) = (get("vendor"), get("architecture"), get("description"));
+            let fallback = Reflect::get(&v, &"fallback".into()).ok().and_then(|b| b.as_bool()).unwrap_or(false);
+            if gpu.info.name.is_empty() {
+                gpu.info.name = [vendor.as_str(), arch.as_str(), desc.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" ");
+            }
+            if fallback || arch.eq_ignore_ascii_case("swiftshader") {
+                gpu.info.device_type = wgpu::DeviceType::Cpu;
+            }
+        }
+        Ok(Engine { inner: Rc::new(RefCell::new(Inner { loaded: None, gpu: Box::new(gpu) })), abort: Rc::new(Cell::new(false)) })
+    }
+
+    /// The device: adapter name, backend, kernel variant, largest binding.
+    pub fn device(&self) -> String {
+        match self.inner.try_borrow() {
+            Ok(i) => i.gpu.describe(),
+            Err(_) => "(busy)".into(),
+        }
+    }
+
+    /// Streams a model from `url` (fetch; the Cache API keeps a copy, and a cached copy is read
+    /// without touching the network). `progress_cb({phase: "download" | "upload", done, total})`.
+    /// `options_json`: {"n_ctx": 2048, "kv": "f16", "cache": true}. Resolves to the model's info.
+    pub fn load_from_url(&self, url: String, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let opts: LoadOptions = match options_json.as_deref() {
+                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
+                _ => LoadOptions::default(),
+            };
+            let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
+            let reader: Reader = JsFuture::from(open_url(&url, &cb, opts.cache.unwrap_or(true)))
+                .await
+                .map_err(|e| js_error("ReadError", format!("downloading {url}: {}", js_message(&e))))?
+                .unchecked_into();
+            load(inner, reader, cb, opts).await
+        })
+    }
+
+    /// Loads a model from a `File` (or `Blob`), reading it slice by slice.
+    pub fn load_from_file(&self, file: JsValue, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let opts: LoadOptions = match options_json.as_deref() {
+                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
+                _ => LoadOptions::default(),
+            };
+            let reader: Reader = JsFuture::from(open_file(&file)).await?.unchecked_into();
+            let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
+            load(inner, reader, cb, opts).await
+        })
+    }
+
+    /// Loads from any reader object with the shape js/sources.js documents.
+    pub fn load_from_reader(&self, reader: JsValue, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let opts: LoadOptions = match options_json.as_deref() {
+                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
+                _ => LoadOptions::default(),
+            };
+            let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
+            load(inner, reader.unchecked_into(), cb, opts).await
+        })
+    }
+
+    /// The loaded model as JSON: name, architecture, sizes, context, device.
+    pub fn info(&self) -> Result<String, JsValue> {
+        let inner = self.inner.try_borrow().map_err(|_| busy())?;
+        let l = inner.loaded.as_ref().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+        Ok(info_json(&inner.gpu, l).to_string())
+    }
+
+    /// The prompt text the model's chat template makes of `messages_json`
+    /// ([{"role", "content"}, ...]), ending where the assistant's reply begins.
+    pub fn render(&self, messages_json: String) -> Result<String, JsValue> {
+        let inner = self.inner.try_borrow().map_err(|_| busy())?;
+        let l = inner.loaded.as_ref().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+        render(l, &messages_json)
+    }
+
+    /// Replies to a conversation (`messages_json`: [{"role": "system" | "user" | "assistant",
+    /// "content"}]) with the model's chat template. `options_json`: {"temperature", "top_k",
+    /// "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed",
+    /// "max_tokens", "stop"}. `on_piece(text)` is called with each piece as it decodes.
+    /// Resolves to JSON {text, tokens, prompt_tokens, reused_tokens, prompt_tps, gen_tps,
+    /// finish_reason ("stop" | "length" | "cancelled")}.
+    pub fn chat(&self, messages_json: String, options_json: Option<String>, on_piece: Option<Function>) -> Promise {
+        self.run(Some(messages_json), None, options_json, on_piece)
+    }
+
+    /// Like [`Engine::chat`] for a raw prompt (no template; BOS added where the model asks).
+    pub fn complete(&self, prompt: String, options_json: Option<String>, on_piece: Option<Function>) -> Promise {
+        self.run(None, Some(prompt), options_json, on_piece)
+    }
+
+    /// Stops the reply being written (it resolves with finish_reason "cancelled").
+    pub fn stop(&self) {
+        self.abort.set(true);
+    }
+
+    /// Runs each kernel on this device against the CPU reference (random data, odd shapes);
+    /// resolves to a JSON report {device, results: [{op, max_err, tol, ok, error?}]}.
+    pub fn run_conformance(&self) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let inner = inner.try_borrow().map_err(|_| busy())?;
+            Ok(JsValue::from_str(&conformance::run(&inner.gpu).await.to_string()))
+        })
+    }
+
+    /// Frees the model and its KV cache (GPU memory).
+    pub fn unload(&self) -> Result<(), JsValue> {
+        let mut inner = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        inner.loaded = None;
+        Ok(())
+    }
+}
+
+impl Engine {
+    fn run(&self, messages_json: Option<String>, raw: Option<String>, options_json: Option<String>, on_piece: Option<Function>) -> Promise {
+        let inner = self.inner.clone();
+        let abort = self.abort.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let inner = &mut *guard;
+            let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let opts: ChatOptions = match options_json.as_deref() {
+                Some(s) if !s.trim().is_empty() => parse_json("chat options", s)?,
+                _ => ChatOptions::default(),
+            };
+            let gen = opts.generate_options();
+            gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
+            let ids = match (&messages_json, &raw) {
+                (Some(m), _) => {
+                    let text = render(l, m)?;
+                    l.tokenizer.encode(&text, false, true)
+                }
+                (None, Some(p)) => l.tokenizer.encode(p, true, true),
+                (None, None) => unreachable!(),
+            }
+            .map_err(|e| js_error("BadRequest", format!("tokenizing the prompt: {e}")))?;
+            let n_ctx = l.session.n_ctx;
+            if ids.len() >= n_ctx {
+                return Err(js_error(
+                    "ContextFull",
+                    format!("the conversation is {} tokens; the context holds {n_ctx}: start a new chat or load with a larger n_ctx", ids.len()),
+                ));
+            }
+            abort.set(false);
+            let mut on_text = |piece: &str| {
+                if let Some(f) = &on_piece {
+                    if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(piece)) {
+                        console_error(&format!("on_piece threw: {}", js_message(&e)));
+                    }
+                }
+                !abort.get()
+            };
+            let g = l.session.generate(&l.tokenizer, &ids, &gen, &mut on_text).await.map_err(|e| model_error(&e))?;
+            let summary = serde_json::json!({
+                "text": g.text,
+                "tokens": g.tokens.len(),
+                "token_ids": g.tokens,
+                "prompt_tokens": g.prompt_tokens,
+                "reused_tokens": g.reused_tokens,
+                "prompt_seconds": g.prompt_seconds,
+                "gen_seconds": g.gen_seconds,
+                "prompt_tps": g.prompt_tps(),
+                "gen_tps": g.gen_tps(),
+                "finish_reason": g.finish.as_str(),
+            });
+            Ok(JsValue::from_str(&summary.to_string()))
+        })
+    }
+}
+
+fn render(l: &Loaded, messages_json: &str) -> Result<String, JsValue> {
+    let msgs: Vec<JsMessage> = parse_json("messages", messages_json)?;
+    let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+    let t = l
+        .template
+        .as_ref()
+        .ok_or_else(|| js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt"))?;
+    t.render(&msgs, true).map_err(|e| js_error("BadRequest", format!("chat template: {e}")))
+}
+
+fn info_json(gpu: &Gpu, l: &Loaded) -> serde_json::Value {
+    let c = &l.model.config;
+    serde_json::json!({
+        "name": l.name,
+        "architecture": c.arch_name,
+        "n_layer": c.n_layer,
+        "n_embd": c.n_embd,
+        "n_head": c.n_head,
+        "n_kv_head": c.n_kv_head,
+        "n_vocab": c.n_vocab,
+        "n_ctx": l.session.n_ctx,
+        "n_ctx_train": c.n_ctx_train,
+        "weight_bytes": l.model.weight_bytes,
+        "has_chat_template": l.template.is_some(),
+        "from_cache": l.from_cache,
+        "load_seconds": l.load_seconds,
+        "device": gpu.describe(),
+    })
+}
+
+fn report(cb: &JsValue, phase: &str, done: u64, total: u64) {
+    let Some(f) = cb.dyn_ref::<Function>() else { return };
+    let o = js_sys::Object::new();
+    let _ = Reflect::set(&o, &"phase".into(), &phase.into());
+    let _ = Reflect::set(&o, &"done".into(), &(done as f64).into());
+    let _ = Reflect::set(&o, &"total".into(), &(total as f64).into());
+    let _ = f.call1(&JsValue::NULL, &o);
+}
+
+async fn load(inner: Rc<RefCell<Inner>>, reader: Reader, cb: JsValue, opts: LoadOptions) -> Result<JsValue, JsValue> {
+    let result = load_inner(&inner, &reader, &cb, &opts).await;
+    if result.is_err() {
+        reader.close();
+    }
+    result
+}
+
+async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, opts: &LoadOptions) -> Result<JsValue, JsValue> {
+    let start = web_time_now();
+    let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+    let inner = &mut *guard;
+    inner.loaded = None; // free the previous model first
+    let kv = match opts.kv.as_deref() {
+        None | Some("f16") => KvType::F16,
+        Some("f32") => KvType::F32,
+        Some(o) => return Err(js_error("BadRequest", format!("kv must be \"f16\" or \"f32\", not {o:?}"))),
+    };
+    let gguf = read_header(reader).await?;
+    let mut ranges = Vec::with_capacity(gguf.tensors.len() * 2);
+    for t in &gguf.tensors {
+        let r = gguf.tensor_data_range(t);
+        ranges.push(r.start as f64);
+        ranges.push(r.end as f64);
+    }
+    reader.plan(ranges);
+    let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("building the tokenizer: {e}")))?;
+    let template = ChatTemplate::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("the chat template: {e}")))?;
+    let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
+    let mut progress = |done: u64, total: u64| report(cb, "upload", done, total);
+    let model = Box::new(Model::load(&gguf, gpu, &mut JsSource(reader), &mut progress).await.map_err(|e| model_error(&e))?);
+    let n_ctx = opts.n_ctx.unwrap_or(2048).min(model.config.n_ctx_train.max(1));
+    // SAFETY: the session borrows the boxed model and the boxed Gpu; `Loaded` drops the session
+    // before the model, and `Inner` drops `loaded` before the Gpu, which is never replaced.
+    let model_ref: &'static Model = unsafe { &*(&*model as *const Model) };
+    let session = Session::new(model_ref, gpu, n_ctx, kv, false).await.map_err(|e| model_error(&e))?;
+    // the download must be complete (and cached) before we call the load done
+    JsFuture::from(reader.finish()).await.map_err(|e| js_error("ReadError", js_message(&e)))?;
+    let loaded = Loaded {
+        session,
+        model,
+        tokenizer,
+        template,
+        name: reader.name(),
+        from_cache: reader.from_cache(),
+        load_seconds: web_time_now() - start,
+    };
+    let info = info_json(&inner.gpu, &loaded);
+    inner.loaded = Some(loaded);
+    Ok(JsValue::from_str(&info.to_string()))
+}
+
+fn web_time_now() -> f64 {
+    js_sys::Date::now() / 1000.0
+}

@@ -1,0 +1,220 @@
+// The chat page: model picker (URL or file), progress, streaming replies, stop, tokens/s,
+// sampling settings, system prompt, new chat, cached models.
+import { Nomoat } from './nomoat.js';
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  device: $('device'), noWebgpu: $('no-webgpu'), error: $('error'),
+  url: $('model-url'), loadUrl: $('load-url'), file: $('model-file'), nCtx: $('n-ctx'),
+  progressBox: $('progress-box'), progressLabel: $('progress-label'), progress: $('progress'),
+  modelInfo: $('model-info'), unload: $('unload'), cached: $('cached'),
+  messages: $('messages'), stats: $('stats'), composer: $('composer'), input: $('input'),
+  send: $('send'), stop: $('stop'), newChat: $('new-chat'), system: $('system'),
+};
+
+let engine = null;
+let loaded = false;
+let busy = false;
+let history = []; // [{role, content}] without the system prompt
+let abort = null;
+
+const mib = (b) => `${(b / (1 << 20)).toFixed(1)} MiB`;
+
+function showError(e) {
+  ui.error.textContent = e ? `${e.name && e.name !== 'Error' ? e.name + ': ' : ''}${e.message || e}` : '';
+  ui.error.hidden = !e;
+}
+
+function setState() {
+  const ready = !!engine && loaded && !busy;
+  ui.input.disabled = !ready;
+  ui.send.disabled = !ready;
+  ui.loadUrl.disabled = !engine || busy;
+  ui.file.disabled = !engine || busy;
+  ui.unload.disabled = !engine || !loaded || busy;
+  ui.stop.disabled = !abort;
+}
+
+function addMessage(role, text) {
+  const div = document.createElement('div');
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  ui.messages.append(div);
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  return div;
+}
+
+function onProgress({ phase, done, total, cached }) {
+  ui.progressBox.hidden = false;
+  const what = phase === 'download' ? (cached ? 'from the cache' : 'downloading') : 'uploading to the GPU';
+  ui.progressLabel.textContent = `${what}: ${mib(done)}${total ? ' of ' + mib(total) : ''}`;
+  if (total) ui.progress.value = done / total;
+  else ui.progress.removeAttribute('value');
+}
+
+async function refreshCached() {
+  const list = await Nomoat.cachedModels().catch(() => []);
+  ui.cached.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = 'none yet (URL loads are cached)';
+    ui.cached.append(li);
+  }
+  for (const m of list) {
+    const li = document.createElement('li');
+    const name = document.createElement('a');
+    name.href = '#';
+    name.textContent = `${decodeURIComponent(m.url.split('/').pop())}${m.bytes ? ' (' + mib(m.bytes) + ')' : ''}`;
+    name.title = `load ${m.url}`;
+    name.onclick = (ev) => {
+      ev.preventDefault();
+      ui.url.value = m.url;
+      load(() => engine.loadUrl(m.url, { onProgress, nCtx: nCtx() }));
+    };
+    const del = document.createElement('button');
+    del.textContent = 'Delete';
+    del.className = 'delete-cached';
+    del.onclick = async () => {
+      await Nomoat.deleteCached(m.url);
+      refreshCached();
+    };
+    li.append(name, del);
+    ui.cached.append(li);
+  }
+}
+
+const nCtx = () => Number(ui.nCtx.value) || 2048;
+
+async function load(start) {
+  if (busy) return;
+  busy = true;
+  loaded = false;
+  showError(null);
+  ui.modelInfo.textContent = '';
+  ui.progress.value = 0;
+  setState();
+  try {
+    const info = await start();
+    loaded = true;
+    ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
+    ui.progressLabel.textContent = 'loaded';
+    newChat();
+  } catch (e) {
+    showError(e);
+    ui.progressBox.hidden = true;
+  } finally {
+    busy = false;
+    setState();
+    refreshCached();
+  }
+}
+
+function newChat() {
+  if (abort) abort.abort();
+  history = [];
+  ui.messages.replaceChildren();
+  ui.stats.textContent = '';
+}
+
+function sampling() {
+  const num = (el) => (el.value === '' ? undefined : Number(el.value));
+  return {
+    temperature: num($('temperature')),
+    topK: num($('top-k')),
+    topP: num($('top-p')),
+    minP: num($('min-p')),
+    repeatPenalty: num($('repeat-penalty')),
+    seed: num($('seed')) ?? Math.floor(Math.random() * 2 ** 32),
+    maxTokens: num($('max-tokens')),
+  };
+}
+
+async function send() {
+  const text = ui.input.value.trim();
+  if (!text || busy || !loaded) return;
+  ui.input.value = '';
+  showError(null);
+  history.push({ role: 'user', content: text });
+  addMessage('user', text);
+  const out = addMessage('assistant', '');
+  out.classList.add('streaming');
+  const system = ui.system.value.trim();
+  const messages = system ? [{ role: 'system', content: system }, ...history] : history;
+  busy = true;
+  abort = new AbortController();
+  setState();
+  ui.stats.textContent = 'reading the prompt…';
+  try {
+    const reply = engine.chat(messages, { ...sampling(), signal: abort.signal });
+    for await (const piece of reply) {
+      out.textContent += piece;
+      ui.messages.scrollTop = ui.messages.scrollHeight;
+      ui.stats.textContent = 'writing…';
+    }
+    const r = await reply.result;
+    history.push({ role: 'assistant', content: r.text });
+    ui.stats.textContent = `${r.prompt_tokens} prompt tokens (${r.reused_tokens} reused) at ${r.prompt_tps.toFixed(1)} tok/s · ${r.tokens} tokens at ${r.gen_tps.toFixed(1)} tok/s · ${r.finish_reason}`;
+  } catch (e) {
+    history.pop();
+    showError(e);
+    ui.stats.textContent = '';
+  } finally {
+    out.classList.remove('streaming');
+    busy = false;
+    abort = null;
+    setState();
+    ui.input.focus();
+  }
+}
+
+ui.loadUrl.onclick = () => {
+  const url = ui.url.value.trim();
+  if (url) load(() => engine.loadUrl(url, { onProgress, nCtx: nCtx() }));
+};
+ui.file.onchange = () => {
+  const f = ui.file.files[0];
+  if (f) load(() => engine.loadFile(f, { onProgress, nCtx: nCtx() }));
+  ui.file.value = '';
+};
+ui.unload.onclick = async () => {
+  await engine.unload();
+  loaded = false;
+  ui.modelInfo.textContent = 'unloaded';
+  ui.progressBox.hidden = true;
+  setState();
+};
+ui.composer.onsubmit = (ev) => {
+  ev.preventDefault();
+  send();
+};
+ui.input.onkeydown = (ev) => {
+  if (ev.key === 'Enter' && !ev.shiftKey) {
+    ev.preventDefault();
+    send();
+  }
+};
+ui.stop.onclick = () => abort?.abort();
+ui.newChat.onclick = newChat;
+
+async function main() {
+  setState();
+  refreshCached();
+  if (!Nomoat.hasWebGPU()) {
+    ui.noWebgpu.hidden = false;
+    ui.device.textContent = 'no WebGPU';
+    return;
+  }
+  try {
+    engine = await Nomoat.create();
+    ui.device.textContent = engine.device;
+  } catch (e) {
+    if (e.name === 'NoWebGPU') ui.noWebgpu.hidden = false;
+    ui.device.textContent = 'no GPU device';
+    showError(e);
+  }
+  setState();
+  window.nomoat = { engine, ready: true };
+}
+
+main();

@@ -1,0 +1,246 @@
+// nomoat.js — open LLMs on WebGPU, for any page. The model runs in a module Web Worker
+// (worker.js) so the page stays responsive.
+//
+//   import { Nomoat } from './nomoat.js';
+//   const e = await Nomoat.create();                       // throws NoWebGPU without WebGPU
+//   await e.loadUrl('models/SmolLM2-135M-Instruct.Q4_1.gguf', {
+//     onProgress: ({ phase, done, total }) => console.log(phase, done, total), // 'download' | 'upload'
+//   });
+//   const reply = e.chat([{ role: 'user', content: 'Hi!' }], { temperature: 0.7, seed: 1, maxTokens: 256, signal });
+//   for await (const piece of reply) output.textContent += piece;
+//   const summary = await reply.result; // {text, tokens, prompt_tps, gen_tps, finish_reason, ...}
+//   e.unload();
+//
+// loadFile(file) takes a File from an <input type=file>. Downloads are kept in the Cache API
+// (bucket 'nomoat-models-v1'), and a cached URL loads with no network request:
+// Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one.
+//
+// Errors are Error objects whose `name` tells the kind: NoWebGPU, NotGGUF, UnsupportedModel,
+// InvalidModel, OutOfMemory, DeviceLost, ReadError, Busy, NoModel, BadRequest, ContextFull.
+
+export const MODEL_CACHE = 'nomoat-models-v1';
+
+function makeError({ name, message }) {
+  const e = new Error(message);
+  e.name = name;
+  return e;
+}
+
+/** The stream of a reply: async-iterate it for text pieces; `result` is the summary. */
+class Reply {
+  constructor() {
+    this.queue = [];
+    this.waiting = null;
+    this.done = false;
+    this.error = null;
+    this.result = new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.result.catch(() => {}); // the iterator reports it too
+  }
+  push(piece) {
+    this.queue.push(piece);
+    this.wake();
+  }
+  finish(result) {
+    this.done = true;
+    this.resolve(result);
+    this.wake();
+  }
+  fail(error) {
+    this.done = true;
+    this.error = error;
+    this.reject(error);
+    this.wake();
+  }
+  wake() {
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = null;
+      w();
+    }
+  }
+  async *[Symbol.asyncIterator]() {
+    for (;;) {
+      if (this.queue.length) {
+        yield this.queue.shift();
+        continue;
+      }
+      if (this.error) throw this.error;
+      if (this.done) return;
+      await new Promise((resolve) => (this.waiting = resolve));
+    }
+  }
+}
+
+export class Nomoat {
+  /** Starts the worker and opens the WebGPU device. Options: {workerUrl}. */
+  static async create({ workerUrl = new URL('./worker.js', import.meta.url) } = {}) {
+    if (!Nomoat.hasWebGPU()) {
+      throw makeError({
+        name: 'NoWebGPU',
+        message: 'this browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or Firefox with WebGPU enabled, on https or localhost',
+      });
+    }
+    const n = new Nomoat(new Worker(workerUrl, { type: 'module' }));
+    try {
+      const { device } = await n.#call('create');
+      n.device = device;
+    } catch (e) {
+      n.terminate();
+      throw e;
+    }
+    return n;
+  }
+
+  static hasWebGPU() {
+    return typeof navigator !== 'undefined' && !!navigator.gpu;
+  }
+
+  /** Cached model downloads: [{url, bytes, cached}] (bytes/cached when known). */
+  static async cachedModels() {
+    if (typeof caches === 'undefined') return [];
+    const cache = await caches.open(MODEL_CACHE);
+    const out = [];
+    for (const req of await cache.keys()) {
+      const res = await cache.match(req);
+      out.push({
+        url: req.url,
+        bytes: Number(res?.headers.get('content-length')) || null,
+        cached: res?.headers.get('x-nomoat-cached') || null,
+      });
+    }
+    return out;
+  }
+
+  static async deleteCached(url) {
+    if (typeof caches === 'undefined') return false;
+    const cache = await caches.open(MODEL_CACHE);
+    return cache.delete(new URL(url, location.href).href);
+  }
+
+  constructor(worker) {
+    this.worker = worker;
+    this.nextId = 1;
+    this.pending = new Map();
+    this.device = null;
+    worker.onmessage = (ev) => this.#receive(ev.data);
+    worker.onerror = (ev) => {
+      const err = makeError({ name: 'WorkerError', message: ev.message || 'the worker failed to start (is pkg/ built?)' });
+      for (const p of this.pending.values()) p.reject(err);
+      this.pending.clear();
+    };
+  }
+
+  #receive({ id, type, progress, piece, result, error }) {
+    const p = this.pending.get(id);
+    if (!p) return;
+    if (type === 'progress') p.onProgress?.(progress);
+    else if (type === 'piece') p.onPiece?.(piece);
+    else {
+      this.pending.delete(id);
+      if (type === 'result') p.resolve(result);
+      else p.reject(makeError(error));
+    }
+  }
+
+  #call(op, args = {}, handlers = {}, transfer = []) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, ...handlers });
+      this.worker.postMessage({ id, op, args }, transfer);
+    });
+  }
+
+  /** Streams a GGUF from a URL (or the cache). Options: {onProgress, nCtx, kv, cache}. Resolves to model info. */
+  loadUrl(url, { onProgress, nCtx, kv, cache } = {}) {
+    const absolute = new URL(url, location.href).href;
+    return this.#call('loadUrl', { url: absolute, options: loadOptions({ nCtx, kv, cache }) }, { onProgress });
+  }
+
+  /** Loads a GGUF from a File / Blob. Options: {onProgress, nCtx, kv}. */
+  loadFile(file, { onProgress, nCtx, kv } = {}) {
+    return this.#call('loadFile', { file, options: loadOptions({ nCtx, kv }) }, { onProgress });
+  }
+
+  /**
+   * Replies to `messages` ([{role: 'system' | 'user' | 'assistant', content}]) with the model's
+   * chat template. Options: {temperature, topK, topP, minP, repeatPenalty, presencePenalty,
+   * frequencyPenalty, seed, maxTokens, stop, signal}. Returns an async iterable of text pieces
+   * with a `result` promise.
+   */
+  chat(messages, options = {}) {
+    return this.#stream('chat', { messages }, options);
+  }
+
+  /** Like chat() for a raw prompt, no template. */
+  complete(prompt, options = {}) {
+    return this.#stream('complete', { prompt }, options);
+  }
+
+  #stream(op, args, options) {
+    const reply = new Reply();
+    const { signal } = options;
+    const onAbort = () => this.stop();
+    if (signal) {
+      if (signal.aborted) queueMicrotask(onAbort);
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    this.#call(op, { ...args, options: chatOptions(options) }, { onPiece: (p) => reply.push(p) })
+      .then((r) => reply.finish(r), (e) => reply.fail(e))
+      .finally(() => signal?.removeEventListener('abort', onAbort));
+    return reply;
+  }
+
+  /** The prompt text the chat template makes of `messages`. */
+  render(messages) {
+    return this.#call('render', { messages });
+  }
+
+  info() {
+    return this.#call('info');
+  }
+
+  /** Stops the reply being written; it resolves with finish_reason 'cancelled'. */
+  stop() {
+    return this.#call('stop');
+  }
+
+  /** Frees the model's GPU memory. */
+  unload() {
+    return this.#call('unload');
+  }
+
+  terminate() {
+    this.worker.terminate();
+  }
+}
+
+function loadOptions({ nCtx, kv, cache }) {
+  const o = {};
+  if (nCtx != null) o.n_ctx = nCtx;
+  if (kv != null) o.kv = kv;
+  if (cache != null) o.cache = cache;
+  return o;
+}
+
+function chatOptions(o) {
+  const map = {
+    temperature: 'temperature',
+    topK: 'top_k',
+    topP: 'top_p',
+    minP: 'min_p',
+    repeatPenalty: 'repeat_penalty',
+    presencePenalty: 'presence_penalty',
+    frequencyPenalty: 'frequency_penalty',
+    seed: 'seed',
+    maxTokens: 'max_tokens',
+    stop: 'stop',
+  };
+  const out = {};
+  for (const [k, v] of Object.entries(map)) if (o[k] != null) out[v] = o[k];
+  return out;
+}
+
+export default Nomoat;
