@@ -13,7 +13,7 @@ use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::{Model, Session};
 use nomoat_tests::gpu::variants;
-use nomoat_tests::support::{model_path, GEMMA3, SMOLLM2};
+use nomoat_tests::support::{cosine, model_path, GEMMA3, SMOLLM2};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,23 +67,9 @@ fn open(path: &std::path::Path) -> (Gguf, std::fs::File) {
 }
 
 fn read_logits(file: &str) -> Vec<f32> {
-    let bytes = std::fs::read(dir().join(file)).unwrap();
-    if file.ends_with(".f16") {
-        bytes.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-    } else {
-        bytes.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-    }
+    nomoat_tests::support::read_logits(&dir().join(file))
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        ab += *x as f64 * *y as f64;
-        aa += (*x as f64).powi(2);
-        bb += (*y as f64).powi(2);
-    }
-    ab / (aa.sqrt() * bb.sqrt())
-}
 
 fn argmax(v: &[f32]) -> usize {
     nomoat_runtime::reference::argmax(v)
