@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: install what is missing, then every Rust test on lavapipe (the CPU
-# Vulkan device), and the runtime built for wasm32 as well as natively.
+# Vulkan device), the runtime built for wasm32 as well as natively, then the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -9,5 +9,8 @@ export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 cargo build -q -p nomoat-runtime --target wasm32-unknown-unknown
 cargo test --workspace 2>&1
-# The browser suite (Chromium's WebGPU on SwiftShader, driven by playwright-core) runs apart:
-#   scripts/build-web.sh && cargo build --release -p nomoat && node --test tests/browser/
+# The browser suite: the same runtime as wasm in headless Chromium (WebGPU on SwiftShader),
+# driven by playwright-core; its chat test compares with the native release binary's reply.
+scripts/build-web.sh
+cargo build -q --release -p nomoat
+node --test --test-concurrency=1 tests/browser/

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
-use nomoat_runtime::generate::{perplexity, GenerateOptions};
+use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::model::{Model, Session};
 use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::tokenizer::Tokenizer;
@@ -348,23 +348,14 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Prompt processing: `n_prompt` tokens evaluated from an empty cache, timed to the last
-/// logits being ready. Generation: `n_gen` tokens one at a time, each argmax read back, as
-/// decoding does. Token ids are a fixed pseudo-random sequence (the content does not change
-/// the work).
+/// llama-bench's pp / tg: see `generate::bench_once`, which the browser engine runs too.
 fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) -> Result<()> {
-    use std::time::Instant;
     let l = load(m, json)?;
     let c = &l.model.config;
     let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
     let mut s = new_session(&l, &m, n_ctx, false)?;
-    let ids: Vec<u32> = (0..n_prompt.max(1) as u64).map(|i| ((i * 2654435761 + 12345) % c.n_vocab as u64) as u32).collect();
-    // warm-up: compiles every pipeline both phases use
-    pollster::block_on(async {
-        s.eval(&ids[..ids.len().min(8)]).await?;
-        s.eval(&[1]).await?;
-        s.top_k(1).await.map(|_| ())
-    })?;
+    let ids = generate::bench_ids(n_prompt, c.n_vocab);
+    pollster::block_on(generate::bench_warm_up(&mut s, &ids))?;
     // with adapters given, generation is also measured with 0, 1, ... of them active
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let sweep: Vec<usize> = if l.adapters.is_empty() { vec![0] } else { (0..=l.adapters.len()).collect() };
@@ -374,24 +365,12 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
         let mut pp = Vec::new();
         let mut tg = Vec::new();
         for _ in 0..reps.max(1) {
+            let run = pollster::block_on(generate::bench_once(&mut s, &ids[..n_prompt], n_gen))?;
             if n_prompt > 0 {
-                s.reset();
-                let t = Instant::now();
-                pollster::block_on(async {
-                    s.eval(&ids).await?;
-                    s.top_k(1).await.map(|_| ())
-                })?;
-                pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+                pp.push(run.prompt_tps);
             }
             if n_gen > 0 {
-                s.reset();
-                let t = Instant::now();
-                let mut next = 1u32;
-                for _ in 0..n_gen {
-                    pollster::block_on(s.eval(&[next]))?;
-                    next = pollster::block_on(s.top_k(1))?[0].0;
-                }
-                tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+                tg.push(run.gen_tps);
             }
         }
         if !pp.is_empty() {

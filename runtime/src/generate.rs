@@ -210,3 +210,50 @@ pub async fn perplexity(s: &mut Session<'_>, tokens: &[u32], n_ctx: usize, bos: 
     }
     Ok(Perplexity { value: (nll / count as f64).exp(), windows, scored_tokens: count })
 }
+
+/// Throughput of one benchmark repetition, in tokens per second.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BenchRun {
+    /// `n_prompt` tokens from an empty cache to the last logits being ready.
+    pub prompt_tps: f64,
+    /// `n_gen` tokens one at a time, each argmax read back as greedy decoding does.
+    pub gen_tps: f64,
+}
+
+/// The token ids a benchmark feeds: a fixed pseudo-random sequence (the content does not
+/// change the work), the same natively and in the browser.
+pub fn bench_ids(n: usize, n_vocab: usize) -> Vec<u32> {
+    (0..n.max(1) as u64).map(|i| ((i * 2654435761 + 12345) % n_vocab as u64) as u32).collect()
+}
+
+/// Compiles every pipeline both phases use, so the timed runs measure only the work.
+pub async fn bench_warm_up(s: &mut Session<'_>, ids: &[u32]) -> Result<(), ModelError> {
+    s.reset();
+    s.eval(&ids[..ids.len().min(8)]).await?;
+    s.eval(&[1]).await?;
+    s.top_k(1).await.map(|_| ())
+}
+
+/// One llama-bench style repetition (pp then tg, each from an empty cache), shared by
+/// `nomoat bench` and the browser engine so both sides time the same work.
+pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize) -> Result<BenchRun, ModelError> {
+    let mut run = BenchRun::default();
+    if !prompt.is_empty() {
+        s.reset();
+        let t = Instant::now();
+        s.eval(prompt).await?;
+        s.top_k(1).await?;
+        run.prompt_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    }
+    if n_gen > 0 {
+        s.reset();
+        let t = Instant::now();
+        let mut next = 1u32;
+        for _ in 0..n_gen {
+            s.eval(&[next]).await?;
+            next = s.top_k(1).await?[0].0;
+        }
+        run.gen_tps = n_gen as f64 / t.elapsed().as_secs_f64();
+    }
+    Ok(run)
+}

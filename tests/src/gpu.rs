@@ -36,23 +36,5 @@ pub fn small_binding() -> &'static Gpu {
     })
 }
 
-/// Normalised mean squared error Σ(a−b)² / Σb², the measure ggml's test-backend-ops uses.
-pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let mut err = 0.0;
-    let mut norm = 0.0;
-    for (g, w) in got.iter().zip(want) {
-        err += (*g as f64 - *w as f64).powi(2);
-        norm += (*w as f64).powi(2);
-    }
-    if norm == 0.0 {
-        err
-    } else {
-        err / norm
-    }
-}
-
-pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(g, w)| if g.is_nan() || w.is_nan() { f32::INFINITY } else { (g - w).abs() }).fold(0.0, f32::max)
-}
+/// NMSE (ggml test-backend-ops' measure) and max-abs difference, as the shared suite measures.
+pub use nomoat_runtime::conformance::{max_abs_diff, nmse};

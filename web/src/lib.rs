@@ -14,7 +14,7 @@
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
-use nomoat_runtime::generate::GenerateOptions;
+use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::model::{ByteSource, Model, ModelError, Session};
@@ -391,8 +391,34 @@ impl Engine {
         self.abort.set(true);
     }
 
-    /// Runs each kernel on this device against the CPU reference (random data, odd shapes);
-    /// resolves to a JSON report {device, results: [{op, max_err, tol, ok, error?}]}.
+    /// llama-bench's pp / tg on the loaded model, the same routine `nomoat bench` runs
+    /// (`generate::bench_once`): `reps` repetitions after a warm-up; resolves to JSON
+    /// {device, prompt_tps: [..], gen_tps: [..]}. Clears the conversation's cache.
+    pub fn bench(&self, n_prompt: usize, n_gen: usize, reps: usize) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let inner = &mut *guard;
+            let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            if n_prompt + n_gen >= l.session.n_ctx {
+                return Err(js_error("ContextFull", format!("pp{n_prompt} + tg{n_gen} needs a context over {} tokens", l.session.n_ctx)));
+            }
+            let ids = generate::bench_ids(n_prompt, l.model.config.n_vocab);
+            generate::bench_warm_up(&mut l.session, &ids).await.map_err(|e| model_error(&e))?;
+            let (mut pp, mut tg) = (Vec::new(), Vec::new());
+            for _ in 0..reps.max(1) {
+                let run = generate::bench_once(&mut l.session, &ids[..n_prompt], n_gen).await.map_err(|e| model_error(&e))?;
+                pp.push(run.prompt_tps);
+                tg.push(run.gen_tps);
+            }
+            l.session.reset();
+            let report = serde_json::json!({"device": inner.gpu.describe(), "prompt_tps": pp, "gen_tps": tg});
+            Ok(JsValue::from_str(&report.to_string()))
+        })
+    }
+
+    /// Runs the runtime's kernel conformance suite on this device (the cases and bounds the
+    /// native tests use); resolves to a JSON report, see conformance.rs.
     pub fn run_conformance(&self) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {

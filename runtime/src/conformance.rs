@@ -1,0 +1,481 @@
+//! The kernel conformance suite: every GPU op on random data at awkward shapes (odd sizes,
+//! sizes that are not multiples of the block or the workgroup) against `reference`. One body,
+//! run on every device: natively per kernel variant (tests/tests/kernels.rs) and in the browser
+//! (web's `Engine.run_conformance`), with the same data and the same bounds.
+//!
+//! Bounds, and why:
+//! - matvec / matmul: NMSE ≤ 1e-10 (ggml's test-backend-ops measure). Same dequantized values,
+//!   f32 accumulation in another order; with k ≤ 4096 random terms a dot product's relative
+//!   error is ~1e-6 at worst.
+//! - gather and kv_store: exact (dequantization is one or two f32 operations per element).
+//! - norms, elementwise: max-abs ≤ 1e-5 on O(1) values; softmax 1e-6.
+//! - RoPE: 1e-5 + 3e-7·position: the angle is an f32 product, as in llama.cpp.
+//! - attention: max-abs ≤ 1e-5; the f16 cache is compared against a reference fed the same
+//!   f16-rounded keys and values.
+//! - top-k / argmax: exact ids and values, ties broken toward the lower id.
+
+use crate::device::{Gpu, GpuError};
+use crate::ggml_type::{GgmlType, KERNEL_TYPES};
+use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder, RopeArgs};
+use crate::{quant, reference};
+
+/// SplitMix64: tiny, seedable, the same numbers on every target.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn fill(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// Normalised mean squared error Σ(a−b)² / Σb²; infinite when the lengths differ or a value is NaN.
+pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        err += (*g as f64 - *w as f64).powi(2);
+        norm += (*w as f64).powi(2);
+    }
+    let e = if norm == 0.0 { err } else { err / norm };
+    if e.is_nan() { f64::INFINITY } else { e }
+}
+
+/// Largest |a−b|; infinite when the lengths differ or either side holds a NaN.
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    if got.len() != want.len() {
+        return f32::INFINITY;
+    }
+    got.iter().zip(want).map(|(g, w)| if g.is_nan() || w.is_nan() { f32::INFINITY } else { (g - w).abs() }).fold(0.0, f32::max)
+}
+
+/// One comparison: `error` measured by `metric` must not exceed `bound`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub case: String,
+    pub metric: &'static str,
+    pub error: f64,
+    pub bound: f64,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.error <= self.bound
+    }
+    fn nmse(case: String, got: &[f32], want: &[f32], bound: f64) -> Check {
+        Check { case, metric: "nmse", error: nmse(got, want), bound }
+    }
+    fn max_abs(case: String, got: &[f32], want: &[f32], bound: f64) -> Check {
+        Check { case, metric: "max_abs", error: max_abs_diff(got, want) as f64, bound }
+    }
+}
+
+/// Op families, each a test of its own natively and a line group in the browser report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Matvec,
+    Matmul,
+    Gather,
+    Norms,
+    Softmax,
+    Elementwise,
+    Rope,
+    Attention,
+    TopK,
+}
+
+pub const FAMILIES: [Family; 9] = [
+    Family::Matvec,
+    Family::Matmul,
+    Family::Gather,
+    Family::Norms,
+    Family::Softmax,
+    Family::Elementwise,
+    Family::Rope,
+    Family::Attention,
+    Family::TopK,
+];
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Matvec => "matvec",
+            Family::Matmul => "matmul",
+            Family::Gather => "gather",
+            Family::Norms => "norms",
+            Family::Softmax => "softmax",
+            Family::Elementwise => "elementwise",
+            Family::Rope => "rope",
+            Family::Attention => "attention",
+            Family::TopK => "top_k",
+        }
+    }
+}
+
+/// Why a family could not run to its comparisons (the device refused something).
+#[derive(Debug)]
+pub struct SuiteError(pub String);
+
+impl std::fmt::Display for SuiteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<GpuError> for SuiteError {
+    fn from(e: GpuError) -> Self {
+        SuiteError(e.to_string())
+    }
+}
+
+impl From<quant::QuantError> for SuiteError {
+    fn from(e: quant::QuantError) -> Self {
+        SuiteError(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, SuiteError>;
+
+/// `large` adds the cases with tens of millions of elements (2-D dispatch folding); natively
+/// they run on one variant only, since they test the grid, not the arithmetic.
+pub async fn run(gpu: &Gpu, family: Family, large: bool) -> Result<Vec<Check>> {
+    match family {
+        Family::Matvec => matvec(gpu).await,
+        Family::Matmul => matmul(gpu).await,
+        Family::Gather => gather(gpu).await,
+        Family::Norms => norms(gpu).await,
+        Family::Softmax => softmax(gpu).await,
+        Family::Elementwise => elementwise(gpu, large).await,
+        Family::Rope => rope(gpu).await,
+        Family::Attention => attention(gpu).await,
+        Family::TopK => top_k(gpu).await,
+    }
+}
+
+pub const MATMUL_NMSE: f64 = 1e-10;
+
+/// Random weights of type `ty`: random floats quantized by the CPU reference, so every type
+/// sees realistic scales, plus the exact values the blocks decode to.
+pub fn random_matrix(ty: GgmlType, n_rows: usize, k: usize, seed: u64) -> Result<(Vec<u8>, Vec<f32>)> {
+    let mut rng = Rng::new(seed);
+    let src = rng.fill(n_rows * k, 1.0);
+    let mut bytes = Vec::new();
+    for row in src.chunks(k) {
+        bytes.extend(quant::quantize_row(ty, row)?);
+    }
+    let values = quant::dequantize(ty, &bytes, n_rows * k)?;
+    Ok((bytes, values))
+}
+
+/// Shapes (rows, k) per block size, with odd counts and non-multiples of the workgroup.
+pub fn shapes(ty: GgmlType) -> Vec<(usize, usize)> {
+    match ty.block_elems() {
+        1 => vec![(1, 4), (3, 5), (17, 123), (65, 256), (130, 1000)],
+        32 => vec![(1, 32), (7, 96), (33, 320), (65, 640), (130, 1056)],
+        _ => vec![(1, 256), (5, 512), (33, 768), (70, 1280), (3, 4096)],
+    }
+}
+
+pub async fn gpu_matvec(gpu: &Gpu, w: &GpuMatrix, x: &[f32]) -> Result<Vec<f32>> {
+    gpu_matmul(gpu, w, x, 1).await
+}
+
+/// y[m][rows] = x[m][k] · Wᵀ: the one-token kernel for m = 1, the prompt kernel otherwise.
+pub async fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let xb = gpu.upload_f32("x", x).await?;
+    let y = gpu.storage("y", (m * w.n_rows as usize) as u64 * 4).await?;
+    let mut rec = Recorder::new(gpu);
+    if m == 1 {
+        rec.matvec(w, &xb, &y).await?;
+    } else {
+        rec.matmul(w, &xb, &y, m as u32).await?;
+    }
+    rec.submit()?;
+    Ok(gpu.read_f32(&y, 0, m * w.n_rows as usize).await?)
+}
+
+pub async fn gpu_gather(gpu: &Gpu, w: &GpuMatrix, ids: &[u32]) -> Result<Vec<f32>> {
+    let idb = gpu.upload_u32("ids", ids).await?;
+    let out = gpu.storage("out", (ids.len() * w.k as usize) as u64 * 4).await?;
+    let mut rec = Recorder::new(gpu);
+    rec.gather(w, &idb, &out, ids.len() as u32).await?;
+    rec.submit()?;
+    Ok(gpu.read_f32(&out, 0, ids.len() * w.k as usize).await?)
+}
+
+async fn matvec(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for ty in KERNEL_TYPES {
+        for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate() {
+            let (bytes, w) = random_matrix(ty, n_rows, k, 100 + i as u64)?;
+            let x = Rng::new(7 + i as u64).fill(k, 1.0);
+            let m = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
+            let got = gpu_matvec(gpu, &m, &x).await?;
+            checks.push(Check::nmse(format!("matvec {ty} {n_rows}x{k}"), &got, &reference::matmul(&w, &x, n_rows, k, 1), MATMUL_NMSE));
+        }
+    }
+    Ok(checks)
+}
+
+async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for ty in KERNEL_TYPES {
+        for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate().take(4) {
+            let (bytes, w) = random_matrix(ty, n_rows, k, 200 + i as u64)?;
+            let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
+            for m in [1usize, 5, 33, 70] {
+                let x = Rng::new(9 + m as u64).fill(m * k, 1.0);
+                let got = gpu_matmul(gpu, &wm, &x, m).await?;
+                let want = reference::matmul(&w, &x, n_rows, k, m);
+                checks.push(Check::nmse(format!("matmul {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
+            }
+        }
+    }
+    Ok(checks)
+}
+
+async fn gather(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for ty in KERNEL_TYPES {
+        let (n_rows, k) = shapes(ty)[2];
+        let (bytes, w) = random_matrix(ty, n_rows, k, 300)?;
+        let ids = [0u32, n_rows as u32 - 1, 3, 3, 1];
+        let m = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
+        let got = gpu_gather(gpu, &m, &ids).await?;
+        let want: Vec<f32> = ids.iter().flat_map(|&r| w[r as usize * k..][..k].to_vec()).collect();
+        checks.push(Check::max_abs(format!("gather {ty}"), &got, &want, 0.0));
+    }
+    Ok(checks)
+}
+
+async fn norms(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, (rows, n)) in [(1usize, 576usize), (3, 640), (5, 1000), (2, 7), (70_000, 4)].into_iter().enumerate() {
+        let mut rng = Rng::new(500 + i as u64);
+        let x = rng.fill(rows * n, 2.0);
+        let w = rng.fill(n, 1.5);
+        let b = rng.fill(n, 0.5);
+        let xb = gpu.upload_f32("x", &x).await?;
+        let wb = gpu.upload_f32("w", &w).await?;
+        let bb = gpu.upload_f32("b", &b).await?;
+        let o1 = gpu.storage("o1", (rows * n * 4) as u64).await?;
+        let o2 = gpu.storage("o2", (rows * n * 4) as u64).await?;
+        let mut rec = Recorder::new(gpu);
+        rec.rms_norm(&xb, &wb, &o1, n as u32, rows as u32, 1e-6).await?;
+        rec.layer_norm(&xb, &wb, &bb, &o2, n as u32, rows as u32, 1e-5).await?;
+        rec.submit()?;
+        let (rms, ln) = (gpu.read_f32(&o1, 0, rows * n).await?, gpu.read_f32(&o2, 0, rows * n).await?);
+        checks.push(Check::max_abs(format!("rms_norm {rows}x{n}"), &rms, &reference::rms_norm(&x, &w, n, 1e-6), 1e-5));
+        checks.push(Check::max_abs(format!("layer_norm {rows}x{n}"), &ln, &reference::layer_norm(&x, &w, &b, n, 1e-5), 1e-5));
+    }
+    Ok(checks)
+}
+
+async fn softmax(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, (rows, n)) in [(3usize, 1000usize), (2, 5), (1, 262_144), (4, 64)].into_iter().enumerate() {
+        let x = Rng::new(600 + i as u64).fill(rows * n, 8.0);
+        let xb = gpu.upload_f32("x", &x).await?;
+        let o = gpu.storage("o", (rows * n * 4) as u64).await?;
+        let mut rec = Recorder::new(gpu);
+        rec.softmax(&xb, &o, n as u32, rows as u32).await?;
+        rec.submit()?;
+        let got = gpu.read_f32(&o, 0, rows * n).await?;
+        checks.push(Check::max_abs(format!("softmax {rows}x{n}"), &got, &reference::softmax(&x, n), 1e-6));
+    }
+    Ok(checks)
+}
+
+async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    // 17 million elements folds the dispatch into two dimensions
+    let sizes: &[usize] = if large { &[1, 1000, 65_537, 17_000_000] } else { &[1, 1000, 65_537] };
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut rng = Rng::new(700 + i as u64);
+        let a = rng.fill(n, 6.0);
+        let b = rng.fill(n, 2.0);
+        let ab = gpu.upload_f32("a", &a).await?;
+        let bb = gpu.upload_f32("b", &b).await?;
+        let mut outs = Vec::new();
+        for _ in 0..6 {
+            outs.push(gpu.storage("o", (n * 4) as u64).await?);
+        }
+        outs.push(gpu.upload_f32("accumulated", &a).await?);
+        // the copy kernel moves vec4s: it covers the largest multiple of 4
+        let n_copy = n / 4 * 4;
+        let copied = gpu.storage("copy", (n.max(4) * 4) as u64).await?;
+        let bias_width = 7.min(n);
+        let mut rec = Recorder::new(gpu);
+        rec.add(&ab, &bb, &outs[0], n as u32).await?;
+        rec.scale(&ab, &outs[1], n as u32, -0.37).await?;
+        rec.softcap(&ab, &outs[2], n as u32, 5.0).await?;
+        rec.silu_gate(&ab, &bb, &outs[3], n as u32).await?;
+        rec.gelu_gate(&ab, &bb, &outs[4], n as u32).await?;
+        rec.add_bias(&ab, &bb, &outs[5], n as u32, bias_width as u32).await?;
+        if n_copy > 0 {
+            rec.copy(&ab, &copied, n_copy as u32).await?;
+        }
+        rec.accumulate(&outs[6], &bb, n as u32, 0.75).await?;
+        rec.submit()?;
+        let wants = [
+            reference::add(&a, &b),
+            reference::scale(&a, -0.37),
+            reference::softcap(&a, 5.0),
+            reference::silu_gate(&a, &b),
+            reference::gelu_gate(&a, &b),
+            a.iter().enumerate().map(|(i, v)| v + b[i % bias_width]).collect(),
+            a.iter().zip(&b).map(|(x, y)| x + 0.75 * y).collect(),
+        ];
+        let names = ["add", "scale", "softcap", "silu_gate", "gelu_gate", "add_bias", "accumulate"];
+        for ((name, o), want) in names.iter().zip(&outs).zip(&wants) {
+            let got = gpu.read_f32(o, 0, n).await?;
+            checks.push(Check::max_abs(format!("{name} n={n}"), &got, want, 1e-5));
+        }
+        if n_copy > 0 {
+            let got = gpu.read_f32(&copied, 0, n_copy).await?;
+            checks.push(Check::max_abs(format!("copy n={n_copy}"), &got, &a[..n_copy], 0.0));
+        }
+    }
+    Ok(checks)
+}
+
+async fn rope(gpu: &Gpu) -> Result<Vec<Check>> {
+    use reference::{RopeMode, RopeParams};
+    let mut checks = Vec::new();
+    for (i, (mode, n_tokens, n_heads, head_dim, n_rot, pos0, base, fscale)) in [
+        (RopeMode::Normal, 5u32, 9u32, 64u32, 64u32, 0u32, 10000.0f32, 1.0f32),
+        (RopeMode::Neox, 7, 4, 256, 256, 1000, 1e6, 1.0),
+        (RopeMode::Neox, 3, 2, 128, 64, 37, 1e5, 0.25),
+        (RopeMode::Normal, 1, 3, 96, 32, 4999, 500000.0, 1.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = (n_tokens * n_heads * head_dim) as usize;
+        let x = Rng::new(800 + i as u64).fill(n, 1.0);
+        let xb = gpu.upload_f32("x", &x).await?;
+        let mut rec = Recorder::new(gpu);
+        let args = RopeArgs { n_tokens, n_heads, head_dim, n_rot, pos0, neox: mode == RopeMode::Neox, freq_base: base, freq_scale: fscale };
+        rec.rope(&xb, args).await?;
+        rec.submit()?;
+        let got = gpu.read_f32(&xb, 0, n).await?;
+        let mut want = x;
+        reference::rope(&mut want, n_heads as usize, head_dim as usize, pos0, RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale });
+        // the GPU's angle is an f32 product, rounded to ~2^-24 of the angle itself
+        let bound = 1e-5 + (pos0 + n_tokens) as f64 * 3e-7;
+        checks.push(Check::max_abs(format!("rope {mode:?} pos0={pos0} rot={n_rot}/{head_dim}"), &got, &want, bound));
+    }
+    Ok(checks)
+}
+
+fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+}
+
+struct AttentionCase {
+    n_q: u32,
+    n_head: u32,
+    n_kv_head: u32,
+    head_dim: u32,
+    pos0: u32,
+    window: u32,
+}
+
+async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
+    let cases = [
+        AttentionCase { n_q: 1, n_head: 9, n_kv_head: 3, head_dim: 64, pos0: 37, window: 0 },    // decode, GQA
+        AttentionCase { n_q: 20, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 0, window: 0 },   // prefill
+        AttentionCase { n_q: 7, n_head: 4, n_kv_head: 2, head_dim: 128, pos0: 130, window: 0 },  // block after a cache
+        AttentionCase { n_q: 9, n_head: 2, n_kv_head: 2, head_dim: 64, pos0: 100, window: 16 },  // sliding window
+        AttentionCase { n_q: 1, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 600, window: 512 }, // Gemma-like local layer
+        AttentionCase { n_q: 3, n_head: 3, n_kv_head: 3, head_dim: 6, pos0: 2, window: 0 },       // tiny head
+    ];
+    let mut checks = Vec::new();
+    for kv in [KvType::F32, KvType::F16] {
+        for (ci, c) in cases.iter().enumerate() {
+            let n_kv = (c.pos0 + c.n_q) as usize;
+            let row = (c.n_kv_head * c.head_dim) as usize;
+            let mut rng = Rng::new(900 + ci as u64);
+            let q = rng.fill(c.n_q as usize * (c.n_head * c.head_dim) as usize, 1.0);
+            let k = rng.fill(n_kv * row, 1.0);
+            let v = rng.fill(n_kv * row, 1.0);
+            let scale = 1.0 / (c.head_dim as f32).sqrt();
+            let cache_bytes = n_kv as u64 * row as u64 * kv.bytes();
+            let kc = gpu.storage("k cache", cache_bytes).await?;
+            let vc = gpu.storage("v cache", cache_bytes).await?;
+            let qb = gpu.upload_f32("q", &q).await?;
+            let out = gpu.storage("out", (q.len() * 4) as u64).await?;
+            // the cache is filled in two appends, as a prompt and then new tokens would
+            let split = c.pos0.max(1).min(n_kv as u32) as usize;
+            let (k1, k2) = (gpu.upload_f32("k", &k[..split * row]).await?, gpu.upload_f32("k2", &k[split * row..]).await?);
+            let (v1, v2) = (gpu.upload_f32("v", &v[..split * row]).await?, gpu.upload_f32("v2", &v[split * row..]).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.kv_store(&k1, &kc, kv, row as u32, split as u32, 0).await?;
+            rec.kv_store(&v1, &vc, kv, row as u32, split as u32, 0).await?;
+            if split < n_kv {
+                rec.kv_store(&k2, &kc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
+                rec.kv_store(&v2, &vc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
+            }
+            let args = AttentionArgs { n_q: c.n_q, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, pos0: c.pos0, window: c.window, scale, kv };
+            rec.attention(&qb, &kc, &vc, &out, args).await?;
+            rec.submit()?;
+            let raw = gpu.read(&kc, 0, cache_bytes).await?;
+            let got = gpu.read_f32(&out, 0, q.len()).await?;
+            let (kr, vr) = match kv {
+                KvType::F32 => (k.clone(), v.clone()),
+                KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
+            };
+            let stored: Vec<f32> = match kv {
+                KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            };
+            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}"), &stored, &kr, 0.0));
+            let shape = reference::AttentionShape {
+                n_head: c.n_head as usize,
+                n_kv_head: c.n_kv_head as usize,
+                head_dim: c.head_dim as usize,
+                pos0: c.pos0 as usize,
+                window: (c.window > 0).then_some(c.window as usize),
+                scale,
+            };
+            let want = reference::attention(&q, &kr, &vr, shape);
+            checks.push(Check::max_abs(format!("attention {kv:?} case {ci} q={} pos0={} window={}", c.n_q, c.pos0, c.window), &got, &want, 1e-5));
+        }
+    }
+    Ok(checks)
+}
+
+async fn top_k(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, (n, k)) in [(262_144usize, 1u32), (262_144, 40), (49_152, 128), (1000, 5), (7, 7), (3000, 1)].into_iter().enumerate() {
+        let mut rng = Rng::new(1000 + i as u64);
+        // coarse values so that ties occur and the tie-break is exercised
+        let mut x: Vec<f32> = (0..n).map(|_| (rng.uniform() * 50.0).round()).collect();
+        x[n / 3] = 1000.0;
+        x[n - 1] = 1000.0;
+        let xb = gpu.upload_f32("logits", &x).await?;
+        let got = kernels::top_k(gpu, &xb, n as u32, k).await?;
+        let want = reference::top_k(&x, k as usize);
+        let mismatches = got.iter().zip(&want).filter(|(g, w)| g.0 as usize != w.0 || g.1 != w.1).count() + got.len().abs_diff(want.len());
+        checks.push(Check { case: format!("top-{k} of {n}"), metric: "mismatches", error: mismatches as f64, bound: 0.0 });
+    }
+    Ok(checks)
+}
