@@ -1,5 +1,5 @@
 // The chat page: model picker (URL or file), progress, streaming replies, stop, tokens/s,
-// sampling settings, system prompt, new chat, cached models.
+// sampling settings, system prompt, new chat, cached models, LoRA adapters (add, toggle, scale).
 import { Nomoat } from './nomoat.js';
 
 const $ = (id) => document.getElementById(id);
@@ -10,6 +10,7 @@ const ui = {
   modelInfo: $('model-info'), unload: $('unload'), cached: $('cached'),
   messages: $('messages'), stats: $('stats'), composer: $('composer'), input: $('input'),
   send: $('send'), stop: $('stop'), newChat: $('new-chat'), system: $('system'),
+  adapterFile: $('adapter-file'), adapters: $('adapters'),
 };
 
 let engine = null;
@@ -32,6 +33,8 @@ function setState() {
   ui.loadUrl.disabled = !engine || busy;
   ui.file.disabled = !engine || busy;
   ui.unload.disabled = !engine || !loaded || busy;
+  ui.adapterFile.disabled = !engine || !loaded || busy;
+  for (const el of ui.adapters.querySelectorAll('input, button')) el.disabled = busy;
   ui.stop.disabled = !abort;
 }
 
@@ -84,6 +87,71 @@ async function refreshCached() {
   }
 }
 
+// Adapters: each row has a toggle, a scale and a remove button. A change applies from the next
+// reply on; the conversation so far is kept (its cache is recomputed with the new weights).
+const adapterScales = new Map(); // name → the scale last typed, kept while the adapter is off
+function renderAdapters(list) {
+  ui.adapters.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = loaded ? 'none (llama.cpp LoRA GGUF files)' : 'load a model first';
+    ui.adapters.append(li);
+  }
+  for (const a of list) {
+    const li = document.createElement('li');
+    li.className = 'adapter';
+    li.dataset.name = a.name;
+    const on = document.createElement('input');
+    on.type = 'checkbox';
+    on.checked = a.active;
+    on.className = 'adapter-on';
+    on.title = 'use this adapter';
+    const label = document.createElement('span');
+    label.textContent = `${a.name} (${mib(a.bytes)})`;
+    const scale = document.createElement('input');
+    scale.type = 'number';
+    scale.step = '0.1';
+    scale.value = a.scale ?? adapterScales.get(a.name) ?? 1;
+    scale.className = 'adapter-scale';
+    scale.title = 'scale';
+    const del = document.createElement('button');
+    del.textContent = 'Remove';
+    del.className = 'adapter-remove';
+    on.onchange = () => applyAdapters();
+    scale.onchange = () => {
+      adapterScales.set(a.name, Number(scale.value));
+      if (on.checked) applyAdapters();
+    };
+    del.onclick = () => adapterOp(() => engine.removeAdapter(a.name));
+    li.append(on, label, scale, del);
+    ui.adapters.append(li);
+  }
+  setState();
+}
+
+async function adapterOp(op) {
+  if (busy) return;
+  busy = true;
+  showError(null);
+  setState();
+  try {
+    renderAdapters(await op());
+  } catch (e) {
+    showError(e);
+  } finally {
+    busy = false;
+    setState();
+  }
+}
+
+function applyAdapters() {
+  const active = [...ui.adapters.querySelectorAll('li.adapter')]
+    .filter((li) => li.querySelector('.adapter-on').checked)
+    .map((li) => ({ name: li.dataset.name, scale: Number(li.querySelector('.adapter-scale').value) }));
+  return adapterOp(() => engine.setAdapters(active));
+}
+
 const nCtx = () => Number(ui.nCtx.value) || 2048;
 
 async function load(start) {
@@ -99,6 +167,7 @@ async function load(start) {
     loaded = true;
     ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
     ui.progressLabel.textContent = 'loaded';
+    renderAdapters([]);
     newChat();
   } catch (e) {
     showError(e);
@@ -177,9 +246,18 @@ ui.file.onchange = () => {
   if (f) load(() => engine.loadFile(f, { onProgress, nCtx: nCtx() }));
   ui.file.value = '';
 };
+ui.adapterFile.onchange = () => {
+  const f = ui.adapterFile.files[0];
+  ui.adapterFile.value = '';
+  if (f) adapterOp(async () => {
+    await engine.addAdapter(f);
+    return engine.adapters();
+  });
+};
 ui.unload.onclick = async () => {
   await engine.unload();
   loaded = false;
+  renderAdapters([]);
   ui.modelInfo.textContent = 'unloaded';
   ui.progressBox.hidden = true;
   setState();
@@ -200,6 +278,7 @@ ui.newChat.onclick = newChat;
 async function main() {
   setState();
   refreshCached();
+  renderAdapters([]);
   if (!Nomoat.hasWebGPU()) {
     ui.noWebgpu.hidden = false;
     ui.device.textContent = 'no WebGPU';

@@ -15,8 +15,11 @@
 // (bucket 'nomoat-models-v1'), and a cached URL loads with no network request:
 // Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one.
 //
+// LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
+//
 // Errors are Error objects whose `name` tells the kind: NoWebGPU, NotGGUF, UnsupportedModel,
-// InvalidModel, OutOfMemory, DeviceLost, ReadError, Busy, NoModel, BadRequest, ContextFull.
+// InvalidModel, InvalidAdapter, OutOfMemory, DeviceLost, ReadError, Busy, NoModel, BadRequest,
+// ContextFull.
 
 export const MODEL_CACHE = 'nomoat-models-v1';
 
@@ -207,7 +210,34 @@ export class Nomoat {
     return this.#call('stop');
   }
 
-  /** Frees the model's GPU memory. */
+  /**
+   * Adds a LoRA adapter (llama.cpp's GGUF adapter format) from a File, checked against the
+   * loaded model; it starts inactive. Resolves to {name, bytes, tensors, alpha}. An adapter
+   * made for another model rejects with InvalidAdapter, naming the first tensor that differs.
+   */
+  addAdapter(file) {
+    return this.#call('addAdapter', { file });
+  }
+
+  /**
+   * Which adapters apply from the next reply on: [{name, scale}] ([] = the base model).
+   * Resolves to the list of added adapters [{name, bytes, tensors, alpha, active, scale}].
+   */
+  setAdapters(active) {
+    return this.#call('setAdapters', { active });
+  }
+
+  /** Removes an added adapter and frees its GPU memory; resolves to the remaining list. */
+  removeAdapter(name) {
+    return this.#call('removeAdapter', { name });
+  }
+
+  /** The added adapters [{name, bytes, tensors, alpha, active, scale}]. */
+  adapters() {
+    return this.#call('adapters');
+  }
+
+  /** Frees the model's GPU memory (and its adapters'). */
   unload() {
     return this.#call('unload');
   }

@@ -3,6 +3,7 @@
 //   page → worker  {id, op, args}
 //     op: create | loadUrl {url, options} | loadFile {file, options} | chat {messages, options}
 //         | complete {prompt, options} | render {messages} | info | stop | unload
+//         | addAdapter {file} | setAdapters {active: [{name, scale}]} | removeAdapter {name} | adapters
 //   worker → page  {id, type: 'progress', progress} | {id, type: 'piece', piece}
 //                | {id, type: 'result', result} | {id, type: 'error', error: {name, message}}
 // `stop` is answered at once, even while a chat is running (the chat then resolves with
@@ -55,6 +56,14 @@ async function handle(id, op, args) {
       return need().render(JSON.stringify(args.messages));
     case 'info':
       return JSON.parse(need().info());
+    case 'addAdapter':
+      return JSON.parse(await need().add_adapter(args.file));
+    case 'setAdapters':
+      return JSON.parse(await need().set_adapters(JSON.stringify(args.active)));
+    case 'removeAdapter':
+      return JSON.parse(await need().remove_adapter(args.name));
+    case 'adapters':
+      return JSON.parse(need().adapters());
     case 'stop':
       if (engine) engine.stop();
       return true;

@@ -17,12 +17,14 @@ use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
 use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::{ByteSource, Model, ModelError, Session};
 use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
@@ -175,7 +177,12 @@ struct Loaded {
     // Field order is drop order: the session borrows `model` (boxed, so it does not move) and
     // the engine's boxed `Gpu`, and goes first.
     session: Session<'static>,
+    /// LoRA adapters added for this model, active or not (the session holds the active ones
+    /// with their scales).
+    adapters: Vec<Arc<LoraAdapter>>,
     model: Box<Model>,
+    /// The model's header: adapters are checked against its tensor names and shapes.
+    gguf: Gguf,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     name: String,
@@ -391,6 +398,84 @@ impl Engine {
         self.abort.set(true);
     }
 
+    /// Adds a LoRA adapter (llama.cpp's GGUF adapter format) from a `File`, checked against the
+    /// loaded model (architecture, tensor names, shapes: an adapter for another model is
+    /// refused, naming the first tensor that does not fit). It starts inactive; see
+    /// `set_adapters`. Resolves to JSON {name, bytes, tensors, alpha}.
+    pub fn add_adapter(&self, file: JsValue) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let reader: Reader = JsFuture::from(open_file(&file)).await.map_err(|e| js_error("ReadError", js_message(&e)))?.unchecked_into();
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let inner = &mut *guard;
+            let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "load a model before adding adapters"))?;
+            let file_name = reader.name();
+            let name = file_name.strip_suffix(".gguf").unwrap_or(&file_name).to_string();
+            if l.adapters.iter().any(|a| a.name == name) {
+                return Err(js_error("BadRequest", format!("an adapter named '{name}' is already added")));
+            }
+            let ag = read_header(&reader).await?;
+            let adapter = LoraAdapter::load(&name, &ag, &mut JsSource(&reader), &inner.gpu, &l.model, &l.gguf)
+                .await
+                .map_err(|e| match e {
+                    ModelError::Gpu(g) => gpu_error(&g),
+                    e => js_error("InvalidAdapter", e),
+                })?;
+            let info = adapter_json(&adapter, None);
+            l.adapters.push(Arc::new(adapter));
+            Ok(JsValue::from_str(&info.to_string()))
+        })
+    }
+
+    /// The adapters that apply from the next reply on, with their scales: JSON
+    /// [{"name": "...", "scale": 1.0}, ...] ([] for the base model). Changing the set clears
+    /// the conversation's cache (it was computed with the old weights).
+    pub fn set_adapters(&self, active_json: String) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Active {
+                name: String,
+                scale: f32,
+            }
+            let active: Vec<Active> = parse_json("adapters", &active_json)?;
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let mut set = Vec::new();
+            for a in active {
+                if !a.scale.is_finite() {
+                    return Err(js_error("BadRequest", format!("adapter '{}': the scale must be a finite number", a.name)));
+                }
+                let adapter = l.adapters.iter().find(|x| x.name == a.name).ok_or_else(|| js_error("BadRequest", format!("no adapter named '{}' is added", a.name)))?;
+                set.push((adapter.clone(), a.scale));
+            }
+            l.session.set_adapters(set).await.map_err(|e| model_error(&e))?;
+            Ok(JsValue::from_str(&adapters_json(l).to_string()))
+        })
+    }
+
+    /// Removes an adapter (deactivating it first) and frees its GPU memory.
+    pub fn remove_adapter(&self, name: String) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let i = l.adapters.iter().position(|a| a.name == name).ok_or_else(|| js_error("BadRequest", format!("no adapter named '{name}' is added")))?;
+            let keep: Vec<_> = l.session.adapters().iter().filter(|(a, _)| a.name != name).cloned().collect();
+            l.session.set_adapters(keep).await.map_err(|e| model_error(&e))?;
+            l.adapters.remove(i);
+            Ok(JsValue::from_str(&adapters_json(l).to_string()))
+        })
+    }
+
+    /// JSON [{name, bytes, tensors, alpha, active, scale}] of the added adapters.
+    pub fn adapters(&self) -> Result<String, JsValue> {
+        let inner = self.inner.try_borrow().map_err(|_| busy())?;
+        let l = inner.loaded.as_ref().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+        Ok(adapters_json(l).to_string())
+    }
+
     /// llama-bench's pp / tg on the loaded model, the same routine `nomoat bench` runs
     /// (`generate::bench_once`): `reps` repetitions after a warm-up; resolves to JSON
     /// {device, prompt_tps: [..], gen_tps: [..]}. Clears the conversation's cache.
@@ -571,7 +656,9 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     JsFuture::from(reader.finish()).await.map_err(|e| js_error("ReadError", js_message(&e)))?;
     let loaded = Loaded {
         session,
+        adapters: Vec::new(),
         model,
+        gguf,
         tokenizer,
         template,
         name: reader.name(),
@@ -581,6 +668,16 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let info = info_json(&inner.gpu, &loaded);
     inner.loaded = Some(loaded);
     Ok(JsValue::from_str(&info.to_string()))
+}
+
+fn adapter_json(a: &LoraAdapter, scale: Option<f32>) -> serde_json::Value {
+    serde_json::json!({"name": a.name, "bytes": a.bytes, "tensors": a.pairs.len(), "alpha": a.alpha, "active": scale.is_some(), "scale": scale})
+}
+
+fn adapters_json(l: &Loaded) -> serde_json::Value {
+    let active = l.session.adapters();
+    let list: Vec<_> = l.adapters.iter().map(|a| adapter_json(a, active.iter().find(|(x, _)| Arc::ptr_eq(x, a)).map(|(_, s)| *s))).collect();
+    serde_json::Value::Array(list)
 }
 
 fn web_time_now() -> f64 {
