@@ -10,6 +10,12 @@
 //! client that goes away (a streaming response whose connection fails, or a dropped request)
 //! sets its request's cancel flag, and the engine stops generating for it at the next token.
 //! Every error is an OpenAI-style `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! The chat page (www/) is served at `/` and the loaded model file at `/models/<its name>`, so
+//! the page can run the same model in the browser; `--no-www` turns both off. Connections are
+//! capped, headers must arrive within `--header-timeout`, bodies within `--body-timeout`;
+//! cross-origin requests get no CORS headers unless `--cors-origin` names the origin. See
+//! SECURITY.md for the threat model.
 
 mod api;
 mod engine;
@@ -32,6 +38,7 @@ use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -61,6 +68,26 @@ pub struct ServeArgs {
     /// Model id to report (default: the GGUF file's name without .gguf)
     #[arg(long)]
     pub alias: Option<String>,
+    /// Folder of the chat page to serve at / (default: the www/ folder of this source tree)
+    #[arg(long)]
+    pub www: Option<PathBuf>,
+    /// Serve only the API: no chat page, no model file
+    #[arg(long)]
+    pub no_www: bool,
+    /// Allow cross-origin requests from this origin (repeatable; e.g. http://localhost:3000).
+    /// Without it browsers on other origins cannot read the API's answers
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
+    /// Open connections at once; more are closed on accept
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open)
+    #[arg(long, default_value_t = 15)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body (408 after)
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
 }
 
 /// Largest request body accepted (413 beyond).
@@ -133,7 +160,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         eprintln!("nomoat serve: {model_id} on {device}, context {n_ctx} tokens");
         eprintln!("nomoat serve: listening on http://{addr}{}", if state.api_key.is_some() { " (API key required)" } else { "" });
-        let app = router(state);
+        let www = if a.no_www { None } else { www_dir(a.www.clone())? };
+        match &www {
+            Some(d) => eprintln!("nomoat serve: chat page at http://{addr}/ (from {})", d.display()),
+            None if !a.no_www => eprintln!("nomoat serve: no chat page (www/pkg is not built: scripts/build-web.sh)"),
+            None => {}
+        }
+        let opts = RouterOptions { www, model_file: path.clone(), cors_origins: a.cors_origins.clone(), body_timeout: Duration::from_secs(a.body_timeout.max(1)) };
+        let app = router(state, &opts)?;
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
@@ -145,7 +179,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ctrl_c.await.ok();
         };
         tokio::select! {
-            r = axum::serve(listener, app) => r.context("serving")?,
+            _ = accept_loop(listener, app, a.max_connections.max(1), Duration::from_secs(a.header_timeout.max(1))) => {}
             _ = shutdown => eprintln!("nomoat serve: shutting down"),
         }
         Ok::<_, anyhow::Error>(())
@@ -155,7 +189,55 @@ pub fn run(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn router(state: Shared) -> Router {
+/// The chat page's folder: `--www`, else the source tree's www/ when its wasm is built.
+fn www_dir(given: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    if let Some(d) = given {
+        anyhow::ensure!(d.join("index.html").is_file(), "--www {}: no index.html there", d.display());
+        return Ok(Some(d.canonicalize()?));
+    }
+    let d = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../www"));
+    Ok(d.join("pkg/nomoat_web_bg.wasm").is_file().then(|| d.canonicalize()).transpose()?)
+}
+
+/// Serves connections until the task is dropped: HTTP/1.1 through hyper with a header-read
+/// timeout (slow or idle clients cannot hold a connection open), at most `max_connections`
+/// at once (the rest are closed on accept rather than queued in memory).
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, max_connections: usize, header_timeout: Duration) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    loop {
+        let (sock, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // out of file descriptors and the like: wait instead of spinning
+                eprintln!("nomoat serve: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(sock);
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+            let _ = http.serve_connection(TokioIo::new(sock), service).await;
+            drop(slot);
+        });
+    }
+}
+
+struct RouterOptions {
+    www: Option<PathBuf>,
+    model_file: PathBuf,
+    cors_origins: Vec<String>,
+    body_timeout: Duration,
+}
+
+fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/adapters", get(adapters))
@@ -165,16 +247,33 @@ fn router(state: Shared) -> Router {
         .route("/models", get(models))
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
-        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/health", get(health))
-        .route("/v1/health", get(health))
-        .merge(api)
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let mut app = Router::new().route("/health", get(health)).route("/v1/health", get(health)).merge(api);
+    app = match &o.www {
+        // tower-http's ServeDir refuses `..` and absolute components: nothing outside www/
+        Some(dir) => {
+            let name = o.model_file.file_name().unwrap_or_default().to_string_lossy().to_string();
+            let model = tower_http::services::ServeFile::new(&o.model_file);
+            app.route_service(&format!("/models/{name}"), model)
+                .fallback_service(tower_http::services::ServeDir::new(dir).call_fallback_on_method_not_allowed(true).fallback(axum::routing::any(not_found)))
+        }
+        None => app.fallback(not_found),
+    };
+    app = app
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(o.body_timeout))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(content_length_limit))
-        .with_state(state)
+        .layer(middleware::from_fn(content_length_limit));
+    if !o.cors_origins.is_empty() {
+        let origins = o.cors_origins.iter().map(|s| s.parse::<header::HeaderValue>()).collect::<Result<Vec<_>, _>>().context("--cors-origin")?;
+        app = app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    Ok(app.with_state(state))
 }
 
 /// A declared body over the limit is refused before any of it is read (a body without a
@@ -227,6 +326,7 @@ async fn health(State(s): State<Shared>) -> Json<Value> {
         "busy": s.stats.busy.load(Ordering::Relaxed),
         "queued": queued,
         "served": s.stats.served.load(Ordering::Relaxed),
+        "gpu_buffer_bytes": s.stats.gpu_bytes.load(Ordering::Relaxed),
     }))
 }
 
@@ -269,6 +369,13 @@ async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection
 }
 
 fn body_error(r: BytesRejection) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&r);
+    while let Some(e) = source {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the request body did not arrive in time").with_code("request_timeout");
+        }
+        source = e.source();
+    }
     let status = r.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(status, "invalid_request_error", format!("the request body is larger than the {MAX_BODY}-byte limit")).with_code("request_too_large")

@@ -54,10 +54,15 @@ impl Drop for Server {
 impl Server {
     /// Starts `nomoat serve --port 0 ARGS` and waits for it to listen and answer /health.
     fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let t = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_nomoat"))
             .args(["serve", "--port", "0", "-c", &N_CTX.to_string()])
             .args(args)
+            .envs(env.iter().copied())
             .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -587,4 +592,172 @@ fn serve_lora_adapters_per_request() {
     let (status, err) = s.post_raw("/v1/completions", &body(json!("x")).to_string(), Some(KEY));
     check_error(status, &err, 400, "adapters not a list");
     assert_eq!(text(&s.post("/v1/completions", &body(json!([])))), base, "the server still serves the base model");
+}
+
+/// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
+/// connection or `wait` passed.
+fn raw_http(addr: &str, request: &[u8], wait: Duration) -> String {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(wait)).unwrap();
+    sock.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn status_of(response: &str) -> u16 {
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap();
+    kb * 1024
+}
+
+/// The page and the model file are served, nothing else on disk; no CORS headers for origins
+/// not named; slow clients are cut off; max_tokens is capped.
+#[test]
+fn serve_static_files_cors_timeouts_and_limits() {
+    let _serial = serial();
+    let www = format!("{}/../www", env!("CARGO_MANIFEST_DIR"));
+    let s = Server::start(&[
+        "--api-key", KEY, "--www", &www, "--cors-origin", "http://allowed.example",
+        "--header-timeout", "2", "--body-timeout", "2", "--max-tokens-limit", "3",
+    ]);
+    let model = model_path();
+    let model_name = model.file_name().unwrap().to_str().unwrap().to_string();
+
+    let page = raw_http(&s.addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
+    assert_eq!(status_of(&page), 200, "{page}");
+    assert!(page.contains("<title>nomoat"), "the chat page: {page}");
+    // the loaded model, with Range support (the page streams it)
+    let head = raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+    assert_eq!(status_of(&head), 206, "{head}");
+    assert!(head.ends_with("GGUF"), "{head}");
+    // nothing outside www/ and that one file, however the path is spelled
+    for path in [
+        "/../Cargo.toml", "/%2e%2e/Cargo.toml", "/%2E%2E/%2E%2E/Cargo.toml", "/pkg/../../Cargo.toml", "/..%2fCargo.toml",
+        "/%2e%2e%2f%2e%2e%2fCargo.toml", "//etc/passwd", "/..\\Cargo.toml", "/models/../../Cargo.toml", "/models/%2e%2e%2fCargo.toml",
+        "/models/other.gguf", "/.git/config", "/%00/etc/passwd",
+    ] {
+        let r = raw_http(&s.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        let status = status_of(&r);
+        assert!((400..500).contains(&status), "{path}: {status}\n{r}");
+        assert!(!r.contains("[package]") && !r.contains("root:") && !r.contains("[core]"), "{path} leaked a file: {r}");
+    }
+
+    // CORS: only the named origin gets the headers (preflight and the request itself)
+    for (origin, allowed) in [("http://allowed.example", true), ("http://evil.example", false)] {
+        let pre = raw_http(
+            &s.addr,
+            format!("OPTIONS /v1/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(10),
+        );
+        let get = raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        for r in [&pre, &get] {
+            let has = r.to_ascii_lowercase().contains(&format!("access-control-allow-origin: {origin}"));
+            assert_eq!(has, allowed, "{origin}: {r}");
+            assert!(!r.to_ascii_lowercase().contains("access-control-allow-origin: *"), "{r}");
+        }
+    }
+
+    // a client that never finishes its headers, or sends nothing, is disconnected
+    for (what, req) in [("partial headers", &b"GET /health HTTP/1.1\r\nHost: x\r\n"[..]), ("idle", &b""[..])] {
+        let t = Instant::now();
+        let r = raw_http(&s.addr, req, Duration::from_secs(20));
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(10), "{what}: connection held {took:?}: {r}");
+        assert!(r.is_empty() || status_of(&r) == 408, "{what}: {r}");
+    }
+    // a body slower than --body-timeout is a 408
+    let t = Instant::now();
+    let r = raw_http(
+        &s.addr,
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":").as_bytes(),
+        Duration::from_secs(20),
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "slow body held {:?}: {r}", t.elapsed());
+    assert_eq!(status_of(&r), 408, "{r}");
+
+    // max_tokens is lowered to --max-tokens-limit
+    let v = s.post("/v1/completions", &json!({"prompt": "One, two, three, four,", "max_tokens": 100, "temperature": 0}));
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    // the server still answers normally
+    let (status, _) = s.get("/health", None);
+    assert_eq!(status, 200);
+}
+
+/// 200 requests from 16 clients against a queue of 4: every answer is a completion or the
+/// queue's 503, the queue drains, and GPU buffers and process memory come back to where they were.
+#[test]
+fn serve_bounded_load() {
+    let _serial = serial();
+    let s = Server::start(&["--api-key", KEY, "--max-queue", "4"]);
+    let pid = s.child.id();
+    let health = || -> Value { serde_json::from_str(&s.get("/health", None).1).unwrap() };
+    let body = json!({"prompt": "Hello there", "max_tokens": 2, "temperature": 0}).to_string();
+    let round = |n_clients: usize, per_client: usize| -> (usize, usize, Vec<String>) {
+        let results: Vec<(u16, String)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..n_clients)
+                .map(|_| sc.spawn(|| (0..per_client).map(|_| s.post_raw("/v1/completions", &body, Some(KEY))).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let ok = results.iter().filter(|r| r.0 == 200).count();
+        let busy = results.iter().filter(|r| r.0 == 503 && r.1.contains("queue_full")).count();
+        let other = results.iter().filter(|r| r.0 != 200 && !(r.0 == 503 && r.1.contains("queue_full"))).map(|r| format!("{} {}", r.0, r.1)).collect();
+        (ok, busy, other)
+    };
+    let wait_idle = || {
+        let t = Instant::now();
+        loop {
+            let h = health();
+            if h["queued"] == 0 && h["busy"] == false {
+                return h;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "the queue did not drain: {h}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // a first round warms every allocation up; the second must not grow anything
+    let (ok, _, other) = round(16, 3);
+    assert!(ok > 0 && other.is_empty(), "warm-up round: {ok} ok, others {other:?}");
+    let before = wait_idle();
+    let rss_before = rss_bytes(pid);
+    let t = Instant::now();
+    let (ok, busy, other) = round(16, 200 / 16 + 1);
+    eprintln!("[serve test] load: {ok} completed, {busy} queue-full, {} other, in {:.1} s", other.len(), t.elapsed().as_secs_f64());
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    assert!(ok >= 4 && ok + busy >= 200, "{ok} ok, {busy} busy");
+    let after = wait_idle();
+    let rss_after = rss_bytes(pid);
+    eprintln!("[serve test] gpu buffers {} → {} bytes, rss {} → {} MiB", before["gpu_buffer_bytes"], after["gpu_buffer_bytes"], rss_before >> 20, rss_after >> 20);
+    assert_eq!(after["gpu_buffer_bytes"], before["gpu_buffer_bytes"], "GPU buffers leaked");
+    assert!(rss_after < rss_before + (32 << 20), "process memory grew by {} MiB", (rss_after - rss_before) >> 20);
+}
+
+/// A device lost mid-service (destroyed on purpose before the 2nd request) fails that request
+/// with a clear error; the engine opens the device again, and the next request is answered as
+/// before the loss.
+#[test]
+fn serve_recovers_from_device_loss() {
+    let _serial = serial();
+    let s = Server::start_with_env(&["--api-key", KEY], &[("NOMOAT_FAULT_LOSE_DEVICE_AT", "2")]);
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let first = text(&s.post("/v1/completions", &body));
+    let (status, err) = s.post_raw("/v1/completions", &body.to_string(), Some(KEY));
+    let e = check_error(status, &err, 500, "request on a lost device");
+    assert!(e["message"].as_str().unwrap().contains("device lost"), "{e}");
+    let again = text(&s.post("/v1/completions", &body));
+    assert_eq!(again, first, "after the device came back");
+    assert!(s.log.lock().unwrap().contains("opening the device again"), "{}", s.log.lock().unwrap());
 }

@@ -397,6 +397,8 @@ impl<'g> Recorder<'g> {
         params: &P,
         groups: (u32, u32, u32),
     ) -> Result<(), GpuError> {
+        // wgpu panics on buffers created on a lost device: report the loss instead
+        self.gpu.check_lost()?;
         let p = self.gpu.pipeline(key).await?;
         let uniform = self.gpu.uniform(params);
         let mut entries: Vec<wgpu::BindGroupEntry> = buffers

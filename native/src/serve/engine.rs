@@ -11,7 +11,7 @@ use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -58,66 +58,117 @@ pub struct ModelInfo {
 pub struct Stats {
     pub busy: AtomicBool,
     pub served: AtomicU64,
+    /// Bytes of GPU buffers alive after the last request (-1 where the driver does not say).
+    pub gpu_bytes: AtomicI64,
 }
 
 /// Loads the model on a new thread and starts serving `jobs` there. Returns once the model is
-/// loaded (or failed to load).
-pub fn start(m: ModelArgs, jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Result<ModelInfo> {
+/// loaded (or failed to load). A lost GPU device (driver reset, GPU unplugged, or
+/// `NOMOAT_FAULT_LOSE_DEVICE_AT=N`, which destroys it before the N-th request to test this) ends
+/// the request that met it with an error; the engine then opens the device again, reloads the
+/// model and goes on with the queue.
+pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
+    let fault_at: Option<u64> = std::env::var("NOMOAT_FAULT_LOSE_DEVICE_AT").ok().and_then(|v| v.parse().ok());
     std::thread::Builder::new().name("nomoat-engine".into()).spawn(move || {
-        let fail = |e: anyhow::Error| {
-            let _ = ready_tx.send(Err(e));
-        };
-        let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(&m, true) {
-            Ok(l) => l,
-            Err(e) => return fail(e),
-        };
-        let template = match ChatTemplate::from_gguf(&gguf) {
-            Ok(Some(t)) => Ok(t),
-            Ok(None) => Err("this model has no chat template (tokenizer.chat_template is missing from the GGUF; a base model?), so /v1/chat/completions cannot format messages; use /v1/completions with a raw prompt".to_string()),
-            Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
-        };
-        drop(gguf);
-        let n_ctx = m.ctx_size.min(model.config.n_ctx_train);
-        let mut session = match pollster::block_on(Session::new(&model, &gpu, n_ctx, kv_type(&m), false)) {
-            Ok(s) => s,
-            Err(e) => return fail(anyhow!(e)),
-        };
-        // Warm-up: builds every pipeline a request uses (prompt batch, single-token step, GPU
-        // argmax, logits read-back) so that the first client does not wait for it.
-        let t = std::time::Instant::now();
-        let warm = pollster::block_on(async {
-            session.eval(&[1, 2]).await?;
-            session.eval(&[3]).await?;
-            session.top_k(1).await?;
-            session.logits().await.map(|_| ())
-        });
-        session.reset();
-        if let Err(e) = warm {
-            return fail(anyhow!(e).context("warming up the model"));
+        let mut ready = Some(ready_tx);
+        loop {
+            match load_and_serve(&m, &mut jobs, &stats, &mut ready, fault_at) {
+                Ended::Stopped => return,
+                Ended::DeviceLost(e) => eprintln!("nomoat serve: {e}; opening the device again and reloading the model"),
+                Ended::LoadFailed(e) => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    // after a device loss: answer the next request with the reason, then retry
+                    eprintln!("nomoat serve: reloading failed: {e:#}");
+                    match jobs.blocking_recv() {
+                        Some(job) => {
+                            let _ = job.events.send(Event::Error(format!("the GPU is unavailable: {e:#}")));
+                        }
+                        None => return,
+                    }
+                }
+            }
         }
-        eprintln!("nomoat serve: warmed up in {:.1} s", t.elapsed().as_secs_f64());
-        let tokenizer = Arc::new(tokenizer);
+    })?;
+    ready_rx.recv().map_err(|_| anyhow!("the engine thread stopped while loading the model"))?
+}
+
+enum Ended {
+    /// Every sender is gone: the server is shutting down.
+    Stopped,
+    DeviceLost(String),
+    LoadFailed(anyhow::Error),
+}
+
+fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>, fault_at: Option<u64>) -> Ended {
+    let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(m, true) {
+        Ok(l) => l,
+        Err(e) => return Ended::LoadFailed(e),
+    };
+    let template = match ChatTemplate::from_gguf(&gguf) {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => Err("this model has no chat template (tokenizer.chat_template is missing from the GGUF; a base model?), so /v1/chat/completions cannot format messages; use /v1/completions with a raw prompt".to_string()),
+        Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
+    };
+    drop(gguf);
+    let n_ctx = m.ctx_size.min(model.config.n_ctx_train);
+    let mut session = match pollster::block_on(Session::new(&model, &gpu, n_ctx, kv_type(m), false)) {
+        Ok(s) => s,
+        Err(e) => return Ended::LoadFailed(anyhow!(e)),
+    };
+    // Warm-up: builds every pipeline a request uses (prompt batch, single-token step, GPU
+    // argmax, logits read-back) so that the first client does not wait for it.
+    let t = std::time::Instant::now();
+    let warm = pollster::block_on(async {
+        session.eval(&[1, 2]).await?;
+        session.eval(&[3]).await?;
+        session.top_k(1).await?;
+        session.logits().await.map(|_| ())
+    });
+    session.reset();
+    if let Err(e) = warm {
+        return Ended::LoadFailed(anyhow!(e).context("warming up the model"));
+    }
+    eprintln!("nomoat serve: warmed up in {:.1} s", t.elapsed().as_secs_f64());
+    stats.gpu_bytes.store(gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
+    let tokenizer = Arc::new(tokenizer);
+    if let Some(tx) = ready.take() {
         let adapter_info = adapters
             .iter()
             .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
             .collect();
         let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info };
-        if ready_tx.send(Ok(info)).is_err() {
-            return;
+        if tx.send(Ok(info)).is_err() {
+            return Ended::Stopped;
         }
-        run(&mut session, &tokenizer, &adapters, jobs, &stats);
-    })?;
-    ready_rx.recv().map_err(|_| anyhow!("the engine thread stopped while loading the model"))?
+    }
+    let fault = |served: u64| {
+        if fault_at == Some(served + 1) {
+            eprintln!("nomoat serve: NOMOAT_FAULT_LOSE_DEVICE_AT={}: destroying the GPU device", served + 1);
+            gpu.device.destroy();
+            // the loss is reported from the device's next poll, as a driver's would be
+            let _ = gpu.device.poll(wgpu::PollType::Poll);
+            eprintln!("nomoat serve: device state after destroy: {:?}", gpu.check_lost());
+        }
+    };
+    match run(&mut session, &tokenizer, &adapters, jobs, stats, &fault) {
+        None => Ended::Stopped,
+        Some(e) => Ended::DeviceLost(e),
+    }
 }
 
-fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdapter>, f32)], mut jobs: mpsc::Receiver<Job>, stats: &Stats) {
+/// Serves jobs until the channel closes (None) or the device is lost (Some(why)).
+fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdapter>, f32)], jobs: &mut mpsc::Receiver<Job>, stats: &Stats, fault: &dyn Fn(u64)) -> Option<String> {
     while let Some(job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
             eprintln!("[#{}] client left before its turn; skipped", job.id);
             continue;
         }
         stats.busy.store(true, Ordering::SeqCst);
+        fault(stats.served.load(Ordering::SeqCst));
         let wanted: Vec<(Arc<LoraAdapter>, f32)> = match &job.adapters {
             None => loaded.to_vec(),
             Some(list) => list.iter().map(|(i, s)| (loaded[*i].0.clone(), *s)).collect(),
@@ -131,7 +182,19 @@ fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdap
         }));
         stats.busy.store(false, Ordering::SeqCst);
         stats.served.fetch_add(1, Ordering::Relaxed);
+        // A lost device (or a panic inside the GPU layer, which leaves it in an unknown state)
+        // ends this request; the caller then opens the device again.
+        let lost = match (&result, session.gpu.check_lost()) {
+            (_, Err(e)) => Some(e.to_string()),
+            (Err(_), Ok(())) => Some("the GPU layer panicked".to_string()),
+            _ => None,
+        };
         let event = match result {
+            _ if lost.is_some() => {
+                let why = lost.clone().unwrap_or_default();
+                eprintln!("[#{}] failed: {why}", job.id);
+                Event::Error(format!("{why}; the server is opening the device again: retry the request"))
+            }
             Ok(Ok(g)) => {
                 eprintln!(
                     "[#{}] {} prompt tokens ({} reused) at {:.1} tok/s, {} generated at {:.1} tok/s, {}",
@@ -162,5 +225,10 @@ fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdap
             }
         };
         let _ = job.events.send(event);
+        if lost.is_some() {
+            return lost;
+        }
+        stats.gpu_bytes.store(session.gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
     }
+    None
 }
