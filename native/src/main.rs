@@ -156,6 +156,10 @@ pub struct ModelArgs {
     /// LoRA adapter (llama.cpp GGUF format) with an optional scale, PATH[:SCALE]; repeatable
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     pub lora: Vec<String>,
+    /// Use at most this many MiB of GPU memory (weights, KV cache, scratch); loading fails
+    /// cleanly beyond it
+    #[arg(long, value_name = "MIB")]
+    pub max_gpu_memory: Option<u64>,
 }
 
 pub fn default_model() -> PathBuf {
@@ -187,7 +191,12 @@ pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
     }
     let (gguf, mut file) = open_gguf(&path)?;
     let tokenizer = Tokenizer::from_gguf(&gguf).context("building the tokenizer from the GGUF metadata")?;
-    let gpu = pollster::block_on(Gpu::new(GpuOptions { allow_f16: !a.portable, allow_subgroups: !a.portable, ..Default::default() }))?;
+    let gpu = pollster::block_on(Gpu::new(GpuOptions {
+        allow_f16: !a.portable,
+        allow_subgroups: !a.portable,
+        memory_budget: a.max_gpu_memory.map(|m| m << 20),
+        ..Default::default()
+    }))?;
     let bar = indicatif::ProgressBar::new(0);
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

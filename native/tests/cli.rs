@@ -87,5 +87,9 @@ fn bad_input_gives_clear_errors() {
     assert!(!ok && err.contains("vocabulary"), "{err}");
     let (ok, _, err) = nomoat(&["run", "-p", "hi", "-c", "100000000"]);
     assert!(!ok && err.contains("context"), "{err}");
+    // a GPU too small for the model: refused part-way with what the model needs
+    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--max-gpu-memory", "40"]);
+    assert!(!ok && err.contains("out of GPU memory loading the model: it needs") && err.contains("(92 MiB)") && err.contains("freed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

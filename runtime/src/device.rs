@@ -39,11 +39,15 @@ pub struct GpuOptions {
     /// Ask for a smaller storage-binding limit than the adapter offers: how tests (and anyone
     /// curious) see what a phone's 128 MiB or smaller limit does to tensor splitting.
     pub max_storage_binding: Option<u64>,
+    /// Use at most this many bytes of GPU buffers (to leave room for other programs, or to see
+    /// what a smaller GPU does); beyond it allocations fail as out-of-memory. Enforced where
+    /// the driver's buffer counters are available (native builds).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None }
+        GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None, memory_budget: None }
     }
 }
 
@@ -54,6 +58,7 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub variant: Variant,
     lost: Arc<Mutex<Option<String>>>,
+    memory_budget: Option<u64>,
     pub(crate) pipelines: crate::kernels::PipelineCache,
 }
 
@@ -124,7 +129,7 @@ impl Gpu {
             }
         }));
         let variant = Variant { f16, subgroups, web: cfg!(target_arch = "wasm32") };
-        Ok(Gpu { device, queue, info, limits, variant, lost, pipelines: Default::default() })
+        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default() })
     }
 
     /// Largest byte size one tensor chunk may have: a storage binding and a buffer both cap it.
@@ -161,6 +166,11 @@ impl Gpu {
     /// Run `f` inside out-of-memory and validation error scopes and report what they caught.
     pub async fn scoped<T>(&self, what: &str, bytes: u64, f: impl FnOnce() -> T) -> Result<T, GpuError> {
         self.check_lost()?;
+        if let (Some(budget), Some(used)) = (self.memory_budget, self.buffer_memory()) {
+            if used as u64 + bytes > budget {
+                return Err(GpuError::OutOfMemory { what: format!("{what} (over the {budget}-byte GPU memory budget)"), bytes });
+            }
+        }
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
@@ -198,6 +208,11 @@ impl Gpu {
             let mut tail = data[aligned..].to_vec();
             tail.resize(4, 0);
             self.queue.write_buffer(&buf, aligned as u64, &tail);
+        }
+        // Written data waits in staging memory until the next submission: flush large uploads
+        // at once, or a model load would hold a second copy of every weight until its end.
+        if data.len() >= 1 << 20 {
+            self.queue.submit([]);
         }
         Ok(buf)
     }
@@ -281,9 +296,11 @@ impl Gpu {
         Ok(bytemuck::cast_slice(&b).to_vec())
     }
 
-    /// Wait until all submitted work is done (native; a no-op in the browser, where read-back
-    /// awaits instead).
+    /// Wait until all submitted work (and pending buffer writes) is done, so dropped buffers
+    /// are released (native; a no-op in the browser, where read-back awaits instead).
     pub fn wait(&self) -> Result<(), GpuError> {
+        self.check_lost()?;
+        self.queue.submit([]);
         #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })

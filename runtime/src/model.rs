@@ -34,6 +34,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("reading the model file: {0}")]
     Io(String),
+    #[error("out of GPU memory loading the model: it needs {needed} bytes ({} MiB) of weights, and {loaded} bytes were on the GPU when {cause}; everything was freed. Try a smaller model or quantization, or close other programs using the GPU", needed >> 20)]
+    OutOfMemoryLoading { needed: u64, loaded: u64, cause: GpuError },
     #[error(transparent)]
     Gpu(#[from] GpuError),
     #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (use a larger --ctx-size, at most {max})")]
@@ -310,7 +312,27 @@ fn check_scales_finite(t: &TensorInfo, bytes: &[u8]) -> Result<(), ModelError> {
 
 impl Model {
     /// Read every tensor the graph needs from `src` and upload it, one tensor at a time.
+    /// Out of memory part-way, everything uploaded so far is dropped (freed) and the error says
+    /// how many bytes the whole model needs.
     pub async fn load<S: ByteSource>(gguf: &Gguf, gpu: &Gpu, src: &mut S, progress: Progress<'_>) -> Result<Model, ModelError> {
+        let needed: u64 = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+        let mut loaded = 0;
+        let mut track = |done: u64, total: u64| {
+            loaded = done;
+            progress(done, total)
+        };
+        match Self::load_tensors(gguf, gpu, src, &mut track).await {
+            Err(ModelError::Gpu(cause @ GpuError::OutOfMemory { .. })) => {
+                // the uploaded tensors are dropped by now; let the device release them (and the
+                // upload staging) before saying so
+                let _ = gpu.wait();
+                Err(ModelError::OutOfMemoryLoading { needed, loaded, cause })
+            }
+            r => r,
+        }
+    }
+
+    async fn load_tensors<S: ByteSource>(gguf: &Gguf, gpu: &Gpu, src: &mut S, progress: Progress<'_>) -> Result<Model, ModelError> {
         let c = Config::from_gguf(gguf)?;
         let total = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
         let mut l = Loader { gguf, gpu, src, done: 0, total, progress };

@@ -196,3 +196,17 @@ test('a file that is not GGUF gets a clear error on the page', { timeout: LONG }
   await page.screenshot({ path: path.join(ARTIFACTS, 'not-gguf.png') });
   await page.close();
 });
+
+test('a truncated model file gets a clear error, and the page stays usable', { timeout: LONG }, async () => {
+  const page = await openPage();
+  const real = fs.readFileSync(path.join(MODEL_DIR, MODEL));
+  // the header and a third of the weights: the file ends inside the tensor data
+  await page.setInputFiles('#model-file', { name: 'cut.gguf', mimeType: 'application/octet-stream', buffer: real.subarray(0, Math.floor(real.length / 3)) });
+  await page.waitForSelector('#error:not([hidden])', { timeout: LONG });
+  const err = await page.textContent('#error');
+  console.log(`truncated file: ${err}`);
+  assert.match(err, /InvalidModel: .*(ends|truncated|file is)/);
+  assert.equal(await page.isDisabled('#load-url'), false);
+  await page.screenshot({ path: path.join(ARTIFACTS, 'truncated.png') });
+  await page.close();
+});

@@ -190,3 +190,28 @@ fn smollm2_matches_llama_cpp() {
 fn gemma3_matches_llama_cpp() {
     check_model(GEMMA3);
 }
+
+/// Out of GPU memory part-way through a load (a 40 MiB budget for a 92 MiB model): a typed
+/// error with the bytes needed, every buffer uploaded so far freed, and the device still works.
+#[test]
+fn out_of_memory_while_loading_frees_everything() {
+    use nomoat_runtime::device::GpuOptions;
+    use nomoat_runtime::model::ModelError;
+    let gpu = pollster::block_on(Gpu::new(GpuOptions { allow_f16: false, allow_subgroups: false, memory_budget: Some(40 << 20), ..Default::default() })).unwrap();
+    let baseline = gpu.buffer_memory().unwrap_or(0);
+    let path = model_path(SMOLLM2);
+    let mut f = std::fs::File::open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let gguf = Gguf::read_from(&mut f, len).unwrap();
+    let e = pollster::block_on(Model::load(&gguf, &gpu, &mut f, &mut |_, _| {})).err().expect("a 40 MiB budget cannot hold the model");
+    match &e {
+        ModelError::OutOfMemoryLoading { needed, loaded, .. } => {
+            assert!(*needed > 90 << 20 && *loaded < 40 << 20, "{e}");
+        }
+        other => panic!("expected OutOfMemoryLoading, got {other}"),
+    }
+    let after = gpu.buffer_memory().unwrap_or(0);
+    assert!(after <= baseline, "buffers left behind: {after} bytes, {baseline} before the load");
+    let x = pollster::block_on(gpu.upload_f32("x", &[1.0, 2.0])).unwrap();
+    assert_eq!(pollster::block_on(gpu.read_f32(&x, 0, 2)).unwrap(), vec![1.0, 2.0]);
+}

@@ -103,6 +103,7 @@ fn model_error(e: &ModelError) -> JsValue {
     match e {
         ModelError::UnsupportedArchitecture(_) | ModelError::UnsupportedType { .. } => js_error("UnsupportedModel", e),
         ModelError::Gpu(g) => gpu_error(g),
+        ModelError::OutOfMemoryLoading { .. } => js_error("OutOfMemory", e),
         ModelError::Io(_) => js_error("ReadError", e),
         ModelError::ContextFull { .. } => js_error("ContextFull", e),
         ModelError::Metadata(GgufError::BadMagic { .. }) => js_error("NotGGUF", e),
