@@ -358,13 +358,57 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// llama-bench's pp / tg: see `generate::bench_once`, which the browser engine runs too.
+/// GB/s of weight bytes the plain f32 matvec kernel streams on this device: a 4096 x 4096
+/// matrix (64 MiB, beyond any cache), `iters` products in one submission after a warm-up.
+/// Weight bytes per token ÷ this = the decode ceiling.
+fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
+    use nomoat_runtime::ggml_type::GgmlType;
+    use nomoat_runtime::kernels::{GpuMatrix, Recorder};
+    const N: usize = 4096;
+    let w: Vec<u8> = (0..N * N).flat_map(|i| (((i * 7919) % 1000) as f32 * 1e-3).to_le_bytes()).collect();
+    pollster::block_on(async {
+        let m = GpuMatrix::upload(gpu, "ceiling w", GgmlType::F32, N as u64, N as u64, &w).await?;
+        let x = gpu.upload_f32("ceiling x", &vec![1.0; N]).await?;
+        let y = gpu.storage("ceiling y", (N * 4) as u64).await?;
+        let mut t = None;
+        for n in [1, iters.max(1)] {
+            let start = std::time::Instant::now();
+            let mut rec = Recorder::new(gpu);
+            for _ in 0..n {
+                rec.matvec(&m, &x, &y).await?;
+            }
+            rec.submit()?;
+            gpu.wait()?;
+            t = Some(start.elapsed().as_secs_f64() / n as f64);
+        }
+        Ok::<_, nomoat_runtime::device::GpuError>(m.bytes() as f64 / t.unwrap() / 1e9)
+    })
+    .map_err(Into::into)
+}
+
 fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) -> Result<()> {
+    let t_load = std::time::Instant::now();
     let l = load(m, json)?;
+    let load_s = t_load.elapsed().as_secs_f64();
     let c = &l.model.config;
     let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
     let mut s = new_session(&l, &m, n_ctx, false)?;
     let ids = generate::bench_ids(n_prompt, c.n_vocab);
     pollster::block_on(generate::bench_warm_up(&mut s, &ids))?;
+    // time to first token: a 32-token prompt from an empty cache to the first sampled id
+    let ttft_ms = {
+        let prompt = generate::bench_ids(32, c.n_vocab);
+        s.reset();
+        let t = std::time::Instant::now();
+        pollster::block_on(async {
+            s.eval(&prompt).await?;
+            s.top_k(1).await
+        })?;
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let matvec_gbs = plain_matvec_gbs(&l.gpu, 10)?;
+    let bytes_per_token = l.model.decode_bytes_per_token();
+    let ceiling = matvec_gbs * 1e9 / bytes_per_token as f64;
     // with adapters given, generation is also measured with 0, 1, ... of them active
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let sweep: Vec<usize> = if l.adapters.is_empty() { vec![0] } else { (0..=l.adapters.len()).collect() };
@@ -401,13 +445,29 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
                 serde_json::json!({"test": t, "tok_s_mean": mean, "tok_s_std": std, "samples": v})
             })
             .collect();
-        println!("{}", serde_json::json!({"model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests}));
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests,
+                "load_s": load_s, "ttft32_ms": ttft_ms,
+                "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
+            })
+        );
     } else {
         println!("| model | size | backend | test | t/s |");
         println!("| --- | ---: | --- | ---: | ---: |");
         for (t, v) in &rows {
             let (mean, std) = mean_std(v);
             println!("| {name} | {size_mib:.1} MiB | {backend} | {t} | {mean:.2} ± {std:.2} |");
+        }
+        println!();
+        println!("load {load_s:.2} s · time to first token (32-token prompt) {ttft_ms:.0} ms");
+        println!(
+            "decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)",
+            bytes_per_token as f64 / 1e6
+        );
+        if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
+            println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
         }
     }
     Ok(())

@@ -372,6 +372,13 @@ impl Model {
     pub fn output_head(&self) -> &GpuMatrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
     }
+
+    /// Weight bytes one decoded token reads: every projection of every layer and the output
+    /// head once, plus one row of the token embedding (norm weights are negligible).
+    pub fn decode_bytes_per_token(&self) -> u64 {
+        let layers: u64 = self.layers.iter().map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<u64>()).sum();
+        layers + self.output_head().bytes() + self.token_embd.bytes() / self.token_embd.n_rows.max(1) as u64
+    }
 }
 
 /// Tokens processed per prefill step; the activation buffers are sized for it.

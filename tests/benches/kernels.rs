@@ -54,6 +54,10 @@ fn main() {
     println!("{:<8} {:>12} {:>10} {:>10} {:>9} {:>12}", "type", "weight MiB", "ms", "GB/s", "vs copy", "mm64/tok");
     println!("{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9}", "copy f32", (2 * copy_elems * 4) as f64 / (1 << 20) as f64, copy_s * 1e3, copy_gbs, "1.00");
 
+    // fixed cost of one dispatch: a 16-byte copy, 200 times in one submission
+    let tiny = time_submission(&gpu, 200, &|rec| pollster::block_on(rec.copy(&src, &dst, 4)).unwrap());
+    println!("{:<8} {:>12} {:>10.3} {:>10} {:>9}   (per dispatch, fixed cost)", "dispatch", "-", tiny * 1e3, "-", "-");
+
     let x = Rng::new(1).fill(N, 1.0);
     let xb = pollster::block_on(gpu.upload_f32("x", &x)).unwrap();
     let y = pollster::block_on(gpu.storage("y", (N * 4) as u64)).unwrap();
