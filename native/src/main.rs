@@ -449,7 +449,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
             "{}",
             serde_json::json!({
                 "model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests,
-                "load_s": load_s, "ttft32_ms": ttft_ms,
+                "load_s": load_s, "ttft32_ms": ttft_ms, "n_vocab": c.n_vocab,
                 "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
             })
         );
