@@ -1314,8 +1314,15 @@ fn char_to_byte(c: char) -> Option<u8> {
         .map(|b| b as u8)
 }
 
+/// Output size past which [`byte_level_decode`] stops repeating a token's text (see there).
+const MAX_UNK_BYTE_ECHO: usize = 1 << 16;
+
 /// llama.cpp's llama_decode_text: GPT-2's byte alphabet back to bytes, with its marker for a
-/// character outside it.
+/// character outside it. That marker repeats the whole token text, so a token of n such
+/// characters would decode to O(n²) bytes (a 60 KB one to about a gigabyte: an out-of-memory
+/// in the tokenizer fuzz target). Here the text is repeated only while the output stays
+/// within [`MAX_UNK_BYTE_ECHO`] bytes: the same bytes as llama.cpp wherever its output would
+/// fit in that.
 fn byte_level_decode(text: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {
@@ -1327,7 +1334,9 @@ fn byte_level_decode(text: &str) -> Vec<u8> {
                 for b in c.encode_utf8(&mut buf).bytes() {
                     out.extend_from_slice(format!("{b:02x}").as_bytes());
                 }
-                out.extend_from_slice(text.as_bytes());
+                if out.len() + text.len() <= MAX_UNK_BYTE_ECHO {
+                    out.extend_from_slice(text.as_bytes());
+                }
                 out.push(b']');
             }
         }
