@@ -73,7 +73,7 @@ async function refreshCached() {
     name.onclick = (ev) => {
       ev.preventDefault();
       ui.url.value = m.url;
-      load(() => engine.loadUrl(m.url, { onProgress, nCtx: nCtx() }));
+      load(() => engine.loadUrl(m.url, loadOpts()));
     };
     const del = document.createElement('button');
     del.textContent = 'Delete';
@@ -153,6 +153,10 @@ function applyAdapters() {
 }
 
 const nCtx = () => Number(ui.nCtx.value) || 2048;
+const loadOpts = () => {
+  const limit = Number($('max-gpu-memory').value);
+  return { onProgress, nCtx: nCtx(), maxGpuMemory: limit > 0 ? limit : undefined };
+};
 
 async function load(start) {
   if (busy) return;
@@ -239,11 +243,11 @@ async function send() {
 
 ui.loadUrl.onclick = () => {
   const url = ui.url.value.trim();
-  if (url) load(() => engine.loadUrl(url, { onProgress, nCtx: nCtx() }));
+  if (url) load(() => engine.loadUrl(url, loadOpts()));
 };
 ui.file.onchange = () => {
   const f = ui.file.files[0];
-  if (f) load(() => engine.loadFile(f, { onProgress, nCtx: nCtx() }));
+  if (f) load(() => engine.loadFile(f, loadOpts()));
   ui.file.value = '';
 };
 ui.adapterFile.onchange = () => {

@@ -156,15 +156,18 @@ export class Nomoat {
     });
   }
 
-  /** Streams a GGUF from a URL (or the cache). Options: {onProgress, nCtx, kv, cache}. Resolves to model info. */
-  loadUrl(url, { onProgress, nCtx, kv, cache } = {}) {
+  /**
+   * Streams a GGUF from a URL (or the cache). Options: {onProgress, nCtx, kv, cache,
+   * maxGpuMemory (MiB: a larger model is refused before upload)}. Resolves to model info.
+   */
+  loadUrl(url, { onProgress, nCtx, kv, cache, maxGpuMemory } = {}) {
     const absolute = new URL(url, location.href).href;
-    return this.#call('loadUrl', { url: absolute, options: loadOptions({ nCtx, kv, cache }) }, { onProgress });
+    return this.#call('loadUrl', { url: absolute, options: loadOptions({ nCtx, kv, cache, maxGpuMemory }) }, { onProgress });
   }
 
-  /** Loads a GGUF from a File / Blob. Options: {onProgress, nCtx, kv}. */
-  loadFile(file, { onProgress, nCtx, kv } = {}) {
-    return this.#call('loadFile', { file, options: loadOptions({ nCtx, kv }) }, { onProgress });
+  /** Loads a GGUF from a File / Blob. Options: {onProgress, nCtx, kv, maxGpuMemory}. */
+  loadFile(file, { onProgress, nCtx, kv, maxGpuMemory } = {}) {
+    return this.#call('loadFile', { file, options: loadOptions({ nCtx, kv, maxGpuMemory }) }, { onProgress });
   }
 
   /**
@@ -247,8 +250,9 @@ export class Nomoat {
   }
 }
 
-function loadOptions({ nCtx, kv, cache }) {
+function loadOptions({ nCtx, kv, cache, maxGpuMemory }) {
   const o = {};
+  if (maxGpuMemory != null) o.max_gpu_memory = maxGpuMemory;
   if (nCtx != null) o.n_ctx = nCtx;
   if (kv != null) o.kv = kv;
   if (cache != null) o.cache = cache;

@@ -210,3 +210,23 @@ test('a truncated model file gets a clear error, and the page stays usable', { t
   await page.screenshot({ path: path.join(ARTIFACTS, 'truncated.png') });
   await page.close();
 });
+
+test('a model too large for the GPU memory allowed is refused with the numbers', { timeout: LONG }, async () => {
+  const page = await openPage();
+  await page.fill('#max-gpu-memory', '50');
+  await loadModelExpectingError(page);
+  const err = await page.textContent('#error');
+  console.log(`too large: ${err}`);
+  assert.match(err, /OutOfMemory: this model needs \d+ MiB of GPU memory \(9\d MiB of weights and \d+ MiB of KV cache for 2048 tokens\), over the 50 MiB allowed/);
+  await page.screenshot({ path: path.join(ARTIFACTS, 'too-large.png') });
+  // the page stays usable: without the limit the same model loads
+  await page.fill('#max-gpu-memory', '');
+  assert.match(await loadModel(page), /llama, 30 layers/);
+  await page.close();
+});
+
+async function loadModelExpectingError(page) {
+  await page.fill('#model-url', `models/${MODEL}`);
+  await page.click('#load-url');
+  await page.waitForSelector('#error:not([hidden])', { timeout: LONG });
+}

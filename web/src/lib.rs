@@ -206,6 +206,9 @@ struct LoadOptions {
     kv: Option<String>,
     /// Use the Cache API for URL loads (default true).
     cache: Option<bool>,
+    /// GPU memory the model may take, in MiB (weights + KV cache): a larger model is refused
+    /// before anything is uploaded. Browsers do not say how much memory a GPU has.
+    max_gpu_memory: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -643,6 +646,21 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         ranges.push(r.end as f64);
     }
     reader.plan(ranges);
+    if let Some(mib) = opts.max_gpu_memory {
+        let n_ctx = opts.n_ctx.unwrap_or(2048);
+        let (weights, kv_bytes) = Model::memory_needed(&gguf, n_ctx, kv).map_err(|e| model_error(&e))?;
+        if weights + kv_bytes > mib << 20 {
+            return Err(js_error(
+                "OutOfMemory",
+                format!(
+                    "this model needs {} MiB of GPU memory ({} MiB of weights and {} MiB of KV cache for {n_ctx} tokens), over the {mib} MiB allowed: choose a smaller model, a shorter context or a larger limit",
+                    (weights + kv_bytes) >> 20,
+                    weights >> 20,
+                    kv_bytes >> 20
+                ),
+            ));
+        }
+    }
     let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("building the tokenizer: {e}")))?;
     let template = ChatTemplate::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("the chat template: {e}")))?;
     let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
