@@ -390,34 +390,27 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
 }
 
-struct AttentionCase {
-    n_q: u32,
-    n_head: u32,
-    n_kv_head: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-}
-
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
-    let cases = [
-        AttentionCase { n_q: 1, n_head: 9, n_kv_head: 3, head_dim: 64, pos0: 37, window: 0 },    // decode, GQA
-        AttentionCase { n_q: 20, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 0, window: 0 },   // prefill
-        AttentionCase { n_q: 7, n_head: 4, n_kv_head: 2, head_dim: 128, pos0: 130, window: 0 },  // block after a cache
-        AttentionCase { n_q: 9, n_head: 2, n_kv_head: 2, head_dim: 64, pos0: 100, window: 16 },  // sliding window
-        AttentionCase { n_q: 1, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 600, window: 512 }, // Gemma-like local layer
-        AttentionCase { n_q: 3, n_head: 3, n_kv_head: 3, head_dim: 6, pos0: 2, window: 0 },       // tiny head
+    // (queries, heads, kv heads, head_dim, position of the first query, sliding window)
+    let cases: [(u32, u32, u32, u32, u32, u32); 6] = [
+        (1, 9, 3, 64, 37, 0),     // decode, GQA
+        (20, 4, 1, 256, 0, 0),    // prefill
+        (7, 4, 2, 128, 130, 0),   // block after a cache
+        (9, 2, 2, 64, 100, 16),   // sliding window
+        (1, 4, 1, 256, 600, 512), // Gemma-like local layer
+        (3, 3, 3, 6, 2, 0),       // tiny head
     ];
     let mut checks = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
-        for (ci, c) in cases.iter().enumerate() {
+        for (ci, &(n_q, n_head, n_kv_head, head_dim, pos0, window)) in cases.iter().enumerate() {
+            let c = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale: 1.0 / (head_dim as f32).sqrt(), kv };
             let n_kv = (c.pos0 + c.n_q) as usize;
             let row = (c.n_kv_head * c.head_dim) as usize;
             let mut rng = Rng::new(900 + ci as u64);
             let q = rng.fill(c.n_q as usize * (c.n_head * c.head_dim) as usize, 1.0);
             let k = rng.fill(n_kv * row, 1.0);
             let v = rng.fill(n_kv * row, 1.0);
-            let scale = 1.0 / (c.head_dim as f32).sqrt();
+            let scale = c.scale;
             let cache_bytes = n_kv as u64 * row as u64 * kv.bytes();
             let kc = gpu.storage("k cache", cache_bytes).await?;
             let vc = gpu.storage("v cache", cache_bytes).await?;
@@ -434,8 +427,7 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 rec.kv_store(&k2, &kc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
                 rec.kv_store(&v2, &vc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
             }
-            let args = AttentionArgs { n_q: c.n_q, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, pos0: c.pos0, window: c.window, scale, kv };
-            rec.attention(&qb, &kc, &vc, &out, args).await?;
+            rec.attention(&qb, &kc, &vc, &out, c).await?;
             rec.submit()?;
             let raw = gpu.read(&kc, 0, cache_bytes).await?;
             let got = gpu.read_f32(&out, 0, q.len()).await?;
