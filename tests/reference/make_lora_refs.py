@@ -63,7 +63,6 @@ the JSON ("wrong_shape").
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import sys
@@ -82,11 +81,11 @@ import llama_cpp._logger  # noqa: E402
 sys.dont_write_bytecode = True  # no __pycache__ next to the committed scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from f32_forward import Model, models_dir  # noqa: E402
+from llama_refs import cos, eval_one_by_one, make_llm, margin, sha256, top_k, write_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "data" / "lora"
 
-N_THREADS = 2
 N_CTX = 512
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
 LOGITS_DTYPE = {"llama": "f32", "gemma3": "f16"}
@@ -201,27 +200,6 @@ def check_adapter_file(path, arch, pairs, alpha):
 # llama.cpp
 
 
-def f32s(v):
-    """Exact JSON number for an f32 value."""
-    return float(np.float32(v))
-
-
-def top_k(logits, k=10):
-    order = np.lexsort((np.arange(len(logits)), -logits.astype(np.float64)))[:k]
-    return [{"id": int(i), "logit": f32s(logits[i])} for i in order]
-
-
-def margin(logits):
-    """top1 - top2 logit (f64 difference of the two f32 values)."""
-    b, a = np.partition(logits, -2)[-2:]
-    return float(np.float64(a) - np.float64(b))
-
-
-def cos(a, b):
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
-
-
 def versus(logits, ref):
     """How far logits moved from ref (both f32 [n_vocab])."""
     t_new = [e["id"] for e in top_k(logits)]
@@ -230,24 +208,6 @@ def versus(logits, ref):
             "max_abs": float(np.max(np.abs(logits.astype(np.float64) - ref))),
             "top1": t_new[0], "top1_ref": t_ref[0], "top1_changed": t_new[0] != t_ref[0],
             "top10_overlap": len(set(t_new) & set(t_ref))}
-
-
-def write_logits(path, logits, dtype):
-    path.write_bytes(logits.astype("<f4" if dtype == "f32" else "<f2").tobytes())
-    return path.name
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def make_llm(path):
-    return llama_cpp.Llama(str(path), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, logits_all=True,
-                           seed=0, verbose=False, n_threads=N_THREADS, n_threads_batch=N_THREADS)
 
 
 _log_lines = []
@@ -284,14 +244,6 @@ def eval_last(llm, ids):
     """Fresh KV cache, whole prompt in one llama_decode; last position's logits (f32)."""
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[len(ids) - 1], dtype=np.float32)
-
-
-def eval_one_by_one(llm, ids):
-    """Fresh KV cache, one token per llama_decode; last position's logits (f32)."""
-    llm.reset()
-    for t in ids:
-        llm.eval([t])
     return np.array(llm.scores[len(ids) - 1], dtype=np.float32)
 
 
@@ -378,7 +330,7 @@ def run_model(name, do_f32, tmp, layer_stride=1):
         files["wrong_shape"] = fw
 
     # --- llama.cpp
-    llm = make_llm(path)
+    llm = make_llm(path, N_CTX)
     md = llm.metadata
     add_bos = md.get("tokenizer.ggml.add_bos_token", "false") == "true"
     ptr = {}

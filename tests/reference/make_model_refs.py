@@ -62,12 +62,12 @@ import llama_cpp  # noqa: E402
 sys.dont_write_bytecode = True  # no __pycache__ next to the committed scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from f32_forward import Model, models_dir  # noqa: E402
+from llama_refs import cos_maxabs, eval_one_by_one, make_llm, margin, sha256, top_k, write_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "data" / "models"
 PPL_TEXT = OUT_DIR / "ppl.txt"
 
-N_THREADS = 2
 N_GREEDY = 32
 PPL_CTX = 128
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
@@ -127,60 +127,11 @@ def needle_prompt():
 # ----------------------------------------------------------------------------------------------
 
 
-def f32s(v):
-    """Exact JSON number for an f32 value."""
-    return float(np.float32(v))
-
-
-def top_k(logits, k=10):
-    order = np.lexsort((np.arange(len(logits)), -logits.astype(np.float64)))[:k]
-    return [{"id": int(i), "logit": f32s(logits[i])} for i in order]
-
-
-def margin(logits):
-    """top1 - top2 logit (f64 difference of the two f32 values)."""
-    b, a = np.partition(logits, -2)[-2:]
-    return float(np.float64(a) - np.float64(b))
-
-
-def cos_maxabs(a, b):
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64))),
-            float(np.max(np.abs(a64 - b64))))
-
-
-def write_logits(path, logits, dtype):
-    arr = logits.astype("<f4" if dtype == "f32" else "<f2")
-    path.write_bytes(arr.tobytes())
-    return path.name
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def make_llm(path, n_ctx):
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                           seed=0, verbose=False, n_threads=N_THREADS, n_threads_batch=N_THREADS)
-
-
 def eval_batch(llm, ids):
     """Fresh KV cache, whole prompt in one llama_decode; returns [T, n_vocab] float32."""
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def eval_one_by_one(llm, ids):
-    """Fresh KV cache, one token per llama_decode; returns the last position's logits."""
-    llm.reset()
-    for t in ids:
-        llm.eval([t])
-    return np.array(llm.scores[len(ids) - 1], dtype=np.float32)
 
 
 def greedy(llm, ids, first_logits, eos):
