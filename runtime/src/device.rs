@@ -166,8 +166,8 @@ impl Gpu {
     /// Run `f` inside out-of-memory and validation error scopes and report what they caught.
     pub async fn scoped<T>(&self, what: &str, bytes: u64, f: impl FnOnce() -> T) -> Result<T, GpuError> {
         self.check_lost()?;
-        if let (Some(budget), Some(used)) = (self.memory_budget, self.buffer_memory()) {
-            if used as u64 + bytes > budget {
+        if let Some(budget) = self.memory_budget {
+            if self.buffer_memory().is_some_and(|used| used as u64 + bytes > budget) {
                 return Err(GpuError::OutOfMemory { what: format!("{what} (over the {budget}-byte GPU memory budget)"), bytes });
             }
         }
@@ -208,11 +208,6 @@ impl Gpu {
             let mut tail = data[aligned..].to_vec();
             tail.resize(4, 0);
             self.queue.write_buffer(&buf, aligned as u64, &tail);
-        }
-        // Written data waits in staging memory until the next submission: flush large uploads
-        // at once, or a model load would hold a second copy of every weight until its end.
-        if data.len() >= 1 << 20 {
-            self.queue.submit([]);
         }
         Ok(buf)
     }
@@ -296,8 +291,10 @@ impl Gpu {
         Ok(bytemuck::cast_slice(&b).to_vec())
     }
 
-    /// Wait until all submitted work (and pending buffer writes) is done, so dropped buffers
-    /// are released (native; a no-op in the browser, where read-back awaits instead).
+    /// Wait until all submitted work is done, so dropped buffers are released (native; a no-op
+    /// in the browser, where read-back awaits instead). Written data waits in staging memory
+    /// until the next submission, so pending writes are submitted first: a model load waits
+    /// after each tensor and never holds a second copy of its weights.
     pub fn wait(&self) -> Result<(), GpuError> {
         self.check_lost()?;
         self.queue.submit([]);
