@@ -314,10 +314,9 @@ impl Model {
     /// Read every tensor the graph needs from `src` and upload it, one tensor at a time.
     /// GPU bytes a model and its `n_ctx`-token KV cache take: (weights, KV cache). Known from
     /// the header alone, so a load that cannot fit is refused before any upload.
-    pub fn memory_needed(gguf: &Gguf, n_ctx: usize, kv: KvType) -> Result<(u64, u64), ModelError> {
-        let c = Config::from_gguf(gguf)?;
+    pub fn memory_needed(gguf: &Gguf, c: &Config, n_ctx: usize, kv: KvType) -> (u64, u64) {
         let weights = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
-        Ok((weights, c.kv_bytes_per_token(kv) * n_ctx.min(c.n_ctx_train.max(1)) as u64))
+        (weights, c.kv_bytes_per_token(kv) * n_ctx as u64)
     }
 
     /// Out of memory part-way, everything uploaded so far is dropped (freed) and the error says

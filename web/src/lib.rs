@@ -18,7 +18,7 @@ use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::model::{ByteSource, Model, ModelError, Session};
+use nomoat_runtime::model::{ByteSource, Config, Model, ModelError, Session};
 use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
@@ -271,6 +271,14 @@ fn parse_json<'a, T: Deserialize<'a>>(what: &str, s: &'a str) -> Result<T, JsVal
     serde_json::from_str(s).map_err(|e| js_error("BadRequest", format!("{what}: {e}")))
 }
 
+/// Options given as JSON, or their defaults when none (or an empty string) are given.
+fn parse_options<T: for<'de> Deserialize<'de> + Default>(what: &str, json: Option<&str>) -> Result<T, JsValue> {
+    match json {
+        Some(s) if !s.trim().is_empty() => parse_json(what, s),
+        _ => Ok(T::default()),
+    }
+}
+
 /// Loads a GGUF model into WebGPU and chats with it. One engine holds one model and one
 /// conversation's KV cache (a new conversation reuses the longest shared prefix).
 #[wasm_bindgen]
@@ -327,10 +335,7 @@ impl Engine {
     pub fn load_from_url(&self, url: String, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
-            let opts: LoadOptions = match options_json.as_deref() {
-                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
-                _ => LoadOptions::default(),
-            };
+            let opts: LoadOptions = parse_options("load options", options_json.as_deref())?;
             let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
             let reader: Reader = JsFuture::from(open_url(&url, &cb, opts.cache.unwrap_or(true)))
                 .await
@@ -344,10 +349,7 @@ impl Engine {
     pub fn load_from_file(&self, file: JsValue, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
-            let opts: LoadOptions = match options_json.as_deref() {
-                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
-                _ => LoadOptions::default(),
-            };
+            let opts: LoadOptions = parse_options("load options", options_json.as_deref())?;
             let reader: Reader = JsFuture::from(open_file(&file)).await?.unchecked_into();
             let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
             load(inner, reader, cb, opts).await
@@ -358,10 +360,7 @@ impl Engine {
     pub fn load_from_reader(&self, reader: JsValue, progress_cb: Option<Function>, options_json: Option<String>) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
-            let opts: LoadOptions = match options_json.as_deref() {
-                Some(s) if !s.trim().is_empty() => parse_json("load options", s)?,
-                _ => LoadOptions::default(),
-            };
+            let opts: LoadOptions = parse_options("load options", options_json.as_deref())?;
             let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
             load(inner, reader.unchecked_into(), cb, opts).await
         })
@@ -532,10 +531,7 @@ impl Engine {
             let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
             let inner = &mut *guard;
             let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
-            let opts: ChatOptions = match options_json.as_deref() {
-                Some(s) if !s.trim().is_empty() => parse_json("chat options", s)?,
-                _ => ChatOptions::default(),
-            };
+            let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options();
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
             let ids = match (&messages_json, &raw) {
@@ -646,9 +642,10 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         ranges.push(r.end as f64);
     }
     reader.plan(ranges);
+    let config = Config::from_gguf(&gguf).map_err(|e| model_error(&e))?;
+    let n_ctx = opts.n_ctx.unwrap_or(2048).min(config.n_ctx_train.max(1));
     if let Some(mib) = opts.max_gpu_memory {
-        let n_ctx = opts.n_ctx.unwrap_or(2048);
-        let (weights, kv_bytes) = Model::memory_needed(&gguf, n_ctx, kv).map_err(|e| model_error(&e))?;
+        let (weights, kv_bytes) = Model::memory_needed(&gguf, &config, n_ctx, kv);
         if weights + kv_bytes > mib << 20 {
             return Err(js_error(
                 "OutOfMemory",
@@ -666,7 +663,6 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
     let mut progress = |done: u64, total: u64| report(cb, "upload", done, total);
     let model = Box::new(Model::load(&gguf, gpu, &mut JsSource(reader), &mut progress).await.map_err(|e| model_error(&e))?);
-    let n_ctx = opts.n_ctx.unwrap_or(2048).min(model.config.n_ctx_train.max(1));
     // SAFETY: the session borrows the boxed model and the boxed Gpu; `Loaded` drops the session
     // before the model, and `Inner` drops `loaded` before the Gpu, which is never replaced.
     let model_ref: &'static Model = unsafe { &*(&*model as *const Model) };
