@@ -9,13 +9,13 @@
 // Screenshots go to target/browser-artifacts/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startServer, CHROMIUM_ARGS } from './server.mjs';
+import { nativeReply } from './native.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const WWW = path.join(ROOT, 'www');
@@ -53,9 +53,13 @@ async function openPage(ctx = context) {
   return page;
 }
 
-async function loadModel(page) {
+async function startLoad(page) {
   await page.fill('#model-url', `models/${MODEL}`);
   await page.click('#load-url');
+}
+
+async function loadModel(page) {
+  await startLoad(page);
   await page.waitForFunction(
     () => document.querySelector('#model-info').textContent.includes('layers') || !document.querySelector('#error').hidden,
     null,
@@ -89,18 +93,6 @@ async function waitForReply(page) {
   return { text: replies[replies.length - 1], stats: await page.textContent('#stats') };
 }
 
-/** The native CLI's reply to the same one-message conversation (`nomoat chat`, greedy). */
-function nativeReply(maxTokens) {
-  const out = execFileSync(
-    'cargo',
-    ['run', '-q', '--release', '-p', 'nomoat', '--', 'chat', '-m', path.join(MODEL_DIR, MODEL), '--temp', '0', '-n', String(maxTokens)],
-    { cwd: ROOT, input: `${QUESTION}\n`, encoding: 'utf8', env: { WGPU_BACKEND: 'vulkan', ...process.env }, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 1 << 24 },
-  );
-  // stdout: "> " reply "\n" "> " (the prompt for the next turn, then EOF)
-  assert.ok(out.startsWith('> ') && out.endsWith('\n> '), `unexpected native output ${JSON.stringify(out)}`);
-  return out.slice(2, -3);
-}
-
 before(async () => {
   assert.ok(fs.existsSync(path.join(WWW, 'pkg/nomoat_web_bg.wasm')), 'www/pkg is missing: run scripts/build-web.sh');
   assert.ok(fs.existsSync(path.join(MODEL_DIR, MODEL)), `${MODEL} is missing: run scripts/setup.sh`);
@@ -129,7 +121,7 @@ test('a browser without WebGPU gets a clear message', async () => {
 // loop was not re-zeroed per iteration there, so token t summed tokens 0..t. Accumulators are now
 // initialised explicitly; this test keeps it that way.
 test('greedy chat matches the native CLI, token for token', { timeout: LONG * 2 }, async () => {
-  const expected = nativeReply(16);
+  const expected = nativeReply({ model: path.join(MODEL_DIR, MODEL), question: QUESTION, maxTokens: 16 });
   const page = await openPage();
   const info = await loadModel(page);
   assert.match(info, /llama, 30 layers/);
@@ -214,7 +206,8 @@ test('a truncated model file gets a clear error, and the page stays usable', { t
 test('a model too large for the GPU memory allowed is refused with the numbers', { timeout: LONG }, async () => {
   const page = await openPage();
   await page.fill('#max-gpu-memory', '50');
-  await loadModelExpectingError(page);
+  await startLoad(page);
+  await page.waitForSelector('#error:not([hidden])', { timeout: LONG });
   const err = await page.textContent('#error');
   console.log(`too large: ${err}`);
   assert.match(err, /OutOfMemory: this model needs \d+ MiB of GPU memory \(9\d MiB of weights and \d+ MiB of KV cache for 2048 tokens\), over the 50 MiB allowed/);
@@ -224,9 +217,3 @@ test('a model too large for the GPU memory allowed is refused with the numbers',
   assert.match(await loadModel(page), /llama, 30 layers/);
   await page.close();
 });
-
-async function loadModelExpectingError(page) {
-  await page.fill('#model-url', `models/${MODEL}`);
-  await page.click('#load-url');
-  await page.waitForSelector('#error:not([hidden])', { timeout: LONG });
-}

@@ -5,13 +5,13 @@
 // Run: node --test tests/browser/   (after scripts/build-web.sh)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startServer, CHROMIUM_ARGS } from './server.mjs';
+import { nativeReply as nativeReplyOf } from './native.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CACHE = process.env.NOMOAT_CACHE || path.join(os.homedir(), '.cache/nomoat');
@@ -30,13 +30,7 @@ let server;
 let ctx;
 let userDir;
 
-function nativeReply(loras) {
-  const args = ['run', '-q', '--release', '-p', 'nomoat', '--', 'chat', '-m', path.join(MODEL_DIR, MODEL), '--temp', '0', '-n', String(N)];
-  for (const l of loras) args.push('--lora', l);
-  const out = execFileSync('cargo', args, { cwd: ROOT, input: `${QUESTION}\n`, encoding: 'utf8', env: { WGPU_BACKEND: 'vulkan', ...process.env }, stdio: ['pipe', 'pipe', 'pipe'] });
-  assert.ok(out.startsWith('> ') && out.endsWith('\n> '), `unexpected native output ${JSON.stringify(out)}`);
-  return out.slice(2, -3);
-}
+const nativeReply = (loras) => nativeReplyOf({ model: path.join(MODEL_DIR, MODEL), question: QUESTION, maxTokens: N, loras });
 
 async function replyTo(page) {
   await page.click('#new-chat');
