@@ -108,12 +108,6 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
-    let template = match ChatTemplate::from_gguf(&gguf) {
-        Ok(Some(t)) => Ok(t),
-        Ok(None) => Err("this model has no chat template (tokenizer.chat_template is missing from the GGUF; a base model?), so /v1/chat/completions cannot format messages; use /v1/completions with a raw prompt".to_string()),
-        Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
-    };
-    drop(gguf);
     let n_ctx = m.ctx_size.min(model.config.n_ctx_train);
     let mut session = match pollster::block_on(Session::new(&model, &gpu, n_ctx, kv_type(m), false)) {
         Ok(s) => s,
@@ -135,7 +129,14 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
     eprintln!("nomoat serve: warmed up in {:.1} s", t.elapsed().as_secs_f64());
     stats.gpu_bytes.store(gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
     let tokenizer = Arc::new(tokenizer);
+    // the HTTP side keeps what the first load told it; a reload after a device loss only
+    // rebuilds the GPU state
     if let Some(tx) = ready.take() {
+        let template = match ChatTemplate::from_gguf(&gguf) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err("this model has no chat template (tokenizer.chat_template is missing from the GGUF; a base model?), so /v1/chat/completions cannot format messages; use /v1/completions with a raw prompt".to_string()),
+            Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
+        };
         let adapter_info = adapters
             .iter()
             .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
@@ -151,7 +152,6 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
             gpu.device.destroy();
             // the loss is reported from the device's next poll, as a driver's would be
             let _ = gpu.device.poll(wgpu::PollType::Poll);
-            eprintln!("nomoat serve: device state after destroy: {:?}", gpu.check_lost());
         }
     };
     match run(&mut session, &tokenizer, &adapters, jobs, stats, &fault) {
