@@ -254,6 +254,13 @@ pub fn kv_type(a: &ModelArgs) -> KvType {
 }
 
 fn main() {
+    // Without a desktop session (SSH, containers, CI) the Vulkan loader's window-system part
+    // prints "error: XDG_RUNTIME_DIR is invalid or not set" although nomoat draws nothing;
+    // point it at the temp folder so a user's first run does not start with a false error.
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
