@@ -4,6 +4,8 @@
 //
 //   dot_unit(row, u) -> f32: Σ of elements u*UNIT.. (u+1)*UNIT-1 of the row starting at byte
 //   `row` times xv[0..UNIT/4], the matching x values the caller has loaded into `xv`.
+//   prepare_x(): called once after loading xv, before the unit's dot_unit calls: sums of x
+//   the format's offsets (q − 8, min m) multiply, shared by all rows (`x_sum` / `x_sums`).
 //
 // The weights are read as aligned vec4<u32> (`src_v`, declared by the including kernel): a CPU
 // device pays per load instruction and lane, so the fewer and wider the better. Q4_K and Q5_K
@@ -65,10 +67,20 @@ fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }
 
+// Σ xv[first..first+n]
+fn xv_sum(first: u32, n: u32) -> f32 {
+    var s = vec4<f32>(0.0);
+    for (var i = first; i < first + n; i++) {
+        s += xv[i];
+    }
+    return hsum(s);
+}
+
 #if TYPE_Q8_0
 // 34 bytes: f16 d, 32 x i8
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+fn prepare_x() {}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let bw = vwords(row + u * 34u, 3u);
     var acc = vec4<f32>(0.0);
@@ -83,16 +95,18 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // 18 bytes: f16 d, 16 bytes of nibbles (element j low, j + 16 high); x = (q - 8) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+var<private> x_sum: f32;
+fn prepare_x() {
+    x_sum = xv_sum(0u, 8u);
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let bw = vwords(row + u * 18u, 2u);
     var acc = vec4<f32>(0.0);
-    var sx = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         let q = funnel(bw[i], bw[i + 1u], 16u);
         acc += lo_nib(q) * xv[i] + hi_nib(q) * xv[i + 4u];
-        sx += xv[i] + xv[i + 4u];
     }
-    return f16lo(bw[0]) * (hsum(acc) - 8.0 * hsum(sx));
+    return f16lo(bw[0]) * (hsum(acc) - 8.0 * x_sum);
 }
 #endif
 
@@ -100,16 +114,18 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // 20 bytes: f16 d, f16 m, 16 bytes of nibbles; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+var<private> x_sum: f32;
+fn prepare_x() {
+    x_sum = xv_sum(0u, 8u);
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let bw = vwords(row + u * 20u, 2u);
     var acc = vec4<f32>(0.0);
-    var sx = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         let q = bw[1u + i];
         acc += lo_nib(q) * xv[i] + hi_nib(q) * xv[i + 4u];
-        sx += xv[i] + xv[i + 4u];
     }
-    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * hsum(sx);
+    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * x_sum;
 }
 #endif
 
@@ -117,19 +133,21 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // 22 bytes: f16 d, u32 qh (fifth bit of element j at bit j), 16 bytes of nibbles; x = (q - 16) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+var<private> x_sum: f32;
+fn prepare_x() {
+    x_sum = xv_sum(0u, 8u);
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let bw = vwords(row + u * 22u, 3u);
     let qh = funnel(bw[0], bw[1], 16u);
     var acc = vec4<f32>(0.0);
-    var sx = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         let q = funnel(bw[i + 1u], bw[i + 2u], 16u);
         let lo = vec4<f32>(u8x4((q & 0x0F0F0F0Fu) | (spread4(qh >> (4u * i)) << 4u)));
         let hi = vec4<f32>(u8x4(((q >> 4u) & 0x0F0F0F0Fu) | (spread4(qh >> (16u + 4u * i)) << 4u)));
         acc += lo * xv[i] + hi * xv[i + 4u];
-        sx += xv[i] + xv[i + 4u];
     }
-    return f16lo(bw[0]) * (hsum(acc) - 16.0 * hsum(sx));
+    return f16lo(bw[0]) * (hsum(acc) - 16.0 * x_sum);
 }
 #endif
 
@@ -137,19 +155,21 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // 24 bytes: f16 d, f16 m, u32 qh, 16 bytes of nibbles; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+var<private> x_sum: f32;
+fn prepare_x() {
+    x_sum = xv_sum(0u, 8u);
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let bw = vwords(row + u * 24u, 3u);
     let qh = bw[1];
     var acc = vec4<f32>(0.0);
-    var sx = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         let q = bw[2u + i];
         let lo = vec4<f32>(u8x4((q & 0x0F0F0F0Fu) | (spread4(qh >> (4u * i)) << 4u)));
         let hi = vec4<f32>(u8x4(((q >> 4u) & 0x0F0F0F0Fu) | (spread4(qh >> (16u + 4u * i)) << 4u)));
         acc += lo * xv[i] + hi * xv[i + 4u];
-        sx += xv[i] + xv[i + 4u];
     }
-    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * hsum(sx);
+    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * x_sum;
 }
 #endif
 
@@ -173,6 +193,10 @@ fn k4_group_scales(s0: u32, s1: u32, s2: u32, g: u32) -> vec4<f32> {
 // 144 bytes (9 vec4s): f16 d, f16 dmin, 12 bytes of scales | 128 bytes of nibbles, 32 per group
 const UNIT: u32 = 64u;
 var<private> xv: array<vec4<f32>, 16>;
+var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
+fn prepare_x() {
+    x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let v = (row + (u / 4u) * 144u) >> 4u;
     let g = u % 4u;
@@ -183,15 +207,11 @@ fn dot_unit(row: u32, u: u32) -> f32 {
     let q = array<u32, 8>(qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
-    var slo = vec4<f32>(0.0);
-    var shi = vec4<f32>(0.0);
     for (var i = 0u; i < 8u; i++) {
         lo += lo_nib(q[i]) * xv[i];
         hi += hi_nib(q[i]) * xv[i + 8u];
-        slo += xv[i];
-        shi += xv[i + 8u];
     }
-    return f16lo(head.x) * (sm.x * hsum(lo) + sm.z * hsum(hi)) - f16hi(head.x) * (sm.y * hsum(slo) + sm.w * hsum(shi));
+    return f16lo(head.x) * (sm.x * hsum(lo) + sm.z * hsum(hi)) - f16hi(head.x) * (sm.y * x_sums.x + sm.w * x_sums.y);
 }
 #endif
 
@@ -200,6 +220,10 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // element l of sub-block s takes bit s of qh[l]
 const UNIT: u32 = 64u;
 var<private> xv: array<vec4<f32>, 16>;
+var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
+fn prepare_x() {
+    x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
     let v = (row + (u / 4u) * 176u) >> 4u;
     let g = u % 4u;
@@ -213,16 +237,12 @@ fn dot_unit(row: u32, u: u32) -> f32 {
     let h = array<u32, 8>(ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
-    var slo = vec4<f32>(0.0);
-    var shi = vec4<f32>(0.0);
     for (var i = 0u; i < 8u; i++) {
         let hh = h[i] >> (2u * g);
         lo += vec4<f32>(u8x4((q[i] & 0x0F0F0F0Fu) | ((hh & 0x01010101u) << 4u))) * xv[i];
         hi += vec4<f32>(u8x4(((q[i] >> 4u) & 0x0F0F0F0Fu) | (((hh >> 1u) & 0x01010101u) << 4u))) * xv[i + 8u];
-        slo += xv[i];
-        shi += xv[i + 8u];
     }
-    return f16lo(head.x) * (sm.x * hsum(lo) + sm.z * hsum(hi)) - f16hi(head.x) * (sm.y * hsum(slo) + sm.w * hsum(shi));
+    return f16lo(head.x) * (sm.x * hsum(lo) + sm.z * hsum(hi)) - f16hi(head.x) * (sm.y * x_sums.x + sm.w * x_sums.y);
 }
 #endif
 
@@ -233,6 +253,7 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 // qh[l], and scale 2q + l / 16.
 const UNIT: u32 = 128u;
 var<private> xv: array<vec4<f32>, 32>;
+fn prepare_x() {}
 fn q6_quarter(ql: array<u32, 20>, qh: array<u32, 20>, q: u32, sw: u32) -> f32 {
     var part0 = vec4<f32>(0.0);
     var part1 = vec4<f32>(0.0);

@@ -39,12 +39,7 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (i < p.n) { out[i] = a[i] * p.s; }
 }
 
-// tanh written out with exp of a non-positive argument: some drivers' tanh overflows to NaN for
-// large inputs instead of saturating at ±1
-fn stable_tanh(v: f32) -> f32 {
-    let e = exp(-2.0 * abs(v));
-    return sign(v) * (1.0 - e) / (1.0 + e);
-}
+#include "activation.wgsl"
 
 @compute @workgroup_size(256)
 fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -56,8 +51,7 @@ fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn silu_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
     if (i < p.n) {
-        let g = a[i];
-        out[i] = g / (1.0 + exp(-g)) * b[i];
+        out[i] = silu(a[i]) * b[i];
     }
 }
 
@@ -65,8 +59,6 @@ fn silu_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 fn gelu_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
     if (i < p.n) {
-        let g = a[i];
-        let inner = 0.7978845608028654 * (g + 0.044715 * g * g * g);
-        out[i] = 0.5 * g * (1.0 + stable_tanh(inner)) * b[i];
+        out[i] = gelu_tanh(a[i]) * b[i];
     }
 }

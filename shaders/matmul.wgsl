@@ -1,25 +1,33 @@
 // Prefill-time product Y = X Wᵀ of a GGUF weight matrix with a block of activations.
 // W: [n_rows][k] as stored GGUF blocks (one binding-sized chunk of rows per dispatch);
-// X: [m][k] f32; Y: [m][n_rows_total] f32, this chunk's columns starting at row_offset.
+// X: [m][k] f32; outputs as product_out.wgsl says (split or OUT_RESIDUAL), this chunk's rows
+// starting at row_offset.
 // Each workgroup computes a 64-row by 32-token tile. Every step dequantizes a 64x16 slice of W
 // and loads a 32x16 slice of X into shared memory once, and every invocation accumulates a
 // 4-row by 2-token patch of the tile from it, so each weight is dequantized once per 32 tokens.
 
+// matvec.wgsl's parameters and bindings (binding 3, norm_w, is unused here)
 struct Params {
     n_rows: u32,
     k: u32,
     row_bytes: u32,
     row_offset: u32,
     m: u32,           // tokens
-    y_stride: u32,    // elements between tokens in Y (= all rows of the matrix)
+    n_total: u32,     // rows of the whole matrix
+    n0: u32,
+    n1: u32,
+    eps: f32,
 }
 
 @group(0) @binding(0) var<storage, read> src_q: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> p: Params;
+@group(0) @binding(4) var<storage, read_write> y1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y2: array<f32>;
+@group(0) @binding(6) var<uniform> p: Params;
 
 #include "dequant.wgsl"
+#include "product_out.wgsl"
 
 const TILE_R: u32 = 64u;
 const TILE_T: u32 = 32u;
@@ -86,7 +94,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
             let r = r0 + tr + i;
             let t = t0 + tt + j;
             if (r < p.n_rows && t < p.m) {
-                y[t * p.y_stride + p.row_offset + r] = acc[i][j];
+                store_row(t, p.row_offset + r, acc[i][j]);
             }
         }
     }

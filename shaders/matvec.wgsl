@@ -1,6 +1,9 @@
-// Decode-time product y = W x of a GGUF weight matrix with one activation vector.
+// Decode-time product y = W x of a GGUF weight matrix with one activation vector (CPU devices
+// run prefill's m tokens through it too), optionally fused with the RMS norm of its input
+// (NORM_IN) and with its output step (product_out.wgsl).
 // W: [n_rows][k] as stored GGUF blocks (this dispatch sees one binding-sized chunk of rows);
-// x: [k] f32; y: [n_rows_total] f32, this chunk written at y[row_offset..].
+// x: [m][k] f32; norm_w: [k] f32 (NORM_IN: the product reads x / rms(x) · norm_w);
+// outputs as product_out.wgsl says, this chunk's rows starting at row_offset.
 //
 // TPR invocations share a group of RPI consecutive rows: they stride along the rows one unit
 // (dot.wgsl: a block or block part sharing its scales) at a time, load that unit's x once for
@@ -9,7 +12,8 @@
 // of WebGPU (lavapipe, SwiftShader) run a workgroup's invocations as SIMD lanes on one core,
 // where every storage load is a per-lane scalar load and barriers cost more than anything
 // else: they want TPR 1 (every invocation its own rows, no reduction at all) and several rows
-// per invocation, so that each x load serves several rows.
+// per invocation, so that each x load serves several rows. Under OUT_GLU an invocation's
+// first RPI/2 rows are gate rows and the others the matching up rows.
 // Float types (rows of any length) keep dequant.wgsl's dq4 / dq1 over u32 words and read x as
 // f32; quantized types (X_VEC4) read both W and x as vec4s (their k is a multiple of 32).
 
@@ -17,57 +21,115 @@ struct Params {
     n_rows: u32,      // rows in this chunk
     k: u32,           // row length in elements
     row_bytes: u32,   // stored bytes of one row
-    row_offset: u32,  // first output row of this chunk
-    m: u32,           // tokens: 1 for decode; CPU devices run prefill's matmul here too
-    y_stride: u32,    // elements between tokens in y (= all rows of the matrix)
+    row_offset: u32,  // first row of this chunk in the whole matrix
+    m: u32,           // tokens
+    n_total: u32,     // rows of the whole matrix
+    n0: u32,          // product_out.wgsl: rows to y (OUT_GLU: rows of each half)
+    n1: u32,          // rows to y1
+    eps: f32,         // NORM_IN
 }
 
 #if X_VEC4
 @group(0) @binding(0) var<storage, read> src_v: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> norm_w4: array<vec4<f32>>;
 #else
 @group(0) @binding(0) var<storage, read> src_q: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> norm_w: array<f32>;
 #endif
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> p: Params;
+@group(0) @binding(4) var<storage, read_write> y1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y2: array<f32>;
+@group(0) @binding(6) var<uniform> p: Params;
 
 #if X_VEC4
 #include "dot.wgsl"
 #else
 #include "dequant.wgsl"
 #endif
+#include "product_out.wgsl"
 
 const ROWS_PER_WG: u32 = WG / TPR * RPI;
 
 #if ROW_PER_INVOCATION
 #else
 var<workgroup> partial: array<f32, WG>;
+
+// the sum of v over the TPR invocations sharing this invocation's rows, for lane 0
+fn row_sum(v: f32, lid: u32, lane: u32) -> f32 {
+    partial[lid] = v;
+    for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
+        workgroupBarrier();
+        if (lane < stride) {
+            partial[lid] += partial[lid + stride];
+        }
+    }
+    let total = partial[lid];
+    workgroupBarrier();
+    return total;
+}
+#endif
+
+// Token t's input as the product reads it: x, or x · norm_w under NORM_IN, whose 1 / rms(x)
+// scales the finished dot products instead. Σ x² is summed on the way (over the elements this
+// invocation reads; invocations sharing a row add theirs up with the dot products), so the
+// norm costs no pass of its own over x.
+#if X_VEC4
+fn x_in4(t: u32, e4: u32, ss: ptr<function, f32>) -> vec4<f32> {
+    let v = x4[t * (p.k / 4u) + e4];
+#if NORM_IN
+    *ss += dot(v, v);
+    return v * norm_w4[e4];
+#else
+    return v;
+#endif
+}
+#else
+fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
+    let v = x[t * p.k + e];
+#if NORM_IN
+    *ss += v * v;
+    return v * norm_w[e];
+#else
+    return v;
+#endif
+}
 #endif
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32,
         @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r0 = (wid.x + wid.y * nwg.x) * ROWS_PER_WG + (lid / TPR) * RPI;
+    let group = (wid.x + wid.y * nwg.x) * (WG / TPR) + lid / TPR;
     let lane = lid % TPR;
     // rows past the end repeat the last row (a few wasted loads, no divergent branch) and are
     // not written
     var rows: array<u32, RPI>;
+#if OUT_GLU
+    const HALF: u32 = RPI / 2u;
+    let r0 = group * HALF;   // gate rows r0.., up rows n0 + r0..
+    for (var j = 0u; j < RPI; j++) {
+        let g = min(r0 + j % HALF, p.n0 - 1u);
+        rows[j] = (g + select(0u, p.n0, j >= HALF)) * p.row_bytes;
+    }
+#else
+    let r0 = group * RPI;
     for (var j = 0u; j < RPI; j++) {
         rows[j] = min(r0 + j, p.n_rows - 1u) * p.row_bytes;
     }
+#endif
     // tokens one after another, so that the rows' blocks stay in cache between tokens
     for (var t = 0u; t < p.m; t++) {
+        var ss = 0.0;
         var acc = array<f32, RPI>();
-        let xt = t * p.k;
-        let xt4 = xt / 4u;
 #if X_VEC4
         let n_units = p.k / UNIT;
         for (var u = lane; u < n_units; u += TPR) {
             for (var c = 0u; c < UNIT / 4u; c++) {
-                xv[c] = x4[xt4 + u * (UNIT / 4u) + c];
+                xv[c] = x_in4(t, u * (UNIT / 4u) + c, &ss);
             }
+            prepare_x();
             for (var j = 0u; j < RPI; j++) {
                 acc[j] += dot_unit(rows[j], u);
             }
@@ -75,38 +137,47 @@ fn main(@builtin(local_invocation_index) lid: u32,
 #else
         let k4 = p.k & ~3u;
         for (var i = lane * 4u; i < k4; i += TPR * 4u) {
-            let xq = vec4<f32>(x[xt + i], x[xt + i + 1u], x[xt + i + 2u], x[xt + i + 3u]);
+            let xq = vec4<f32>(x_in(t, i, &ss), x_in(t, i + 1u, &ss), x_in(t, i + 2u, &ss), x_in(t, i + 3u, &ss));
             for (var j = 0u; j < RPI; j++) {
                 acc[j] += dot(dq4(rows[j], i), xq);
             }
         }
         for (var i = k4 + lane; i < p.k; i += TPR) {
-            let xs = x[xt + i];
+            let xs = x_in(t, i, &ss);
             for (var j = 0u; j < RPI; j++) {
                 acc[j] += dq1(rows[j], i) * xs;
             }
         }
 #endif
 #if ROW_PER_INVOCATION
-        for (var j = 0u; j < RPI; j++) {
-            if (r0 + j < p.n_rows) {
-                y[t * p.y_stride + p.row_offset + r0 + j] = acc[j];
-            }
-        }
 #else
         for (var j = 0u; j < RPI; j++) {
-            partial[lid] = acc[j];
-            for (var stride = TPR / 2u; stride > 0u; stride >>= 1u) {
-                workgroupBarrier();
-                if (lane < stride) {
-                    partial[lid] += partial[lid + stride];
-                }
-            }
-            if (lane == 0u && r0 + j < p.n_rows) {
-                y[t * p.y_stride + p.row_offset + r0 + j] = partial[lid];
-            }
-            workgroupBarrier();
+            acc[j] = row_sum(acc[j], lid, lane);
+        }
+#if NORM_IN
+        ss = row_sum(ss, lid, lane);
+#endif
+#endif
+#if NORM_IN
+        let inv_rms = inverseSqrt(ss / f32(p.k) + p.eps);
+        for (var j = 0u; j < RPI; j++) {
+            acc[j] *= inv_rms;
         }
 #endif
+        if (lane == 0u) {
+#if OUT_GLU
+            for (var j = 0u; j < HALF; j++) {
+                if (r0 + j < p.n0) {
+                    y[t * p.n0 + r0 + j] = glu(acc[j], acc[j + HALF]);
+                }
+            }
+#else
+            for (var j = 0u; j < RPI; j++) {
+                if (r0 + j < p.n_rows) {
+                    store_row(t, p.row_offset + r0 + j, acc[j]);
+                }
+            }
+#endif
+        }
     }
 }

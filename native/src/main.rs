@@ -93,6 +93,10 @@ enum Command {
         reps: usize,
         #[arg(long)]
         json: bool,
+        /// Also time every dispatch with GPU timestamps and print GPU time per kernel for the
+        /// pp and tg runs (timing waits for each submission, so tok/s drop a little)
+        #[arg(long)]
+        profile: bool,
     },
     /// Describe a GGUF file and the device
     Info {
@@ -185,6 +189,11 @@ fn open_gguf(path: &PathBuf) -> Result<(Gguf, std::fs::File)> {
 }
 
 pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
+    load_profiled(a, quiet, false)
+}
+
+/// `load`, with every dispatch timed when `profile` (see `GpuOptions::profile`).
+pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded> {
     let path = a.model.clone().unwrap_or_else(default_model);
     if !path.exists() {
         bail!("model file {} not found (run scripts/setup.sh to fetch the test models, or pass -m)", path.display());
@@ -195,6 +204,7 @@ pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
         allow_f16: !a.portable,
         allow_subgroups: !a.portable,
         memory_budget: a.max_gpu_memory.map(|m| m << 20),
+        profile,
         ..Default::default()
     }))?;
     let bar = indicatif::ProgressBar::new(0);
@@ -337,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("perplexity: {:.4}", p.value);
             Ok(())
         }
-        Some(Command::Bench { m, n_prompt, n_gen, reps, json }) => bench(&m, n_prompt, n_gen, reps, json),
+        Some(Command::Bench { m, n_prompt, n_gen, reps, json, profile }) => bench(&m, n_prompt, n_gen, reps, json, profile),
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;
             let ids = match (ids, prompt) {
@@ -393,9 +403,12 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
     .map_err(Into::into)
 }
 
-fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) -> Result<()> {
+fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, profile: bool) -> Result<()> {
     let t_load = std::time::Instant::now();
-    let l = load(m, json)?;
+    let l = load_profiled(m, json, profile)?;
+    if profile && !l.gpu.profiling() {
+        bail!("--profile needs timestamp queries inside compute passes, which {} does not offer", l.gpu.info.name);
+    }
     let load_s = t_load.elapsed().as_secs_f64();
     let c = &l.model.config;
     let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
@@ -440,6 +453,17 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
             rows.push((label(format!("tg{n_gen}")), tg));
         }
     }
+    // GPU time per kernel: one more pp and one more tg run, each profiled on its own
+    let mut profiles = Vec::new();
+    if profile {
+        l.gpu.take_profile();
+        for (test, prompt, gen, tokens) in [("pp", &ids[..n_prompt], 0, n_prompt), ("tg", &ids[..0], n_gen, n_gen)] {
+            if tokens > 0 {
+                pollster::block_on(generate::bench_once(&mut s, prompt, gen))?;
+                profiles.push((format!("{test}{tokens}"), tokens, l.gpu.take_profile()));
+            }
+        }
+    }
     let name = m.model.clone().unwrap_or_else(default_model);
     let name = name.file_name().unwrap_or_default().to_string_lossy().to_string();
     let size_mib = l.model.weight_bytes as f64 / (1 << 20) as f64;
@@ -458,6 +482,10 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
                 "model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests,
                 "load_s": load_s, "ttft32_ms": ttft_ms, "n_vocab": c.n_vocab,
                 "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
+                "profile": profiles.iter().map(|(test, tokens, kernels)| serde_json::json!({
+                    "test": test, "tokens": tokens,
+                    "kernels": kernels.iter().map(|k| serde_json::json!({"kernel": k.kernel, "calls": k.calls, "seconds": k.seconds})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -475,6 +503,16 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool) 
         );
         if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
             println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
+        }
+        for (test, tokens, kernels) in &profiles {
+            let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+            println!("\nGPU time per kernel, {test} (timestamps around each dispatch; {:.2} ms per token in all)", total * 1e3 / *tokens as f64);
+            println!("| kernel | dispatches per token | ms per token | share |");
+            println!("| --- | ---: | ---: | ---: |");
+            for k in kernels {
+                let per = |v: f64| v / *tokens as f64;
+                println!("| {} | {:.1} | {:.3} | {:.1}% |", k.kernel, per(k.calls as f64), per(k.seconds) * 1e3, 100.0 * k.seconds / total);
+            }
         }
     }
     Ok(())

@@ -13,10 +13,13 @@
 //! - attention: max-abs ≤ 1e-5; the f16 cache is compared against a reference fed the same
 //!   f16-rounded keys and values.
 //! - top-k / argmax: exact ids and values, ties broken toward the lower id.
+//! - fused products (input RMS norm, stacked parts, residual add, gated activation): the
+//!   matmul bound against the unfused reference ops composed; rope_kv: RoPE's bound, plus half
+//!   an f16 step (≤ 1e-3 on these values) for keys stored in an f16 cache.
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::{GgmlType, KERNEL_TYPES};
-use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder, RopeArgs};
+use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 /// SplitMix64: tiny, seedable, the same numbers on every target.
@@ -100,9 +103,10 @@ pub enum Family {
     Rope,
     Attention,
     TopK,
+    Fused,
 }
 
-pub const FAMILIES: [Family; 9] = [
+pub const FAMILIES: [Family; 10] = [
     Family::Matvec,
     Family::Matmul,
     Family::Gather,
@@ -112,6 +116,7 @@ pub const FAMILIES: [Family; 9] = [
     Family::Rope,
     Family::Attention,
     Family::TopK,
+    Family::Fused,
 ];
 
 impl Family {
@@ -126,6 +131,7 @@ impl Family {
             Family::Rope => "rope",
             Family::Attention => "attention",
             Family::TopK => "top_k",
+            Family::Fused => "fused",
         }
     }
 }
@@ -167,6 +173,7 @@ pub async fn run(gpu: &Gpu, family: Family, large: bool) -> Result<Vec<Check>> {
         Family::Rope => rope(gpu).await,
         Family::Attention => attention(gpu).await,
         Family::TopK => top_k(gpu).await,
+        Family::Fused => fused(gpu).await,
     }
 }
 
@@ -198,11 +205,18 @@ pub async fn gpu_matvec(gpu: &Gpu, w: &GpuMatrix, x: &[f32]) -> Result<Vec<f32>>
     gpu_matmul(gpu, w, x, 1).await
 }
 
-/// y[m][rows] = x[m][k] · Wᵀ: the one-token kernel for m = 1, the prompt kernel otherwise.
+/// y[m][rows] = x[m][k] · Wᵀ: the one-token kernel for m = 1, the prompt kernel the device
+/// uses otherwise.
 pub async fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    gpu_matmul_with(gpu, w, x, m, None).await
+}
+
+/// `gpu_matmul` with the prompt kernel chosen (see `Recorder::tiled_matmul`).
+pub async fn gpu_matmul_with(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize, tiled: Option<bool>) -> Result<Vec<f32>> {
     let xb = gpu.upload_f32("x", x).await?;
     let y = gpu.storage("y", (m * w.n_rows as usize) as u64 * 4).await?;
     let mut rec = Recorder::new(gpu);
+    rec.tiled_matmul = tiled;
     if m == 1 {
         rec.matvec(w, &xb, &y).await?;
     } else {
@@ -243,9 +257,15 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
             for m in [1usize, 5, 33, 70] {
                 let x = Rng::new(9 + m as u64).fill(m * k, 1.0);
-                let got = gpu_matmul(gpu, &wm, &x, m).await?;
                 let want = reference::matmul(&w, &x, n_rows, k, m);
-                checks.push(Check::nmse(format!("matmul {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
+                // both prompt kernels, whichever this device would pick
+                for (kernel, tiled) in [("tiled", true), ("token loop", false)] {
+                    if m == 1 && tiled {
+                        continue;
+                    }
+                    let got = gpu_matmul_with(gpu, &wm, &x, m, Some(tiled)).await?;
+                    checks.push(Check::nmse(format!("matmul ({kernel}) {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
+                }
             }
         }
     }
@@ -386,6 +406,124 @@ async fn rope(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
+/// The fused forms of the products (decode's one-token kernel, and m tokens where it applies)
+/// and rope_kv, against the reference ops they stand for.
+async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (ti, ty) in KERNEL_TYPES.into_iter().enumerate() {
+        let (_, k) = shapes(ty)[2];
+        // q/k/v-like parts with odd row counts; gate/up-like equal parts
+        let rows = [13usize, 5, 7];
+        let mut parts = Vec::new();
+        let mut values = Vec::new();
+        for (pi, &r) in rows.iter().enumerate() {
+            let (bytes, w) = random_matrix(ty, r, k, 3000 + 10 * ti as u64 + pi as u64)?;
+            parts.push((format!("p{pi}"), r as u64, bytes));
+            values.push(w);
+        }
+        let stacked = GpuMatrix::upload_stacked(gpu, ty, k as u64, &parts).await?;
+        let gate_up = GpuMatrix::upload_stacked(gpu, ty, k as u64, &[parts[0].clone(), (String::from("up"), 13, random_matrix(ty, 13, k, 3500 + ti as u64)?.0)]).await?;
+        let up_values = random_matrix(ty, 13, k, 3500 + ti as u64)?.1;
+        let mut rng = Rng::new(4000 + ti as u64);
+        let norm_w = rng.fill(k, 1.0);
+        let nwb = gpu.upload_f32("norm w", &norm_w).await?;
+        for (m, tiled) in [(1usize, None), (5, Some(true)), (5, Some(false))] {
+            let x = rng.fill(m * k, 2.0);
+            let xb = gpu.upload_f32("x", &x).await?;
+            let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
+            let outs = [gpu.storage("y0", (m * 13 * 4) as u64).await?, gpu.storage("y1", (m * 5 * 4) as u64).await?, gpu.storage("y2", (m * 7 * 4) as u64).await?];
+            let resid = rng.fill(m * 13, 1.0);
+            let rb = gpu.upload_f32("resid", &resid).await?;
+            let act = gpu.storage("act", (m * 13 * 4) as u64).await?;
+            let gelu_act = gpu.storage("gelu act", (m * 13 * 4) as u64).await?;
+            let mut rec = Recorder::new(gpu);
+            rec.tiled_matmul = tiled;
+            let input = if m == 1 { ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 } } else { ProductIn::X(&xb) };
+            rec.product(&stacked, input, ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), m as u32).await?;
+            let w0 = GpuMatrix::upload(gpu, "p0", ty, k as u64, 13, &parts[0].2).await?;
+            rec.product(&w0, ProductIn::X(&xb), ProductOut::Residual(&rb), m as u32).await?;
+            if m == 1 {
+                rec.product(&gate_up, input, ProductOut::Glu { out: &act, gelu: false }, 1).await?;
+                rec.product(&gate_up, input, ProductOut::Glu { out: &gelu_act, gelu: true }, 1).await?;
+            }
+            rec.submit()?;
+            let product_in = if m == 1 { &xn } else { &x };
+            let label = match tiled {
+                None => "rms_norm → ",
+                Some(true) => "(tiled) ",
+                Some(false) => "(token loop) ",
+            };
+            for (pi, &r) in rows.iter().enumerate() {
+                let got = gpu.read_f32(&outs[pi], 0, m * r).await?;
+                let want = reference::matmul(&values[pi], product_in, r, k, m);
+                checks.push(Check::nmse(format!("{label}stacked part {pi} {ty} {r}x{k} m={m}"), &got, &want, MATMUL_NMSE));
+            }
+            let got = gpu.read_f32(&rb, 0, m * 13).await?;
+            let want = reference::add(&resid, &reference::matmul(&values[0], &x, 13, k, m));
+            checks.push(Check::nmse(format!("{}residual += {ty} 13x{k} m={m}", if m == 1 { "" } else { label }), &got, &want, MATMUL_NMSE));
+            if m == 1 {
+                let (g, u) = (reference::matmul(&values[0], &xn, 13, k, 1), reference::matmul(&up_values, &xn, 13, k, 1));
+                let got = gpu.read_f32(&act, 0, 13).await?;
+                checks.push(Check::nmse(format!("rms_norm → silu(gate)·up {ty} 13x{k}"), &got, &reference::silu_gate(&g, &u), MATMUL_NMSE));
+                let got = gpu.read_f32(&gelu_act, 0, 13).await?;
+                checks.push(Check::nmse(format!("rms_norm → gelu(gate)·up {ty} 13x{k}"), &got, &reference::gelu_gate(&g, &u), MATMUL_NMSE));
+            }
+        }
+    }
+    checks.extend(rope_kv(gpu).await?);
+    Ok(checks)
+}
+
+/// RoPE on q in place and k (rotated) and v into the cache after `pos0` cached positions.
+async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
+    use reference::{RopeMode, RopeParams};
+    let mut checks = Vec::new();
+    for kv in [KvType::F32, KvType::F16] {
+        for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in
+            [(RopeMode::Normal, 1u32, 9u32, 3u32, 64u32, 64u32, 37u32), (RopeMode::Neox, 5, 4, 1, 256, 256, 600), (RopeMode::Neox, 3, 2, 2, 128, 64, 0), (RopeMode::Normal, 2, 3, 3, 6, 4, 9)]
+                .into_iter()
+                .enumerate()
+        {
+            let (base, fscale) = (10000.0f32, 1.0f32);
+            let row = (n_kv_head * head_dim) as usize;
+            let mut rng = Rng::new(5000 + i as u64);
+            let q = rng.fill((n_tokens * n_head * head_dim) as usize, 1.0);
+            let k = rng.fill(n_tokens as usize * row, 1.0);
+            let v = rng.fill(n_tokens as usize * row, 1.0);
+            let (qb, kb, vb) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
+            let cache_bytes = (pos0 + n_tokens) as u64 * row as u64 * kv.bytes();
+            let (kc, vc) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let args = RopeArgs { n_tokens, n_heads: n_head, head_dim, n_rot, pos0, neox: mode == RopeMode::Neox, freq_base: base, freq_scale: fscale };
+            let mut rec = Recorder::new(gpu);
+            rec.rope_kv(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args).await?;
+            rec.submit()?;
+            let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale };
+            let (mut q_want, mut k_want) = (q.clone(), k.clone());
+            reference::rope(&mut q_want, n_head as usize, head_dim as usize, pos0, params);
+            reference::rope(&mut k_want, n_kv_head as usize, head_dim as usize, pos0, params);
+            let bound = 1e-5 + (pos0 + n_tokens) as f64 * 3e-7;
+            let name = format!("rope_kv {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}");
+            checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
+            let at = pos0 as u64 * row as u64 * kv.bytes();
+            let stored = |raw: Vec<u8>| -> Vec<f32> {
+                match kv {
+                    KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                    KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                }
+            };
+            let got_k = stored(gpu.read(&kc, at, cache_bytes - at).await?);
+            let got_v = stored(gpu.read(&vc, at, cache_bytes - at).await?);
+            let (k_bound, v_want) = match kv {
+                KvType::F32 => (bound, v.clone()),
+                KvType::F16 => (bound + 1e-3, to_f16_and_back(&v)),
+            };
+            checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
+            checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));
+        }
+    }
+    Ok(checks)
+}
+
 fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
 }
@@ -421,11 +559,9 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
             let (k1, k2) = (gpu.upload_f32("k", &k[..split * row]).await?, gpu.upload_f32("k2", &k[split * row..]).await?);
             let (v1, v2) = (gpu.upload_f32("v", &v[..split * row]).await?, gpu.upload_f32("v2", &v[split * row..]).await?);
             let mut rec = Recorder::new(gpu);
-            rec.kv_store(&k1, &kc, kv, row as u32, split as u32, 0).await?;
-            rec.kv_store(&v1, &vc, kv, row as u32, split as u32, 0).await?;
+            rec.kv_store(&k1, &v1, &kc, &vc, n_kv_head, head_dim, kv, split as u32, 0).await?;
             if split < n_kv {
-                rec.kv_store(&k2, &kc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
-                rec.kv_store(&v2, &vc, kv, row as u32, (n_kv - split) as u32, split as u32).await?;
+                rec.kv_store(&k2, &v2, &kc, &vc, n_kv_head, head_dim, kv, (n_kv - split) as u32, split as u32).await?;
             }
             rec.attention(&qb, &kc, &vc, &out, c).await?;
             rec.submit()?;

@@ -43,12 +43,24 @@ pub struct GpuOptions {
     /// what a smaller GPU does); beyond it allocations fail as out-of-memory. Enforced where
     /// the driver's buffer counters are available (native builds).
     pub memory_budget: Option<u64>,
+    /// Time every dispatch with GPU timestamps (where the adapter has timestamp queries inside
+    /// passes: native Vulkan, Metal, DX12) and add it up per kernel; see [`Gpu::take_profile`].
+    /// Each submission then waits for its timestamps, so this is for `nomoat bench --profile`.
+    pub profile: bool,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None, memory_budget: None }
+        GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None, memory_budget: None, profile: false }
     }
+}
+
+/// GPU time spent in one kernel (file, entry point and weight type) since the last take.
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 pub struct Gpu {
@@ -60,6 +72,11 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     memory_budget: Option<u64>,
     pub(crate) pipelines: crate::kernels::PipelineCache,
+    /// Two small buffers bound to kernel outputs a dispatch does not use (WebGPU wants every
+    /// binding of the layout filled, and one writable buffer bound twice is an error).
+    pub(crate) unused_outputs: [wgpu::Buffer; 2],
+    /// Per-kernel (calls, seconds) when profiling; None otherwise.
+    pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
 
 impl Gpu {
@@ -101,6 +118,11 @@ impl Gpu {
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
         }
+        let timestamps = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let profile = opts.profile && available.contains(timestamps);
+        if profile {
+            features |= timestamps;
+        }
         let mut limits = adapter.limits();
         if let Some(cap) = opts.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
@@ -129,7 +151,26 @@ impl Gpu {
             }
         }));
         let variant = Variant { f16, subgroups, web: cfg!(target_arch = "wasm32") };
-        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default() })
+        let profile = profile.then(Default::default);
+        let unused = || {
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused output"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+        };
+        let unused_outputs = [unused(), unused()];
+        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_outputs, profile })
+    }
+
+    /// Whether dispatches are being timed (profiling was asked for and the adapter can).
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// GPU time per kernel since the last call, largest first (empty when not profiling).
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let map = std::mem::take(&mut *p.lock().unwrap());
+        let mut v: Vec<KernelTime> = map.into_iter().map(|(kernel, (calls, seconds))| KernelTime { kernel, calls, seconds }).collect();
+        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        v
     }
 
     /// Largest byte size one tensor chunk may have: a storage binding and a buffer both cap it.

@@ -20,14 +20,14 @@ pub enum Bind {
 use Bind::*;
 
 // Bind-group layouts, one per shader file (see the shader's header comment for the shapes).
-pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // matvec.wgsl: w, x, y, params
-pub const MATMUL_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // matmul.wgsl: w, x, y, params
+pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Read, ReadWrite, ReadWrite, Uniform]; // matvec.wgsl: w, x, y, norm_w, y1, y2, params
+pub const MATMUL_LAYOUT: &[Bind] = MATVEC_LAYOUT; // matmul.wgsl: the same (norm_w unused)
 pub const GATHER_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // gather.wgsl: table, ids, out, params
 pub const NORM_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // norm.wgsl: x, w, b, out, params
 pub const SOFTMAX_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // softmax.wgsl: x, out, params
 pub const ELEMENTWISE_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // elementwise.wgsl: a, b, out, params
 pub const ROPE_LAYOUT: &[Bind] = &[ReadWrite, Uniform]; // rope.wgsl: x, params
-pub const KV_STORE_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // kv_store.wgsl: src, cache, params
+pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Uniform]; // rope_kv.wgsl: q, k, v, k_cache, v_cache, params
 pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // attention.wgsl: q, k, v, out, params
 pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform]; // topk.wgsl: values, ids, out_values, out_ids, params
 pub const COPY_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // copy.wgsl: src, dst, params
@@ -138,6 +138,20 @@ pub struct PipelineKey {
     pub defines: Defines,
 }
 
+impl PipelineKey {
+    /// How the profiler names this kernel: file, entry point unless main, and weight type.
+    fn profile_name(&self) -> String {
+        let mut name = self.file.trim_end_matches(".wgsl").to_string();
+        if self.entry != "main" {
+            name += &format!(":{}", self.entry);
+        }
+        for flag in self.defines.0.keys().filter_map(|k| k.strip_prefix("TYPE_")) {
+            name += &format!(" {flag}");
+        }
+        name
+    }
+}
+
 pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
@@ -154,6 +168,15 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         for (tpr, rpi, wg) in [(1, 1, 64), (1, 4, 16), (1, 8, 8), (4, 2, 64), (32, 1, 64), (64, 2, 256)] {
             keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(ty, MatvecShape { tpr, rpi, wg }) });
         }
+        // the fused modes, on the CPU and GPU shapes
+        for (tpr, rpi, wg) in [(1, 8, 8), (32, 2, 64)] {
+            let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg });
+            for flags in [&["NORM_IN"][..], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"]] {
+                let defines = flags.iter().fold(d.clone(), |d, f| d.flag(f));
+                keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines });
+            }
+        }
+        keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
     }
     for entry in ["rms_norm", "layer_norm"] {
         keys.push(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() });
@@ -164,7 +187,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     }
     keys.push(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() });
     for kv in [KvType::F32, KvType::F16] {
-        keys.push(PipelineKey { file: "kv_store.wgsl", entry: "main", defines: kv.defines() });
+        keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
     }
     keys.push(PipelineKey { file: "topk.wgsl", entry: "main", defines: Defines::new() });
@@ -182,7 +205,7 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
         "softmax.wgsl" => SOFTMAX_LAYOUT,
         "elementwise.wgsl" => ELEMENTWISE_LAYOUT,
         "rope.wgsl" => ROPE_LAYOUT,
-        "kv_store.wgsl" => KV_STORE_LAYOUT,
+        "rope_kv.wgsl" => ROPE_KV_LAYOUT,
         "attention.wgsl" => ATTENTION_LAYOUT,
         "topk.wgsl" => TOPK_LAYOUT,
         "copy.wgsl" => COPY_LAYOUT,
@@ -273,6 +296,10 @@ pub struct GpuMatrix {
     pub k: u32,
     pub row_bytes: u32,
     pub chunks: Vec<MatrixChunk>,
+    /// The GGUF tensors stacked in this matrix, in row order: (name, rows). One for a plain
+    /// matrix; q/k/v or gate/up projections of one layer are stacked so that one dispatch
+    /// multiplies them all (`Recorder::product` sends each part to its own output).
+    pub parts: Vec<(String, u32)>,
 }
 
 pub struct MatrixChunk {
@@ -310,7 +337,31 @@ impl GpuMatrix {
             chunks.push(MatrixChunk { first_row: first as u32, n_rows: n as u32, buffer });
             first += n;
         }
-        Ok(GpuMatrix { name: name.to_string(), ty, n_rows: n_rows as u32, k: k as u32, row_bytes: row_bytes as u32, chunks })
+        let parts = vec![(name.to_string(), n_rows as u32)];
+        Ok(GpuMatrix { name: name.to_string(), ty, n_rows: n_rows as u32, k: k as u32, row_bytes: row_bytes as u32, chunks, parts })
+    }
+
+    /// Stack matrices of one type and row length into one, rows in the order given: parts
+    /// (name, rows, bytes as stored). Its name is the parts' names joined by '+'.
+    pub async fn upload_stacked(gpu: &Gpu, ty: GgmlType, k: u64, parts: &[(String, u64, Vec<u8>)]) -> Result<GpuMatrix, GpuError> {
+        let name = parts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join("+");
+        let n_rows = parts.iter().map(|p| p.1).sum();
+        let bytes: Vec<u8> = parts.iter().flat_map(|p| p.2.iter().copied()).collect();
+        let mut m = GpuMatrix::upload(gpu, &name, ty, k, n_rows, &bytes).await?;
+        m.parts = parts.iter().map(|p| (p.0.clone(), p.1 as u32)).collect();
+        Ok(m)
+    }
+
+    /// Rows of the part named `name` and the part's first row.
+    pub fn part(&self, name: &str) -> Option<(u32, u32)> {
+        let mut first = 0;
+        for (n, rows) in &self.parts {
+            if n == name {
+                return Some((first, *rows));
+            }
+            first += rows;
+        }
+        None
     }
 
     pub fn bytes(&self) -> u64 {
@@ -372,24 +423,74 @@ pub const MAX_HEAD_DIM: u32 = 256;
 pub const MAX_TOP_K: u32 = 128;
 const TOPK_CHUNK: u32 = 1024;
 
-/// Records dispatches into one command encoder.
+/// Records dispatches into one command encoder, consecutive dispatches into one compute pass:
+/// lavapipe spends about 15 µs on every pass beyond the ~27 µs of a dispatch itself (measured
+/// with 500 one-workgroup copies), which at ~500 dispatches per token was a tenth of decode.
+/// WebGPU makes each dispatch its own usage scope, so one pass orders them just as well.
 pub struct Recorder<'g> {
     pub gpu: &'g Gpu,
+    // declared before the encoder so that it is dropped first
+    pass: Option<wgpu::ComputePass<'static>>,
     encoder: wgpu::CommandEncoder,
+    /// When profiling: a timestamp before and after every dispatch, and the dispatches' kernels.
+    timer: Option<(wgpu::QuerySet, Vec<String>)>,
+    /// Products of several tokens: Some(true) runs the tiled matmul.wgsl, Some(false)
+    /// matvec.wgsl's token loop, None what suits the device (tests run both everywhere).
+    pub tiled_matmul: Option<bool>,
 }
+
+/// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
+/// is 4096); later ones in the same submission go untimed.
+const MAX_TIMED_DISPATCHES: u32 = 2048;
 
 impl<'g> Recorder<'g> {
     pub fn new(gpu: &'g Gpu) -> Recorder<'g> {
-        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()) }
+        let timer = gpu.profiling().then(|| {
+            let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("dispatch timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * MAX_TIMED_DISPATCHES,
+            });
+            (set, Vec::new())
+        });
+        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None }
     }
 
-    pub fn submit(self) -> Result<(), GpuError> {
+    pub fn submit(mut self) -> Result<(), GpuError> {
         self.gpu.check_lost()?;
+        self.pass = None;
+        let Some((set, kernels)) = self.timer.take() else {
+            self.gpu.queue.submit([self.encoder.finish()]);
+            return Ok(());
+        };
+        // profiling: resolve the timestamps, wait for them and add them to the device's totals
+        let n = 2 * kernels.len() as u64;
+        let usage = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
+        let resolved = self.gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n.max(1), usage, mapped_at_creation: false });
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let readback = self.gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n.max(1), usage, mapped_at_creation: false });
+        if n > 0 {
+            self.encoder.resolve_query_set(&set, 0..n as u32, &resolved, 0);
+            self.encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 8 * n);
+        }
         self.gpu.queue.submit([self.encoder.finish()]);
+        readback.slice(..).map_async(wgpu::MapMode::Read, |_| ());
+        self.gpu.wait()?;
+        let view = readback.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
+        let ticks: Vec<u64> = bytemuck::cast_slice(&view).to_vec();
+        let period = self.gpu.queue.get_timestamp_period() as f64 * 1e-9;
+        let mut totals = self.gpu.profile.as_ref().unwrap().lock().unwrap();
+        for (i, k) in kernels.into_iter().enumerate() {
+            let t = totals.entry(k).or_default();
+            t.0 += 1;
+            t.1 += ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+        }
         Ok(())
     }
 
+    /// The encoder, for copies between dispatches (ends the open compute pass).
     pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
         &mut self.encoder
     }
 
@@ -402,6 +503,7 @@ impl<'g> Recorder<'g> {
     ) -> Result<(), GpuError> {
         // wgpu panics on buffers created on a lost device: report the loss instead
         self.gpu.check_lost()?;
+        let kernel = self.timer.is_some().then(|| key.profile_name());
         let p = self.gpu.pipeline(key).await?;
         let uniform = self.gpu.uniform(params);
         let mut entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -411,52 +513,107 @@ impl<'g> Recorder<'g> {
             .collect();
         entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
         let bg = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &p.layout, entries: &entries });
-        let mut pass = self.encoder.begin_compute_pass(&Default::default());
+        let encoder = &mut self.encoder;
+        let pass = self.pass.get_or_insert_with(|| encoder.begin_compute_pass(&Default::default()).forget_lifetime());
+        let timed = match &mut self.timer {
+            Some((set, kernels)) if kernels.len() < MAX_TIMED_DISPATCHES as usize => {
+                let i = kernels.len() as u32;
+                kernels.push(kernel.unwrap_or_default());
+                pass.write_timestamp(set, 2 * i);
+                Some((set, 2 * i + 1))
+            }
+            _ => None,
+        };
         pass.set_pipeline(&p.pipeline);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        if let Some((set, i)) = timed {
+            pass.write_timestamp(set, i);
+        }
         Ok(())
     }
 
     /// y[row] = W[row] · x for one token. x: [k], y: [n_rows].
     pub async fn matvec(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<(), GpuError> {
-        self.matvec_tokens(w, x, y, 1).await
-    }
-
-    /// matvec.wgsl over m tokens, each invocation's rows for one token after another.
-    async fn matvec_tokens(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
-        let shape = matvec_shape(self.gpu);
-        for c in &w.chunks {
-            let (gx, gy) = grid(c.n_rows.div_ceil(shape.rows_per_workgroup()));
-            let params = [c.n_rows, w.k, w.row_bytes, c.first_row, m, w.n_rows, 0, 0];
-            let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(w.ty, shape) };
-            self.dispatch(key, &[&c.buffer, x, y], &params, (gx, gy, 1)).await?;
-        }
-        Ok(())
+        self.product(w, ProductIn::X(x), ProductOut::Split(&[y]), 1).await
     }
 
     /// Y[t][row] = W[row] · X[t] for m tokens. X: [m][k], Y: [m][n_rows].
-    /// GPUs run the shared-memory tiled matmul.wgsl. CPU devices, where shared-memory reads
-    /// and barriers cost a per-lane loop and a coroutine switch each, run matvec.wgsl with its
-    /// token loop instead (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
     pub async fn matmul(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
-        let rows = match std::env::var("NOMOAT_MATMUL").ok().as_deref() {
+        self.product(w, ProductIn::X(x), ProductOut::Split(&[y]), m).await
+    }
+
+    /// Whether `product` runs matvec.wgsl for m tokens (which alone can fuse the input's RMS
+    /// norm and the gated activation): always for one token. For more, GPUs run the
+    /// shared-memory tiled matmul.wgsl; CPU devices, where shared-memory reads and barriers cost
+    /// a per-lane loop and a coroutine switch each, run matvec.wgsl with its token loop instead
+    /// (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
+    fn product_runs_matvec(&self, m: u32) -> bool {
+        if m == 1 {
+            return true;
+        }
+        if let Some(tiled) = self.tiled_matmul {
+            return !tiled;
+        }
+        match std::env::var("NOMOAT_MATMUL").ok().as_deref() {
             Some("tiled") => false,
             Some("rows") => true,
             _ => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
-        };
-        if rows {
-            return self.matvec_tokens(w, x, y, m).await;
         }
+    }
+
+    /// W · input for m tokens, written as `out` says (see product_out.wgsl). X: [m][k].
+    /// `ProductIn::RmsNorm` and `ProductOut::Glu` are for one token (or CPU devices), and Glu
+    /// needs a one-chunk matrix of two equal parts [gate; up].
+    pub async fn product(&mut self, w: &GpuMatrix, input: ProductIn<'_>, out: ProductOut<'_>, m: u32) -> Result<(), GpuError> {
+        let fused = self.product_runs_matvec(m);
+        let (x, norm, eps) = match input {
+            ProductIn::X(x) => (x, None, 0.0),
+            ProductIn::RmsNorm { x, weight, eps } => (x, Some(weight), eps),
+        };
+        let unsupported = |what: &str| Err(GpuError::Unsupported(format!("{what} for '{}'", w.name)));
+        if norm.is_some() && !fused {
+            return unsupported("a fused input norm on this device's prefill path");
+        }
+        let spare = &self.gpu.unused_outputs;
+        // outputs y, y1, y2, rows to y and to y1, and the product_out.wgsl mode flags
+        let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
+            ProductOut::Split([y]) => ([*y, &spare[0], &spare[1]], w.n_rows, 0, &[]),
+            ProductOut::Split(ys) if ys.len() == w.parts.len() && ys.len() <= 3 => {
+                let n = |i: usize| w.parts.get(i).map_or(0, |p| p.1);
+                ([ys[0], ys[1], ys.get(2).copied().unwrap_or(&spare[1])], n(0), n(1), &[])
+            }
+            ProductOut::Split(ys) => return unsupported(&format!("{} outputs for {} stacked parts", ys.len(), w.parts.len())),
+            ProductOut::Residual(y) => ([y, &spare[0], &spare[1]], w.n_rows, 0, &["OUT_RESIDUAL"]),
+            ProductOut::Glu { out, gelu } => {
+                if !fused || w.chunks.len() != 1 || w.parts.len() != 2 || w.parts[0].1 != w.parts[1].1 {
+                    return unsupported("a fused gated activation");
+                }
+                ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
+            }
+        };
+        let add_mode = |d: Defines| {
+            let d = flags.iter().fold(d, |d, f| d.flag(f));
+            if norm.is_some() { d.flag("NORM_IN") } else { d }
+        };
+        let glu = flags.contains(&"OUT_GLU");
         for c in &w.chunks {
-            let params = [c.n_rows, w.k, w.row_bytes, c.first_row, m, w.n_rows, 0, 0];
-            self.dispatch(
-                PipelineKey { file: "matmul.wgsl", entry: "main", defines: w.defines() },
-                &[&c.buffer, x, y],
-                &params,
-                (c.n_rows.div_ceil(64), m.div_ceil(32), 1),
-            )
-            .await?;
+            let params = ProductParams { n_rows: c.n_rows, k: w.k, row_bytes: w.row_bytes, row_offset: c.first_row, m, n_total: w.n_rows, n0, n1, eps, _pad: [0; 3] };
+            let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
+            if fused {
+                let mut shape = matvec_shape(self.gpu);
+                if glu {
+                    // an invocation holds gate and up rows in pairs
+                    shape.rpi = (shape.rpi + 1) & !1;
+                }
+                let rows = if glu { n0 * 2 } else { c.n_rows };
+                let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
+                let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: add_mode(matvec_defines(w.ty, shape)) };
+                self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
+            } else {
+                let key = PipelineKey { file: "matmul.wgsl", entry: "main", defines: add_mode(w.defines()) };
+                self.dispatch(key, &buffers, &params, (c.n_rows.div_ceil(64), m.div_ceil(32), 1)).await?;
+            }
         }
         Ok(())
     }
@@ -552,15 +709,39 @@ impl<'g> Recorder<'g> {
             .await
     }
 
-    /// Write src: [n_tokens][n_kv_head][head_dim] into the cache at positions pos0...
-    pub async fn kv_store(&mut self, src: &wgpu::Buffer, cache: &wgpu::Buffer, kv: KvType, row_elems: u32, n_tokens: u32, pos0: u32) -> Result<(), GpuError> {
-        if row_elems % 2 != 0 {
-            return Err(GpuError::Unsupported("KV rows must have an even number of elements".into()));
+    /// RoPE on q in place, and k (rotated the same way) and v appended to the KV cache at
+    /// positions a.pos0..: rope_kv.wgsl. q: [n_tokens][a.n_heads][head_dim]; k, v:
+    /// [n_tokens][n_kv_head][head_dim]. With a.n_rot = 0 (and a.n_heads = 0) it only stores.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rope_kv(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, kv: KvType, a: RopeArgs) -> Result<(), GpuError> {
+        if a.n_rot % 2 != 0 || a.n_rot > a.head_dim || a.head_dim % 2 != 0 {
+            return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
         }
-        let n_pairs = n_tokens * row_elems / 2;
-        let (gx, gy) = grid(n_pairs.div_ceil(256));
-        self.dispatch(PipelineKey { file: "kv_store.wgsl", entry: "main", defines: kv.defines() }, &[src, cache], &[n_pairs, pos0 * row_elems, 0, 0], (gx, gy, 1))
-            .await
+        let work = a.n_tokens * a.n_heads * (a.n_rot / 2) + a.n_tokens * n_kv_head * a.head_dim;
+        let (gx, gy) = grid(work.div_ceil(256));
+        let params = RopeKvParams {
+            n_tokens: a.n_tokens,
+            n_head: a.n_heads,
+            n_kv_head,
+            head_dim: a.head_dim,
+            n_rot: a.n_rot,
+            pos0: a.pos0,
+            neox: a.neox as u32,
+            log2_base: a.freq_base.log2(),
+            freq_scale: a.freq_scale,
+            _pad: [0; 3],
+        };
+        let key = PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() };
+        self.dispatch(key, &[q, k, v, k_cache, v_cache], &params, (gx, gy, 1)).await
+    }
+
+    /// Append k and v: [n_tokens][n_kv_head][head_dim] to the KV cache at positions pos0.. as
+    /// they are (rope_kv without rotation).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn kv_store(&mut self, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, head_dim: u32, kv: KvType, n_tokens: u32, pos0: u32) -> Result<(), GpuError> {
+        let a = RopeArgs { n_tokens, n_heads: 0, head_dim, n_rot: 0, pos0, neox: false, freq_base: 1.0, freq_scale: 1.0 };
+        let q = &self.gpu.unused_outputs[0];
+        self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
@@ -593,6 +774,37 @@ impl<'g> Recorder<'g> {
     }
 }
 
+/// What a product reads: x as it is, or x / rms(x) · weight per token (the RMS norm fused in).
+#[derive(Clone, Copy)]
+pub enum ProductIn<'a> {
+    X(&'a wgpu::Buffer),
+    RmsNorm { x: &'a wgpu::Buffer, weight: &'a wgpu::Buffer, eps: f32 },
+}
+
+/// Where a product's rows go (product_out.wgsl): one output per stacked part of the matrix (or
+/// one for all of it), added into a residual stream, or through a gated activation.
+#[derive(Clone, Copy)]
+pub enum ProductOut<'a> {
+    Split(&'a [&'a wgpu::Buffer]),
+    Residual(&'a wgpu::Buffer),
+    Glu { out: &'a wgpu::Buffer, gelu: bool },
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ProductParams {
+    n_rows: u32,
+    k: u32,
+    row_bytes: u32,
+    row_offset: u32,
+    m: u32,
+    n_total: u32,
+    n0: u32,
+    n1: u32,
+    eps: f32,
+    _pad: [u32; 3],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct NormParams {
@@ -622,6 +834,21 @@ struct RopeParams {
     neox: u32,
     log2_base: f32,
     freq_scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeKvParams {
+    n_tokens: u32,
+    n_head: u32,
+    n_kv_head: u32,
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    neox: u32,
+    log2_base: f32,
+    freq_scale: f32,
+    _pad: [u32; 3],
 }
 
 #[repr(C)]

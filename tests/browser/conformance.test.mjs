@@ -38,7 +38,7 @@ test('every kernel matches the CPU reference in Chromium, with the native bounds
       for (const c of bad) failed.push(`${c.case}: ${c.metric} ${c.error} > ${c.bound}`);
     }
     // every family ran, and as many cases as natively (a shrunken suite would also pass)
-    assert.equal(report.families.length, 9);
+    assert.equal(report.families.length, 10);
     assert.ok(n >= 300, `${n} cases`);
     assert.deepEqual(failed, []);
   } finally {

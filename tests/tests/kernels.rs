@@ -78,6 +78,11 @@ fn argmax_and_top_k() {
     suite(Family::TopK)
 }
 
+#[test]
+fn fused_products_and_rope_kv() {
+    suite(Family::Fused)
+}
+
 fn random_matrix(ty: GgmlType, n_rows: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
     conformance::random_matrix(ty, n_rows, k, seed).unwrap()
 }

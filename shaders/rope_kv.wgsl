@@ -1,0 +1,119 @@
+// The step between the q/k/v projections and attention, in one dispatch: RoPE on q in place,
+// and k (rotated the same way) and v appended to the KV cache.
+// q: [n_tokens][n_head][head_dim] f32; k, v: [n_tokens][n_kv_head][head_dim] f32 (read only);
+// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see kv.wgsl), written at positions
+// pos0..pos0+n_tokens. Token t sits at position pos0 + t; the first n_rot dimensions of each
+// head turn in adjacent pairs (2i, 2i+1), or halves (i, i + n_rot/2) in NeoX mode; n_rot = 0
+// stores k as it is.
+// Invocations: one per rotated pair of q (in place, so a pair's two elements are read before
+// either is written), then one per two consecutive elements of k, then of v (a packed f16 word
+// is written whole by one invocation; each k element is rotated from the unrotated source).
+
+struct Params {
+    n_tokens: u32,
+    n_head: u32,
+    n_kv_head: u32,
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    neox: u32,
+    log2_base: f32,
+    freq_scale: f32,
+}
+
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k_cache: array<KvStore>;
+@group(0) @binding(4) var<storage, read_write> v_cache: array<KvStore>;
+@group(0) @binding(5) var<uniform> p: Params;
+
+#include "kv.wgsl"
+#include "rotary.wgsl"
+
+// element e of the k head starting at `base`, rotated for position pos
+fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
+    let half = p.n_rot / 2u;
+    if (e >= p.n_rot) {
+        return k[base + e];
+    }
+    // the pair (a, b) holding e, and whether e is its second element
+    var i = e / 2u;
+    var ia = base + 2u * i;
+    var ib = ia + 1u;
+    var second = (e & 1u) == 1u;
+    if (p.neox != 0u) {
+        i = e % half;
+        ia = base + i;
+        ib = ia + half;
+        second = e >= half;
+    }
+    let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+    if (second) {
+        return k[ia] * sc.x + k[ib] * sc.y;
+    }
+    return k[ia] * sc.y - k[ib] * sc.x;
+}
+
+fn put_k(d: u32, a: f32, b: f32) {
+#if KV_F16
+#if F16
+    k_cache[d] = f16(a);
+    k_cache[d + 1u] = f16(b);
+#else
+    k_cache[d >> 1u] = pack2x16float(vec2<f32>(a, b));
+#endif
+#else
+    k_cache[d] = a;
+    k_cache[d + 1u] = b;
+#endif
+}
+
+fn put_v(d: u32, a: f32, b: f32) {
+#if KV_F16
+#if F16
+    v_cache[d] = f16(a);
+    v_cache[d + 1u] = f16(b);
+#else
+    v_cache[d >> 1u] = pack2x16float(vec2<f32>(a, b));
+#endif
+#else
+    v_cache[d] = a;
+    v_cache[d + 1u] = b;
+#endif
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.x + gid.y * nwg.x * 256u;
+    let half = p.n_rot / 2u;
+    let n_q_pairs = p.n_tokens * p.n_head * half;
+    let kv_row = p.n_kv_head * p.head_dim;
+    let n_kv_pairs = p.n_tokens * kv_row / 2u;
+    if (idx < n_q_pairs) {
+        let i = idx % half;
+        let head = idx / half;            // token * n_head + head
+        let pos = p.pos0 + head / p.n_head;
+        let base = head * p.head_dim;
+        let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+        var ia = base + 2u * i;
+        var ib = ia + 1u;
+        if (p.neox != 0u) {
+            ia = base + i;
+            ib = ia + half;
+        }
+        let a = q[ia];
+        let b = q[ib];
+        q[ia] = a * sc.y - b * sc.x;
+        q[ib] = a * sc.x + b * sc.y;
+    } else if (idx < n_q_pairs + n_kv_pairs) {
+        let e0 = 2u * (idx - n_q_pairs);  // first of the two elements in [n_tokens][kv_row]
+        let t = e0 / kv_row;
+        let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
+        let pos = p.pos0 + t;
+        put_k(p.pos0 * kv_row + e0, rotated_k(base, e0 - base, pos), rotated_k(base, e0 + 1u - base, pos));
+    } else if (idx < n_q_pairs + 2u * n_kv_pairs) {
+        let e0 = 2u * (idx - n_q_pairs - n_kv_pairs);
+        put_v(p.pos0 * kv_row + e0, v[e0], v[e0 + 1u]);
+    }
+}
