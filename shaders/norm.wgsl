@@ -1,6 +1,8 @@
 // Row normalisations over x: [n_rows][n] f32 with weight (and bias): [n] f32 → out: [n_rows][n].
 // One workgroup per row. out may alias nothing; in-place use passes a separate buffer.
-//   rms_norm:   x / sqrt(mean(x²) + eps) · w
+//   rms_norm:     x / sqrt(mean(x²) + eps) · w
+//   rms_norm_add: b + x / sqrt(mean(x²) + eps) · w, b: [n_rows][n] (a post-norm branch added
+//                 into the residual stream b, as Gemma does after attention and the FFN)
 //   layer_norm: (x − mean) / sqrt(var + eps) · w + b
 
 struct Params {
@@ -33,6 +35,25 @@ fn rms_norm(@builtin(local_invocation_index) lid: u32,
     let inv = inverseSqrt(wg_sum(ss, Lane(lid, SG_SIZE, SG_LANE)) / f32(p.n) + p.eps);
     for (var i = lid; i < p.n; i += WG) {
         out[base + i] = x[base + i] * inv * w[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rms_norm_add(@builtin(local_invocation_index) lid: u32,
+            @builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.n_rows) {
+        return;
+    }
+    let base = r * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        ss += x[base + i] * x[base + i];
+    }
+    let inv = inverseSqrt(wg_sum(ss, Lane(lid, SG_SIZE, SG_LANE)) / f32(p.n) + p.eps);
+    for (var i = lid; i < p.n; i += WG) {
+        out[base + i] = b[base + i] + x[base + i] * inv * w[i];
     }
 }
 

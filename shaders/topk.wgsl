@@ -82,3 +82,44 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         workgroupBarrier();
     }
 }
+
+// k = 1 (greedy decoding): every invocation keeps the best of its strided share of ARG_CHUNK
+// candidates in registers, and one tree over the workgroup picks the winner. Far fewer
+// barriers per candidate than `main`'s selection rounds, which matters on CPU devices, where
+// each barrier switches through every invocation.
+const ARG_WG: u32 = 64u;
+const ARG_CHUNK: u32 = 4096u;
+
+var<workgroup> arg_v: array<f32, ARG_WG>;
+var<workgroup> arg_id: array<u32, ARG_WG>;
+
+@compute @workgroup_size(64)
+fn argmax(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let start = wid.x * ARG_CHUNK;
+    var bv = 0.0;
+    var bid = NO_ID;
+    for (var e = lid; e < ARG_CHUNK; e += ARG_WG) {
+        let g = start + e;
+        if (g < p.n) {
+            let v = values[g];
+            let id = select(ids[g], g, p.first_pass != 0u);
+            if (better(v, id, bv, bid)) {
+                bv = v;
+                bid = id;
+            }
+        }
+    }
+    arg_v[lid] = bv;
+    arg_id[lid] = bid;
+    for (var stride = ARG_WG / 2u; stride > 0u; stride >>= 1u) {
+        workgroupBarrier();
+        if (lid < stride && better(arg_v[lid + stride], arg_id[lid + stride], arg_v[lid], arg_id[lid])) {
+            arg_v[lid] = arg_v[lid + stride];
+            arg_id[lid] = arg_id[lid + stride];
+        }
+    }
+    if (lid == 0u) {
+        out_values[wid.x] = arg_v[0];
+        out_ids[wid.x] = arg_id[0];
+    }
+}

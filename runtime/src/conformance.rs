@@ -298,12 +298,19 @@ async fn norms(gpu: &Gpu) -> Result<Vec<Check>> {
         let bb = gpu.upload_f32("b", &b).await?;
         let o1 = gpu.storage("o1", (rows * n * 4) as u64).await?;
         let o2 = gpu.storage("o2", (rows * n * 4) as u64).await?;
+        let resid = rng.fill(rows * n, 1.0);
+        let rb = gpu.upload_f32("resid", &resid).await?;
+        let o3 = gpu.storage("o3", (rows * n * 4) as u64).await?;
         let mut rec = Recorder::new(gpu);
         rec.rms_norm(&xb, &wb, &o1, n as u32, rows as u32, 1e-6).await?;
         rec.layer_norm(&xb, &wb, &bb, &o2, n as u32, rows as u32, 1e-5).await?;
+        rec.rms_norm_add(&xb, &wb, &rb, &o3, n as u32, rows as u32, 1e-6).await?;
         rec.submit()?;
         let (rms, ln) = (gpu.read_f32(&o1, 0, rows * n).await?, gpu.read_f32(&o2, 0, rows * n).await?);
-        checks.push(Check::max_abs(format!("rms_norm {rows}x{n}"), &rms, &reference::rms_norm(&x, &w, n, 1e-6), 1e-5));
+        let want_rms = reference::rms_norm(&x, &w, n, 1e-6);
+        checks.push(Check::max_abs(format!("rms_norm {rows}x{n}"), &rms, &want_rms, 1e-5));
+        let got = gpu.read_f32(&o3, 0, rows * n).await?;
+        checks.push(Check::max_abs(format!("rms_norm_add {rows}x{n}"), &got, &reference::add(&resid, &want_rms), 1e-5));
         checks.push(Check::max_abs(format!("layer_norm {rows}x{n}"), &ln, &reference::layer_norm(&x, &w, &b, n, 1e-5), 1e-5));
     }
     Ok(checks)
@@ -593,12 +600,15 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
 
 async fn top_k(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for (i, (n, k)) in [(262_144usize, 1u32), (262_144, 40), (49_152, 128), (1000, 5), (7, 7), (3000, 1)].into_iter().enumerate() {
+    // (n, k, offset): all-negative values (offset) catch a selection that starts from 0
+    for (i, (n, k, offset)) in
+        [(262_144usize, 1u32, 0.0f32), (262_144, 40, 0.0), (49_152, 128, 0.0), (1000, 5, 0.0), (7, 7, 0.0), (3000, 1, 0.0), (10_000, 1, -5000.0)].into_iter().enumerate()
+    {
         let mut rng = Rng::new(1000 + i as u64);
         // coarse values so that ties occur and the tie-break is exercised
-        let mut x: Vec<f32> = (0..n).map(|_| (rng.uniform() * 50.0).round()).collect();
-        x[n / 3] = 1000.0;
-        x[n - 1] = 1000.0;
+        let mut x: Vec<f32> = (0..n).map(|_| (rng.uniform() * 50.0).round() + offset).collect();
+        x[n / 3] = 1000.0 + offset;
+        x[n - 1] = 1000.0 + offset;
         let xb = gpu.upload_f32("logits", &x).await?;
         let got = kernels::top_k(gpu, &xb, n as u32, k).await?;
         let want = reference::top_k(&x, k as usize);

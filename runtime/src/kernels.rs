@@ -178,7 +178,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         }
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
     }
-    for entry in ["rms_norm", "layer_norm"] {
+    for entry in ["rms_norm", "rms_norm_add", "layer_norm"] {
         keys.push(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() });
     }
     keys.push(PipelineKey { file: "softmax.wgsl", entry: "main", defines: Defines::new() });
@@ -190,7 +190,9 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
     }
-    keys.push(PipelineKey { file: "topk.wgsl", entry: "main", defines: Defines::new() });
+    for entry in ["main", "argmax"] {
+        keys.push(PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() });
+    }
     keys.push(PipelineKey { file: "copy.wgsl", entry: "main", defines: Defines::new() });
     keys
 }
@@ -422,6 +424,7 @@ pub struct AttentionArgs {
 pub const MAX_HEAD_DIM: u32 = 256;
 pub const MAX_TOP_K: u32 = 128;
 const TOPK_CHUNK: u32 = 1024;
+const ARGMAX_CHUNK: u32 = 4096;
 
 /// Records dispatches into one command encoder, consecutive dispatches into one compute pass:
 /// lavapipe spends about 15 µs on every pass beyond the ~27 µs of a dispatch itself (measured
@@ -633,6 +636,15 @@ impl<'g> Recorder<'g> {
         let (gx, gy) = grid(n_rows);
         let params = NormParams { n, n_rows, eps, _pad: 0 };
         self.dispatch(PipelineKey { file: "norm.wgsl", entry: "rms_norm", defines: Defines::new() }, &[x, w, w, out], &params, (gx, gy, 1))
+            .await
+    }
+
+    /// out = resid + rms_norm(x)·w over rows x, resid, out: [n_rows][n].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rms_norm_add(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, resid: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
+        let (gx, gy) = grid(n_rows);
+        let params = NormParams { n, n_rows, eps, _pad: 0 };
+        self.dispatch(PipelineKey { file: "norm.wgsl", entry: "rms_norm_add", defines: Defines::new() }, &[x, w, resid, out], &params, (gx, gy, 1))
             .await
     }
 
@@ -882,15 +894,17 @@ pub async fn record_top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> R
     let mut cur_v: Option<wgpu::Buffer> = None;
     let mut cur_id: Option<wgpu::Buffer> = None;
     let mut count = n;
+    // k = 1 takes the argmax entry point, with its larger chunks
+    let (entry, chunk) = if k == 1 { ("argmax", ARGMAX_CHUNK) } else { ("main", TOPK_CHUNK) };
     loop {
-        let groups = count.div_ceil(TOPK_CHUNK);
+        let groups = count.div_ceil(chunk);
         let out_v = gpu.storage("topk values", (groups * k) as u64 * 4).await?;
         let out_id = gpu.storage("topk ids", (groups * k) as u64 * 4).await?;
         let first = cur_v.is_none();
         let in_v = cur_v.as_ref().unwrap_or(values);
         let in_id = cur_id.as_ref().unwrap_or(values);
         rec.dispatch(
-            PipelineKey { file: "topk.wgsl", entry: "main", defines: Defines::new() },
+            PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() },
             &[in_v, in_id, &out_v, &out_id],
             &[count, k, first as u32, 0],
             (groups, 1, 1),

@@ -422,7 +422,6 @@ struct Scratch {
     x2: wgpu::Buffer,      // [B][n_embd] residual after attention
     xn: wgpu::Buffer,      // [B][n_embd] normalised input of a branch
     t1: wgpu::Buffer,      // [B][n_embd] branch output
-    t2: wgpu::Buffer,      // [B][n_embd] normalised branch output (Gemma)
     q: wgpu::Buffer,       // [B][n_head][head_dim]
     q2: wgpu::Buffer,      // [B][n_head][head_dim] after q-norm / bias
     k: wgpu::Buffer,       // [B][n_kv_head][head_dim]
@@ -490,7 +489,6 @@ impl<'m> Session<'m> {
             x2: gpu.storage("x2", f(c.n_embd)).await?,
             xn: gpu.storage("xn", f(c.n_embd)).await?,
             t1: gpu.storage("t1", f(c.n_embd)).await?,
-            t2: gpu.storage("t2", f(c.n_embd)).await?,
             q: gpu.storage("q", f(q_dim)).await?,
             q2: gpu.storage("q2", f(q_dim)).await?,
             k: gpu.storage("k", f(kv_dim)).await?,
@@ -645,8 +643,7 @@ impl<'m> Session<'m> {
             // x2 = x + (post_norm)(W_o · attn); without a post-norm the sum is made in place
             let resid = if let Some(pn) = &l.post_attn_norm {
                 lora.project(&mut r, std::slice::from_ref(&l.wo), ProductIn::X(&s.attn), &s.attn, &[&s.t1], n).await?;
-                r.rms_norm(&s.t1, pn, &s.t2, d, n, eps).await?;
-                r.add(&s.x, &s.t2, &s.x2, n * d).await?;
+                r.rms_norm_add(&s.t1, pn, &s.x, &s.x2, d, n, eps).await?;
                 &s.x2
             } else {
                 lora.project_residual(&mut r, &l.wo, &s.attn, &s.x, n).await?;
@@ -672,8 +669,7 @@ impl<'m> Session<'m> {
             // x = resid + (post_norm)(W_down · act)
             if let Some(pn) = &l.post_ffn_norm {
                 lora.project(&mut r, std::slice::from_ref(&l.w_down), ProductIn::X(&s.act), &s.act, &[&s.t1], n).await?;
-                r.rms_norm(&s.t1, pn, &s.t2, d, n, eps).await?;
-                r.add(resid, &s.t2, &s.x, n * d).await?;
+                r.rms_norm_add(&s.t1, pn, resid, &s.x, d, n, eps).await?;
             } else {
                 lora.project_residual(&mut r, &l.w_down, &s.act, &s.x, n).await?;
             }
