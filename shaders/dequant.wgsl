@@ -34,11 +34,12 @@ fn dq4(row: u32, i: u32) -> vec4<f32> {
 #endif
 
 #if TYPE_Q8_0
-// 34 bytes: f16 d, 32 x i8
+// Blocks of 32 x i8 and an f16 d, uploaded split (GpuMatrix::upload): a chunk's quants first,
+// one byte per element ([n_rows][k], so `row` = r · k), then the d of every block in order at
+// byte n_rows · k. Every quant word is then aligned, where GGUF's 34-byte blocks are not.
 const BLOCK_ELEMS: u32 = 32u;
 fn dq4(row: u32, i: u32) -> vec4<f32> {
-    let base = row + (i / 32u) * 34u;
-    return ld_f16(base) * i8x4(ld_u32(base + 2u + (i % 32u)));
+    return ld_f16(p.n_rows * p.k + 2u * ((row + i) / 32u)) * i8x4(src_q[(row + i) >> 2u]);
 }
 #endif
 

@@ -77,17 +77,21 @@ fn xv_sum(first: u32, n: u32) -> f32 {
 }
 
 #if TYPE_Q8_0
-// 34 bytes: f16 d, 32 x i8
+// split as dequant.wgsl says: the unit's 32 quants are two aligned vec4s at byte row + 32u, its
+// d the f16 number row / 32 + u of the scales after the chunk's n_rows · k quant bytes
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 fn prepare_x() {}
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let bw = vwords(row + u * 34u, 3u);
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < 8u; i++) {
-        acc += i8x4(funnel(bw[i], bw[i + 1u], 16u)) * xv[i];
-    }
-    return f16lo(bw[0]) * hsum(acc);
+    let q = (row >> 4u) + 2u * u;
+    let qa = src_v[q];
+    let qb = src_v[q + 1u];
+    let e = (row >> 5u) + u;
+    let dw = (p.n_rows * p.k) / 4u + e / 2u;
+    let d = unpack2x16float(src_v[dw >> 2u][dw & 3u])[e & 1u];
+    let acc = i8x4(qa.x) * xv[0] + i8x4(qa.y) * xv[1] + i8x4(qa.z) * xv[2] + i8x4(qa.w) * xv[3]
+            + i8x4(qb.x) * xv[4] + i8x4(qb.y) * xv[5] + i8x4(qb.z) * xv[6] + i8x4(qb.w) * xv[7];
+    return d * hsum(acc);
 }
 #endif
 

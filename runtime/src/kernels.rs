@@ -335,7 +335,11 @@ impl GpuMatrix {
         while first < n_rows {
             let n = per.min(n_rows - first);
             let data = &bytes[(first * row_bytes) as usize..((first + n) * row_bytes) as usize];
-            let buffer = gpu.upload(name, data, WEIGHT_PAD).await?;
+            let buffer = if ty == GgmlType::Q8_0 {
+                gpu.upload(name, &split_q8_0(data), WEIGHT_PAD).await?
+            } else {
+                gpu.upload(name, data, WEIGHT_PAD).await?
+            };
             chunks.push(MatrixChunk { first_row: first as u32, n_rows: n as u32, buffer });
             first += n;
         }
@@ -370,9 +374,29 @@ impl GpuMatrix {
         self.row_bytes as u64 * self.n_rows as u64
     }
 
+    /// Bytes between rows as the kernels address them: the stored row, except for Q8_0, whose
+    /// chunks hold one quant byte per element before the scales (`split_q8_0`).
+    fn kernel_row_bytes(&self) -> u32 {
+        if self.ty == GgmlType::Q8_0 { self.k } else { self.row_bytes }
+    }
+
     fn defines(&self) -> Defines {
         Defines::new().flag(&type_define(self.ty))
     }
+}
+
+/// Q8_0 blocks (f16 d, 32 x i8: 34 bytes, so most of them sit at unaligned offsets) rearranged
+/// for the kernels: all quants in block order, then all d. Same size; every 32 quants are two
+/// aligned vec4s, which on lavapipe made the Q8_0 matvec ~20% faster (Gemma's output head).
+fn split_q8_0(blocks: &[u8]) -> Vec<u8> {
+    let n = blocks.len() / 34;
+    let mut out = vec![0u8; blocks.len()];
+    let (quants, scales) = out.split_at_mut(n * 32);
+    for (b, block) in blocks.chunks_exact(34).enumerate() {
+        scales[2 * b..2 * b + 2].copy_from_slice(&block[..2]);
+        quants[32 * b..32 * b + 32].copy_from_slice(&block[2..]);
+    }
+    out
 }
 
 /// Element type of the KV cache.
@@ -601,7 +625,7 @@ impl<'g> Recorder<'g> {
         };
         let glu = flags.contains(&"OUT_GLU");
         for c in &w.chunks {
-            let params = ProductParams { n_rows: c.n_rows, k: w.k, row_bytes: w.row_bytes, row_offset: c.first_row, m, n_total: w.n_rows, n0, n1, eps, _pad: [0; 3] };
+            let params = ProductParams { n_rows: c.n_rows, k: w.k, row_bytes: w.kernel_row_bytes(), row_offset: c.first_row, m, n_total: w.n_rows, n0, n1, eps, _pad: [0; 3] };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if fused {
                 let mut shape = matvec_shape(self.gpu);
@@ -624,7 +648,7 @@ impl<'g> Recorder<'g> {
     /// out[t] = table row ids[t]. ids: [m] u32, out: [m][k].
     pub async fn gather(&mut self, table: &GpuMatrix, ids: &wgpu::Buffer, out: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
         for c in &table.chunks {
-            let params = [c.n_rows, table.k, table.row_bytes, c.first_row, m, 0, 0, 0];
+            let params = [c.n_rows, table.k, table.kernel_row_bytes(), c.first_row, m, 0, 0, 0];
             self.dispatch(PipelineKey { file: "gather.wgsl", entry: "main", defines: table.defines() }, &[&c.buffer, ids, out], &params, (m, 1, 1))
                 .await?;
         }
