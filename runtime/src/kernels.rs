@@ -593,13 +593,13 @@ impl<'g> Recorder<'g> {
     /// `ProductIn::RmsNorm` and `ProductOut::Glu` are for one token (or CPU devices), and Glu
     /// needs a one-chunk matrix of two equal parts [gate; up].
     pub async fn product(&mut self, w: &GpuMatrix, input: ProductIn<'_>, out: ProductOut<'_>, m: u32) -> Result<(), GpuError> {
-        let fused = self.product_runs_matvec(m);
+        let runs_matvec = self.product_runs_matvec(m);
         let (x, norm, eps) = match input {
             ProductIn::X(x) => (x, None, 0.0),
             ProductIn::RmsNorm { x, weight, eps } => (x, Some(weight), eps),
         };
         let unsupported = |what: &str| Err(GpuError::Unsupported(format!("{what} for '{}'", w.name)));
-        if norm.is_some() && !fused {
+        if norm.is_some() && !runs_matvec {
             return unsupported("a fused input norm on this device's prefill path");
         }
         let spare = &self.gpu.unused_outputs;
@@ -613,7 +613,7 @@ impl<'g> Recorder<'g> {
             ProductOut::Split(ys) => return unsupported(&format!("{} outputs for {} stacked parts", ys.len(), w.parts.len())),
             ProductOut::Residual(y) => ([y, &spare[0], &spare[1]], w.n_rows, 0, &["OUT_RESIDUAL"]),
             ProductOut::Glu { out, gelu } => {
-                if !fused || w.chunks.len() != 1 || w.parts.len() != 2 || w.parts[0].1 != w.parts[1].1 {
+                if !runs_matvec || w.chunks.len() != 1 || w.parts.len() != 2 || w.parts[0].1 != w.parts[1].1 {
                     return unsupported("a fused gated activation");
                 }
                 ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
@@ -627,7 +627,7 @@ impl<'g> Recorder<'g> {
         for c in &w.chunks {
             let params = ProductParams { n_rows: c.n_rows, k: w.k, row_bytes: w.kernel_row_bytes(), row_offset: c.first_row, m, n_total: w.n_rows, n0, n1, eps, _pad: [0; 3] };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
-            if fused {
+            if runs_matvec {
                 let mut shape = matvec_shape(self.gpu);
                 if glu {
                     // an invocation holds gate and up rows in pairs
