@@ -54,20 +54,23 @@ fn fifth_bits4(qh: u32, j: u32) -> vec4<u32> {
 }
 
 #if TYPE_Q4_0
-// 18 bytes: f16 d, 16 bytes of nibbles; x = (q - 8) d
+// 18-byte blocks (f16 d, 16 bytes of nibbles; x = (q - 8) d) uploaded split like Q8_0's: the
+// chunk's nibbles first (`row` = r · k / 2), then every block's d at byte n_rows · k / 2
 const BLOCK_ELEMS: u32 = 32u;
 fn dq4(row: u32, i: u32) -> vec4<f32> {
-    let base = row + (i / 32u) * 18u;
-    return ld_f16(base) * (vec4<f32>(nibbles4(base + 2u, i % 32u)) - 8.0);
+    let b = row / 16u + i / 32u;
+    return ld_f16(p.n_rows * p.k / 2u + 2u * b) * (vec4<f32>(nibbles4(16u * b, i % 32u)) - 8.0);
 }
 #endif
 
 #if TYPE_Q4_1
-// 20 bytes: f16 d, f16 m, 16 bytes of nibbles; x = q d + m
+// 20-byte blocks (f16 d, f16 m, 16 bytes of nibbles; x = q d + m) uploaded split: the chunk's
+// nibbles first (`row` = r · k / 2), then every block's d, m word at byte n_rows · k / 2
 const BLOCK_ELEMS: u32 = 32u;
 fn dq4(row: u32, i: u32) -> vec4<f32> {
-    let base = row + (i / 32u) * 20u;
-    return ld_f16(base) * vec4<f32>(nibbles4(base + 4u, i % 32u)) + ld_f16(base + 2u);
+    let b = row / 16u + i / 32u;
+    let dm = unpack2x16float(src_q[p.n_rows * p.k / 8u + b]);
+    return dm.x * vec4<f32>(nibbles4(16u * b, i % 32u)) + dm.y;
 }
 #endif
 

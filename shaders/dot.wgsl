@@ -67,6 +67,13 @@ fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }
 
+// Σ q_j · x_j over a 32-element unit of nibbles, four bytes per word: element j in the low
+// nibble of byte j, element j + 16 in its high nibble (Q4_0 / Q4_1 quants), as a vec4 to sum
+fn nibble_dot(q: vec4<u32>) -> vec4<f32> {
+    return lo_nib(q.x) * xv[0] + lo_nib(q.y) * xv[1] + lo_nib(q.z) * xv[2] + lo_nib(q.w) * xv[3]
+         + hi_nib(q.x) * xv[4] + hi_nib(q.y) * xv[5] + hi_nib(q.z) * xv[6] + hi_nib(q.w) * xv[7];
+}
+
 // Σ xv[first..first+n]
 fn xv_sum(first: u32, n: u32) -> f32 {
     var s = vec4<f32>(0.0);
@@ -96,7 +103,9 @@ fn dot_unit(row: u32, u: u32) -> f32 {
 #endif
 
 #if TYPE_Q4_0
-// 18 bytes: f16 d, 16 bytes of nibbles (element j low, j + 16 high); x = (q - 8) d
+// split as dequant.wgsl says: the unit's 16 bytes of nibbles are one aligned vec4 (element j low
+// nibble of byte j, j + 16 high), its f16 d the number row / 16 + u after the n_rows · k / 2
+// nibble bytes; x = (q - 8) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 var<private> x_sum: f32;
@@ -104,18 +113,16 @@ fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let bw = vwords(row + u * 18u, 2u);
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        let q = funnel(bw[i], bw[i + 1u], 16u);
-        acc += lo_nib(q) * xv[i] + hi_nib(q) * xv[i + 4u];
-    }
-    return f16lo(bw[0]) * (hsum(acc) - 8.0 * x_sum);
+    let b = (row >> 4u) + u;
+    let q = src_v[b];
+    let dw = (p.n_rows * p.k / 2u) / 4u + b / 2u;
+    let d = unpack2x16float(src_v[dw >> 2u][dw & 3u])[b & 1u];
+    return d * (hsum(nibble_dot(q)) - 8.0 * x_sum);
 }
 #endif
 
 #if TYPE_Q4_1
-// 20 bytes: f16 d, f16 m, 16 bytes of nibbles; x = q d + m
+// split like Q4_0, with a d, m word per block after the nibbles; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 var<private> x_sum: f32;
@@ -123,13 +130,11 @@ fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let bw = vwords(row + u * 20u, 2u);
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        let q = bw[1u + i];
-        acc += lo_nib(q) * xv[i] + hi_nib(q) * xv[i + 4u];
-    }
-    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * x_sum;
+    let b = (row >> 4u) + u;
+    let q = src_v[b];
+    let hw = (p.n_rows * p.k / 2u) / 4u + b;
+    let dm = unpack2x16float(src_v[hw >> 2u][hw & 3u]);
+    return dm.x * hsum(nibble_dot(q)) + dm.y * x_sum;
 }
 #endif
 
