@@ -75,24 +75,27 @@ fn dq4(row: u32, i: u32) -> vec4<f32> {
 #endif
 
 #if TYPE_Q5_0
-// 22 bytes: f16 d, u32 qh, 16 bytes of nibbles; x = (q - 16) d
+// 22-byte blocks (f16 d, u32 qh, 16 bytes of nibbles; x = (q - 16) d) uploaded split: the
+// chunk's nibbles (`row` = r · k / 2), then every block's qh, then every block's d
 const BLOCK_ELEMS: u32 = 32u;
 fn dq4(row: u32, i: u32) -> vec4<f32> {
-    let base = row + (i / 32u) * 22u;
-    let j = i % 32u;
-    let q = nibbles4(base + 6u, j) | fifth_bits4(ld_u32(base + 2u), j);
-    return ld_f16(base) * (vec4<f32>(q) - 16.0);
+    let b = row / 16u + i / 32u;
+    let qs_bytes = p.n_rows * p.k / 2u;
+    let q = nibbles4(16u * b, i % 32u) | fifth_bits4(src_q[qs_bytes / 4u + b], i % 32u);
+    return ld_f16(qs_bytes + p.n_rows * p.k / 8u + 2u * b) * (vec4<f32>(q) - 16.0);
 }
 #endif
 
 #if TYPE_Q5_1
-// 24 bytes: f16 d, f16 m, u32 qh, 16 bytes of nibbles; x = q d + m
+// 24-byte blocks (f16 d, f16 m, u32 qh, 16 bytes of nibbles; x = q d + m) uploaded split: the
+// chunk's nibbles (`row` = r · k / 2), then every block's qh, then every block's d, m word
 const BLOCK_ELEMS: u32 = 32u;
 fn dq4(row: u32, i: u32) -> vec4<f32> {
-    let base = row + (i / 32u) * 24u;
-    let j = i % 32u;
-    let q = nibbles4(base + 8u, j) | fifth_bits4(ld_u32(base + 4u), j);
-    return ld_f16(base) * vec4<f32>(q) + ld_f16(base + 2u);
+    let b = row / 16u + i / 32u;
+    let qs_words = p.n_rows * p.k / 8u;
+    let q = nibbles4(16u * b, i % 32u) | fifth_bits4(src_q[qs_words + b], i % 32u);
+    let dm = unpack2x16float(src_q[qs_words + p.n_rows * p.k / 32u + b]);
+    return dm.x * vec4<f32>(q) + dm.y;
 }
 #endif
 

@@ -74,6 +74,24 @@ fn nibble_dot(q: vec4<u32>) -> vec4<f32> {
          + hi_nib(q.x) * xv[4] + hi_nib(q.y) * xv[5] + hi_nib(q.z) * xv[6] + hi_nib(q.w) * xv[7];
 }
 
+// Σ q_j · x_j over a 32-element unit of 5-bit values: nibbles as for nibble_dot, and the fifth
+// bit of element j at bit j of qh (Q5_0 / Q5_1)
+fn fifth_bit_dot(q: vec4<u32>, qh: u32) -> vec4<f32> {
+    let qa = array<u32, 4>(q.x, q.y, q.z, q.w);
+    var acc = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let lo = vec4<f32>(u8x4((qa[i] & 0x0F0F0F0Fu) | (spread4(qh >> (4u * i)) << 4u)));
+        let hi = vec4<f32>(u8x4(((qa[i] >> 4u) & 0x0F0F0F0Fu) | (spread4(qh >> (16u + 4u * i)) << 4u)));
+        acc += lo * xv[i] + hi * xv[i + 4u];
+    }
+    return acc;
+}
+
+// word w of the weights
+fn word(w: u32) -> u32 {
+    return src_v[w >> 2u][w & 3u];
+}
+
 // Σ xv[first..first+n]
 fn xv_sum(first: u32, n: u32) -> f32 {
     var s = vec4<f32>(0.0);
@@ -94,8 +112,7 @@ fn dot_unit(row: u32, u: u32) -> f32 {
     let qa = src_v[q];
     let qb = src_v[q + 1u];
     let e = (row >> 5u) + u;
-    let dw = (p.n_rows * p.k) / 4u + e / 2u;
-    let d = unpack2x16float(src_v[dw >> 2u][dw & 3u])[e & 1u];
+    let d = unpack2x16float(word((p.n_rows * p.k) / 4u + e / 2u))[e & 1u];
     let acc = i8x4(qa.x) * xv[0] + i8x4(qa.y) * xv[1] + i8x4(qa.z) * xv[2] + i8x4(qa.w) * xv[3]
             + i8x4(qb.x) * xv[4] + i8x4(qb.y) * xv[5] + i8x4(qb.z) * xv[6] + i8x4(qb.w) * xv[7];
     return d * hsum(acc);
@@ -115,8 +132,7 @@ fn prepare_x() {
 fn dot_unit(row: u32, u: u32) -> f32 {
     let b = (row >> 4u) + u;
     let q = src_v[b];
-    let dw = (p.n_rows * p.k / 2u) / 4u + b / 2u;
-    let d = unpack2x16float(src_v[dw >> 2u][dw & 3u])[b & 1u];
+    let d = unpack2x16float(word(p.n_rows * p.k / 8u + b / 2u))[b & 1u];
     return d * (hsum(nibble_dot(q)) - 8.0 * x_sum);
 }
 #endif
@@ -132,14 +148,15 @@ fn prepare_x() {
 fn dot_unit(row: u32, u: u32) -> f32 {
     let b = (row >> 4u) + u;
     let q = src_v[b];
-    let hw = (p.n_rows * p.k / 2u) / 4u + b;
-    let dm = unpack2x16float(src_v[hw >> 2u][hw & 3u]);
+    let dm = unpack2x16float(word(p.n_rows * p.k / 8u + b));
     return dm.x * hsum(nibble_dot(q)) + dm.y * x_sum;
 }
 #endif
 
 #if TYPE_Q5_0
-// 22 bytes: f16 d, u32 qh (fifth bit of element j at bit j), 16 bytes of nibbles; x = (q - 16) d
+// split as dequant.wgsl says: the unit's nibbles one aligned vec4, its qh (fifth bit of element
+// j at bit j) the word after the n_rows · k / 2 nibble bytes, its f16 d after every qh;
+// x = (q - 16) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 var<private> x_sum: f32;
@@ -147,21 +164,17 @@ fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let bw = vwords(row + u * 22u, 3u);
-    let qh = funnel(bw[0], bw[1], 16u);
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        let q = funnel(bw[i + 1u], bw[i + 2u], 16u);
-        let lo = vec4<f32>(u8x4((q & 0x0F0F0F0Fu) | (spread4(qh >> (4u * i)) << 4u)));
-        let hi = vec4<f32>(u8x4(((q >> 4u) & 0x0F0F0F0Fu) | (spread4(qh >> (16u + 4u * i)) << 4u)));
-        acc += lo * xv[i] + hi * xv[i + 4u];
-    }
-    return f16lo(bw[0]) * (hsum(acc) - 16.0 * x_sum);
+    let b = (row >> 4u) + u;
+    let qs_words = p.n_rows * p.k / 8u;
+    let qh = word(qs_words + b);
+    let dw = qs_words + p.n_rows * p.k / 32u + b / 2u;
+    let d = unpack2x16float(word(dw))[b & 1u];
+    return d * (hsum(fifth_bit_dot(src_v[b], qh)) - 16.0 * x_sum);
 }
 #endif
 
 #if TYPE_Q5_1
-// 24 bytes: f16 d, f16 m, u32 qh, 16 bytes of nibbles; x = q d + m
+// split like Q5_0, with a d, m word per block after the qh words; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 var<private> x_sum: f32;
@@ -169,16 +182,11 @@ fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let bw = vwords(row + u * 24u, 3u);
-    let qh = bw[1];
-    var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        let q = bw[2u + i];
-        let lo = vec4<f32>(u8x4((q & 0x0F0F0F0Fu) | (spread4(qh >> (4u * i)) << 4u)));
-        let hi = vec4<f32>(u8x4(((q >> 4u) & 0x0F0F0F0Fu) | (spread4(qh >> (16u + 4u * i)) << 4u)));
-        acc += lo * xv[i] + hi * xv[i + 4u];
-    }
-    return f16lo(bw[0]) * hsum(acc) + f16hi(bw[0]) * x_sum;
+    let b = (row >> 4u) + u;
+    let qs_words = p.n_rows * p.k / 8u;
+    let qh = word(qs_words + b);
+    let dm = unpack2x16float(word(qs_words + p.n_rows * p.k / 32u + b));
+    return dm.x * hsum(fifth_bit_dot(src_v[b], qh)) + dm.y * x_sum;
 }
 #endif
 
