@@ -19,6 +19,15 @@ struct Params {
 
 #include "reduce.wgsl"
 
+// 1 / sqrt(mean(x²) + eps) of the row starting at base (every invocation of the workgroup)
+fn inv_rms(base: u32, lane: Lane) -> f32 {
+    var ss = 0.0;
+    for (var i = lane.local; i < p.n; i += WG) {
+        ss += x[base + i] * x[base + i];
+    }
+    return inverseSqrt(wg_sum(ss, lane) / f32(p.n) + p.eps);
+}
+
 @compute @workgroup_size(WG)
 fn rms_norm(@builtin(local_invocation_index) lid: u32,
             @builtin(workgroup_id) wid: vec3<u32>,
@@ -28,11 +37,7 @@ fn rms_norm(@builtin(local_invocation_index) lid: u32,
         return;
     }
     let base = r * p.n;
-    var ss = 0.0;
-    for (var i = lid; i < p.n; i += WG) {
-        ss += x[base + i] * x[base + i];
-    }
-    let inv = inverseSqrt(wg_sum(ss, Lane(lid, SG_SIZE, SG_LANE)) / f32(p.n) + p.eps);
+    let inv = inv_rms(base, Lane(lid, SG_SIZE, SG_LANE));
     for (var i = lid; i < p.n; i += WG) {
         out[base + i] = x[base + i] * inv * w[i];
     }
@@ -40,18 +45,14 @@ fn rms_norm(@builtin(local_invocation_index) lid: u32,
 
 @compute @workgroup_size(WG)
 fn rms_norm_add(@builtin(local_invocation_index) lid: u32,
-            @builtin(workgroup_id) wid: vec3<u32>,
-            @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
+                @builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
     let r = wid.x + wid.y * nwg.x;
     if (r >= p.n_rows) {
         return;
     }
     let base = r * p.n;
-    var ss = 0.0;
-    for (var i = lid; i < p.n; i += WG) {
-        ss += x[base + i] * x[base + i];
-    }
-    let inv = inverseSqrt(wg_sum(ss, Lane(lid, SG_SIZE, SG_LANE)) / f32(p.n) + p.eps);
+    let inv = inv_rms(base, Lane(lid, SG_SIZE, SG_LANE));
     for (var i = lid; i < p.n; i += WG) {
         out[base + i] = b[base + i] + x[base + i] * inv * w[i];
     }

@@ -31,16 +31,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let t = head / p.n_heads;
     let base = head * p.head_dim;
     let sc = rope_sin_cos(p.pos0 + t, i, p.n_rot, p.log2_base, p.freq_scale);
-    let s = sc.x;
-    let c = sc.y;
-    var ia = base + 2u * i;
-    var ib = ia + 1u;
-    if (p.neox != 0u) {
-        ia = base + i;
-        ib = ia + half;
-    }
-    let a = x[ia];
-    let b = x[ib];
-    x[ia] = a * c - b * s;
-    x[ib] = a * s + b * c;
+    let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
+    let turned = rotate(x[ab.x], x[ab.y], sc);
+    x[ab.x] = turned.x;
+    x[ab.y] = turned.y;
 }

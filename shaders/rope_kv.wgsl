@@ -33,28 +33,19 @@ struct Params {
 
 // element e of the k head starting at `base`, rotated for position pos
 fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
-    let half = p.n_rot / 2u;
     if (e >= p.n_rot) {
         return k[base + e];
     }
-    // the pair (a, b) holding e, and whether e is its second element
-    var i = e / 2u;
-    var ia = base + 2u * i;
-    var ib = ia + 1u;
-    var second = (e & 1u) == 1u;
-    if (p.neox != 0u) {
-        i = e % half;
-        ia = base + i;
-        ib = ia + half;
-        second = e >= half;
-    }
-    let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
-    if (second) {
-        return k[ia] * sc.x + k[ib] * sc.y;
-    }
-    return k[ia] * sc.y - k[ib] * sc.x;
+    // the pair holding e, and which of its two elements e is
+    let neox = p.neox != 0u;
+    let i = select(e / 2u, e % (p.n_rot / 2u), neox);
+    let ab = rope_pair(base, i, p.n_rot, neox);
+    let turned = rotate(k[ab.x], k[ab.y], rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale));
+    return select(turned.x, turned.y, base + e == ab.y);
 }
 
+// One function per cache: WGSL passes no storage pointers to functions (without an extension
+// browsers do not all have), so the packing is written out for each.
 fn put_k(d: u32, a: f32, b: f32) {
 #if KV_F16
 #if F16
@@ -96,16 +87,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let pos = p.pos0 + head / p.n_head;
         let base = head * p.head_dim;
         let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
-        var ia = base + 2u * i;
-        var ib = ia + 1u;
-        if (p.neox != 0u) {
-            ia = base + i;
-            ib = ia + half;
-        }
-        let a = q[ia];
-        let b = q[ib];
-        q[ia] = a * sc.y - b * sc.x;
-        q[ib] = a * sc.x + b * sc.y;
+        let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
+        let turned = rotate(q[ab.x], q[ab.y], sc);
+        q[ab.x] = turned.x;
+        q[ab.y] = turned.y;
     } else if (idx < n_q_pairs + n_kv_pairs) {
         let e0 = 2u * (idx - n_q_pairs);  // first of the two elements in [n_tokens][kv_row]
         let t = e0 / kv_row;

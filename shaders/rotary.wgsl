@@ -31,3 +31,17 @@ fn rope_sin_cos(pos: u32, i: u32, n_rot: u32, log2_base: f32, freq_scale: f32) -
     let inv_freq = exp2(-2.0 * f32(i) / f32(n_rot) * log2_base);
     return sin_cos(f32(pos) * freq_scale * inv_freq);
 }
+
+// the two elements pair i of the head starting at base turns: (2i, 2i+1), or (i, i + n_rot/2)
+// in NeoX mode
+fn rope_pair(base: u32, i: u32, n_rot: u32, neox: bool) -> vec2<u32> {
+    if (neox) {
+        return vec2<u32>(base + i, base + i + n_rot / 2u);
+    }
+    return vec2<u32>(base + 2u * i, base + 2u * i + 1u);
+}
+
+// (a, b) turned by the angle whose (sin, cos) is sc
+fn rotate(a: f32, b: f32, sc: vec2<f32>) -> vec2<f32> {
+    return vec2<f32>(a * sc.y - b * sc.x, a * sc.x + b * sc.y);
+}
