@@ -1,8 +1,8 @@
 // Row normalisations over x: [n_rows][n] f32 with weight (and bias): [n] f32 → out: [n_rows][n].
 // One workgroup per row. out may alias nothing; in-place use passes a separate buffer.
-//   rms_norm:     x / sqrt(mean(x²) + eps) · w
-//   rms_norm_add: b + x / sqrt(mean(x²) + eps) · w, b: [n_rows][n] (a post-norm branch added
-//                 into the residual stream b, as Gemma does after attention and the FFN)
+//   rms_norm:   x / sqrt(mean(x²) + eps) · w; with ADD_RESIDUAL b + that, b: [n_rows][n] (a
+//               post-norm branch added into the residual stream b, as Gemma does after
+//               attention and the FFN)
 //   layer_norm: (x − mean) / sqrt(var + eps) · w + b
 
 struct Params {
@@ -39,22 +39,11 @@ fn rms_norm(@builtin(local_invocation_index) lid: u32,
     let base = r * p.n;
     let inv = inv_rms(base, Lane(lid, SG_SIZE, SG_LANE));
     for (var i = lid; i < p.n; i += WG) {
-        out[base + i] = x[base + i] * inv * w[i];
-    }
-}
-
-@compute @workgroup_size(WG)
-fn rms_norm_add(@builtin(local_invocation_index) lid: u32,
-                @builtin(workgroup_id) wid: vec3<u32>,
-                @builtin(num_workgroups) nwg: vec3<u32> SG_PARAMS) {
-    let r = wid.x + wid.y * nwg.x;
-    if (r >= p.n_rows) {
-        return;
-    }
-    let base = r * p.n;
-    let inv = inv_rms(base, Lane(lid, SG_SIZE, SG_LANE));
-    for (var i = lid; i < p.n; i += WG) {
+#if ADD_RESIDUAL
         out[base + i] = b[base + i] + x[base + i] * inv * w[i];
+#else
+        out[base + i] = x[base + i] * inv * w[i];
+#endif
     }
 }
 

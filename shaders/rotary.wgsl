@@ -1,4 +1,4 @@
-// RoPE's rotation angles (no buffer access), shared by rope.wgsl and rope_kv.wgsl: pair i of a
+// RoPE's rotation angles (no buffer access) for rope_kv.wgsl: pair i of a
 // head at position pos turns by θ_i = pos · freq_scale · base^(−2i/n_rot).
 
 // π/2 in three parts (Cody–Waite): q · PIO2_A is exact for the quadrant counts RoPE meets

@@ -72,9 +72,9 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     memory_budget: Option<u64>,
     pub(crate) pipelines: crate::kernels::PipelineCache,
-    /// Two small buffers bound to kernel outputs a dispatch does not use (WebGPU wants every
-    /// binding of the layout filled, and one writable buffer bound twice is an error).
-    pub(crate) unused_outputs: [wgpu::Buffer; 2],
+    /// Small buffers bound where a dispatch uses no buffer (WebGPU wants every binding of the
+    /// layout filled, and one buffer bound twice with one binding writable is an error).
+    pub(crate) unused_outputs: [wgpu::Buffer; 3],
     /// Per-kernel (calls, seconds) when profiling; None otherwise.
     pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -155,7 +155,7 @@ impl Gpu {
         let unused = || {
             device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused output"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
         };
-        let unused_outputs = [unused(), unused()];
+        let unused_outputs = [unused(), unused(), unused()];
         Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_outputs, profile })
     }
 

@@ -26,7 +26,6 @@ pub const GATHER_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // gather.
 pub const NORM_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // norm.wgsl: x, w, b, out, params
 pub const SOFTMAX_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // softmax.wgsl: x, out, params
 pub const ELEMENTWISE_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // elementwise.wgsl: a, b, out, params
-pub const ROPE_LAYOUT: &[Bind] = &[ReadWrite, Uniform]; // rope.wgsl: x, params
 pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Uniform]; // rope_kv.wgsl: q, k, v, k_cache, v_cache, params
 pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // attention.wgsl: q, k, v, out, params
 pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform]; // topk.wgsl: values, ids, out_values, out_ids, params
@@ -178,14 +177,14 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         }
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
     }
-    for entry in ["rms_norm", "rms_norm_add", "layer_norm"] {
+    for entry in ["rms_norm", "layer_norm"] {
         keys.push(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() });
     }
+    keys.push(PipelineKey { file: "norm.wgsl", entry: "rms_norm", defines: Defines::new().flag("ADD_RESIDUAL") });
     keys.push(PipelineKey { file: "softmax.wgsl", entry: "main", defines: Defines::new() });
     for entry in ["add", "accumulate", "scale", "softcap", "silu_gate", "gelu_gate"] {
         keys.push(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() });
     }
-    keys.push(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() });
     for kv in [KvType::F32, KvType::F16] {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
@@ -206,7 +205,6 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
         "norm.wgsl" => NORM_LAYOUT,
         "softmax.wgsl" => SOFTMAX_LAYOUT,
         "elementwise.wgsl" => ELEMENTWISE_LAYOUT,
-        "rope.wgsl" => ROPE_LAYOUT,
         "rope_kv.wgsl" => ROPE_KV_LAYOUT,
         "attention.wgsl" => ATTENTION_LAYOUT,
         "topk.wgsl" => TOPK_LAYOUT,
@@ -675,26 +673,26 @@ impl<'g> Recorder<'g> {
 
     /// RMSNorm of each row of x: [n_rows][n] into out.
     pub async fn rms_norm(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
-        self.norm_rows("rms_norm", &[x, w, w, out], n, n_rows, eps).await
+        self.norm_rows("rms_norm", Defines::new(), &[x, w, w, out], n, n_rows, eps).await
     }
 
     /// norm.wgsl's `entry` over rows of n with its buffers x, w, b, out: one workgroup a row.
-    async fn norm_rows(&mut self, entry: &'static str, buffers: &[&wgpu::Buffer; 4], n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
+    async fn norm_rows(&mut self, entry: &'static str, defines: Defines, buffers: &[&wgpu::Buffer; 4], n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
         let (gx, gy) = grid(n_rows);
         let params = NormParams { n, n_rows, eps, _pad: 0 };
-        self.dispatch(PipelineKey { file: "norm.wgsl", entry, defines: Defines::new() }, buffers, &params, (gx, gy, 1)).await
+        self.dispatch(PipelineKey { file: "norm.wgsl", entry, defines }, buffers, &params, (gx, gy, 1)).await
     }
 
     /// out = resid + rms_norm(x)·w over rows x, resid, out: [n_rows][n].
     #[allow(clippy::too_many_arguments)]
     pub async fn rms_norm_add(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, resid: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
-        self.norm_rows("rms_norm_add", &[x, w, resid, out], n, n_rows, eps).await
+        self.norm_rows("rms_norm", Defines::new().flag("ADD_RESIDUAL"), &[x, w, resid, out], n, n_rows, eps).await
     }
 
     /// LayerNorm of each row of x: [n_rows][n] with weight and bias [n] into out.
     #[allow(clippy::too_many_arguments)]
     pub async fn layer_norm(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
-        self.norm_rows("layer_norm", &[x, w, b, out], n, n_rows, eps).await
+        self.norm_rows("layer_norm", Defines::new(), &[x, w, b, out], n, n_rows, eps).await
     }
 
     /// Softmax of each row of x: [n_rows][n] into out.
@@ -740,25 +738,10 @@ impl<'g> Recorder<'g> {
         self.elementwise("gelu_gate", gate, up, out, n, 0.0).await
     }
 
-    /// RoPE in place on x: [n_tokens][n_heads][head_dim].
+    /// RoPE in place on x: [n_tokens][n_heads][head_dim] (rope_kv with no keys to store).
     pub async fn rope(&mut self, x: &wgpu::Buffer, a: RopeArgs) -> Result<(), GpuError> {
-        if a.n_rot % 2 != 0 || a.n_rot > a.head_dim {
-            return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
-        }
-        let pairs = a.n_tokens * a.n_heads * (a.n_rot / 2);
-        let (gx, gy) = grid(pairs.div_ceil(256));
-        let params = RopeParams {
-            n_tokens: a.n_tokens,
-            n_heads: a.n_heads,
-            head_dim: a.head_dim,
-            n_rot: a.n_rot,
-            pos0: a.pos0,
-            neox: a.neox as u32,
-            log2_base: a.freq_base.log2(),
-            freq_scale: a.freq_scale,
-        };
-        self.dispatch(PipelineKey { file: "rope.wgsl", entry: "main", defines: Defines::new() }, &[x], &params, (gx, gy, 1))
-            .await
+        let [none, cache_k, cache_v] = &self.gpu.unused_outputs;
+        self.rope_kv(x, none, none, cache_k, cache_v, 0, KvType::F32, a).await
     }
 
     /// RoPE on q in place, and k (rotated the same way) and v appended to the KV cache at
@@ -873,19 +856,6 @@ struct ElementwiseParams {
     s: f32,
     b_len: u32,
     _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct RopeParams {
-    n_tokens: u32,
-    n_heads: u32,
-    head_dim: u32,
-    n_rot: u32,
-    pos0: u32,
-    neox: u32,
-    log2_base: f32,
-    freq_scale: f32,
 }
 
 #[repr(C)]

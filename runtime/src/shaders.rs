@@ -51,7 +51,6 @@ pub const FILES: &[(&str, &str)] = &[
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
     ("elementwise.wgsl", include_str!("../../shaders/elementwise.wgsl")),
-    ("rope.wgsl", include_str!("../../shaders/rope.wgsl")),
     ("rope_kv.wgsl", include_str!("../../shaders/rope_kv.wgsl")),
     ("rotary.wgsl", include_str!("../../shaders/rotary.wgsl")),
     ("activation.wgsl", include_str!("../../shaders/activation.wgsl")),
