@@ -126,6 +126,50 @@ fn tensors_over_the_binding_limit_are_split() {
     }
 }
 
+/// Stacked matrices (q/k/v-like parts) over several bindings: each part's rows still reach its
+/// own output, whichever chunk holds them, for decode, both prompt kernels and the residual add.
+#[test]
+fn stacked_parts_over_the_binding_limit() {
+    use nomoat_runtime::kernels::{ProductIn, ProductOut, Recorder};
+    let gpu = small_binding();
+    for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::F16] {
+        let k = 1024;
+        let rows = [1100usize, 300, 301];
+        let parts: Vec<(String, u64, Vec<u8>, Vec<f32>)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| {
+                let (bytes, w) = random_matrix(ty, r, k, 600 + i as u64);
+                (format!("p{i}"), r as u64, bytes, w)
+            })
+            .collect();
+        let upload: Vec<(String, u64, Vec<u8>)> = parts.iter().map(|p| (p.0.clone(), p.1, p.2.clone())).collect();
+        let m = block_on(GpuMatrix::upload_stacked(gpu, ty, k as u64, &upload)).unwrap();
+        assert!(m.chunks.len() >= 2, "{ty}: {} chunk(s)", m.chunks.len());
+        for (n, tiled) in [(1usize, None), (3, Some(true)), (3, Some(false))] {
+            let x = Rng::new(13).fill(n * k, 1.0);
+            let xb = block_on(gpu.upload_f32("x", &x)).unwrap();
+            let outs: Vec<_> = rows.iter().map(|&r| block_on(gpu.storage("y", (n * r * 4) as u64)).unwrap()).collect();
+            let resid = Rng::new(14).fill(n * rows[0], 1.0);
+            let rb = block_on(gpu.upload_f32("resid", &resid)).unwrap();
+            let first = block_on(GpuMatrix::upload(gpu, "p0", ty, k as u64, rows[0] as u64, &parts[0].2)).unwrap();
+            let mut rec = Recorder::new(gpu);
+            rec.tiled_matmul = tiled;
+            block_on(rec.product(&m, ProductIn::X(&xb), ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), n as u32)).unwrap();
+            block_on(rec.product(&first, ProductIn::X(&xb), ProductOut::Residual(&rb), n as u32)).unwrap();
+            rec.submit().unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                let got = block_on(gpu.read_f32(&outs[i], 0, n * r)).unwrap();
+                let e = nmse(&got, &reference::matmul(&parts[i].3, &x, r, k, n));
+                assert!(e <= MATMUL_NMSE, "{ty} part {i} n={n} {tiled:?}: NMSE {e:e}");
+            }
+            let got = block_on(gpu.read_f32(&rb, 0, n * rows[0])).unwrap();
+            let want = reference::add(&resid, &reference::matmul(&parts[0].3, &x, rows[0], k, n));
+            assert!(nmse(&got, &want) <= MATMUL_NMSE, "{ty} residual n={n} {tiled:?}");
+        }
+    }
+}
+
 /// Real tensors of both test models: GPU matvec over the whole tensor against gguf-py's
 /// dequantization dotted with the same x, and GPU lookups of the reference rows.
 #[test]
