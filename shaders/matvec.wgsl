@@ -27,6 +27,12 @@ struct Params {
     n0: u32,          // product_out.wgsl: rows to y (OUT_GLU: rows of each half)
     n1: u32,          // rows to y1
     eps: f32,         // NORM_IN
+    // OUT_QKV_ROPE
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    log2_base: f32,
+    freq_scale: f32,
 }
 
 #if X_VEC4
@@ -39,8 +45,13 @@ struct Params {
 @group(0) @binding(3) var<storage, read> norm_w: array<f32>;
 #endif
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
+#if OUT_QKV_ROPE
+@group(0) @binding(4) var<storage, read_write> k_cache: array<KvStore>;
+@group(0) @binding(5) var<storage, read_write> v_cache: array<KvStore>;
+#else
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
+#endif
 @group(0) @binding(6) var<uniform> p: Params;
 
 #if X_VEC4
@@ -172,11 +183,19 @@ fn main(@builtin(local_invocation_index) lid: u32,
                 }
             }
 #else
+#if OUT_QKV_ROPE
+            for (var j = 0u; j < RPI; j += 2u) {
+                if (r0 + j < p.n_rows) {
+                    store_qkv_pair(t, p.row_offset + r0 + j, acc[j], acc[j + 1u]);
+                }
+            }
+#else
             for (var j = 0u; j < RPI; j++) {
                 if (r0 + j < p.n_rows) {
                     store_row(t, p.row_offset + r0 + j, acc[j]);
                 }
             }
+#endif
 #endif
         }
     }

@@ -9,8 +9,40 @@
 //   OUT_GLU       the rows are [gate; up] halves of n0 each, y [m][n0] = act(gate) · up with
 //                 act silu, or gelu_tanh under GLU_GELU (matvec only: the invocation holding
 //                 gate row i also holds up row i)
+//   OUT_QKV_ROPE  the rows are stacked q (n0), k (n1) and v projections of tokens at positions
+//                 pos0.. (matvec only, rows in pairs (2i, 2i+1) held by one invocation): q and k
+//                 turned by RoPE in adjacent-pair mode, q into y [m][n0], k and v straight into
+//                 the KV cache (the rope_kv dispatch, fused away for decode)
 #include "activation.wgsl"
+#if OUT_QKV_ROPE
+#include "kv_write.wgsl"
+#include "rotary.wgsl"
 
+// rows r, r + 1 (r even, both of one part) of token t
+fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {
+    let pos = p.pos0 + t;
+    let n2 = p.n_total - p.n0 - p.n1;
+    if (r >= p.n0 + p.n1) {
+        put_v(pos * n2 + r - p.n0 - p.n1, a, b);
+        return;
+    }
+    let i = select(r - p.n0, r, r < p.n0);   // row within q or k
+    let e = i % p.head_dim;
+    var turned = vec2<f32>(a, b);
+    if (e < p.n_rot) {
+        turned = rotate(a, b, rope_sin_cos(pos, e / 2u, p.n_rot, p.log2_base, p.freq_scale));
+    }
+    if (r < p.n0) {
+        y[t * p.n0 + i] = turned.x;
+        y[t * p.n0 + i + 1u] = turned.y;
+    } else {
+        put_k(pos * p.n1 + i, turned.x, turned.y);
+    }
+}
+#endif
+
+#if OUT_QKV_ROPE
+#else
 fn store_row(t: u32, r: u32, v: f32) {
 #if OUT_RESIDUAL
     let i = t * p.n_total + r;
@@ -26,6 +58,7 @@ fn store_row(t: u32, r: u32, v: f32) {
     }
 #endif
 }
+#endif
 
 fn glu(gate: f32, up: f32) -> f32 {
 #if GLU_GELU

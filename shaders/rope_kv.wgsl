@@ -28,7 +28,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> v_cache: array<KvStore>;
 @group(0) @binding(5) var<uniform> p: Params;
 
-#include "kv.wgsl"
+#include "kv_write.wgsl"
 #include "rotary.wgsl"
 
 // element e of the k head starting at `base`, rotated for position pos
@@ -42,36 +42,6 @@ fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
     let ab = rope_pair(base, i, p.n_rot, neox);
     let turned = rotate(k[ab.x], k[ab.y], rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale));
     return select(turned.x, turned.y, base + e == ab.y);
-}
-
-// One function per cache: WGSL passes no storage pointers to functions (without an extension
-// browsers do not all have), so the packing is written out for each.
-fn put_k(d: u32, a: f32, b: f32) {
-#if KV_F16
-#if F16
-    k_cache[d] = f16(a);
-    k_cache[d + 1u] = f16(b);
-#else
-    k_cache[d >> 1u] = pack2x16float(vec2<f32>(a, b));
-#endif
-#else
-    k_cache[d] = a;
-    k_cache[d + 1u] = b;
-#endif
-}
-
-fn put_v(d: u32, a: f32, b: f32) {
-#if KV_F16
-#if F16
-    v_cache[d] = f16(a);
-    v_cache[d + 1u] = f16(b);
-#else
-    v_cache[d >> 1u] = pack2x16float(vec2<f32>(a, b));
-#endif
-#else
-    v_cache[d] = a;
-    v_cache[d + 1u] = b;
-#endif
 }
 
 @compute @workgroup_size(256)

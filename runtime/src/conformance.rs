@@ -478,6 +478,58 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
         }
     }
     checks.extend(rope_kv(gpu).await?);
+    checks.extend(qkv_rope(gpu).await?);
+    Ok(checks)
+}
+
+/// Stacked q/k/v with the input norm, RoPE (adjacent pairs, part of each head) and the cache
+/// write fused into one product, against the reference ops composed. A cache in f16 is held to
+/// f16's precision (NMSE ≤ 1e-6), everything else to the matmul bound.
+async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
+    use reference::{RopeMode, RopeParams};
+    let mut checks = Vec::new();
+    let (n_head, n_kv_head, head_dim, n_rot, pos0) = (2usize, 1usize, 16usize, 12usize, 7u32);
+    let rows = [n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim];
+    for (ti, ty) in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K].into_iter().enumerate() {
+        let (_, k) = shapes(ty)[2];
+        let mut parts = Vec::new();
+        let mut values = Vec::new();
+        for (pi, &r) in rows.iter().enumerate() {
+            let (bytes, w) = random_matrix(ty, r, k, 7000 + 10 * ti as u64 + pi as u64)?;
+            parts.push((format!("p{pi}"), r as u64, bytes));
+            values.push(w);
+        }
+        let w = GpuMatrix::upload_stacked(gpu, ty, k as u64, &parts).await?;
+        let mut rng = Rng::new(7500 + ti as u64);
+        let (x, norm_w) = (rng.fill(k, 2.0), rng.fill(k, 1.0));
+        let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
+        let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
+        let rope = RopeArgs { n_tokens: 1, n_heads: n_head as u32, head_dim: head_dim as u32, n_rot: n_rot as u32, pos0, neox: false, freq_base: 10000.0, freq_scale: 1.0 };
+        let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
+        let mut q_want = reference::matmul(&values[0], &xn, rows[0], k, 1);
+        let mut k_want = reference::matmul(&values[1], &xn, rows[1], k, 1);
+        let v_want = reference::matmul(&values[2], &xn, rows[2], k, 1);
+        reference::rope(&mut q_want, n_head, head_dim, pos0, params);
+        reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
+        for kv in [KvType::F32, KvType::F16] {
+            let row = rows[1];
+            let cache_bytes = (pos0 as u64 + 1) * row as u64 * kv.bytes();
+            let (qb, kc, vc) = (gpu.storage("q", rows[0] as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let mut rec = Recorder::new(gpu);
+            if !rec.fuses_qkv_rope(&w, &rope, 1) {
+                return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
+            }
+            let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope };
+            rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, 1).await?;
+            rec.submit()?;
+            let at = pos0 as u64 * row as u64 * kv.bytes();
+            let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
+            let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty}");
+            checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, rows[0]).await?, &q_want, MATMUL_NMSE));
+            checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?), &k_want, cache_bound));
+            checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?), &v_want, cache_bound));
+        }
+    }
     Ok(checks)
 }
 
@@ -512,14 +564,8 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             let name = format!("rope_kv {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}");
             checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
             let at = pos0 as u64 * row as u64 * kv.bytes();
-            let stored = |raw: Vec<u8>| -> Vec<f32> {
-                match kv {
-                    KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                    KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                }
-            };
-            let got_k = stored(gpu.read(&kc, at, cache_bytes - at).await?);
-            let got_v = stored(gpu.read(&vc, at, cache_bytes - at).await?);
+            let got_k = cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?);
+            let got_v = cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?);
             let (k_bound, v_want) = match kv {
                 KvType::F32 => (bound, v.clone()),
                 KvType::F16 => (bound + 1e-3, to_f16_and_back(&v)),
@@ -529,6 +575,14 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
         }
     }
     Ok(checks)
+}
+
+/// The elements of KV-cache bytes read back.
+fn cache_values(kv: KvType, raw: Vec<u8>) -> Vec<f32> {
+    match kv {
+        KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
 }
 
 fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
@@ -578,10 +632,7 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 KvType::F32 => (k.clone(), v.clone()),
                 KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
             };
-            let stored: Vec<f32> = match kv {
-                KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            };
+            let stored = cache_values(kv, raw);
             checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}"), &stored, &kr, 0.0));
             let shape = reference::AttentionShape {
                 n_head: c.n_head as usize,

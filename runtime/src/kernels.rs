@@ -170,7 +170,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         // the fused modes, on the CPU and GPU shapes
         for (tpr, rpi, wg) in [(1, 8, 8), (32, 2, 64)] {
             let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg });
-            for flags in [&["NORM_IN"][..], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"]] {
+            for flags in [&["NORM_IN"][..], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"], &["NORM_IN", "OUT_QKV_ROPE"], &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"]] {
                 let defines = flags.iter().fold(d.clone(), |d, f| d.flag(f));
                 keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines });
             }
@@ -605,6 +605,21 @@ impl<'g> Recorder<'g> {
         }
     }
 
+    /// Whether `ProductOut::QkvRope` applies: stacked q, k, v in one binding, RoPE in
+    /// adjacent-pair mode on whole heads, every part a whole number of the invocations' row
+    /// groups, and the matvec path.
+    pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32) -> bool {
+        let rpi = (matvec_shape(self.gpu).rpi + 1) & !1;
+        self.product_runs_matvec(m)
+            && w.chunks.len() == 1
+            && w.parts.len() == 3
+            && !rope.neox
+            && rope.head_dim % 2 == 0
+            && rope.n_rot % 2 == 0
+            && rope.n_rot <= rope.head_dim
+            && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
+    }
+
     /// W · input for m tokens, written as `out` says (see product_out.wgsl). X: [m][k].
     /// `ProductIn::RmsNorm` and `ProductOut::Glu` are for one token (or CPU devices), and Glu
     /// needs a one-chunk matrix of two equal parts [gate; up].
@@ -619,6 +634,8 @@ impl<'g> Recorder<'g> {
             return unsupported("a fused input norm on this device's prefill path");
         }
         let spare = &self.gpu.unused_outputs;
+        let mut rope: Option<RopeArgs> = None;
+        let mut kv_defines = Defines::new();
         // outputs y, y1, y2, rows to y and to y1, and the product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
             ProductOut::Split([y]) => ([*y, &spare[0], &spare[1]], w.n_rows, 0, &[]),
@@ -634,19 +651,46 @@ impl<'g> Recorder<'g> {
                 }
                 ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
             }
+            ProductOut::QkvRope { q, k_cache, v_cache, kv, rope: a } => {
+                if !self.fuses_qkv_rope(w, &a, m) {
+                    return unsupported("RoPE and the KV-cache write fused");
+                }
+                rope = Some(a);
+                kv_defines = kv.defines();
+                ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"])
+            }
         };
         let add_mode = |d: Defines| {
+            let d = kv_defines.0.iter().fold(d, |d, (k, v)| d.value(k, v));
             let d = flags.iter().fold(d, |d, f| d.flag(f));
             if norm.is_some() { d.flag("NORM_IN") } else { d }
         };
         let glu = flags.contains(&"OUT_GLU");
+        let pairs = glu || rope.is_some();
+        let r = rope.unwrap_or(RopeArgs { n_tokens: m, n_heads: 0, head_dim: 1, n_rot: 0, pos0: 0, neox: false, freq_base: 1.0, freq_scale: 1.0 });
         for c in &w.chunks {
-            let params = ProductParams { n_rows: c.n_rows, k: w.k, row_bytes: w.kernel_row_bytes(), row_offset: c.first_row, m, n_total: w.n_rows, n0, n1, eps, _pad: [0; 3] };
+            let params = ProductParams {
+                n_rows: c.n_rows,
+                k: w.k,
+                row_bytes: w.kernel_row_bytes(),
+                row_offset: c.first_row,
+                m,
+                n_total: w.n_rows,
+                n0,
+                n1,
+                eps,
+                head_dim: r.head_dim,
+                n_rot: r.n_rot,
+                pos0: r.pos0,
+                log2_base: r.freq_base.log2(),
+                freq_scale: r.freq_scale,
+                _pad: [0; 2],
+            };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {
                 let mut shape = matvec_shape(self.gpu);
-                if glu {
-                    // an invocation holds gate and up rows in pairs
+                if pairs {
+                    // an invocation holds gate and up rows, or RoPE's pairs, together
                     shape.rpi = (shape.rpi + 1) & !1;
                 }
                 let rows = if glu { n0 * 2 } else { c.n_rows };
@@ -823,6 +867,9 @@ pub enum ProductOut<'a> {
     Split(&'a [&'a wgpu::Buffer]),
     Residual(&'a wgpu::Buffer),
     Glu { out: &'a wgpu::Buffer, gelu: bool },
+    /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
+    /// KV cache (see `Recorder::fuses_qkv_rope`).
+    QkvRope { q: &'a wgpu::Buffer, k_cache: &'a wgpu::Buffer, v_cache: &'a wgpu::Buffer, kv: KvType, rope: RopeArgs },
 }
 
 #[repr(C)]
@@ -837,7 +884,13 @@ struct ProductParams {
     n0: u32,
     n1: u32,
     eps: f32,
-    _pad: [u32; 3],
+    // OUT_QKV_ROPE
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    log2_base: f32,
+    freq_scale: f32,
+    _pad: [u32; 2],
 }
 
 #[repr(C)]

@@ -8,10 +8,11 @@
 //!   out = h + Wdown · (act(Wgate · norm(h)) ⊙ Wup · norm(h))
 //! Gemma 3 also normalises each branch's output before adding it back.
 //!
-//! How it is dispatched, one token at a time (decode): Wq|Wk|Wv stacked, with norm(x) fused in;
-//! RoPE and the KV-cache write; attention; Wo added into x; Wgate|Wup stacked, with norm(h) and
-//! act(gate) ⊙ up fused in; Wdown added into x. Six dispatches a layer, because on CPU devices a
-//! dispatch costs tens of microseconds whatever it does (`nomoat bench --profile` shows it).
+//! How it is dispatched, one token at a time (decode): Wq|Wk|Wv stacked, with norm(x) fused in
+//! and (adjacent-pair RoPE, as Llama GGUFs use) RoPE and the KV-cache write too, else those in a
+//! dispatch of their own; attention; Wo added into x; Wgate|Wup stacked, with norm(h) and
+//! act(gate) ⊙ up fused in; Wdown added into x. Five or six dispatches a layer, because on CPU
+//! devices a dispatch costs tens of microseconds whatever it does (`nomoat bench --profile`).
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
@@ -599,28 +600,7 @@ impl<'m> Session<'m> {
         let fused = n == 1 && active.is_empty();
         let eps = c.norm_eps;
         for (i, l) in m.layers.iter().enumerate() {
-            // attention branch: q, k, v = W_qkv · rms_norm(x)
-            let input = if fused {
-                ProductIn::RmsNorm { x: &s.x, weight: &l.attn_norm, eps }
-            } else {
-                r.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, eps).await?;
-                ProductIn::X(&s.xn)
-            };
-            lora.project(&mut r, &l.wqkv, input, &s.xn, &[&s.q, &s.k, &s.v], n).await?;
-            let (mut q, mut k, mut v) = (&s.q, &s.k, &s.v);
-            if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
-                r.add_bias(q, bq, &s.q2, n * q_dim, q_dim).await?;
-                r.add_bias(k, bk, &s.k2, n * kv_dim, kv_dim).await?;
-                r.add_bias(v, bv, &s.v2, n * kv_dim, kv_dim).await?;
-                (q, k, v) = (&s.q2, &s.k2, &s.v2);
-            }
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                // per-head RMSNorm: rows of head_dim
-                let (q_out, k_out) = if q == &s.q { (&s.q2, &s.k2) } else { (&s.q, &s.k) };
-                r.rms_norm(q, qn, q_out, hd, n * c.n_head as u32, eps).await?;
-                r.rms_norm(k, kn, k_out, hd, n * c.n_kv_head as u32, eps).await?;
-                (q, k) = (q_out, k_out);
-            }
+            // attention branch: q, k, v = W_qkv · rms_norm(x), RoPE on q and k, k and v cached
             let sliding = c.is_sliding(i);
             let rope = RopeArgs {
                 n_tokens: n,
@@ -632,8 +612,39 @@ impl<'m> Session<'m> {
                 freq_base: if sliding { c.rope_base_local } else { c.rope_base },
                 freq_scale: c.rope_freq_scale,
             };
-            // q rotated in place; k rotated into the cache, v copied there
-            r.rope_kv(q, k, v, &self.k_cache[i], &self.v_cache[i], c.n_kv_head as u32, self.kv, rope).await?;
+            let input = if fused {
+                ProductIn::RmsNorm { x: &s.x, weight: &l.attn_norm, eps }
+            } else {
+                r.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, eps).await?;
+                ProductIn::X(&s.xn)
+            };
+            let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
+            let plain_qk = l.bq.is_none() && l.q_norm.is_none();
+            let q = if fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, n) {
+                // the product turns q and k and writes k and v to the cache itself
+                let out = ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope };
+                r.product(&l.wqkv[0], input, out, n).await?;
+                &s.q
+            } else {
+                lora.project(&mut r, &l.wqkv, input, &s.xn, &[&s.q, &s.k, &s.v], n).await?;
+                let (mut q, mut k, mut v) = (&s.q, &s.k, &s.v);
+                if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
+                    r.add_bias(q, bq, &s.q2, n * q_dim, q_dim).await?;
+                    r.add_bias(k, bk, &s.k2, n * kv_dim, kv_dim).await?;
+                    r.add_bias(v, bv, &s.v2, n * kv_dim, kv_dim).await?;
+                    (q, k, v) = (&s.q2, &s.k2, &s.v2);
+                }
+                if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                    // per-head RMSNorm: rows of head_dim
+                    let (q_out, k_out) = if q == &s.q { (&s.q2, &s.k2) } else { (&s.q, &s.k) };
+                    r.rms_norm(q, qn, q_out, hd, n * c.n_head as u32, eps).await?;
+                    r.rms_norm(k, kn, k_out, hd, n * c.n_kv_head as u32, eps).await?;
+                    (q, k) = (q_out, k_out);
+                }
+                // q rotated in place; k rotated into the cache, v copied there
+                r.rope_kv(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope).await?;
+                q
+            };
             let args = AttentionArgs {
                 n_q: n,
                 n_head: c.n_head as u32,
@@ -644,7 +655,7 @@ impl<'m> Session<'m> {
                 scale: c.attn_scale,
                 kv: self.kv,
             };
-            r.attention(q, &self.k_cache[i], &self.v_cache[i], &s.attn, args).await?;
+            r.attention(q, k_cache, v_cache, &s.attn, args).await?;
             // x2 = x + (post_norm)(W_o · attn); without a post-norm the sum is made in place
             let resid = if let Some(pn) = &l.post_attn_norm {
                 lora.project(&mut r, std::slice::from_ref(&l.wo), ProductIn::X(&s.attn), &s.attn, &[&s.t1], n).await?;

@@ -52,6 +52,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
     ("elementwise.wgsl", include_str!("../../shaders/elementwise.wgsl")),
     ("rope_kv.wgsl", include_str!("../../shaders/rope_kv.wgsl")),
+    ("kv_write.wgsl", include_str!("../../shaders/kv_write.wgsl")),
     ("rotary.wgsl", include_str!("../../shaders/rotary.wgsl")),
     ("activation.wgsl", include_str!("../../shaders/activation.wgsl")),
     ("product_out.wgsl", include_str!("../../shaders/product_out.wgsl")),
