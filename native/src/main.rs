@@ -411,7 +411,8 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, 
     }
     let load_s = t_load.elapsed().as_secs_f64();
     let c = &l.model.config;
-    let n_ctx = (n_prompt + n_gen + 1).min(c.n_ctx_train);
+    // room for the pp and tg runs, and for the 32-token prompt the time to first token uses
+    let n_ctx = (n_prompt.max(32) + n_gen + 1).min(c.n_ctx_train);
     let mut s = new_session(&l, &m, n_ctx, false)?;
     let ids = generate::bench_ids(n_prompt, c.n_vocab);
     pollster::block_on(generate::bench_warm_up(&mut s, &ids))?;
