@@ -9,9 +9,11 @@
 //
 // The weights are read as aligned vec4<u32> (`src_v`, declared by the including kernel): a CPU
 // device pays per load instruction and lane, so the fewer and wider the better. Q4_K and Q5_K
-// blocks (144, 176 bytes) sit 16-byte aligned and their fields are whole vec4s; every other
-// block sits at an even byte offset, so `vwords` loads the vec4s covering it and shifts its
-// bytes into place (word offset 0..3 by selects, then 0 or 16 bits by `funnel`).
+// blocks (144, 176 bytes) sit 16-byte aligned and their fields are whole vec4s; Q8_0, Q4_0/1 and
+// Q5_0/1 are uploaded split (quants, then high bits and scales: GpuMatrix::upload) so that their
+// quants are too; Q6_K's 210-byte blocks sit at even byte offsets, so `vwords` loads the vec4s
+// covering them and shifts their bytes into place (word offset 0..3 by selects, then 0 or 16
+// bits by `funnel`).
 #include "unpack.wgsl"
 
 // bits s.. s+31 of the 64-bit value hi:lo, for s = 0 or 16 (WGSL takes shift counts mod 32, so

@@ -192,6 +192,19 @@ pub fn random_matrix(ty: GgmlType, n_rows: usize, k: usize, seed: u64) -> Result
     Ok((bytes, values))
 }
 
+/// Random matrices of `rows` each, stacked into one GPU matrix (parts p0, p1, ...), with each
+/// part's bytes and the values they decode to.
+pub async fn random_stacked(gpu: &Gpu, ty: GgmlType, rows: &[usize], k: usize, seed: u64) -> Result<(GpuMatrix, Vec<(Vec<u8>, Vec<f32>)>)> {
+    let mut parts = Vec::new();
+    let mut upload = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        let (bytes, values) = random_matrix(ty, r, k, seed + i as u64)?;
+        upload.push((format!("p{i}"), r as u64, bytes.clone()));
+        parts.push((bytes, values));
+    }
+    Ok((GpuMatrix::upload_stacked(gpu, ty, k as u64, &upload).await?, parts))
+}
+
 /// Shapes (rows, k) per block size, with odd counts and non-multiples of the workgroup.
 pub fn shapes(ty: GgmlType) -> Vec<(usize, usize)> {
     match ty.block_elems() {
@@ -421,16 +434,10 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
         let (_, k) = shapes(ty)[2];
         // q/k/v-like parts with odd row counts; gate/up-like equal parts
         let rows = [13usize, 5, 7];
-        let mut parts = Vec::new();
-        let mut values = Vec::new();
-        for (pi, &r) in rows.iter().enumerate() {
-            let (bytes, w) = random_matrix(ty, r, k, 3000 + 10 * ti as u64 + pi as u64)?;
-            parts.push((format!("p{pi}"), r as u64, bytes));
-            values.push(w);
-        }
-        let stacked = GpuMatrix::upload_stacked(gpu, ty, k as u64, &parts).await?;
-        let gate_up = GpuMatrix::upload_stacked(gpu, ty, k as u64, &[parts[0].clone(), (String::from("up"), 13, random_matrix(ty, 13, k, 3500 + ti as u64)?.0)]).await?;
-        let up_values = random_matrix(ty, 13, k, 3500 + ti as u64)?.1;
+        let (stacked, parts) = random_stacked(gpu, ty, &rows, k, 3000 + 10 * ti as u64).await?;
+        let values: Vec<&Vec<f32>> = parts.iter().map(|p| &p.1).collect();
+        let (gate_up, gate_up_parts) = random_stacked(gpu, ty, &[13, 13], k, 3500 + 10 * ti as u64).await?;
+        let (gate_values, up_values) = (&gate_up_parts[0].1, &gate_up_parts[1].1);
         let mut rng = Rng::new(4000 + ti as u64);
         let norm_w = rng.fill(k, 1.0);
         let nwb = gpu.upload_f32("norm w", &norm_w).await?;
@@ -447,7 +454,7 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             rec.tiled_matmul = tiled;
             let input = if m == 1 { ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 } } else { ProductIn::X(&xb) };
             rec.product(&stacked, input, ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), m as u32).await?;
-            let w0 = GpuMatrix::upload(gpu, "p0", ty, k as u64, 13, &parts[0].2).await?;
+            let w0 = GpuMatrix::upload(gpu, "p0", ty, k as u64, 13, &parts[0].0).await?;
             rec.product(&w0, ProductIn::X(&xb), ProductOut::Residual(&rb), m as u32).await?;
             if m == 1 {
                 rec.product(&gate_up, input, ProductOut::Glu { out: &act, gelu: false }, 1).await?;
@@ -462,14 +469,14 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             };
             for (pi, &r) in rows.iter().enumerate() {
                 let got = gpu.read_f32(&outs[pi], 0, m * r).await?;
-                let want = reference::matmul(&values[pi], product_in, r, k, m);
+                let want = reference::matmul(values[pi], product_in, r, k, m);
                 checks.push(Check::nmse(format!("{label}stacked part {pi} {ty} {r}x{k} m={m}"), &got, &want, MATMUL_NMSE));
             }
             let got = gpu.read_f32(&rb, 0, m * 13).await?;
-            let want = reference::add(&resid, &reference::matmul(&values[0], &x, 13, k, m));
+            let want = reference::add(&resid, &reference::matmul(values[0], &x, 13, k, m));
             checks.push(Check::nmse(format!("{}residual += {ty} 13x{k} m={m}", if m == 1 { "" } else { label }), &got, &want, MATMUL_NMSE));
             if m == 1 {
-                let (g, u) = (reference::matmul(&values[0], &xn, 13, k, 1), reference::matmul(&up_values, &xn, 13, k, 1));
+                let (g, u) = (reference::matmul(gate_values, &xn, 13, k, 1), reference::matmul(up_values, &xn, 13, k, 1));
                 let got = gpu.read_f32(&act, 0, 13).await?;
                 checks.push(Check::nmse(format!("rms_norm → silu(gate)·up {ty} 13x{k}"), &got, &reference::silu_gate(&g, &u), MATMUL_NMSE));
                 let got = gpu.read_f32(&gelu_act, 0, 13).await?;
@@ -492,23 +499,17 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
     let rows = [n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim];
     for (ti, ty) in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K].into_iter().enumerate() {
         let (_, k) = shapes(ty)[2];
-        let mut parts = Vec::new();
-        let mut values = Vec::new();
-        for (pi, &r) in rows.iter().enumerate() {
-            let (bytes, w) = random_matrix(ty, r, k, 7000 + 10 * ti as u64 + pi as u64)?;
-            parts.push((format!("p{pi}"), r as u64, bytes));
-            values.push(w);
-        }
-        let w = GpuMatrix::upload_stacked(gpu, ty, k as u64, &parts).await?;
+        let (w, parts) = random_stacked(gpu, ty, &rows, k, 7000 + 10 * ti as u64).await?;
+        let values: Vec<&Vec<f32>> = parts.iter().map(|p| &p.1).collect();
         let mut rng = Rng::new(7500 + ti as u64);
         let (x, norm_w) = (rng.fill(k, 2.0), rng.fill(k, 1.0));
         let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
         let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
         let rope = RopeArgs { n_tokens: 1, n_heads: n_head as u32, head_dim: head_dim as u32, n_rot: n_rot as u32, pos0, neox: false, freq_base: 10000.0, freq_scale: 1.0 };
         let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
-        let mut q_want = reference::matmul(&values[0], &xn, rows[0], k, 1);
-        let mut k_want = reference::matmul(&values[1], &xn, rows[1], k, 1);
-        let v_want = reference::matmul(&values[2], &xn, rows[2], k, 1);
+        let mut q_want = reference::matmul(values[0], &xn, rows[0], k, 1);
+        let mut k_want = reference::matmul(values[1], &xn, rows[1], k, 1);
+        let v_want = reference::matmul(values[2], &xn, rows[2], k, 1);
         reference::rope(&mut q_want, n_head, head_dim, pos0, params);
         reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
         for kv in [KvType::F32, KvType::F16] {

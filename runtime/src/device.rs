@@ -74,7 +74,7 @@ pub struct Gpu {
     pub(crate) pipelines: crate::kernels::PipelineCache,
     /// Small buffers bound where a dispatch uses no buffer (WebGPU wants every binding of the
     /// layout filled, and one buffer bound twice with one binding writable is an error).
-    pub(crate) unused_outputs: [wgpu::Buffer; 3],
+    pub(crate) unused_buffers: [wgpu::Buffer; 3],
     /// Per-kernel (calls, seconds) when profiling; None otherwise.
     pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -153,10 +153,10 @@ impl Gpu {
         let variant = Variant { f16, subgroups, web: cfg!(target_arch = "wasm32") };
         let profile = profile.then(Default::default);
         let unused = || {
-            device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused output"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
         };
-        let unused_outputs = [unused(), unused(), unused()];
-        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_outputs, profile })
+        let unused_buffers = [unused(), unused(), unused()];
+        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile })
     }
 
     /// Whether dispatches are being timed (profiling was asked for and the adapter can).

@@ -96,6 +96,14 @@ pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     s
 }
 
+/// The matvec shape with an even number of rows per invocation, for outputs that need rows in
+/// pairs in one invocation (gate with up, RoPE's adjacent pairs).
+fn paired_matvec_shape(gpu: &Gpu) -> MatvecShape {
+    let mut s = matvec_shape(gpu);
+    s.rpi = (s.rpi + 1) & !1;
+    s
+}
+
 fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
     let mut d = Defines::new()
         .flag(&type_define(ty))
@@ -355,18 +363,6 @@ impl GpuMatrix {
         Ok(m)
     }
 
-    /// Rows of the part named `name` and the part's first row.
-    pub fn part(&self, name: &str) -> Option<(u32, u32)> {
-        let mut first = 0;
-        for (n, rows) in &self.parts {
-            if n == name {
-                return Some((first, *rows));
-            }
-            first += rows;
-        }
-        None
-    }
-
     pub fn bytes(&self) -> u64 {
         self.row_bytes as u64 * self.n_rows as u64
     }
@@ -374,10 +370,9 @@ impl GpuMatrix {
     /// Bytes between rows as the kernels address them: the stored row, or for split types
     /// (`split_blocks`) a row's quants, which come first in the chunk.
     fn kernel_row_bytes(&self) -> u32 {
-        match self.ty {
-            GgmlType::Q8_0 => self.k,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => self.k / 2,
-            _ => self.row_bytes,
+        match split_fields(self.ty) {
+            Some(fields) => self.k / self.ty.block_elems() as u32 * fields[0].1 as u32,
+            None => self.row_bytes,
         }
     }
 
@@ -467,9 +462,9 @@ const TOPK_CHUNK: u32 = 1024;
 const ARGMAX_CHUNK: u32 = 4096;
 
 /// Records dispatches into one command encoder, consecutive dispatches into one compute pass:
-/// lavapipe spends about 15 µs on every pass beyond the ~27 µs of a dispatch itself (measured
-/// with 500 one-workgroup copies), which at ~500 dispatches per token was a tenth of decode.
-/// WebGPU makes each dispatch its own usage scope, so one pass orders them just as well.
+/// with 500 one-workgroup copies lavapipe took about 15 µs per pass on top of the ~27 µs of a
+/// dispatch (in a whole decode step the difference stayed within run-to-run noise). WebGPU
+/// makes each dispatch its own usage scope, so one pass orders them just as well.
 pub struct Recorder<'g> {
     pub gpu: &'g Gpu,
     // declared before the encoder so that it is dropped first
@@ -609,7 +604,7 @@ impl<'g> Recorder<'g> {
     /// adjacent-pair mode on whole heads, every part a whole number of the invocations' row
     /// groups, and the matvec path.
     pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32) -> bool {
-        let rpi = (matvec_shape(self.gpu).rpi + 1) & !1;
+        let rpi = paired_matvec_shape(self.gpu).rpi;
         self.product_runs_matvec(m)
             && w.chunks.len() == 1
             && w.parts.len() == 3
@@ -618,6 +613,12 @@ impl<'g> Recorder<'g> {
             && rope.n_rot % 2 == 0
             && rope.n_rot <= rope.head_dim
             && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
+    }
+
+    /// Whether `ProductOut::Glu` applies: gate and up stacked as two equal parts in one binding,
+    /// and the matvec path.
+    pub fn fuses_glu(&self, w: &GpuMatrix, m: u32) -> bool {
+        self.product_runs_matvec(m) && w.chunks.len() == 1 && w.parts.len() == 2 && w.parts[0].1 == w.parts[1].1
     }
 
     /// W · input for m tokens, written as `out` says (see product_out.wgsl). X: [m][k].
@@ -633,9 +634,11 @@ impl<'g> Recorder<'g> {
         if norm.is_some() && !runs_matvec {
             return unsupported("a fused input norm on this device's prefill path");
         }
-        let spare = &self.gpu.unused_outputs;
-        let mut rope: Option<RopeArgs> = None;
-        let mut kv_defines = Defines::new();
+        let spare = &self.gpu.unused_buffers;
+        let (rope, kv_defines) = match out {
+            ProductOut::QkvRope { rope, kv, .. } => (Some(rope), kv.defines()),
+            _ => (None, Defines::new()),
+        };
         // outputs y, y1, y2, rows to y and to y1, and the product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
             ProductOut::Split([y]) => ([*y, &spare[0], &spare[1]], w.n_rows, 0, &[]),
@@ -646,17 +649,15 @@ impl<'g> Recorder<'g> {
             ProductOut::Split(ys) => return unsupported(&format!("{} outputs for {} stacked parts", ys.len(), w.parts.len())),
             ProductOut::Residual(y) => ([y, &spare[0], &spare[1]], w.n_rows, 0, &["OUT_RESIDUAL"]),
             ProductOut::Glu { out, gelu } => {
-                if !runs_matvec || w.chunks.len() != 1 || w.parts.len() != 2 || w.parts[0].1 != w.parts[1].1 {
+                if !self.fuses_glu(w, m) {
                     return unsupported("a fused gated activation");
                 }
                 ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
             }
-            ProductOut::QkvRope { q, k_cache, v_cache, kv, rope: a } => {
-                if !self.fuses_qkv_rope(w, &a, m) {
+            ProductOut::QkvRope { q, k_cache, v_cache, rope, .. } => {
+                if !self.fuses_qkv_rope(w, &rope, m) {
                     return unsupported("RoPE and the KV-cache write fused");
                 }
-                rope = Some(a);
-                kv_defines = kv.defines();
                 ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"])
             }
         };
@@ -688,11 +689,7 @@ impl<'g> Recorder<'g> {
             };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {
-                let mut shape = matvec_shape(self.gpu);
-                if pairs {
-                    // an invocation holds gate and up rows, or RoPE's pairs, together
-                    shape.rpi = (shape.rpi + 1) & !1;
-                }
+                let shape = if pairs { paired_matvec_shape(self.gpu) } else { matvec_shape(self.gpu) };
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines: add_mode(matvec_defines(w.ty, shape)) };
@@ -784,7 +781,7 @@ impl<'g> Recorder<'g> {
 
     /// RoPE in place on x: [n_tokens][n_heads][head_dim] (rope_kv with no keys to store).
     pub async fn rope(&mut self, x: &wgpu::Buffer, a: RopeArgs) -> Result<(), GpuError> {
-        let [none, cache_k, cache_v] = &self.gpu.unused_outputs;
+        let [none, cache_k, cache_v] = &self.gpu.unused_buffers;
         self.rope_kv(x, none, none, cache_k, cache_v, 0, KvType::F32, a).await
     }
 
@@ -819,7 +816,7 @@ impl<'g> Recorder<'g> {
     #[allow(clippy::too_many_arguments)]
     pub async fn kv_store(&mut self, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, head_dim: u32, kv: KvType, n_tokens: u32, pos0: u32) -> Result<(), GpuError> {
         let a = RopeArgs { n_tokens, n_heads: 0, head_dim, n_rot: 0, pos0, neox: false, freq_base: 1.0, freq_scale: 1.0 };
-        let q = &self.gpu.unused_outputs[0];
+        let q = &self.gpu.unused_buffers[0];
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 

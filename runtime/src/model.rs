@@ -672,7 +672,7 @@ impl<'m> Session<'m> {
                 r.rms_norm(resid, &l.ffn_norm, &s.xn, d, n, eps).await?;
                 ProductIn::X(&s.xn)
             };
-            if fused && l.w_gate_up.len() == 1 && l.w_gate_up[0].chunks.len() == 1 {
+            if fused && l.w_gate_up.len() == 1 && r.fuses_glu(&l.w_gate_up[0], n) {
                 r.product(&l.w_gate_up[0], input, ProductOut::Glu { out: &s.act, gelu: c.gelu }, n).await?;
             } else {
                 lora.project(&mut r, &l.w_gate_up, input, &s.xn, &[&s.gate, &s.up], n).await?;

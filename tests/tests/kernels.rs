@@ -135,16 +135,7 @@ fn stacked_parts_over_the_binding_limit() {
     for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::F16] {
         let k = 1024;
         let rows = [1100usize, 300, 301];
-        let parts: Vec<(String, u64, Vec<u8>, Vec<f32>)> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, &r)| {
-                let (bytes, w) = random_matrix(ty, r, k, 600 + i as u64);
-                (format!("p{i}"), r as u64, bytes, w)
-            })
-            .collect();
-        let upload: Vec<(String, u64, Vec<u8>)> = parts.iter().map(|p| (p.0.clone(), p.1, p.2.clone())).collect();
-        let m = block_on(GpuMatrix::upload_stacked(gpu, ty, k as u64, &upload)).unwrap();
+        let (m, parts) = block_on(conformance::random_stacked(gpu, ty, &rows, k, 600)).unwrap();
         assert!(m.chunks.len() >= 2, "{ty}: {} chunk(s)", m.chunks.len());
         for (n, tiled) in [(1usize, None), (3, Some(true)), (3, Some(false))] {
             let x = Rng::new(13).fill(n * k, 1.0);
@@ -152,7 +143,7 @@ fn stacked_parts_over_the_binding_limit() {
             let outs: Vec<_> = rows.iter().map(|&r| block_on(gpu.storage("y", (n * r * 4) as u64)).unwrap()).collect();
             let resid = Rng::new(14).fill(n * rows[0], 1.0);
             let rb = block_on(gpu.upload_f32("resid", &resid)).unwrap();
-            let first = block_on(GpuMatrix::upload(gpu, "p0", ty, k as u64, rows[0] as u64, &parts[0].2)).unwrap();
+            let first = block_on(GpuMatrix::upload(gpu, "p0", ty, k as u64, rows[0] as u64, &parts[0].0)).unwrap();
             let mut rec = Recorder::new(gpu);
             rec.tiled_matmul = tiled;
             block_on(rec.product(&m, ProductIn::X(&xb), ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), n as u32)).unwrap();
@@ -160,11 +151,11 @@ fn stacked_parts_over_the_binding_limit() {
             rec.submit().unwrap();
             for (i, &r) in rows.iter().enumerate() {
                 let got = block_on(gpu.read_f32(&outs[i], 0, n * r)).unwrap();
-                let e = nmse(&got, &reference::matmul(&parts[i].3, &x, r, k, n));
+                let e = nmse(&got, &reference::matmul(&parts[i].1, &x, r, k, n));
                 assert!(e <= MATMUL_NMSE, "{ty} part {i} n={n} {tiled:?}: NMSE {e:e}");
             }
             let got = block_on(gpu.read_f32(&rb, 0, n * rows[0])).unwrap();
-            let want = reference::add(&resid, &reference::matmul(&parts[0].3, &x, rows[0], k, n));
+            let want = reference::add(&resid, &reference::matmul(&parts[0].1, &x, rows[0], k, n));
             assert!(nmse(&got, &want) <= MATMUL_NMSE, "{ty} residual n={n} {tiled:?}");
         }
     }
