@@ -8,6 +8,7 @@
 // One workgroup per (head, query): invocation j scores key k0 + j of each tile of WG keys, the
 // tile's softmax weights go through shared memory, and each invocation keeps the running output
 // for head dimensions lid, lid + WG, ... rescaled whenever the running maximum grows.
+// QUERY_PER_INVOCATION (CPU devices, see the kernel below): one invocation per (head, query).
 
 struct Params {
     n_q: u32,
@@ -26,11 +27,93 @@ struct Params {
 @group(0) @binding(4) var<uniform> p: Params;
 
 #include "kv.wgsl"
-#include "reduce.wgsl"
 
 const MAX_HEAD_DIM: u32 = 256u;
-const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
 const NEG_BIG: f32 = -3.0e38;
+
+#if QUERY_PER_INVOCATION
+// CPU implementations of WebGPU run a workgroup as SIMD lanes on one core, where barriers and
+// shared memory cost a per-lane loop each: here every invocation walks its own keys with its
+// query and running output in registers, and no invocation waits for another. Invocation i
+// takes head i / n_q and query i % n_q, so neighbouring lanes are neighbouring queries of one
+// head and read the same K and V addresses at each step (without a window).
+// head_dim must be a multiple of 16, which the inner loops take at a time: llvmpipe ends any
+// invocation after 65535 loop iterations in all (its guard against endless loops), so
+// keys · (1 + head_dim / 16) must stay below that (`Recorder::attention_per_query` checks).
+
+// elements i.. i + 3 (i a multiple of 4) of the caches
+fn k_quad(i: u32) -> vec4<f32> {
+    return vec4<f32>(kv_value(k_cache[kv_word(i)], i), kv_value(k_cache[kv_word(i + 1u)], i + 1u),
+                     kv_value(k_cache[kv_word(i + 2u)], i + 2u), kv_value(k_cache[kv_word(i + 3u)], i + 3u));
+}
+fn v_quad(i: u32) -> vec4<f32> {
+    return vec4<f32>(kv_value(v_cache[kv_word(i)], i), kv_value(v_cache[kv_word(i + 1u)], i + 1u),
+                     kv_value(v_cache[kv_word(i + 2u)], i + 2u), kv_value(v_cache[kv_word(i + 3u)], i + 3u));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n_head * p.n_q) {
+        return;
+    }
+    let h = i / p.n_q;
+    let t = i % p.n_q;
+    let hd = p.head_dim;
+    let pos = p.pos0 + t;
+    let kvh = h / (p.n_head / p.n_kv_head);
+    let kv_stride = p.n_kv_head * hd;
+    let q_base = (t * p.n_head + h) * hd;
+    let n_quads = hd / 4u;
+    var qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+    var acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+    for (var d = 0u; d < n_quads; d++) {
+        let e = q_base + 4u * d;
+        qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
+    }
+    var k_start = 0u;
+    if (p.window > 0u && pos + 1u > p.window) {
+        k_start = pos + 1u - p.window;
+    }
+    // online softmax: run_max the largest score so far, run_sum Σ exp(score − run_max), acc
+    // Σ exp(score − run_max) · v
+    var run_max = NEG_BIG;
+    var run_sum = 0.0;
+    for (var j = k_start; j <= pos; j++) {
+        let kb = j * kv_stride + kvh * hd;
+        var s4 = vec4<f32>(0.0);
+        for (var d = 0u; d < n_quads; d += 4u) {
+            s4 = fma(qv[d], k_quad(kb + 4u * d), s4);
+            s4 = fma(qv[d + 1u], k_quad(kb + 4u * d + 4u), s4);
+            s4 = fma(qv[d + 2u], k_quad(kb + 4u * d + 8u), s4);
+            s4 = fma(qv[d + 3u], k_quad(kb + 4u * d + 12u), s4);
+        }
+        let score = s4.x + s4.y + s4.z + s4.w;
+        let new_max = max(run_max, score);
+        let rescale = vec4<f32>(exp(run_max - new_max));
+        let w = exp(score - new_max);
+        run_sum = run_sum * rescale.x + w;
+        run_max = new_max;
+        for (var d = 0u; d < n_quads; d += 4u) {
+            acc[d] = fma(acc[d], rescale, w * v_quad(kb + 4u * d));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, w * v_quad(kb + 4u * d + 4u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, w * v_quad(kb + 4u * d + 8u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, w * v_quad(kb + 4u * d + 12u));
+        }
+    }
+    for (var d = 0u; d < n_quads; d++) {
+        let o = acc[d] / run_sum;
+        let e = q_base + 4u * d;
+        out[e] = o.x;
+        out[e + 1u] = o.y;
+        out[e + 2u] = o.z;
+        out[e + 3u] = o.w;
+    }
+}
+#else
+#include "reduce.wgsl"
+
+const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
 
 var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
 var<workgroup> w_sh: array<f32, WG>;
@@ -102,3 +185,4 @@ fn main(@builtin(local_invocation_index) lid: u32,
         }
     }
 }
+#endif

@@ -592,13 +592,14 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
 
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
     // (queries, heads, kv heads, head_dim, position of the first query, sliding window)
-    let cases: [(u32, u32, u32, u32, u32, u32); 6] = [
+    let cases: [(u32, u32, u32, u32, u32, u32); 7] = [
         (1, 9, 3, 64, 37, 0),     // decode, GQA
         (20, 4, 1, 256, 0, 0),    // prefill
         (7, 4, 2, 128, 130, 0),   // block after a cache
         (9, 2, 2, 64, 100, 16),   // sliding window
         (1, 4, 1, 256, 600, 512), // Gemma-like local layer
         (3, 3, 3, 6, 2, 0),       // tiny head
+        (2, 4, 1, 256, 4000, 0),  // past the per-query kernel's loop budget (llvmpipe)
     ];
     let mut checks = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
@@ -625,10 +626,8 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
             if split < n_kv {
                 rec.kv_store(&k2, &v2, &kc, &vc, n_kv_head, head_dim, kv, (n_kv - split) as u32, split as u32).await?;
             }
-            rec.attention(&qb, &kc, &vc, &out, c).await?;
             rec.submit()?;
             let raw = gpu.read(&kc, 0, cache_bytes).await?;
-            let got = gpu.read_f32(&out, 0, q.len()).await?;
             let (kr, vr) = match kv {
                 KvType::F32 => (k.clone(), v.clone()),
                 KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
@@ -644,7 +643,15 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 scale,
             };
             let want = reference::attention(&q, &kr, &vr, shape);
-            checks.push(Check::max_abs(format!("attention {kv:?} case {ci} q={} pos0={} window={}", c.n_q, c.pos0, c.window), &got, &want, 1e-5));
+            for per_query in [false, true] {
+                let mut rec = Recorder::new(gpu);
+                rec.query_per_invocation = Some(per_query);
+                let kernel = if rec.attention_per_query(&c) { "per query" } else { "per workgroup" };
+                rec.attention(&qb, &kc, &vc, &out, c).await?;
+                rec.submit()?;
+                let got = gpu.read_f32(&out, 0, q.len()).await?;
+                checks.push(Check::max_abs(format!("attention {kernel} {kv:?} case {ci} q={} pos0={} window={}", c.n_q, c.pos0, c.window), &got, &want, 1e-5));
+            }
         }
     }
     Ok(checks)

@@ -196,6 +196,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     for kv in [KvType::F32, KvType::F16] {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
+        keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv) });
     }
     for entry in ["main", "argmax"] {
         keys.push(PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() });
@@ -475,7 +476,22 @@ pub struct Recorder<'g> {
     /// Products of several tokens: Some(true) runs the tiled matmul.wgsl, Some(false)
     /// matvec.wgsl's token loop, None what suits the device (tests run both everywhere).
     pub tiled_matmul: Option<bool>,
+    /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
+    /// per (head, query), None what suits the device (tests run both everywhere).
+    pub query_per_invocation: Option<bool>,
 }
+
+/// Invocations per workgroup of the one-query-per-invocation attention: one 256-bit register
+/// of f32 lanes on lavapipe.
+const QUERY_WG: u32 = 8;
+
+fn query_attention_defines(kv: KvType) -> Defines {
+    kv.defines().flag("QUERY_PER_INVOCATION").value("WG", format!("{QUERY_WG}u"))
+}
+
+/// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65535
+/// (see `Recorder::attention_fits_llvmpipe`), with some kept for the loops outside the keys.
+const LLVMPIPE_LOOP_BUDGET: u64 = 60_000;
 
 /// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
 /// is 4096); later ones in the same submission go untimed.
@@ -491,7 +507,7 @@ impl<'g> Recorder<'g> {
             });
             (set, Vec::new())
         });
-        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None }
+        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None, query_per_invocation: None }
     }
 
     pub fn submit(mut self) -> Result<(), GpuError> {
@@ -820,6 +836,31 @@ impl<'g> Recorder<'g> {
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 
+    /// Whether `attention` runs one invocation per (head, query): on CPU devices, where the
+    /// head fits its loops and the keys its loop budget (`NOMOAT_ATTENTION=query` /
+    /// `workgroup` overrides the device's choice).
+    pub fn attention_per_query(&self, a: &AttentionArgs) -> bool {
+        let keys = (a.pos0 + a.n_q) as u64;
+        let fits = a.head_dim % 16 == 0 && keys * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET;
+        let wanted = self.query_per_invocation.unwrap_or_else(|| match std::env::var("NOMOAT_ATTENTION").ok().as_deref() {
+            Some("query") => true,
+            Some("workgroup") => false,
+            _ => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
+        });
+        fits && wanted
+    }
+
+    /// llvmpipe (lavapipe) ends a shader invocation after 65535 loop iterations in all, its
+    /// guard against endless loops, and leaves the rest of the output unwritten. The
+    /// one-workgroup-per-query attention takes about (head_dim + 4·64 + 16) / 64 of them a key
+    /// (its score loop, its 4 x 64 weighted-sum loop and its reductions, per tile of 64 keys;
+    /// head_dim 256 gave wrong outputs at 16000 keys and right ones at 4000): past that, on
+    /// llvmpipe, attention is refused rather than run.
+    fn attention_fits_llvmpipe(&self, a: &AttentionArgs) -> bool {
+        let keys = (a.pos0 + a.n_q) as u64;
+        !self.gpu.info.name.contains("llvmpipe") || keys * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= LLVMPIPE_LOOP_BUDGET
+    }
+
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
     pub async fn attention(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, a: AttentionArgs) -> Result<(), GpuError> {
         if a.head_dim > MAX_HEAD_DIM || a.head_dim % 2 != 0 || a.n_kv_head == 0 || a.n_head % a.n_kv_head != 0 {
@@ -838,8 +879,21 @@ impl<'g> Recorder<'g> {
             scale: a.scale,
             _pad: 0,
         };
-        self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: a.kv.defines() }, &[q, k, v, out], &params, (a.n_head, a.n_q, 1))
-            .await
+        if !self.attention_per_query(&a) && !self.attention_fits_llvmpipe(&a) {
+            return Err(GpuError::Unsupported(format!(
+                "attention over {} keys with head_dim {} on llvmpipe (its shaders stop after 65535 loop iterations): use a smaller context size",
+                a.pos0 + a.n_q,
+                a.head_dim
+            )));
+        }
+        if self.attention_per_query(&a) {
+            let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
+            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(a.kv) }, &[q, k, v, out], &params, (gx, gy, 1))
+                .await
+        } else {
+            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: a.kv.defines() }, &[q, k, v, out], &params, (a.n_head, a.n_q, 1))
+                .await
+        }
     }
 
     /// dst[..n] = src[..n] (n a multiple of 4): the bandwidth yardstick.

@@ -10,7 +10,7 @@
 use nomoat_runtime::conformance::{self, Family, MATMUL_NMSE};
 use nomoat_runtime::device::Gpu;
 use nomoat_runtime::ggml_type::{GgmlType, KERNEL_TYPES};
-use nomoat_runtime::kernels::{self, GpuMatrix};
+use nomoat_runtime::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder};
 use nomoat_runtime::quant;
 use nomoat_runtime::reference;
 use nomoat_tests::gpu::{max_abs_diff, nmse, small_binding, variants};
@@ -130,7 +130,7 @@ fn tensors_over_the_binding_limit_are_split() {
 /// own output, whichever chunk holds them, for decode, both prompt kernels and the residual add.
 #[test]
 fn stacked_parts_over_the_binding_limit() {
-    use nomoat_runtime::kernels::{ProductIn, ProductOut, Recorder};
+    use nomoat_runtime::kernels::{ProductIn, ProductOut};
     let gpu = small_binding();
     for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::F16] {
         let k = 1024;
@@ -193,6 +193,14 @@ fn unsupported_inputs_are_refused_not_run() {
     assert!(e.to_string().contains("multiple"), "{e}");
     let e = block_on(kernels::top_k(gpu, &block_on(gpu.upload_f32("x", &[1.0; 10])).unwrap(), 10, 0)).err().unwrap();
     assert!(e.to_string().contains("k = 0"), "{e}");
+    // llvmpipe stops a shader after 65535 loop iterations: attention past that is refused there
+    if gpu.info.name.contains("llvmpipe") {
+        let b = block_on(gpu.storage("b", 1024)).unwrap();
+        let a = AttentionArgs { n_q: 1, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 16_000, window: 0, scale: 0.0625, kv: KvType::F16 };
+        let mut rec = Recorder::new(gpu);
+        let e = block_on(rec.attention(&b, &b, &b, &b, a)).err().unwrap();
+        assert!(e.to_string().contains("context size"), "{e}");
+    }
 }
 
 /// Gemma 3's Q8_0 token embedding (640 x 262144, 178 MB) is larger than lavapipe's 128 MiB
