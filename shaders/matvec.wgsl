@@ -16,6 +16,9 @@
 // first RPI/2 rows are gate rows and the others the matching up rows.
 // Float types (rows of any length) keep dequant.wgsl's dq4 / dq1 over u32 words and read x as
 // f32; quantized types (X_VEC4) read both W and x as vec4s (their k is a multiple of 32).
+// X_BROADCAST (TPR 1, subgroups of exactly WG = 8 lanes): every lane needs all of a unit's x,
+// and llvmpipe pays a per-lane loop for each component of every storage load, uniform address
+// or not; so each lane loads one vec4 in 8 and subgroupBroadcast hands it to the others.
 
 struct Params {
     n_rows: u32,      // rows in this chunk
@@ -96,6 +99,39 @@ fn x_in4(t: u32, e4: u32, ss: ptr<function, f32>) -> vec4<f32> {
     return v;
 #endif
 }
+
+// Unit u of token t's input into xv; Σ x² of what this invocation loaded into ss, and
+// row_group_ss(ss) its total over the unit's loads
+#if SUBGROUPS
+#if X_BROADCAST
+fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
+    for (var c = 0u; c < UNIT / 4u; c += 8u) {
+        let mine = x_in4(t, u * (UNIT / 4u) + c + lid, ss);
+        xv[c] = subgroupBroadcast(mine, 0u);
+        xv[c + 1u] = subgroupBroadcast(mine, 1u);
+        xv[c + 2u] = subgroupBroadcast(mine, 2u);
+        xv[c + 3u] = subgroupBroadcast(mine, 3u);
+        xv[c + 4u] = subgroupBroadcast(mine, 4u);
+        xv[c + 5u] = subgroupBroadcast(mine, 5u);
+        xv[c + 6u] = subgroupBroadcast(mine, 6u);
+        xv[c + 7u] = subgroupBroadcast(mine, 7u);
+    }
+}
+fn row_group_ss(ss: f32) -> f32 {
+    return subgroupAdd(ss);
+}
+#else
+fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
+    for (var c = 0u; c < UNIT / 4u; c++) { xv[c] = x_in4(t, u * (UNIT / 4u) + c, ss); }
+}
+fn row_group_ss(ss: f32) -> f32 { return ss; }
+#endif
+#else
+fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
+    for (var c = 0u; c < UNIT / 4u; c++) { xv[c] = x_in4(t, u * (UNIT / 4u) + c, ss); }
+}
+fn row_group_ss(ss: f32) -> f32 { return ss; }
+#endif
 #else
 fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
     let v = x[t * p.k + e];
@@ -137,9 +173,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
 #if X_VEC4
         let n_units = p.k / UNIT;
         for (var u = lane; u < n_units; u += TPR) {
-            for (var c = 0u; c < UNIT / 4u; c++) {
-                xv[c] = x_in4(t, u * (UNIT / 4u) + c, &ss);
-            }
+            load_unit_x(t, u, lid, &ss);
             prepare_x();
             for (var j = 0u; j < RPI; j++) {
                 acc[j] += dot_unit(rows[j], u);
@@ -161,6 +195,11 @@ fn main(@builtin(local_invocation_index) lid: u32,
         }
 #endif
 #if ROW_PER_INVOCATION
+#if X_VEC4
+#if NORM_IN
+        ss = row_group_ss(ss);
+#endif
+#endif
 #else
         for (var j = 0u; j < RPI; j++) {
             acc[j] = row_sum(acc[j], lid, lane);
