@@ -21,8 +21,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
+#if QUERY_PER_INVOCATION
+@group(0) @binding(1) var<storage, read> k_cache4: array<KvQuad>;
+@group(0) @binding(2) var<storage, read> v_cache4: array<KvQuad>;
+#else
 @group(0) @binding(1) var<storage, read> k_cache: array<KvStore>;
 @group(0) @binding(2) var<storage, read> v_cache: array<KvStore>;
+#endif
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
@@ -41,14 +46,13 @@ const NEG_BIG: f32 = -3.0e38;
 // invocation after 65535 loop iterations in all (its guard against endless loops), so
 // keys · (1 + head_dim / 16) must stay below that (`Recorder::attention_per_query` checks).
 
-// elements i.. i + 3 (i a multiple of 4) of the caches
+// elements i.. i + 3 (i a multiple of 4) of the caches, in one load (a load costs a per-lane
+// loop on CPU devices)
 fn k_quad(i: u32) -> vec4<f32> {
-    return vec4<f32>(kv_value(k_cache[kv_word(i)], i), kv_value(k_cache[kv_word(i + 1u)], i + 1u),
-                     kv_value(k_cache[kv_word(i + 2u)], i + 2u), kv_value(k_cache[kv_word(i + 3u)], i + 3u));
+    return quad_value(k_cache4[i / 4u]);
 }
 fn v_quad(i: u32) -> vec4<f32> {
-    return vec4<f32>(kv_value(v_cache[kv_word(i)], i), kv_value(v_cache[kv_word(i + 1u)], i + 1u),
-                     kv_value(v_cache[kv_word(i + 2u)], i + 2u), kv_value(v_cache[kv_word(i + 3u)], i + 3u));
+    return quad_value(v_cache4[i / 4u]);
 }
 
 @compute @workgroup_size(WG)
