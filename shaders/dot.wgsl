@@ -3,7 +3,9 @@
 // sub-blocks sharing one run of nibbles) for Q4_K / Q5_K, a 128-element half block for Q6_K.
 //
 //   dot_unit(row, u) -> f32: Σ of elements u*UNIT.. (u+1)*UNIT-1 of the row starting at byte
-//   `row` times xv[0..UNIT/4], the matching x values the caller has loaded into `xv`.
+//   `row` times xv[0..UNIT/4], the matching x values the caller has loaded into `xv`; that is
+//   dot_loaded(load_unit(row, u)), where load_unit returns the unit's stored words (a Unit) so
+//   that prefill can load them once for several tokens (Q6_K's Unit only names the unit).
 //   prepare_x(): called once after loading xv, before the unit's dot_unit calls: sums of x
 //   the format's offsets (q − 8, min m) multiply, shared by all rows (`x_sum` / `x_sums`).
 //
@@ -109,15 +111,19 @@ fn xv_sum(first: u32, n: u32) -> f32 {
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
 fn prepare_x() {}
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { qa: vec4<u32>, qb: vec4<u32>, d: f32 }
+fn load_unit(row: u32, u: u32) -> Unit {
     let q = (row >> 4u) + 2u * u;
-    let qa = src_v[q];
-    let qb = src_v[q + 1u];
     let e = (row >> 5u) + u;
-    let d = unpack2x16float(word((p.n_rows * p.k) / 4u + e / 2u))[e & 1u];
-    let acc = i8x4(qa.x) * xv[0] + i8x4(qa.y) * xv[1] + i8x4(qa.z) * xv[2] + i8x4(qa.w) * xv[3]
-            + i8x4(qb.x) * xv[4] + i8x4(qb.y) * xv[5] + i8x4(qb.z) * xv[6] + i8x4(qb.w) * xv[7];
-    return d * hsum(acc);
+    return Unit(src_v[q], src_v[q + 1u], unpack2x16float(word((p.n_rows * p.k) / 4u + e / 2u))[e & 1u]);
+}
+fn dot_loaded(w: Unit) -> f32 {
+    let acc = i8x4(w.qa.x) * xv[0] + i8x4(w.qa.y) * xv[1] + i8x4(w.qa.z) * xv[2] + i8x4(w.qa.w) * xv[3]
+            + i8x4(w.qb.x) * xv[4] + i8x4(w.qb.y) * xv[5] + i8x4(w.qb.z) * xv[6] + i8x4(w.qb.w) * xv[7];
+    return w.d * hsum(acc);
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -131,11 +137,16 @@ var<private> x_sum: f32;
 fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { q: vec4<u32>, d: f32 }
+fn load_unit(row: u32, u: u32) -> Unit {
     let b = (row >> 4u) + u;
-    let q = src_v[b];
-    let d = unpack2x16float(word(p.n_rows * p.k / 8u + b / 2u))[b & 1u];
-    return d * (hsum(nibble_dot(q)) - 8.0 * x_sum);
+    return Unit(src_v[b], unpack2x16float(word(p.n_rows * p.k / 8u + b / 2u))[b & 1u]);
+}
+fn dot_loaded(w: Unit) -> f32 {
+    return w.d * (hsum(nibble_dot(w.q)) - 8.0 * x_sum);
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -147,11 +158,16 @@ var<private> x_sum: f32;
 fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { q: vec4<u32>, dm: vec2<f32> }
+fn load_unit(row: u32, u: u32) -> Unit {
     let b = (row >> 4u) + u;
-    let q = src_v[b];
-    let dm = unpack2x16float(word(p.n_rows * p.k / 8u + b));
-    return dm.x * hsum(nibble_dot(q)) + dm.y * x_sum;
+    return Unit(src_v[b], unpack2x16float(word(p.n_rows * p.k / 8u + b)));
+}
+fn dot_loaded(w: Unit) -> f32 {
+    return w.dm.x * hsum(nibble_dot(w.q)) + w.dm.y * x_sum;
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -165,13 +181,18 @@ var<private> x_sum: f32;
 fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { q: vec4<u32>, qh: u32, d: f32 }
+fn load_unit(row: u32, u: u32) -> Unit {
     let b = (row >> 4u) + u;
     let qs_words = p.n_rows * p.k / 8u;
-    let qh = word(qs_words + b);
     let dw = qs_words + p.n_rows * p.k / 32u + b / 2u;
-    let d = unpack2x16float(word(dw))[b & 1u];
-    return d * (hsum(fifth_bit_dot(src_v[b], qh)) - 16.0 * x_sum);
+    return Unit(src_v[b], word(qs_words + b), unpack2x16float(word(dw))[b & 1u]);
+}
+fn dot_loaded(w: Unit) -> f32 {
+    return w.d * (hsum(fifth_bit_dot(w.q, w.qh)) - 16.0 * x_sum);
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -183,12 +204,17 @@ var<private> x_sum: f32;
 fn prepare_x() {
     x_sum = xv_sum(0u, 8u);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { q: vec4<u32>, qh: u32, dm: vec2<f32> }
+fn load_unit(row: u32, u: u32) -> Unit {
     let b = (row >> 4u) + u;
     let qs_words = p.n_rows * p.k / 8u;
-    let qh = word(qs_words + b);
-    let dm = unpack2x16float(word(qs_words + p.n_rows * p.k / 32u + b));
-    return dm.x * hsum(fifth_bit_dot(src_v[b], qh)) + dm.y * x_sum;
+    return Unit(src_v[b], word(qs_words + b), unpack2x16float(word(qs_words + p.n_rows * p.k / 32u + b)));
+}
+fn dot_loaded(w: Unit) -> f32 {
+    return w.dm.x * hsum(fifth_bit_dot(w.q, w.qh)) + w.dm.y * x_sum;
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -216,14 +242,19 @@ var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
 fn prepare_x() {
     x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { head: vec4<u32>, qa: vec4<u32>, qb: vec4<u32>, g: u32 }
+fn load_unit(row: u32, u: u32) -> Unit {
     let v = (row + (u / 4u) * 144u) >> 4u;
     let g = u % 4u;
-    let head = src_v[v];
-    let sm = k4_group_scales(head.y, head.z, head.w, g);
-    let qa = src_v[v + 1u + 2u * g];
-    let qb = src_v[v + 2u + 2u * g];
-    let q = array<u32, 8>(qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w);
+    return Unit(src_v[v], src_v[v + 1u + 2u * g], src_v[v + 2u + 2u * g], g);
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
+}
+fn dot_loaded(w: Unit) -> f32 {
+    let head = w.head;
+    let sm = k4_group_scales(head.y, head.z, head.w, w.g);
+    let q = array<u32, 8>(w.qa.x, w.qa.y, w.qa.z, w.qa.w, w.qb.x, w.qb.y, w.qb.z, w.qb.w);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
     for (var i = 0u; i < 8u; i++) {
@@ -243,17 +274,21 @@ var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
 fn prepare_x() {
     x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
+struct Unit { head: vec4<u32>, ha: vec4<u32>, hb: vec4<u32>, qa: vec4<u32>, qb: vec4<u32>, g: u32 }
+fn load_unit(row: u32, u: u32) -> Unit {
     let v = (row + (u / 4u) * 176u) >> 4u;
     let g = u % 4u;
-    let head = src_v[v];
+    return Unit(src_v[v], src_v[v + 1u], src_v[v + 2u], src_v[v + 3u + 2u * g], src_v[v + 4u + 2u * g], g);
+}
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
+}
+fn dot_loaded(w: Unit) -> f32 {
+    let head = w.head;
+    let g = w.g;
     let sm = k4_group_scales(head.y, head.z, head.w, g);
-    let ha = src_v[v + 1u];
-    let hb = src_v[v + 2u];
-    let qa = src_v[v + 3u + 2u * g];
-    let qb = src_v[v + 4u + 2u * g];
-    let q = array<u32, 8>(qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w);
-    let h = array<u32, 8>(ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w);
+    let q = array<u32, 8>(w.qa.x, w.qa.y, w.qa.z, w.qa.w, w.qb.x, w.qb.y, w.qb.z, w.qb.w);
+    let h = array<u32, 8>(w.ha.x, w.ha.y, w.ha.z, w.ha.w, w.hb.x, w.hb.y, w.hb.z, w.hb.w);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
     for (var i = 0u; i < 8u; i++) {
@@ -287,9 +322,16 @@ fn q6_quarter(ql: array<u32, 20>, qh: array<u32, 20>, q: u32, sw: u32) -> f32 {
     return f32(sc.x) * hsum(part0) + f32(sc.y) * hsum(part1);
 }
 
+struct Unit { row: u32, u: u32 }
+fn load_unit(row: u32, u: u32) -> Unit {
+    return Unit(row, u);
+}
 fn dot_unit(row: u32, u: u32) -> f32 {
-    let b = row + (u / 2u) * 210u;
-    let h = u % 2u;
+    return dot_loaded(load_unit(row, u));
+}
+fn dot_loaded(w: Unit) -> f32 {
+    let b = w.row + (w.u / 2u) * 210u;
+    let h = w.u % 2u;
     let ql = vwords(b + 64u * h, 5u);
     let qh = vwords(b + 128u + 32u * h, 3u);
     let tail = vwords(b + 192u, 2u);   // scales of both halves, then d

@@ -19,6 +19,8 @@
 // X_BROADCAST (TPR 1, subgroups of exactly WG = 8 lanes): every lane needs all of a unit's x,
 // and llvmpipe pays a per-lane loop for each component of every storage load, uniform address
 // or not; so each lane loads one vec4 in 8 and subgroupBroadcast hands it to the others.
+// TOKEN_TILE (CPU prefill, quantized types, TPR 1): four tokens a pass share each load of the
+// weights (dot.wgsl's load_unit, then dot_loaded per token).
 
 struct Params {
     n_rows: u32,      // rows in this chunk
@@ -166,6 +168,53 @@ fn main(@builtin(local_invocation_index) lid: u32,
         rows[j] = min(r0 + j, p.n_rows - 1u) * p.row_bytes;
     }
 #endif
+#if TOKEN_TILE
+    // CPU prefill (quantized types, TPR 1, plain or residual output): four tokens a pass, each
+    // unit's weights loaded once for the four, since on CPU devices a load costs more than the
+    // arithmetic; tokens past the end repeat the last one and are not written
+    for (var t0 = 0u; t0 < p.m; t0 += 4u) {
+        var acc0 = array<f32, RPI>();
+        var acc1 = array<f32, RPI>();
+        var acc2 = array<f32, RPI>();
+        var acc3 = array<f32, RPI>();
+        var ss = 0.0;   // load_unit_x's Σx², unused without NORM_IN
+        let n_units = p.k / UNIT;
+        for (var u = 0u; u < n_units; u++) {
+            load_unit_x(t0, u, lid, &ss);
+            let x0 = xv;
+            load_unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss);
+            let x1 = xv;
+            load_unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss);
+            let x2 = xv;
+            load_unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss);
+            let x3 = xv;
+            for (var j = 0u; j < RPI; j++) {
+                let w = load_unit(rows[j], u);
+                xv = x0;
+                prepare_x();
+                acc0[j] += dot_loaded(w);
+                xv = x1;
+                prepare_x();
+                acc1[j] += dot_loaded(w);
+                xv = x2;
+                prepare_x();
+                acc2[j] += dot_loaded(w);
+                xv = x3;
+                prepare_x();
+                acc3[j] += dot_loaded(w);
+            }
+        }
+        for (var j = 0u; j < RPI; j++) {
+            if (r0 + j < p.n_rows) {
+                let r = p.row_offset + r0 + j;
+                store_row(t0, r, acc0[j]);
+                if (t0 + 1u < p.m) { store_row(t0 + 1u, r, acc1[j]); }
+                if (t0 + 2u < p.m) { store_row(t0 + 2u, r, acc2[j]); }
+                if (t0 + 3u < p.m) { store_row(t0 + 3u, r, acc3[j]); }
+            }
+        }
+    }
+#else
     // tokens one after another, so that the rows' blocks stay in cache between tokens
     for (var t = 0u; t < p.m; t++) {
         var ss = 0.0;
@@ -238,4 +287,5 @@ fn main(@builtin(local_invocation_index) lid: u32,
 #endif
         }
     }
+#endif
 }

@@ -268,7 +268,8 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate().take(4) {
             let (bytes, w) = random_matrix(ty, n_rows, k, 200 + i as u64)?;
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
-            for m in [1usize, 5, 33, 70] {
+            // m = 5, 33, 70 end on a partial four-token pass of the CPU prefill kernel, 8 on a whole one
+            for m in [1usize, 5, 8, 33, 70] {
                 let x = Rng::new(9 + m as u64).fill(m * k, 1.0);
                 let want = reference::matmul(&w, &x, n_rows, k, m);
                 // both prompt kernels, whichever this device would pick
