@@ -55,6 +55,93 @@ fn v_quad(i: u32) -> vec4<f32> {
     return quad_value(v_cache4[i / 4u]);
 }
 
+#if KV_BROADCAST
+// KV_BROADCAST (subgroups of exactly the workgroup's 8 lanes, head_dim a multiple of 32): the
+// queries of each head are padded to a multiple of 8, so a workgroup holds 8 queries of one
+// head (the padding repeats the last query and writes nothing); they walk the keys of all 8
+// together, each lane loading one quad in 8 of a K or V row and subgroupBroadcast handing it
+// to the others, and a lane takes a key into its softmax only where its own query sees it.
+@compute @workgroup_size(8)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let n_q_pad = (p.n_q + 7u) / 8u * 8u;
+    let group = wid.x + wid.y * nwg.x;
+    if (group * 8u >= p.n_head * n_q_pad) {
+        return;
+    }
+    let h = group * 8u / n_q_pad;
+    let t_first = group * 8u % n_q_pad;
+    let t = min(t_first + lid, p.n_q - 1u);
+    let hd = p.head_dim;
+    let pos = p.pos0 + t;
+    let kvh = h / (p.n_head / p.n_kv_head);
+    let kv_stride = p.n_kv_head * hd;
+    let q_base = (t * p.n_head + h) * hd;
+    let n_quads = hd / 4u;
+    var qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+    var acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+    for (var d = 0u; d < n_quads; d++) {
+        let e = q_base + 4u * d;
+        qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
+    }
+    // this lane's keys, and the workgroup's (the same for all lanes)
+    var k_start = 0u;
+    if (p.window > 0u && pos + 1u > p.window) {
+        k_start = pos + 1u - p.window;
+    }
+    let pos_first = p.pos0 + t_first;
+    var k_lo = 0u;
+    if (p.window > 0u && pos_first + 1u > p.window) {
+        k_lo = pos_first + 1u - p.window;
+    }
+    let k_hi = p.pos0 + min(t_first + 7u, p.n_q - 1u);
+    var run_max = NEG_BIG;
+    var run_sum = 0.0;
+    for (var j = k_lo; j <= k_hi; j++) {
+        let kb = j * kv_stride + kvh * hd;
+        var s4 = vec4<f32>(0.0);
+        for (var d = 0u; d < n_quads; d += 8u) {
+            let mine = k_quad(kb + 4u * (d + lid));
+            s4 = fma(qv[d], subgroupBroadcast(mine, 0u), s4);
+            s4 = fma(qv[d + 1u], subgroupBroadcast(mine, 1u), s4);
+            s4 = fma(qv[d + 2u], subgroupBroadcast(mine, 2u), s4);
+            s4 = fma(qv[d + 3u], subgroupBroadcast(mine, 3u), s4);
+            s4 = fma(qv[d + 4u], subgroupBroadcast(mine, 4u), s4);
+            s4 = fma(qv[d + 5u], subgroupBroadcast(mine, 5u), s4);
+            s4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), s4);
+            s4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), s4);
+        }
+        let seen = j >= k_start && j <= pos;
+        let score = s4.x + s4.y + s4.z + s4.w;
+        let new_max = select(run_max, max(run_max, score), seen);
+        let rescale = vec4<f32>(exp(run_max - new_max));
+        let w = select(0.0, exp(score - new_max), seen);
+        run_sum = run_sum * rescale.x + w;
+        run_max = new_max;
+        for (var d = 0u; d < n_quads; d += 8u) {
+            let mine = v_quad(kb + 4u * (d + lid));
+            acc[d] = fma(acc[d], rescale, w * subgroupBroadcast(mine, 0u));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, w * subgroupBroadcast(mine, 1u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, w * subgroupBroadcast(mine, 2u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, w * subgroupBroadcast(mine, 3u));
+            acc[d + 4u] = fma(acc[d + 4u], rescale, w * subgroupBroadcast(mine, 4u));
+            acc[d + 5u] = fma(acc[d + 5u], rescale, w * subgroupBroadcast(mine, 5u));
+            acc[d + 6u] = fma(acc[d + 6u], rescale, w * subgroupBroadcast(mine, 6u));
+            acc[d + 7u] = fma(acc[d + 7u], rescale, w * subgroupBroadcast(mine, 7u));
+        }
+    }
+    if (t_first + lid < p.n_q) {
+        for (var d = 0u; d < n_quads; d++) {
+            let o = acc[d] / run_sum;
+            let e = q_base + 4u * d;
+            out[e] = o.x;
+            out[e + 1u] = o.y;
+            out[e + 2u] = o.z;
+            out[e + 3u] = o.w;
+        }
+    }
+}
+#else
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
@@ -114,6 +201,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         out[e + 3u] = o.w;
     }
 }
+#endif
 #else
 #include "reduce.wgsl"
 

@@ -104,7 +104,6 @@ fn x_in4(t: u32, e4: u32, ss: ptr<function, f32>) -> vec4<f32> {
 
 // Unit u of token t's input into xv; Σ x² of what this invocation loaded into ss, and
 // row_group_ss(ss) its total over the unit's loads
-#if SUBGROUPS
 #if X_BROADCAST
 fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
     for (var c = 0u; c < UNIT / 4u; c += 8u) {
@@ -122,12 +121,6 @@ fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
 fn row_group_ss(ss: f32) -> f32 {
     return subgroupAdd(ss);
 }
-#else
-fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
-    for (var c = 0u; c < UNIT / 4u; c++) { xv[c] = x_in4(t, u * (UNIT / 4u) + c, ss); }
-}
-fn row_group_ss(ss: f32) -> f32 { return ss; }
-#endif
 #else
 fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
     for (var c = 0u; c < UNIT / 4u; c++) { xv[c] = x_in4(t, u * (UNIT / 4u) + c, ss); }

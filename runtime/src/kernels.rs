@@ -98,9 +98,15 @@ pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     s.wg = s.wg.max(s.tpr);
     // measured on lavapipe (same run, nomoat bench -p 128 -n 64): SmolLM2 tg64 19.3 -> 26.0,
     // pp128 49.5 -> 57.5 tok/s; Gemma 3 tg64 11.3 -> 13.9, pp128 47.5 -> 56.4
-    let (sg_min, sg_max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
-    s.x_broadcast = gpu.variant.subgroups && s.tpr == 1 && s.wg == 8 && sg_min == 8 && sg_max == 8 && env_u32("NOMOAT_MATVEC_XB") != Some(0);
+    s.x_broadcast = subgroups_of_8(gpu) && s.tpr == 1 && s.wg == 8 && env_u32("NOMOAT_MATVEC_XB") != Some(0);
     s
+}
+
+/// Whether the kernels have subgroups of exactly 8 invocations (lavapipe: one 256-bit register
+/// of f32 lanes), which the broadcast modes (matvec's X_BROADCAST, attention's KV_BROADCAST)
+/// build their 8-lane workgroups on.
+fn subgroups_of_8(gpu: &Gpu) -> bool {
+    gpu.variant.subgroups && gpu.info.subgroup_min_size == 8 && gpu.info.subgroup_max_size == 8
 }
 
 /// The matvec shape with an even number of rows per invocation, for outputs that need rows in
@@ -213,6 +219,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv) });
+        keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv).flag("KV_BROADCAST") });
     }
     for entry in ["main", "argmax"] {
         keys.push(PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() });
@@ -908,7 +915,12 @@ impl<'g> Recorder<'g> {
                 a.head_dim
             )));
         }
-        if self.attention_per_query(&a) {
+        if self.attention_per_query(&a) && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && env_u32("NOMOAT_ATTENTION_BROADCAST") != Some(0) {
+            // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
+            let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
+            let defines = query_attention_defines(a.kv).flag("KV_BROADCAST");
+            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines }, &[q, k, v, out], &params, (gx, gy, 1)).await
+        } else if self.attention_per_query(&a) {
             let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
             self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(a.kv) }, &[q, k, v, out], &params, (gx, gy, 1))
                 .await

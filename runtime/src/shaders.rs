@@ -83,6 +83,10 @@ impl Defines {
     }
 }
 
+/// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention.wgsl's
+/// KV_BROADCAST): dropped for variants without them, so every key builds on every variant.
+pub const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST"];
+
 /// The full WGSL text of `file` for `variant`.
 pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<String, String> {
     let mut d = defines.0.clone();
@@ -103,6 +107,12 @@ pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<
         d.insert("SG_LANE".into(), "0u".into());
     }
     d.entry("WG".into()).or_insert_with(|| "64u".into());
+    if !variant.subgroups {
+        // kernel modes built on subgroup operations fall back to their plain form
+        for flag in SUBGROUP_MODES {
+            d.remove(*flag);
+        }
+    }
 
     let mut out = String::new();
     if variant.f16 {
