@@ -221,15 +221,17 @@ pub async fn gpu_matvec(gpu: &Gpu, w: &GpuMatrix, x: &[f32]) -> Result<Vec<f32>>
 /// y[m][rows] = x[m][k] · Wᵀ: the one-token kernel for m = 1, the prompt kernel the device
 /// uses otherwise.
 pub async fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    gpu_matmul_with(gpu, w, x, m, None).await
+    gpu_matmul_with(gpu, w, x, m, None, None).await
 }
 
-/// `gpu_matmul` with the prompt kernel chosen (see `Recorder::tiled_matmul`).
-pub async fn gpu_matmul_with(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize, tiled: Option<bool>) -> Result<Vec<f32>> {
+/// `gpu_matmul` with the prompt kernel chosen (see `Recorder::tiled_matmul` and
+/// `Recorder::token_tile`).
+pub async fn gpu_matmul_with(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize, tiled: Option<bool>, token_tile: Option<bool>) -> Result<Vec<f32>> {
     let xb = gpu.upload_f32("x", x).await?;
     let y = gpu.storage("y", (m * w.n_rows as usize) as u64 * 4).await?;
     let mut rec = Recorder::new(gpu);
     rec.tiled_matmul = tiled;
+    rec.token_tile = token_tile;
     if m == 1 {
         rec.matvec(w, &xb, &y).await?;
     } else {
@@ -272,12 +274,12 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
             for m in [1usize, 5, 8, 33, 70] {
                 let x = Rng::new(9 + m as u64).fill(m * k, 1.0);
                 let want = reference::matmul(&w, &x, n_rows, k, m);
-                // both prompt kernels, whichever this device would pick
-                for (kernel, tiled) in [("tiled", true), ("token loop", false)] {
-                    if m == 1 && tiled {
+                // every prompt kernel, whichever this device would pick
+                for (kernel, tiled, token_tile) in [("tiled", true, false), ("token loop", false, false), ("token tiles", false, true)] {
+                    if m == 1 && (tiled || token_tile) {
                         continue;
                     }
-                    let got = gpu_matmul_with(gpu, &wm, &x, m, Some(tiled)).await?;
+                    let got = gpu_matmul_with(gpu, &wm, &x, m, Some(tiled), Some(token_tile)).await?;
                     checks.push(Check::nmse(format!("matmul ({kernel}) {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
                 }
             }

@@ -102,6 +102,12 @@ pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     s
 }
 
+/// Whether the device is Mesa's llvmpipe (lavapipe), whose storage loads are a per-lane loop
+/// each and whose shaders stop after 65535 loop iterations.
+fn is_llvmpipe(gpu: &Gpu) -> bool {
+    gpu.info.name.contains("llvmpipe")
+}
+
 /// Whether the kernels have subgroups of exactly 8 invocations (lavapipe: one 256-bit register
 /// of f32 lanes), which the broadcast modes (matvec's X_BROADCAST, attention's KV_BROADCAST)
 /// build their 8-lane workgroups on.
@@ -499,6 +505,9 @@ pub struct Recorder<'g> {
     /// Products of several tokens: Some(true) runs the tiled matmul.wgsl, Some(false)
     /// matvec.wgsl's token loop, None what suits the device (tests run both everywhere).
     pub tiled_matmul: Option<bool>,
+    /// matvec.wgsl's token loop: Some(true) four tokens a pass (TOKEN_TILE), Some(false) one,
+    /// None what suits the device (tests run both everywhere).
+    pub token_tile: Option<bool>,
     /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
     /// per (head, query), None what suits the device (tests run both everywhere).
     pub query_per_invocation: Option<bool>,
@@ -530,7 +539,7 @@ impl<'g> Recorder<'g> {
             });
             (set, Vec::new())
         });
-        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None, query_per_invocation: None }
+        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None, token_tile: None, query_per_invocation: None }
     }
 
     pub fn submit(mut self) -> Result<(), GpuError> {
@@ -732,9 +741,10 @@ impl<'g> Recorder<'g> {
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let mut defines = add_mode(matvec_defines(w.ty, shape));
-                if m > 1 && shape.tpr == 1 && w.ty.block_elems() > 1 && norm.is_none() && !pairs && env_u32("NOMOAT_MATVEC_TILE") != Some(0) {
-                    // measured on lavapipe (same run, nomoat bench -p 128): SmolLM2 pp128
-                    // 59 -> 94 tok/s, Gemma 3 57 -> 92
+                // llvmpipe only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3
+                // 57 -> 92 on lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39
+                let wanted = self.token_tile.unwrap_or_else(|| is_llvmpipe(self.gpu) && env_u32("NOMOAT_MATVEC_TILE") != Some(0));
+                if wanted && m > 1 && shape.tpr == 1 && w.ty.block_elems() > 1 && norm.is_none() && !pairs {
                     defines = defines.flag("TOKEN_TILE");
                 }
                 let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
@@ -887,7 +897,7 @@ impl<'g> Recorder<'g> {
     /// llvmpipe, attention is refused rather than run.
     fn attention_fits_llvmpipe(&self, a: &AttentionArgs) -> bool {
         let keys = (a.pos0 + a.n_q) as u64;
-        !self.gpu.info.name.contains("llvmpipe") || keys * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= LLVMPIPE_LOOP_BUDGET
+        !is_llvmpipe(self.gpu) || keys * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= LLVMPIPE_LOOP_BUDGET
     }
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
