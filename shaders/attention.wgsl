@@ -36,6 +36,14 @@ struct Params {
 const MAX_HEAD_DIM: u32 = 256u;
 const NEG_BIG: f32 = -3.0e38;
 
+// the first key a query at position pos sees (0, or the start of its sliding window)
+fn first_key(pos: u32) -> u32 {
+    if (p.window > 0u && pos + 1u > p.window) {
+        return pos + 1u - p.window;
+    }
+    return 0u;
+}
+
 #if QUERY_PER_INVOCATION
 // CPU implementations of WebGPU run a workgroup as SIMD lanes on one core, where barriers and
 // shared memory cost a per-lane loop each: here every invocation walks its own keys with its
@@ -53,6 +61,42 @@ fn k_quad(i: u32) -> vec4<f32> {
 }
 fn v_quad(i: u32) -> vec4<f32> {
     return quad_value(v_cache4[i / 4u]);
+}
+
+// this invocation's query (scaled), and its online softmax: run_max the largest score so far,
+// run_sum Σ exp(score − run_max), acc Σ exp(score − run_max) · v
+var<private> qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+var<private> acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+var<private> run_max: f32 = NEG_BIG;
+var<private> run_sum: f32 = 0.0;
+
+fn load_query(q_base: u32) {
+    for (var d = 0u; d < p.head_dim / 4u; d++) {
+        let e = q_base + 4u * d;
+        qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
+    }
+}
+
+// a key's score into the softmax (or nothing where the query does not see it): the factor acc
+// is to be scaled by and the key's weight
+fn take_key(score: f32, seen: bool) -> vec2<f32> {
+    let new_max = select(run_max, max(run_max, score), seen);
+    let rescale = exp(run_max - new_max);
+    let w = select(0.0, exp(score - new_max), seen);
+    run_sum = run_sum * rescale + w;
+    run_max = new_max;
+    return vec2<f32>(rescale, w);
+}
+
+fn store_output(q_base: u32) {
+    for (var d = 0u; d < p.head_dim / 4u; d++) {
+        let o = acc[d] / run_sum;
+        let e = q_base + 4u * d;
+        out[e] = o.x;
+        out[e + 1u] = o.y;
+        out[e + 2u] = o.z;
+        out[e + 3u] = o.w;
+    }
 }
 
 #if KV_BROADCAST
@@ -78,25 +122,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let kv_stride = p.n_kv_head * hd;
     let q_base = (t * p.n_head + h) * hd;
     let n_quads = hd / 4u;
-    var qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-    var acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-    for (var d = 0u; d < n_quads; d++) {
-        let e = q_base + 4u * d;
-        qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
-    }
+    load_query(q_base);
     // this lane's keys, and the workgroup's (the same for all lanes)
-    var k_start = 0u;
-    if (p.window > 0u && pos + 1u > p.window) {
-        k_start = pos + 1u - p.window;
-    }
-    let pos_first = p.pos0 + t_first;
-    var k_lo = 0u;
-    if (p.window > 0u && pos_first + 1u > p.window) {
-        k_lo = pos_first + 1u - p.window;
-    }
+    let k_start = first_key(pos);
+    let k_lo = first_key(p.pos0 + t_first);
     let k_hi = p.pos0 + min(t_first + 7u, p.n_q - 1u);
-    var run_max = NEG_BIG;
-    var run_sum = 0.0;
     for (var j = k_lo; j <= k_hi; j++) {
         let kb = j * kv_stride + kvh * hd;
         var s4 = vec4<f32>(0.0);
@@ -111,34 +141,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             s4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), s4);
             s4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), s4);
         }
-        let seen = j >= k_start && j <= pos;
-        let score = s4.x + s4.y + s4.z + s4.w;
-        let new_max = select(run_max, max(run_max, score), seen);
-        let rescale = vec4<f32>(exp(run_max - new_max));
-        let w = select(0.0, exp(score - new_max), seen);
-        run_sum = run_sum * rescale.x + w;
-        run_max = new_max;
+        let rw = take_key(s4.x + s4.y + s4.z + s4.w, j >= k_start && j <= pos);
+        let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 8u) {
             let mine = v_quad(kb + 4u * (d + lid));
-            acc[d] = fma(acc[d], rescale, w * subgroupBroadcast(mine, 0u));
-            acc[d + 1u] = fma(acc[d + 1u], rescale, w * subgroupBroadcast(mine, 1u));
-            acc[d + 2u] = fma(acc[d + 2u], rescale, w * subgroupBroadcast(mine, 2u));
-            acc[d + 3u] = fma(acc[d + 3u], rescale, w * subgroupBroadcast(mine, 3u));
-            acc[d + 4u] = fma(acc[d + 4u], rescale, w * subgroupBroadcast(mine, 4u));
-            acc[d + 5u] = fma(acc[d + 5u], rescale, w * subgroupBroadcast(mine, 5u));
-            acc[d + 6u] = fma(acc[d + 6u], rescale, w * subgroupBroadcast(mine, 6u));
-            acc[d + 7u] = fma(acc[d + 7u], rescale, w * subgroupBroadcast(mine, 7u));
+            acc[d] = fma(acc[d], rescale, rw.y * subgroupBroadcast(mine, 0u));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, rw.y * subgroupBroadcast(mine, 1u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, rw.y * subgroupBroadcast(mine, 2u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * subgroupBroadcast(mine, 3u));
+            acc[d + 4u] = fma(acc[d + 4u], rescale, rw.y * subgroupBroadcast(mine, 4u));
+            acc[d + 5u] = fma(acc[d + 5u], rescale, rw.y * subgroupBroadcast(mine, 5u));
+            acc[d + 6u] = fma(acc[d + 6u], rescale, rw.y * subgroupBroadcast(mine, 6u));
+            acc[d + 7u] = fma(acc[d + 7u], rescale, rw.y * subgroupBroadcast(mine, 7u));
         }
     }
     if (t_first + lid < p.n_q) {
-        for (var d = 0u; d < n_quads; d++) {
-            let o = acc[d] / run_sum;
-            let e = q_base + 4u * d;
-            out[e] = o.x;
-            out[e + 1u] = o.y;
-            out[e + 2u] = o.z;
-            out[e + 3u] = o.w;
-        }
+        store_output(q_base);
     }
 }
 #else
@@ -156,21 +174,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let kv_stride = p.n_kv_head * hd;
     let q_base = (t * p.n_head + h) * hd;
     let n_quads = hd / 4u;
-    var qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-    var acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-    for (var d = 0u; d < n_quads; d++) {
-        let e = q_base + 4u * d;
-        qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
-    }
-    var k_start = 0u;
-    if (p.window > 0u && pos + 1u > p.window) {
-        k_start = pos + 1u - p.window;
-    }
-    // online softmax: run_max the largest score so far, run_sum Σ exp(score − run_max), acc
-    // Σ exp(score − run_max) · v
-    var run_max = NEG_BIG;
-    var run_sum = 0.0;
-    for (var j = k_start; j <= pos; j++) {
+    load_query(q_base);
+    for (var j = first_key(pos); j <= pos; j++) {
         let kb = j * kv_stride + kvh * hd;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 4u) {
@@ -179,27 +184,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             s4 = fma(qv[d + 2u], k_quad(kb + 4u * d + 8u), s4);
             s4 = fma(qv[d + 3u], k_quad(kb + 4u * d + 12u), s4);
         }
-        let score = s4.x + s4.y + s4.z + s4.w;
-        let new_max = max(run_max, score);
-        let rescale = vec4<f32>(exp(run_max - new_max));
-        let w = exp(score - new_max);
-        run_sum = run_sum * rescale.x + w;
-        run_max = new_max;
+        let rw = take_key(s4.x + s4.y + s4.z + s4.w, true);
+        let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 4u) {
-            acc[d] = fma(acc[d], rescale, w * v_quad(kb + 4u * d));
-            acc[d + 1u] = fma(acc[d + 1u], rescale, w * v_quad(kb + 4u * d + 4u));
-            acc[d + 2u] = fma(acc[d + 2u], rescale, w * v_quad(kb + 4u * d + 8u));
-            acc[d + 3u] = fma(acc[d + 3u], rescale, w * v_quad(kb + 4u * d + 12u));
+            acc[d] = fma(acc[d], rescale, rw.y * v_quad(kb + 4u * d));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, rw.y * v_quad(kb + 4u * d + 4u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, rw.y * v_quad(kb + 4u * d + 8u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * v_quad(kb + 4u * d + 12u));
         }
     }
-    for (var d = 0u; d < n_quads; d++) {
-        let o = acc[d] / run_sum;
-        let e = q_base + 4u * d;
-        out[e] = o.x;
-        out[e + 1u] = o.y;
-        out[e + 2u] = o.z;
-        out[e + 3u] = o.w;
-    }
+    store_output(q_base);
 }
 #endif
 #else
@@ -226,10 +220,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
     workgroupBarrier();
 
-    var k_start = 0u;
-    if (p.window > 0u && pos + 1u > p.window) {
-        k_start = pos + 1u - p.window;
-    }
+    let k_start = first_key(pos);
     let k_end = pos + 1u;
     var run_max = NEG_BIG;
     var run_sum = 0.0;

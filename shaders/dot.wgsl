@@ -122,9 +122,6 @@ fn dot_loaded(w: Unit) -> f32 {
             + i8x4(w.qb.x) * xv[4] + i8x4(w.qb.y) * xv[5] + i8x4(w.qb.z) * xv[6] + i8x4(w.qb.w) * xv[7];
     return w.d * hsum(acc);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
-}
 #endif
 
 #if TYPE_Q4_0
@@ -145,9 +142,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
 fn dot_loaded(w: Unit) -> f32 {
     return w.d * (hsum(nibble_dot(w.q)) - 8.0 * x_sum);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
-}
 #endif
 
 #if TYPE_Q4_1
@@ -165,9 +159,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
 }
 fn dot_loaded(w: Unit) -> f32 {
     return w.dm.x * hsum(nibble_dot(w.q)) + w.dm.y * x_sum;
-}
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -191,9 +182,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
 fn dot_loaded(w: Unit) -> f32 {
     return w.d * (hsum(fifth_bit_dot(w.q, w.qh)) - 16.0 * x_sum);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
-}
 #endif
 
 #if TYPE_Q5_1
@@ -212,9 +200,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
 }
 fn dot_loaded(w: Unit) -> f32 {
     return w.dm.x * hsum(fifth_bit_dot(w.q, w.qh)) + w.dm.y * x_sum;
-}
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
 }
 #endif
 
@@ -248,9 +233,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
     let g = u % 4u;
     return Unit(src_v[v], src_v[v + 1u + 2u * g], src_v[v + 2u + 2u * g], g);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
-}
 fn dot_loaded(w: Unit) -> f32 {
     let head = w.head;
     let sm = k4_group_scales(head.y, head.z, head.w, w.g);
@@ -279,9 +261,6 @@ fn load_unit(row: u32, u: u32) -> Unit {
     let v = (row + (u / 4u) * 176u) >> 4u;
     let g = u % 4u;
     return Unit(src_v[v], src_v[v + 1u], src_v[v + 2u], src_v[v + 3u + 2u * g], src_v[v + 4u + 2u * g], g);
-}
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
 }
 fn dot_loaded(w: Unit) -> f32 {
     let head = w.head;
@@ -326,9 +305,6 @@ struct Unit { row: u32, u: u32 }
 fn load_unit(row: u32, u: u32) -> Unit {
     return Unit(row, u);
 }
-fn dot_unit(row: u32, u: u32) -> f32 {
-    return dot_loaded(load_unit(row, u));
-}
 fn dot_loaded(w: Unit) -> f32 {
     let b = w.row + (w.u / 2u) * 210u;
     let h = w.u % 2u;
@@ -342,3 +318,8 @@ fn dot_loaded(w: Unit) -> f32 {
     return f16lo(tail[4]) * acc;
 }
 #endif
+
+// every type's unit product, loaded and made in one go
+fn dot_unit(row: u32, u: u32) -> f32 {
+    return dot_loaded(load_unit(row, u));
+}

@@ -127,6 +127,21 @@ fn load_unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) {
 }
 fn row_group_ss(ss: f32) -> f32 { return ss; }
 #endif
+
+#if TOKEN_TILE
+// TOKEN_TILE keeps each of its tokens' unit of x (load_unit_x's xv) and makes a product from
+// it and a loaded unit of weights
+alias UnitX = array<vec4<f32>, UNIT / 4u>;
+fn unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) -> UnitX {
+    load_unit_x(t, u, lid, ss);
+    return xv;
+}
+fn dot_with(x: UnitX, w: Unit) -> f32 {
+    xv = x;
+    prepare_x();
+    return dot_loaded(w);
+}
+#endif
 #else
 fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
     let v = x[t * p.k + e];
@@ -173,28 +188,16 @@ fn main(@builtin(local_invocation_index) lid: u32,
         var ss = 0.0;   // load_unit_x's Σx², unused without NORM_IN
         let n_units = p.k / UNIT;
         for (var u = 0u; u < n_units; u++) {
-            load_unit_x(t0, u, lid, &ss);
-            let x0 = xv;
-            load_unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss);
-            let x1 = xv;
-            load_unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss);
-            let x2 = xv;
-            load_unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss);
-            let x3 = xv;
+            let x0 = unit_x(t0, u, lid, &ss);
+            let x1 = unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss);
+            let x2 = unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss);
+            let x3 = unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss);
             for (var j = 0u; j < RPI; j++) {
                 let w = load_unit(rows[j], u);
-                xv = x0;
-                prepare_x();
-                acc0[j] += dot_loaded(w);
-                xv = x1;
-                prepare_x();
-                acc1[j] += dot_loaded(w);
-                xv = x2;
-                prepare_x();
-                acc2[j] += dot_loaded(w);
-                xv = x3;
-                prepare_x();
-                acc3[j] += dot_loaded(w);
+                acc0[j] += dot_with(x0, w);
+                acc1[j] += dot_with(x1, w);
+                acc2[j] += dot_with(x2, w);
+                acc3[j] += dot_with(x3, w);
             }
         }
         for (var j = 0u; j < RPI; j++) {

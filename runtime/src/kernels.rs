@@ -918,26 +918,26 @@ impl<'g> Recorder<'g> {
             scale: a.scale,
             _pad: 0,
         };
-        if !self.attention_per_query(&a) && !self.attention_fits_llvmpipe(&a) {
+        let per_query = self.attention_per_query(&a);
+        if !per_query && !self.attention_fits_llvmpipe(&a) {
             return Err(GpuError::Unsupported(format!(
                 "attention over {} keys with head_dim {} on llvmpipe (its shaders stop after 65535 loop iterations): use a smaller context size",
                 a.pos0 + a.n_q,
                 a.head_dim
             )));
         }
-        if self.attention_per_query(&a) && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && env_u32("NOMOAT_ATTENTION_BROADCAST") != Some(0) {
+        let broadcast = per_query && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && env_u32("NOMOAT_ATTENTION_BROADCAST") != Some(0);
+        let (defines, groups) = if broadcast {
             // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
             let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
-            let defines = query_attention_defines(a.kv).flag("KV_BROADCAST");
-            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines }, &[q, k, v, out], &params, (gx, gy, 1)).await
-        } else if self.attention_per_query(&a) {
+            (query_attention_defines(a.kv).flag("KV_BROADCAST"), (gx, gy, 1))
+        } else if per_query {
             let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
-            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(a.kv) }, &[q, k, v, out], &params, (gx, gy, 1))
-                .await
+            (query_attention_defines(a.kv), (gx, gy, 1))
         } else {
-            self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines: a.kv.defines() }, &[q, k, v, out], &params, (a.n_head, a.n_q, 1))
-                .await
-        }
+            (a.kv.defines(), (a.n_head, a.n_q, 1))
+        };
+        self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines }, &[q, k, v, out], &params, groups).await
     }
 
     /// dst[..n] = src[..n] (n a multiple of 4): the bandwidth yardstick.

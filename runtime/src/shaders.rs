@@ -85,7 +85,7 @@ impl Defines {
 
 /// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention.wgsl's
 /// KV_BROADCAST): dropped for variants without them, so every key builds on every variant.
-pub const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST"];
+const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST"];
 
 /// The full WGSL text of `file` for `variant`.
 pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<String, String> {
