@@ -19,7 +19,6 @@ use nomoat_runtime::quant;
 use nomoat_tests::support::Rng;
 use std::time::Instant;
 
-
 fn time_submission(gpu: &Gpu, iters: usize, record: &dyn Fn(&mut Recorder) -> ()) -> f64 {
     // warm-up: builds the pipeline and touches every page once
     let mut rec = Recorder::new(gpu);
@@ -40,7 +39,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let iters = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5);
     let portable = args.iter().any(|a| a == "--portable");
-    // `--shape 576x1536`: rows x k of the matrix (k a multiple of 256)
+    // `--shape 576x1536`: rows x k of the matrix (k a multiple of every chosen type's block: 32,
+    // or 256 for the K types)
     let (rows, k) = args
         .iter()
         .position(|a| a == "--shape")
@@ -91,7 +91,11 @@ fn main() {
             }
         }) / n_copies as f64;
         let gbs = w.bytes() as f64 / s / 1e9;
-        let mm = time_submission(&gpu, 1.max(iters / 4), &|rec| pollster::block_on(rec.matmul(&w, &xm, &ym, M as u32)).unwrap());
+        let mm = time_submission(&gpu, 1.max(iters / 4), &|rec| {
+            for w in &copies {
+                pollster::block_on(rec.matmul(w, &xm, &ym, M as u32)).unwrap()
+            }
+        }) / n_copies as f64;
         println!(
             "{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2} {:>12.2}",
             ty.name(),
