@@ -171,6 +171,7 @@ async function load(start) {
     loaded = true;
     ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
     ui.progressLabel.textContent = 'loaded';
+    showSampling(info.sampling);
     renderAdapters([]);
     newChat();
   } catch (e) {
@@ -188,6 +189,19 @@ function newChat() {
   history = [];
   ui.messages.replaceChildren();
   ui.stats.textContent = '';
+}
+
+// A model's own recommendation (its GGUF's general.sampling.*) replaces whatever the fields held:
+// the fields always show what the next reply will use.
+function showSampling(s) {
+  if (!s) return;
+  $('temperature').value = s.temperature;
+  $('top-k').value = s.top_k;
+  $('top-p').value = s.top_p;
+  $('min-p').value = s.min_p;
+  $('repeat-penalty').value = s.repeat_penalty;
+  if (s.from_model) ui.modelInfo.textContent += `; sampling from the model: ${s.from_model}`;
+  for (const note of s.ignored) console.warn(note);
 }
 
 function sampling() {

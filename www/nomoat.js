@@ -173,8 +173,9 @@ export class Nomoat {
   /**
    * Replies to `messages` ([{role: 'system' | 'user' | 'assistant', content}]) with the model's
    * chat template. Options: {temperature, topK, topP, minP, repeatPenalty, presencePenalty,
-   * frequencyPenalty, seed, maxTokens, stop, signal}. Returns an async iterable of text pieces
-   * with a `result` promise.
+   * frequencyPenalty, seed, maxTokens, stop, signal}; a sampling option left out takes the
+   * model's own value (its GGUF's general.sampling.*, listed in the load result's `sampling`),
+   * else llama.cpp's default. Returns an async iterable of text pieces with a `result` promise.
    */
   chat(messages, options = {}) {
     return this.#stream('chat', { messages }, options);

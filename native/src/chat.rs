@@ -112,9 +112,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let flag = interrupted.clone();
         ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
-    let n_ctx = a.m.ctx_size;
+    let n_ctx = a.m.n_ctx(&l);
     let mut session = crate::new_session(&l, &a.m, n_ctx, false)?;
-    let opts = GenerateOptions { max_tokens: a.n_predict, sampler: a.sampling.config(), stop: Vec::new(), stop_at_eog: true };
+    let opts = GenerateOptions { max_tokens: a.n_predict, sampler: a.sampling.config(&l.gguf, false), stop: Vec::new(), stop_at_eog: true };
     opts.sampler.validate().map_err(anyhow::Error::msg)?;
     let system: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
     let mut history: Vec<Message> = Vec::new();

@@ -7,7 +7,7 @@ use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::model::{Model, Session};
-use nomoat_runtime::sampler::SamplerConfig;
+use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::lora::LoraAdapter;
 use std::io::Write;
@@ -105,19 +105,25 @@ enum Command {
     },
 }
 
+/// Each flag left out takes the model's `general.sampling.*` value when it has one, else
+/// llama.cpp's default (see `ModelSampling`).
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Temperature (0 = greedy)
-    #[arg(long = "temp", default_value_t = 0.8)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
-    pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// Temperature, 0 = greedy [default: the model's, else 0.8]
+    #[arg(long = "temp")]
+    pub temperature: Option<f32>,
+    /// [default: the model's, else 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// [default: the model's, else 0.95]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// [default: the model's, else 0.05]
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// [default: the model's, else 1 (off)]
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     #[arg(long, default_value_t = 0.0)]
     pub presence_penalty: f32,
     #[arg(long, default_value_t = 0.0)]
@@ -128,17 +134,37 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn config(&self) -> SamplerConfig {
+    /// The flags given, over the model's recommendation, over llama.cpp's defaults; says on
+    /// stderr (unless `quiet`) which of the model's values are in use and which it had to skip.
+    pub fn config(&self, gguf: &Gguf, quiet: bool) -> SamplerConfig {
+        let model = ModelSampling::from_gguf(gguf);
+        let d = model.defaults();
+        let own = ModelSampling {
+            temperature: model.temperature.filter(|_| self.temperature.is_none()),
+            top_k: model.top_k.filter(|_| self.top_k.is_none()),
+            top_p: model.top_p.filter(|_| self.top_p.is_none()),
+            min_p: model.min_p.filter(|_| self.min_p.is_none()),
+            repeat_penalty: model.repeat_penalty.filter(|_| self.repeat_penalty.is_none()),
+            ..model.clone()
+        };
+        if !quiet {
+            for note in &model.ignored {
+                eprintln!("warning: {note}");
+            }
+            if let Some(used) = own.describe() {
+                eprintln!("sampling: the model's own {used} (general.sampling.*; flags override)");
+            }
+        }
         SamplerConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
-            ..SamplerConfig::default()
+            ..d
         }
     }
 }
@@ -148,9 +174,9 @@ pub struct ModelArgs {
     /// GGUF model file (default: the SmolLM2 135M Instruct test model fetched by set-up)
     #[arg(short, long)]
     pub model: Option<PathBuf>,
-    /// Context size in tokens
-    #[arg(short = 'c', long, default_value_t = 2048)]
-    pub ctx_size: usize,
+    /// Context size in tokens [default: 2048, or the model's training context if shorter]
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
     /// KV cache element type
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv: String,
@@ -249,6 +275,16 @@ pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f32)> {
 }
 
 /// A session on the loaded model with the command line's adapters active.
+impl ModelArgs {
+    /// `-c`, else 2048 within the model's training context (a larger `-c` is refused when the
+    /// session is made, with the model's limit in the message).
+    pub fn n_ctx(&self, l: &Loaded) -> usize {
+        self.ctx_size.unwrap_or_else(|| DEFAULT_CTX.min(l.model.config.n_ctx_train))
+    }
+}
+
+pub const DEFAULT_CTX: usize = 2048;
+
 pub fn new_session<'m>(l: &'m Loaded, m: &ModelArgs, n_ctx: usize, all_logits: bool) -> Result<Session<'m>> {
     let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(m), all_logits))?;
     pollster::block_on(s.set_adapters(l.adapters.clone()))?;
@@ -304,9 +340,9 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Run { m, prompt, n_predict, sampling, stop, json }) => {
             let l = load(&m, json)?;
             let ids = l.tokenizer.encode(&prompt, true, true)?;
-            let n_ctx = m.ctx_size;
+            let n_ctx = m.n_ctx(&l);
             let mut s = new_session(&l, &m, n_ctx, false)?;
-            let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(), stop, stop_at_eog: true };
+            let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(&l.gguf, json), stop, stop_at_eog: true };
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
@@ -338,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let l = load(&m, false)?;
             let tokens = l.tokenizer.encode(&text, true, false)?;
-            let n_ctx = m.ctx_size;
+            let n_ctx = m.n_ctx(&l);
             let mut s = new_session(&l, &m, n_ctx, true)?;
             let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
             eprintln!("{} tokens, windows of {n_ctx}", tokens.len());
@@ -358,7 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt has no tokens");
             }
-            let mut s = new_session(&l, &m, m.ctx_size, false)?;
+            let mut s = new_session(&l, &m, m.n_ctx(&l), false)?;
             pollster::block_on(s.eval(&ids))?;
             let top = pollster::block_on(s.top_k(top))?;
             let top: Vec<_> = top.into_iter().map(|(id, logit)| serde_json::json!({"id": id, "logit": logit})).collect();

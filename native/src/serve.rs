@@ -474,7 +474,7 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
 /// The request's options and prompt tokens.
 fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>), ApiError> {
     let o = api::parse_body(body)?;
-    let common = api::parse_common(&o, random_seed)?;
+    let common = api::parse_common(&o, &s.info.sampling, random_seed)?;
     let tok = &s.info.tokenizer;
     let prompt = match kind {
         Kind::Chat => {

@@ -93,3 +93,64 @@ fn bad_input_gives_clear_errors() {
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The tiny llama test model re-written with `general.sampling.temp` = 0 added.
+fn tiny_llama_with_greedy_hint(dir: &std::path::Path) -> std::path::PathBuf {
+    use nomoat_runtime::gguf::{Gguf, GgufWriter};
+    let src = format!("{}/../tests/data/tiny/llama-tiny.gguf", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(src).unwrap();
+    let g = Gguf::parse(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &g.metadata {
+        w.add_metadata(k.clone(), v.clone());
+    }
+    w.add_metadata("general.sampling.temp", 0.0f32);
+    for t in &g.tensors {
+        let r = g.tensor_data_range(t);
+        w.add_tensor(t.name.clone(), &t.dims, t.ty, bytes[r.start as usize..r.end as usize].to_vec());
+    }
+    let out = dir.join("llama-tiny-greedy-hint.gguf");
+    std::fs::write(&out, w.to_bytes()).unwrap();
+    out
+}
+
+#[test]
+fn the_models_own_sampling_values_are_defaults_that_flags_override() {
+    let dir = std::env::temp_dir().join(format!("nomoat-cli-sampling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hinted = tiny_llama_with_greedy_hint(&dir);
+    let hinted = hinted.to_str().unwrap();
+    let plain = format!("{}/../tests/data/tiny/llama-tiny.gguf", env!("CARGO_MANIFEST_DIR"));
+    let tokens = |model: &str, extra: &[&str]| -> (Vec<u64>, String) {
+        let mut args = vec!["run", "-m", model, "-p", "Once upon a time", "-n", "12", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = nomoat(&args);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        (v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect(), err)
+    };
+    let (greedy, _) = tokens(&plain, &["--temp", "0"]);
+    let (sampled, _) = tokens(&plain, &[]);
+    // the tiny model's random weights give flat distributions: sampling at the default 0.8
+    // differs from greedy, so the comparisons below tell which temperature was used
+    assert_ne!(greedy, sampled, "the check needs sampled and greedy output to differ");
+    let (hinted_default, _) = tokens(hinted, &[]);
+    assert_eq!(hinted_default, greedy, "the model's general.sampling.temp = 0 is not the default");
+    let (hinted_flag, _) = tokens(hinted, &["--temp", "0.8"]);
+    assert_eq!(hinted_flag, sampled, "--temp does not override the model's value");
+    // without --json the status line says where the temperature came from
+    let (ok, _, err) = nomoat(&["run", "-m", hinted, "-p", "Once", "-n", "2"]);
+    assert!(ok && err.contains("model's own temp 0"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn context_size_defaults_to_what_the_model_was_trained_for() {
+    // the tiny model's training context is 256, below the 2048 default: the default shrinks to
+    // it, an explicit larger -c is refused with both numbers named
+    let tiny = format!("{}/../tests/data/tiny/llama-tiny.gguf", env!("CARGO_MANIFEST_DIR"));
+    let (ok, _, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "--temp", "0"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "-c", "4096"]);
+    assert!(!ok && err.contains("4096") && err.contains("256"), "{err}");
+}

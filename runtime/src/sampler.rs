@@ -139,6 +139,96 @@ impl Default for SamplerConfig {
     }
 }
 
+/// A model's own sampling recommendation: the `general.sampling.*` keys that llama.cpp's
+/// converter copies from the checkpoint's `generation_config.json`. llama.cpp uses them in place
+/// of its defaults unless the user sets the value, and so do we: the author knows best which
+/// temperature keeps their model coherent (a 1B model at 0.8 may ramble where 0.2 answers).
+///
+/// Keys read: `temp`, `top_k`, `top_p`, `min_p`, `penalty_repeat`, `penalty_last_n`. The others
+/// llama.cpp defines (`sequence`, `xtc_*`, `mirostat*`) name samplers we do not have and are
+/// ignored. A value of the wrong type or out of range is skipped with a note in `ignored`,
+/// never a failed load: a bad hint must not make a good model unusable.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelSampling {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub penalty_last_n: Option<usize>,
+    /// One line per skipped key, saying why.
+    pub ignored: Vec<String>,
+}
+
+impl ModelSampling {
+    pub fn from_gguf(gguf: &crate::gguf::Gguf) -> ModelSampling {
+        let mut ignored = Vec::new();
+        let mut number = |key: &str, ok: &dyn Fn(f64) -> bool, range: &str| -> Option<f64> {
+            let full = format!("general.sampling.{key}");
+            let v = gguf.get(&full)?;
+            // the converter writes floats as F32 and counts as I32; accept either for either
+            match v.as_f64().or_else(|| v.as_i128().map(|x| x as f64)) {
+                Some(x) if x.is_finite() && ok(x) => Some(x),
+                Some(x) => {
+                    ignored.push(format!("{full} = {x} ignored: must be {range}"));
+                    None
+                }
+                None => {
+                    ignored.push(format!("{full} ignored: a number was expected, got {}", v.type_name()));
+                    None
+                }
+            }
+        };
+        let temperature = number("temp", &|x| x >= 0.0, ">= 0");
+        let top_k = number("top_k", &|x| x >= 0.0 && x.fract() == 0.0, "a whole number >= 0");
+        let top_p = number("top_p", &|x| x > 0.0 && x <= 1.0, "in (0, 1]");
+        let min_p = number("min_p", &|x| (0.0..=1.0).contains(&x), "in [0, 1]");
+        let repeat_penalty = number("penalty_repeat", &|x| x > 0.0, "> 0");
+        let penalty_last_n = number("penalty_last_n", &|x| x >= 0.0 && x.fract() == 0.0, "a whole number >= 0");
+        ModelSampling {
+            temperature: temperature.map(|x| x as f32),
+            top_k: top_k.map(|x| x as usize),
+            top_p: top_p.map(|x| x as f32),
+            min_p: min_p.map(|x| x as f32),
+            repeat_penalty: repeat_penalty.map(|x| x as f32),
+            penalty_last_n: penalty_last_n.map(|x| x as usize),
+            ignored,
+        }
+    }
+
+    /// llama.cpp's defaults with the model's recommendation laid over them: what a request or
+    /// a command line that sets nothing gets.
+    pub fn defaults(&self) -> SamplerConfig {
+        let d = SamplerConfig::default();
+        SamplerConfig {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            penalty_last_n: self.penalty_last_n.unwrap_or(d.penalty_last_n),
+            ..d
+        }
+    }
+
+    /// "temp 0.2, top_p 0.9": the values the model sets, for a status line; None when it sets none.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut put = |name: &str, v: Option<String>| {
+            if let Some(v) = v {
+                parts.push(format!("{name} {v}"));
+            }
+        };
+        put("temp", self.temperature.map(|x| x.to_string()));
+        put("top_k", self.top_k.map(|x| x.to_string()));
+        put("top_p", self.top_p.map(|x| x.to_string()));
+        put("min_p", self.min_p.map(|x| x.to_string()));
+        put("repeat_penalty", self.repeat_penalty.map(|x| x.to_string()));
+        put("penalty_last_n", self.penalty_last_n.map(|x| x.to_string()));
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
 /// xoshiro256** seeded through SplitMix64.
 #[derive(Clone, Debug)]
 struct Xoshiro256 {
@@ -455,5 +545,42 @@ mod tests {
         }
         assert_eq!(exp_det(f64::NEG_INFINITY), 0.0);
         assert_eq!(exp_det(f64::INFINITY), f64::INFINITY);
+    }
+
+    fn model_sampling(keys: &[(&str, crate::gguf::MetadataValue)]) -> ModelSampling {
+        let mut w = crate::gguf::GgufWriter::new();
+        w.add_metadata("general.architecture", "llama");
+        for (k, v) in keys {
+            w.add_metadata(format!("general.sampling.{k}"), v.clone());
+        }
+        ModelSampling::from_gguf(&crate::gguf::Gguf::parse(&w.to_bytes()).unwrap())
+    }
+
+    #[test]
+    fn model_sampling_overrides_only_what_the_model_sets() {
+        let m = model_sampling(&[("temp", 0.2f32.into()), ("top_k", 20i32.into()), ("penalty_last_n", 32u32.into())]);
+        assert!(m.ignored.is_empty(), "{:?}", m.ignored);
+        let c = m.defaults();
+        let d = SamplerConfig::default();
+        assert_eq!((c.temperature, c.top_k, c.penalty_last_n), (0.2, 20, 32));
+        assert_eq!((c.top_p, c.min_p, c.repeat_penalty, c.seed), (d.top_p, d.min_p, d.repeat_penalty, d.seed));
+        assert_eq!(m.describe().as_deref(), Some("temp 0.2, top_k 20, penalty_last_n 32"));
+        assert_eq!(model_sampling(&[]).defaults(), d);
+        assert_eq!(model_sampling(&[]).describe(), None);
+    }
+
+    #[test]
+    fn bad_model_sampling_values_are_skipped_and_named() {
+        let m = model_sampling(&[
+            ("temp", (-1.0f32).into()),
+            ("top_p", 0.0f32.into()),
+            ("top_k", "forty".into()),
+            ("min_p", 0.1f32.into()),
+        ]);
+        assert_eq!((m.temperature, m.top_p, m.top_k, m.min_p), (None, None, None, Some(0.1)));
+        assert_eq!(m.ignored.len(), 3, "{:?}", m.ignored);
+        assert!(m.ignored[0].contains("general.sampling.temp = -1") && m.ignored[0].contains(">= 0"), "{:?}", m.ignored);
+        assert!(m.ignored[1].contains("general.sampling.top_k") && m.ignored[1].contains("number"), "{:?}", m.ignored);
+        m.defaults().validate().unwrap();
     }
 }

@@ -19,7 +19,7 @@ use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::{ByteSource, Config, Model, ModelError, Session};
-use nomoat_runtime::sampler::SamplerConfig;
+use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
@@ -211,14 +211,16 @@ struct LoadOptions {
     max_gpu_memory: Option<u64>,
 }
 
+/// Sampling options left out take the model's `general.sampling.*` values, else llama.cpp's
+/// defaults (`ModelSampling::defaults`).
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct ChatOptions {
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    min_p: f32,
-    repeat_penalty: f32,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
     presence_penalty: f32,
     frequency_penalty: f32,
     seed: Option<u64>,
@@ -228,15 +230,14 @@ struct ChatOptions {
 
 impl Default for ChatOptions {
     fn default() -> Self {
-        let d = SamplerConfig::default();
         ChatOptions {
-            temperature: d.temperature,
-            top_k: d.top_k,
-            top_p: d.top_p,
-            min_p: d.min_p,
-            repeat_penalty: d.repeat_penalty,
-            presence_penalty: d.presence_penalty,
-            frequency_penalty: d.frequency_penalty,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repeat_penalty: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             max_tokens: 512,
             stop: Vec::new(),
@@ -245,17 +246,17 @@ impl Default for ChatOptions {
 }
 
 impl ChatOptions {
-    fn generate_options(&self) -> GenerateOptions {
+    fn generate_options(&self, defaults: &SamplerConfig) -> GenerateOptions {
         let sampler = SamplerConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed.unwrap_or(SamplerConfig::DEFAULT_SEED),
-            ..SamplerConfig::default()
+            ..defaults.clone()
         };
         GenerateOptions { max_tokens: self.max_tokens, sampler, stop: self.stop.clone(), stop_at_eog: true }
     }
@@ -532,7 +533,7 @@ impl Engine {
             let inner = &mut *guard;
             let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
-            let gen = opts.generate_options();
+            let gen = opts.generate_options(&ModelSampling::from_gguf(&l.gguf).defaults());
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
             let ids = match (&messages_json, &raw) {
                 (Some(m), _) => {
@@ -604,6 +605,21 @@ fn info_json(gpu: &Gpu, l: &Loaded) -> serde_json::Value {
         "from_cache": l.from_cache,
         "load_seconds": l.load_seconds,
         "device": gpu.describe(),
+        "sampling": sampling_json(&ModelSampling::from_gguf(&l.gguf)),
+    })
+}
+
+/// What a chat that sets no sampling option gets, and which of it the model chose.
+fn sampling_json(m: &ModelSampling) -> serde_json::Value {
+    let d = m.defaults();
+    serde_json::json!({
+        "temperature": d.temperature,
+        "top_k": d.top_k,
+        "top_p": d.top_p,
+        "min_p": d.min_p,
+        "repeat_penalty": d.repeat_penalty,
+        "from_model": m.describe(),
+        "ignored": m.ignored,
     })
 }
 

@@ -143,8 +143,9 @@ pub struct Common {
 
 pub const MAX_STOPS: usize = 16;
 
-/// Reads the shared options; `random_seed` is used when the request has no `seed`.
-pub fn parse_common(o: &Map<String, Value>, random_seed: u64) -> Result<Common, ApiError> {
+/// Reads the shared options over `defaults` (the model's sampling); `random_seed` is used when
+/// the request has no `seed`.
+pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_seed: u64) -> Result<Common, ApiError> {
     let stream = opt_bool(o, "stream")?.unwrap_or(false);
     let mut include_usage = false;
     if let Some(so) = field(o, "stream_options") {
@@ -194,7 +195,7 @@ pub fn parse_common(o: &Map<String, Value>, random_seed: u64) -> Result<Common, 
             return Err(ApiError::param("response_format", "only response_format {\"type\": \"text\"} is supported"));
         }
     }
-    let mut sampler = SamplerConfig { seed: random_seed, ..SamplerConfig::default() };
+    let mut sampler = SamplerConfig { seed: random_seed, ..defaults.clone() };
     if let Some(t) = opt_f32(o, "temperature")? {
         sampler.temperature = t;
     }
@@ -463,14 +464,18 @@ mod tests {
 
     #[test]
     fn common_fields_are_typed() {
-        let c = parse_common(&obj(r#"{"temperature": 0, "max_tokens": 5, "stop": "x", "seed": 7, "stream": true}"#), 1).unwrap();
+        let c = parse_common(&obj(r#"{"temperature": 0, "max_tokens": 5, "stop": "x", "seed": 7, "stream": true}"#), &SamplerConfig::default(), 1).unwrap();
         assert_eq!(c.max_tokens, Some(5));
         assert_eq!(c.sampler.temperature, 0.0);
         assert_eq!(c.sampler.seed, 7);
         assert_eq!(c.stop, vec!["x"]);
         assert!(c.stream);
-        let c = parse_common(&obj(r#"{"max_completion_tokens": 3, "stop": ["a", ""]}"#), 99).unwrap();
+        let c = parse_common(&obj(r#"{"max_completion_tokens": 3, "stop": ["a", ""]}"#), &SamplerConfig::default(), 99).unwrap();
         assert_eq!((c.max_tokens, c.sampler.seed, c.stop.len()), (Some(3), 99, 1));
+        // what the request leaves out comes from the model's defaults, what it sets wins
+        let model = SamplerConfig { temperature: 0.2, top_k: 20, ..SamplerConfig::default() };
+        let c = parse_common(&obj(r#"{"top_k": 5}"#), &model, 3).unwrap();
+        assert_eq!((c.sampler.temperature, c.sampler.top_k, c.sampler.seed), (0.2, 5, 3));
         for (body, param) in [
             (r#"{"temperature": "hot"}"#, "temperature"),
             (r#"{"max_tokens": -1}"#, "max_tokens"),
@@ -485,7 +490,7 @@ mod tests {
             (r#"{"logprobs": true}"#, "logprobs"),
             (r#"{"seed": "x"}"#, "seed"),
         ] {
-            let e = parse_common(&obj(body), 0).unwrap_err();
+            let e = parse_common(&obj(body), &SamplerConfig::default(), 0).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }

@@ -10,6 +10,7 @@ use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub struct ModelInfo {
     pub device: String,
     /// Adapters loaded at start: (name, default scale, rank of the first pair, bytes).
     pub adapters: Vec<(String, f32, u32, u64)>,
+    /// What a request that sets no sampling option gets: llama.cpp's defaults under the
+    /// model's own `general.sampling.*` values.
+    pub sampling: SamplerConfig,
 }
 
 /// Counters /health reports.
@@ -108,7 +112,7 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
-    let n_ctx = m.ctx_size.min(model.config.n_ctx_train);
+    let n_ctx = m.ctx_size.unwrap_or(crate::DEFAULT_CTX).min(model.config.n_ctx_train);
     let mut session = match pollster::block_on(Session::new(&model, &gpu, n_ctx, kv_type(m), false)) {
         Ok(s) => s,
         Err(e) => return Ended::LoadFailed(anyhow!(e)),
@@ -141,7 +145,15 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
             .iter()
             .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
             .collect();
-        let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info };
+        let model_sampling = ModelSampling::from_gguf(&gguf);
+        for note in &model_sampling.ignored {
+            eprintln!("nomoat serve: warning: {note}");
+        }
+        if let Some(used) = model_sampling.describe() {
+            eprintln!("nomoat serve: requests default to the model's own {used} (general.sampling.*)");
+        }
+        let sampling = model_sampling.defaults();
+        let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info, sampling };
         if tx.send(Ok(info)).is_err() {
             return Ended::Stopped;
         }
