@@ -6,8 +6,10 @@
 //   `row` times xv[0..UNIT/4], the matching x values the caller has loaded into `xv`; that is
 //   dot_loaded(load_unit(row, u)), where load_unit returns the unit's stored words (a Unit) so
 //   that prefill can load them once for several tokens (Q6_K's Unit only names the unit).
-//   prepare_x(): called once after loading xv, before the unit's dot_unit calls: sums of x
-//   the format's offsets (q − 8, min m) multiply, shared by all rows (`x_sum` / `x_sums`).
+//   prepare_x(): called once after loading xv, before the unit's dot_unit calls: puts into
+//   `x_sums` (of the type's XSums) the sums of x that the format's offsets (q − 8, min m)
+//   multiply, shared by all rows; prefill saves xv and x_sums per token, so that each token's
+//   unit is prepared once, not once per row.
 //
 // The weights are read as aligned vec4<u32> (`src_v`, declared by the including kernel): a CPU
 // device pays per load instruction and lane, so the fewer and wider the better. Q4_K and Q5_K
@@ -110,6 +112,8 @@ fn xv_sum(first: u32, n: u32) -> f32 {
 // d the f16 number row / 32 + u of the scales after the chunk's n_rows · k quant bytes
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
+alias XSums = f32;   // unused: no offsets
+var<private> x_sums: XSums;
 fn prepare_x() {}
 struct Unit { qa: vec4<u32>, qb: vec4<u32>, d: f32 }
 fn load_unit(row: u32, u: u32) -> Unit {
@@ -130,9 +134,10 @@ fn dot_loaded(w: Unit) -> f32 {
 // nibble bytes; x = (q - 8) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
-var<private> x_sum: f32;
+alias XSums = f32;   // the unit's Σ x
+var<private> x_sums: XSums;
 fn prepare_x() {
-    x_sum = xv_sum(0u, 8u);
+    x_sums = xv_sum(0u, 8u);
 }
 struct Unit { q: vec4<u32>, d: f32 }
 fn load_unit(row: u32, u: u32) -> Unit {
@@ -140,7 +145,7 @@ fn load_unit(row: u32, u: u32) -> Unit {
     return Unit(src_v[b], unpack2x16float(word(p.n_rows * p.k / 8u + b / 2u))[b & 1u]);
 }
 fn dot_loaded(w: Unit) -> f32 {
-    return w.d * (hsum(nibble_dot(w.q)) - 8.0 * x_sum);
+    return w.d * (hsum(nibble_dot(w.q)) - 8.0 * x_sums);
 }
 #endif
 
@@ -148,9 +153,10 @@ fn dot_loaded(w: Unit) -> f32 {
 // split like Q4_0, with a d, m word per block after the nibbles; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
-var<private> x_sum: f32;
+alias XSums = f32;   // the unit's Σ x
+var<private> x_sums: XSums;
 fn prepare_x() {
-    x_sum = xv_sum(0u, 8u);
+    x_sums = xv_sum(0u, 8u);
 }
 struct Unit { q: vec4<u32>, dm: vec2<f32> }
 fn load_unit(row: u32, u: u32) -> Unit {
@@ -158,7 +164,7 @@ fn load_unit(row: u32, u: u32) -> Unit {
     return Unit(src_v[b], unpack2x16float(word(p.n_rows * p.k / 8u + b)));
 }
 fn dot_loaded(w: Unit) -> f32 {
-    return w.dm.x * hsum(nibble_dot(w.q)) + w.dm.y * x_sum;
+    return w.dm.x * hsum(nibble_dot(w.q)) + w.dm.y * x_sums;
 }
 #endif
 
@@ -168,9 +174,10 @@ fn dot_loaded(w: Unit) -> f32 {
 // x = (q - 16) d
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
-var<private> x_sum: f32;
+alias XSums = f32;   // the unit's Σ x
+var<private> x_sums: XSums;
 fn prepare_x() {
-    x_sum = xv_sum(0u, 8u);
+    x_sums = xv_sum(0u, 8u);
 }
 struct Unit { q: vec4<u32>, qh: u32, d: f32 }
 fn load_unit(row: u32, u: u32) -> Unit {
@@ -180,7 +187,7 @@ fn load_unit(row: u32, u: u32) -> Unit {
     return Unit(src_v[b], word(qs_words + b), unpack2x16float(word(dw))[b & 1u]);
 }
 fn dot_loaded(w: Unit) -> f32 {
-    return w.d * (hsum(fifth_bit_dot(w.q, w.qh)) - 16.0 * x_sum);
+    return w.d * (hsum(fifth_bit_dot(w.q, w.qh)) - 16.0 * x_sums);
 }
 #endif
 
@@ -188,9 +195,10 @@ fn dot_loaded(w: Unit) -> f32 {
 // split like Q5_0, with a d, m word per block after the qh words; x = q d + m
 const UNIT: u32 = 32u;
 var<private> xv: array<vec4<f32>, 8>;
-var<private> x_sum: f32;
+alias XSums = f32;   // the unit's Σ x
+var<private> x_sums: XSums;
 fn prepare_x() {
-    x_sum = xv_sum(0u, 8u);
+    x_sums = xv_sum(0u, 8u);
 }
 struct Unit { q: vec4<u32>, qh: u32, dm: vec2<f32> }
 fn load_unit(row: u32, u: u32) -> Unit {
@@ -199,7 +207,7 @@ fn load_unit(row: u32, u: u32) -> Unit {
     return Unit(src_v[b], word(qs_words + b), unpack2x16float(word(qs_words + p.n_rows * p.k / 32u + b)));
 }
 fn dot_loaded(w: Unit) -> f32 {
-    return w.dm.x * hsum(fifth_bit_dot(w.q, w.qh)) + w.dm.y * x_sum;
+    return w.dm.x * hsum(fifth_bit_dot(w.q, w.qh)) + w.dm.y * x_sums;
 }
 #endif
 
@@ -223,7 +231,8 @@ fn k4_group_scales(s0: u32, s1: u32, s2: u32, g: u32) -> vec4<f32> {
 // 144 bytes (9 vec4s): f16 d, f16 dmin, 12 bytes of scales | 128 bytes of nibbles, 32 per group
 const UNIT: u32 = 64u;
 var<private> xv: array<vec4<f32>, 16>;
-var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
+alias XSums = vec2<f32>;   // Σ x over the unit's two 32-element halves
+var<private> x_sums: XSums;
 fn prepare_x() {
     x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
 }
@@ -252,7 +261,8 @@ fn dot_loaded(w: Unit) -> f32 {
 // element l of sub-block s takes bit s of qh[l]
 const UNIT: u32 = 64u;
 var<private> xv: array<vec4<f32>, 16>;
-var<private> x_sums: vec2<f32>;   // the unit's two 32-element halves
+alias XSums = vec2<f32>;   // Σ x over the unit's two 32-element halves
+var<private> x_sums: XSums;
 fn prepare_x() {
     x_sums = vec2<f32>(xv_sum(0u, 8u), xv_sum(8u, 8u));
 }
@@ -286,6 +296,8 @@ fn dot_loaded(w: Unit) -> f32 {
 // qh[l], and scale 2q + l / 16.
 const UNIT: u32 = 128u;
 var<private> xv: array<vec4<f32>, 32>;
+alias XSums = f32;   // unused: no offsets
+var<private> x_sums: XSums;
 fn prepare_x() {}
 fn q6_quarter(ql: array<u32, 20>, qh: array<u32, 20>, q: u32, sw: u32) -> f32 {
     var part0 = vec4<f32>(0.0);

@@ -129,16 +129,17 @@ fn row_group_ss(ss: f32) -> f32 { return ss; }
 #endif
 
 #if TOKEN_TILE
-// TOKEN_TILE keeps each of its tokens' unit of x (load_unit_x's xv) and makes a product from
-// it and a loaded unit of weights
-alias UnitX = array<vec4<f32>, UNIT / 4u>;
+// TOKEN_TILE keeps each of its tokens' unit of x (load_unit_x's xv), prepared once (its
+// x_sums), and makes a product from it and a loaded unit of weights for each of RPI rows
+struct UnitX { xv: array<vec4<f32>, UNIT / 4u>, sums: XSums }
 fn unit_x(t: u32, u: u32, lid: u32, ss: ptr<function, f32>) -> UnitX {
     load_unit_x(t, u, lid, ss);
-    return xv;
+    prepare_x();
+    return UnitX(xv, x_sums);
 }
 fn dot_with(x: UnitX, w: Unit) -> f32 {
-    xv = x;
-    prepare_x();
+    xv = x.xv;
+    x_sums = x.sums;
     return dot_loaded(w);
 }
 #endif
