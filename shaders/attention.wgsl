@@ -50,6 +50,11 @@ fn first_key(pos: u32) -> u32 {
 // query and running output in registers, and no invocation waits for another. Invocation i
 // takes head i / n_q and query i % n_q, so neighbouring lanes are neighbouring queries of one
 // head and read the same K and V addresses at each step (without a window).
+// HEAD_DIM is the head size, fixed per pipeline for small heads so that the loops over it have
+// constant bounds and unroll into registers (indexing qv and acc by a loop variable costs a
+// per-lane loop on llvmpipe: SmolLM2's prefill attention took 4x as long with head_dim 64 a
+// parameter), p.head_dim for larger ones (Gemma's 256 decoded slower unrolled); HEAD_QUADS is
+// the capacity of qv and acc.
 // head_dim must be a multiple of 16, which the inner loops take at a time: llvmpipe ends any
 // invocation after 65535 loop iterations in all (its guard against endless loops), so
 // keys · (1 + head_dim / 16) must stay below that (`Recorder::attention_per_query` checks).
@@ -65,13 +70,13 @@ fn v_quad(i: u32) -> vec4<f32> {
 
 // this invocation's query (scaled), and its online softmax: run_max the largest score so far,
 // run_sum Σ exp(score − run_max), acc Σ exp(score − run_max) · v
-var<private> qv: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-var<private> acc: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
+var<private> qv: array<vec4<f32>, HEAD_QUADS>;
+var<private> acc: array<vec4<f32>, HEAD_QUADS>;
 var<private> run_max: f32 = NEG_BIG;
 var<private> run_sum: f32 = 0.0;
 
 fn load_query(q_base: u32) {
-    for (var d = 0u; d < p.head_dim / 4u; d++) {
+    for (var d = 0u; d < HEAD_DIM / 4u; d++) {
         let e = q_base + 4u * d;
         qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
     }
@@ -89,7 +94,7 @@ fn take_key(score: f32, seen: bool) -> vec2<f32> {
 }
 
 fn store_output(q_base: u32) {
-    for (var d = 0u; d < p.head_dim / 4u; d++) {
+    for (var d = 0u; d < HEAD_DIM / 4u; d++) {
         let o = acc[d] / run_sum;
         let e = q_base + 4u * d;
         out[e] = o.x;
@@ -116,7 +121,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let h = group * 8u / n_q_pad;
     let t_first = group * 8u % n_q_pad;
     let t = min(t_first + lid, p.n_q - 1u);
-    let hd = p.head_dim;
+    let hd = HEAD_DIM;
     let pos = p.pos0 + t;
     let kvh = h / (p.n_head / p.n_kv_head);
     let kv_stride = p.n_kv_head * hd;
@@ -168,7 +173,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let h = i / p.n_q;
     let t = i % p.n_q;
-    let hd = p.head_dim;
+    let hd = HEAD_DIM;
     let pos = p.pos0 + t;
     let kvh = h / (p.n_head / p.n_kv_head);
     let kv_stride = p.n_kv_head * hd;

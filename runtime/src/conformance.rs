@@ -595,9 +595,11 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
 
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
     // (queries, heads, kv heads, head_dim, position of the first query, sliding window)
-    let cases: [(u32, u32, u32, u32, u32, u32); 7] = [
+    let cases: [(u32, u32, u32, u32, u32, u32); 9] = [
         (1, 9, 3, 64, 37, 0),     // decode, GQA
         (20, 4, 1, 256, 0, 0),    // prefill
+        (12, 4, 2, 32, 5, 0),     // prefill, a small head: per-query kernels built for it
+        (5, 2, 1, 48, 20, 0),     // a fixed head size that is no multiple of 32
         (7, 4, 2, 128, 130, 0),   // block after a cache
         (9, 2, 2, 64, 100, 16),   // sliding window
         (1, 4, 1, 256, 600, 512), // Gemma-like local layer

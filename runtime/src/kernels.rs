@@ -224,8 +224,12 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     for kv in [KvType::F32, KvType::F16] {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
-        keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv) });
-        keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv).flag("KV_BROADCAST") });
+        // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
+        // and the one kernel for larger heads
+        for head_dim in [64, 256] {
+            keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim) });
+            keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST") });
+        }
     }
     for entry in ["main", "argmax"] {
         keys.push(PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() });
@@ -517,8 +521,17 @@ pub struct Recorder<'g> {
 /// of f32 lanes on lavapipe.
 const QUERY_WG: u32 = 8;
 
-fn query_attention_defines(kv: KvType) -> Defines {
-    kv.defines().flag("QUERY_PER_INVOCATION").value("WG", format!("{QUERY_WG}u"))
+/// Heads up to this size get per-query kernels built for their head_dim (attention.wgsl says
+/// why); larger ones share one that reads it from the parameters.
+const QUERY_FIXED_HEAD_DIM_MAX: u32 = 64;
+
+fn query_attention_defines(kv: KvType, head_dim: u32) -> Defines {
+    let d = kv.defines().flag("QUERY_PER_INVOCATION").value("WG", format!("{QUERY_WG}u"));
+    if head_dim <= QUERY_FIXED_HEAD_DIM_MAX {
+        d.value("HEAD_DIM", format!("{head_dim}u")).value("HEAD_QUADS", format!("{}u", head_dim / 4))
+    } else {
+        d.value("HEAD_DIM", "p.head_dim").value("HEAD_QUADS", format!("{}u", MAX_HEAD_DIM / 4))
+    }
 }
 
 /// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65535
@@ -930,10 +943,10 @@ impl<'g> Recorder<'g> {
         let (defines, groups) = if broadcast {
             // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
             let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
-            (query_attention_defines(a.kv).flag("KV_BROADCAST"), (gx, gy, 1))
+            (query_attention_defines(a.kv, a.head_dim).flag("KV_BROADCAST"), (gx, gy, 1))
         } else if per_query {
             let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
-            (query_attention_defines(a.kv), (gx, gy, 1))
+            (query_attention_defines(a.kv, a.head_dim), (gx, gy, 1))
         } else {
             (a.kv.defines(), (a.n_head, a.n_q, 1))
         };
