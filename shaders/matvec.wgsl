@@ -20,7 +20,7 @@
 // and llvmpipe pays a per-lane loop for each component of every storage load, uniform address
 // or not; so each lane loads one vec4 in 8 and subgroupBroadcast hands it to the others.
 // TOKEN_TILE (CPU prefill, quantized types, TPR 1): four tokens a pass share each load of the
-// weights (dot.wgsl's load_unit, then dot_loaded per token).
+// weights (dot.wgsl's load_unit, then dot_loaded per token); every input and output mode.
 
 struct Params {
     n_rows: u32,      // rows in this chunk
@@ -67,6 +67,10 @@ struct Params {
 #include "product_out.wgsl"
 
 const ROWS_PER_WG: u32 = WG / TPR * RPI;
+#if OUT_GLU
+// an invocation's first HALF rows are gate rows, the others the matching up rows
+const HALF: u32 = RPI / 2u;
+#endif
 
 #if ROW_PER_INVOCATION
 #else
@@ -155,6 +159,58 @@ fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
 }
 #endif
 
+// The end of token t's products: this invocation's dot products for its RPI rows (acc) and,
+// under NORM_IN, its Σ x² (ss) summed over the invocations sharing the rows, scaled by
+// 1 / rms(x), and stored as product_out.wgsl says by the rows' first invocation. r0: the
+// group's first row (OUT_GLU: its first gate row).
+fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, lane: u32) {
+    var acc = acc_in;
+    var ss = ss_in;
+#if ROW_PER_INVOCATION
+#if X_VEC4
+#if NORM_IN
+    ss = row_group_ss(ss);
+#endif
+#endif
+#else
+    for (var j = 0u; j < RPI; j++) {
+        acc[j] = row_sum(acc[j], lid, lane);
+    }
+#if NORM_IN
+    ss = row_sum(ss, lid, lane);
+#endif
+#endif
+#if NORM_IN
+    let inv_rms = inverseSqrt(ss / f32(p.k) + p.eps);
+    for (var j = 0u; j < RPI; j++) {
+        acc[j] *= inv_rms;
+    }
+#endif
+    if (lane == 0u) {
+#if OUT_GLU
+        for (var j = 0u; j < HALF; j++) {
+            if (r0 + j < p.n0) {
+                y[t * p.n0 + r0 + j] = glu(acc[j], acc[j + HALF]);
+            }
+        }
+#else
+#if OUT_QKV_ROPE
+        for (var j = 0u; j < RPI; j += 2u) {
+            if (r0 + j < p.n_rows) {
+                store_qkv_pair(t, p.row_offset + r0 + j, acc[j], acc[j + 1u]);
+            }
+        }
+#else
+        for (var j = 0u; j < RPI; j++) {
+            if (r0 + j < p.n_rows) {
+                store_row(t, p.row_offset + r0 + j, acc[j]);
+            }
+        }
+#endif
+#endif
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32,
         @builtin(workgroup_id) wid: vec3<u32>,
@@ -165,7 +221,6 @@ fn main(@builtin(local_invocation_index) lid: u32,
     // not written
     var rows: array<u32, RPI>;
 #if OUT_GLU
-    const HALF: u32 = RPI / 2u;
     let r0 = group * HALF;   // gate rows r0.., up rows n0 + r0..
     for (var j = 0u; j < RPI; j++) {
         let g = min(r0 + j % HALF, p.n0 - 1u);
@@ -178,7 +233,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
 #endif
 #if TOKEN_TILE
-    // CPU prefill (quantized types, TPR 1, plain or residual output): four tokens a pass, each
+    // CPU prefill (quantized types, TPR 1): four tokens a pass, each
     // unit's weights loaded once for the four, since on CPU devices a load costs more than the
     // arithmetic; tokens past the end repeat the last one and are not written
     for (var t0 = 0u; t0 < p.m; t0 += 4u) {
@@ -186,13 +241,17 @@ fn main(@builtin(local_invocation_index) lid: u32,
         var acc1 = array<f32, RPI>();
         var acc2 = array<f32, RPI>();
         var acc3 = array<f32, RPI>();
-        var ss = 0.0;   // load_unit_x's Σx², unused without NORM_IN
+        // each token's Σx² (NORM_IN)
+        var ss0 = 0.0;
+        var ss1 = 0.0;
+        var ss2 = 0.0;
+        var ss3 = 0.0;
         let n_units = p.k / UNIT;
         for (var u = 0u; u < n_units; u++) {
-            let x0 = unit_x(t0, u, lid, &ss);
-            let x1 = unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss);
-            let x2 = unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss);
-            let x3 = unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss);
+            let x0 = unit_x(t0, u, lid, &ss0);
+            let x1 = unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss1);
+            let x2 = unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss2);
+            let x3 = unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss3);
             for (var j = 0u; j < RPI; j++) {
                 let w = load_unit(rows[j], u);
                 acc0[j] += dot_with(x0, w);
@@ -201,15 +260,10 @@ fn main(@builtin(local_invocation_index) lid: u32,
                 acc3[j] += dot_with(x3, w);
             }
         }
-        for (var j = 0u; j < RPI; j++) {
-            if (r0 + j < p.n_rows) {
-                let r = p.row_offset + r0 + j;
-                store_row(t0, r, acc0[j]);
-                if (t0 + 1u < p.m) { store_row(t0 + 1u, r, acc1[j]); }
-                if (t0 + 2u < p.m) { store_row(t0 + 2u, r, acc2[j]); }
-                if (t0 + 3u < p.m) { store_row(t0 + 3u, r, acc3[j]); }
-            }
-        }
+        finish_token(t0, acc0, ss0, r0, lid, lane);
+        if (t0 + 1u < p.m) { finish_token(t0 + 1u, acc1, ss1, r0, lid, lane); }
+        if (t0 + 2u < p.m) { finish_token(t0 + 2u, acc2, ss2, r0, lid, lane); }
+        if (t0 + 3u < p.m) { finish_token(t0 + 3u, acc3, ss3, r0, lid, lane); }
     }
 #else
     // tokens one after another, so that the rows' blocks stay in cache between tokens
@@ -240,49 +294,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
             }
         }
 #endif
-#if ROW_PER_INVOCATION
-#if X_VEC4
-#if NORM_IN
-        ss = row_group_ss(ss);
-#endif
-#endif
-#else
-        for (var j = 0u; j < RPI; j++) {
-            acc[j] = row_sum(acc[j], lid, lane);
-        }
-#if NORM_IN
-        ss = row_sum(ss, lid, lane);
-#endif
-#endif
-#if NORM_IN
-        let inv_rms = inverseSqrt(ss / f32(p.k) + p.eps);
-        for (var j = 0u; j < RPI; j++) {
-            acc[j] *= inv_rms;
-        }
-#endif
-        if (lane == 0u) {
-#if OUT_GLU
-            for (var j = 0u; j < HALF; j++) {
-                if (r0 + j < p.n0) {
-                    y[t * p.n0 + r0 + j] = glu(acc[j], acc[j + HALF]);
-                }
-            }
-#else
-#if OUT_QKV_ROPE
-            for (var j = 0u; j < RPI; j += 2u) {
-                if (r0 + j < p.n_rows) {
-                    store_qkv_pair(t, p.row_offset + r0 + j, acc[j], acc[j + 1u]);
-                }
-            }
-#else
-            for (var j = 0u; j < RPI; j++) {
-                if (r0 + j < p.n_rows) {
-                    store_row(t, p.row_offset + r0 + j, acc[j]);
-                }
-            }
-#endif
-#endif
-        }
+        finish_token(t, acc, ss, r0, lid, lane);
     }
 #endif
 }

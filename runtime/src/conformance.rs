@@ -444,7 +444,16 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut rng = Rng::new(4000 + ti as u64);
         let norm_w = rng.fill(k, 1.0);
         let nwb = gpu.upload_f32("norm w", &norm_w).await?;
-        for (m, tiled) in [(1usize, None), (5, Some(true)), (5, Some(false))] {
+        // (tokens, GPU tiled matmul, matvec's TOKEN_TILE). The input norm and the gated
+        // activation fuse wherever matvec.wgsl runs; a model fuses them over a block of tokens
+        // where prefill tiles tokens (Recorder::fuses_block), which quantized weights then do
+        // and float weights (no tiles) run through the token loop: those are the cases checked.
+        let quantized = ty.block_elems() > 1;
+        for (m, tiled, token_tile) in [(1usize, None, None), (5, Some(true), None), (5, Some(false), Some(false)), (6, Some(false), Some(true))] {
+            if token_tile == Some(true) && !quantized {
+                continue;
+            }
+            let fuse = m == 1 || (tiled == Some(false) && (token_tile == Some(true) || !quantized));
             let x = rng.fill(m * k, 2.0);
             let xb = gpu.upload_f32("x", &x).await?;
             let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
@@ -455,20 +464,23 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             let gelu_act = gpu.storage("gelu act", (m * 13 * 4) as u64).await?;
             let mut rec = Recorder::new(gpu);
             rec.tiled_matmul = tiled;
-            let input = if m == 1 { ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 } } else { ProductIn::X(&xb) };
+            rec.token_tile = token_tile;
+            let input = if fuse { ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 } } else { ProductIn::X(&xb) };
             rec.product(&stacked, input, ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), m as u32).await?;
             let w0 = GpuMatrix::upload(gpu, "p0", ty, k as u64, 13, &parts[0].0).await?;
             rec.product(&w0, ProductIn::X(&xb), ProductOut::Residual(&rb), m as u32).await?;
-            if m == 1 {
-                rec.product(&gate_up, input, ProductOut::Glu { out: &act, gelu: false }, 1).await?;
-                rec.product(&gate_up, input, ProductOut::Glu { out: &gelu_act, gelu: true }, 1).await?;
+            if fuse {
+                rec.product(&gate_up, input, ProductOut::Glu { out: &act, gelu: false }, m as u32).await?;
+                rec.product(&gate_up, input, ProductOut::Glu { out: &gelu_act, gelu: true }, m as u32).await?;
             }
             rec.submit()?;
-            let product_in = if m == 1 { &xn } else { &x };
-            let label = match tiled {
-                None => "rms_norm → ",
-                Some(true) => "(tiled) ",
-                Some(false) => "(token loop) ",
+            let product_in = if fuse { &xn } else { &x };
+            let label = match (m, tiled, token_tile, fuse) {
+                (1, _, _, _) => "rms_norm → ",
+                (_, Some(true), _, _) => "(tiled) ",
+                (_, _, Some(true), _) => "(token tiles) rms_norm → ",
+                (_, _, _, true) => "(token loop) rms_norm → ",
+                _ => "(token loop) ",
             };
             for (pi, &r) in rows.iter().enumerate() {
                 let got = gpu.read_f32(&outs[pi], 0, m * r).await?;
@@ -477,13 +489,14 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             }
             let got = gpu.read_f32(&rb, 0, m * 13).await?;
             let want = reference::add(&resid, &reference::matmul(values[0], &x, 13, k, m));
-            checks.push(Check::nmse(format!("{}residual += {ty} 13x{k} m={m}", if m == 1 { "" } else { label }), &got, &want, MATMUL_NMSE));
-            if m == 1 {
-                let (g, u) = (reference::matmul(gate_values, &xn, 13, k, 1), reference::matmul(up_values, &xn, 13, k, 1));
-                let got = gpu.read_f32(&act, 0, 13).await?;
-                checks.push(Check::nmse(format!("rms_norm → silu(gate)·up {ty} 13x{k}"), &got, &reference::silu_gate(&g, &u), MATMUL_NMSE));
-                let got = gpu.read_f32(&gelu_act, 0, 13).await?;
-                checks.push(Check::nmse(format!("rms_norm → gelu(gate)·up {ty} 13x{k}"), &got, &reference::gelu_gate(&g, &u), MATMUL_NMSE));
+            let plain_label = label.trim_end_matches("rms_norm → ");
+            checks.push(Check::nmse(format!("{plain_label}residual += {ty} 13x{k} m={m}"), &got, &want, MATMUL_NMSE));
+            if fuse {
+                let (g, u) = (reference::matmul(gate_values, &xn, 13, k, m), reference::matmul(up_values, &xn, 13, k, m));
+                let got = gpu.read_f32(&act, 0, m * 13).await?;
+                checks.push(Check::nmse(format!("{label}silu(gate)·up {ty} 13x{k} m={m}"), &got, &reference::silu_gate(&g, &u), MATMUL_NMSE));
+                let got = gpu.read_f32(&gelu_act, 0, m * 13).await?;
+                checks.push(Check::nmse(format!("{label}gelu(gate)·up {ty} 13x{k} m={m}"), &got, &reference::gelu_gate(&g, &u), MATMUL_NMSE));
             }
         }
     }
@@ -505,33 +518,41 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
         let (w, parts) = random_stacked(gpu, ty, &rows, k, 7000 + 10 * ti as u64).await?;
         let values: Vec<&Vec<f32>> = parts.iter().map(|p| &p.1).collect();
         let mut rng = Rng::new(7500 + ti as u64);
-        let (x, norm_w) = (rng.fill(k, 2.0), rng.fill(k, 1.0));
-        let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
-        let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
-        let rope = RopeArgs { n_tokens: 1, n_heads: n_head as u32, head_dim: head_dim as u32, n_rot: n_rot as u32, pos0, neox: false, freq_base: 10000.0, freq_scale: 1.0 };
-        let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
-        let mut q_want = reference::matmul(values[0], &xn, rows[0], k, 1);
-        let mut k_want = reference::matmul(values[1], &xn, rows[1], k, 1);
-        let v_want = reference::matmul(values[2], &xn, rows[2], k, 1);
-        reference::rope(&mut q_want, n_head, head_dim, pos0, params);
-        reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
-        for kv in [KvType::F32, KvType::F16] {
-            let row = rows[1];
-            let cache_bytes = (pos0 as u64 + 1) * row as u64 * kv.bytes();
-            let (qb, kc, vc) = (gpu.storage("q", rows[0] as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
-            let mut rec = Recorder::new(gpu);
-            if !rec.fuses_qkv_rope(&w, &rope, 1) {
-                return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
+        // (tokens, matvec's TOKEN_TILE): decode, and a prefill block as fuses_block runs it
+        // (tiles for quantized weights, the token loop for float ones)
+        let block = if ty.block_elems() > 1 { (6, Some(true)) } else { (3, Some(false)) };
+        for (m, token_tile) in [(1usize, None), block] {
+            let (x, norm_w) = (rng.fill(m * k, 2.0), rng.fill(k, 1.0));
+            let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
+            let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
+            let rope = RopeArgs { n_tokens: m as u32, n_heads: n_head as u32, head_dim: head_dim as u32, n_rot: n_rot as u32, pos0, neox: false, freq_base: 10000.0, freq_scale: 1.0 };
+            let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
+            let mut q_want = reference::matmul(values[0], &xn, rows[0], k, m);
+            let mut k_want = reference::matmul(values[1], &xn, rows[1], k, m);
+            let v_want = reference::matmul(values[2], &xn, rows[2], k, m);
+            reference::rope(&mut q_want, n_head, head_dim, pos0, params);
+            reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
+            for kv in [KvType::F32, KvType::F16] {
+                let row = rows[1];
+                let cache_bytes = (pos0 as u64 + m as u64) * row as u64 * kv.bytes();
+                let (qb, kc, vc) = (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+                let mut rec = Recorder::new(gpu);
+                rec.tiled_matmul = Some(false);
+                rec.token_tile = token_tile;
+                if !rec.fuses_qkv_rope(&w, &rope, m as u32) {
+                    return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
+                }
+                let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope };
+                rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
+                rec.submit()?;
+                let at = pos0 as u64 * row as u64 * kv.bytes();
+                let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
+                let tiles = if token_tile == Some(true) { " (token tiles)" } else { "" };
+                let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} m={m}{tiles}");
+                checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
+                checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?), &k_want, cache_bound));
+                checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?), &v_want, cache_bound));
             }
-            let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope };
-            rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, 1).await?;
-            rec.submit()?;
-            let at = pos0 as u64 * row as u64 * kv.bytes();
-            let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
-            let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty}");
-            checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, rows[0]).await?, &q_want, MATMUL_NMSE));
-            checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?), &k_want, cache_bound));
-            checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?), &v_want, cache_bound));
         }
     }
     Ok(checks)

@@ -678,6 +678,22 @@ impl<'g> Recorder<'g> {
 
     /// Whether `ProductOut::Glu` applies: gate and up stacked as two equal parts in one binding,
     /// and the matvec path.
+    /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights): llvmpipe
+    /// only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3 57 -> 92 on
+    /// lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39.
+    fn tiles_tokens(&self) -> bool {
+        self.token_tile.unwrap_or_else(|| is_llvmpipe(self.gpu) && env_u32("NOMOAT_MATVEC_TILE") != Some(0))
+    }
+
+    /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
+    /// reads it and the activation and RoPE into the products that feed them: always for one
+    /// token; for a block only where prefill tiles its tokens, since untiled every invocation
+    /// pays the norm work again (SmolLM2 pp64 on lavapipe before tiles: 34.4 tok/s fused,
+    /// 37.5 not).
+    pub fn fuses_block(&self, m: u32) -> bool {
+        m == 1 || (self.product_runs_matvec(m) && self.tiles_tokens())
+    }
+
     pub fn fuses_glu(&self, w: &GpuMatrix, m: u32) -> bool {
         self.product_runs_matvec(m) && w.chunks.len() == 1 && w.parts.len() == 2 && w.parts[0].1 == w.parts[1].1
     }
@@ -754,10 +770,7 @@ impl<'g> Recorder<'g> {
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let mut defines = add_mode(matvec_defines(w.ty, shape));
-                // llvmpipe only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3
-                // 57 -> 92 on lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39
-                let wanted = self.token_tile.unwrap_or_else(|| is_llvmpipe(self.gpu) && env_u32("NOMOAT_MATVEC_TILE") != Some(0));
-                if wanted && m > 1 && shape.tpr == 1 && w.ty.block_elems() > 1 && norm.is_none() && !pairs {
+                if m > 1 && self.tiles_tokens() && shape.tpr == 1 && w.ty.block_elems() > 1 {
                     defines = defines.flag("TOKEN_TILE");
                 }
                 let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };

@@ -591,13 +591,12 @@ impl<'m> Session<'m> {
         } else {
             r.gather(&m.token_embd, &s.ids, &s.x, n).await?;
         }
-        // Decode fuses each branch's RMS norm into the product that reads it and the gated
-        // activation into the gate·up product (the output projections add into the residual
-        // stream in every phase). Prefill does not: over a block of tokens the norm work in
-        // every invocation costs more than the dispatch it saves (SmolLM2 pp64 on lavapipe:
-        // 34.4 tok/s fused, 37.5 not). Active adapters need the normalised input for their
-        // own products, so they take the unfused path too.
-        let fused = n == 1 && active.is_empty();
+        // Decode (and prefill where the recorder tiles tokens: Recorder::fuses_block) fuses each
+        // branch's RMS norm into the product that reads it, the gated activation into the
+        // gate·up product and RoPE and the KV write into the q/k/v product (the output
+        // projections add into the residual stream in every phase). Active adapters need the
+        // normalised input for their own products, so they take the unfused path.
+        let fused = r.fuses_block(n) && active.is_empty();
         let eps = c.norm_eps;
         for (i, l) in m.layers.iter().enumerate() {
             // attention branch: q, k, v = W_qkv · rms_norm(x), RoPE on q and k, k and v cached
