@@ -61,6 +61,10 @@ function nomoat(model) {
 
 async function llamaCpp(lib, model, nVocab) {
   process.env.GGML_VK_VISIBLE_DEVICES ??= '0';
+  // nomoat gives llvmpipe two pool threads per core unless LP_NUM_THREADS is set (see
+  // native/src/main.rs); the peer gets the same setting, so that the ratio compares the two
+  // runtimes on one driver configuration
+  process.env.LP_NUM_THREADS ??= String(2 * os.availableParallelism());
   const llama = await lib.getLlama({ gpu: 'vulkan', build: 'never', logLevel: 'error' });
   const devices = await llama.getGpuDeviceNames();
   let t = performance.now();
