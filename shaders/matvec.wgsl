@@ -233,9 +233,9 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
 #endif
 #if TOKEN_TILE
-    // CPU prefill (quantized types, TPR 1): four tokens a pass, each
-    // unit's weights loaded once for the four, since on CPU devices a load costs more than the
-    // arithmetic; tokens past the end repeat the last one and are not written
+    // CPU prefill (quantized types, TPR 1): four tokens a pass, each unit's weights loaded
+    // once for the four, since on CPU devices a load costs more than the arithmetic; tokens
+    // past the end repeat the last one and are not written
     for (var t0 = 0u; t0 < p.m; t0 += 4u) {
         var acc0 = array<f32, RPI>();
         var acc1 = array<f32, RPI>();
