@@ -77,6 +77,8 @@ pub struct Gpu {
     pub(crate) unused_buffers: [wgpu::Buffer; 3],
     /// Per-kernel (calls, seconds) when profiling; None otherwise.
     pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
+    /// NOMOAT_* kernel choices, read from the environment when the device was opened.
+    pub overrides: crate::kernels::KernelOverrides,
 }
 
 impl Gpu {
@@ -156,7 +158,8 @@ impl Gpu {
             device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
         };
         let unused_buffers = [unused(), unused(), unused()];
-        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile })
+        let overrides = crate::kernels::KernelOverrides::from_env();
+        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile, overrides })
     }
 
     /// Whether dispatches are being timed (profiling was asked for and the adapter can).

@@ -52,6 +52,49 @@ fn env_u32(name: &str) -> Option<u32> {
     std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
 }
 
+/// Kernel choices forced from the environment for tuning and A/B measurements, read once when
+/// a device is opened (a token's hundred-odd dispatches then look up nothing). None: the
+/// device's own choice. (In a browser there is no environment: all None.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOverrides {
+    /// `NOMOAT_MATVEC_TPR` (a power of two up to 64), `_RPI` (1..=16), `_WG` (a power of two,
+    /// 8..=256): the matvec shape.
+    pub matvec_tpr: Option<u32>,
+    pub matvec_rpi: Option<u32>,
+    pub matvec_wg: Option<u32>,
+    /// `NOMOAT_MATVEC_XB=0`: no X_BROADCAST.
+    pub matvec_x_broadcast: Option<bool>,
+    /// `NOMOAT_MATVEC_TILE=0`: no TOKEN_TILE.
+    pub token_tile: Option<bool>,
+    /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
+    pub tiled_matmul: Option<bool>,
+    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernel.
+    pub attention_per_query: Option<bool>,
+    /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
+    pub attention_broadcast: Option<bool>,
+}
+
+impl KernelOverrides {
+    pub fn from_env() -> KernelOverrides {
+        let off = |name: &str| (env_u32(name) == Some(0)).then_some(false);
+        let choice = |name: &str, yes: &str, no: &str| match std::env::var(name).ok().as_deref() {
+            Some(v) if v == yes => Some(true),
+            Some(v) if v == no => Some(false),
+            _ => None,
+        };
+        KernelOverrides {
+            matvec_tpr: env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64),
+            matvec_rpi: env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)),
+            matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
+            matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
+            token_tile: off("NOMOAT_MATVEC_TILE"),
+            tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
+            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
+            attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
+        }
+    }
+}
+
 /// How a matvec dispatch is shaped: `tpr` invocations share a group of `rpi` consecutive rows,
 /// `wg` invocations per workgroup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,19 +129,13 @@ pub fn matvec_threads_per_row(gpu: &Gpu) -> u32 {
 pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
     let mut s = if cpu { MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast: false } } else { MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false } };
-    if let Some(v) = env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64) {
-        s.tpr = v;
-    }
-    if let Some(v) = env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)) {
-        s.rpi = v;
-    }
-    if let Some(v) = env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)) {
-        s.wg = v;
-    }
-    s.wg = s.wg.max(s.tpr);
+    let o = &gpu.overrides;
+    s.tpr = o.matvec_tpr.unwrap_or(s.tpr);
+    s.rpi = o.matvec_rpi.unwrap_or(s.rpi);
+    s.wg = o.matvec_wg.unwrap_or(s.wg).max(s.tpr);
     // measured on lavapipe (same run, nomoat bench -p 128 -n 64): SmolLM2 tg64 19.3 -> 26.0,
     // pp128 49.5 -> 57.5 tok/s; Gemma 3 tg64 11.3 -> 13.9, pp128 47.5 -> 56.4
-    s.x_broadcast = subgroups_of_8(gpu) && s.tpr == 1 && s.wg == 8 && env_u32("NOMOAT_MATVEC_XB") != Some(0);
+    s.x_broadcast = subgroups_of_8(gpu) && s.tpr == 1 && s.wg == 8 && o.matvec_x_broadcast != Some(false);
     s
 }
 
@@ -651,13 +688,9 @@ impl<'g> Recorder<'g> {
         if m == 1 {
             return true;
         }
-        if let Some(tiled) = self.tiled_matmul {
-            return !tiled;
-        }
-        match std::env::var("NOMOAT_MATMUL").ok().as_deref() {
-            Some("tiled") => false,
-            Some("rows") => true,
-            _ => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
+        match self.tiled_matmul.or(self.gpu.overrides.tiled_matmul) {
+            Some(tiled) => !tiled,
+            None => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
         }
     }
 
@@ -682,7 +715,7 @@ impl<'g> Recorder<'g> {
     /// only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3 57 -> 92 on
     /// lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39.
     fn tiles_tokens(&self) -> bool {
-        self.token_tile.unwrap_or_else(|| is_llvmpipe(self.gpu) && env_u32("NOMOAT_MATVEC_TILE") != Some(0))
+        self.token_tile.or(self.gpu.overrides.token_tile).unwrap_or_else(|| is_llvmpipe(self.gpu))
     }
 
     /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
@@ -907,11 +940,10 @@ impl<'g> Recorder<'g> {
     pub fn attention_per_query(&self, a: &AttentionArgs) -> bool {
         let keys = (a.pos0 + a.n_q) as u64;
         let fits = a.head_dim % 16 == 0 && keys * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET;
-        let wanted = self.query_per_invocation.unwrap_or_else(|| match std::env::var("NOMOAT_ATTENTION").ok().as_deref() {
-            Some("query") => true,
-            Some("workgroup") => false,
-            _ => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
-        });
+        let wanted = self
+            .query_per_invocation
+            .or(self.gpu.overrides.attention_per_query)
+            .unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
         fits && wanted
     }
 
@@ -952,7 +984,7 @@ impl<'g> Recorder<'g> {
                 a.head_dim
             )));
         }
-        let broadcast = per_query && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && env_u32("NOMOAT_ATTENTION_BROADCAST") != Some(0);
+        let broadcast = per_query && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_broadcast != Some(false);
         let (defines, groups) = if broadcast {
             // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
             let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
