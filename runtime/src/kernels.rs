@@ -709,8 +709,6 @@ impl<'g> Recorder<'g> {
             && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
     }
 
-    /// Whether `ProductOut::Glu` applies: gate and up stacked as two equal parts in one binding,
-    /// and the matvec path.
     /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights): llvmpipe
     /// only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3 57 -> 92 on
     /// lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39.
@@ -727,6 +725,8 @@ impl<'g> Recorder<'g> {
         m == 1 || (self.product_runs_matvec(m) && self.tiles_tokens())
     }
 
+    /// Whether `ProductOut::Glu` applies: gate and up stacked as two equal parts in one binding,
+    /// and the matvec path.
     pub fn fuses_glu(&self, w: &GpuMatrix, m: u32) -> bool {
         self.product_runs_matvec(m) && w.chunks.len() == 1 && w.parts.len() == 2 && w.parts[0].1 == w.parts[1].1
     }
