@@ -234,18 +234,22 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         for (tpr, rpi, wg, x_broadcast) in [(1, 1, 64, false), (1, 4, 16, false), (1, 8, 8, false), (1, 8, 8, true), (4, 2, 64, false), (32, 1, 64, false), (64, 2, 256, false)] {
             keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast }) });
         }
-        // CPU prefill of quantized types, four tokens a pass: plain and into the residual stream
-        for x_broadcast in [false, true].into_iter().filter(|_| ty.block_elems() > 1) {
-            let d = matvec_defines(ty, MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast }).flag("TOKEN_TILE");
-            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: d.clone() });
-            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: d.flag("OUT_RESIDUAL") });
-        }
-        // the fused modes, on the CPU and GPU shapes
+        // the fused modes, on the CPU and GPU shapes; CPU prefill's four-token tiles (quantized
+        // types) take every mode, the plain one too
+        let fused: [&[&str]; 6] = [&["NORM_IN"], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"], &["NORM_IN", "OUT_QKV_ROPE"], &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"]];
         for (tpr, rpi, wg, x_broadcast) in [(1, 8, 8, false), (1, 8, 8, true), (32, 2, 64, false)] {
             let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast });
-            for flags in [&["NORM_IN"][..], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"], &["NORM_IN", "OUT_QKV_ROPE"], &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"]] {
-                let defines = flags.iter().fold(d.clone(), |d, f| d.flag(f));
-                keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines });
+            let mut with_modes = |d: &Defines, modes: &[&[&str]]| {
+                for flags in modes {
+                    let defines = flags.iter().fold(d.clone(), |d, f| d.flag(f));
+                    keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines });
+                }
+            };
+            with_modes(&d, &fused);
+            if tpr == 1 && ty.block_elems() > 1 {
+                let tile = d.flag("TOKEN_TILE");
+                with_modes(&tile, &[&[]]);
+                with_modes(&tile, &fused);
             }
         }
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
