@@ -75,11 +75,18 @@ var<private> acc: array<vec4<f32>, HEAD_QUADS>;
 var<private> run_max: f32 = NEG_BIG;
 var<private> run_sum: f32 = 0.0;
 
-fn load_query(q_base: u32) {
+// where query t of head h sits: its position, its offset in q and out, and where its kv head
+// starts in cache row 0 (key j's row starts kv_stride · j further on)
+struct QueryAt { pos: u32, base: u32, kv_offset: u32, kv_stride: u32 }
+
+// query t of head h's place, its query loaded into qv
+fn start_query(h: u32, t: u32) -> QueryAt {
+    let at = QueryAt(p.pos0 + t, (t * p.n_head + h) * HEAD_DIM, h / (p.n_head / p.n_kv_head) * HEAD_DIM, p.n_kv_head * HEAD_DIM);
     for (var d = 0u; d < HEAD_DIM / 4u; d++) {
-        let e = q_base + 4u * d;
+        let e = at.base + 4u * d;
         qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
     }
+    return at;
 }
 
 // a key's score into the softmax (or nothing where the query does not see it): the factor acc
@@ -120,20 +127,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let h = group * 8u / n_q_pad;
     let t_first = group * 8u % n_q_pad;
-    let t = min(t_first + lid, p.n_q - 1u);
-    let hd = HEAD_DIM;
-    let pos = p.pos0 + t;
-    let kvh = h / (p.n_head / p.n_kv_head);
-    let kv_stride = p.n_kv_head * hd;
-    let q_base = (t * p.n_head + h) * hd;
-    let n_quads = hd / 4u;
-    load_query(q_base);
+    let at = start_query(h, min(t_first + lid, p.n_q - 1u));
+    let n_quads = HEAD_DIM / 4u;
     // this lane's keys, and the workgroup's (the same for all lanes)
-    let k_start = first_key(pos);
+    let k_start = first_key(at.pos);
     let k_lo = first_key(p.pos0 + t_first);
     let k_hi = p.pos0 + min(t_first + 7u, p.n_q - 1u);
     for (var j = k_lo; j <= k_hi; j++) {
-        let kb = j * kv_stride + kvh * hd;
+        let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 8u) {
             let mine = k_quad(kb + 4u * (d + lid));
@@ -146,7 +147,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             s4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), s4);
             s4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), s4);
         }
-        let rw = take_key(s4.x + s4.y + s4.z + s4.w, j >= k_start && j <= pos);
+        let rw = take_key(s4.x + s4.y + s4.z + s4.w, j >= k_start && j <= at.pos);
         let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 8u) {
             let mine = v_quad(kb + 4u * (d + lid));
@@ -161,7 +162,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
     }
     if (t_first + lid < p.n_q) {
-        store_output(q_base);
+        store_output(at.base);
     }
 }
 #else
@@ -171,17 +172,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= p.n_head * p.n_q) {
         return;
     }
-    let h = i / p.n_q;
-    let t = i % p.n_q;
-    let hd = HEAD_DIM;
-    let pos = p.pos0 + t;
-    let kvh = h / (p.n_head / p.n_kv_head);
-    let kv_stride = p.n_kv_head * hd;
-    let q_base = (t * p.n_head + h) * hd;
-    let n_quads = hd / 4u;
-    load_query(q_base);
-    for (var j = first_key(pos); j <= pos; j++) {
-        let kb = j * kv_stride + kvh * hd;
+    let at = start_query(i / p.n_q, i % p.n_q);
+    let n_quads = HEAD_DIM / 4u;
+    for (var j = first_key(at.pos); j <= at.pos; j++) {
+        let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 4u) {
             s4 = fma(qv[d], k_quad(kb + 4u * d), s4);
@@ -198,7 +192,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * v_quad(kb + 4u * d + 12u));
         }
     }
-    store_output(q_base);
+    store_output(at.base);
 }
 #endif
 #else
