@@ -7,7 +7,7 @@ use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::model::{Model, Session};
-use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
+use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::lora::LoraAdapter;
 use std::io::Write;
@@ -106,7 +106,7 @@ enum Command {
 }
 
 /// Each flag left out takes the model's `general.sampling.*` value when it has one, else
-/// llama.cpp's default (see `ModelSampling`).
+/// llama.cpp's default (see `SamplingOverrides`).
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Temperature, 0 = greedy [default: the model's, else 0.8]
@@ -137,34 +137,37 @@ impl SamplingArgs {
     /// The flags given, over the model's recommendation, over llama.cpp's defaults; says on
     /// stderr (unless `quiet`) which of the model's values are in use and which it had to skip.
     pub fn config(&self, gguf: &Gguf, quiet: bool) -> SamplerConfig {
-        let model = ModelSampling::from_gguf(gguf);
-        let d = model.defaults();
-        let own = ModelSampling {
-            temperature: model.temperature.filter(|_| self.temperature.is_none()),
-            top_k: model.top_k.filter(|_| self.top_k.is_none()),
-            top_p: model.top_p.filter(|_| self.top_p.is_none()),
-            min_p: model.min_p.filter(|_| self.min_p.is_none()),
-            repeat_penalty: model.repeat_penalty.filter(|_| self.repeat_penalty.is_none()),
-            ..model.clone()
+        let model = SamplingOverrides::from_gguf(gguf);
+        let flags = SamplingOverrides {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            ..Default::default()
         };
         if !quiet {
             for note in &model.ignored {
                 eprintln!("warning: {note}");
             }
+            // the model's values that no flag replaces
+            let own = SamplingOverrides {
+                temperature: model.temperature.filter(|_| flags.temperature.is_none()),
+                top_k: model.top_k.filter(|_| flags.top_k.is_none()),
+                top_p: model.top_p.filter(|_| flags.top_p.is_none()),
+                min_p: model.min_p.filter(|_| flags.min_p.is_none()),
+                repeat_penalty: model.repeat_penalty.filter(|_| flags.repeat_penalty.is_none()),
+                ..model.clone()
+            };
             if let Some(used) = own.describe() {
                 eprintln!("sampling: the model's own {used} (general.sampling.*; flags override)");
             }
         }
         SamplerConfig {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
-            ..d
+            ..flags.over(&model.defaults())
         }
     }
 }

@@ -139,17 +139,19 @@ impl Default for SamplerConfig {
     }
 }
 
-/// A model's own sampling recommendation: the `general.sampling.*` keys that llama.cpp's
-/// converter copies from the checkpoint's `generation_config.json`. llama.cpp uses them in place
-/// of its defaults unless the user sets the value, and so do we: the author knows best which
-/// temperature keeps their model coherent (a 1B model at 0.8 may ramble where 0.2 answers).
+/// Sampling values that replace a config's where they are set ([`Self::over`]): a user's flags
+/// or request fields, or a model's own recommendation ([`Self::from_gguf`]), the
+/// `general.sampling.*` keys that llama.cpp's converter copies from the checkpoint's
+/// `generation_config.json`. llama.cpp uses those in place of its defaults unless the user sets
+/// the value, and so do we: the author knows best which temperature keeps their model coherent
+/// (a 1B model at 0.8 may ramble where 0.2 answers).
 ///
 /// Keys read: `temp`, `top_k`, `top_p`, `min_p`, `penalty_repeat`, `penalty_last_n`. The others
 /// llama.cpp defines (`sequence`, `xtc_*`, `mirostat*`) name samplers we do not have and are
 /// ignored. A value of the wrong type or out of range is skipped with a note in `ignored`,
 /// never a failed load: a bad hint must not make a good model unusable.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ModelSampling {
+pub struct SamplingOverrides {
     pub temperature: Option<f32>,
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
@@ -160,8 +162,8 @@ pub struct ModelSampling {
     pub ignored: Vec<String>,
 }
 
-impl ModelSampling {
-    pub fn from_gguf(gguf: &crate::gguf::Gguf) -> ModelSampling {
+impl SamplingOverrides {
+    pub fn from_gguf(gguf: &crate::gguf::Gguf) -> SamplingOverrides {
         let mut ignored = Vec::new();
         let mut number = |key: &str, ok: &dyn Fn(f64) -> bool, range: &str| -> Option<f64> {
             let full = format!("general.sampling.{key}");
@@ -185,7 +187,7 @@ impl ModelSampling {
         let min_p = number("min_p", &|x| (0.0..=1.0).contains(&x), "in [0, 1]");
         let repeat_penalty = number("penalty_repeat", &|x| x > 0.0, "> 0");
         let penalty_last_n = number("penalty_last_n", &|x| x >= 0.0 && x.fract() == 0.0, "a whole number >= 0");
-        ModelSampling {
+        SamplingOverrides {
             temperature: temperature.map(|x| x as f32),
             top_k: top_k.map(|x| x as usize),
             top_p: top_p.map(|x| x as f32),
@@ -196,22 +198,26 @@ impl ModelSampling {
         }
     }
 
-    /// llama.cpp's defaults with the model's recommendation laid over them: what a request or
-    /// a command line that sets nothing gets.
-    pub fn defaults(&self) -> SamplerConfig {
-        let d = SamplerConfig::default();
+    /// `base` with the values set here in place of its own.
+    pub fn over(&self, base: &SamplerConfig) -> SamplerConfig {
         SamplerConfig {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
-            penalty_last_n: self.penalty_last_n.unwrap_or(d.penalty_last_n),
-            ..d
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
+            penalty_last_n: self.penalty_last_n.unwrap_or(base.penalty_last_n),
+            ..base.clone()
         }
     }
 
-    /// "temp 0.2, top_p 0.9": the values the model sets, for a status line; None when it sets none.
+    /// llama.cpp's defaults with these values laid over them: for a model's own, what a request
+    /// or a command line that sets nothing gets.
+    pub fn defaults(&self) -> SamplerConfig {
+        self.over(&SamplerConfig::default())
+    }
+
+    /// "temp 0.2, top_p 0.9": the values set here, for a status line; None when none is.
     pub fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();
         let mut put = |name: &str, v: Option<String>| {
@@ -547,13 +553,13 @@ mod tests {
         assert_eq!(exp_det(f64::INFINITY), f64::INFINITY);
     }
 
-    fn model_sampling(keys: &[(&str, crate::gguf::MetadataValue)]) -> ModelSampling {
+    fn model_sampling(keys: &[(&str, crate::gguf::MetadataValue)]) -> SamplingOverrides {
         let mut w = crate::gguf::GgufWriter::new();
         w.add_metadata("general.architecture", "llama");
         for (k, v) in keys {
             w.add_metadata(format!("general.sampling.{k}"), v.clone());
         }
-        ModelSampling::from_gguf(&crate::gguf::Gguf::parse(&w.to_bytes()).unwrap())
+        SamplingOverrides::from_gguf(&crate::gguf::Gguf::parse(&w.to_bytes()).unwrap())
     }
 
     #[test]

@@ -19,7 +19,7 @@ use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::{ByteSource, Config, Model, ModelError, Session};
-use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
+use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
@@ -184,6 +184,8 @@ struct Loaded {
     model: Box<Model>,
     /// The model's header: adapters are checked against its tensor names and shapes.
     gguf: Gguf,
+    /// The model's own sampling values (its header's general.sampling.*).
+    sampling: SamplingOverrides,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     name: String,
@@ -212,7 +214,7 @@ struct LoadOptions {
 }
 
 /// Sampling options left out take the model's `general.sampling.*` values, else llama.cpp's
-/// defaults (`ModelSampling::defaults`).
+/// defaults (`SamplingOverrides::defaults`).
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct ChatOptions {
@@ -247,16 +249,19 @@ impl Default for ChatOptions {
 
 impl ChatOptions {
     fn generate_options(&self, defaults: &SamplerConfig) -> GenerateOptions {
+        let chosen = SamplingOverrides {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            ..Default::default()
+        };
         let sampler = SamplerConfig {
-            temperature: self.temperature.unwrap_or(defaults.temperature),
-            top_k: self.top_k.unwrap_or(defaults.top_k),
-            top_p: self.top_p.unwrap_or(defaults.top_p),
-            min_p: self.min_p.unwrap_or(defaults.min_p),
-            repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed.unwrap_or(SamplerConfig::DEFAULT_SEED),
-            ..defaults.clone()
+            ..chosen.over(defaults)
         };
         GenerateOptions { max_tokens: self.max_tokens, sampler, stop: self.stop.clone(), stop_at_eog: true }
     }
@@ -533,7 +538,7 @@ impl Engine {
             let inner = &mut *guard;
             let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
-            let gen = opts.generate_options(&ModelSampling::from_gguf(&l.gguf).defaults());
+            let gen = opts.generate_options(&l.sampling.defaults());
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
             let ids = match (&messages_json, &raw) {
                 (Some(m), _) => {
@@ -605,12 +610,12 @@ fn info_json(gpu: &Gpu, l: &Loaded) -> serde_json::Value {
         "from_cache": l.from_cache,
         "load_seconds": l.load_seconds,
         "device": gpu.describe(),
-        "sampling": sampling_json(&ModelSampling::from_gguf(&l.gguf)),
+        "sampling": sampling_json(&l.sampling),
     })
 }
 
 /// What a chat that sets no sampling option gets, and which of it the model chose.
-fn sampling_json(m: &ModelSampling) -> serde_json::Value {
+fn sampling_json(m: &SamplingOverrides) -> serde_json::Value {
     let d = m.defaults();
     serde_json::json!({
         "temperature": d.temperature,
@@ -689,6 +694,7 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         session,
         adapters: Vec::new(),
         model,
+        sampling: SamplingOverrides::from_gguf(&gguf),
         gguf,
         tokenizer,
         template,

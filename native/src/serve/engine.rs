@@ -10,7 +10,7 @@ use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
-use nomoat_runtime::sampler::{ModelSampling, SamplerConfig};
+use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -145,7 +145,7 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
             .iter()
             .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
             .collect();
-        let model_sampling = ModelSampling::from_gguf(&gguf);
+        let model_sampling = SamplingOverrides::from_gguf(&gguf);
         for note in &model_sampling.ignored {
             eprintln!("nomoat serve: warning: {note}");
         }
