@@ -9,7 +9,6 @@
 
 use crate::shaders::Variant;
 use std::sync::{Arc, Mutex};
-use wgpu::util::DeviceExt;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum GpuError {
@@ -278,31 +277,33 @@ impl Gpu {
         .await
     }
 
-    pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
-        // uniform structs are sized in multiples of 16 bytes
-        let mut contents = bytemuck::bytes_of(value).to_vec();
-        contents.resize(contents.len().div_ceil(16) * 16, 0);
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: &contents,
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
-    }
-
     /// Copy `bytes` bytes from `src` at `offset` back to the host.
     pub async fn read(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>, GpuError> {
         self.check_lost()?;
         let size = (bytes + 3) & !3;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: size.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.readback_buffer(size);
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(src, offset, &staging, 0, size);
         self.queue.submit([enc.finish()]);
-        let slice = staging.slice(..);
+        let mut data = self.read_mapped(&staging, size).await?;
+        data.truncate(bytes as usize);
+        Ok(data)
+    }
+
+    /// A buffer to copy `bytes` into for reading back (`read_mapped`).
+    pub fn readback_buffer(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// The first `bytes` (a multiple of 4) of a readback buffer, once the submitted work that
+    /// fills it is done; the buffer is unmapped again for the next use.
+    pub async fn read_mapped(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let slice = staging.slice(..bytes.max(4));
         let (tx, rx) = futures::channel::oneshot::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -319,10 +320,10 @@ impl Gpu {
             }
             Err(_) => return Err(GpuError::Readback("map callback dropped".into())),
         }
-        let data = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?.to_vec();
+        let data = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?[..bytes as usize].to_vec();
         staging.unmap();
         self.check_lost()?;
-        Ok(data[..bytes as usize].to_vec())
+        Ok(data)
     }
 
     pub async fn read_f32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<f32>, GpuError> {

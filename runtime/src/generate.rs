@@ -4,6 +4,7 @@
 
 use crate::chat::StopMatcher;
 use crate::model::{ModelError, Session, MAX_BATCH};
+use crate::kernels::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use web_time::Instant;
@@ -134,8 +135,7 @@ impl Session<'_> {
                 out.finish = FinishReason::Length;
                 break;
             }
-            self.eval(&[next]).await?;
-            next = self.sample(&mut sampler).await?;
+            next = self.eval_sample(&[next], &mut sampler).await?;
         }
         if out.finish != FinishReason::Stop {
             let (tail, _) = stops.push(&decoder.finish());
@@ -149,14 +149,22 @@ impl Session<'_> {
         Ok(out)
     }
 
-    /// The next token after what the cache holds: the GPU's argmax when sampling is greedy
-    /// without penalties (4 bytes read back), otherwise the full logits through the sampler.
+    /// The next token after what the cache holds, reading back only what the sampler needs: the
+    /// GPU's argmax or top-k where that is enough (SamplerConfig::best_logits_needed), the
+    /// whole logits otherwise.
     pub async fn sample(&mut self, sampler: &mut Sampler) -> Result<u32, ModelError> {
-        if sampler.config().needs_full_logits() {
-            let logits = self.logits().await?;
-            Ok(sampler.sample(&logits))
-        } else {
-            Ok(self.top_k(1).await?[0].0)
+        match sampler.config().best_logits_needed(MAX_TOP_K as usize) {
+            Some(k) => Ok(sampler.sample_top(&self.top_k(k as u32).await?)),
+            None => Ok(sampler.sample(&self.logits().await?)),
+        }
+    }
+
+    /// Feed `ids` and sample the token after them, the read-back in the same submission as the
+    /// forward pass (one submission a generated token).
+    pub async fn eval_sample(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32, ModelError> {
+        match sampler.config().best_logits_needed(MAX_TOP_K as usize) {
+            Some(k) => Ok(sampler.sample_top(&self.eval_top_k(ids, k as u32).await?)),
+            None => Ok(sampler.sample(&self.eval_logits(ids).await?)),
         }
     }
 }
@@ -230,8 +238,7 @@ pub fn bench_ids(n: usize, n_vocab: usize) -> Vec<u32> {
 pub async fn bench_warm_up(s: &mut Session<'_>, ids: &[u32]) -> Result<(), ModelError> {
     s.reset();
     s.eval(&ids[..ids.len().min(8)]).await?;
-    s.eval(&[1]).await?;
-    s.top_k(1).await.map(|_| ())
+    s.eval_top_k(&[1], 1).await.map(|_| ())
 }
 
 /// One llama-bench style repetition (pp then tg, each from an empty cache), shared by
@@ -241,8 +248,7 @@ pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize) -> Re
     if !prompt.is_empty() {
         s.reset();
         let t = Instant::now();
-        s.eval(prompt).await?;
-        s.top_k(1).await?;
+        s.eval_top_k(prompt, 1).await?;
         run.prompt_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
     }
     if n_gen > 0 {
@@ -250,8 +256,7 @@ pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize) -> Re
         let t = Instant::now();
         let mut next = 1u32;
         for _ in 0..n_gen {
-            s.eval(&[next]).await?;
-            next = s.top_k(1).await?[0].0;
+            next = s.eval_top_k(&[next], 1).await?[0].0;
         }
         run.gen_tps = n_gen as f64 / t.elapsed().as_secs_f64();
     }

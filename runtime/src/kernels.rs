@@ -325,9 +325,10 @@ impl Gpu {
                                 has_dynamic_offset: false,
                                 min_binding_size: None,
                             },
+                            // each dispatch's slot of its recorder's parameter buffer
                             Uniform => wgpu::BindingType::Buffer {
                                 ty: wgpu::BufferBindingType::Uniform,
-                                has_dynamic_offset: false,
+                                has_dynamic_offset: true,
                                 min_binding_size: None,
                             },
                         },
@@ -536,6 +537,75 @@ pub const MAX_TOP_K: u32 = 128;
 const TOPK_CHUNK: u32 = 1024;
 const ARGMAX_CHUNK: u32 = 4096;
 
+/// Bytes of one dispatch's slot in a parameter buffer: a multiple of every device's uniform
+/// offset alignment (WebGPU allows at most 256) and at least any kernel's parameters.
+const PARAM_SLOT: u64 = 256;
+
+/// Parameter slots of a recorder that brings no [`DispatchCache`] of its own: past them it
+/// submits what it has and starts over.
+const OWN_PARAM_SLOTS: u32 = 64;
+
+/// Bind groups a cache keeps at most: past them it starts over (a guard against a caller that
+/// records over new buffers every time; a session's decode meets a few hundred).
+const MAX_CACHED_BIND_GROUPS: usize = 4096;
+
+/// What the recordings of one sequence of work over the same buffers (a session's tokens) keep
+/// between them, so that recording a dispatch creates no GPU object: a uniform buffer of
+/// parameter slots, one per dispatch of a submission, that the kernels read at a dynamic
+/// offset, and the bind group of every (layout, buffers) combination met so far. The bind
+/// groups hold their buffers: `clear` lets go of them.
+pub struct DispatchCache {
+    params: wgpu::Buffer,
+    slots: u32,
+    bind_groups: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    layout: wgpu::BindGroupLayout,
+    buffers: Vec<wgpu::Buffer>,
+}
+
+impl DispatchCache {
+    /// A cache whose recordings submit every `slots` dispatches at most.
+    pub fn new(gpu: &Gpu, slots: u32) -> DispatchCache {
+        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dispatch params"),
+            size: slots.max(1) as u64 * PARAM_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        DispatchCache { params, slots: slots.max(1), bind_groups: Mutex::new(HashMap::new()) }
+    }
+
+    /// Forget the bind groups, and with them the buffers they hold.
+    pub fn clear(&self) {
+        self.bind_groups.lock().unwrap().clear();
+    }
+
+    /// The bind group of `buffers` (then the parameter slots) for `layout`, made on first use.
+    fn bind_group(&self, gpu: &Gpu, layout: &wgpu::BindGroupLayout, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let key = BindKey { layout: layout.clone(), buffers: buffers.iter().map(|&b| b.clone()).collect() };
+        let mut map = self.bind_groups.lock().unwrap();
+        if let Some(bg) = map.get(&key) {
+            return bg.clone();
+        }
+        if map.len() >= MAX_CACHED_BIND_GROUPS {
+            map.clear();
+        }
+        let slot = wgpu::BufferBinding { buffer: &self.params, offset: 0, size: std::num::NonZeroU64::new(PARAM_SLOT) };
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .chain(std::iter::once(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: wgpu::BindingResource::Buffer(slot) }))
+            .collect();
+        let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout, entries: &entries });
+        map.insert(key, bg.clone());
+        bg
+    }
+}
+
 /// Records dispatches into one command encoder, consecutive dispatches into one compute pass:
 /// with 500 one-workgroup copies lavapipe took about 15 µs per pass on top of the ~27 µs of a
 /// dispatch (in a whole decode step the difference stayed within run-to-run noise). WebGPU
@@ -547,6 +617,12 @@ pub struct Recorder<'g> {
     encoder: wgpu::CommandEncoder,
     /// When profiling: a timestamp before and after every dispatch, and the dispatches' kernels.
     timer: Option<(wgpu::QuerySet, Vec<String>)>,
+    /// Parameter slots and bind groups, the recorder's own or a session's.
+    cache: Arc<DispatchCache>,
+    /// The parameters of the dispatches recorded since the last submission, slot by slot:
+    /// written to the cache's buffer just before the submission that reads them (queue order
+    /// keeps earlier submissions reading theirs).
+    params: Vec<u8>,
     /// Products of several tokens: Some(true) runs the tiled matmul.wgsl, Some(false)
     /// matvec.wgsl's token loop, None what suits the device (tests run both everywhere).
     pub tiled_matmul: Option<bool>,
@@ -585,6 +661,11 @@ const MAX_TIMED_DISPATCHES: u32 = 2048;
 
 impl<'g> Recorder<'g> {
     pub fn new(gpu: &'g Gpu) -> Recorder<'g> {
+        Recorder::with_cache(gpu, Arc::new(DispatchCache::new(gpu, OWN_PARAM_SLOTS)))
+    }
+
+    /// A recorder that takes its parameter slots and bind groups from `cache`.
+    pub fn with_cache(gpu: &'g Gpu, cache: Arc<DispatchCache>) -> Recorder<'g> {
         let timer = gpu.profiling().then(|| {
             let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("dispatch timestamps"),
@@ -593,12 +674,41 @@ impl<'g> Recorder<'g> {
             });
             (set, Vec::new())
         });
-        Recorder { gpu, encoder: gpu.device.create_command_encoder(&Default::default()), pass: None, timer, tiled_matmul: None, token_tile: None, query_per_invocation: None }
+        Recorder {
+            gpu,
+            encoder: gpu.device.create_command_encoder(&Default::default()),
+            pass: None,
+            timer,
+            cache,
+            params: Vec::new(),
+            tiled_matmul: None,
+            token_tile: None,
+            query_per_invocation: None,
+        }
+    }
+
+    /// The recorded parameters into the cache's slots, for the submission that follows.
+    fn write_params(&mut self) {
+        if !self.params.is_empty() {
+            self.gpu.queue.write_buffer(&self.cache.params, 0, &self.params);
+            self.params.clear();
+        }
+    }
+
+    /// Submit what is recorded so far and go on recording (the parameter slots are full).
+    fn flush(&mut self) -> Result<(), GpuError> {
+        self.gpu.check_lost()?;
+        self.pass = None;
+        let done = std::mem::replace(&mut self.encoder, self.gpu.device.create_command_encoder(&Default::default()));
+        self.write_params();
+        self.gpu.queue.submit([done.finish()]);
+        Ok(())
     }
 
     pub fn submit(mut self) -> Result<(), GpuError> {
         self.gpu.check_lost()?;
         self.pass = None;
+        self.write_params();
         let Some((set, kernels)) = self.timer.take() else {
             self.gpu.queue.submit([self.encoder.finish()]);
             return Ok(());
@@ -643,16 +753,16 @@ impl<'g> Recorder<'g> {
     ) -> Result<(), GpuError> {
         // wgpu panics on buffers created on a lost device: report the loss instead
         self.gpu.check_lost()?;
+        const { assert!(std::mem::size_of::<P>() as u64 <= PARAM_SLOT) };
         let kernel = self.timer.is_some().then(|| key.profile_name());
         let p = self.gpu.pipeline(key).await?;
-        let uniform = self.gpu.uniform(params);
-        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-            .collect();
-        entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
-        let bg = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &p.layout, entries: &entries });
+        if self.params.len() as u64 == self.cache.slots as u64 * PARAM_SLOT {
+            self.flush()?;
+        }
+        let offset = self.params.len();
+        self.params.extend_from_slice(bytemuck::bytes_of(params));
+        self.params.resize(offset + PARAM_SLOT as usize, 0);
+        let bg = self.cache.bind_group(self.gpu, &p.layout, buffers);
         let encoder = &mut self.encoder;
         let pass = self.pass.get_or_insert_with(|| encoder.begin_compute_pass(&Default::default()).forget_lifetime());
         let timed = match &mut self.timer {
@@ -665,7 +775,7 @@ impl<'g> Recorder<'g> {
             _ => None,
         };
         pass.set_pipeline(&p.pipeline);
-        pass.set_bind_group(0, &bg, &[]);
+        pass.set_bind_group(0, &bg, &[offset as u32]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         if let Some((set, i)) = timed {
             pass.write_timestamp(set, i);
@@ -1099,46 +1209,68 @@ struct AttentionParams {
 /// The k best (id, value) pairs of values: [n], highest first, computed on the GPU in passes of
 /// per-workgroup selections until one workgroup remains. Argmax is `top_k(.., 1)`.
 pub async fn top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<Vec<(u32, f32)>, GpuError> {
-    if k == 0 || k > MAX_TOP_K || k > n {
-        return Err(GpuError::Unsupported(format!("top-k with k = {k} over {n} values (k must be 1..={MAX_TOP_K})")));
-    }
-    let (v, ids) = record_top_k(gpu, values, n, k).await?;
-    let vals = gpu.read_f32(&v, 0, k as usize).await?;
-    let ids = gpu.read_u32(&ids, 0, k as usize).await?;
+    let scratch = TopKScratch::new(gpu, n).await?;
+    let mut rec = Recorder::new(gpu);
+    let (v, ids) = record_top_k(&mut rec, &scratch, values, n, k).await?;
+    rec.submit()?;
+    let vals = gpu.read_f32(v, 0, k as usize).await?;
+    let ids = gpu.read_u32(ids, 0, k as usize).await?;
     Ok(ids.into_iter().zip(vals).collect())
 }
 
-/// Run the top-k passes and return the buffers holding the final k values and ids.
-pub async fn record_top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<(wgpu::Buffer, wgpu::Buffer), GpuError> {
-    let mut rec = Recorder::new(gpu);
-    let mut cur_v: Option<wgpu::Buffer> = None;
-    let mut cur_id: Option<wgpu::Buffer> = None;
+/// The buffers a top-k selection over up to n values passes its candidates through, made once
+/// for all the selections of a session: two (values, ids) pairs that the passes alternate
+/// between, each large enough for the first pass's output (every later pass writes less).
+pub struct TopKScratch {
+    n: u32,
+    values: [wgpu::Buffer; 2],
+    ids: [wgpu::Buffer; 2],
+}
+
+impl TopKScratch {
+    pub async fn new(gpu: &Gpu, n: u32) -> Result<TopKScratch, GpuError> {
+        let most = n.div_ceil(ARGMAX_CHUNK).max(n.div_ceil(TOPK_CHUNK) * MAX_TOP_K) as u64 * 4;
+        Ok(TopKScratch {
+            n,
+            values: [gpu.storage("topk values", most).await?, gpu.storage("topk values", most).await?],
+            ids: [gpu.storage("topk ids", most).await?, gpu.storage("topk ids", most).await?],
+        })
+    }
+}
+
+/// Record the top-k passes over values: [n]; the k best values and their ids, highest first,
+/// are then at the start of the returned buffers of `scratch`.
+pub async fn record_top_k<'s>(
+    rec: &mut Recorder<'_>,
+    scratch: &'s TopKScratch,
+    values: &wgpu::Buffer,
+    n: u32,
+    k: u32,
+) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
+    if k == 0 || k > MAX_TOP_K || k > n || n > scratch.n {
+        return Err(GpuError::Unsupported(format!("top-k with k = {k} over {n} values (k must be 1..={MAX_TOP_K})")));
+    }
     let mut count = n;
     // k = 1 takes the argmax entry point, with its larger chunks
     let (entry, chunk) = if k == 1 { ("argmax", ARGMAX_CHUNK) } else { ("main", TOPK_CHUNK) };
+    let mut pass = 0;
     loop {
         let groups = count.div_ceil(chunk);
-        let out_v = gpu.storage("topk values", (groups * k) as u64 * 4).await?;
-        let out_id = gpu.storage("topk ids", (groups * k) as u64 * 4).await?;
-        let first = cur_v.is_none();
-        let in_v = cur_v.as_ref().unwrap_or(values);
-        let in_id = cur_id.as_ref().unwrap_or(values);
+        let out = pass % 2;
+        let (in_v, in_id) = if pass == 0 { (values, values) } else { (&scratch.values[1 - out], &scratch.ids[1 - out]) };
         rec.dispatch(
             PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() },
-            &[in_v, in_id, &out_v, &out_id],
-            &[count, k, first as u32, 0],
+            &[in_v, in_id, &scratch.values[out], &scratch.ids[out]],
+            &[count, k, (pass == 0) as u32, 0],
             (groups, 1, 1),
         )
         .await?;
-        cur_v = Some(out_v);
-        cur_id = Some(out_id);
         count = groups * k;
         if groups == 1 {
-            break;
+            return Ok((&scratch.values[out], &scratch.ids[out]));
         }
+        pass += 1;
     }
-    rec.submit()?;
-    Ok((cur_v.unwrap(), cur_id.unwrap()))
 }
 
 /// The variant label pipelines were generated for, for reports.

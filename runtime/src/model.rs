@@ -17,7 +17,7 @@
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
+use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use crate::lora::LoraAdapter;
 use crate::quant;
 use std::sync::Arc;
@@ -421,6 +421,19 @@ impl Model {
 /// Tokens processed per prefill step; the activation buffers are sized for it.
 pub const MAX_BATCH: usize = 64;
 
+/// Dispatches a session records before it submits: more than one step of any model here takes
+/// (about 5 to 10 a layer, more with adapters); a longer recording submits in parts.
+const SESSION_PARAM_SLOTS: u32 = 1024;
+
+/// What a step reads back of the last token's logits, copied out in the submission that
+/// computes them: nothing, their k best (ids and values, selected on the GPU), or all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readback {
+    Nothing,
+    TopK(u32),
+    Logits,
+}
+
 /// Scratch activations for up to MAX_BATCH tokens, allocated once per session.
 struct Scratch {
     ids: wgpu::Buffer,     // [B] u32
@@ -462,6 +475,12 @@ pub struct Session<'m> {
     lora_u: Option<wgpu::Buffer>,
     /// Tokens in the most recent batch: the row of the last token's logits in all_logits mode.
     last_batch: usize,
+    /// Parameter slots and bind groups of every step, so that a step creates no GPU object.
+    dispatch: Arc<DispatchCache>,
+    /// The GPU top-k's intermediates over the logits.
+    top_k: TopKScratch,
+    /// Where a step's read-back lands: [max(n_vocab, 2 · MAX_TOP_K)] of 4 bytes.
+    readback: wgpu::Buffer,
 }
 
 impl<'m> Session<'m> {
@@ -509,7 +528,24 @@ impl<'m> Session<'m> {
             logits: gpu.storage("logits", logits_len).await?,
             logits2: gpu.storage("logits2", logits_len).await?,
         };
-        Ok(Session { model, gpu, n_ctx, kv, tokens: Vec::new(), k_cache, v_cache, s, all_logits, last_batch: 0, adapters: Vec::new(), lora_t: None, lora_u: None })
+        Ok(Session {
+            model,
+            gpu,
+            n_ctx,
+            kv,
+            tokens: Vec::new(),
+            k_cache,
+            v_cache,
+            s,
+            all_logits,
+            last_batch: 0,
+            adapters: Vec::new(),
+            lora_t: None,
+            lora_u: None,
+            dispatch: Arc::new(DispatchCache::new(gpu, SESSION_PARAM_SLOTS)),
+            top_k: TopKScratch::new(gpu, c.n_vocab as u32).await?,
+            readback: gpu.readback_buffer(c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
+        })
     }
 
     /// Forget the cache from position `n` on (keep a shared prefix for the next prompt).
@@ -536,6 +572,8 @@ impl<'m> Session<'m> {
         let b = MAX_BATCH as u64 * 4;
         self.lora_t = None;
         self.lora_u = None;
+        // the cached bind groups hold the old adapters' buffers
+        self.dispatch.clear();
         if max_rank > 0 {
             self.lora_t = Some(self.gpu.storage("lora t", b * max_rank).await?);
             self.lora_u = Some(self.gpu.storage("lora u", b * max_out).await?);
@@ -551,6 +589,25 @@ impl<'m> Session<'m> {
     /// Feed `ids` after what the cache holds. Afterwards the logits buffer holds the last
     /// token's logits (or, with all_logits, every token's of the last batch).
     pub async fn eval(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+        self.eval_then(ids, Readback::Nothing).await.map(|_| ())
+    }
+
+    /// Feed `ids` (there must be some) and return the k best (id, logit) of the last token,
+    /// selected on the GPU in the same submission (k ≤ MAX_TOP_K).
+    pub async fn eval_top_k(&mut self, ids: &[u32], k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
+        let bytes = self.eval_then(ids, Readback::TopK(k)).await?;
+        Ok(self.top_k_of(&bytes, k))
+    }
+
+    /// Feed `ids` (there must be some) and return the last token's logits, [n_vocab], read
+    /// back in the same submission.
+    pub async fn eval_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let bytes = self.eval_then(ids, Readback::Logits).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Feed `ids`; the last batch's submission also reads back `then`, whose bytes it returns.
+    async fn eval_then(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
         let c = &self.model.config;
         let needed = self.tokens.len() + ids.len();
         if needed > self.n_ctx {
@@ -559,15 +616,20 @@ impl<'m> Session<'m> {
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
             return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
         }
-        for chunk in ids.chunks(MAX_BATCH) {
-            self.eval_batch(chunk).await?;
+        if ids.is_empty() && then != Readback::Nothing {
+            return Err(ModelError::Invalid("nothing to evaluate".into()));
+        }
+        let n_batches = ids.len().div_ceil(MAX_BATCH);
+        let mut bytes = Vec::new();
+        for (i, chunk) in ids.chunks(MAX_BATCH).enumerate() {
+            bytes = self.eval_batch(chunk, if i + 1 == n_batches { then } else { Readback::Nothing }).await?;
             self.tokens.extend_from_slice(chunk);
             self.last_batch = chunk.len();
         }
-        Ok(())
+        Ok(bytes)
     }
 
-    async fn eval_batch(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+    async fn eval_batch(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
         let m = self.model;
         let c = &m.config;
         let gpu = self.gpu;
@@ -579,7 +641,7 @@ impl<'m> Session<'m> {
         let q_dim = c.n_head as u32 * hd;
         let kv_dim = c.n_kv_head as u32 * hd;
         gpu.queue.write_buffer(&s.ids, 0, bytemuck::cast_slice(ids));
-        let mut r = Recorder::new(gpu);
+        let mut r = Recorder::with_cache(gpu, self.dispatch.clone());
         // an adapter at scale 0 adds nothing: leaving it out keeps the fused path (and the base
         // model's logits bit for bit)
         let active: Vec<(Arc<LoraAdapter>, f32)> = self.adapters.iter().filter(|(_, scale)| *scale != 0.0).cloned().collect();
@@ -709,15 +771,59 @@ impl<'m> Session<'m> {
             r.softcap(&s.logits, &s.logits2, n_out * vocab, cap).await?;
             copy(&mut r, &s.logits2, &s.logits, n_out * vocab);
         }
+        let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
+        self.finish(r, n_last, then).await
+    }
+
+    /// Record the read-back `then` of row n_last of the logits after what `r` holds, submit,
+    /// and return the bytes read.
+    async fn finish(&self, mut r: Recorder<'_>, n_last: usize, then: Readback) -> Result<Vec<u8>, ModelError> {
+        let v = self.model.config.n_vocab as u64;
+        let row = n_last as u64 * v * 4;
+        let bytes = match then {
+            Readback::Nothing => 0,
+            Readback::TopK(k) if !self.all_logits => {
+                let (values, ids) = kernels::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
+                let half = k as u64 * 4;
+                r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
+                r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);
+                2 * half
+            }
+            // with every position's logits kept, top-k is taken on the CPU (top_k_of)
+            Readback::TopK(_) | Readback::Logits => {
+                r.encoder().copy_buffer_to_buffer(&self.s.logits, row, &self.readback, 0, v * 4);
+                v * 4
+            }
+        };
         r.submit()?;
-        Ok(())
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.gpu.read_mapped(&self.readback, bytes).await?)
+    }
+
+    /// The k best (id, logit) from a TopK read-back.
+    fn top_k_of(&self, bytes: &[u8], k: u32) -> Vec<(u32, f32)> {
+        if self.all_logits {
+            let logits: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+            return crate::reference::top_k(&logits, k as usize).into_iter().map(|(i, v)| (i as u32, v)).collect();
+        }
+        let (ids, values) = bytes.split_at(k as usize * 4);
+        let ids: Vec<u32> = bytemuck::pod_collect_to_vec(ids);
+        let values: Vec<f32> = bytemuck::pod_collect_to_vec(values);
+        ids.into_iter().zip(values).collect()
+    }
+
+    /// Row n_last of the logits, for reading them again after the step that computed them.
+    fn last_row(&self) -> usize {
+        if self.all_logits { self.last_batch.saturating_sub(1) } else { 0 }
     }
 
     /// Logits of the last evaluated token, [n_vocab].
     pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
-        let v = self.model.config.n_vocab;
-        let n_last = if self.all_logits { self.last_batch.saturating_sub(1) } else { 0 };
-        Ok(self.gpu.read_f32(&self.s.logits, (n_last * v) as u64, v).await?)
+        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let bytes = self.finish(r, self.last_row(), Readback::Logits).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Logits of every token of the last batch, [n][n_vocab] (needs all_logits).
@@ -726,13 +832,11 @@ impl<'m> Session<'m> {
         Ok(self.gpu.read_f32(&self.s.logits, 0, n * self.model.config.n_vocab).await?)
     }
 
-    /// The k best (id, logit) of the last token, selected on the GPU.
+    /// The k best (id, logit) of the last token, selected on the GPU (k ≤ MAX_TOP_K).
     pub async fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
-        if self.all_logits {
-            let logits = self.logits().await?;
-            return Ok(crate::reference::top_k(&logits, k as usize).into_iter().map(|(i, v)| (i as u32, v)).collect());
-        }
-        Ok(kernels::top_k(self.gpu, &self.s.logits, self.model.config.n_vocab as u32, k).await?)
+        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let bytes = self.finish(r, self.last_row(), Readback::TopK(k)).await?;
+        Ok(self.top_k_of(&bytes, k))
     }
 }
 

@@ -53,7 +53,7 @@ impl SamplerConfig {
     /// The seed [`Default`] uses (a fixed value, unlike llama.cpp's random default).
     pub const DEFAULT_SEED: u64 = 0x6E6F_6D6F_6174; // "nomoat"
 
-    /// Plain argmax, no penalties: the GPU argmax is enough (see [`Self::needs_full_logits`]).
+    /// Plain argmax, no penalties: the GPU argmax is enough (see [`Self::best_logits_needed`]).
     pub fn greedy() -> Self {
         SamplerConfig {
             temperature: 0.0,
@@ -114,10 +114,18 @@ impl SamplerConfig {
         self.temperature <= 0.0 || self.top_k == 1
     }
 
-    /// False when the token is the plain argmax of the logits (greedy, no penalties): then a GPU
-    /// argmax (lowest id on ties) gives the same token and the logits need not be read back.
-    pub fn needs_full_logits(&self) -> bool {
-        !self.is_greedy() || self.has_penalties()
+    /// How many of the best logits the choice depends on, where that is at most `max_k` and no
+    /// penalty changes them: 1 when greedy, top_k when sampling from the top k. The GPU's top-k
+    /// (highest first, the lower id first on ties) then gives [`Sampler::sample_top`] all it
+    /// needs and the logits need not be read back. None: the choice needs every logit.
+    pub fn best_logits_needed(&self, max_k: usize) -> Option<usize> {
+        if self.has_penalties() {
+            None
+        } else if self.is_greedy() {
+            Some(1)
+        } else {
+            Some(self.top_k).filter(|&k| k > 0 && k <= max_k)
+        }
     }
 }
 
@@ -417,7 +425,7 @@ impl Sampler {
         }
 
         // Candidates, without -inf (probability 0).
-        let cand = &mut self.cand;
+        let mut cand = std::mem::take(&mut self.cand);
         cand.clear();
         cand.extend(
             logits
@@ -426,9 +434,33 @@ impl Sampler {
                 .map(|(i, &l)| (clean(l), i as u32))
                 .filter(|c| c.0 > f32::NEG_INFINITY),
         );
-        if cand.is_empty() {
-            return argmax(logits);
+        let id = if cand.is_empty() { argmax(logits) } else { self.draw(&mut cand) };
+        self.cand = cand;
+        id
+    }
+
+    /// Picks the next token from the best (id, logit) pairs of the logits, highest first and the
+    /// lower id first on ties, as many as [`SamplerConfig::best_logits_needed`] says: the token
+    /// [`Sampler::sample`] picks from the whole row, for a config without penalties.
+    ///
+    /// Panics if `best` is empty.
+    pub fn sample_top(&mut self, best: &[(u32, f32)]) -> u32 {
+        assert!(!best.is_empty(), "Sampler::sample_top: no candidates");
+        debug_assert!(!self.cfg.has_penalties());
+        if self.cfg.is_greedy() {
+            return best[0].0;
         }
+        let mut cand = std::mem::take(&mut self.cand);
+        cand.clear();
+        cand.extend(best.iter().map(|&(id, l)| (clean(l), id)).filter(|c| c.0 > f32::NEG_INFINITY));
+        let id = if cand.is_empty() { best[0].0 } else { self.draw(&mut cand) };
+        self.cand = cand;
+        id
+    }
+
+    /// llama.cpp's chain after the penalties over the candidates (logit, id), none of them -inf.
+    fn draw(&mut self, cand: &mut Vec<(f32, u32)>) -> u32 {
+        let cfg = &self.cfg;
 
         // Top-k.
         if cfg.top_k > 0 && cfg.top_k < cand.len() {

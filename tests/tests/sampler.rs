@@ -322,30 +322,47 @@ fn penalties_apply_before_filters() {
 }
 
 #[test]
-fn needs_full_logits() {
-    assert!(!SamplerConfig::greedy().needs_full_logits());
-    assert!(SamplerConfig::default().needs_full_logits());
-    assert!(SamplerConfig {
-        repeat_penalty: 1.1,
-        ..SamplerConfig::greedy()
+fn best_logits_needed() {
+    let needed = |c: SamplerConfig| c.best_logits_needed(128);
+    assert_eq!(needed(SamplerConfig::greedy()), Some(1));
+    assert_eq!(needed(SamplerConfig::default()), Some(40));
+    assert_eq!(needed(SamplerConfig { top_k: 1, ..SamplerConfig::default() }), Some(1));
+    // every logit: top-k off or above the GPU's limit, or a penalty in play
+    assert_eq!(needed(SamplerConfig { top_k: 0, ..SamplerConfig::default() }), None);
+    assert_eq!(needed(SamplerConfig { top_k: 129, ..SamplerConfig::default() }), None);
+    assert_eq!(needed(SamplerConfig { repeat_penalty: 1.1, ..SamplerConfig::greedy() }), None);
+    assert_eq!(needed(SamplerConfig { presence_penalty: 0.5, ..SamplerConfig::default() }), None);
+    // a penalty over an empty window changes nothing
+    assert_eq!(needed(SamplerConfig { repeat_penalty: 1.1, penalty_last_n: 0, ..SamplerConfig::greedy() }), Some(1));
+}
+
+/// Sampling from the k best (id, logit) pairs, as the GPU's top-k hands them over, picks the
+/// same tokens as sampling from the whole row, draw for draw.
+#[test]
+fn sample_top_matches_sample() {
+    let configs = [
+        SamplerConfig::default(),
+        SamplerConfig::greedy(),
+        cfg(1.5, 5, 1.0, 0.0),
+        cfg(0.7, 128, 0.9, 0.0),
+        cfg(1.0, 40, 0.5, 0.2),
+        cfg(2.0, 64, 1.0, 0.01),
+    ];
+    let mut rng = Rng::new(9);
+    for c in configs {
+        let k = c.best_logits_needed(128).unwrap();
+        let mut whole = Sampler::new(c.clone());
+        let mut best = Sampler::new(c.clone());
+        for round in 0..200 {
+            // rounded logits tie often, so the lower-id-first order is exercised
+            let mut logits: Vec<f32> = rng.fill(1000, 4.0).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+            if round % 10 == 0 {
+                logits[7] = f32::NEG_INFINITY;
+            }
+            let top: Vec<(u32, f32)> = nomoat_runtime::reference::top_k(&logits, k).into_iter().map(|(i, v)| (i as u32, v)).collect();
+            assert_eq!(whole.sample(&logits), best.sample_top(&top), "{c:?}, round {round}");
+        }
     }
-    .needs_full_logits());
-    assert!(SamplerConfig {
-        presence_penalty: 0.5,
-        ..SamplerConfig::greedy()
-    }
-    .needs_full_logits());
-    assert!(!SamplerConfig {
-        repeat_penalty: 1.1,
-        penalty_last_n: 0,
-        ..SamplerConfig::greedy()
-    }
-    .needs_full_logits());
-    assert!(!SamplerConfig {
-        top_k: 1,
-        ..SamplerConfig::default()
-    }
-    .needs_full_logits());
 }
 
 #[test]

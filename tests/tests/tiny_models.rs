@@ -14,6 +14,7 @@
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::model::{Model, Session};
+use nomoat_runtime::sampler::{Sampler, SamplerConfig};
 use nomoat_tests::gpu::variants;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -125,4 +126,42 @@ fn qwen2_tiny_matches_llama_cpp() {
 #[test]
 fn qwen3_tiny_matches_llama_cpp() {
     check("qwen3-tiny.gguf");
+}
+
+/// Decoding reads back only what the sampler needs, in the submission that computes the
+/// logits (the GPU's top-k for top-k sampling, its argmax when greedy): the tokens are those
+/// the CPU sampler picks from the whole logits read back after each step, draw for draw.
+#[test]
+fn sampling_from_the_gpu_top_k_picks_what_the_whole_logits_give() {
+    let file = "llama-tiny.gguf";
+    let prompt = refs().models.into_iter().find(|m| m.file == file).unwrap().cases.remove(0).ids;
+    let configs = [
+        SamplerConfig::default(),
+        SamplerConfig { temperature: 1.5, top_k: 5, ..SamplerConfig::default() },
+        SamplerConfig::greedy(),
+    ];
+    for gpu in variants() {
+        let mut f = std::fs::File::open(dir().join(file)).unwrap();
+        let len = f.metadata().unwrap().len();
+        let gguf = Gguf::read_from(&mut f, len).unwrap();
+        let model = pollster::block_on(Model::load(&gguf, gpu, &mut f, &mut |_, _| {})).unwrap();
+        for c in &configs {
+            let (mut on_gpu, mut on_cpu) = (Sampler::new(c.clone()), Sampler::new(c.clone()));
+            let mut a = pollster::block_on(Session::new(&model, gpu, 256, KvType::F32, false)).unwrap();
+            let mut b = pollster::block_on(Session::new(&model, gpu, 256, KvType::F32, false)).unwrap();
+            let (mut next_a, mut next_b) = (prompt.clone(), prompt.clone());
+            let mut tokens = Vec::new();
+            for _ in 0..24 {
+                let ta = pollster::block_on(a.eval_sample(&next_a, &mut on_gpu)).unwrap();
+                pollster::block_on(b.eval(&next_b)).unwrap();
+                let tb = on_cpu.sample(&pollster::block_on(b.logits()).unwrap());
+                assert_eq!(ta, tb, "[{:?}] {c:?} after {tokens:?}", gpu.variant);
+                tokens.push(ta);
+                (next_a, next_b) = (vec![ta], vec![tb]);
+            }
+            eprintln!("[{:?}] top_k {} temp {}: {tokens:?}", gpu.variant, c.top_k, c.temperature);
+            let distinct = tokens.iter().collect::<std::collections::HashSet<_>>().len();
+            assert!(c.is_greedy() || distinct > 3, "sampling should vary the tokens: {tokens:?}");
+        }
+    }
 }
