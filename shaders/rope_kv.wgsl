@@ -8,6 +8,10 @@
 // Invocations: one per rotated pair of q (in place, so a pair's two elements are read before
 // either is written), then one per two consecutive elements of k, then of v (a packed f16 word
 // is written whole by one invocation; each k element is rotated from the unrotated source).
+// QK_NORM (Qwen3, Gemma 3): each head of q and k is first RMS-normalised with its weight
+// (q_norm_w, k_norm_w: [head_dim]), which needs the whole head: one invocation per q head and
+// per k head then takes the place of those per pair (a head is a few hundred elements, and
+// this spares the two norm dispatches a layer that cost more than the work on CPU devices).
 
 struct Params {
     n_tokens: u32,
@@ -19,6 +23,7 @@ struct Params {
     neox: u32,
     log2_base: f32,
     freq_scale: f32,
+    eps: f32,   // QK_NORM
 }
 
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
@@ -26,21 +31,51 @@ struct Params {
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read_write> k_cache: array<KvStore>;
 @group(0) @binding(4) var<storage, read_write> v_cache: array<KvStore>;
-@group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(5) var<storage, read> q_norm_w: array<f32>;
+@group(0) @binding(6) var<storage, read> k_norm_w: array<f32>;
+@group(0) @binding(7) var<uniform> p: Params;
 
 #include "kv_write.wgsl"
 #include "rotary.wgsl"
 
-// element e of the k head starting at `base`, rotated for position pos
-fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
+#if QK_NORM
+// 1 / rms of the head of x starting at base, times the norm weight, as the factor each of its
+// elements e takes: inv · w[e]. One function per buffer (WGSL passes no storage pointers).
+fn q_inv_rms(base: u32) -> f32 {
+    var ss = 0.0;
+    for (var e = 0u; e < p.head_dim; e++) {
+        ss += q[base + e] * q[base + e];
+    }
+    return inverseSqrt(ss / f32(p.head_dim) + p.eps);
+}
+fn k_inv_rms(base: u32) -> f32 {
+    var ss = 0.0;
+    for (var e = 0u; e < p.head_dim; e++) {
+        ss += k[base + e] * k[base + e];
+    }
+    return inverseSqrt(ss / f32(p.head_dim) + p.eps);
+}
+#endif
+
+// element e of the k head starting at `base`, before rotation
+fn k_in(base: u32, e: u32, inv: f32) -> f32 {
+#if QK_NORM
+    return k[base + e] * inv * k_norm_w[e];
+#else
+    return k[base + e];
+#endif
+}
+
+// element e of the k head starting at `base`, rotated for position pos (inv: QK_NORM's factor)
+fn rotated_k(base: u32, e: u32, pos: u32, inv: f32) -> f32 {
     if (e >= p.n_rot) {
-        return k[base + e];
+        return k_in(base, e, inv);
     }
     // the pair holding e, and which of its two elements e is
     let neox = p.neox != 0u;
     let i = select(e / 2u, e % (p.n_rot / 2u), neox);
     let ab = rope_pair(base, i, p.n_rot, neox);
-    let turned = rotate(k[ab.x], k[ab.y], rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale));
+    let turned = rotate(k_in(base, ab.x - base, inv), k_in(base, ab.y - base, inv), rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale));
     return select(turned.x, turned.y, base + e == ab.y);
 }
 
@@ -48,9 +83,40 @@ fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.x + gid.y * nwg.x * 256u;
     let half = p.n_rot / 2u;
-    let n_q_pairs = p.n_tokens * p.n_head * half;
     let kv_row = p.n_kv_head * p.head_dim;
     let n_kv_pairs = p.n_tokens * kv_row / 2u;
+#if QK_NORM
+    // one invocation per q head, then per k head, then per pair of v elements
+    let n_q_heads = p.n_tokens * p.n_head;
+    let n_k_heads = p.n_tokens * p.n_kv_head;
+    if (idx < n_q_heads) {
+        let base = idx * p.head_dim;
+        let pos = p.pos0 + idx / p.n_head;
+        let inv = q_inv_rms(base);
+        for (var i = 0u; i < half; i++) {
+            let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
+            let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+            let turned = rotate(q[ab.x] * inv * q_norm_w[ab.x - base], q[ab.y] * inv * q_norm_w[ab.y - base], sc);
+            q[ab.x] = turned.x;
+            q[ab.y] = turned.y;
+        }
+        for (var e = p.n_rot; e < p.head_dim; e++) {
+            q[base + e] *= inv * q_norm_w[e];
+        }
+    } else if (idx < n_q_heads + n_k_heads) {
+        let head = idx - n_q_heads;   // token * n_kv_head + kv head
+        let base = head * p.head_dim;
+        let pos = p.pos0 + head / p.n_kv_head;
+        let inv = k_inv_rms(base);
+        for (var e = 0u; e < p.head_dim; e += 2u) {
+            put_k(p.pos0 * kv_row + base + e, rotated_k(base, e, pos, inv), rotated_k(base, e + 1u, pos, inv));
+        }
+    } else if (idx < n_q_heads + n_k_heads + n_kv_pairs) {
+        let e0 = 2u * (idx - n_q_heads - n_k_heads);
+        put_v(p.pos0 * kv_row + e0, v[e0], v[e0 + 1u]);
+    }
+#else
+    let n_q_pairs = p.n_tokens * p.n_head * half;
     if (idx < n_q_pairs) {
         let i = idx % half;
         let head = idx / half;            // token * n_head + head
@@ -66,9 +132,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let t = e0 / kv_row;
         let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
         let pos = p.pos0 + t;
-        put_k(p.pos0 * kv_row + e0, rotated_k(base, e0 - base, pos), rotated_k(base, e0 + 1u - base, pos));
+        put_k(p.pos0 * kv_row + e0, rotated_k(base, e0 - base, pos, 1.0), rotated_k(base, e0 + 1u - base, pos, 1.0));
     } else if (idx < n_q_pairs + 2u * n_kv_pairs) {
         let e0 = 2u * (idx - n_q_pairs - n_kv_pairs);
         put_v(p.pos0 * kv_row + e0, v[e0], v[e0 + 1u]);
     }
+#endif
 }

@@ -19,7 +19,7 @@
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::{GgmlType, KERNEL_TYPES};
-use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
+use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 /// SplitMix64: tiny, seedable, the same numbers on every target.
@@ -558,11 +558,12 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// RoPE on q in place and k (rotated) and v into the cache after `pos0` cached positions.
+/// RoPE on q in place and k (rotated) and v into the cache after `pos0` cached positions, with
+/// and without the per-head RMS norms of q and k first (QK_NORM).
 async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
     use reference::{RopeMode, RopeParams};
     let mut checks = Vec::new();
-    for kv in [KvType::F32, KvType::F16] {
+    for (kv, with_norm) in [(KvType::F32, false), (KvType::F16, false), (KvType::F32, true), (KvType::F16, true)] {
         for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in
             [(RopeMode::Normal, 1u32, 9u32, 3u32, 64u32, 64u32, 37u32), (RopeMode::Neox, 5, 4, 1, 256, 256, 600), (RopeMode::Neox, 3, 2, 2, 128, 64, 0), (RopeMode::Normal, 2, 3, 3, 6, 4, 9)]
                 .into_iter()
@@ -578,22 +579,30 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             let cache_bytes = (pos0 + n_tokens) as u64 * row as u64 * kv.bytes();
             let (kc, vc) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
             let args = RopeArgs { n_tokens, n_heads: n_head, head_dim, n_rot, pos0, neox: mode == RopeMode::Neox, freq_base: base, freq_scale: fscale };
+            // norm weights around 1, as trained ones are
+            let (qw, kw): (Vec<f32>, Vec<f32>) = ((0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect(), (0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect());
+            let (qwb, kwb) = (gpu.upload_f32("q norm", &qw).await?, gpu.upload_f32("k norm", &kw).await?);
+            let eps = 1e-6;
+            let norm = with_norm.then_some(QkNorm { q_weight: &qwb, k_weight: &kwb, eps });
             let mut rec = Recorder::new(gpu);
-            rec.rope_kv(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args).await?;
+            rec.rope_kv_normed(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm).await?;
             rec.submit()?;
             let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale };
-            let (mut q_want, mut k_want) = (q.clone(), k.clone());
-            reference::rope(&mut q_want, n_head as usize, head_dim as usize, pos0, params);
-            reference::rope(&mut k_want, n_kv_head as usize, head_dim as usize, pos0, params);
-            let bound = 1e-5 + (pos0 + n_tokens) as f64 * 3e-7;
-            let name = format!("rope_kv {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}");
+            let hd = head_dim as usize;
+            let (mut q_want, mut k_want) = if with_norm { (reference::rms_norm(&q, &qw, hd, eps), reference::rms_norm(&k, &kw, hd, eps)) } else { (q.clone(), k.clone()) };
+            reference::rope(&mut q_want, n_head as usize, hd, pos0, params);
+            reference::rope(&mut k_want, n_kv_head as usize, hd, pos0, params);
+            // normalised values reach ~1.5 · (unit-variance values), rounded ~2^-24 on the way
+            let bound = (1e-5 + (pos0 + n_tokens) as f64 * 3e-7) * if with_norm { 2.0 } else { 1.0 };
+            let name = format!("rope_kv{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}", if with_norm { " qk-norm" } else { "" });
             checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
             let at = pos0 as u64 * row as u64 * kv.bytes();
             let got_k = cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?);
             let got_v = cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?);
             let (k_bound, v_want) = match kv {
                 KvType::F32 => (bound, v.clone()),
-                KvType::F16 => (bound + 1e-3, to_f16_and_back(&v)),
+                // f16 rounds to 2^-11 of the value: 1e-3 of the largest (at least 1) is twice that
+                KvType::F16 => (bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64)), to_f16_and_back(&v)),
             };
             checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
             checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));

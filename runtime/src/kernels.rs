@@ -26,7 +26,7 @@ pub const GATHER_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // gather.
 pub const NORM_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // norm.wgsl: x, w, b, out, params
 pub const SOFTMAX_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // softmax.wgsl: x, out, params
 pub const ELEMENTWISE_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform]; // elementwise.wgsl: a, b, out, params
-pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Uniform]; // rope_kv.wgsl: q, k, v, k_cache, v_cache, params
+pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Read, Read, Uniform]; // rope_kv.wgsl: q, k, v, k_cache, v_cache, q_norm_w, k_norm_w, params
 pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform]; // attention.wgsl: q, k, v, out, params
 pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform]; // topk.wgsl: values, ids, out_values, out_ids, params
 pub const COPY_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform]; // copy.wgsl: src, dst, params
@@ -264,6 +264,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     }
     for kv in [KvType::F32, KvType::F16] {
         keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
+        keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines().flag("QK_NORM") });
         keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: kv.defines() });
         // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
         // and the one kernel for larger heads
@@ -518,6 +519,15 @@ pub struct RopeArgs {
     pub neox: bool,
     pub freq_base: f32,
     pub freq_scale: f32,
+}
+
+/// The per-head RMS norms of q and k before RoPE (Qwen3, Gemma 3), which rope_kv applies
+/// itself: weights [head_dim] each.
+#[derive(Clone, Copy, Debug)]
+pub struct QkNorm<'a> {
+    pub q_weight: &'a wgpu::Buffer,
+    pub k_weight: &'a wgpu::Buffer,
+    pub eps: f32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1018,10 +1028,32 @@ impl<'g> Recorder<'g> {
     /// [n_tokens][n_kv_head][head_dim]. With a.n_rot = 0 (and a.n_heads = 0) it only stores.
     #[allow(clippy::too_many_arguments)]
     pub async fn rope_kv(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, kv: KvType, a: RopeArgs) -> Result<(), GpuError> {
+        self.rope_kv_normed(q, k, v, k_cache, v_cache, n_kv_head, kv, a, None).await
+    }
+
+    /// rope_kv, with q's and k's heads first RMS-normalised where `norm` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rope_kv_normed(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        n_kv_head: u32,
+        kv: KvType,
+        a: RopeArgs,
+        norm: Option<QkNorm<'_>>,
+    ) -> Result<(), GpuError> {
         if a.n_rot % 2 != 0 || a.n_rot > a.head_dim || a.head_dim % 2 != 0 {
             return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
         }
-        let work = a.n_tokens * a.n_heads * (a.n_rot / 2) + a.n_tokens * n_kv_head * a.head_dim;
+        let v_pairs = a.n_tokens * n_kv_head * a.head_dim / 2;
+        let work = match norm {
+            // an invocation per q head and per k head, then per pair of v
+            Some(_) => a.n_tokens * (a.n_heads + n_kv_head) + v_pairs,
+            None => a.n_tokens * a.n_heads * (a.n_rot / 2) + 2 * v_pairs,
+        };
         let (gx, gy) = grid(work.div_ceil(256));
         let params = RopeKvParams {
             n_tokens: a.n_tokens,
@@ -1033,10 +1065,16 @@ impl<'g> Recorder<'g> {
             neox: a.neox as u32,
             log2_base: a.freq_base.log2(),
             freq_scale: a.freq_scale,
-            _pad: [0; 3],
+            eps: norm.map_or(0.0, |n| n.eps),
+            _pad: [0; 2],
         };
-        let key = PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() };
-        self.dispatch(key, &[q, k, v, k_cache, v_cache], &params, (gx, gy, 1)).await
+        let (defines, qw, kw) = match norm {
+            Some(n) => (kv.defines().flag("QK_NORM"), n.q_weight, n.k_weight),
+            // the weight slots unread: k and v, bound read-only anyway
+            None => (kv.defines(), k, v),
+        };
+        let key = PipelineKey { file: "rope_kv.wgsl", entry: "main", defines };
+        self.dispatch(key, &[q, k, v, k_cache, v_cache, qw, kw], &params, (gx, gy, 1)).await
     }
 
     /// Append k and v: [n_tokens][n_kv_head][head_dim] to the KV cache at positions pos0.. as
@@ -1190,7 +1228,8 @@ struct RopeKvParams {
     neox: u32,
     log2_base: f32,
     freq_scale: f32,
-    _pad: [u32; 3],
+    eps: f32,
+    _pad: [u32; 2],
 }
 
 #[repr(C)]

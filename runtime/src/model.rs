@@ -17,7 +17,7 @@
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
+use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use crate::lora::LoraAdapter;
 use crate::quant;
 use std::sync::Arc;
@@ -695,15 +695,13 @@ impl<'m> Session<'m> {
                     r.add_bias(v, bv, &s.v2, n * kv_dim, kv_dim).await?;
                     (q, k, v) = (&s.q2, &s.k2, &s.v2);
                 }
-                if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                    // per-head RMSNorm: rows of head_dim
-                    let (q_out, k_out) = if q == &s.q { (&s.q2, &s.k2) } else { (&s.q, &s.k) };
-                    r.rms_norm(q, qn, q_out, hd, n * c.n_head as u32, eps).await?;
-                    r.rms_norm(k, kn, k_out, hd, n * c.n_kv_head as u32, eps).await?;
-                    (q, k) = (q_out, k_out);
-                }
-                // q rotated in place; k rotated into the cache, v copied there
-                r.rope_kv(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope).await?;
+                // per-head RMS norms of q and k (Qwen3, Gemma 3); q rotated in place, k rotated
+                // into the cache, v copied there
+                let norm = match (&l.q_norm, &l.k_norm) {
+                    (Some(q_weight), Some(k_weight)) => Some(QkNorm { q_weight, k_weight, eps }),
+                    _ => None,
+                };
+                r.rope_kv_normed(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm).await?;
                 q
             };
             let args = AttentionArgs {
