@@ -88,6 +88,10 @@ enum Command {
         /// Generated tokens per tg test
         #[arg(short = 'n', long, default_value_t = 128)]
         n_gen: usize,
+        /// Tokens already in the KV cache when each test starts (llama-bench's -d): decode
+        /// and prefill speed deep into a conversation
+        #[arg(short = 'd', long, default_value_t = 0)]
+        n_depth: usize,
         /// Repetitions
         #[arg(short = 'r', long, default_value_t = 3)]
         reps: usize,
@@ -399,7 +403,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("perplexity: {:.4}", p.value);
             Ok(())
         }
-        Some(Command::Bench { m, n_prompt, n_gen, reps, json, profile }) => bench(&m, n_prompt, n_gen, reps, json, profile),
+        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile }) => bench(&m, n_prompt, n_gen, n_depth, reps, json, profile),
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;
             let ids = match (ids, prompt) {
@@ -455,7 +459,7 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
     .map_err(Into::into)
 }
 
-fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, profile: bool) -> Result<()> {
+fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool) -> Result<()> {
     let t_load = std::time::Instant::now();
     let l = load_profiled(m, json, profile)?;
     if profile && !l.gpu.profiling() {
@@ -463,20 +467,23 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, 
     }
     let load_s = t_load.elapsed().as_secs_f64();
     let c = &l.model.config;
-    // room for the pp and tg runs, and for the 32-token prompt the time to first token uses
-    let n_ctx = (n_prompt.max(32) + n_gen + 1).min(c.n_ctx_train);
+    // room for the depth and the pp or tg run after it, and for the 32-token prompt the time
+    // to first token uses
+    let n_ctx = n_depth + n_prompt.max(n_gen).max(32) + 1;
+    if n_ctx > c.n_ctx_train {
+        bail!("depth {n_depth} + pp{n_prompt} / tg{n_gen} needs {n_ctx} tokens of context, over the model's {}", c.n_ctx_train);
+    }
     let mut s = new_session(&l, &m, n_ctx, false)?;
     let ids = generate::bench_ids(n_prompt, c.n_vocab);
+    let depth = generate::bench_ids(n_depth, c.n_vocab);
+    let depth = &depth[..n_depth];
     pollster::block_on(generate::bench_warm_up(&mut s, &ids))?;
     // time to first token: a 32-token prompt from an empty cache to the first sampled id
     let ttft_ms = {
         let prompt = generate::bench_ids(32, c.n_vocab);
         s.reset();
         let t = std::time::Instant::now();
-        pollster::block_on(async {
-            s.eval(&prompt).await?;
-            s.top_k(1).await
-        })?;
+        pollster::block_on(s.eval_top_k(&prompt, 1))?;
         t.elapsed().as_secs_f64() * 1e3
     };
     let matvec_gbs = plain_matvec_gbs(&l.gpu, 10)?;
@@ -487,11 +494,14 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, 
     let sweep: Vec<usize> = if l.adapters.is_empty() { vec![0] } else { (0..=l.adapters.len()).collect() };
     for &k in &sweep {
         pollster::block_on(s.set_adapters(l.adapters[..k].to_vec()))?;
-        let label = |t: String| if l.adapters.is_empty() { t } else { format!("{t} +{k} lora") };
+        let label = |t: String| {
+            let t = if n_depth > 0 { format!("{t} @ d{n_depth}") } else { t };
+            if l.adapters.is_empty() { t } else { format!("{t} +{k} lora") }
+        };
         let mut pp = Vec::new();
         let mut tg = Vec::new();
         for _ in 0..reps.max(1) {
-            let run = pollster::block_on(generate::bench_once(&mut s, &ids[..n_prompt], n_gen))?;
+            let run = pollster::block_on(generate::bench_once(&mut s, &ids[..n_prompt], n_gen, depth, &mut || {}))?;
             if n_prompt > 0 {
                 pp.push(run.prompt_tps);
             }
@@ -509,10 +519,12 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, reps: usize, json: bool, 
     // GPU time per kernel: one more pp and one more tg run, each profiled on its own
     let mut profiles = Vec::new();
     if profile {
-        l.gpu.take_profile();
         for (test, prompt, gen, tokens) in [("pp", &ids[..n_prompt], 0, n_prompt), ("tg", &ids[..0], n_gen, n_gen)] {
             if tokens > 0 {
-                pollster::block_on(generate::bench_once(&mut s, prompt, gen))?;
+                // the depth's own prefill is not part of the test
+                pollster::block_on(generate::bench_once(&mut s, prompt, gen, depth, &mut || {
+                    l.gpu.take_profile();
+                }))?;
                 profiles.push((format!("{test}{tokens}"), tokens, l.gpu.take_profile()));
             }
         }

@@ -154,3 +154,19 @@ fn context_size_defaults_to_what_the_model_was_trained_for() {
     let (ok, _, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "-c", "4096"]);
     assert!(!ok && err.contains("4096") && err.contains("256"), "{err}");
 }
+
+#[test]
+fn bench_prints_its_table_and_measures_at_a_depth() {
+    let tiny = format!("{}/../tests/data/tiny/llama-tiny.gguf", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = nomoat(&["bench", "-m", &tiny, "-p", "16", "-n", "8", "-d", "100", "-r", "1", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let tests = v["tests"].as_array().unwrap();
+    let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp16 @ d100", "tg8 @ d100"]);
+    assert!(tests.iter().all(|t| t["tok_s_mean"].as_f64().unwrap() > 0.0), "{out}");
+    assert!(v["ttft32_ms"].as_f64().unwrap() > 0.0 && v["decode_ceiling_tok_s"].as_f64().unwrap() > 0.0, "{out}");
+    // the tiny model was trained on 256 tokens: a depth past that is refused, naming both
+    let (ok, _, err) = nomoat(&["bench", "-m", &tiny, "-p", "16", "-n", "8", "-d", "300", "-r", "1"]);
+    assert!(!ok && err.contains("300") && err.contains("256"), "{err}");
+}

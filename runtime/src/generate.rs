@@ -222,9 +222,10 @@ pub async fn perplexity(s: &mut Session<'_>, tokens: &[u32], n_ctx: usize, bos: 
 /// Throughput of one benchmark repetition, in tokens per second.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BenchRun {
-    /// `n_prompt` tokens from an empty cache to the last logits being ready.
+    /// `n_prompt` tokens after the depth's to the last token's argmax read back.
     pub prompt_tps: f64,
-    /// `n_gen` tokens one at a time, each argmax read back as greedy decoding does.
+    /// `n_gen` tokens one at a time after the depth's, each argmax read back as greedy
+    /// decoding does.
     pub gen_tps: f64,
 }
 
@@ -241,18 +242,23 @@ pub async fn bench_warm_up(s: &mut Session<'_>, ids: &[u32]) -> Result<(), Model
     s.eval_top_k(&[1], 1).await.map(|_| ())
 }
 
-/// One llama-bench style repetition (pp then tg, each from an empty cache), shared by
-/// `nomoat bench` and the browser engine so both sides time the same work.
-pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize) -> Result<BenchRun, ModelError> {
+/// One llama-bench style repetition (pp then tg, each on a cache holding just the `depth`
+/// tokens, evaluated untimed: llama-bench's -d), shared by `nomoat bench` and the browser
+/// engine so both sides time the same work. `on_ready` runs when a timed part starts.
+pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize, depth: &[u32], on_ready: &mut dyn FnMut()) -> Result<BenchRun, ModelError> {
     let mut run = BenchRun::default();
     if !prompt.is_empty() {
         s.reset();
+        s.eval(depth).await?;
+        on_ready();
         let t = Instant::now();
         s.eval_top_k(prompt, 1).await?;
         run.prompt_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
     }
     if n_gen > 0 {
         s.reset();
+        s.eval(depth).await?;
+        on_ready();
         let t = Instant::now();
         let mut next = 1u32;
         for _ in 0..n_gen {

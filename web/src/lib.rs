@@ -501,7 +501,7 @@ impl Engine {
             generate::bench_warm_up(&mut l.session, &ids).await.map_err(|e| model_error(&e))?;
             let (mut pp, mut tg) = (Vec::new(), Vec::new());
             for _ in 0..reps.max(1) {
-                let run = generate::bench_once(&mut l.session, &ids[..n_prompt], n_gen).await.map_err(|e| model_error(&e))?;
+                let run = generate::bench_once(&mut l.session, &ids[..n_prompt], n_gen, &[], &mut || {}).await.map_err(|e| model_error(&e))?;
                 pp.push(run.prompt_tps);
                 tg.push(run.gen_tps);
             }
