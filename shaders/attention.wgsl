@@ -111,6 +111,34 @@ fn store_output(q_base: u32) {
     }
 }
 
+#if KEY_LANES
+// KEY_LANES (decode; subgroups of exactly the workgroup's 8 lanes): one workgroup per (head,
+// query), whose lanes split the keys (lane l takes keys l, l + 8, ...), each lane with its own
+// online softmax; the eight merge through subgroup operations at the end. A decode step has
+// one query per head: one invocation per (head, query) would walk all of a long context's
+// keys alone, in as few workgroups as the heads fill.
+@compute @workgroup_size(8)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * nwg.x;
+    if (group >= p.n_head * p.n_q) {
+        return;
+    }
+    let at = start_query(group / p.n_q, group % p.n_q);
+    walk_keys(at, first_key(at.pos) + lid, 8u);
+    // every query sees at least its own key, so some lane's maximum is a score; a lane that
+    // took no key (run_max NEG_BIG) scales to 0
+    let m = subgroupMax(run_max);
+    let scale = exp(run_max - m);
+    run_sum = subgroupAdd(run_sum * scale);
+    for (var d = 0u; d < HEAD_DIM / 4u; d++) {
+        acc[d] = subgroupAdd(acc[d] * scale);
+    }
+    if (lid == 0u) {
+        store_output(at.base);
+    }
+}
+#else
 #if KV_BROADCAST
 // KV_BROADCAST (subgroups of exactly the workgroup's 8 lanes, head_dim a multiple of 32): the
 // queries of each head are padded to a multiple of 8, so a workgroup holds 8 queries of one
@@ -173,8 +201,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     let at = start_query(i / p.n_q, i % p.n_q);
+    walk_keys(at, first_key(at.pos), 1u);
+    store_output(at.base);
+}
+#endif
+#endif
+
+// keys first, first + step, ... up to the query's own into this invocation's softmax
+fn walk_keys(at: QueryAt, first: u32, step: u32) {
     let n_quads = HEAD_DIM / 4u;
-    for (var j = first_key(at.pos); j <= at.pos; j++) {
+    for (var j = first; j <= at.pos; j += step) {
         let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 4u) {
@@ -192,9 +228,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * v_quad(kb + 4u * d + 12u));
         }
     }
-    store_output(at.base);
 }
-#endif
 #else
 #include "reduce.wgsl"
 

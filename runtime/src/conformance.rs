@@ -681,7 +681,7 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
             for per_query in [false, true] {
                 let mut rec = Recorder::new(gpu);
                 rec.query_per_invocation = Some(per_query);
-                let kernel = if rec.attention_per_query(&c) { "per query" } else { "per workgroup" };
+                let kernel = rec.attention_kernel(&c);
                 rec.attention(&qb, &kc, &vc, &out, c).await?;
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;

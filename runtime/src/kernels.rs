@@ -72,6 +72,8 @@ pub struct KernelOverrides {
     pub attention_per_query: Option<bool>,
     /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
     pub attention_broadcast: Option<bool>,
+    /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
+    pub attention_key_lanes: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -91,6 +93,7 @@ impl KernelOverrides {
             tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
             attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
+            attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
         }
     }
 }
@@ -271,6 +274,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         for head_dim in [64, 256] {
             keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim) });
             keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST") });
+            keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KEY_LANES") });
         }
     }
     for entry in ["main", "argmax"] {
@@ -1090,13 +1094,39 @@ impl<'g> Recorder<'g> {
     /// head fits its loops and the keys its loop budget (`NOMOAT_ATTENTION=query` /
     /// `workgroup` overrides the device's choice).
     pub fn attention_per_query(&self, a: &AttentionArgs) -> bool {
-        let keys = (a.pos0 + a.n_q) as u64;
+        // each lane of the key-splitting kernel walks an eighth of the keys
+        let keys = (a.pos0 + a.n_q).div_ceil(if self.attention_key_lanes(a) { QUERY_WG } else { 1 }) as u64;
         let fits = a.head_dim % 16 == 0 && keys * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET;
         let wanted = self
             .query_per_invocation
             .or(self.gpu.overrides.attention_per_query)
             .unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
         fits && wanted
+    }
+
+    /// Which attention kernel `attention` runs for `a`, for reports.
+    pub fn attention_kernel(&self, a: &AttentionArgs) -> &'static str {
+        if !self.attention_per_query(a) {
+            "per workgroup"
+        } else if self.attention_key_lanes(a) {
+            "per query, keys over lanes"
+        } else if self.attention_broadcast(a) {
+            "per query, K/V broadcast"
+        } else {
+            "per query"
+        }
+    }
+
+    /// Whether the per-query attention shares the K/V broadcast among 8 queries of a head
+    /// (prefill): subgroups of the workgroup's 8 lanes and head_dim a multiple of 32.
+    fn attention_broadcast(&self, a: &AttentionArgs) -> bool {
+        a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_broadcast != Some(false)
+    }
+
+    /// Whether the per-query attention splits each query's keys among its workgroup's 8 lanes
+    /// (decode, or wherever the broadcast does not apply): subgroups of the workgroup's 8 lanes.
+    fn attention_key_lanes(&self, a: &AttentionArgs) -> bool {
+        !self.attention_broadcast(a) && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_key_lanes != Some(false)
     }
 
     /// llvmpipe (lavapipe) ends a shader invocation after 65535 loop iterations in all, its
@@ -1136,8 +1166,10 @@ impl<'g> Recorder<'g> {
                 a.head_dim
             )));
         }
-        let broadcast = per_query && a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_broadcast != Some(false);
-        let (defines, groups) = if broadcast {
+        let (defines, groups) = if per_query && self.attention_key_lanes(&a) {
+            let (gx, gy) = grid(a.n_head * a.n_q);
+            (query_attention_defines(a.kv, a.head_dim).flag("KEY_LANES"), (gx, gy, 1))
+        } else if per_query && self.attention_broadcast(&a) {
             // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
             let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
             (query_attention_defines(a.kv, a.head_dim).flag("KV_BROADCAST"), (gx, gy, 1))
