@@ -145,22 +145,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 // head (the padding repeats the last query and writes nothing); they walk the keys of all 8
 // together, each lane loading one quad in 8 of a K or V row and subgroupBroadcast handing it
 // to the others, and a lane takes a key into its softmax only where its own query sees it.
+// HEADS_SHARE_KV (decode with grouped-query attention): the lanes are instead the query heads
+// that read one kv head, for one query (a workgroup per (kv head, query); lanes past the
+// group's heads repeat its last and write nothing), so that each K and V row is loaded once
+// for all of them.
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let n_q_pad = (p.n_q + 7u) / 8u * 8u;
     let group = wid.x + wid.y * nwg.x;
+#if HEADS_SHARE_KV
+    let per_kv = p.n_head / p.n_kv_head;
+    if (group >= p.n_kv_head * p.n_q) {
+        return;
+    }
+    let t = group % p.n_q;
+    let at = start_query(group / p.n_q * per_kv + min(lid, per_kv - 1u), t);
+    let writes = lid < per_kv;
+    // this lane's keys, and the workgroup's (the same for all lanes)
+    let k_start = first_key(at.pos);
+    let k_lo = k_start;
+    let k_hi = at.pos;
+#else
+    let n_q_pad = (p.n_q + 7u) / 8u * 8u;
     if (group * 8u >= p.n_head * n_q_pad) {
         return;
     }
     let h = group * 8u / n_q_pad;
     let t_first = group * 8u % n_q_pad;
     let at = start_query(h, min(t_first + lid, p.n_q - 1u));
-    let n_quads = HEAD_DIM / 4u;
+    let writes = t_first + lid < p.n_q;
     // this lane's keys, and the workgroup's (the same for all lanes)
     let k_start = first_key(at.pos);
     let k_lo = first_key(p.pos0 + t_first);
     let k_hi = p.pos0 + min(t_first + 7u, p.n_q - 1u);
+#endif
+    let n_quads = HEAD_DIM / 4u;
     for (var j = k_lo; j <= k_hi; j++) {
         let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
@@ -189,7 +208,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             acc[d + 7u] = fma(acc[d + 7u], rescale, rw.y * subgroupBroadcast(mine, 7u));
         }
     }
-    if (t_first + lid < p.n_q) {
+    if (writes) {
         store_output(at.base);
     }
 }

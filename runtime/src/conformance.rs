@@ -625,7 +625,7 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
 
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
     // (queries, heads, kv heads, head_dim, position of the first query, sliding window)
-    let cases: [(u32, u32, u32, u32, u32, u32); 9] = [
+    let cases: [(u32, u32, u32, u32, u32, u32); 11] = [
         (1, 9, 3, 64, 37, 0),     // decode, GQA
         (20, 4, 1, 256, 0, 0),    // prefill
         (12, 4, 2, 32, 5, 0),     // prefill, a small head: per-query kernels built for it
@@ -635,6 +635,8 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
         (1, 4, 1, 256, 600, 512), // Gemma-like local layer
         (3, 3, 3, 6, 2, 0),       // tiny head
         (2, 4, 1, 256, 4000, 0),  // past the per-query kernel's loop budget (llvmpipe)
+        (1, 8, 2, 64, 300, 128),  // decode, GQA, sliding window
+        (1, 16, 2, 32, 50, 0),    // decode, 8 query heads to a kv head
     ];
     let mut checks = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
@@ -681,7 +683,7 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
             for per_query in [false, true] {
                 let mut rec = Recorder::new(gpu);
                 rec.query_per_invocation = Some(per_query);
-                let kernel = rec.attention_kernel(&c);
+                let kernel = format!("{:?}", rec.attention_kernel(&c));
                 rec.attention(&qb, &kc, &vc, &out, c).await?;
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;

@@ -74,6 +74,8 @@ pub struct KernelOverrides {
     pub attention_broadcast: Option<bool>,
     /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
     pub attention_key_lanes: Option<bool>,
+    /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
+    pub attention_heads_share_kv: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -94,6 +96,7 @@ impl KernelOverrides {
             attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
             attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
+            attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
         }
     }
 }
@@ -275,6 +278,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
             keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim) });
             keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST") });
             keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KEY_LANES") });
+            keys.push(PipelineKey { file: "attention.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST").flag("HEADS_SHARE_KV") });
         }
     }
     for entry in ["main", "argmax"] {
@@ -646,6 +650,21 @@ pub struct Recorder<'g> {
     /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
     /// per (head, query), None what suits the device (tests run both everywhere).
     pub query_per_invocation: Option<bool>,
+}
+
+/// attention.wgsl's kernels (see `Recorder::attention_kernel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// One workgroup per (head, query), its invocations sharing the keys through shared memory.
+    PerWorkgroup,
+    /// One invocation per (head, query).
+    PerQuery,
+    /// KV_BROADCAST: 8 queries of a head, each K/V row loaded once for them.
+    Broadcast,
+    /// HEADS_SHARE_KV: the query heads of a kv head, each K/V row loaded once for them.
+    HeadsShareKv,
+    /// KEY_LANES: one query's keys split over 8 lanes.
+    KeyLanes,
 }
 
 /// Invocations per workgroup of the one-query-per-invocation attention: one 256-bit register
@@ -1090,43 +1109,45 @@ impl<'g> Recorder<'g> {
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 
-    /// Whether `attention` runs one invocation per (head, query): on CPU devices, where the
-    /// head fits its loops and the keys its loop budget (`NOMOAT_ATTENTION=query` /
-    /// `workgroup` overrides the device's choice).
+    /// Whether `attention` runs one invocation per (head, query) (any of the per-query kernels).
     pub fn attention_per_query(&self, a: &AttentionArgs) -> bool {
-        // each lane of the key-splitting kernel walks an eighth of the keys
-        let keys = (a.pos0 + a.n_q).div_ceil(if self.attention_key_lanes(a) { QUERY_WG } else { 1 }) as u64;
-        let fits = a.head_dim % 16 == 0 && keys * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET;
-        let wanted = self
-            .query_per_invocation
-            .or(self.gpu.overrides.attention_per_query)
-            .unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
-        fits && wanted
+        self.attention_kernel(a) != AttentionKernel::PerWorkgroup
     }
 
-    /// Which attention kernel `attention` runs for `a`, for reports.
-    pub fn attention_kernel(&self, a: &AttentionArgs) -> &'static str {
-        if !self.attention_per_query(a) {
-            "per workgroup"
-        } else if self.attention_key_lanes(a) {
-            "per query, keys over lanes"
-        } else if self.attention_broadcast(a) {
-            "per query, K/V broadcast"
-        } else {
-            "per query"
+    /// The attention kernel `attention` runs for `a`. The per-query ones on CPU devices (or as
+    /// `NOMOAT_ATTENTION=query` / `workgroup` says), where the head fits their loops and the
+    /// keys a lane walks fit llvmpipe's loop budget; among them, on subgroups of exactly the
+    /// workgroup's 8 lanes, the broadcast for 8 queries or more (prefill), for fewer (decode)
+    /// the query heads of a kv head sharing its rows where that leaves two workgroups or
+    /// more, otherwise the keys split over lanes. Measured on lavapipe, decode at 1536 keys:
+    /// SmolLM2 (3 kv heads of 3 query heads) 20.5 ms of attention a token sharing, 32.8 with
+    /// the keys over lanes; Gemma 3 (1 kv head of 4) 38.5 sharing (one workgroup), 22.3 over
+    /// lanes. `NOMOAT_ATTENTION_BROADCAST=0`, `_HEADS_SHARE_KV=0`, `_KEY_LANES=0` turn one off.
+    pub fn attention_kernel(&self, a: &AttentionArgs) -> AttentionKernel {
+        let o = &self.gpu.overrides;
+        let wanted = self.query_per_invocation.or(o.attention_per_query).unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
+        if !wanted || a.head_dim % 16 != 0 {
+            return AttentionKernel::PerWorkgroup;
         }
-    }
-
-    /// Whether the per-query attention shares the K/V broadcast among 8 queries of a head
-    /// (prefill): subgroups of the workgroup's 8 lanes and head_dim a multiple of 32.
-    fn attention_broadcast(&self, a: &AttentionArgs) -> bool {
-        a.n_q >= QUERY_WG && a.head_dim % 32 == 0 && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_broadcast != Some(false)
-    }
-
-    /// Whether the per-query attention splits each query's keys among its workgroup's 8 lanes
-    /// (decode, or wherever the broadcast does not apply): subgroups of the workgroup's 8 lanes.
-    fn attention_key_lanes(&self, a: &AttentionArgs) -> bool {
-        !self.attention_broadcast(a) && subgroups_of_8(self.gpu) && self.gpu.overrides.attention_key_lanes != Some(false)
+        let sg8 = subgroups_of_8(self.gpu);
+        let quads_of_8 = sg8 && a.head_dim % 32 == 0;
+        let per_kv = a.n_head / a.n_kv_head;
+        // each lane of the key-splitting kernel walks an eighth of the keys, the others all
+        let fits = |lanes_per_query: u32| {
+            (a.pos0 + a.n_q).div_ceil(lanes_per_query) as u64 * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET
+        };
+        [
+            (AttentionKernel::Broadcast, quads_of_8 && a.n_q >= QUERY_WG && o.attention_broadcast != Some(false) && fits(1)),
+            (
+                AttentionKernel::HeadsShareKv,
+                quads_of_8 && a.n_q < QUERY_WG && (2..=QUERY_WG).contains(&per_kv) && a.n_kv_head * a.n_q >= 2 && o.attention_heads_share_kv != Some(false) && fits(1),
+            ),
+            (AttentionKernel::KeyLanes, sg8 && a.n_q < QUERY_WG && o.attention_key_lanes != Some(false) && fits(QUERY_WG)),
+            (AttentionKernel::PerQuery, fits(1)),
+        ]
+        .into_iter()
+        .find_map(|(kernel, usable)| usable.then_some(kernel))
+        .unwrap_or(AttentionKernel::PerWorkgroup)
     }
 
     /// llvmpipe (lavapipe) ends a shader invocation after 65535 loop iterations in all, its
@@ -1158,26 +1179,34 @@ impl<'g> Recorder<'g> {
             scale: a.scale,
             _pad: 0,
         };
-        let per_query = self.attention_per_query(&a);
-        if !per_query && !self.attention_fits_llvmpipe(&a) {
+        let kernel = self.attention_kernel(&a);
+        if kernel == AttentionKernel::PerWorkgroup && !self.attention_fits_llvmpipe(&a) {
             return Err(GpuError::Unsupported(format!(
                 "attention over {} keys with head_dim {} on llvmpipe (its shaders stop after 65535 loop iterations): use a smaller context size",
                 a.pos0 + a.n_q,
                 a.head_dim
             )));
         }
-        let (defines, groups) = if per_query && self.attention_key_lanes(&a) {
-            let (gx, gy) = grid(a.n_head * a.n_q);
-            (query_attention_defines(a.kv, a.head_dim).flag("KEY_LANES"), (gx, gy, 1))
-        } else if per_query && self.attention_broadcast(&a) {
-            // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
-            let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
-            (query_attention_defines(a.kv, a.head_dim).flag("KV_BROADCAST"), (gx, gy, 1))
-        } else if per_query {
-            let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
-            (query_attention_defines(a.kv, a.head_dim), (gx, gy, 1))
-        } else {
-            (a.kv.defines(), (a.n_head, a.n_q, 1))
+        let per_query = query_attention_defines(a.kv, a.head_dim);
+        let (defines, groups) = match kernel {
+            AttentionKernel::PerWorkgroup => (a.kv.defines(), (a.n_head, a.n_q, 1)),
+            AttentionKernel::PerQuery => {
+                let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
+                (per_query, (gx, gy, 1))
+            }
+            AttentionKernel::Broadcast => {
+                // each head's queries padded to whole workgroups of 8 (see attention.wgsl)
+                let (gx, gy) = grid(a.n_head * a.n_q.div_ceil(QUERY_WG));
+                (per_query.flag("KV_BROADCAST"), (gx, gy, 1))
+            }
+            AttentionKernel::HeadsShareKv => {
+                let (gx, gy) = grid(a.n_kv_head * a.n_q);
+                (per_query.flag("KV_BROADCAST").flag("HEADS_SHARE_KV"), (gx, gy, 1))
+            }
+            AttentionKernel::KeyLanes => {
+                let (gx, gy) = grid(a.n_head * a.n_q);
+                (per_query.flag("KEY_LANES"), (gx, gy, 1))
+            }
         };
         self.dispatch(PipelineKey { file: "attention.wgsl", entry: "main", defines }, &[q, k, v, out], &params, groups).await
     }

@@ -84,9 +84,9 @@ impl Defines {
 }
 
 /// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention.wgsl's
-/// KV_BROADCAST and KEY_LANES): dropped for variants without them, so every key builds on
-/// every variant.
-const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "KEY_LANES"];
+/// KV_BROADCAST, HEADS_SHARE_KV and KEY_LANES): dropped for variants without them, so every
+/// key builds on every variant.
+const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES"];
 
 /// The full WGSL text of `file` for `variant`.
 pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<String, String> {
