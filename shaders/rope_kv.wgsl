@@ -39,8 +39,8 @@ struct Params {
 #include "rotary.wgsl"
 
 #if QK_NORM
-// 1 / rms of the head of x starting at base, times the norm weight, as the factor each of its
-// elements e takes: inv · w[e]. One function per buffer (WGSL passes no storage pointers).
+// 1 / rms of the q (k) head starting at base; its element e is then scaled by that and the
+// norm weight's w[e]. One function per buffer (WGSL passes no storage pointers).
 fn q_inv_rms(base: u32) -> f32 {
     var ss = 0.0;
     for (var e = 0u; e < p.head_dim; e++) {

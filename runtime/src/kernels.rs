@@ -2,7 +2,8 @@
 //! describes), its parameters, which (op, type, size) it supports, and how it is dispatched.
 //!
 //! Work is recorded into a [`Recorder`] (one command encoder) and submitted once, so a whole
-//! token's worth of dispatches costs one submission.
+//! token's worth of dispatches costs one submission (a recording longer than its parameter
+//! slots, see [`DispatchCache`], submits in parts).
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
