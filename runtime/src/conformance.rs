@@ -445,15 +445,15 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
         let norm_w = rng.fill(k, 1.0);
         let nwb = gpu.upload_f32("norm w", &norm_w).await?;
         // (tokens, GPU tiled matmul, matvec's TOKEN_TILE). The input norm and the gated
-        // activation fuse wherever matvec.wgsl runs; a model fuses them over a block of tokens
-        // where prefill tiles tokens (Recorder::fuses_block), which quantized weights then do
-        // and float weights (no tiles) run through the token loop: those are the cases checked.
+        // activation fuse where a model fuses them (Recorder::fuses_block): one token, or a
+        // block where prefill tiles tokens, which quantized weights then do and float weights
+        // (no tiles) run through the token loop.
         let quantized = ty.block_elems() > 1;
         for (m, tiled, token_tile) in [(1usize, None, None), (5, Some(true), None), (5, Some(false), Some(false)), (6, Some(false), Some(true))] {
-            if token_tile == Some(true) && !quantized {
-                continue;
-            }
-            let fuse = m == 1 || (tiled == Some(false) && (token_tile == Some(true) || !quantized));
+            let mut rec = Recorder::new(gpu);
+            rec.tiled_matmul = tiled;
+            rec.token_tile = token_tile;
+            let fuse = rec.fuses_block(m as u32);
             let x = rng.fill(m * k, 2.0);
             let xb = gpu.upload_f32("x", &x).await?;
             let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
@@ -462,9 +462,6 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             let rb = gpu.upload_f32("resid", &resid).await?;
             let act = gpu.storage("act", (m * 13 * 4) as u64).await?;
             let gelu_act = gpu.storage("gelu act", (m * 13 * 4) as u64).await?;
-            let mut rec = Recorder::new(gpu);
-            rec.tiled_matmul = tiled;
-            rec.token_tile = token_tile;
             let input = if fuse { ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 } } else { ProductIn::X(&xb) };
             rec.product(&stacked, input, ProductOut::Split(&[&outs[0], &outs[1], &outs[2]]), m as u32).await?;
             let w0 = GpuMatrix::upload(gpu, "p0", ty, k as u64, 13, &parts[0].0).await?;
@@ -478,7 +475,7 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             let label = match (m, tiled, token_tile, fuse) {
                 (1, _, _, _) => "rms_norm → ",
                 (_, Some(true), _, _) => "(tiled) ",
-                (_, _, Some(true), _) => "(token tiles) rms_norm → ",
+                (_, _, Some(true), _) if quantized => "(token tiles) rms_norm → ",
                 (_, _, _, true) => "(token loop) rms_norm → ",
                 _ => "(token loop) ",
             };
