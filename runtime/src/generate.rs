@@ -66,17 +66,18 @@ impl Generation {
 }
 
 impl Session<'_> {
-    /// Make the cache hold exactly `prompt`, evaluating only what differs from what it holds.
-    /// Returns how many tokens were reused. At least one token is always evaluated, so the
-    /// logits belong to the prompt's last token.
-    pub async fn feed_prompt(&mut self, prompt: &[u32]) -> Result<usize, ModelError> {
+    /// Make the cache hold exactly `prompt`, evaluating only what differs from what it holds,
+    /// and sample the token after it (eval_sample: in the prompt's last submission). Returns
+    /// how many tokens were reused, and that token. At least one token is always evaluated, so
+    /// the logits belong to the prompt's last token.
+    pub async fn feed_prompt(&mut self, prompt: &[u32], sampler: &mut Sampler) -> Result<(usize, u32), ModelError> {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("the prompt has no tokens".into()));
         }
         let shared = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         self.truncate(shared);
-        self.eval(&prompt[shared..]).await?;
-        Ok(shared)
+        let next = self.eval_sample(&prompt[shared..], sampler).await?;
+        Ok((shared, next))
     }
 
     /// Generate after `prompt`, calling `on_text` with each piece of text as it decodes; it
@@ -90,13 +91,12 @@ impl Session<'_> {
     ) -> Result<Generation, ModelError> {
         opts.sampler.validate().map_err(ModelError::Invalid)?;
         let start = Instant::now();
-        let reused = self.feed_prompt(prompt).await?;
-        // the first sample waits for the prompt's GPU work, so it belongs to the prompt's time
         let mut sampler = Sampler::new(opts.sampler.clone());
         for &t in prompt {
             sampler.accept(t);
         }
-        let mut next = self.sample(&mut sampler).await?;
+        // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
+        let (reused, mut next) = self.feed_prompt(prompt, &mut sampler).await?;
         let prompt_seconds = start.elapsed().as_secs_f64();
         let gen_start = Instant::now();
         let eog = tokenizer.eot_ids();
@@ -149,18 +149,10 @@ impl Session<'_> {
         Ok(out)
     }
 
-    /// The next token after what the cache holds, reading back only what the sampler needs: the
-    /// GPU's argmax or top-k where that is enough (SamplerConfig::best_logits_needed), the
-    /// whole logits otherwise.
-    pub async fn sample(&mut self, sampler: &mut Sampler) -> Result<u32, ModelError> {
-        match sampler.config().best_logits_needed(MAX_TOP_K as usize) {
-            Some(k) => Ok(sampler.sample_top(&self.top_k(k as u32).await?)),
-            None => Ok(sampler.sample(&self.logits().await?)),
-        }
-    }
-
-    /// Feed `ids` and sample the token after them, the read-back in the same submission as the
-    /// forward pass (one submission a generated token).
+    /// Feed `ids` and sample the token after them, reading back only what the sampler needs
+    /// (the GPU's argmax or top-k where that is enough, SamplerConfig::best_logits_needed; the
+    /// whole logits otherwise) in the same submission as the forward pass (one submission a
+    /// generated token).
     pub async fn eval_sample(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32, ModelError> {
         match sampler.config().best_logits_needed(MAX_TOP_K as usize) {
             Some(k) => Ok(sampler.sample_top(&self.eval_top_k(ids, k as u32).await?)),
