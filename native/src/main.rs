@@ -319,8 +319,9 @@ fn main() {
     // thread that wakes late holds the whole dispatch up; with two per core the others take
     // its second chunk. SmolLM2 on 2 cores (nomoat bench): 2 threads pp128 131, tg64 23.1 tok/s;
     // 3: 120, 23.8; 4: 150, 27.5; 6: 151, 27.5; 8: 150, 26.0. A trade-off, not a free win:
-    // waking more threads costs more on tiny dispatches, and Gemma 3's 72 one-to-four-row norms
-    // a token make its decode 13.6 -> 12.6 tok/s (its prefill 106 -> 116). Measured on 2 cores
+    // waking more threads costs more on tiny dispatches, and Gemma 3's then 72 one-to-four-row
+    // norms a token (36 since rope_kv applies the q/k norms) made its decode 13.6 -> 12.6 tok/s
+    // (its prefill 106 -> 116). Measured on 2 cores
     // only. Other drivers ignore the variable; a value the user set is kept. Set before any
     // thread or driver exists.
     if std::env::var_os("LP_NUM_THREADS").is_none() {
