@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::generate::GenerateOptions;
-use nomoat_runtime::model::ModelError;
+use nomoat_runtime::error::ModelError;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

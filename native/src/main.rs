@@ -6,7 +6,8 @@ use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
-use nomoat_runtime::model::{Model, Session};
+use nomoat_runtime::model::Model;
+use nomoat_runtime::session::Session;
 use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::lora::LoraAdapter;
@@ -262,7 +263,7 @@ pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded
         let (path, scale) = parse_lora_spec(spec)?;
         let (ag, mut af) = open_gguf(&path)?;
         let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-        let adapter = pollster::block_on(LoraAdapter::load(&name, &ag, &mut af, &gpu, &model, &gguf))?;
+        let adapter = pollster::block_on(LoraAdapter::load(&name, &ag, &mut af, &gpu, &model.config, &gguf))?;
         adapters.push((Arc::new(adapter), scale));
     }
     Ok(Loaded { adapters, tokenizer, gguf, gpu, model })

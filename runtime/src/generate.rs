@@ -3,7 +3,8 @@
 //! in whole UTF-8 pieces, stopped by end-of-generation tokens, stop strings or the token budget.
 
 use crate::chat::StopMatcher;
-use crate::model::{ModelError, Session, MAX_BATCH};
+use crate::error::ModelError;
+use crate::session::{Session, MAX_BATCH};
 use crate::kernels::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};

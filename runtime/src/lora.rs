@@ -8,12 +8,14 @@
 //! tensor pairs `<base>.lora_a` (GGUF dims [n_in, r], i.e. r rows of n_in) and `<base>.lora_b`
 //! ([r, n_out]: n_out rows of r).
 
-use crate::device::Gpu;
+use crate::arch::Config;
+use crate::device::{Gpu, GpuError};
+use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::Gguf;
-use crate::kernels::GpuMatrix;
-use crate::model::{ByteSource, Model, ModelError};
+use crate::kernels::{GpuMatrix, ProductIn, ProductOut, Recorder};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One adapted projection: A [rank][n_in], B [n_out][rank].
 pub struct LoraPair {
@@ -35,14 +37,14 @@ const ALLOWED: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0];
 impl LoraAdapter {
     /// Check the adapter against `model` (architecture, tensor names, shapes) before reading
     /// any tensor data, then upload its pairs.
-    pub async fn load<S: ByteSource>(name: &str, gguf: &Gguf, src: &mut S, gpu: &Gpu, model: &Model, base: &Gguf) -> Result<LoraAdapter, ModelError> {
+    pub async fn load<S: ByteSource>(name: &str, gguf: &Gguf, src: &mut S, gpu: &Gpu, model: &Config, base: &Gguf) -> Result<LoraAdapter, ModelError> {
         let bad = |m: String| ModelError::Invalid(format!("adapter '{name}': {m}"));
         if gguf.get_str_opt("general.type")? != Some("adapter") || gguf.get_str_opt("adapter.type")? != Some("lora") {
             return Err(bad("not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')".into()));
         }
         let arch = gguf.get_str_opt("general.architecture")?.unwrap_or("");
-        if arch != model.config.arch_name {
-            return Err(bad(format!("made for architecture '{arch}', but the model is '{}'", model.config.arch_name)));
+        if arch != model.arch_name {
+            return Err(bad(format!("made for architecture '{arch}', but the model is '{}'", model.arch_name)));
         }
         let alpha = gguf.get_f32_opt("adapter.lora.alpha")?.unwrap_or(0.0);
         // pair up and check every tensor first, so a mismatch is refused before any upload
@@ -103,4 +105,49 @@ async fn read_tensor<S: ByteSource>(gguf: &Gguf, src: &mut S, t: &crate::gguf::T
     let mut buf = vec![0u8; (r.end - r.start) as usize];
     src.read_at(r.start, &mut buf).await.map_err(|e| format!("reading '{}': {e}", t.name))?;
     Ok(buf)
+}
+
+/// The active adapters and their scratch: y = W·x, then y += s·(alpha/r)·B·(A·x) for each
+/// adapter that covers W (a part of a stacked W).
+pub(crate) struct Lora<'a> {
+    pub adapters: &'a [(Arc<LoraAdapter>, f32)],
+    /// [B][max rank] and [B][max n_out]: A·x and B·(A·x).
+    pub t: Option<&'a wgpu::Buffer>,
+    pub u: Option<&'a wgpu::Buffer>,
+}
+
+impl Lora<'_> {
+    /// The parts of `matrices`, in order, into `outs`: one output per part. `lora_x` is the
+    /// input as the adapters read it (the normalised x: with adapters active the caller does
+    /// not fuse the norm).
+    pub async fn project(&self, r: &mut Recorder<'_>, matrices: &[GpuMatrix], input: ProductIn<'_>, lora_x: &wgpu::Buffer, outs: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
+        let mut rest = outs;
+        for w in matrices {
+            let (mine, others) = rest.split_at(w.parts.len());
+            rest = others;
+            r.product(w, input, ProductOut::Split(mine), n).await?;
+            for ((name, rows), y) in w.parts.iter().zip(mine) {
+                self.add_terms(r, name, *rows, lora_x, y, n).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// y += W·x (W one plain matrix), adapters' terms included.
+    pub async fn project_residual(&self, r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        r.product(w, ProductIn::X(x), ProductOut::Residual(y), n).await?;
+        self.add_terms(r, &w.name, w.n_rows, x, y, n).await
+    }
+
+    /// y [n][rows] += s·(alpha/r)·B·(A·x) for each active adapter covering the tensor `name`.
+    async fn add_terms(&self, r: &mut Recorder<'_>, name: &str, rows: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        for (adapter, scale) in self.adapters {
+            let Some(pair) = adapter.pairs.get(name) else { continue };
+            let (t, u) = (self.t.unwrap(), self.u.unwrap());
+            r.matmul(&pair.a, x, t, n).await?;
+            r.matmul(&pair.b, t, u, n).await?;
+            r.accumulate(y, u, n * rows, adapter.factor(pair, *scale)).await?;
+        }
+        Ok(())
+    }
 }

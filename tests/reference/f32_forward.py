@@ -180,7 +180,7 @@ class Model:
         self.path = Path(path)
         r = gguf.GGUFReader(str(path))
         arch = _field(r, "general.architecture")
-        if arch not in ("llama", "gemma3"):
+        if arch not in ("llama", "qwen2", "gemma3"):
             raise SystemExit(f"unsupported architecture {arch}")
         self.arch = arch
         self.n_layer = int(_field(r, f"{arch}.block_count"))
@@ -208,8 +208,10 @@ class Model:
         self.n_vocab = self.tok_embd.shape[0]
 
     def mm(self, x, name):
-        # x: [T, in], W[name]: [out, in] -> [T, out]
-        return (x @ self.w[name].T).astype(np.float32)
+        # x: [T, in], W[name]: [out, in] -> [T, out] (+ the bias, where the model has one)
+        y = (x @ self.w[name].T).astype(np.float32)
+        bias = self.w.get(name.replace(".weight", ".bias"))
+        return y if bias is None else y + bias
 
     def is_swa(self, il):
         return self.arch == "gemma3" and il % 6 < 5
@@ -233,9 +235,10 @@ class Model:
             k = self.mm(h, p + "attn_k.weight").reshape(T, Hkv, d)  # [T, Hkv, d]
             v = self.mm(h, p + "attn_v.weight").reshape(T, Hkv, -1)  # [T, Hkv, dv]
 
-            if self.arch == "llama":
-                q = rope(q, pos, self.rope_base, neox=False)  # [T, H, d]
-                k = rope(k, pos, self.rope_base, neox=False)  # [T, Hkv, d]
+            if self.arch in ("llama", "qwen2"):
+                neox = self.arch == "qwen2"
+                q = rope(q, pos, self.rope_base, neox=neox)  # [T, H, d]
+                k = rope(k, pos, self.rope_base, neox=neox)  # [T, Hkv, d]
                 a = attention(q, k, v, self.attn_scale)  # [T, H*dv]
                 x = x + self.mm(a, p + "attn_output.weight")  # [T, n_embd]
                 h = rms_norm(x, W[p + "ffn_norm.weight"], eps)  # [T, n_embd]

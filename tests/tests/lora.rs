@@ -11,7 +11,8 @@
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::model::{Model, Session};
+use nomoat_runtime::model::Model;
+use nomoat_runtime::session::Session;
 use nomoat_tests::gpu::variants;
 use nomoat_tests::support::{cosine, model_path, GEMMA3, SMOLLM2};
 use serde::Deserialize;
@@ -89,7 +90,7 @@ fn check(file: &str) {
     let model = pollster::block_on(Model::load(&base, gpu, &mut f, &mut |_, _| {})).unwrap();
     let load = |name: &str| {
         let (g, mut af) = open(&dir().join(name));
-        Arc::new(pollster::block_on(LoraAdapter::load(name, &g, &mut af, gpu, &model, &base)).unwrap())
+        Arc::new(pollster::block_on(LoraAdapter::load(name, &g, &mut af, gpu, &model.config, &base)).unwrap())
     };
     let mut cache: Vec<(String, Arc<LoraAdapter>)> = Vec::new();
     let mut s = pollster::block_on(Session::new(&model, gpu, 512, KvType::F16, false)).unwrap();
@@ -158,7 +159,7 @@ fn swapping_adapters_frees_their_memory() {
     let file = format!("{}.attn_r8.gguf", SMOLLM2.trim_end_matches(".gguf"));
     let cycle = |s: &mut Session| {
         let (g, mut af) = open(&dir().join(&file));
-        let a = Arc::new(pollster::block_on(LoraAdapter::load("a", &g, &mut af, gpu, &model, &base)).unwrap());
+        let a = Arc::new(pollster::block_on(LoraAdapter::load("a", &g, &mut af, gpu, &model.config, &base)).unwrap());
         pollster::block_on(s.set_adapters(vec![(a, 1.0)])).unwrap();
         logits(s, &ids);
         pollster::block_on(s.set_adapters(vec![])).unwrap();
@@ -187,10 +188,10 @@ fn mismatched_adapter_is_refused_naming_the_tensor() {
     let (base, mut f) = open(&model_path(SMOLLM2));
     let model = pollster::block_on(Model::load(&base, gpu, &mut f, &mut |_, _| {})).unwrap();
     let (g, mut af) = open(&dir().join(format!("{}.wrong_shape.gguf", SMOLLM2.trim_end_matches(".gguf"))));
-    let e = pollster::block_on(LoraAdapter::load("w", &g, &mut af, gpu, &model, &base)).err().expect("must be refused");
+    let e = pollster::block_on(LoraAdapter::load("w", &g, &mut af, gpu, &model.config, &base)).err().expect("must be refused");
     assert!(e.to_string().contains("blk.0.attn_q.weight"), "{e}");
     // an adapter for the other model is refused by architecture
     let (g, mut af) = open(&dir().join(format!("{}.attn_r8.gguf", GEMMA3.trim_end_matches(".gguf"))));
-    let e = pollster::block_on(LoraAdapter::load("g", &g, &mut af, gpu, &model, &base)).err().expect("must be refused");
+    let e = pollster::block_on(LoraAdapter::load("g", &g, &mut af, gpu, &model.config, &base)).err().expect("must be refused");
     assert!(e.to_string().contains("gemma3"), "{e}");
 }

@@ -17,7 +17,8 @@ use nomoat_runtime::device::Gpu;
 use nomoat_runtime::generate::perplexity;
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::kernels::KvType;
-use nomoat_runtime::model::{Model, Session};
+use nomoat_runtime::model::Model;
+use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_tests::gpu::variants;
 use nomoat_tests::support::{cosine, model_path, GEMMA3, SMOLLM2};
@@ -196,7 +197,7 @@ fn gemma3_matches_llama_cpp() {
 #[test]
 fn out_of_memory_while_loading_frees_everything() {
     use nomoat_runtime::device::GpuOptions;
-    use nomoat_runtime::model::ModelError;
+    use nomoat_runtime::error::ModelError;
     let gpu = pollster::block_on(Gpu::new(GpuOptions { allow_f16: false, allow_subgroups: false, memory_budget: Some(40 << 20), ..Default::default() })).unwrap();
     let baseline = gpu.buffer_memory().unwrap_or(0);
     let path = model_path(SMOLLM2);

@@ -18,7 +18,10 @@ use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::kernels::KvType;
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::model::{ByteSource, Config, Model, ModelError, Session};
+use nomoat_runtime::arch::Config;
+use nomoat_runtime::error::{ByteSource, ModelError};
+use nomoat_runtime::model::Model;
+use nomoat_runtime::session::Session;
 use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
@@ -424,7 +427,7 @@ impl Engine {
                 return Err(js_error("BadRequest", format!("an adapter named '{name}' is already added")));
             }
             let ag = read_header(&reader).await?;
-            let adapter = LoraAdapter::load(&name, &ag, &mut JsSource(&reader), &inner.gpu, &l.model, &l.gguf)
+            let adapter = LoraAdapter::load(&name, &ag, &mut JsSource(&reader), &inner.gpu, &l.model.config, &l.gguf)
                 .await
                 .map_err(|e| match e {
                     ModelError::Gpu(g) => gpu_error(&g),

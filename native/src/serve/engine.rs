@@ -8,7 +8,7 @@ use anyhow::{anyhow, Result};
 use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::model::Session;
+use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use std::panic::AssertUnwindSafe;

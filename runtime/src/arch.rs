@@ -1,0 +1,312 @@
+//! Every supported architecture as data: how its layer differs from the plain pre-norm
+//! transformer (llama), and the hyperparameters its GGUF metadata gives. The forward pass
+//! (`session.rs`) reads these enums; adding a family is an entry in `Family::spec` plus what
+//! its metadata needs in `Config::from_gguf` (docs/architecture.md has the checklist).
+
+use crate::error::ModelError;
+use crate::gguf::{Gguf, MetadataValue};
+use crate::kernels::{KvType, MAX_HEAD_DIM};
+
+/// The architectures nomoat runs, by their GGUF `general.architecture` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+    Phi3,
+    SmolLm3,
+}
+
+pub const SUPPORTED: &str = "llama, qwen2, qwen3, gemma3, phi3 and smollm3";
+
+impl Family {
+    pub fn from_name(name: &str) -> Option<Family> {
+        Some(match name {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
+            "smollm3" => Family::SmolLm3,
+            _ => return None,
+        })
+    }
+
+    /// How a layer of this family is built (llama.cpp's src/models/<arch>.cpp).
+    pub fn spec(self) -> Spec {
+        let llama = Spec {
+            projections: Projections::Separate,
+            qk: QkPrep::Plain,
+            branch_out: BranchOut::Add,
+            activation: Activation::Silu,
+            rope: RopeType::Pairs,
+            rope_layers: RopeLayers::All,
+            scaled_embeddings: false,
+            window_pattern: 0,
+        };
+        match self {
+            Family::Llama => llama,
+            Family::Qwen2 => Spec { qk: QkPrep::Bias, rope: RopeType::Neox, ..llama },
+            Family::Qwen3 => Spec { qk: QkPrep::HeadNorm, rope: RopeType::Neox, ..llama },
+            Family::Gemma3 => Spec {
+                qk: QkPrep::HeadNorm,
+                branch_out: BranchOut::NormThenAdd,
+                activation: Activation::GeluTanh,
+                rope: RopeType::Neox,
+                scaled_embeddings: true,
+                window_pattern: 6,
+                ..llama
+            },
+            Family::Phi3 => Spec { projections: Projections::Fused, rope: RopeType::Neox, ..llama },
+            Family::SmolLm3 => Spec { rope_layers: RopeLayers::NoneEvery(4), ..llama },
+        }
+    }
+}
+
+/// What makes one family's layer differ from another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub projections: Projections,
+    pub qk: QkPrep,
+    pub branch_out: BranchOut,
+    pub activation: Activation,
+    pub rope: RopeType,
+    pub rope_layers: RopeLayers,
+    /// Embeddings scaled by sqrt(n_embd) (Gemma).
+    pub scaled_embeddings: bool,
+    /// With a sliding window and no pattern in the metadata: layer i slides unless
+    /// (i + 1) % pattern == 0 (llama.cpp's default for the family; 0: every layer).
+    pub window_pattern: u32,
+}
+
+/// Which tensors hold the projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Projections {
+    /// attn_q, attn_k, attn_v; ffn_gate, ffn_up.
+    Separate,
+    /// attn_qkv (rows q, k, v); ffn_up holding [gate; up] (Phi-3).
+    Fused,
+}
+
+/// What happens to q and k between their projection and RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkPrep {
+    Plain,
+    /// q, k and v biases (Qwen2).
+    Bias,
+    /// An RMS norm over each head of q and of k (Qwen3, Gemma 3).
+    HeadNorm,
+}
+
+/// How a branch's output returns to the residual stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchOut {
+    Add,
+    /// RMS-normalised first (Gemma 3's post-attention and post-FFN norms).
+    NormThenAdd,
+}
+
+/// The gated activation of the feed-forward branch: act(gate) · up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+/// Which dimensions RoPE turns together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeType {
+    /// Adjacent pairs (2i, 2i + 1): GGML's "normal" mode, as Llama GGUFs store q and k.
+    Pairs,
+    /// Halves (i, i + n_rot / 2): GPT-NeoX's.
+    Neox,
+}
+
+/// Which layers apply RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayers {
+    All,
+    /// Layer i has no positional encoding where (i + 1) % n == 0 (SmolLM3: NoPE every 4th).
+    NoneEvery(u32),
+}
+
+/// How RoPE's frequencies are scaled for contexts longer than training's.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions multiplied by this factor (1 / the `linear` scaling factor).
+    Linear(f32),
+    /// Per-dimension divisors of the frequencies from a tensor [n_rot / 2] (Llama 3.1
+    /// `rope_freqs.weight`, Phi-3 `rope_factors_short.weight`).
+    Factors(String),
+}
+
+/// Which layers attend only to a window of recent positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlidingWindow {
+    None,
+    /// The last `window` positions (a query at p sees keys p - window + 1 ..= p) on the layers
+    /// marked true.
+    Layers { window: u32, sliding: Vec<bool> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub family: Family,
+    pub spec: Spec,
+    pub arch_name: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub norm_eps: f32,
+    pub rope_base: f32,
+    /// RoPE base of the sliding-window layers (Gemma 3 uses 10,000 there).
+    pub rope_base_local: f32,
+    pub rope_scaling: RopeScaling,
+    pub n_rot: usize,
+    pub attn_scale: f32,
+    pub window: SlidingWindow,
+    pub final_softcap: Option<f32>,
+}
+
+impl Config {
+    pub fn from_gguf(g: &Gguf) -> Result<Config, ModelError> {
+        let name = g.architecture()?.to_string();
+        let family = Family::from_name(&name).ok_or_else(|| ModelError::UnsupportedArchitecture(name.clone()))?;
+        let spec = family.spec();
+        let key = |k: &str| format!("{name}.{k}");
+        let size = |k: &str, v: u64| usize::try_from(v).ok().filter(|v| *v <= 1 << 24).ok_or_else(|| ModelError::Invalid(format!("{} = {v} is out of range", key(k))));
+        let n_embd = size("embedding_length", g.get_u64(&key("embedding_length"))?)?;
+        let n_head = size("attention.head_count", g.get_u64(&key("attention.head_count"))?)?;
+        let n_kv_head = match g.get_u64_opt(&key("attention.head_count_kv"))? {
+            Some(v) => size("attention.head_count_kv", v)?,
+            None => n_head,
+        };
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(ModelError::Invalid(format!("{n_head} query heads cannot share {n_kv_head} key/value heads")));
+        }
+        let head_dim = match g.get_u64_opt(&key("attention.key_length"))? {
+            Some(v) => size("attention.key_length", v)?,
+            None => n_embd / n_head,
+        };
+        let token_embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let n_vocab = token_embd.n_rows() as usize;
+        let rope_base = g.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
+        let n_rot = match g.get_u64_opt(&key("rope.dimension_count"))? {
+            Some(v) => size("rope.dimension_count", v)?,
+            None => head_dim,
+        };
+        let rope_scaling = match (g.get_str_opt(&key("rope.scaling.type"))?, g.get_f32_opt(&key("rope.scaling.factor"))?) {
+            (Some("linear"), Some(f)) if f > 0.0 && f.is_finite() => RopeScaling::Linear(1.0 / f),
+            (Some(t), _) if t != "none" && t != "linear" => {
+                return Err(ModelError::Invalid(format!("RoPE scaling '{t}' is not supported yet")));
+            }
+            // Llama 3.1's frequency factors, or Phi-3's for contexts up to its original one
+            _ => match ["rope_freqs.weight", "rope_factors_short.weight"].into_iter().find(|t| g.tensor(t).is_some()) {
+                Some(t) => RopeScaling::Factors(t.to_string()),
+                None => RopeScaling::None,
+            },
+        };
+        let n_layer = size("block_count", g.get_u64(&key("block_count"))?)?;
+        let window = match g.get_u64_opt(&key("attention.sliding_window"))? {
+            // phi3 GGUFs carry a window that llama.cpp ignores (its converter sets it wrongly)
+            Some(w) if w > 0 && family != Family::Phi3 => {
+                let window = u32::try_from(w).unwrap_or(u32::MAX);
+                SlidingWindow::Layers { window, sliding: sliding_layers(g, &key("attention.sliding_window_pattern"), spec.window_pattern, n_layer)? }
+            }
+            _ => SlidingWindow::None,
+        };
+        let attn_scale = match g.get_f32_opt(&key("attention.query_pre_attn_scalar"))? {
+            // Gemma 3 scales queries by the query pre-attention scalar when given
+            Some(s) if family == Family::Gemma3 && s > 0.0 => 1.0 / s.sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let c = Config {
+            family,
+            spec,
+            n_layer,
+            n_embd,
+            n_ff: size("feed_forward_length", g.get_u64(&key("feed_forward_length"))?)?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_vocab,
+            n_ctx_train: g.get_u64_opt(&key("context_length"))?.unwrap_or(2048).min(1 << 24) as usize,
+            norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_base,
+            rope_base_local: if family == Family::Gemma3 { g.get_f32_opt(&key("rope.freq_base_swa"))?.unwrap_or(10000.0) } else { rope_base },
+            rope_scaling,
+            n_rot,
+            attn_scale,
+            window,
+            final_softcap: g.get_f32_opt(&key("final_logit_softcapping"))?.filter(|v| *v > 0.0),
+            arch_name: name,
+        };
+        if c.head_dim > MAX_HEAD_DIM as usize || c.head_dim % 2 != 0 || c.n_rot > c.head_dim || c.n_rot % 2 != 0 {
+            return Err(ModelError::Invalid(format!("head size {} (RoPE over {}) is not supported", c.head_dim, c.n_rot)));
+        }
+        Ok(c)
+    }
+
+    /// The window layer `layer` attends within, 0 for all of the context.
+    pub fn window_of(&self, layer: usize) -> u32 {
+        match &self.window {
+            SlidingWindow::Layers { window, sliding } if sliding[layer] => *window,
+            _ => 0,
+        }
+    }
+
+    /// RoPE's base for layer `layer`.
+    pub fn rope_base_of(&self, layer: usize) -> f32 {
+        if self.window_of(layer) > 0 { self.rope_base_local } else { self.rope_base }
+    }
+
+    /// Whether layer `layer` turns q and k by their positions.
+    pub fn has_rope(&self, layer: usize) -> bool {
+        match self.spec.rope_layers {
+            RopeLayers::All => true,
+            RopeLayers::NoneEvery(n) => (layer as u32 + 1) % n != 0,
+        }
+    }
+
+    /// Positions are multiplied by this before RoPE.
+    pub fn rope_freq_scale(&self) -> f32 {
+        match self.rope_scaling {
+            RopeScaling::Linear(s) => s,
+            _ => 1.0,
+        }
+    }
+
+    /// Embeddings are multiplied by this, where the family scales them.
+    pub fn embed_scale(&self) -> Option<f32> {
+        self.spec.scaled_embeddings.then(|| (self.n_embd as f32).sqrt())
+    }
+
+    /// KV cache bytes per token of context.
+    pub fn kv_bytes_per_token(&self, kv: KvType) -> u64 {
+        2 * self.n_layer as u64 * (self.n_kv_head * self.head_dim) as u64 * kv.bytes()
+    }
+}
+
+/// Which layers slide, as llama.cpp reads it: a bool per layer under `key`, or a period there
+/// (or the family's `default` one): layer i slides unless (i + 1) % period == 0; 0 means all.
+fn sliding_layers(g: &Gguf, key: &str, default: u32, n_layer: usize) -> Result<Vec<bool>, ModelError> {
+    let period = match g.get(key) {
+        Some(MetadataValue::Array { items, .. }) => {
+            let flags: Option<Vec<bool>> = items.iter().map(|v| if let MetadataValue::Bool(b) = v { Some(*b) } else { None }).collect();
+            return match flags {
+                Some(f) if f.len() == n_layer => Ok(f),
+                _ => Err(ModelError::Invalid(format!("{key} must hold one bool per layer ({n_layer})"))),
+            };
+        }
+        Some(_) => g.get_u32(key)?,
+        None => default,
+    };
+    Ok((0..n_layer).map(|i| period == 0 || (i as u32 + 1) % period != 0).collect())
+}

@@ -1,0 +1,484 @@
+//! A session: a model plus its KV cache, the state of one conversation, and the forward pass
+//! that extends it (`eval_batch`: one dispatch list per batch of tokens, submitted once).
+//!
+//! One layer, as the papers write it (x: [n_tokens][n_embd]):
+//!   h   = x + out(Wo · Attn(RoPE(Wq · norm(x)), RoPE(Wk · norm(x)), Wv · norm(x)))
+//!   x'  = h + out(Wdown · (act(Wgate · norm(h)) ⊙ Wup · norm(h)))
+//! where out() is nothing, or Gemma 3's norm of the branch's output. Decode (and prefill where
+//! the recorder tiles tokens: `Recorder::fuses_block`) fuses each branch's RMS norm into the
+//! product that reads it, the gated activation into the gate·up product and, for plain
+//! adjacent-pair RoPE, RoPE and the KV write into the q/k/v product: five or six dispatches a
+//! layer, because on CPU devices a dispatch costs tens of microseconds whatever it does.
+//! Active adapters need the normalised input for their own products, so they take the
+//! unfused path.
+
+use crate::arch::{Activation, QkPrep, RopeType};
+use crate::device::{Gpu, GpuError};
+use crate::error::ModelError;
+use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
+use crate::lora::{Lora, LoraAdapter};
+use crate::model::{Layer, Model};
+use std::sync::Arc;
+
+/// The choices made once for a batch: its size, its first position, and whether its blocks
+/// fuse their norms and activations into the products.
+struct Plan {
+    n: u32,
+    pos0: u32,
+    fused: bool,
+}
+
+/// Tokens processed per prefill step; the activation buffers are sized for it.
+pub const MAX_BATCH: usize = 64;
+
+/// Dispatches a session records before it submits: more than one step of any model here takes
+/// (about 5 to 10 a layer, more with adapters); a longer recording submits in parts.
+const SESSION_PARAM_SLOTS: u32 = 1024;
+
+/// What a step reads back of the last token's logits, copied out in the submission that
+/// computes them: nothing, their k best (ids and values, selected on the GPU), or all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readback {
+    Nothing,
+    TopK(u32),
+    Logits,
+}
+
+/// Scratch activations for up to MAX_BATCH tokens, allocated once per session.
+struct Scratch {
+    ids: wgpu::Buffer,     // [B] u32
+    x: wgpu::Buffer,       // [B][n_embd] residual stream
+    x2: wgpu::Buffer,      // [B][n_embd] residual after attention
+    xn: wgpu::Buffer,      // [B][n_embd] normalised input of a branch
+    t1: wgpu::Buffer,      // [B][n_embd] branch output
+    q: wgpu::Buffer,       // [B][n_head][head_dim]
+    q2: wgpu::Buffer,      // [B][n_head][head_dim] after q-norm / bias
+    k: wgpu::Buffer,       // [B][n_kv_head][head_dim]
+    k2: wgpu::Buffer,      // [B][n_kv_head][head_dim]
+    v: wgpu::Buffer,       // [B][n_kv_head][head_dim]
+    v2: wgpu::Buffer,      // [B][n_kv_head][head_dim]
+    attn: wgpu::Buffer,    // [B][n_head][head_dim]
+    gate: wgpu::Buffer,    // [B][n_ff]
+    up: wgpu::Buffer,      // [B][n_ff]
+    act: wgpu::Buffer,     // [B][n_ff]
+    last: wgpu::Buffer,    // [n_embd] the last token's residual
+    logits: wgpu::Buffer,  // [n_vocab] (or [B][n_vocab] when all positions are asked for)
+    logits2: wgpu::Buffer, // same, soft-capped
+}
+
+/// A model plus its KV cache: the state of one conversation.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    pub gpu: &'m Gpu,
+    pub n_ctx: usize,
+    pub kv: KvType,
+    /// Tokens whose keys and values are in the cache, in order.
+    pub tokens: Vec<u32>,
+    k_cache: Vec<wgpu::Buffer>, // per layer [n_ctx][n_kv_head][head_dim]
+    v_cache: Vec<wgpu::Buffer>,
+    s: Scratch,
+    all_logits: bool,
+    /// Active adapters and their user scales.
+    adapters: Vec<(Arc<LoraAdapter>, f32)>,
+    /// [B][max rank] and [B][max n_out] intermediates of B·(A·x), sized for the active adapters.
+    lora_t: Option<wgpu::Buffer>,
+    lora_u: Option<wgpu::Buffer>,
+    /// Tokens in the most recent batch: the row of the last token's logits in all_logits mode.
+    last_batch: usize,
+    /// Parameter slots and bind groups of every step, so that a step creates no GPU object.
+    dispatch: Arc<DispatchCache>,
+    /// The GPU top-k's intermediates over the logits.
+    top_k: TopKScratch,
+    /// Where a step's read-back lands: [max(n_vocab, 2 · MAX_TOP_K)] of 4 bytes.
+    readback: wgpu::Buffer,
+}
+
+impl<'m> Session<'m> {
+    /// `all_logits` keeps logits of every position of the last batch (perplexity needs them).
+    pub async fn new(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool) -> Result<Session<'m>, ModelError> {
+        let c = &model.config;
+        if n_ctx == 0 || n_ctx > c.n_ctx_train.max(1) {
+            return Err(ModelError::Invalid(format!("context size {n_ctx} must be between 1 and the model's {}", c.n_ctx_train)));
+        }
+        let per_layer = n_ctx as u64 * (c.n_kv_head * c.head_dim) as u64 * kv.bytes();
+        if per_layer > gpu.max_binding() {
+            return Err(ModelError::Invalid(format!(
+                "a {n_ctx}-token KV cache needs {per_layer} bytes per layer, over this device's {}-byte binding limit",
+                gpu.max_binding()
+            )));
+        }
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in 0..c.n_layer {
+            k_cache.push(gpu.storage("k cache", per_layer).await?);
+            v_cache.push(gpu.storage("v cache", per_layer).await?);
+        }
+        let b = MAX_BATCH as u64;
+        let f = |n: usize| b * n as u64 * 4;
+        let logits_len = if all_logits { b * c.n_vocab as u64 * 4 } else { c.n_vocab as u64 * 4 };
+        let q_dim = c.n_head * c.head_dim;
+        let kv_dim = c.n_kv_head * c.head_dim;
+        let s = Scratch {
+            ids: gpu.storage("ids", b * 4).await?,
+            x: gpu.storage("x", f(c.n_embd)).await?,
+            x2: gpu.storage("x2", f(c.n_embd)).await?,
+            xn: gpu.storage("xn", f(c.n_embd)).await?,
+            t1: gpu.storage("t1", f(c.n_embd)).await?,
+            q: gpu.storage("q", f(q_dim)).await?,
+            q2: gpu.storage("q2", f(q_dim)).await?,
+            k: gpu.storage("k", f(kv_dim)).await?,
+            k2: gpu.storage("k2", f(kv_dim)).await?,
+            v: gpu.storage("v", f(kv_dim)).await?,
+            v2: gpu.storage("v2", f(kv_dim)).await?,
+            attn: gpu.storage("attn", f(q_dim)).await?,
+            gate: gpu.storage("gate", f(c.n_ff)).await?,
+            up: gpu.storage("up", f(c.n_ff)).await?,
+            act: gpu.storage("act", f(c.n_ff)).await?,
+            last: gpu.storage("last", c.n_embd as u64 * 4).await?,
+            logits: gpu.storage("logits", logits_len).await?,
+            logits2: gpu.storage("logits2", logits_len).await?,
+        };
+        Ok(Session {
+            model,
+            gpu,
+            n_ctx,
+            kv,
+            tokens: Vec::new(),
+            k_cache,
+            v_cache,
+            s,
+            all_logits,
+            last_batch: 0,
+            adapters: Vec::new(),
+            lora_t: None,
+            lora_u: None,
+            dispatch: Arc::new(DispatchCache::new(gpu, SESSION_PARAM_SLOTS)),
+            top_k: TopKScratch::new(gpu, c.n_vocab as u32).await?,
+            readback: gpu.readback_buffer(c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
+        })
+    }
+
+    /// Forget the cache from position `n` on (keep a shared prefix for the next prompt).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Use these adapters (with their user scales) from now on. The KV cache was computed with
+    /// the previous set, so it is cleared unless the set is unchanged.
+    pub async fn set_adapters(&mut self, adapters: Vec<(Arc<LoraAdapter>, f32)>) -> Result<(), ModelError> {
+        let same = adapters.len() == self.adapters.len()
+            && adapters.iter().zip(&self.adapters).all(|((a, s), (b, t))| Arc::ptr_eq(a, b) && s == t);
+        if same {
+            return Ok(());
+        }
+        self.tokens.clear();
+        let pairs = || adapters.iter().flat_map(|(a, _)| a.pairs.values());
+        let max_rank = pairs().map(|p| p.rank).max().unwrap_or(0) as u64;
+        let max_out = pairs().map(|p| p.b.n_rows).max().unwrap_or(0) as u64;
+        let b = MAX_BATCH as u64 * 4;
+        self.lora_t = None;
+        self.lora_u = None;
+        // the cached bind groups hold the old adapters' buffers
+        self.dispatch.clear();
+        if max_rank > 0 {
+            self.lora_t = Some(self.gpu.storage("lora t", b * max_rank).await?);
+            self.lora_u = Some(self.gpu.storage("lora u", b * max_out).await?);
+        }
+        self.adapters = adapters;
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> &[(Arc<LoraAdapter>, f32)] {
+        &self.adapters
+    }
+
+    /// Feed `ids` after what the cache holds. Afterwards the logits buffer holds the last
+    /// token's logits (or, with all_logits, every token's of the last batch).
+    pub async fn eval(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+        self.eval_then(ids, Readback::Nothing).await.map(|_| ())
+    }
+
+    /// Feed `ids` (there must be some) and return the k best (id, logit) of the last token,
+    /// selected on the GPU in the same submission (k ≤ MAX_TOP_K).
+    pub async fn eval_top_k(&mut self, ids: &[u32], k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
+        let bytes = self.eval_then(ids, Readback::TopK(k)).await?;
+        Ok(self.top_k_of(&bytes, k))
+    }
+
+    /// Feed `ids` (there must be some) and return the last token's logits, [n_vocab], read
+    /// back in the same submission.
+    pub async fn eval_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let bytes = self.eval_then(ids, Readback::Logits).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Feed `ids`; the last batch's submission also reads back `then`, whose bytes it returns.
+    async fn eval_then(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
+        let c = &self.model.config;
+        let needed = self.tokens.len() + ids.len();
+        if needed > self.n_ctx {
+            return Err(ModelError::ContextFull { needed, n_ctx: self.n_ctx, max: c.n_ctx_train });
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
+        }
+        if ids.is_empty() && then != Readback::Nothing {
+            return Err(ModelError::Invalid("nothing to evaluate".into()));
+        }
+        let n_batches = ids.len().div_ceil(MAX_BATCH);
+        let mut bytes = Vec::new();
+        for (i, chunk) in ids.chunks(MAX_BATCH).enumerate() {
+            bytes = self.eval_batch(chunk, if i + 1 == n_batches { then } else { Readback::Nothing }).await?;
+            self.tokens.extend_from_slice(chunk);
+            self.last_batch = chunk.len();
+        }
+        Ok(bytes)
+    }
+
+    /// The forward pass over one batch of at most MAX_BATCH tokens, as llama2.c's forward():
+    /// embed, each layer's attention and feed-forward blocks, the output head.
+    async fn eval_batch(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
+        let (m, s) = (self.model, &self.s);
+        let c = &m.config;
+        let n = ids.len() as u32;
+        self.gpu.queue.write_buffer(&s.ids, 0, bytemuck::cast_slice(ids));
+        let mut r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        // an adapter at scale 0 adds nothing: leaving it out keeps the fused path (and the base
+        // model's logits bit for bit)
+        let active: Vec<(Arc<LoraAdapter>, f32)> = self.adapters.iter().filter(|(_, scale)| *scale != 0.0).cloned().collect();
+        let lora = Lora { adapters: &active, t: self.lora_t.as_ref(), u: self.lora_u.as_ref() };
+        let plan = Plan { n, pos0: self.tokens.len() as u32, fused: r.fuses_block(n) && active.is_empty() };
+        // x = embed(ids) (· sqrt(n_embd) for Gemma)                         [n][n_embd]
+        match c.embed_scale() {
+            Some(scale) => {
+                r.gather(&m.token_embd, &s.ids, &s.t1, n).await?;
+                r.scale(&s.t1, &s.x, n * c.n_embd as u32, scale).await?;
+            }
+            None => r.gather(&m.token_embd, &s.ids, &s.x, n).await?,
+        }
+        for (i, layer) in m.layers.iter().enumerate() {
+            let h = self.attention_block(&mut r, &plan, &lora, i, layer).await?; // h = x + attention
+            self.ffn_block(&mut r, &plan, &lora, layer, h).await?; //               x = h + ffn(h)
+        }
+        self.output_head(&mut r, &lora, n).await?; //                           [n_out][n_vocab]
+        let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
+        self.finish(r, n_last, then).await
+    }
+
+    /// h = x + out(W_o · attention(RoPE(q), RoPE(k), v)), [q; k; v] = W_qkv · rms_norm(x), with
+    /// k and v appended to layer i's cache; returns the buffer holding h (x itself where the
+    /// branch adds in place).
+    async fn attention_block(&self, r: &mut Recorder<'_>, p: &Plan, lora: &Lora<'_>, i: usize, l: &Layer) -> Result<&wgpu::Buffer, GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let input = self.branch_input(r, p, &s.x, &l.attn_norm).await?; //     [n][n_embd]
+        let rope = self.rope_args(p, i);
+        let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
+        let plain_qk = c.spec.qk == QkPrep::Plain;
+        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
+            // the product turns q and k and writes k and v to the cache itself
+            r.product(&l.wqkv[0], input, ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope }, p.n).await?;
+            &s.q
+        } else {
+            lora.project(r, &l.wqkv, input, &s.xn, &[&s.q, &s.k, &s.v], p.n).await?; // q [n][q_dim], k, v [n][kv_dim]
+            let (q, k, v) = self.add_qkv_bias(r, l, p.n).await?; //                    Qwen2
+            let norm = match (&l.q_norm, &l.k_norm) {
+                (Some(q_weight), Some(k_weight)) => Some(QkNorm { q_weight, k_weight, eps: c.norm_eps }),
+                _ => None,
+            };
+            // (per-head norms,) RoPE: q turned in place, k turned into the cache, v copied there
+            r.rope_kv_normed(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm).await?;
+            q
+        };
+        r.attention(q, k_cache, v_cache, &s.attn, self.attention_args(p, i)).await?; // [n][q_dim]
+        self.branch_out(r, lora, &l.wo, &s.attn, l.post_attn_norm.as_ref(), &s.x, &s.x2, p.n).await
+    }
+
+    /// x = h + out(W_down · act(gate) ⊙ up), [gate; up] = W_gate_up · rms_norm(h).
+    async fn ffn_block(&self, r: &mut Recorder<'_>, p: &Plan, lora: &Lora<'_>, l: &Layer, h: &wgpu::Buffer) -> Result<(), GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let gelu = c.spec.activation == Activation::GeluTanh;
+        let input = self.branch_input(r, p, h, &l.ffn_norm).await?; //          [n][n_embd]
+        if p.fused && l.w_gate_up.len() == 1 && r.fuses_glu(&l.w_gate_up[0], p.n) {
+            r.product(&l.w_gate_up[0], input, ProductOut::Glu { out: &s.act, gelu }, p.n).await?; // [n][n_ff]
+        } else {
+            lora.project(r, &l.w_gate_up, input, &s.xn, &[&s.gate, &s.up], p.n).await?; // [n][n_ff] each
+            let len = p.n * c.n_ff as u32;
+            if gelu { r.gelu_gate(&s.gate, &s.up, &s.act, len).await? } else { r.silu_gate(&s.gate, &s.up, &s.act, len).await? }
+        }
+        self.branch_out(r, lora, &l.w_down, &s.act, l.post_ffn_norm.as_ref(), h, &s.x, p.n).await?;
+        Ok(())
+    }
+
+    /// What a block's product reads: rms_norm(x) · weight, fused into the product where the
+    /// plan says so, else normalised into xn first.
+    async fn branch_input<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan, x: &'b wgpu::Buffer, weight: &'b wgpu::Buffer) -> Result<ProductIn<'b>, GpuError> {
+        let c = &self.model.config;
+        if p.fused {
+            return Ok(ProductIn::RmsNorm { x, weight, eps: c.norm_eps });
+        }
+        r.rms_norm(x, weight, &self.s.xn, c.n_embd as u32, p.n, c.norm_eps).await?;
+        Ok(ProductIn::X(&self.s.xn))
+    }
+
+    /// A branch's way back into the residual stream: resid + W · x into `sum`, through the
+    /// branch's own RMS norm where it has one (Gemma 3); otherwise added into resid in place.
+    /// Returns where the sum is.
+    #[allow(clippy::too_many_arguments)]
+    async fn branch_out<'b>(
+        &'b self,
+        r: &mut Recorder<'_>,
+        lora: &Lora<'_>,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        post_norm: Option<&wgpu::Buffer>,
+        resid: &'b wgpu::Buffer,
+        sum: &'b wgpu::Buffer,
+        n: u32,
+    ) -> Result<&'b wgpu::Buffer, GpuError> {
+        let c = &self.model.config;
+        let Some(norm) = post_norm else {
+            lora.project_residual(r, w, x, resid, n).await?;
+            return Ok(resid);
+        };
+        let t1 = &self.s.t1;
+        lora.project(r, std::slice::from_ref(w), ProductIn::X(x), x, &[t1], n).await?;
+        r.rms_norm_add(t1, norm, resid, sum, c.n_embd as u32, n, c.norm_eps).await?;
+        Ok(sum)
+    }
+
+    /// q, k, v with their biases added where the layer has them (Qwen2).
+    async fn add_qkv_bias(&self, r: &mut Recorder<'_>, l: &Layer, n: u32) -> Result<(&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer), GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) else {
+            return Ok((&s.q, &s.k, &s.v));
+        };
+        let (q_dim, kv_dim) = ((c.n_head * c.head_dim) as u32, (c.n_kv_head * c.head_dim) as u32);
+        r.add_bias(&s.q, bq, &s.q2, n * q_dim, q_dim).await?;
+        r.add_bias(&s.k, bk, &s.k2, n * kv_dim, kv_dim).await?;
+        r.add_bias(&s.v, bv, &s.v2, n * kv_dim, kv_dim).await?;
+        Ok((&s.q2, &s.k2, &s.v2))
+    }
+
+    /// logits = W_out · rms_norm(x) for every token, or for the last one only, soft-capped
+    /// where the model says so.
+    async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32) -> Result<(), GpuError> {
+        let (m, s) = (self.model, &self.s);
+        let c = &m.config;
+        let (d, vocab, eps) = (c.n_embd as u32, c.n_vocab as u32, c.norm_eps);
+        let (x_out, n_out) = if self.all_logits {
+            (&s.x, n)
+        } else {
+            r.encoder().copy_buffer_to_buffer(&s.x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
+            (&s.last, 1)
+        };
+        let input = if n_out == 1 && lora.adapters.is_empty() {
+            ProductIn::RmsNorm { x: x_out, weight: &m.output_norm, eps }
+        } else {
+            r.rms_norm(x_out, &m.output_norm, &s.xn, d, n_out, eps).await?;
+            ProductIn::X(&s.xn)
+        };
+        lora.project(r, std::slice::from_ref(m.output_head()), input, &s.xn, &[&s.logits], n_out).await?;
+        if let Some(cap) = c.final_softcap {
+            r.softcap(&s.logits, &s.logits2, n_out * vocab, cap).await?;
+            r.encoder().copy_buffer_to_buffer(&s.logits2, 0, &s.logits, 0, (n_out * vocab) as u64 * 4);
+        }
+        Ok(())
+    }
+
+    /// RoPE of layer i for this batch: its base, and no rotation on layers without it.
+    fn rope_args(&self, p: &Plan, i: usize) -> RopeArgs {
+        let c = &self.model.config;
+        RopeArgs {
+            n_tokens: p.n,
+            n_heads: c.n_head as u32,
+            head_dim: c.head_dim as u32,
+            n_rot: if c.has_rope(i) { c.n_rot as u32 } else { 0 },
+            pos0: p.pos0,
+            neox: c.spec.rope == RopeType::Neox,
+            freq_base: c.rope_base_of(i),
+            freq_scale: c.rope_freq_scale(),
+        }
+    }
+
+    fn attention_args(&self, p: &Plan, i: usize) -> AttentionArgs {
+        let c = &self.model.config;
+        AttentionArgs {
+            n_q: p.n,
+            n_head: c.n_head as u32,
+            n_kv_head: c.n_kv_head as u32,
+            head_dim: c.head_dim as u32,
+            pos0: p.pos0,
+            window: c.window_of(i),
+            scale: c.attn_scale,
+            kv: self.kv,
+        }
+    }
+
+    /// Record the read-back `then` of row n_last of the logits after what `r` holds, submit,
+    /// and return the bytes read.
+    async fn finish(&self, mut r: Recorder<'_>, n_last: usize, then: Readback) -> Result<Vec<u8>, ModelError> {
+        let v = self.model.config.n_vocab as u64;
+        let row = n_last as u64 * v * 4;
+        let bytes = match then {
+            Readback::Nothing => 0,
+            Readback::TopK(k) if !self.all_logits => {
+                let (values, ids) = kernels::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
+                let half = k as u64 * 4;
+                r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
+                r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);
+                2 * half
+            }
+            // with every position's logits kept, top-k is taken on the CPU (top_k_of)
+            Readback::TopK(_) | Readback::Logits => {
+                r.encoder().copy_buffer_to_buffer(&self.s.logits, row, &self.readback, 0, v * 4);
+                v * 4
+            }
+        };
+        r.submit()?;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.gpu.read_mapped(&self.readback, bytes).await?)
+    }
+
+    /// The k best (id, logit) from a TopK read-back.
+    fn top_k_of(&self, bytes: &[u8], k: u32) -> Vec<(u32, f32)> {
+        if self.all_logits {
+            let logits: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+            return crate::reference::top_k(&logits, k as usize).into_iter().map(|(i, v)| (i as u32, v)).collect();
+        }
+        let (ids, values) = bytes.split_at(k as usize * 4);
+        let ids: Vec<u32> = bytemuck::pod_collect_to_vec(ids);
+        let values: Vec<f32> = bytemuck::pod_collect_to_vec(values);
+        ids.into_iter().zip(values).collect()
+    }
+
+    /// Row n_last of the logits, for reading them again after the step that computed them.
+    fn last_row(&self) -> usize {
+        if self.all_logits { self.last_batch.saturating_sub(1) } else { 0 }
+    }
+
+    /// Logits of the last evaluated token, [n_vocab].
+    pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
+        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let bytes = self.finish(r, self.last_row(), Readback::Logits).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Logits of every token of the last batch, [n][n_vocab] (needs all_logits).
+    pub async fn batch_logits(&self, n: usize) -> Result<Vec<f32>, ModelError> {
+        assert!(self.all_logits && n <= MAX_BATCH);
+        Ok(self.gpu.read_f32(&self.s.logits, 0, n * self.model.config.n_vocab).await?)
+    }
+
+    /// The k best (id, logit) of the last token, selected on the GPU (k ≤ MAX_TOP_K).
+    pub async fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
+        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let bytes = self.finish(r, self.last_row(), Readback::TopK(k)).await?;
+        Ok(self.top_k_of(&bytes, k))
+    }
+}
