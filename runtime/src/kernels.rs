@@ -7,7 +7,7 @@
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
-use crate::shaders::{self, Defines, Variant};
+use crate::shaders::{self, Defines};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -118,12 +118,6 @@ impl MatvecShape {
     pub fn rows_per_workgroup(&self) -> u32 {
         self.wg / self.tpr * self.rpi
     }
-}
-
-/// Invocations sharing one matvec row: 1 on CPU implementations of WebGPU (no reduction, no
-/// barrier), 32 elsewhere. `NOMOAT_MATVEC_TPR` overrides it for tuning.
-pub fn matvec_threads_per_row(gpu: &Gpu) -> u32 {
-    matvec_shape(gpu).tpr
 }
 
 /// The matvec shape for this device. CPU devices: every invocation its own 8 rows (one x load
@@ -1110,11 +1104,6 @@ impl<'g> Recorder<'g> {
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 
-    /// Whether `attention` runs one invocation per (head, query) (any of the per-query kernels).
-    pub fn attention_per_query(&self, a: &AttentionArgs) -> bool {
-        self.attention_kernel(a) != AttentionKernel::PerWorkgroup
-    }
-
     /// The attention kernel `attention` runs for `a`. The per-query ones on CPU devices (or as
     /// `NOMOAT_ATTENTION=query` / `workgroup` says), where the head fits their loops and the
     /// keys a lane walks fit llvmpipe's loop budget; among them, on subgroups of exactly the
@@ -1372,9 +1361,4 @@ pub async fn record_top_k<'s>(
         }
         pass += 1;
     }
-}
-
-/// The variant label pipelines were generated for, for reports.
-pub fn variant_of(gpu: &Gpu) -> Variant {
-    gpu.variant
 }
