@@ -121,12 +121,12 @@ impl MatvecShape {
 }
 
 /// The matvec shape for this device. CPU devices: every invocation its own 8 rows (one x load
-/// serves 8 rows), 8 invocations per workgroup (one 256-bit SIMD register of lanes). On
-/// lavapipe this beat 4 rows x 16 invocations by 15-25% in decode and prefill for both test
-/// models (SmolLM2 tg 9.5 → 11.1, pp64 17.7 → 21.8 tok/s, same run). 16 rows per invocation
-/// measured about the same but gave wrong F16 products for 70 tokens on lavapipe (the
-/// conformance suite caught it; not root-caused), so it is not used. GPUs: 32 invocations per row, one row each, 64 per workgroup.
-/// `NOMOAT_MATVEC_TPR`, `NOMOAT_MATVEC_RPI` and `NOMOAT_MATVEC_WG` override it for tuning.
+/// serves 8 rows), 8 invocations per workgroup (one 256-bit SIMD register of lanes), which on
+/// lavapipe beat 4 rows x 16 invocations in decode and prefill. 16 rows per invocation gave
+/// wrong F16 products for 70 tokens on lavapipe (the conformance suite caught it; not
+/// root-caused), so it is not used. GPUs: 32 invocations per row, one row each, 64 per
+/// workgroup. `NOMOAT_MATVEC_TPR`, `NOMOAT_MATVEC_RPI` and `NOMOAT_MATVEC_WG` override it for
+/// tuning.
 pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
     let mut s = if cpu { MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast: false } } else { MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false } };
@@ -134,8 +134,7 @@ pub fn matvec_shape(gpu: &Gpu) -> MatvecShape {
     s.tpr = o.matvec_tpr.unwrap_or(s.tpr);
     s.rpi = o.matvec_rpi.unwrap_or(s.rpi);
     s.wg = o.matvec_wg.unwrap_or(s.wg).max(s.tpr);
-    // measured on lavapipe (same run, nomoat bench -p 128 -n 64): SmolLM2 tg64 19.3 -> 26.0,
-    // pp128 49.5 -> 57.5 tok/s; Gemma 3 tg64 11.3 -> 13.9, pp128 47.5 -> 56.4
+    // one x load per subgroup instead of one per lane: faster on lavapipe, decode and prefill
     s.x_broadcast = subgroups_of_8(gpu) && s.tpr == 1 && s.wg == 8 && o.matvec_x_broadcast != Some(false);
     s
 }
@@ -464,8 +463,8 @@ impl GpuMatrix {
 /// Blocks rearranged for the kernels into one region per field, in the order `fields` (byte
 /// offset, length within a block) lists them: the quants first, then scales and high bits.
 /// Same size; the 34-, 18-, 20-, 22- and 24-byte blocks of Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
-/// mostly sit at unaligned offsets, their quants split out are whole aligned vec4s (on lavapipe
-/// a 131072x640 Q8_0 matvec went 23.6 -> 18.8 ms, SmolLM2's Q4_1 prefill 37.8 -> 44.2 tok/s).
+/// mostly sit at unaligned offsets, their quants split out are whole aligned vec4s, which the
+/// kernels load faster.
 fn split_blocks(blocks: &[u8], block_bytes: usize, fields: &[(usize, usize)]) -> Vec<u8> {
     let n = blocks.len() / block_bytes;
     let mut out = Vec::with_capacity(blocks.len());
@@ -620,9 +619,8 @@ impl DispatchCache {
 }
 
 /// Records dispatches into one command encoder, consecutive dispatches into one compute pass:
-/// with 500 one-workgroup copies lavapipe took about 15 µs per pass on top of the ~27 µs of a
-/// dispatch (in a whole decode step the difference stayed within run-to-run noise). WebGPU
-/// makes each dispatch its own usage scope, so one pass orders them just as well.
+/// a pass costs lavapipe time of its own on top of its dispatches, and WebGPU makes each
+/// dispatch its own usage scope, so one pass orders them just as well.
 pub struct Recorder<'g> {
     pub gpu: &'g Gpu,
     // declared before the encoder so that it is dropped first
@@ -852,8 +850,7 @@ impl<'g> Recorder<'g> {
     }
 
     /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights): llvmpipe
-    /// only (same runs, nomoat bench): SmolLM2 pp128 59 -> 94 tok/s, Gemma 3 57 -> 92 on
-    /// lavapipe; SwiftShader pp32 6.16, 6.35 -> 5.20, 5.39.
+    /// only, where it speeds prefill up (on SwiftShader it slows it down).
     fn tiles_tokens(&self) -> bool {
         self.token_tile.or(self.gpu.overrides.token_tile).unwrap_or_else(|| is_llvmpipe(self.gpu))
     }
@@ -861,8 +858,7 @@ impl<'g> Recorder<'g> {
     /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
     /// reads it and the activation and RoPE into the products that feed them: always for one
     /// token; for a block only where prefill tiles its tokens, since untiled every invocation
-    /// pays the norm work again (SmolLM2 pp64 on lavapipe before tiles: 34.4 tok/s fused,
-    /// 37.5 not).
+    /// pays the norm work again, which made fused prefill slower than unfused.
     pub fn fuses_block(&self, m: u32) -> bool {
         m == 1 || (self.product_runs_matvec(m) && self.tiles_tokens())
     }
@@ -1109,10 +1105,9 @@ impl<'g> Recorder<'g> {
     /// keys a lane walks fit llvmpipe's loop budget; among them, on subgroups of exactly the
     /// workgroup's 8 lanes, the broadcast for 8 queries or more (prefill), for fewer (decode)
     /// the query heads of a kv head sharing its rows where that leaves two workgroups or
-    /// more, otherwise the keys split over lanes. Measured on lavapipe, decode at 1536 keys:
-    /// SmolLM2 (3 kv heads of 3 query heads) 20.5 ms of attention a token sharing, 32.8 with
-    /// the keys over lanes; Gemma 3 (1 kv head of 4) 38.5 sharing (one workgroup), 22.3 over
-    /// lanes. `NOMOAT_ATTENTION_BROADCAST=0`, `_HEADS_SHARE_KV=0`, `_KEY_LANES=0` turn one off.
+    /// more, otherwise the keys split over lanes (on lavapipe sharing is the faster of the two
+    /// with several workgroups, the slower with one). `NOMOAT_ATTENTION_BROADCAST=0`,
+    /// `_HEADS_SHARE_KV=0`, `_KEY_LANES=0` turn one off.
     pub fn attention_kernel(&self, a: &AttentionArgs) -> AttentionKernel {
         let o = &self.gpu.overrides;
         let wanted = self.query_per_invocation.or(o.attention_per_query).unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
