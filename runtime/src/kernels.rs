@@ -5,7 +5,7 @@
 //! token's worth of dispatches costs one submission (a recording longer than its parameter
 //! slots, see [`DispatchCache`], submits in parts).
 
-use crate::device::{Gpu, GpuError};
+use crate::device::{Gpu, GpuError, Pipeline, PipelineKey};
 use crate::ggml_type::GgmlType;
 use crate::shaders::{self, Defines};
 use std::collections::HashMap;
@@ -46,59 +46,6 @@ pub fn grid(n: u32) -> (u32, u32) {
         (n.max(1), 1)
     } else {
         (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
-    }
-}
-
-fn env_u32(name: &str) -> Option<u32> {
-    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
-}
-
-/// Kernel choices forced from the environment for tuning and A/B measurements, read once when
-/// a device is opened (a token's hundred-odd dispatches then look up nothing). None: the
-/// device's own choice. (In a browser there is no environment: all None.)
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KernelOverrides {
-    /// `NOMOAT_MATVEC_TPR` (a power of two up to 64), `_RPI` (1..=16), `_WG` (a power of two,
-    /// 8..=256): the matvec shape.
-    pub matvec_tpr: Option<u32>,
-    pub matvec_rpi: Option<u32>,
-    pub matvec_wg: Option<u32>,
-    /// `NOMOAT_MATVEC_XB=0`: no X_BROADCAST.
-    pub matvec_x_broadcast: Option<bool>,
-    /// `NOMOAT_MATVEC_TILE=0`: no TOKEN_TILE.
-    pub token_tile: Option<bool>,
-    /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
-    pub tiled_matmul: Option<bool>,
-    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernel.
-    pub attention_per_query: Option<bool>,
-    /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
-    pub attention_broadcast: Option<bool>,
-    /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
-    pub attention_key_lanes: Option<bool>,
-    /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
-    pub attention_heads_share_kv: Option<bool>,
-}
-
-impl KernelOverrides {
-    pub fn from_env() -> KernelOverrides {
-        let off = |name: &str| (env_u32(name) == Some(0)).then_some(false);
-        let choice = |name: &str, yes: &str, no: &str| match std::env::var(name).ok().as_deref() {
-            Some(v) if v == yes => Some(true),
-            Some(v) if v == no => Some(false),
-            _ => None,
-        };
-        KernelOverrides {
-            matvec_tpr: env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64),
-            matvec_rpi: env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)),
-            matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
-            matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
-            token_tile: off("NOMOAT_MATVEC_TILE"),
-            tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
-            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
-            attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
-            attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
-            attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
-        }
     }
 }
 
@@ -197,32 +144,6 @@ fn type_define(ty: GgmlType) -> String {
     format!("TYPE_{}", ty.name())
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PipelineKey {
-    pub file: &'static str,
-    pub entry: &'static str,
-    pub defines: Defines,
-}
-
-impl PipelineKey {
-    /// How the profiler names this kernel: file, entry point unless main, and weight type.
-    fn profile_name(&self) -> String {
-        let mut name = self.file.trim_end_matches(".wgsl").to_string();
-        if self.entry != "main" {
-            name += &format!(":{}", self.entry);
-        }
-        for flag in self.defines.0.keys().filter_map(|k| k.strip_prefix("TYPE_")) {
-            name += &format!(" {flag}");
-        }
-        name
-    }
-}
-
-pub struct Pipeline {
-    pub pipeline: wgpu::ComputePipeline,
-    pub layout: wgpu::BindGroupLayout,
-}
-
 /// Every pipeline the runtime can build for some input, for validating all generated WGSL.
 pub fn all_pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
@@ -299,16 +220,11 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
     }
 }
 
-#[derive(Default)]
-pub struct PipelineCache {
-    map: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
-}
-
 impl Gpu {
     /// The compiled pipeline for `key` on this device's variant, built on first use.
     pub async fn pipeline(&self, key: PipelineKey) -> Result<Arc<Pipeline>, GpuError> {
-        if let Some(p) = self.pipelines.map.lock().unwrap().get(&key) {
-            return Ok(p.clone());
+        if let Some(p) = self.pipelines.get(&key) {
+            return Ok(p);
         }
         let source = shaders::generate(key.file, self.variant, &key.defines)
             .map_err(|e| GpuError::Validation { what: "generating WGSL".into(), message: e })?;
@@ -369,7 +285,7 @@ impl Gpu {
             })
             .await?;
         let p = Arc::new(p);
-        self.pipelines.map.lock().unwrap().insert(key, p.clone());
+        self.pipelines.insert(key, p.clone());
         Ok(p)
     }
 }
