@@ -11,7 +11,7 @@
 use crate::device::Gpu;
 use crate::ggml_type::GgmlType;
 use crate::gguf::Gguf;
-use crate::kernels::GpuMatrix;
+use crate::ops::GpuMatrix;
 use crate::model::{ByteSource, Model, ModelError};
 use std::collections::BTreeMap;
 

@@ -17,7 +17,7 @@
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
+use crate::ops::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use crate::lora::LoraAdapter;
 use crate::quant;
 use std::sync::Arc;
@@ -154,7 +154,7 @@ impl Config {
             gelu: gemma,
             arch_name: name,
         };
-        if c.head_dim > kernels::MAX_HEAD_DIM as usize || c.head_dim % 2 != 0 || c.n_rot > c.head_dim {
+        if c.head_dim > ops::MAX_HEAD_DIM as usize || c.head_dim % 2 != 0 || c.n_rot > c.head_dim {
             return Err(ModelError::Invalid(format!("head size {} (RoPE over {}) is not supported", c.head_dim, c.n_rot)));
         }
         Ok(c)
@@ -781,7 +781,7 @@ impl<'m> Session<'m> {
         let bytes = match then {
             Readback::Nothing => 0,
             Readback::TopK(k) if !self.all_logits => {
-                let (values, ids) = kernels::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
+                let (values, ids) = ops::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
                 let half = k as u64 * 4;
                 r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
                 r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);

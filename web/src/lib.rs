@@ -16,7 +16,7 @@ use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
 use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::{ByteSource, Config, Model, ModelError, Session};
 use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
