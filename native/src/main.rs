@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::model::Model;
 use nomoat_runtime::session::Session;
@@ -438,7 +438,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 /// Weight bytes per token ÷ this = the decode ceiling.
 fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
     use nomoat_runtime::ggml_type::GgmlType;
-    use nomoat_runtime::kernels::{GpuMatrix, Recorder};
+    use nomoat_runtime::ops::{GpuMatrix, Recorder};
     const N: usize = 4096;
     let w: Vec<u8> = (0..N * N).flat_map(|i| (((i * 7919) % 1000) as f32 * 1e-3).to_le_bytes()).collect();
     pollster::block_on(async {

@@ -5,7 +5,7 @@
 
 use crate::error::ModelError;
 use crate::gguf::{Gguf, MetadataValue};
-use crate::kernels::{KvType, MAX_HEAD_DIM};
+use crate::ops::{KvType, MAX_HEAD_DIM};
 
 /// The architectures nomoat runs, by their GGUF `general.architecture` name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,7 +19,7 @@
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::{GgmlType, KERNEL_TYPES};
-use crate::kernels::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
+use crate::ops::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 /// SplitMix64: tiny, seedable, the same numbers on every target.
@@ -703,7 +703,7 @@ async fn top_k(gpu: &Gpu) -> Result<Vec<Check>> {
         x[n / 3] = 1000.0 + offset;
         x[n - 1] = 1000.0 + offset;
         let xb = gpu.upload_f32("logits", &x).await?;
-        let got = kernels::top_k(gpu, &xb, n as u32, k).await?;
+        let got = ops::top_k(gpu, &xb, n as u32, k).await?;
         let want = reference::top_k(&x, k as usize);
         let mismatches = got.iter().zip(&want).filter(|(g, w)| g.0 as usize != w.0 || g.1 != w.1).count() + got.len().abs_diff(want.len());
         checks.push(Check { case: format!("top-{k} of {n}"), metric: "mismatches", error: mismatches as f64, bound: 0.0 });

@@ -1,4 +1,5 @@
-//! The GPU device: adapter choice, limits, optional features, errors, buffers and read-back.
+//! The GPU device: adapter choice, limits, optional features, errors, buffers and read-back,
+//! the `NOMOAT_*` kernel overrides read when it opens, and its cache of compiled pipelines.
 //!
 //! nomoat asks for the adapter's own limits (browsers hand out the spec's 128 MiB storage binding
 //! unless asked) and for shader-f16 and subgroups when present; the kernels take the matching
@@ -6,8 +7,12 @@
 //! Validation and out-of-memory errors are caught with error scopes around the operations that
 //! can fail, and device loss is latched so every later call reports it instead of producing
 //! garbage.
+//!
+//! This module uses no kernel code: the kernels' side builds on it (`Gpu::pipeline` compiles a
+//! [`PipelineKey`] with the bind-group layout its op declares), never the other way round.
 
-use crate::shaders::Variant;
+use crate::shaders::{Defines, Variant};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -54,12 +59,110 @@ impl Default for GpuOptions {
     }
 }
 
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
+}
+
+/// Kernel choices forced from the environment for tuning and A/B measurements, read once when
+/// a device is opened (a token's hundred-odd dispatches then look up nothing). None: the
+/// device's own choice. (In a browser there is no environment: all None.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOverrides {
+    /// `NOMOAT_MATVEC_TPR` (a power of two up to 64), `_RPI` (1..=16), `_WG` (a power of two,
+    /// 8..=256): the matvec shape.
+    pub matvec_tpr: Option<u32>,
+    pub matvec_rpi: Option<u32>,
+    pub matvec_wg: Option<u32>,
+    /// `NOMOAT_MATVEC_XB=0`: no X_BROADCAST.
+    pub matvec_x_broadcast: Option<bool>,
+    /// `NOMOAT_MATVEC_TILE=0`: no TOKEN_TILE.
+    pub token_tile: Option<bool>,
+    /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
+    pub tiled_matmul: Option<bool>,
+    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernel.
+    pub attention_per_query: Option<bool>,
+    /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
+    pub attention_broadcast: Option<bool>,
+    /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
+    pub attention_key_lanes: Option<bool>,
+    /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
+    pub attention_heads_share_kv: Option<bool>,
+}
+
+impl KernelOverrides {
+    pub fn from_env() -> KernelOverrides {
+        let off = |name: &str| (env_u32(name) == Some(0)).then_some(false);
+        let choice = |name: &str, yes: &str, no: &str| match std::env::var(name).ok().as_deref() {
+            Some(v) if v == yes => Some(true),
+            Some(v) if v == no => Some(false),
+            _ => None,
+        };
+        KernelOverrides {
+            matvec_tpr: env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64),
+            matvec_rpi: env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)),
+            matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
+            matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
+            token_tile: off("NOMOAT_MATVEC_TILE"),
+            tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
+            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
+            attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
+            attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
+            attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
+        }
+    }
+}
+
 /// GPU time spent in one kernel (file, entry point and weight type) since the last take.
 #[derive(Clone, Debug)]
 pub struct KernelTime {
     pub kernel: String,
     pub calls: u64,
     pub seconds: f64,
+}
+
+/// A compute pipeline as the kernels ask for it: shader file, entry point and the defines the
+/// file is generated with (on the device's [`Variant`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub file: &'static str,
+    pub entry: &'static str,
+    pub defines: Defines,
+}
+
+impl PipelineKey {
+    /// How the profiler names this kernel: file, entry point unless main, and weight type.
+    pub(crate) fn profile_name(&self) -> String {
+        let mut name = self.file.trim_end_matches(".wgsl").to_string();
+        if self.entry != "main" {
+            name += &format!(":{}", self.entry);
+        }
+        for flag in self.defines.0.keys().filter_map(|k| k.strip_prefix("TYPE_")) {
+            name += &format!(" {flag}");
+        }
+        name
+    }
+}
+
+/// A compiled pipeline and its bind-group layout.
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// The pipelines a device has compiled (see `Gpu::pipeline`), built once each.
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    map: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn get(&self, key: &PipelineKey) -> Option<Arc<Pipeline>> {
+        self.map.lock().unwrap().get(key).cloned()
+    }
+
+    pub(crate) fn insert(&self, key: PipelineKey, p: Arc<Pipeline>) {
+        self.map.lock().unwrap().insert(key, p);
+    }
 }
 
 pub struct Gpu {
@@ -70,14 +173,14 @@ pub struct Gpu {
     pub variant: Variant,
     lost: Arc<Mutex<Option<String>>>,
     memory_budget: Option<u64>,
-    pub(crate) pipelines: crate::kernels::PipelineCache,
+    pub(crate) pipelines: PipelineCache,
     /// Small buffers bound where a dispatch uses no buffer (WebGPU wants every binding of the
     /// layout filled, and one buffer bound twice with one binding writable is an error).
     pub(crate) unused_buffers: [wgpu::Buffer; 3],
     /// Per-kernel (calls, seconds) when profiling; None otherwise.
     pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     /// NOMOAT_* kernel choices, read from the environment when the device was opened.
-    pub overrides: crate::kernels::KernelOverrides,
+    pub overrides: KernelOverrides,
 }
 
 impl Gpu {
@@ -157,7 +260,7 @@ impl Gpu {
             device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
         };
         let unused_buffers = [unused(), unused(), unused()];
-        let overrides = crate::kernels::KernelOverrides::from_env();
+        let overrides = KernelOverrides::from_env();
         Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile, overrides })
     }
 

@@ -5,7 +5,7 @@
 use crate::chat::StopMatcher;
 use crate::error::ModelError;
 use crate::session::{Session, MAX_BATCH};
-use crate::kernels::MAX_TOP_K;
+use crate::ops::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use web_time::Instant;

@@ -5,7 +5,12 @@
 //! - `quant`: plain CPU dequantization of every supported block type (the reference).
 //! - `reference`: plain CPU versions of every GPU op, the yardstick tests compare against;
 //!   `conformance`: the suite comparing the GPU ops with it, run natively and in the browser.
-//! - `device`, `shaders`, `kernels`: the GPU side.
+//! - `device`, `shaders`, `ops`: the GPU side (`ops`: the Rust side of every WGSL kernel, one
+//!   file per op family).
+//! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates.
+//! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
+//!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
+//!   `error`: what loading can fail with.
 
 pub mod ggml_type;
 pub mod gguf;
@@ -14,7 +19,7 @@ pub mod quant;
 pub mod reference;
 pub mod conformance;
 pub mod device;
-pub mod kernels;
+pub mod ops;
 pub mod shaders;
 pub mod sampler;
 pub mod chat;

@@ -13,7 +13,7 @@ use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::Gguf;
-use crate::kernels::{GpuMatrix, ProductIn, ProductOut, Recorder};
+use crate::ops::{GpuMatrix, ProductIn, ProductOut, Recorder};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@ use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, TensorInfo};
-use crate::kernels::{GpuMatrix, KvType};
+use crate::ops::{GpuMatrix, KvType};
 use crate::quant;
 
 pub struct Layer {

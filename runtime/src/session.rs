@@ -15,7 +15,7 @@
 use crate::arch::{Activation, QkPrep, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::ModelError;
-use crate::kernels::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
+use crate::ops::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use crate::lora::{Lora, LoraAdapter};
 use crate::model::{Layer, Model};
 use std::sync::Arc;
@@ -426,7 +426,7 @@ impl<'m> Session<'m> {
         let bytes = match then {
             Readback::Nothing => 0,
             Readback::TopK(k) if !self.all_logits => {
-                let (values, ids) = kernels::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
+                let (values, ids) = ops::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
                 let half = k as u64 * 4;
                 r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
                 r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);

@@ -14,7 +14,7 @@
 
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::ggml_type::KERNEL_TYPES;
-use nomoat_runtime::kernels::{GpuMatrix, Recorder};
+use nomoat_runtime::ops::{GpuMatrix, Recorder};
 use nomoat_runtime::quant;
 use nomoat_tests::support::Rng;
 use std::time::Instant;

@@ -10,7 +10,7 @@
 use nomoat_runtime::conformance::{self, Family, MATMUL_NMSE};
 use nomoat_runtime::device::Gpu;
 use nomoat_runtime::ggml_type::{GgmlType, KERNEL_TYPES};
-use nomoat_runtime::kernels::{self, AttentionArgs, GpuMatrix, KvType, Recorder};
+use nomoat_runtime::ops::{self, AttentionArgs, GpuMatrix, KvType, Recorder};
 use nomoat_runtime::quant;
 use nomoat_runtime::reference;
 use nomoat_tests::gpu::{max_abs_diff, nmse, small_binding, variants};
@@ -130,7 +130,7 @@ fn tensors_over_the_binding_limit_are_split() {
 /// own output, whichever chunk holds them, for decode, both prompt kernels and the residual add.
 #[test]
 fn stacked_parts_over_the_binding_limit() {
-    use nomoat_runtime::kernels::{ProductIn, ProductOut};
+    use nomoat_runtime::ops::{ProductIn, ProductOut};
     let gpu = small_binding();
     for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::F16] {
         let k = 1024;
@@ -191,7 +191,7 @@ fn unsupported_inputs_are_refused_not_run() {
     assert!(e.to_string().contains("Q2_K"), "{e}");
     let e = block_on(GpuMatrix::upload(gpu, "t", GgmlType::Q4K, 100, 1, &[0u8; 144])).err().unwrap();
     assert!(e.to_string().contains("multiple"), "{e}");
-    let e = block_on(kernels::top_k(gpu, &block_on(gpu.upload_f32("x", &[1.0; 10])).unwrap(), 10, 0)).err().unwrap();
+    let e = block_on(ops::top_k(gpu, &block_on(gpu.upload_f32("x", &[1.0; 10])).unwrap(), 10, 0)).err().unwrap();
     assert!(e.to_string().contains("k = 0"), "{e}");
     // llvmpipe stops a shader after 65535 loop iterations: attention past that is refused there
     if gpu.info.name.contains("llvmpipe") {

@@ -9,7 +9,7 @@
 //! times returns GPU buffer memory to its baseline.
 
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::session::Session;

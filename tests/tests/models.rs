@@ -16,7 +16,7 @@
 use nomoat_runtime::device::Gpu;
 use nomoat_runtime::generate::perplexity;
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;

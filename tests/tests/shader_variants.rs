@@ -2,7 +2,7 @@
 //! parses and validates with naga. The browser's `enable subgroups;` line is one naga does not
 //! implement, so it is checked for and removed before validation of the rest.
 
-use nomoat_runtime::kernels::all_pipeline_keys;
+use nomoat_runtime::ops::all_pipeline_keys;
 use nomoat_runtime::shaders::{generate, Variant};
 
 fn validate(source: &str, entry: &str) -> Result<(), String> {

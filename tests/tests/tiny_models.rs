@@ -12,7 +12,7 @@
 //! instead of NeoX RoPE differ by 6.7; llama.cpp's own default F16 KV cache shifts these logits
 //! by up to 4.6e-3. Also required: the same argmax at every checked position.
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::session::Session;
 use nomoat_runtime::sampler::{Sampler, SamplerConfig};

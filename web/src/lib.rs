@@ -16,7 +16,7 @@ use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
 use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
-use nomoat_runtime::kernels::KvType;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::arch::Config;
 use nomoat_runtime::error::{ByteSource, ModelError};

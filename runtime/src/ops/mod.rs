@@ -1,0 +1,73 @@
+//! The Rust side of every WGSL kernel, one file per op family. Each op file holds its
+//! parameters (the `#[repr(C)]` struct its shader's `struct Params` mirrors), its bind-group
+//! layout (named next to the shader it describes), the pipelines it can build
+//! (`pipeline_keys`, gathered by [`all_pipeline_keys`]), which (op, type, size) it supports,
+//! and how it is dispatched (its [`Recorder`] methods).
+//!
+//! Work is recorded into a [`Recorder`] (one command encoder) and submitted once, so a whole
+//! token's worth of dispatches costs one submission (a recording longer than its parameter
+//! slots, see [`DispatchCache`], submits in parts).
+//!
+//! Op → file (shader):
+//! - `product`, `matvec`, `matmul`, `fuses_block`, `fuses_glu`, `fuses_qkv_rope` →
+//!   `product.rs` (matvec.wgsl, matmul.wgsl, both writing through product_out.wgsl)
+//! - `gather` → `gather.rs` (gather.wgsl)
+//! - `rms_norm`, `rms_norm_add`, `layer_norm` → `norm.rs` (norm.wgsl)
+//! - `softmax` → `softmax.rs` (softmax.wgsl)
+//! - `add`, `add_bias`, `accumulate`, `scale`, `softcap`, `silu_gate`, `gelu_gate` →
+//!   `elementwise.rs` (elementwise.wgsl)
+//! - `copy` → `copy.rs` (copy.wgsl)
+//! - `rope`, `rope_kv`, `rope_kv_normed`, `kv_store` → `rope_kv.rs` (rope_kv.wgsl)
+//! - `attention`, `attention_kernel` → `attention.rs` (attention.wgsl)
+//! - [`top_k`], [`record_top_k`] → `top_k.rs` (topk.wgsl)
+//!
+//! And what they share:
+//! - `pipeline.rs`: [`Bind`], [`layout_of`], [`all_pipeline_keys`] and `Gpu::pipeline`, which
+//!   compiles a [`PipelineKey`](crate::device::PipelineKey) (the key, the compiled pipeline and
+//!   the cache live in `device.rs`, next to `Gpu`).
+//! - `recorder.rs`: [`Recorder`] and [`DispatchCache`], the recording and submission.
+//! - `tuning.rs`: the device-dependent choices ([`matvec_shape`] and the device tests); the
+//!   `NOMOAT_*` overrides they honour are `device::KernelOverrides`.
+//! - `matrix.rs`: [`GpuMatrix`], weights as GGUF stores them, uploaded in binding-sized chunks.
+
+mod attention;
+mod copy;
+mod elementwise;
+mod gather;
+mod matrix;
+mod norm;
+mod pipeline;
+mod product;
+mod recorder;
+mod rope_kv;
+mod softmax;
+mod top_k;
+mod tuning;
+
+pub use attention::{AttentionArgs, AttentionKernel, ATTENTION_LAYOUT, MAX_HEAD_DIM};
+pub use copy::COPY_LAYOUT;
+pub use elementwise::ELEMENTWISE_LAYOUT;
+pub use gather::GATHER_LAYOUT;
+pub use matrix::{supports_quant_op, GpuMatrix, MatrixChunk, WEIGHT_PAD};
+pub use norm::NORM_LAYOUT;
+pub use pipeline::{all_pipeline_keys, layout_of, Bind};
+pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
+pub use recorder::{DispatchCache, Recorder};
+pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
+pub use softmax::SOFTMAX_LAYOUT;
+pub use top_k::{record_top_k, top_k, TopKScratch, MAX_TOP_K, TOPK_LAYOUT};
+pub use tuning::{matvec_shape, MatvecShape};
+
+/// The largest workgroup count per dimension WebGPU guarantees.
+const MAX_GROUPS: u32 = 65535;
+
+/// Workgroup counts for `n` groups, folded into a second dimension past 65535; kernels rebuild
+/// the linear index and skip the overshoot.
+pub fn grid(n: u32) -> (u32, u32) {
+    if n <= MAX_GROUPS {
+        (n.max(1), 1)
+    } else {
+        (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
+    }
+}
+

@@ -1,0 +1,122 @@
+//! Pipelines: how a kernel binds its buffers, every pipeline the ops can build, and building one
+//! on a device (`Gpu::pipeline`, cached in the device's `PipelineCache`).
+
+use super::{attention, copy, elementwise, gather, norm, product, rope_kv, softmax, top_k};
+use crate::device::{Gpu, GpuError, Pipeline, PipelineKey};
+use crate::shaders;
+use std::sync::Arc;
+
+/// How a kernel uses each binding, in binding order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bind {
+    Read,
+    ReadWrite,
+    Uniform,
+}
+use Bind::*;
+
+/// Every pipeline the runtime can build for some input, for validating all generated WGSL: each
+/// op file lists its own.
+pub fn all_pipeline_keys() -> Vec<PipelineKey> {
+    [
+        product::pipeline_keys(),
+        gather::pipeline_keys(),
+        norm::pipeline_keys(),
+        softmax::pipeline_keys(),
+        elementwise::pipeline_keys(),
+        rope_kv::pipeline_keys(),
+        attention::pipeline_keys(),
+        top_k::pipeline_keys(),
+        copy::pipeline_keys(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The layout a pipeline key uses.
+pub fn layout_of(file: &str) -> &'static [Bind] {
+    match file {
+        "matvec.wgsl" => product::MATVEC_LAYOUT,
+        "matmul.wgsl" => product::MATMUL_LAYOUT,
+        "gather.wgsl" => gather::GATHER_LAYOUT,
+        "norm.wgsl" => norm::NORM_LAYOUT,
+        "softmax.wgsl" => softmax::SOFTMAX_LAYOUT,
+        "elementwise.wgsl" => elementwise::ELEMENTWISE_LAYOUT,
+        "rope_kv.wgsl" => rope_kv::ROPE_KV_LAYOUT,
+        "attention.wgsl" => attention::ATTENTION_LAYOUT,
+        "topk.wgsl" => top_k::TOPK_LAYOUT,
+        "copy.wgsl" => copy::COPY_LAYOUT,
+        other => panic!("no layout for {other}"),
+    }
+}
+
+impl Gpu {
+    /// The compiled pipeline for `key` on this device's variant, built on first use.
+    pub async fn pipeline(&self, key: PipelineKey) -> Result<Arc<Pipeline>, GpuError> {
+        if let Some(p) = self.pipelines.get(&key) {
+            return Ok(p);
+        }
+        let source = shaders::generate(key.file, self.variant, &key.defines)
+            .map_err(|e| GpuError::Validation { what: "generating WGSL".into(), message: e })?;
+        let bind = layout_of(key.file);
+        let what = format!("building {}:{} {:?}", key.file, key.entry, key.defines.0.keys().collect::<Vec<_>>());
+        let p = self
+            .scoped(&what, 0, || {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = bind
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: match b {
+                            Read | ReadWrite => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage { read_only: *b == Read },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            // each dispatch's slot of its recorder's parameter buffer
+                            Uniform => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: true,
+                                min_binding_size: None,
+                            },
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(key.file),
+                    entries: &entries,
+                });
+                let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(key.file),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+                let desc = wgpu::ShaderModuleDescriptor { label: Some(key.file), source: wgpu::ShaderSource::Wgsl(source.into()) };
+                let module = match std::env::var("NOMOAT_SHADER_CHECKS").ok().as_deref() {
+                    Some("none") => unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) },
+                    Some("bounds") => unsafe {
+                        let mut c = wgpu::ShaderRuntimeChecks::unchecked();
+                        c.bounds_checks = true;
+                        self.device.create_shader_module_trusted(desc, c)
+                    },
+                    _ => self.device.create_shader_module(desc),
+                };
+                let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key.entry),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(key.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+                Pipeline { pipeline, layout }
+            })
+            .await?;
+        let p = Arc::new(p);
+        self.pipelines.insert(key, p.clone());
+        Ok(p)
+    }
+}

@@ -1,0 +1,258 @@
+//! Matrix products, W · x for one token or many: matvec.wgsl (one token, or CPU devices' token
+//! loop; it alone fuses the input's RMS norm, the gated activation and RoPE with the KV-cache
+//! write) and the tiled matmul.wgsl (GPUs' prefill), both writing through product_out.wgsl.
+
+use super::matrix::{type_define, GpuMatrix};
+use super::pipeline::Bind::{self, *};
+use super::rope_kv::{KvType, RopeArgs};
+use super::tuning::{is_llvmpipe, matvec_shape, paired_matvec_shape, MatvecShape};
+use super::{grid, Recorder};
+use crate::device::{GpuError, PipelineKey};
+use crate::ggml_type::GgmlType;
+use crate::shaders::Defines;
+
+/// matvec.wgsl's bindings, in order: w, x, y, norm_w, y1, y2, params.
+pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Read, ReadWrite, ReadWrite, Uniform];
+/// matmul.wgsl's bindings: matvec.wgsl's (norm_w unused).
+pub const MATMUL_LAYOUT: &[Bind] = MATVEC_LAYOUT;
+
+/// What a product reads: x as it is, or x / rms(x) · weight per token (the RMS norm fused in).
+#[derive(Clone, Copy)]
+pub enum ProductIn<'a> {
+    X(&'a wgpu::Buffer),
+    RmsNorm { x: &'a wgpu::Buffer, weight: &'a wgpu::Buffer, eps: f32 },
+}
+
+/// Where a product's rows go (product_out.wgsl): one output per stacked part of the matrix (or
+/// one for all of it), added into a residual stream, or through a gated activation.
+#[derive(Clone, Copy)]
+pub enum ProductOut<'a> {
+    Split(&'a [&'a wgpu::Buffer]),
+    Residual(&'a wgpu::Buffer),
+    Glu { out: &'a wgpu::Buffer, gelu: bool },
+    /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
+    /// KV cache (see `Recorder::fuses_qkv_rope`).
+    QkvRope { q: &'a wgpu::Buffer, k_cache: &'a wgpu::Buffer, v_cache: &'a wgpu::Buffer, kv: KvType, rope: RopeArgs },
+}
+
+/// matvec.wgsl's `struct Params`; matmul.wgsl's is its first nine fields.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ProductParams {
+    n_rows: u32,
+    k: u32,
+    row_bytes: u32,
+    row_offset: u32,
+    m: u32,
+    n_total: u32,
+    n0: u32,
+    n1: u32,
+    eps: f32,
+    // OUT_QKV_ROPE
+    head_dim: u32,
+    n_rot: u32,
+    pos0: u32,
+    log2_base: f32,
+    freq_scale: f32,
+    _pad: [u32; 2],
+}
+
+/// matvec.wgsl's defines for weights of type `ty` in shape `s`.
+fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
+    let mut d = Defines::new()
+        .flag(&type_define(ty))
+        .value("TPR", format!("{}u", s.tpr))
+        .value("RPI", format!("{}u", s.rpi))
+        .value("WG", format!("{}u", s.wg));
+    if ty.block_elems() > 1 {
+        d = d.flag("X_VEC4");
+    }
+    if s.tpr == 1 {
+        d = d.flag("ROW_PER_INVOCATION");
+    }
+    if s.x_broadcast && ty.block_elems() > 1 {
+        d = d.flag("X_BROADCAST");
+    }
+    d
+}
+
+/// The products' pipelines for every weight type: matvec.wgsl's shapes (the CPU and GPU
+/// defaults and the ones tuning tries) and fused modes, matmul.wgsl plain and adding into a
+/// residual.
+pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for ty in crate::ggml_type::KERNEL_TYPES {
+        let d = Defines::new().flag(&type_define(ty));
+        keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone() });
+        for (tpr, rpi, wg, x_broadcast) in [(1, 1, 64, false), (1, 4, 16, false), (1, 8, 8, false), (1, 8, 8, true), (4, 2, 64, false), (32, 1, 64, false), (64, 2, 256, false)] {
+            keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast }) });
+        }
+        // the fused modes, on the CPU and GPU shapes; CPU prefill's four-token tiles (quantized
+        // types) take every mode, the plain one too
+        let fused: [&[&str]; 6] = [&["NORM_IN"], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"], &["NORM_IN", "OUT_QKV_ROPE"], &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"]];
+        for (tpr, rpi, wg, x_broadcast) in [(1, 8, 8, false), (1, 8, 8, true), (32, 2, 64, false)] {
+            let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast });
+            let mut with_modes = |d: &Defines, modes: &[&[&str]]| {
+                for flags in modes {
+                    let defines = flags.iter().fold(d.clone(), |d, f| d.flag(f));
+                    keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines });
+                }
+            };
+            with_modes(&d, &fused);
+            if tpr == 1 && ty.block_elems() > 1 {
+                let tile = d.flag("TOKEN_TILE");
+                with_modes(&tile, &[&[]]);
+                with_modes(&tile, &fused);
+            }
+        }
+        keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
+    }
+    keys
+}
+
+impl Recorder<'_> {
+    /// y[row] = W[row] · x for one token. x: [k], y: [n_rows].
+    pub async fn matvec(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<(), GpuError> {
+        self.product(w, ProductIn::X(x), ProductOut::Split(&[y]), 1).await
+    }
+
+    /// Y[t][row] = W[row] · X[t] for m tokens. X: [m][k], Y: [m][n_rows].
+    pub async fn matmul(&mut self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
+        self.product(w, ProductIn::X(x), ProductOut::Split(&[y]), m).await
+    }
+
+    /// Whether `product` runs matvec.wgsl for m tokens (which alone can fuse the input's RMS
+    /// norm and the gated activation): always for one token. For more, GPUs run the
+    /// shared-memory tiled matmul.wgsl; CPU devices, where shared-memory reads and barriers cost
+    /// a per-lane loop and a coroutine switch each, run matvec.wgsl with its token loop instead
+    /// (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
+    fn product_runs_matvec(&self, m: u32) -> bool {
+        if m == 1 {
+            return true;
+        }
+        match self.tiled_matmul.or(self.gpu.overrides.tiled_matmul) {
+            Some(tiled) => !tiled,
+            None => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
+        }
+    }
+
+    /// Whether `ProductOut::QkvRope` applies: stacked q, k, v in one binding, RoPE in
+    /// adjacent-pair mode on whole heads, every part a whole number of the invocations' row
+    /// groups, and the matvec path.
+    pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32) -> bool {
+        let rpi = paired_matvec_shape(self.gpu).rpi;
+        self.product_runs_matvec(m)
+            && w.chunks.len() == 1
+            && w.parts.len() == 3
+            && !rope.neox
+            && rope.head_dim % 2 == 0
+            && rope.n_rot % 2 == 0
+            && rope.n_rot <= rope.head_dim
+            && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
+    }
+
+    /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights): llvmpipe
+    /// only, where it speeds prefill up (on SwiftShader it slows it down).
+    fn tiles_tokens(&self) -> bool {
+        self.token_tile.or(self.gpu.overrides.token_tile).unwrap_or_else(|| is_llvmpipe(self.gpu))
+    }
+
+    /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
+    /// reads it and the activation and RoPE into the products that feed them: always for one
+    /// token; for a block only where prefill tiles its tokens, since untiled every invocation
+    /// pays the norm work again, which made fused prefill slower than unfused.
+    pub fn fuses_block(&self, m: u32) -> bool {
+        m == 1 || (self.product_runs_matvec(m) && self.tiles_tokens())
+    }
+
+    /// Whether `ProductOut::Glu` applies: gate and up stacked as two equal parts in one binding,
+    /// and the matvec path.
+    pub fn fuses_glu(&self, w: &GpuMatrix, m: u32) -> bool {
+        self.product_runs_matvec(m) && w.chunks.len() == 1 && w.parts.len() == 2 && w.parts[0].1 == w.parts[1].1
+    }
+
+    /// W · input for m tokens, written as `out` says (see product_out.wgsl). X: [m][k].
+    /// `ProductIn::RmsNorm` and `ProductOut::Glu` are for one token (or CPU devices), and Glu
+    /// needs a one-chunk matrix of two equal parts [gate; up].
+    pub async fn product(&mut self, w: &GpuMatrix, input: ProductIn<'_>, out: ProductOut<'_>, m: u32) -> Result<(), GpuError> {
+        let runs_matvec = self.product_runs_matvec(m);
+        let (x, norm, eps) = match input {
+            ProductIn::X(x) => (x, None, 0.0),
+            ProductIn::RmsNorm { x, weight, eps } => (x, Some(weight), eps),
+        };
+        let unsupported = |what: &str| Err(GpuError::Unsupported(format!("{what} for '{}'", w.name)));
+        if norm.is_some() && !runs_matvec {
+            return unsupported("a fused input norm on this device's prefill path");
+        }
+        let spare = &self.gpu.unused_buffers;
+        let (rope, kv_defines) = match out {
+            ProductOut::QkvRope { rope, kv, .. } => (Some(rope), kv.defines()),
+            _ => (None, Defines::new()),
+        };
+        // outputs y, y1, y2, rows to y and to y1, and the product_out.wgsl mode flags
+        let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
+            ProductOut::Split([y]) => ([*y, &spare[0], &spare[1]], w.n_rows, 0, &[]),
+            ProductOut::Split(ys) if ys.len() == w.parts.len() && ys.len() <= 3 => {
+                let n = |i: usize| w.parts.get(i).map_or(0, |p| p.1);
+                ([ys[0], ys[1], ys.get(2).copied().unwrap_or(&spare[1])], n(0), n(1), &[])
+            }
+            ProductOut::Split(ys) => return unsupported(&format!("{} outputs for {} stacked parts", ys.len(), w.parts.len())),
+            ProductOut::Residual(y) => ([y, &spare[0], &spare[1]], w.n_rows, 0, &["OUT_RESIDUAL"]),
+            ProductOut::Glu { out, gelu } => {
+                if !self.fuses_glu(w, m) {
+                    return unsupported("a fused gated activation");
+                }
+                ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
+            }
+            ProductOut::QkvRope { q, k_cache, v_cache, rope, .. } => {
+                if !self.fuses_qkv_rope(w, &rope, m) {
+                    return unsupported("RoPE and the KV-cache write fused");
+                }
+                ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"])
+            }
+        };
+        let add_mode = |d: Defines| {
+            let d = kv_defines.0.iter().fold(d, |d, (k, v)| d.value(k, v));
+            let d = flags.iter().fold(d, |d, f| d.flag(f));
+            if norm.is_some() { d.flag("NORM_IN") } else { d }
+        };
+        let glu = flags.contains(&"OUT_GLU");
+        let pairs = glu || rope.is_some();
+        let r = rope.unwrap_or(RopeArgs { n_tokens: m, n_heads: 0, head_dim: 1, n_rot: 0, pos0: 0, neox: false, freq_base: 1.0, freq_scale: 1.0 });
+        for c in &w.chunks {
+            let params = ProductParams {
+                n_rows: c.n_rows,
+                k: w.k,
+                row_bytes: w.kernel_row_bytes(),
+                row_offset: c.first_row,
+                m,
+                n_total: w.n_rows,
+                n0,
+                n1,
+                eps,
+                head_dim: r.head_dim,
+                n_rot: r.n_rot,
+                pos0: r.pos0,
+                log2_base: r.freq_base.log2(),
+                freq_scale: r.freq_scale,
+                _pad: [0; 2],
+            };
+            let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
+            if runs_matvec {
+                let shape = if pairs { paired_matvec_shape(self.gpu) } else { matvec_shape(self.gpu) };
+                let rows = if glu { n0 * 2 } else { c.n_rows };
+                let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
+                let mut defines = add_mode(matvec_defines(w.ty, shape));
+                if m > 1 && self.tiles_tokens() && shape.tpr == 1 && w.ty.block_elems() > 1 {
+                    defines = defines.flag("TOKEN_TILE");
+                }
+                let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
+                self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
+            } else {
+                let key = PipelineKey { file: "matmul.wgsl", entry: "main", defines: add_mode(w.defines()) };
+                self.dispatch(key, &buffers, &params, (c.n_rows.div_ceil(64), m.div_ceil(32), 1)).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! The k best values and their ids, selected on the GPU in passes (topk.wgsl); argmax is k = 1.
+
+use super::pipeline::Bind::{self, *};
+use super::Recorder;
+use crate::device::{Gpu, GpuError, PipelineKey};
+use crate::shaders::Defines;
+
+/// topk.wgsl's bindings, in order: values, ids, out_values, out_ids, params.
+pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform];
+
+/// The largest k a selection takes.
+pub const MAX_TOP_K: u32 = 128;
+/// Candidates one workgroup takes per pass, keeping its k best (topk.wgsl's CHUNK).
+const TOPK_CHUNK: u32 = 1024;
+/// The same for k = 1, the `argmax` entry point (its ARG_CHUNK).
+const ARGMAX_CHUNK: u32 = 4096;
+
+/// topk.wgsl's `struct Params`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TopKParams {
+    n: u32,
+    k: u32,
+    first_pass: u32,
+    _pad: u32,
+}
+
+pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
+    ["main", "argmax"].into_iter().map(|entry| PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() }).collect()
+}
+
+/// The k best (id, value) pairs of values: [n], highest first, computed on the GPU in passes of
+/// per-workgroup selections until one workgroup remains. Argmax is `top_k(.., 1)`.
+pub async fn top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<Vec<(u32, f32)>, GpuError> {
+    let scratch = TopKScratch::new(gpu, n).await?;
+    let mut rec = Recorder::new(gpu);
+    let (v, ids) = record_top_k(&mut rec, &scratch, values, n, k).await?;
+    rec.submit()?;
+    let vals = gpu.read_f32(v, 0, k as usize).await?;
+    let ids = gpu.read_u32(ids, 0, k as usize).await?;
+    Ok(ids.into_iter().zip(vals).collect())
+}
+
+/// The buffers a top-k selection over up to n values passes its candidates through, made once
+/// for all the selections of a session: two (values, ids) pairs that the passes alternate
+/// between, each large enough for the first pass's output (every later pass writes less).
+pub struct TopKScratch {
+    n: u32,
+    values: [wgpu::Buffer; 2],
+    ids: [wgpu::Buffer; 2],
+}
+
+impl TopKScratch {
+    pub async fn new(gpu: &Gpu, n: u32) -> Result<TopKScratch, GpuError> {
+        let most = n.div_ceil(ARGMAX_CHUNK).max(n.div_ceil(TOPK_CHUNK) * MAX_TOP_K) as u64 * 4;
+        Ok(TopKScratch {
+            n,
+            values: [gpu.storage("topk values", most).await?, gpu.storage("topk values", most).await?],
+            ids: [gpu.storage("topk ids", most).await?, gpu.storage("topk ids", most).await?],
+        })
+    }
+}
+
+/// Record the top-k passes over values: [n]; the k best values and their ids, highest first,
+/// are then at the start of the returned buffers of `scratch`.
+pub async fn record_top_k<'s>(
+    rec: &mut Recorder<'_>,
+    scratch: &'s TopKScratch,
+    values: &wgpu::Buffer,
+    n: u32,
+    k: u32,
+) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
+    if k == 0 || k > MAX_TOP_K || k > n || n > scratch.n {
+        return Err(GpuError::Unsupported(format!("top-k with k = {k} over {n} values (k must be 1..={MAX_TOP_K})")));
+    }
+    let mut count = n;
+    // k = 1 takes the argmax entry point, with its larger chunks
+    let (entry, chunk) = if k == 1 { ("argmax", ARGMAX_CHUNK) } else { ("main", TOPK_CHUNK) };
+    let mut pass = 0;
+    loop {
+        let groups = count.div_ceil(chunk);
+        let out = pass % 2;
+        let (in_v, in_id) = if pass == 0 { (values, values) } else { (&scratch.values[1 - out], &scratch.ids[1 - out]) };
+        rec.dispatch(
+            PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() },
+            &[in_v, in_id, &scratch.values[out], &scratch.ids[out]],
+            &TopKParams { n: count, k, first_pass: (pass == 0) as u32, _pad: 0 },
+            (groups, 1, 1),
+        )
+        .await?;
+        count = groups * k;
+        if groups == 1 {
+            return Ok((&scratch.values[out], &scratch.ids[out]));
+        }
+        pass += 1;
+    }
+}
