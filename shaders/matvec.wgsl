@@ -38,6 +38,7 @@ struct Params {
     pos0: u32,
     log2_base: f32,
     freq_scale: f32,
+    t_begin: u32,     // the first token (tokens t_begin..m: llvmpipe's loop budget splits long rows)
 }
 
 #if X_VEC4
@@ -236,7 +237,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     // CPU prefill (quantized types, TPR 1): four tokens a pass, each unit's weights loaded
     // once for the four, since on CPU devices a load costs more than the arithmetic; tokens
     // past the end repeat the last one and are not written
-    for (var t0 = 0u; t0 < p.m; t0 += 4u) {
+    for (var t0 = p.t_begin; t0 < p.m; t0 += 4u) {
         var acc0 = array<f32, RPI>();
         var acc1 = array<f32, RPI>();
         var acc2 = array<f32, RPI>();
@@ -267,7 +268,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
 #else
     // tokens one after another, so that the rows' blocks stay in cache between tokens
-    for (var t = 0u; t < p.m; t++) {
+    for (var t = p.t_begin; t < p.m; t++) {
         var ss = 0.0;
         var acc = array<f32, RPI>();
 #if X_VEC4

@@ -12,6 +12,7 @@
 // (q_norm_w, k_norm_w: [head_dim]), which needs the whole head: one invocation per q head and
 // per k head then takes the place of those per pair (a head is a few hundred elements, and
 // this spares the two norm dispatches a layer that cost more than the work on CPU devices).
+// ROPE_FACTORS (Llama 3.1, Phi-3): pair i's frequency divided by rope_factors[i] ([n_rot/2]).
 
 struct Params {
     n_tokens: u32,
@@ -33,10 +34,20 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> v_cache: array<KvStore>;
 @group(0) @binding(5) var<storage, read> q_norm_w: array<f32>;
 @group(0) @binding(6) var<storage, read> k_norm_w: array<f32>;
-@group(0) @binding(7) var<uniform> p: Params;
+@group(0) @binding(7) var<storage, read> rope_factors: array<f32>;
+@group(0) @binding(8) var<uniform> p: Params;
 
 #include "kv_write.wgsl"
 #include "rotary.wgsl"
+
+// (sin, cos) of pair i's angle at position pos
+fn pair_sin_cos(pos: u32, i: u32) -> vec2<f32> {
+#if ROPE_FACTORS
+    return rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale / rope_factors[i]);
+#else
+    return rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+#endif
+}
 
 #if QK_NORM
 // 1 / rms of the q (k) head starting at base; its element e is then scaled by that and the
@@ -75,7 +86,7 @@ fn rotated_k(base: u32, e: u32, pos: u32, inv: f32) -> f32 {
     let neox = p.neox != 0u;
     let i = select(e / 2u, e % (p.n_rot / 2u), neox);
     let ab = rope_pair(base, i, p.n_rot, neox);
-    let turned = rotate(k_in(base, ab.x - base, inv), k_in(base, ab.y - base, inv), rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale));
+    let turned = rotate(k_in(base, ab.x - base, inv), k_in(base, ab.y - base, inv), pair_sin_cos(pos, i));
     return select(turned.x, turned.y, base + e == ab.y);
 }
 
@@ -95,7 +106,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let inv = q_inv_rms(base);
         for (var i = 0u; i < half; i++) {
             let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
-            let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+            let sc = pair_sin_cos(pos, i);
             let turned = rotate(q[ab.x] * inv * q_norm_w[ab.x - base], q[ab.y] * inv * q_norm_w[ab.y - base], sc);
             q[ab.x] = turned.x;
             q[ab.y] = turned.y;
@@ -122,7 +133,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let head = idx / half;            // token * n_head + head
         let pos = p.pos0 + head / p.n_head;
         let base = head * p.head_dim;
-        let sc = rope_sin_cos(pos, i, p.n_rot, p.log2_base, p.freq_scale);
+        let sc = pair_sin_cos(pos, i);
         let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
         let turned = rotate(q[ab.x], q[ab.y], sc);
         q[ab.x] = turned.x;

@@ -284,6 +284,18 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
                 }
             }
         }
+        // rows long enough that one invocation's walk over a 64-token batch overruns llvmpipe's
+        // 65,535-iteration loop budget (float weights take a vec4 a step: 2,048 a token here),
+        // as a LoRA A of Qwen2.5 0.5B's ffn_down (k 4864) did; the recorder splits the tokens
+        let (n_rows, k, m) = (8usize, 8192usize, 64usize);
+        let (bytes, w) = random_matrix(ty, n_rows, k, 250)?;
+        let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
+        let x = Rng::new(251).fill(m * k, 1.0);
+        let want = reference::matmul(&w, &x, n_rows, k, m);
+        for (kernel, token_tile) in [("token loop", false), ("token tiles", true)] {
+            let got = gpu_matmul_with(gpu, &wm, &x, m, Some(false), Some(token_tile)).await?;
+            checks.push(Check::nmse(format!("matmul ({kernel}) long rows {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
+        }
     }
     Ok(checks)
 }
@@ -396,6 +408,19 @@ async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
             let got = gpu.read_f32(&copied, 0, n_copy).await?;
             checks.push(Check::max_abs(format!("copy n={n_copy}"), &got, &a[..n_copy], 0.0));
         }
+    }
+    // accumulate_rows: a fused tensor's term [tokens][b_width] into one part's rows
+    for (tokens, width, b_width, offset) in [(1usize, 5usize, 17usize, 0usize), (3, 64, 128, 64), (70, 7, 20, 13)] {
+        let mut rng = Rng::new(790 + tokens as u64);
+        let y = rng.fill(tokens * width, 3.0);
+        let b = rng.fill(tokens * b_width, 2.0);
+        let (yb, bb) = (gpu.upload_f32("y", &y).await?, gpu.upload_f32("b", &b).await?);
+        let mut rec = Recorder::new(gpu);
+        rec.accumulate_rows(&yb, &bb, tokens as u32, width as u32, b_width as u32, offset as u32, -1.5).await?;
+        rec.submit()?;
+        let want: Vec<f32> = (0..tokens * width).map(|i| y[i] - 1.5 * b[i / width * b_width + offset + i % width]).collect();
+        let got = gpu.read_f32(&yb, 0, tokens * width).await?;
+        checks.push(Check::max_abs(format!("accumulate_rows {tokens}x{width} of {b_width} at {offset}"), &got, &want, 1e-5));
     }
     Ok(checks)
 }
@@ -556,11 +581,13 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// RoPE on q in place and k (rotated) and v into the cache after `pos0` cached positions, with
-/// and without the per-head RMS norms of q and k first (QK_NORM).
+/// and without the per-head RMS norms of q and k first (QK_NORM), and with per-pair frequency
+/// factors (ROPE_FACTORS).
 async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
     use reference::{RopeMode, RopeParams};
     let mut checks = Vec::new();
-    for (kv, with_norm) in [(KvType::F32, false), (KvType::F16, false), (KvType::F32, true), (KvType::F16, true)] {
+    let kinds = [(KvType::F32, false, false), (KvType::F16, false, false), (KvType::F32, true, false), (KvType::F16, true, false), (KvType::F32, false, true), (KvType::F16, true, true)];
+    for (kv, with_norm, with_factors) in kinds {
         for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in
             [(RopeMode::Normal, 1u32, 9u32, 3u32, 64u32, 64u32, 37u32), (RopeMode::Neox, 5, 4, 1, 256, 256, 600), (RopeMode::Neox, 3, 2, 2, 128, 64, 0), (RopeMode::Normal, 2, 3, 3, 6, 4, 9)]
                 .into_iter()
@@ -581,17 +608,20 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             let (qwb, kwb) = (gpu.upload_f32("q norm", &qw).await?, gpu.upload_f32("k norm", &kw).await?);
             let eps = 1e-6;
             let norm = with_norm.then_some(QkNorm { q_weight: &qwb, k_weight: &kwb, eps });
+            // Llama 3.1-like divisors, 1 to 8 across the pairs
+            let factors: Vec<f32> = if with_factors { (0..n_rot / 2).map(|i| 1.0 + 7.0 * i as f32 / (n_rot / 2) as f32).collect() } else { Vec::new() };
+            let fb = if with_factors { Some(gpu.upload_f32("rope factors", &factors).await?) } else { None };
             let mut rec = Recorder::new(gpu);
-            rec.rope_kv_normed(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm).await?;
+            rec.rope_kv_normed(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm, fb.as_ref()).await?;
             rec.submit()?;
             let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale };
             let hd = head_dim as usize;
             let (mut q_want, mut k_want) = if with_norm { (reference::rms_norm(&q, &qw, hd, eps), reference::rms_norm(&k, &kw, hd, eps)) } else { (q.clone(), k.clone()) };
-            reference::rope(&mut q_want, n_head as usize, hd, pos0, params);
-            reference::rope(&mut k_want, n_kv_head as usize, hd, pos0, params);
+            reference::rope_with_factors(&mut q_want, n_head as usize, hd, pos0, params, &factors);
+            reference::rope_with_factors(&mut k_want, n_kv_head as usize, hd, pos0, params, &factors);
             // normalised values reach ~1.5 · (unit-variance values), rounded ~2^-24 on the way
             let bound = (1e-5 + (pos0 + n_tokens) as f64 * 3e-7) * if with_norm { 2.0 } else { 1.0 };
-            let name = format!("rope_kv{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}", if with_norm { " qk-norm" } else { "" });
+            let name = format!("rope_kv{}{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}", if with_norm { " qk-norm" } else { "" }, if with_factors { " factors" } else { "" });
             checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
             let at = pos0 as u64 * row as u64 * kv.bytes();
             let got_k = cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?);

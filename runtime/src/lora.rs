@@ -126,8 +126,35 @@ impl Lora<'_> {
             let (mine, others) = rest.split_at(w.parts.len());
             rest = others;
             r.product(w, input, ProductOut::Split(mine), n).await?;
-            for ((name, rows), y) in w.parts.iter().zip(mine) {
-                self.add_terms(r, name, *rows, lora_x, y, n).await?;
+            // consecutive parts of one name are one fused tensor (phi3's attn_qkv): its term is
+            // computed once and each part takes its rows
+            let mut i = 0;
+            while i < w.parts.len() {
+                let name = &w.parts[i].0;
+                let end = i + w.parts[i..].iter().take_while(|(n, _)| n == name).count();
+                self.add_fused_terms(r, name, &w.parts[i..end], lora_x, &mine[i..end], n).await?;
+                i = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// The parts of one tensor `name` ([rows of each part] in order) into their outputs ys:
+    /// ys[i] [n][rows_i] += s·(alpha/r)·(B·(A·x))[n][the part's rows].
+    async fn add_fused_terms(&self, r: &mut Recorder<'_>, name: &str, parts: &[(String, u32)], x: &wgpu::Buffer, ys: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
+        if let [(_, rows)] = parts {
+            return self.add_terms(r, name, *rows, x, ys[0], n).await;
+        }
+        let total: u32 = parts.iter().map(|(_, rows)| rows).sum();
+        for (adapter, scale) in self.adapters {
+            let Some(pair) = adapter.pairs.get(name) else { continue };
+            let (t, u) = (self.t.unwrap(), self.u.unwrap());
+            r.matmul(&pair.a, x, t, n).await?; //   [n][rank]
+            r.matmul(&pair.b, t, u, n).await?; //   [n][total]
+            let mut offset = 0;
+            for ((_, rows), y) in parts.iter().zip(ys) {
+                r.accumulate_rows(y, u, n, *rows, total, offset, adapter.factor(pair, *scale)).await?;
+                offset += rows;
             }
         }
         Ok(())

@@ -69,12 +69,18 @@ pub struct RopeParams {
 /// Rotary position embedding in place. x: [n_tokens][n_heads][head_dim]; token t sits at
 /// position `pos0 + t`. θ_i = pos · freq_scale · base^(−2i / n_rot).
 pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos0: u32, p: RopeParams) {
+    rope_with_factors(x, n_heads, head_dim, pos0, p, &[]);
+}
+
+/// `rope` with pair i's frequency divided by factors[i] (none given: 1).
+pub fn rope_with_factors(x: &mut [f32], n_heads: usize, head_dim: usize, pos0: u32, p: RopeParams, factors: &[f32]) {
     let half = p.n_rot / 2;
     for (t, token) in x.chunks_mut(n_heads * head_dim).enumerate() {
         let pos = (pos0 as usize + t) as f64 * p.freq_scale as f64;
         for head in token.chunks_mut(head_dim) {
             for i in 0..half {
-                let theta = pos * (p.freq_base as f64).powf(-2.0 * i as f64 / p.n_rot as f64);
+                let factor = factors.get(i).map_or(1.0, |f| *f as f64);
+                let theta = pos * (p.freq_base as f64).powf(-2.0 * i as f64 / p.n_rot as f64) / factor;
                 let (s, c) = theta.sin_cos();
                 let (ia, ib) = match p.mode {
                     RopeMode::Normal => (2 * i, 2 * i + 1),

@@ -277,7 +277,8 @@ impl<'m> Session<'m> {
         let input = self.branch_input(r, p, &s.x, &l.attn_norm).await?; //     [n][n_embd]
         let rope = self.rope_args(p, i);
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
-        let plain_qk = c.spec.qk == QkPrep::Plain;
+        // the fused product turns q and k without frequency factors
+        let plain_qk = c.spec.qk == QkPrep::Plain && self.model.rope_factors.is_none();
         let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
             // the product turns q and k and writes k and v to the cache itself
             r.product(&l.wqkv[0], input, ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope }, p.n).await?;
@@ -290,7 +291,8 @@ impl<'m> Session<'m> {
                 _ => None,
             };
             // (per-head norms,) RoPE: q turned in place, k turned into the cache, v copied there
-            r.rope_kv_normed(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm).await?;
+            let factors = self.model.rope_factors.as_ref();
+            r.rope_kv_normed(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm, factors).await?;
             q
         };
         r.attention(q, k_cache, v_cache, &s.attn, self.attention_args(p, i)).await?; // [n][q_dim]

@@ -3,7 +3,7 @@
 
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::KvType;
-use super::tuning::{is_llvmpipe, subgroups_of_8};
+use super::tuning::{loop_budget, subgroups_of_8, LLVMPIPE_LOOP_BUDGET};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::shaders::Defines;
@@ -74,10 +74,6 @@ fn query_attention_defines(kv: KvType, head_dim: u32) -> Defines {
     }
 }
 
-/// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65535
-/// (see `Recorder::attention_fits_llvmpipe`), with some kept for the loops outside the keys.
-const LLVMPIPE_LOOP_BUDGET: u64 = 60_000;
-
 /// attention.wgsl for both cache types: the per-workgroup kernel and every per-query one.
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
@@ -139,7 +135,7 @@ impl Recorder<'_> {
     /// llvmpipe, attention is refused rather than run.
     fn attention_fits_llvmpipe(&self, a: &AttentionArgs) -> bool {
         let keys = (a.pos0 + a.n_q) as u64;
-        !is_llvmpipe(self.gpu) || keys * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= LLVMPIPE_LOOP_BUDGET
+        keys * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= loop_budget(self.gpu).unwrap_or(u64::MAX)
     }
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.

@@ -16,11 +16,13 @@ struct ElementwiseParams {
     n: u32,
     s: f32,
     b_len: u32,
-    _pad: u32,
+    offset: u32,
+    width: u32,
+    _pad: [u32; 3],
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
-    ["add", "accumulate", "scale", "softcap", "silu_gate", "gelu_gate"]
+    ["add", "accumulate", "accumulate_rows", "scale", "softcap", "silu_gate", "gelu_gate"]
         .into_iter()
         .map(|entry| PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() })
         .collect()
@@ -34,7 +36,7 @@ impl Recorder<'_> {
     #[allow(clippy::too_many_arguments)]
     async fn elementwise_b(&mut self, entry: &'static str, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32, b_len: u32) -> Result<(), GpuError> {
         let (gx, gy) = grid(n.div_ceil(256));
-        let params = ElementwiseParams { n, s, b_len: b_len.max(1), _pad: 0 };
+        let params = ElementwiseParams { n, s, b_len: b_len.max(1), offset: 0, width: 1, _pad: [0; 3] };
         self.dispatch(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() }, &[a, b, out], &params, (gx, gy, 1))
             .await
     }
@@ -49,6 +51,16 @@ impl Recorder<'_> {
     /// y[i] += s · b[i], in place on y.
     pub async fn accumulate(&mut self, y: &wgpu::Buffer, b: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
         self.elementwise("accumulate", b, b, y, n, s).await
+    }
+    /// y[t][e] += s · b[t][offset + e] for y: [n_tokens][width], b: [n_tokens][b_width]: a
+    /// fused tensor's LoRA term into the output of one of its parts.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn accumulate_rows(&mut self, y: &wgpu::Buffer, b: &wgpu::Buffer, n_tokens: u32, width: u32, b_width: u32, offset: u32, s: f32) -> Result<(), GpuError> {
+        let n = n_tokens * width;
+        let (gx, gy) = grid(n.div_ceil(256));
+        let params = ElementwiseParams { n, s, b_len: b_width, offset, width: width.max(1), _pad: [0; 3] };
+        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry: "accumulate_rows", defines: Defines::new() }, &[b, b, y], &params, (gx, gy, 1))
+            .await
     }
     pub async fn scale(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
         self.elementwise("scale", a, a, out, n, s).await

@@ -5,7 +5,7 @@
 use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::{KvType, RopeArgs};
-use super::tuning::{is_llvmpipe, matvec_shape, paired_matvec_shape, MatvecShape};
+use super::tuning::{is_llvmpipe, loop_budget, matvec_shape, paired_matvec_shape, MatvecShape};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::ggml_type::GgmlType;
@@ -54,7 +54,9 @@ struct ProductParams {
     pos0: u32,
     log2_base: f32,
     freq_scale: f32,
-    _pad: [u32; 2],
+    /// The first token: a dispatch covers tokens t_begin..m (`Recorder::tokens_per_dispatch`).
+    t_begin: u32,
+    _pad: u32,
 }
 
 /// matvec.wgsl's defines for weights of type `ty` in shape `s`.
@@ -157,6 +159,24 @@ impl Recorder<'_> {
         self.token_tile.or(self.gpu.overrides.token_tile).unwrap_or_else(|| is_llvmpipe(self.gpu))
     }
 
+    /// Tokens one matvec.wgsl dispatch of `w` takes, so that an invocation's token loop stays
+    /// within the device's loop budget. Iterations a row walk takes per token, measured on
+    /// lavapipe at k = 8192 (where 64 tokens overran it) with a margin: about k / 3 for float
+    /// weights, k / 2 for quantized ones a token at a time, k / 8 a token in TOKEN_TILE's passes
+    /// of four; split over TPR invocations. Float rows of 4864 over 64 tokens (a LoRA A of
+    /// Qwen2.5 0.5B's ffn_down in a prefill batch) overran it and left later tokens unwritten.
+    fn tokens_per_dispatch(&self, w: &GpuMatrix, shape: MatvecShape, tiled: bool, m: u32) -> u32 {
+        let Some(budget) = loop_budget(self.gpu) else { return m };
+        let divisor = match (w.ty.block_elems() > 1, tiled) {
+            (false, _) => 3,
+            (true, false) => 2,
+            (true, true) => 8,
+        };
+        let per_token = (w.k as u64).div_ceil(divisor * shape.tpr as u64) + 4;
+        // whole passes of TOKEN_TILE's four tokens
+        ((budget / per_token) as u32 / 4 * 4).max(4).min(m)
+    }
+
     /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
     /// reads it and the activation and RoPE into the products that feed them: always for one
     /// token; for a block only where prefill tiles its tokens, since untiled every invocation
@@ -235,7 +255,8 @@ impl Recorder<'_> {
                 pos0: r.pos0,
                 log2_base: r.freq_base.log2(),
                 freq_scale: r.freq_scale,
-                _pad: [0; 2],
+                t_begin: 0,
+                _pad: 0,
             };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {
@@ -243,11 +264,16 @@ impl Recorder<'_> {
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let mut defines = add_mode(matvec_defines(w.ty, shape));
-                if m > 1 && self.tiles_tokens() && shape.tpr == 1 && w.ty.block_elems() > 1 {
+                let tiled = m > 1 && self.tiles_tokens() && shape.tpr == 1 && w.ty.block_elems() > 1;
+                if tiled {
                     defines = defines.flag("TOKEN_TILE");
                 }
                 let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
-                self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
+                let per = self.tokens_per_dispatch(w, shape, tiled, m);
+                for t_begin in (0..m).step_by(per as usize) {
+                    let part = ProductParams { t_begin, m: (t_begin + per).min(m), ..params };
+                    self.dispatch(key.clone(), &buffers, &part, (gx, gy, 1)).await?;
+                }
             } else {
                 let key = PipelineKey { file: "matmul.wgsl", entry: "main", defines: add_mode(w.defines()) };
                 self.dispatch(key, &buffers, &params, (c.n_rows.div_ceil(64), m.div_ceil(32), 1)).await?;

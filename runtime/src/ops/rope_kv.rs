@@ -6,8 +6,9 @@ use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::shaders::Defines;
 
-/// rope_kv.wgsl's bindings, in order: q, k, v, k_cache, v_cache, q_norm_w, k_norm_w, params.
-pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Read, Read, Uniform];
+/// rope_kv.wgsl's bindings, in order: q, k, v, k_cache, v_cache, q_norm_w, k_norm_w,
+/// rope_factors, params.
+pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrite, Read, Read, Read, Uniform];
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +76,10 @@ struct RopeKvParams {
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
-        keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines() });
-        keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: kv.defines().flag("QK_NORM") });
+        for d in [kv.defines(), kv.defines().flag("ROPE_FACTORS")] {
+            keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.clone() });
+            keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.flag("QK_NORM") });
+        }
     }
     keys
 }
@@ -93,10 +96,11 @@ impl Recorder<'_> {
     /// [n_tokens][n_kv_head][head_dim]. With a.n_rot = 0 (and a.n_heads = 0) it only stores.
     #[allow(clippy::too_many_arguments)]
     pub async fn rope_kv(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, kv: KvType, a: RopeArgs) -> Result<(), GpuError> {
-        self.rope_kv_normed(q, k, v, k_cache, v_cache, n_kv_head, kv, a, None).await
+        self.rope_kv_normed(q, k, v, k_cache, v_cache, n_kv_head, kv, a, None, None).await
     }
 
-    /// rope_kv, with q's and k's heads first RMS-normalised where `norm` is given.
+    /// rope_kv, with q's and k's heads first RMS-normalised where `norm` is given, and pair i's
+    /// frequency divided by `factors[i]` where they are given ([n_rot / 2]: Llama 3.1, Phi-3).
     #[allow(clippy::too_many_arguments)]
     pub async fn rope_kv_normed(
         &mut self,
@@ -109,6 +113,7 @@ impl Recorder<'_> {
         kv: KvType,
         a: RopeArgs,
         norm: Option<QkNorm<'_>>,
+        factors: Option<&wgpu::Buffer>,
     ) -> Result<(), GpuError> {
         if a.n_rot % 2 != 0 || a.n_rot > a.head_dim || a.head_dim % 2 != 0 {
             return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
@@ -138,8 +143,13 @@ impl Recorder<'_> {
             // the weight slots unread: k and v, bound read-only anyway
             None => (kv.defines(), k, v),
         };
+        // likewise the factors' slot: v when there are none
+        let (defines, fw) = match factors {
+            Some(f) => (defines.flag("ROPE_FACTORS"), f),
+            None => (defines, v),
+        };
         let key = PipelineKey { file: "rope_kv.wgsl", entry: "main", defines };
-        self.dispatch(key, &[q, k, v, k_cache, v_cache, qw, kw], &params, (gx, gy, 1)).await
+        self.dispatch(key, &[q, k, v, k_cache, v_cache, qw, kw, fw], &params, (gx, gy, 1)).await
     }
 
     /// Append k and v: [n_tokens][n_kv_head][head_dim] to the KV cache at positions pos0.. as

@@ -47,6 +47,15 @@ pub(super) fn is_llvmpipe(gpu: &Gpu) -> bool {
     gpu.info.name.contains("llvmpipe")
 }
 
+/// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65535
+/// in all (its guard against endless loops) and leaves the rest of its output unwritten; some
+/// are kept for the loops the estimates leave out. None: no such limit.
+pub(super) fn loop_budget(gpu: &Gpu) -> Option<u64> {
+    is_llvmpipe(gpu).then_some(LLVMPIPE_LOOP_BUDGET)
+}
+
+pub(super) const LLVMPIPE_LOOP_BUDGET: u64 = 60_000;
+
 /// Whether the kernels have subgroups of exactly 8 invocations (lavapipe: one 256-bit register
 /// of f32 lanes), which the broadcast modes (matvec's X_BROADCAST, attention's KV_BROADCAST)
 /// build their 8-lane workgroups on.
