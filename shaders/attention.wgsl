@@ -31,7 +31,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-#include "kv.wgsl"
+#include "lib/kv.wgsl"
 
 const MAX_HEAD_DIM: u32 = 256u;
 const NEG_BIG: f32 = -3.0e38;
@@ -57,7 +57,7 @@ fn first_key(pos: u32) -> u32 {
 // the capacity of qv and acc.
 // head_dim must be a multiple of 16, which the inner loops take at a time: llvmpipe ends any
 // invocation after 65535 loop iterations in all (its guard against endless loops), so
-// keys · (1 + head_dim / 16) must stay below that (`Recorder::attention_per_query` checks).
+// keys · (1 + head_dim / 16) must stay below that (`Recorder::attention_kernel` checks).
 
 // elements i.. i + 3 (i a multiple of 4) of the caches, in one load (a load costs a per-lane
 // loop on CPU devices)
@@ -249,7 +249,7 @@ fn walk_keys(at: QueryAt, first: u32, step: u32) {
     }
 }
 #else
-#include "reduce.wgsl"
+#include "lib/reduce.wgsl"
 
 const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
 

@@ -52,7 +52,7 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (i < p.n) { out[i] = a[i] * p.s; }
 }
 
-#include "activation.wgsl"
+#include "lib/activation.wgsl"
 
 @compute @workgroup_size(256)
 fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -26,8 +26,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
 @group(0) @binding(6) var<uniform> p: Params;
 
-#include "dequant.wgsl"
-#include "product_out.wgsl"
+#include "lib/dequant.wgsl"
+#include "lib/product_out.wgsl"
 
 const TILE_R: u32 = 64u;
 const TILE_T: u32 = 32u;

@@ -61,11 +61,11 @@ struct Params {
 @group(0) @binding(6) var<uniform> p: Params;
 
 #if X_VEC4
-#include "dot.wgsl"
+#include "lib/dot.wgsl"
 #else
-#include "dequant.wgsl"
+#include "lib/dequant.wgsl"
 #endif
-#include "product_out.wgsl"
+#include "lib/product_out.wgsl"
 
 const ROWS_PER_WG: u32 = WG / TPR * RPI;
 #if OUT_GLU

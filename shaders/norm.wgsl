@@ -17,7 +17,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-#include "reduce.wgsl"
+#include "lib/reduce.wgsl"
 
 // 1 / sqrt(mean(x²) + eps) of the row starting at base (every invocation of the workgroup)
 fn inv_rms(base: u32, lane: Lane) -> f32 {

@@ -37,8 +37,8 @@ struct Params {
 @group(0) @binding(7) var<storage, read> rope_factors: array<f32>;
 @group(0) @binding(8) var<uniform> p: Params;
 
-#include "kv_write.wgsl"
-#include "rotary.wgsl"
+#include "lib/kv_write.wgsl"
+#include "lib/rotary.wgsl"
 
 // (sin, cos) of pair i's angle at position pos
 fn pair_sin_cos(pos: u32, i: u32) -> vec2<f32> {

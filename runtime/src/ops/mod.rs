@@ -10,7 +10,7 @@
 //!
 //! Op → file (shader):
 //! - `product`, `matvec`, `matmul`, `fuses_block`, `fuses_glu`, `fuses_qkv_rope` →
-//!   `product.rs` (matvec.wgsl, matmul.wgsl, both writing through product_out.wgsl)
+//!   `product.rs` (matvec.wgsl, matmul.wgsl, both writing through lib/product_out.wgsl)
 //! - `gather` → `gather.rs` (gather.wgsl)
 //! - `rms_norm`, `rms_norm_add`, `layer_norm` → `norm.rs` (norm.wgsl)
 //! - `softmax` → `softmax.rs` (softmax.wgsl)

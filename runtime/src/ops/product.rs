@@ -1,6 +1,6 @@
 //! Matrix products, W · x for one token or many: matvec.wgsl (one token, or CPU devices' token
 //! loop; it alone fuses the input's RMS norm, the gated activation and RoPE with the KV-cache
-//! write) and the tiled matmul.wgsl (GPUs' prefill), both writing through product_out.wgsl.
+//! write) and the tiled matmul.wgsl (GPUs' prefill), both writing through lib/product_out.wgsl.
 
 use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
@@ -23,7 +23,7 @@ pub enum ProductIn<'a> {
     RmsNorm { x: &'a wgpu::Buffer, weight: &'a wgpu::Buffer, eps: f32 },
 }
 
-/// Where a product's rows go (product_out.wgsl): one output per stacked part of the matrix (or
+/// Where a product's rows go (lib/product_out.wgsl): one output per stacked part of the matrix (or
 /// one for all of it), added into a residual stream, or through a gated activation.
 #[derive(Clone, Copy)]
 pub enum ProductOut<'a> {
@@ -191,7 +191,7 @@ impl Recorder<'_> {
         self.product_runs_matvec(m) && w.chunks.len() == 1 && w.parts.len() == 2 && w.parts[0].1 == w.parts[1].1
     }
 
-    /// W · input for m tokens, written as `out` says (see product_out.wgsl). X: [m][k].
+    /// W · input for m tokens, written as `out` says (see lib/product_out.wgsl). X: [m][k].
     /// `ProductIn::RmsNorm` and `ProductOut::Glu` are for one token (or CPU devices), and Glu
     /// needs a one-chunk matrix of two equal parts [gate; up].
     pub async fn product(&mut self, w: &GpuMatrix, input: ProductIn<'_>, out: ProductOut<'_>, m: u32) -> Result<(), GpuError> {
@@ -209,7 +209,7 @@ impl Recorder<'_> {
             ProductOut::QkvRope { rope, kv, .. } => (Some(rope), kv.defines()),
             _ => (None, Defines::new()),
         };
-        // outputs y, y1, y2, rows to y and to y1, and the product_out.wgsl mode flags
+        // outputs y, y1, y2, rows to y and to y1, and the lib/product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
             ProductOut::Split([y]) => ([*y, &spare[0], &spare[1]], w.n_rows, 0, &[]),
             ProductOut::Split(ys) if ys.len() == w.parts.len() && ys.len() <= 3 => {

@@ -3,7 +3,7 @@
 // of the words of `src_q`, which the including kernel declares. Every block size is even, so a
 // block's f16 fields never straddle two words; `ld_u32` may, and the buffer carries 16 spare bytes
 // so its second word read stays in bounds at the very end.
-#include "unpack.wgsl"
+#include "lib/unpack.wgsl"
 
 fn ld_u8(b: u32) -> u32 {
     return (src_q[b >> 2u] >> ((b & 3u) * 8u)) & 0xFFu;

@@ -2,7 +2,7 @@
 // kernels that declare read-write `k_cache` and `v_cache` (rope_kv.wgsl, and matvec.wgsl when it
 // writes the cache itself). put_k(d, a, b) stores elements d, d + 1 (d even): a packed f16
 // word is written whole by one invocation.
-#include "kv.wgsl"
+#include "lib/kv.wgsl"
 
 // One function per cache: WGSL passes no storage pointers to functions (without an extension
 // browsers do not all have), so the packing is written out for each.

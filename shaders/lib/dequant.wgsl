@@ -5,7 +5,7 @@
 //
 // Four consecutive elements always share one scale in every block layout below, so a dq4 costs
 // one scale lookup and one or two word reads. Layouts are ggml's (ggml-quants.c).
-#include "bytes.wgsl"
+#include "lib/bytes.wgsl"
 
 #if TYPE_F32
 const BLOCK_ELEMS: u32 = 1u;

@@ -13,10 +13,10 @@
 //                 pos0.. (matvec only, rows in pairs (2i, 2i+1) held by one invocation): q and k
 //                 turned by RoPE in adjacent-pair mode, q into y [m][n0], k and v straight into
 //                 the KV cache (the rope_kv dispatch, fused away for decode)
-#include "activation.wgsl"
+#include "lib/activation.wgsl"
 #if OUT_QKV_ROPE
-#include "kv_write.wgsl"
-#include "rotary.wgsl"
+#include "lib/kv_write.wgsl"
+#include "lib/rotary.wgsl"
 
 // rows r, r + 1 (r even, both of one part) of token t
 fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {

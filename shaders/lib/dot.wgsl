@@ -18,7 +18,7 @@
 // quants are too; Q6_K's 210-byte blocks sit at even byte offsets, so `vwords` loads the vec4s
 // covering them and shifts their bytes into place (word offset 0..3 by selects, then 0 or 16
 // bits by `funnel`).
-#include "unpack.wgsl"
+#include "lib/unpack.wgsl"
 
 // bits s.. s+31 of the 64-bit value hi:lo, for s = 0 or 16 (WGSL takes shift counts mod 32, so
 // the high part is shifted in two steps to come out zero at s = 0)
