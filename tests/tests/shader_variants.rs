@@ -53,3 +53,39 @@ fn portable_variant_uses_no_optional_feature() {
         assert!(!src.contains("subgroup") && !src.contains("f16>") && !src.contains("enable"), "{}", key.file);
     }
 }
+
+/// Rust's parameter structs and the shaders' `struct Params` cannot drift apart: every member
+/// of the uniform struct a shader reads sits at the offset of the Rust field of the same name,
+/// and every Rust field but padding is read (matmul.wgsl reads a prefix of the product's).
+#[test]
+fn parameter_structs_match_their_wgsl() {
+    let mut failures = Vec::new();
+    let layouts = nomoat_runtime::ops::params_layouts();
+    let keys = all_pipeline_keys();
+    for (file, fields, size) in &layouts {
+        let key = keys.iter().find(|k| k.file == *file).unwrap_or_else(|| panic!("no pipeline of {file}"));
+        let src = generate(key.file, Variant::PORTABLE, &key.defines).unwrap();
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let uniform = module.global_variables.iter().map(|(_, g)| g).find(|g| g.space == naga::AddressSpace::Uniform).unwrap_or_else(|| panic!("{file}: no uniform"));
+        let naga::TypeInner::Struct { members, span } = &module.types[uniform.ty].inner else { panic!("{file}: the uniform is not a struct") };
+        assert!(*span as usize <= 256, "{file}: its parameters outgrow a 256-byte slot");
+        for m in members {
+            let name = m.name.as_deref().unwrap_or("");
+            match fields.iter().find(|(f, _)| *f == name) {
+                Some((_, offset)) if *offset == m.offset as usize => {}
+                Some((_, offset)) => failures.push(format!("{file}: {name} at byte {} in WGSL, {offset} in Rust", m.offset)),
+                None => failures.push(format!("{file}: WGSL reads {name}, which Rust does not write")),
+            }
+        }
+        let read: Vec<&str> = members.iter().filter_map(|m| m.name.as_deref()).collect();
+        let prefix = *file == "matmul.wgsl";
+        for (f, _) in fields.iter().filter(|(f, _)| !f.starts_with('_')) {
+            if !read.contains(f) && !prefix {
+                failures.push(format!("{file}: Rust writes {f}, which the WGSL does not declare"));
+            }
+        }
+        assert!(*size <= 256, "{file}: Rust parameters of {size} bytes outgrow a slot");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(layouts.len(), 10);
+}

@@ -28,18 +28,18 @@ pub struct AttentionArgs {
 /// The largest head_dim `attention` takes (the per-query kernels' registers hold that much).
 pub const MAX_HEAD_DIM: u32 = 256;
 
-/// attention.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct AttentionParams {
-    n_q: u32,
-    n_head: u32,
-    n_kv_head: u32,
-    head_dim: u32,
-    pos0: u32,
-    window: u32,
-    scale: f32,
-    _pad: u32,
+params! {
+    /// attention.wgsl's `struct Params`.
+    struct AttentionParams {
+        n_q: u32,
+        n_head: u32,
+        n_kv_head: u32,
+        head_dim: u32,
+        pos0: u32,
+        window: u32,
+        scale: f32,
+        _pad: u32,
+    }
 }
 
 /// attention.wgsl's kernels (see `Recorder::attention_kernel`).

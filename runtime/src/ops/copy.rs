@@ -8,12 +8,12 @@ use crate::shaders::Defines;
 /// copy.wgsl's bindings, in order: src, dst, params.
 pub const COPY_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform];
 
-/// copy.wgsl's `struct Params`: vec4s to copy.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct CopyParams {
-    n4: u32,
-    _pad: [u32; 3],
+params! {
+    /// copy.wgsl's `struct Params`: vec4s to copy.
+    struct CopyParams {
+        n4: u32,
+        _pad: [u32; 3],
+    }
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {

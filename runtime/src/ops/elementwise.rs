@@ -9,16 +9,16 @@ use crate::shaders::Defines;
 /// elementwise.wgsl's bindings, in order: a, b, out, params.
 pub const ELEMENTWISE_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform];
 
-/// elementwise.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ElementwiseParams {
-    n: u32,
-    s: f32,
-    b_len: u32,
-    offset: u32,
-    width: u32,
-    _pad: [u32; 3],
+params! {
+    /// elementwise.wgsl's `struct Params`.
+    struct ElementwiseParams {
+        n: u32,
+        s: f32,
+        b_len: u32,
+        offset: u32,
+        width: u32,
+        _pad: [u32; 3],
+    }
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {

@@ -9,16 +9,16 @@ use crate::shaders::Defines;
 /// gather.wgsl's bindings, in order: table, ids, out, params.
 pub const GATHER_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Uniform];
 
-/// gather.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct GatherParams {
-    n_rows: u32,
-    k: u32,
-    row_bytes: u32,
-    row_offset: u32,
-    m: u32,
-    _pad: [u32; 3],
+params! {
+    /// gather.wgsl's `struct Params`.
+    struct GatherParams {
+        n_rows: u32,
+        k: u32,
+        row_bytes: u32,
+        row_offset: u32,
+        m: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// gather.wgsl for every weight type.

@@ -30,6 +30,22 @@
 //!   `NOMOAT_*` overrides they honour are `device::KernelOverrides`.
 //! - `matrix.rs`: [`GpuMatrix`], weights as GGUF stores them, uploaded in binding-sized chunks.
 
+/// A kernel's parameters: the `#[repr(C)]` struct its shader's `struct Params` mirrors, and
+/// its fields' names and byte offsets (`FIELDS`), which a test compares with the WGSL's.
+macro_rules! params {
+    ($(#[$m:meta])* struct $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        pub(crate) struct $name {
+            $($(#[$fm])* pub(crate) $field: $ty),*
+        }
+        impl $name {
+            pub(crate) const FIELDS: &'static [(&'static str, usize)] = &[$((stringify!($field), std::mem::offset_of!($name, $field))),*];
+        }
+    };
+}
+
 mod attention;
 mod copy;
 mod elementwise;
@@ -50,7 +66,7 @@ pub use elementwise::ELEMENTWISE_LAYOUT;
 pub use gather::GATHER_LAYOUT;
 pub use matrix::{supports_quant_op, GpuMatrix, MatrixChunk, WEIGHT_PAD};
 pub use norm::NORM_LAYOUT;
-pub use pipeline::{all_pipeline_keys, layout_of, Bind};
+pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind};
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};

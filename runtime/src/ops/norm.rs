@@ -8,14 +8,14 @@ use crate::shaders::Defines;
 /// norm.wgsl's bindings, in order: x, w, b, out, params.
 pub const NORM_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform];
 
-/// norm.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct NormParams {
-    n: u32,
-    n_rows: u32,
-    eps: f32,
-    _pad: u32,
+params! {
+    /// norm.wgsl's `struct Params`.
+    struct NormParams {
+        n: u32,
+        n_rows: u32,
+        eps: f32,
+        _pad: u32,
+    }
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {

@@ -51,6 +51,24 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
     }
 }
 
+/// Each shader's parameters as Rust lays them out: (file, [(field, byte offset)], size), for
+/// the test that compares them with the WGSL `struct Params` (matmul.wgsl reads a prefix).
+pub fn params_layouts() -> Vec<(&'static str, &'static [(&'static str, usize)], usize)> {
+    use std::mem::size_of;
+    vec![
+        ("matvec.wgsl", product::ProductParams::FIELDS, size_of::<product::ProductParams>()),
+        ("matmul.wgsl", product::ProductParams::FIELDS, size_of::<product::ProductParams>()),
+        ("gather.wgsl", gather::GatherParams::FIELDS, size_of::<gather::GatherParams>()),
+        ("norm.wgsl", norm::NormParams::FIELDS, size_of::<norm::NormParams>()),
+        ("softmax.wgsl", softmax::SoftmaxParams::FIELDS, size_of::<softmax::SoftmaxParams>()),
+        ("elementwise.wgsl", elementwise::ElementwiseParams::FIELDS, size_of::<elementwise::ElementwiseParams>()),
+        ("rope_kv.wgsl", rope_kv::RopeKvParams::FIELDS, size_of::<rope_kv::RopeKvParams>()),
+        ("attention.wgsl", attention::AttentionParams::FIELDS, size_of::<attention::AttentionParams>()),
+        ("topk.wgsl", top_k::TopKParams::FIELDS, size_of::<top_k::TopKParams>()),
+        ("copy.wgsl", copy::CopyParams::FIELDS, size_of::<copy::CopyParams>()),
+    ]
+}
+
 impl Gpu {
     /// The compiled pipeline for `key` on this device's variant, built on first use.
     pub async fn pipeline(&self, key: PipelineKey) -> Result<Arc<Pipeline>, GpuError> {

@@ -35,28 +35,28 @@ pub enum ProductOut<'a> {
     QkvRope { q: &'a wgpu::Buffer, k_cache: &'a wgpu::Buffer, v_cache: &'a wgpu::Buffer, kv: KvType, rope: RopeArgs },
 }
 
-/// matvec.wgsl's `struct Params`; matmul.wgsl's is its first nine fields.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ProductParams {
-    n_rows: u32,
-    k: u32,
-    row_bytes: u32,
-    row_offset: u32,
-    m: u32,
-    n_total: u32,
-    n0: u32,
-    n1: u32,
-    eps: f32,
-    // OUT_QKV_ROPE
-    head_dim: u32,
-    n_rot: u32,
-    pos0: u32,
-    log2_base: f32,
-    freq_scale: f32,
-    /// The first token: a dispatch covers tokens t_begin..m (`Recorder::tokens_per_dispatch`).
-    t_begin: u32,
-    _pad: u32,
+params! {
+    /// matvec.wgsl's `struct Params`; matmul.wgsl's is its first nine fields.
+    struct ProductParams {
+        n_rows: u32,
+        k: u32,
+        row_bytes: u32,
+        row_offset: u32,
+        m: u32,
+        n_total: u32,
+        n0: u32,
+        n1: u32,
+        eps: f32,
+        // OUT_QKV_ROPE
+        head_dim: u32,
+        n_rot: u32,
+        pos0: u32,
+        log2_base: f32,
+        freq_scale: f32,
+        /// The first token: a dispatch covers tokens t_begin..m (`Recorder::tokens_per_dispatch`).
+        t_begin: u32,
+        _pad: u32,
+    }
 }
 
 /// matvec.wgsl's defines for weights of type `ty` in shape `s`.

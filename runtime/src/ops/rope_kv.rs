@@ -55,21 +55,21 @@ pub struct QkNorm<'a> {
     pub eps: f32,
 }
 
-/// rope_kv.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct RopeKvParams {
-    n_tokens: u32,
-    n_head: u32,
-    n_kv_head: u32,
-    head_dim: u32,
-    n_rot: u32,
-    pos0: u32,
-    neox: u32,
-    log2_base: f32,
-    freq_scale: f32,
-    eps: f32,
-    _pad: [u32; 2],
+params! {
+    /// rope_kv.wgsl's `struct Params`.
+    struct RopeKvParams {
+        n_tokens: u32,
+        n_head: u32,
+        n_kv_head: u32,
+        head_dim: u32,
+        n_rot: u32,
+        pos0: u32,
+        neox: u32,
+        log2_base: f32,
+        freq_scale: f32,
+        eps: f32,
+        _pad: [u32; 2],
+    }
 }
 
 /// rope_kv.wgsl for both cache types, with and without the q/k norms.

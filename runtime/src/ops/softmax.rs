@@ -8,13 +8,13 @@ use crate::shaders::Defines;
 /// softmax.wgsl's bindings, in order: x, out, params.
 pub const SOFTMAX_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform];
 
-/// softmax.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct SoftmaxParams {
-    n: u32,
-    n_rows: u32,
-    _pad: [u32; 2],
+params! {
+    /// softmax.wgsl's `struct Params`.
+    struct SoftmaxParams {
+        n: u32,
+        n_rows: u32,
+        _pad: [u32; 2],
+    }
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {

@@ -15,14 +15,14 @@ const TOPK_CHUNK: u32 = 1024;
 /// The same for k = 1, the `argmax` entry point (its ARG_CHUNK).
 const ARGMAX_CHUNK: u32 = 4096;
 
-/// topk.wgsl's `struct Params`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TopKParams {
-    n: u32,
-    k: u32,
-    first_pass: u32,
-    _pad: u32,
+params! {
+    /// topk.wgsl's `struct Params`.
+    struct TopKParams {
+        n: u32,
+        k: u32,
+        first_pass: u32,
+        _pad: u32,
+    }
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
