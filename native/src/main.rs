@@ -475,7 +475,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
     if n_ctx > c.n_ctx_train {
         bail!("depth {n_depth} + pp{n_prompt} / tg{n_gen} needs {n_ctx} tokens of context, over the model's {}", c.n_ctx_train);
     }
-    let mut s = new_session(&l, &m, n_ctx, false)?;
+    let mut s = new_session(&l, m, n_ctx, false)?;
     let ids = generate::bench_ids(n_prompt, c.n_vocab);
     let depth = generate::bench_ids(n_depth, c.n_vocab);
     let depth = &depth[..n_depth];

@@ -248,7 +248,7 @@ impl Config {
             final_softcap: g.get_f32_opt(&key("final_logit_softcapping"))?.filter(|v| *v > 0.0),
             arch_name: name,
         };
-        if c.head_dim > MAX_HEAD_DIM as usize || c.head_dim % 2 != 0 || c.n_rot > c.head_dim || c.n_rot % 2 != 0 {
+        if c.head_dim > MAX_HEAD_DIM as usize || !c.head_dim.is_multiple_of(2) || c.n_rot > c.head_dim || !c.n_rot.is_multiple_of(2) {
             return Err(ModelError::Invalid(format!("head size {} (RoPE over {}) is not supported", c.head_dim, c.n_rot)));
         }
         Ok(c)
@@ -271,7 +271,7 @@ impl Config {
     pub fn has_rope(&self, layer: usize) -> bool {
         match self.spec.rope_layers {
             RopeLayers::All => true,
-            RopeLayers::NoneEvery(n) => (layer as u32 + 1) % n != 0,
+            RopeLayers::NoneEvery(n) => !(layer as u32 + 1).is_multiple_of(n),
         }
     }
 
@@ -308,5 +308,5 @@ fn sliding_layers(g: &Gguf, key: &str, default: u32, n_layer: usize) -> Result<V
         Some(_) => g.get_u32(key)?,
         None => default,
     };
-    Ok((0..n_layer).map(|i| period == 0 || (i as u32 + 1) % period != 0).collect())
+    Ok((0..n_layer).map(|i| period == 0 || !(i as u32 + 1).is_multiple_of(period)).collect())
 }

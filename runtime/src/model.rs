@@ -100,7 +100,9 @@ impl<S: ByteSource> Loader<'_, S> {
     /// given: each run of one type becomes one matrix (parts named as in the file), so that one
     /// dispatch computes the run. Usually the whole list is one run.
     async fn stacked(&mut self, names: &[(String, usize)], k: usize) -> Result<Vec<GpuMatrix>, ModelError> {
-        let mut runs: Vec<(GgmlType, Vec<(String, u64, Vec<u8>)>)> = Vec::new();
+        // runs of one type: (type, [(name, rows, bytes as stored)])
+        type Run = (GgmlType, Vec<(String, u64, Vec<u8>)>);
+        let mut runs: Vec<Run> = Vec::new();
         for (name, rows) in names {
             let t = self.info(name)?;
             Self::check_shape(&t, &[k as u64, *rows as u64])?;

@@ -19,7 +19,7 @@ use nomoat_runtime::quant;
 use nomoat_tests::support::Rng;
 use std::time::Instant;
 
-fn time_submission(gpu: &Gpu, iters: usize, record: &dyn Fn(&mut Recorder) -> ()) -> f64 {
+fn time_submission(gpu: &Gpu, iters: usize, record: &dyn Fn(&mut Recorder)) -> f64 {
     // warm-up: builds the pipeline and touches every page once
     let mut rec = Recorder::new(gpu);
     record(&mut rec);
@@ -79,7 +79,7 @@ fn main() {
     let ym = pollster::block_on(gpu.storage("ym", (M * rows * 4) as u64)).unwrap();
     let mut rng = Rng::new(2);
     let src_rows = rng.fill(k * 64, 1.0); // 64 distinct rows, repeated: quantizing 16M floats is slow
-    for ty in KERNEL_TYPES.into_iter().filter(|t| only.as_ref().map_or(true, |o| o.iter().any(|n| n == t.name()))) {
+    for ty in KERNEL_TYPES.into_iter().filter(|t| only.as_ref().is_none_or(|o| o.iter().any(|n| n == t.name()))) {
         let block: Vec<u8> = src_rows.chunks(k).flat_map(|r| quant::quantize_row(ty, r).unwrap()).collect();
         let bytes: Vec<u8> = block.iter().copied().cycle().take(block.len() / 64 * rows).collect();
         let copies: Vec<GpuMatrix> =

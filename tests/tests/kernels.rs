@@ -270,7 +270,7 @@ fn random_blocks_match_gguf_py() {
 fn impossible_allocations_are_errors() {
     let gpu = &variants()[0];
     let too_big = gpu.limits.max_buffer_size + 4;
-    let e = block_on(gpu.storage("huge", too_big)).err().expect("allocation over the device's limit must fail");
+    let e = block_on(gpu.storage("huge", too_big)).expect_err("allocation over the device's limit must fail");
     assert!(e.to_string().contains("huge"), "{e}");
     // the device stays usable afterwards
     let x = block_on(gpu.upload_f32("x", &[1.0, 2.0])).unwrap();

@@ -9,6 +9,7 @@
 //! - greedy continuation: the same token at every step until one where llama.cpp's top-2 margin
 //!   was under 0.5 and the two differ (past a near-tie the histories may legitimately part);
 //! - perplexity within 1%.
+//!
 //! Against the f32 reference (same math, f32 throughout, f32 KV cache) the bound is tighter:
 //! cosine ≥ 0.9999, max-abs ≤ 2e-3 (plus the f16 rounding of stored Gemma logits), and the same
 //! top-10 ids in order where their gaps exceed 0.05.
@@ -103,7 +104,7 @@ fn check_model(file: &str) {
     let refs: Refs = serde_json::from_str(&std::fs::read_to_string(data_dir().join(format!("{stem}.json"))).unwrap()).unwrap();
     let gpu = &variants()[variants().len() - 1]; // the variant a real GPU with every feature would take
     let l = load(gpu, file);
-    assert_eq!(l.gguf.tensors.len() > 0, true);
+    assert!(!l.gguf.tensors.is_empty());
     let mut failures = Vec::new();
     for c in &refs.cases {
         let ids = l.tokenizer.encode(&c.prompt, c.add_bos, c.parse_special).unwrap();

@@ -98,7 +98,7 @@ fn check(file: &str) {
                 let d = max_abs(&got, tight);
                 let (ours, theirs) = (nomoat_runtime::reference::argmax(&got), nomoat_runtime::reference::argmax(llama));
                 eprintln!("{file} [{:?}] {:<18} {seq}: max abs {d:.2e}, argmax {ours} vs {theirs}", gpu.variant, setting.name);
-                if !(d <= bound) {
+                if d.is_nan() || d > bound {
                     failures.push(format!("[{:?}] {} {seq}: max abs {d:e} > {bound:e}", gpu.variant, setting.name));
                 }
                 if ours != theirs && top2_margin(llama) > 0.05 {

@@ -103,11 +103,11 @@ impl Recorder<'_> {
     pub fn attention_kernel(&self, a: &AttentionArgs) -> AttentionKernel {
         let o = &self.gpu.overrides;
         let wanted = self.query_per_invocation.or(o.attention_per_query).unwrap_or(self.gpu.info.device_type == wgpu::DeviceType::Cpu);
-        if !wanted || a.head_dim % 16 != 0 {
+        if !wanted || !a.head_dim.is_multiple_of(16) {
             return AttentionKernel::PerWorkgroup;
         }
         let sg8 = subgroups_of_8(self.gpu);
-        let quads_of_8 = sg8 && a.head_dim % 32 == 0;
+        let quads_of_8 = sg8 && a.head_dim.is_multiple_of(32);
         let per_kv = a.n_head / a.n_kv_head;
         // each lane of the key-splitting kernel walks an eighth of the keys, the others all
         let fits = |lanes_per_query: u32| {
@@ -140,7 +140,7 @@ impl Recorder<'_> {
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
     pub async fn attention(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, a: AttentionArgs) -> Result<(), GpuError> {
-        if a.head_dim > MAX_HEAD_DIM || a.head_dim % 2 != 0 || a.n_kv_head == 0 || a.n_head % a.n_kv_head != 0 {
+        if a.head_dim > MAX_HEAD_DIM || !a.head_dim.is_multiple_of(2) || a.n_kv_head == 0 || !a.n_head.is_multiple_of(a.n_kv_head) {
             return Err(GpuError::Unsupported(format!(
                 "attention with head_dim {} and {}/{} heads",
                 a.head_dim, a.n_head, a.n_kv_head

@@ -16,7 +16,7 @@ pub fn supports_quant_op(ty: GgmlType, k: u64) -> Result<(), String> {
     if !ty.is_supported_by_kernels() {
         return Err(format!("tensor type {ty} is not supported by nomoat's kernels"));
     }
-    if k % ty.block_elems() as u64 != 0 {
+    if !k.is_multiple_of(ty.block_elems() as u64) {
         return Err(format!("row length {k} is not a multiple of {ty}'s block of {}", ty.block_elems()));
     }
     if k > u32::MAX as u64 / 8 {

@@ -66,7 +66,7 @@ pub use elementwise::ELEMENTWISE_LAYOUT;
 pub use gather::GATHER_LAYOUT;
 pub use matrix::{supports_quant_op, GpuMatrix, MatrixChunk, WEIGHT_PAD};
 pub use norm::NORM_LAYOUT;
-pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind};
+pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLayout};
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};

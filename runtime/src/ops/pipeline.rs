@@ -51,9 +51,12 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
     }
 }
 
+/// A shader file, its parameters' (field, byte offset) pairs, and their size.
+pub type ParamsLayout = (&'static str, &'static [(&'static str, usize)], usize);
+
 /// Each shader's parameters as Rust lays them out: (file, [(field, byte offset)], size), for
 /// the test that compares them with the WGSL `struct Params` (matmul.wgsl reads a prefix).
-pub fn params_layouts() -> Vec<(&'static str, &'static [(&'static str, usize)], usize)> {
+pub fn params_layouts() -> Vec<ParamsLayout> {
     use std::mem::size_of;
     vec![
         ("matvec.wgsl", product::ProductParams::FIELDS, size_of::<product::ProductParams>()),

@@ -147,8 +147,8 @@ impl Recorder<'_> {
             && w.chunks.len() == 1
             && w.parts.len() == 3
             && !rope.neox
-            && rope.head_dim % 2 == 0
-            && rope.n_rot % 2 == 0
+            && rope.head_dim.is_multiple_of(2)
+            && rope.n_rot.is_multiple_of(2)
             && rope.n_rot <= rope.head_dim
             && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
     }

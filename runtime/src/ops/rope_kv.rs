@@ -115,7 +115,7 @@ impl Recorder<'_> {
         norm: Option<QkNorm<'_>>,
         factors: Option<&wgpu::Buffer>,
     ) -> Result<(), GpuError> {
-        if a.n_rot % 2 != 0 || a.n_rot > a.head_dim || a.head_dim % 2 != 0 {
+        if !a.n_rot.is_multiple_of(2) || a.n_rot > a.head_dim || !a.head_dim.is_multiple_of(2) {
             return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
         }
         let v_pairs = a.n_tokens * n_kv_head * a.head_dim / 2;
