@@ -15,6 +15,8 @@
 // (bucket 'nomoat-models-v1'), and a cached URL loads with no network request:
 // Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one.
 //
+// Raw token ids: logits(ids) resolves to the last position's logits (a Float32Array).
+//
 // LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
 //
 // Errors are Error objects whose `name` tells the kind: NoWebGPU, NotGGUF, UnsupportedModel,
@@ -198,6 +200,17 @@ export class Nomoat {
       .then((r) => reply.finish(r), (e) => reply.fail(e))
       .finally(() => signal?.removeEventListener('abort', onAbort));
     return reply;
+  }
+
+  /**
+   * The last position's logits (a Float32Array of the vocabulary's size) after the token ids
+   * `ids`, computed with the KV cache type chosen at load. From an empty cache, or with
+   * {reusePrefix: true} after the longest prefix of `ids` the cache already holds (the last id
+   * is always evaluated: one more id a call decodes token by token). Replaces the
+   * conversation's cache.
+   */
+  logits(ids, { reusePrefix = false } = {}) {
+    return this.#call('logits', { ids, reusePrefix });
   }
 
   /** The prompt text the chat template makes of `messages`. */

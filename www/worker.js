@@ -2,7 +2,8 @@
 // page. Protocol (nomoat.js speaks it for you):
 //   page → worker  {id, op, args}
 //     op: create | loadUrl {url, options} | loadFile {file, options} | chat {messages, options}
-//         | complete {prompt, options} | render {messages} | info | stop | unload
+//         | complete {prompt, options} | logits {ids, reusePrefix} | render {messages} | info
+//         | stop | unload
 //         | addAdapter {file} | setAdapters {active: [{name, scale}]} | removeAdapter {name} | adapters
 //   worker → page  {id, type: 'progress', progress} | {id, type: 'piece', piece}
 //                | {id, type: 'result', result} | {id, type: 'error', error: {name, message}}
@@ -52,6 +53,8 @@ async function handle(id, op, args) {
       return JSON.parse(
         await need().complete(args.prompt, JSON.stringify(args.options || {}), (piece) => post({ id, type: 'piece', piece })),
       );
+    case 'logits':
+      return need().logits(JSON.stringify(args.ids), !!args.reusePrefix); // a Float32Array
     case 'render':
       return need().render(JSON.stringify(args.messages));
     case 'info':

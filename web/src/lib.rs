@@ -10,6 +10,9 @@
 //! Every method returns a promise; failures reject with a JS `Error` whose `name` says what kind
 //! of failure it is: `NoWebGPU`, `NotGGUF`, `UnsupportedModel`, `InvalidModel`, `OutOfMemory`,
 //! `DeviceLost`, `ReadError`, `Busy`, `NoModel`, `BadRequest`, `ContextFull`, `GPUError`.
+// The engine's RefCell is its lock: every entry point takes it with try_borrow(_mut) and
+// answers Busy while another call holds it across its awaits, so no borrow can panic.
+#![allow(clippy::await_holding_refcell_ref)]
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use nomoat_runtime::chat::{ChatTemplate, Message};
@@ -403,6 +406,34 @@ impl Engine {
     /// Like [`Engine::chat`] for a raw prompt (no template; BOS added where the model asks).
     pub fn complete(&self, prompt: String, options_json: Option<String>, on_piece: Option<Function>) -> Promise {
         self.run(None, Some(prompt), options_json, on_piece)
+    }
+
+    /// The last position's logits (a Float32Array of n_vocab) after the token ids `ids_json`
+    /// (a JSON list), with the KV cache type chosen at load: from an empty cache, or with
+    /// `reuse_prefix` after the longest prefix of the ids the cache already holds (the last id
+    /// is always evaluated), so that one more id a call decodes token by token as a reply
+    /// does. The cache then holds these ids, in place of the conversation's.
+    pub fn logits(&self, ids_json: String, reuse_prefix: Option<bool>) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let ids: Vec<u32> = parse_json("token ids", &ids_json)?;
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let n_vocab = l.model.config.n_vocab;
+            if ids.is_empty() {
+                return Err(js_error("BadRequest", "no token ids to evaluate"));
+            }
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(js_error("BadRequest", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+            }
+            let keep = match reuse_prefix {
+                Some(true) => l.session.tokens.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1),
+                _ => 0,
+            };
+            l.session.truncate(keep);
+            let logits = l.session.eval_logits(&ids[keep..]).await.map_err(|e| model_error(&e))?;
+            Ok(js_sys::Float32Array::from(&logits[..]).into())
+        })
     }
 
     /// Stops the reply being written (it resolves with finish_reason "cancelled").
