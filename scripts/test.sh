@@ -7,6 +7,11 @@ scripts/setup.sh
 # lavapipe is the device tests run on; a real GPU's driver would be picked otherwise
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+# formatting and lints first: they take seconds and say what is wrong before the long tests
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+cargo fmt --check
+cargo clippy -q --workspace --all-targets -- -D warnings
 cargo build -q -p nomoat-runtime --target wasm32-unknown-unknown
 cargo test --workspace 2>&1
 # The browser suite: the same runtime as wasm in headless Chromium (WebGPU on SwiftShader),

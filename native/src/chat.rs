@@ -9,8 +9,8 @@ use crate::{load, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nomoat_runtime::chat::{ChatTemplate, Message};
-use nomoat_runtime::generate::GenerateOptions;
 use nomoat_runtime::error::ModelError;
+use nomoat_runtime::generate::GenerateOptions;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -105,8 +105,7 @@ fn read_input(stdin: &mut impl BufRead, interrupted: &AtomicBool) -> Result<Inpu
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let l = load(&a.m, false)?;
-    let template = ChatTemplate::from_gguf(&l.gguf)?
-        .context("this model has no chat template (a base model?): use `nomoat run -p TEXT` for raw prompts")?;
+    let template = ChatTemplate::from_gguf(&l.gguf)?.context("this model has no chat template (a base model?): use `nomoat run -p TEXT` for raw prompts")?;
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -145,7 +144,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 break Some(ids);
             }
             if history.len() <= 1 {
-                println!("(that message is {} tokens; the context holds {n_ctx}, with {reserve} kept for the reply — try a shorter one or a larger --ctx-size)", ids.len());
+                println!(
+                    "(that message is {} tokens; the context holds {n_ctx}, with {reserve} kept for the reply — try a shorter one or a larger --ctx-size)",
+                    ids.len()
+                );
                 history.pop();
                 break None;
             }

@@ -3,17 +3,17 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nomoat_runtime::device::{Gpu, GpuOptions};
-use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
-use nomoat_runtime::model::Model;
-use nomoat_runtime::session::Session;
-use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
-use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::lora::LoraAdapter;
+use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
+use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
+use nomoat_runtime::session::Session;
+use nomoat_runtime::tokenizer::Tokenizer;
 use std::io::Write;
-use std::sync::Arc;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "nomoat", version, about = "Open LLMs on your own GPU, natively or in the browser")]
@@ -168,12 +168,7 @@ impl SamplingArgs {
                 eprintln!("sampling: the model's own {used} (general.sampling.*; flags override)");
             }
         }
-        SamplerConfig {
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            seed: self.seed,
-            ..flags.over(&model.defaults())
-        }
+        SamplerConfig { presence_penalty: self.presence_penalty, frequency_penalty: self.frequency_penalty, seed: self.seed, ..flags.over(&model.defaults()) }
     }
 }
 
@@ -201,9 +196,7 @@ pub struct ModelArgs {
 }
 
 pub fn default_model() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
+    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
@@ -245,11 +238,7 @@ pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     } else {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
-                .unwrap()
-                .progress_chars("=> "),
-        );
+        bar.set_style(indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})").unwrap().progress_chars("=> "));
         bar.set_message(path.file_name().unwrap_or_default().to_string_lossy().to_string());
     }
     let mut progress = |done: u64, total: u64| {
@@ -345,7 +334,10 @@ fn run(cli: Cli) -> Result<()> {
             let l = load(&m, false)?;
             let c = &l.model.config;
             println!("device: {}", l.gpu.describe());
-            println!("architecture: {} ({} layers, width {}, {} / {} heads of {}, vocabulary {})", c.arch_name, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.n_vocab);
+            println!(
+                "architecture: {} ({} layers, width {}, {} / {} heads of {}, vocabulary {})",
+                c.arch_name, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.n_vocab
+            );
             println!("weights on the GPU: {:.1} MiB", l.model.weight_bytes as f64 / (1 << 20) as f64);
             for (ty, count, bytes) in nomoat_runtime::gguf::tensor_type_summary(&l.gguf) {
                 println!("  {ty:<6} {count:>4} tensors {:>8.1} MiB", bytes as f64 / (1 << 20) as f64);
@@ -498,7 +490,11 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         pollster::block_on(s.set_adapters(l.adapters[..k].to_vec()))?;
         let label = |t: String| {
             let t = if n_depth > 0 { format!("{t} @ d{n_depth}") } else { t };
-            if l.adapters.is_empty() { t } else { format!("{t} +{k} lora") }
+            if l.adapters.is_empty() {
+                t
+            } else {
+                format!("{t} +{k} lora")
+            }
         };
         let mut pp = Vec::new();
         let mut tg = Vec::new();
@@ -564,10 +560,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         }
         println!();
         println!("load {load_s:.2} s · time to first token (32-token prompt) {ttft_ms:.0} ms");
-        println!(
-            "decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)",
-            bytes_per_token as f64 / 1e6
-        );
+        println!("decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)", bytes_per_token as f64 / 1e6);
         if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
             println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
         }

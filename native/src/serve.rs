@@ -123,12 +123,8 @@ fn mix(mut z: u64) -> u64 {
 pub fn run(a: ServeArgs) -> Result<()> {
     let path = a.m.model.clone().unwrap_or_else(crate::default_model);
     let model_id = a.alias.clone().unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().to_string());
-    let model_created = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or_else(unix_now);
+    let model_created =
+        std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or_else(unix_now);
     // Bind first: a port in use fails before the model loads. Connections made while it loads
     // wait in the backlog.
     let listener = std::net::TcpListener::bind((a.host.as_str(), a.port)).with_context(|| format!("listening on {}:{}", a.host, a.port))?;
@@ -298,11 +294,7 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
             .map(str::trim);
         let ok = given.is_some_and(|g| api::constant_time_eq(g.as_bytes(), key.as_bytes()));
         if !ok {
-            let msg = if given.is_none() {
-                "no API key given: send it as the header 'Authorization: Bearer KEY'"
-            } else {
-                "incorrect API key"
-            };
+            let msg = if given.is_none() { "no API key given: send it as the header 'Authorization: Bearer KEY'" } else { "incorrect API key" };
             return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", msg).with_code("invalid_api_key").into_response();
         }
     }
@@ -380,7 +372,11 @@ fn body_error(r: BytesRejection) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(status, "invalid_request_error", format!("the request body is larger than the {MAX_BODY}-byte limit")).with_code("request_too_large")
     } else {
-        ApiError::new(if status.is_client_error() { status } else { StatusCode::BAD_REQUEST }, "invalid_request_error", format!("could not read the request body: {}", r.body_text()))
+        ApiError::new(
+            if status.is_client_error() { status } else { StatusCode::BAD_REQUEST },
+            "invalid_request_error",
+            format!("could not read the request body: {}", r.body_text()),
+        )
     }
 }
 
@@ -400,9 +396,8 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
     let random = mix(s.started ^ mix(id_n) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     // parsing, templating and tokenizing a large body takes a while: off the async workers
     let s2 = s.clone();
-    let (common, prompt) = tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random))
-        .await
-        .map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
+    let (common, prompt) =
+        tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random)).await.map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
     let n_ctx = s.info.n_ctx;
     if prompt.is_empty() {
         return Err(ApiError::param("prompt", "the prompt has no tokens"));
@@ -433,7 +428,10 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
             for (name, scale) in list {
                 let i = s.info.adapters.iter().position(|a| &a.0 == name).ok_or_else(|| {
                     let known: Vec<&str> = s.info.adapters.iter().map(|a| a.0.as_str()).collect();
-                    ApiError::param("adapters", format!("no adapter named '{name}' is loaded (loaded: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+                    ApiError::param(
+                        "adapters",
+                        format!("no adapter named '{name}' is loaded (loaded: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }),
+                    )
                 })?;
                 out.push((i, *scale));
             }
@@ -449,20 +447,14 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
         events: ev_tx,
     };
     s.jobs.try_send(job).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            format!("the server is busy: {} requests are already waiting; try again shortly", s.max_queue),
-        )
-        .with_code("queue_full"),
+        mpsc::error::TrySendError::Full(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("the server is busy: {} requests are already waiting; try again shortly", s.max_queue))
+                .with_code("queue_full")
+        }
         mpsc::error::TrySendError::Closed(_) => ApiError::server("the model engine has stopped"),
     })?;
-    let meta = Meta {
-        kind,
-        id: format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, mix(random)),
-        created: unix_now(),
-        model: s.model_id.clone(),
-    };
+    let meta =
+        Meta { kind, id: format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, mix(random)), created: unix_now(), model: s.model_id.clone() };
     let guard = CancelOnDrop(cancel);
     if common.stream {
         Ok(stream_response(meta, ev_rx, guard, prompt_tokens, common.include_usage))

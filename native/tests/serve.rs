@@ -30,9 +30,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 const N_CTX: usize = 1024;
 
 fn model_path() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
+    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
     let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.exists(), "test model {} missing: run scripts/fetch-models.sh", p.display());
     p
@@ -278,10 +276,8 @@ fn serve_end_to_end() {
     assert_eq!(sfinish, finish);
     assert!(chunks.iter().all(|c| c.get("usage").is_none()), "usage only with stream_options.include_usage");
     // with include_usage: a last chunk without choices, holding the usage
-    let chunks = s.stream(
-        "/v1/chat/completions",
-        &chat_body(&q1, json!({"max_tokens": 10, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})),
-    );
+    let chunks =
+        s.stream("/v1/chat/completions", &chat_body(&q1, json!({"max_tokens": 10, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})));
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]), "{last}");
     assert_eq!(last["usage"]["prompt_tokens"], want_prompt);
@@ -336,7 +332,9 @@ fn serve_end_to_end() {
             .map(|i| {
                 let s = &s;
                 let q2 = &q2;
-                sc.spawn(move || chat_chunks(&s.stream("/v1/chat/completions", &chat_body(q2, json!({"max_tokens": 8, "temperature": 0.8, "seed": 1000 + i, "stream": true})))))
+                sc.spawn(move || {
+                    chat_chunks(&s.stream("/v1/chat/completions", &chat_body(q2, json!({"max_tokens": 8, "temperature": 0.8, "seed": 1000 + i, "stream": true}))))
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a concurrent client failed")).collect()
@@ -443,7 +441,12 @@ fn serve_end_to_end() {
     {
         let mut sock = TcpStream::connect(&s.addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(sock, "POST {chat} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", 2 << 20).unwrap();
+        write!(
+            sock,
+            "POST {chat} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            2 << 20
+        )
+        .unwrap();
         let mut resp = String::new();
         let _ = sock.read_to_string(&mut resp);
         assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
@@ -462,13 +465,7 @@ fn serve_end_to_end() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/server/openai_client_test.py");
     let has_openai = Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|st| st.success());
     assert!(has_openai, "the openai Python package is missing: pip install openai (scripts/setup.sh does)");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(s.url("/v1"))
-        .arg(KEY)
-        .arg("SmolLM2-135M-Instruct.Q4_1")
-        .output()
-        .expect("running python3");
+    let out = Command::new("python3").arg(&script).arg(s.url("/v1")).arg(KEY).arg("SmolLM2-135M-Instruct.Q4_1").output().expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "openai client test failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}", s.log.lock().unwrap());
@@ -628,8 +625,18 @@ fn serve_static_files_cors_timeouts_and_limits() {
     let _serial = serial();
     let www = format!("{}/../www", env!("CARGO_MANIFEST_DIR"));
     let s = Server::start(&[
-        "--api-key", KEY, "--www", &www, "--cors-origin", "http://allowed.example",
-        "--header-timeout", "2", "--body-timeout", "2", "--max-tokens-limit", "3",
+        "--api-key",
+        KEY,
+        "--www",
+        &www,
+        "--cors-origin",
+        "http://allowed.example",
+        "--header-timeout",
+        "2",
+        "--body-timeout",
+        "2",
+        "--max-tokens-limit",
+        "3",
     ]);
     let model = model_path();
     let model_name = model.file_name().unwrap().to_str().unwrap().to_string();
@@ -638,14 +645,25 @@ fn serve_static_files_cors_timeouts_and_limits() {
     assert_eq!(status_of(&page), 200, "{page}");
     assert!(page.contains("<title>nomoat"), "the chat page: {page}");
     // the loaded model, with Range support (the page streams it)
-    let head = raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+    let head =
+        raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
     assert_eq!(status_of(&head), 206, "{head}");
     assert!(head.ends_with("GGUF"), "{head}");
     // nothing outside www/ and that one file, however the path is spelled
     for path in [
-        "/../Cargo.toml", "/%2e%2e/Cargo.toml", "/%2E%2E/%2E%2E/Cargo.toml", "/pkg/../../Cargo.toml", "/..%2fCargo.toml",
-        "/%2e%2e%2f%2e%2e%2fCargo.toml", "//etc/passwd", "/..\\Cargo.toml", "/models/../../Cargo.toml", "/models/%2e%2e%2fCargo.toml",
-        "/models/other.gguf", "/.git/config", "/%00/etc/passwd",
+        "/../Cargo.toml",
+        "/%2e%2e/Cargo.toml",
+        "/%2E%2E/%2E%2E/Cargo.toml",
+        "/pkg/../../Cargo.toml",
+        "/..%2fCargo.toml",
+        "/%2e%2e%2f%2e%2e%2fCargo.toml",
+        "//etc/passwd",
+        "/..\\Cargo.toml",
+        "/models/../../Cargo.toml",
+        "/models/%2e%2e%2fCargo.toml",
+        "/models/other.gguf",
+        "/.git/config",
+        "/%00/etc/passwd",
     ] {
         let r = raw_http(&s.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
         let status = status_of(&r);
@@ -680,7 +698,8 @@ fn serve_static_files_cors_timeouts_and_limits() {
     let t = Instant::now();
     let r = raw_http(
         &s.addr,
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":").as_bytes(),
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":")
+            .as_bytes(),
         Duration::from_secs(20),
     );
     assert!(t.elapsed() < Duration::from_secs(10), "slow body held {:?}: {r}", t.elapsed());
@@ -706,9 +725,8 @@ fn serve_bounded_load() {
     let body = json!({"prompt": "Hello there", "max_tokens": 2, "temperature": 0}).to_string();
     let round = |n_clients: usize, per_client: usize| -> (usize, usize, Vec<String>) {
         let results: Vec<(u16, String)> = std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..n_clients)
-                .map(|_| sc.spawn(|| (0..per_client).map(|_| s.post_raw("/v1/completions", &body, Some(KEY))).collect::<Vec<_>>()))
-                .collect();
+            let handles: Vec<_> =
+                (0..n_clients).map(|_| sc.spawn(|| (0..per_client).map(|_| s.post_raw("/v1/completions", &body, Some(KEY))).collect::<Vec<_>>())).collect();
             handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
         let ok = results.iter().filter(|r| r.0 == 200).count();

@@ -148,7 +148,10 @@ pub enum SlidingWindow {
     None,
     /// The last `window` positions (a query at p sees keys p - window + 1 ..= p) on the layers
     /// marked true.
-    Layers { window: u32, sliding: Vec<bool> },
+    Layers {
+        window: u32,
+        sliding: Vec<bool>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -264,7 +267,11 @@ impl Config {
 
     /// RoPE's base for layer `layer`.
     pub fn rope_base_of(&self, layer: usize) -> f32 {
-        if self.window_of(layer) > 0 { self.rope_base_local } else { self.rope_base }
+        if self.window_of(layer) > 0 {
+            self.rope_base_local
+        } else {
+            self.rope_base
+        }
     }
 
     /// Whether layer `layer` turns q and k by their positions.

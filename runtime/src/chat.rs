@@ -38,10 +38,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -71,11 +68,7 @@ pub enum ChatError {
     Gguf(#[from] GgufError),
     /// A special-token id that is not in `tokenizer.ggml.tokens`.
     #[error("{key} = {id} is outside the vocabulary ({vocab} tokens)")]
-    TokenId {
-        key: &'static str,
-        id: u64,
-        vocab: usize,
-    },
+    TokenId { key: &'static str, id: u64, vocab: usize },
 }
 
 /// Marks an error raised by the template's `raise_exception`, found again via `source()`.
@@ -103,11 +96,7 @@ pub struct ChatTemplate {
 
 impl fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("source", &self.source)
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish()
+        f.debug_struct("ChatTemplate").field("source", &self.source).field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
     }
 }
 
@@ -137,26 +126,16 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", |format: &str| {
-            Ok::<_, minijinja::Error>(strftime(format, now_unix()))
-        });
+        env.add_function("strftime_now", |format: &str| Ok::<_, minijinja::Error>(strftime(format, now_unix())));
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(|e| ChatError::Syntax(describe(&e)))?;
-        Ok(ChatTemplate {
-            env,
-            source: source.to_owned(),
-            bos_token: bos_token.to_owned(),
-            eos_token: eos_token.to_owned(),
-        })
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(|e| ChatError::Syntax(describe(&e)))?;
+        Ok(ChatTemplate { env, source: source.to_owned(), bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     /// Makes `strftime_now` report this moment (Unix seconds, UTC) instead of the clock, for
     /// reproducible prompts.
     pub fn with_fixed_time(mut self, unix_seconds: i64) -> Self {
-        self.env.add_function("strftime_now", move |format: &str| {
-            Ok::<_, minijinja::Error>(strftime(format, unix_seconds))
-        });
+        self.env.add_function("strftime_now", move |format: &str| Ok::<_, minijinja::Error>(strftime(format, unix_seconds)));
         self
     }
 
@@ -172,19 +151,9 @@ impl ChatTemplate {
 
     /// Renders the conversation; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, ChatError> {
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| ChatError::Render(describe(&e)))?;
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() })
-            .collect();
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Render(describe(&e)))?;
+        let messages: Vec<Value> = messages.iter().map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() }).collect();
         let ctx = minijinja::context! {
             messages => messages,
             tools => (),
@@ -225,14 +194,7 @@ fn token_text(g: &Gguf, key: &'static str) -> Result<String, ChatError> {
     let Some(tokens) = g.get_array_opt("tokenizer.ggml.tokens")? else {
         return Ok(String::new());
     };
-    let tok = usize::try_from(id)
-        .ok()
-        .and_then(|i| tokens.get(i))
-        .ok_or(ChatError::TokenId {
-            key,
-            id,
-            vocab: tokens.len(),
-        })?;
+    let tok = usize::try_from(id).ok().and_then(|i| tokens.get(i)).ok_or(ChatError::TokenId { key, id, vocab: tokens.len() })?;
     tok.as_str().map(str::to_owned).ok_or_else(|| {
         ChatError::Gguf(GgufError::WrongMetadataType {
             key: "tokenizer.ggml.tokens".to_owned(),
@@ -243,10 +205,7 @@ fn token_text(g: &Gguf, key: &'static str) -> Result<String, ChatError> {
 }
 
 fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
-    Err(
-        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
-            .with_source(TemplateException(message)),
-    )
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(TemplateException(message)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,10 +216,7 @@ fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
 fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
     if args.len() > names.len() {
-        return Err(minijinja::Error::new(
-            ErrorKind::TooManyArguments,
-            "tojson takes at most 4 arguments",
-        ));
+        return Err(minijinja::Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
     }
     let mut opt: [Value; 4] = Default::default();
     for (i, a) in args.iter().enumerate() {
@@ -277,42 +233,19 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, min
         ValueKind::Undefined | ValueKind::None => None,
         ValueKind::String => Some(opt[1].as_str().unwrap_or("").to_owned()),
         ValueKind::Number => Some(" ".repeat(opt[1].as_i64().unwrap_or(0).max(0) as usize)),
-        _ => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: indent must be a number or a string",
-            ))
-        }
+        _ => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
     };
     let (item_sep, key_sep) = match opt[2].kind() {
-        ValueKind::Undefined | ValueKind::None => (
-            if indent.is_some() { "," } else { ", " }.to_owned(),
-            ": ".to_owned(),
-        ),
+        ValueKind::Undefined | ValueKind::None => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
         _ => {
             let parts: Vec<Value> = opt[2].try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
-                    a.as_str().unwrap().to_owned(),
-                    b.as_str().unwrap().to_owned(),
-                ),
-                _ => {
-                    return Err(minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be a pair of strings",
-                    ))
-                }
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (a.as_str().unwrap().to_owned(), b.as_str().unwrap().to_owned()),
+                _ => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings")),
             }
         }
     };
-    let mut w = JsonWriter {
-        out: String::new(),
-        ensure_ascii,
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys: opt[3].is_true(),
-    };
+    let mut w = JsonWriter { out: String::new(), ensure_ascii, indent, item_sep, key_sep, sort_keys: opt[3].is_true() };
     w.value(value, 0)?;
     Ok(Value::from(w.out))
 }
@@ -338,16 +271,11 @@ impl JsonWriter {
 
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), minijinja::Error> {
         if depth > 500 {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: nesting too deep",
-            ));
+            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: nesting too deep"));
         }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self
-                .out
-                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number => {
                 if v.is_integer() {
                     self.out.push_str(&v.to_string());
@@ -359,8 +287,7 @@ impl JsonWriter {
             ValueKind::String => self.string(v.as_str().unwrap_or("")),
             ValueKind::Map => {
                 let mut keys: Vec<Value> = v.try_iter()?.collect();
-                let key_strings: Vec<String> =
-                    keys.iter().map(json_key).collect::<Result<_, _>>()?;
+                let key_strings: Vec<String> = keys.iter().map(json_key).collect::<Result<_, _>>()?;
                 let mut order: Vec<usize> = (0..keys.len()).collect();
                 if self.sort_keys {
                     order.sort_by(|&a, &b| key_strings[a].cmp(&key_strings[b]));
@@ -404,13 +331,7 @@ impl JsonWriter {
                 self.out.push(']');
             }
             ValueKind::Bytes | ValueKind::Plain | ValueKind::Invalid | _ => {
-                return Err(minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!(
-                        "tojson: a value of type {} is not JSON serializable",
-                        v.kind()
-                    ),
-                ))
+                return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: a value of type {} is not JSON serializable", v.kind())))
             }
         }
         Ok(())
@@ -448,13 +369,7 @@ fn json_key(k: &Value) -> Result<String, minijinja::Error> {
         ValueKind::Bool => Ok(if k.is_true() { "true" } else { "false" }.to_owned()),
         ValueKind::Number if k.is_integer() => Ok(k.to_string()),
         ValueKind::Number => Ok(py_float(f64::try_from(k.clone())?)),
-        _ => Err(minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            format!(
-                "tojson: keys must be str, int, float, bool or None, not {}",
-                k.kind()
-            ),
-        )),
+        _ => Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: keys must be str, int, float, bool or None, not {}", k.kind()))),
     }
 }
 
@@ -509,29 +424,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// C/Python `strftime` for a UTC time: `%a %A %b %B %c %d %e %F %H %I %j %m %M %p %S %T %u %w
 /// %y %Y %z %Z %%`, plus glibc's `%-d`-style unpadded forms. Unknown directives are kept as
@@ -576,16 +470,7 @@ pub fn strftime(format: &str, unix_seconds: i64) -> String {
             'A' => weekday_name.to_owned(),
             'b' | 'h' => month_name[..3].to_owned(),
             'B' => month_name.to_owned(),
-            'c' => format!(
-                "{} {} {:>2} {:02}:{:02}:{:02} {}",
-                &weekday_name[..3],
-                &month_name[..3],
-                day,
-                hour,
-                minute,
-                second,
-                year
-            ),
+            'c' => format!("{} {} {:>2} {:02}:{:02}:{:02} {}", &weekday_name[..3], &month_name[..3], day, hour, minute, second, year),
             'd' => num(day as i64, 2),
             'e' => {
                 if unpadded {
@@ -638,12 +523,7 @@ impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
         let max_len = stops.iter().map(String::len).max().unwrap_or(0);
-        StopMatcher {
-            stops,
-            held: String::new(),
-            stopped: false,
-            max_len,
-        }
+        StopMatcher { stops, held: String::new(), stopped: false, max_len }
     }
 
     /// Whether a stop string has matched (later pushes emit nothing).
@@ -676,10 +556,7 @@ impl StopMatcher {
             return (std::mem::take(&mut self.held), true);
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
-        let min_start = self
-            .held
-            .len()
-            .saturating_sub(self.max_len.saturating_sub(1));
+        let min_start = self.held.len().saturating_sub(self.max_len.saturating_sub(1));
         let mut keep_from = self.held.len();
         for (i, _) in self.held.char_indices().filter(|&(i, _)| i >= min_start) {
             let tail = &self.held[i..];

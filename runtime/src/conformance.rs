@@ -59,7 +59,11 @@ pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
         norm += (*w as f64).powi(2);
     }
     let e = if norm == 0.0 { err } else { err / norm };
-    if e.is_nan() { f64::INFINITY } else { e }
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
 }
 
 /// Largest |a−b|; infinite when the lengths differ or either side holds a NaN.
@@ -106,18 +110,8 @@ pub enum Family {
     Fused,
 }
 
-pub const FAMILIES: [Family; 10] = [
-    Family::Matvec,
-    Family::Matmul,
-    Family::Gather,
-    Family::Norms,
-    Family::Softmax,
-    Family::Elementwise,
-    Family::Rope,
-    Family::Attention,
-    Family::TopK,
-    Family::Fused,
-];
+pub const FAMILIES: [Family; 10] =
+    [Family::Matvec, Family::Matmul, Family::Gather, Family::Norms, Family::Softmax, Family::Elementwise, Family::Rope, Family::Attention, Family::TopK, Family::Fused];
 
 impl Family {
     pub fn name(self) -> &'static str {
@@ -547,7 +541,16 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             let (x, norm_w) = (rng.fill(m * k, 2.0), rng.fill(k, 1.0));
             let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
             let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
-            let rope = RopeArgs { n_tokens: m as u32, n_heads: n_head as u32, head_dim: head_dim as u32, n_rot: n_rot as u32, pos0, neox: false, freq_base: 10000.0, freq_scale: 1.0 };
+            let rope = RopeArgs {
+                n_tokens: m as u32,
+                n_heads: n_head as u32,
+                head_dim: head_dim as u32,
+                n_rot: n_rot as u32,
+                pos0,
+                neox: false,
+                freq_base: 10000.0,
+                freq_scale: 1.0,
+            };
             let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
             let mut q_want = reference::matmul(values[0], &xn, rows[0], k, m);
             let mut k_want = reference::matmul(values[1], &xn, rows[1], k, m);
@@ -557,7 +560,8 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             for kv in [KvType::F32, KvType::F16] {
                 let row = rows[1];
                 let cache_bytes = (pos0 as u64 + m as u64) * row as u64 * kv.bytes();
-                let (qb, kc, vc) = (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+                let (qb, kc, vc) =
+                    (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
                 let mut rec = Recorder::new(gpu);
                 rec.tiled_matmul = Some(false);
                 rec.token_tile = token_tile;
@@ -586,12 +590,23 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
 async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
     use reference::{RopeMode, RopeParams};
     let mut checks = Vec::new();
-    let kinds = [(KvType::F32, false, false), (KvType::F16, false, false), (KvType::F32, true, false), (KvType::F16, true, false), (KvType::F32, false, true), (KvType::F16, true, true)];
+    let kinds = [
+        (KvType::F32, false, false),
+        (KvType::F16, false, false),
+        (KvType::F32, true, false),
+        (KvType::F16, true, false),
+        (KvType::F32, false, true),
+        (KvType::F16, true, true),
+    ];
     for (kv, with_norm, with_factors) in kinds {
-        for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in
-            [(RopeMode::Normal, 1u32, 9u32, 3u32, 64u32, 64u32, 37u32), (RopeMode::Neox, 5, 4, 1, 256, 256, 600), (RopeMode::Neox, 3, 2, 2, 128, 64, 0), (RopeMode::Normal, 2, 3, 3, 6, 4, 9)]
-                .into_iter()
-                .enumerate()
+        for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in [
+            (RopeMode::Normal, 1u32, 9u32, 3u32, 64u32, 64u32, 37u32),
+            (RopeMode::Neox, 5, 4, 1, 256, 256, 600),
+            (RopeMode::Neox, 3, 2, 2, 128, 64, 0),
+            (RopeMode::Normal, 2, 3, 3, 6, 4, 9),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let (base, fscale) = (10000.0f32, 1.0f32);
             let row = (n_kv_head * head_dim) as usize;
@@ -616,12 +631,17 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             rec.submit()?;
             let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale };
             let hd = head_dim as usize;
-            let (mut q_want, mut k_want) = if with_norm { (reference::rms_norm(&q, &qw, hd, eps), reference::rms_norm(&k, &kw, hd, eps)) } else { (q.clone(), k.clone()) };
+            let (mut q_want, mut k_want) =
+                if with_norm { (reference::rms_norm(&q, &qw, hd, eps), reference::rms_norm(&k, &kw, hd, eps)) } else { (q.clone(), k.clone()) };
             reference::rope_with_factors(&mut q_want, n_head as usize, hd, pos0, params, &factors);
             reference::rope_with_factors(&mut k_want, n_kv_head as usize, hd, pos0, params, &factors);
             // normalised values reach ~1.5 · (unit-variance values), rounded ~2^-24 on the way
             let bound = (1e-5 + (pos0 + n_tokens) as f64 * 3e-7) * if with_norm { 2.0 } else { 1.0 };
-            let name = format!("rope_kv{}{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}", if with_norm { " qk-norm" } else { "" }, if with_factors { " factors" } else { "" });
+            let name = format!(
+                "rope_kv{}{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}",
+                if with_norm { " qk-norm" } else { "" },
+                if with_factors { " factors" } else { "" }
+            );
             checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
             let at = pos0 as u64 * row as u64 * kv.bytes();
             let got_k = cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?);

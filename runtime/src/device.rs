@@ -204,10 +204,7 @@ impl Gpu {
                     .ok_or_else(|| GpuError::NoAdapter(format!(" named like '{name}' (have: {})", names.join(", "))))?
             }
             _ => instance
-                .request_adapter(&wgpu::RequestAdapterOptions {
-                    power_preference: wgpu::PowerPreference::HighPerformance,
-                    ..Default::default()
-                })
+                .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
                 .await
                 .map_err(|e| GpuError::NoAdapter(format!(": {e}")))?,
         };
@@ -232,12 +229,7 @@ impl Gpu {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
         let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("nomoat"),
-                required_features: features,
-                required_limits: limits.clone(),
-                ..Default::default()
-            })
+            .request_device(&wgpu::DeviceDescriptor { label: Some("nomoat"), required_features: features, required_limits: limits.clone(), ..Default::default() })
             .await
             .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
         let lost = Arc::new(Mutex::new(None));
@@ -256,9 +248,8 @@ impl Gpu {
         }));
         let variant = Variant { f16, subgroups, web: cfg!(target_arch = "wasm32") };
         let profile = profile.then(Default::default);
-        let unused = || {
-            device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
-        };
+        let unused =
+            || device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false });
         let unused_buffers = [unused(), unused(), unused()];
         let overrides = KernelOverrides::from_env();
         Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile, overrides })
@@ -299,14 +290,7 @@ impl Gpu {
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{} ({:?}, {}), kernels {}, max binding {} MiB",
-            self.info.name,
-            self.info.backend,
-            self.info.driver,
-            self.variant.label(),
-            self.max_binding() >> 20
-        )
+        format!("{} ({:?}, {}), kernels {}, max binding {} MiB", self.info.name, self.info.backend, self.info.driver, self.variant.label(), self.max_binding() >> 20)
     }
 
     /// Run `f` inside out-of-memory and validation error scopes and report what they caught.
@@ -337,15 +321,16 @@ impl Gpu {
     /// bytes (the kernels that read GGUF blocks word by word read a little past a row's end).
     pub async fn upload(&self, label: &str, data: &[u8], pad: usize) -> Result<wgpu::Buffer, GpuError> {
         let size = ((data.len() + pad).max(4) + 3) & !3;
-        let buf = self.scoped(label, size as u64, || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size as u64,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
+        let buf = self
+            .scoped(label, size as u64, || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: size as u64,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
             })
-        })
-        .await?;
+            .await?;
         let aligned = data.len() & !3;
         if aligned > 0 {
             self.queue.write_buffer(&buf, 0, &data[..aligned]);
@@ -412,9 +397,7 @@ impl Gpu {
             let _ = tx.send(r);
         });
         #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| GpuError::Readback(e.to_string()))?;
         match rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -447,9 +430,7 @@ impl Gpu {
         self.check_lost()?;
         self.queue.submit([]);
         #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| GpuError::DeviceLost(e.to_string()))?;
+        self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| GpuError::DeviceLost(e.to_string()))?;
         self.check_lost()
     }
 }

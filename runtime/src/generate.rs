@@ -4,9 +4,9 @@
 
 use crate::chat::StopMatcher;
 use crate::error::ModelError;
-use crate::session::{Session, MAX_BATCH};
 use crate::ops::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
+use crate::session::{Session, MAX_BATCH};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use web_time::Instant;
 

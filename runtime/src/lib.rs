@@ -12,20 +12,20 @@
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
 //!   `error`: what loading can fail with.
 
-pub mod ggml_type;
-pub mod gguf;
-pub mod tokenizer;
-pub mod quant;
-pub mod reference;
+pub mod arch;
+pub mod chat;
 pub mod conformance;
 pub mod device;
-pub mod ops;
-pub mod shaders;
-pub mod sampler;
-pub mod chat;
-pub mod arch;
 pub mod error;
-pub mod model;
-pub mod session;
 pub mod generate;
+pub mod ggml_type;
+pub mod gguf;
 pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod reference;
+pub mod sampler;
+pub mod session;
+pub mod shaders;
+pub mod tokenizer;

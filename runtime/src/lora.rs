@@ -120,7 +120,15 @@ impl Lora<'_> {
     /// The parts of `matrices`, in order, into `outs`: one output per part. `lora_x` is the
     /// input as the adapters read it (the normalised x: with adapters active the caller does
     /// not fuse the norm).
-    pub async fn project(&self, r: &mut Recorder<'_>, matrices: &[GpuMatrix], input: ProductIn<'_>, lora_x: &wgpu::Buffer, outs: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
+    pub async fn project(
+        &self,
+        r: &mut Recorder<'_>,
+        matrices: &[GpuMatrix],
+        input: ProductIn<'_>,
+        lora_x: &wgpu::Buffer,
+        outs: &[&wgpu::Buffer],
+        n: u32,
+    ) -> Result<(), GpuError> {
         let mut rest = outs;
         for w in matrices {
             let (mine, others) = rest.split_at(w.parts.len());

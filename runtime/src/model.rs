@@ -11,33 +11,33 @@ use crate::ops::{GpuMatrix, KvType};
 use crate::quant;
 
 pub struct Layer {
-    pub attn_norm: wgpu::Buffer,     // [n_embd]
+    pub attn_norm: wgpu::Buffer, // [n_embd]
     /// q [n_head * head_dim][n_embd], k and v [n_kv_head * head_dim][n_embd], stacked into one
     /// matrix (parts q, k, v) when their types match, else consecutive runs of one type (a
     /// fused attn_qkv tensor is one matrix of those three parts).
     pub wqkv: Vec<GpuMatrix>,
-    pub bq: Option<wgpu::Buffer>,    // [n_head * head_dim]
-    pub bk: Option<wgpu::Buffer>,    // [n_kv_head * head_dim]
-    pub bv: Option<wgpu::Buffer>,    // [n_kv_head * head_dim]
-    pub q_norm: Option<wgpu::Buffer>, // [head_dim]
-    pub k_norm: Option<wgpu::Buffer>, // [head_dim]
-    pub wo: GpuMatrix,               // [n_embd][n_head * head_dim]
+    pub bq: Option<wgpu::Buffer>,             // [n_head * head_dim]
+    pub bk: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    pub bv: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    pub q_norm: Option<wgpu::Buffer>,         // [head_dim]
+    pub k_norm: Option<wgpu::Buffer>,         // [head_dim]
+    pub wo: GpuMatrix,                        // [n_embd][n_head * head_dim]
     pub post_attn_norm: Option<wgpu::Buffer>, // [n_embd]
-    pub ffn_norm: wgpu::Buffer,      // [n_embd]
+    pub ffn_norm: wgpu::Buffer,               // [n_embd]
     /// gate and up [n_ff][n_embd], stacked (parts gate, up) when their types match (a fused
     /// ffn_up tensor holds both, gate first).
     pub w_gate_up: Vec<GpuMatrix>,
-    pub w_down: GpuMatrix,           // [n_embd][n_ff]
+    pub w_down: GpuMatrix,                   // [n_embd][n_ff]
     pub post_ffn_norm: Option<wgpu::Buffer>, // [n_embd]
 }
 
 pub struct Model {
     pub config: Config,
-    pub token_embd: GpuMatrix,       // [n_vocab][n_embd]
+    pub token_embd: GpuMatrix, // [n_vocab][n_embd]
     pub layers: Vec<Layer>,
-    pub output_norm: wgpu::Buffer,   // [n_embd]
+    pub output_norm: wgpu::Buffer, // [n_embd]
     /// None when the output head is tied to token_embd.
-    pub output: Option<GpuMatrix>,   // [n_vocab][n_embd]
+    pub output: Option<GpuMatrix>, // [n_vocab][n_embd]
     /// RoPE's per-dimension frequency divisors, [n_rot / 2] (RopeScaling::Factors).
     pub rope_factors: Option<wgpu::Buffer>,
     pub weight_bytes: u64,

@@ -24,18 +24,9 @@ pub enum QuantError {
     #[error("{0} is not supported by the CPU (de)quantizer")]
     Unsupported(GgmlType),
     #[error("{ty}: {elements} elements is not a whole number of {block_elems}-element blocks")]
-    NotWholeBlocks {
-        ty: GgmlType,
-        elements: usize,
-        block_elems: usize,
-    },
+    NotWholeBlocks { ty: GgmlType, elements: usize, block_elems: usize },
     #[error("{ty}: {elements} elements need {expected} bytes, got {got}")]
-    SizeMismatch {
-        ty: GgmlType,
-        elements: usize,
-        expected: usize,
-        got: usize,
-    },
+    SizeMismatch { ty: GgmlType, elements: usize, expected: usize, got: usize },
 }
 
 /// Types this module can dequantize (and quantize): the same set the kernels implement.
@@ -53,11 +44,7 @@ fn block_count(ty: GgmlType, n: usize) -> Result<usize, QuantError> {
     }
     let be = ty.block_elems();
     if !n.is_multiple_of(be) {
-        return Err(QuantError::NotWholeBlocks {
-            ty,
-            elements: n,
-            block_elems: be,
-        });
+        return Err(QuantError::NotWholeBlocks { ty, elements: n, block_elems: be });
     }
     Ok(n / be)
 }
@@ -69,12 +56,7 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
     let bb = ty.block_bytes();
     let expected = nb * bb;
     if bytes.len() != expected {
-        return Err(QuantError::SizeMismatch {
-            ty,
-            elements: out.len(),
-            expected,
-            got: bytes.len(),
-        });
+        return Err(QuantError::SizeMismatch { ty, elements: out.len(), expected, got: bytes.len() });
     }
     let be = ty.block_elems();
     let block_fn: fn(&[u8], &mut [f32]) = match ty {
@@ -167,10 +149,7 @@ fn signed_absmax(x: &[f32]) -> f32 {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        })
+    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,11 +182,7 @@ fn quant_f16(x: &[f32], b: &mut [u8]) {
 /// nearest even.
 fn quant_bf16(x: &[f32], b: &mut [u8]) {
     let u = x[0].to_bits();
-    let h = if (u & 0x7fff_ffff) > 0x7f80_0000 {
-        ((u >> 16) | 64) as u16
-    } else {
-        ((u as u64 + 0x7fff + ((u as u64 >> 16) & 1)) >> 16) as u16
-    };
+    let h = if (u & 0x7fff_ffff) > 0x7f80_0000 { ((u >> 16) | 64) as u16 } else { ((u as u64 + 0x7fff + ((u as u64 >> 16) & 1)) >> 16) as u16 };
     // `bf16` is only used to document intent; the bit pattern above is the contract.
     b.copy_from_slice(&bf16::from_bits(h).to_bits().to_le_bytes());
 }
@@ -393,10 +368,7 @@ pub fn k4_scale_min(q: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -601,8 +573,7 @@ fn quant_q6_k(x: &[f32], b: &mut [u8]) {
             let (q0, q1, q2, q3) = (q[base], q[base + 32], q[base + 64], q[base + 96]);
             b[64 * h + l] = (q0 & 0x0F) | ((q2 & 0x0F) << 4);
             b[64 * h + l + 32] = (q1 & 0x0F) | ((q3 & 0x0F) << 4);
-            b[128 + 32 * h + l] =
-                (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
+            b[128 + 32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
         }
     }
     write_f16(b, 208, d);
@@ -639,11 +610,7 @@ mod tests {
         assert_eq!(bytes.len(), ty.row_bytes(x.len() as u64).unwrap() as usize);
         let y = dequantize(ty, &bytes, x.len()).unwrap();
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        x.iter()
-            .zip(&y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max)
-            / amax
+        x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / amax
     }
 
     #[test]
@@ -797,10 +764,7 @@ mod tests {
         assert_eq!(dequantize(GgmlType::Bf16, &b, 3).unwrap(), &x[..3]);
         // bf16 rounds to nearest even: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 -> 1.
         let b = quantize_row(GgmlType::Bf16, &[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]).unwrap();
-        assert_eq!(
-            dequantize(GgmlType::Bf16, &b, 2).unwrap(),
-            [1.0, 1.0 + 4.0 / 256.0]
-        );
+        assert_eq!(dequantize(GgmlType::Bf16, &b, 2).unwrap(), [1.0, 1.0 + 4.0 / 256.0]);
         let b = quantize_row(GgmlType::F32, &x).unwrap();
         assert_eq!(dequantize(GgmlType::F32, &b, 4).unwrap(), x);
     }
@@ -878,19 +842,10 @@ mod tests {
                 let (q0, q1, q2, q3) = (q(base), q(base + 32), q(base + 64), q(base + 96));
                 b[64 * h + l] = (q0 & 15) | ((q2 & 15) << 4);
                 b[64 * h + l + 32] = (q1 & 15) | ((q3 & 15) << 4);
-                b[128 + 32 * h + l] =
-                    (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
+                b[128 + 32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
             }
         }
-        let scales: Vec<i8> = (0..16)
-            .map(|s| {
-                if s % 2 == 0 {
-                    s as i8 + 1
-                } else {
-                    -(s as i8) * 8
-                }
-            })
-            .collect();
+        let scales: Vec<i8> = (0..16).map(|s| if s % 2 == 0 { s as i8 + 1 } else { -(s as i8) * 8 }).collect();
         for s in 0..16 {
             b[192 + s] = scales[s] as u8;
         }
@@ -905,34 +860,12 @@ mod tests {
     #[test]
     fn errors_instead_of_panics() {
         let mut out = [0.0f32; 32];
-        assert_eq!(
-            dequantize_row(GgmlType::Q2K, &[0; 84], &mut out[..]),
-            Err(QuantError::Unsupported(GgmlType::Q2K))
-        );
-        assert!(matches!(
-            dequantize_row(GgmlType::Q4_0, &[0; 17], &mut out),
-            Err(QuantError::SizeMismatch {
-                expected: 18,
-                got: 17,
-                ..
-            })
-        ));
-        assert!(matches!(
-            dequantize_row(GgmlType::Q4_0, &[0; 18], &mut out[..31]),
-            Err(QuantError::NotWholeBlocks { .. })
-        ));
-        assert!(matches!(
-            quantize_row(GgmlType::Q4K, &[0.0; 255]),
-            Err(QuantError::NotWholeBlocks { .. })
-        ));
-        assert_eq!(
-            quantize_row(GgmlType::Iq2Xs, &[0.0; 256]),
-            Err(QuantError::Unsupported(GgmlType::Iq2Xs))
-        );
+        assert_eq!(dequantize_row(GgmlType::Q2K, &[0; 84], &mut out[..]), Err(QuantError::Unsupported(GgmlType::Q2K)));
+        assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0; 17], &mut out), Err(QuantError::SizeMismatch { expected: 18, got: 17, .. })));
+        assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0; 18], &mut out[..31]), Err(QuantError::NotWholeBlocks { .. })));
+        assert!(matches!(quantize_row(GgmlType::Q4K, &[0.0; 255]), Err(QuantError::NotWholeBlocks { .. })));
+        assert_eq!(quantize_row(GgmlType::Iq2Xs, &[0.0; 256]), Err(QuantError::Unsupported(GgmlType::Iq2Xs)));
         // Zero elements is a valid, empty row.
-        assert_eq!(
-            dequantize(GgmlType::Q6K, &[], 0).unwrap(),
-            Vec::<f32>::new()
-        );
+        assert_eq!(dequantize(GgmlType::Q6K, &[], 0).unwrap(), Vec::<f32>::new());
     }
 }

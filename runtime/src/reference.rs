@@ -40,9 +40,7 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], n: usize, eps: f32) -
             let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
             let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
             let inv = 1.0 / (var + eps as f64).sqrt();
-            (0..n)
-                .map(|i| ((row[i] as f64 - mean) * inv) as f32 * weight[i] + bias[i])
-                .collect::<Vec<_>>()
+            (0..n).map(|i| ((row[i] as f64 - mean) * inv) as f32 * weight[i] + bias[i]).collect::<Vec<_>>()
         })
         .collect()
 }
@@ -179,11 +177,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32>
             let sum: f64 = w.iter().sum();
             let o = &mut out[(t * s.n_head + h) * hd..][..hd];
             for d in 0..hd {
-                let acc: f64 = visible
-                    .iter()
-                    .zip(&w)
-                    .map(|(&j, wj)| wj * v[(j * s.n_kv_head + kvh) * hd + d] as f64)
-                    .sum();
+                let acc: f64 = visible.iter().zip(&w).map(|(&j, wj)| wj * v[(j * s.n_kv_head + kvh) * hd + d] as f64).sum();
                 o[d] = (acc / sum) as f32;
             }
         }

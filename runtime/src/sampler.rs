@@ -55,22 +55,14 @@ impl SamplerConfig {
 
     /// Plain argmax, no penalties: the GPU argmax is enough (see [`Self::best_logits_needed`]).
     pub fn greedy() -> Self {
-        SamplerConfig {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            ..Default::default()
-        }
+        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() }
     }
 
     /// Checks every field; the message names the field and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
         let t = self.temperature;
         if t.is_nan() || t < 0.0 || t.is_infinite() {
-            return Err(format!(
-                "temperature must be a finite number >= 0 (0 = greedy), got {t}"
-            ));
+            return Err(format!("temperature must be a finite number >= 0 (0 = greedy), got {t}"));
         }
         let p = self.top_p;
         if p.is_nan() || p <= 0.0 || p > 1.0 {
@@ -82,31 +74,20 @@ impl SamplerConfig {
         }
         let r = self.repeat_penalty;
         if r.is_nan() || r <= 0.0 || r.is_infinite() {
-            return Err(format!(
-                "repeat_penalty must be a finite number > 0 (1 = off), got {r}"
-            ));
+            return Err(format!("repeat_penalty must be a finite number > 0 (1 = off), got {r}"));
         }
         if !self.frequency_penalty.is_finite() {
-            return Err(format!(
-                "frequency_penalty must be finite (0 = off), got {}",
-                self.frequency_penalty
-            ));
+            return Err(format!("frequency_penalty must be finite (0 = off), got {}", self.frequency_penalty));
         }
         if !self.presence_penalty.is_finite() {
-            return Err(format!(
-                "presence_penalty must be finite (0 = off), got {}",
-                self.presence_penalty
-            ));
+            return Err(format!("presence_penalty must be finite (0 = off), got {}", self.presence_penalty));
         }
         Ok(())
     }
 
     /// Whether any penalty can change a logit.
     pub fn has_penalties(&self) -> bool {
-        self.penalty_last_n > 0
-            && (self.repeat_penalty != 1.0
-                || self.frequency_penalty != 0.0
-                || self.presence_penalty != 0.0)
+        self.penalty_last_n > 0 && (self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
     }
 
     /// Whether the choice is just the argmax of the raw logits (temperature 0 or top-k 1).
@@ -259,9 +240,7 @@ impl Xoshiro256 {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Xoshiro256 {
-            s: [next(), next(), next(), next()],
-        }
+        Xoshiro256 { s: [next(), next(), next(), next()] }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -312,8 +291,7 @@ fn exp_det(x: f64) -> f64 {
         p * f64::from_bits(((k + 1023) as u64) << 52)
     } else {
         // Two exact steps so the scale factor itself does not underflow.
-        p * f64::from_bits(((k + 600 + 1023) as u64) << 52)
-            * f64::from_bits(((1023 - 600) as u64) << 52)
+        p * f64::from_bits(((k + 600 + 1023) as u64) << 52) * f64::from_bits(((1023 - 600) as u64) << 52)
     }
 }
 
@@ -330,9 +308,7 @@ fn clean(x: f32) -> f32 {
 /// Higher logit first, then lower id.
 #[inline]
 fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.partial_cmp(&a.0)
-        .unwrap_or(Ordering::Equal)
-        .then(a.1.cmp(&b.1))
+    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
 }
 
 /// Index of the highest value, the lowest index on ties (NaN counts as `-inf`).
@@ -365,13 +341,7 @@ impl Sampler {
     /// A sampler for `cfg`. An invalid config (see [`SamplerConfig::validate`]) still samples
     /// something, but callers should validate user input first.
     pub fn new(cfg: SamplerConfig) -> Self {
-        Sampler {
-            rng: Xoshiro256::new(cfg.seed),
-            history: VecDeque::with_capacity(cfg.penalty_last_n.min(4096)),
-            cfg,
-            logits: Vec::new(),
-            cand: Vec::new(),
-        }
+        Sampler { rng: Xoshiro256::new(cfg.seed), history: VecDeque::with_capacity(cfg.penalty_last_n.min(4096)), cfg, logits: Vec::new(), cand: Vec::new() }
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -427,13 +397,7 @@ impl Sampler {
         // Candidates, without -inf (probability 0).
         let mut cand = std::mem::take(&mut self.cand);
         cand.clear();
-        cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (clean(l), i as u32))
-                .filter(|c| c.0 > f32::NEG_INFINITY),
-        );
+        cand.extend(logits.iter().enumerate().map(|(i, &l)| (clean(l), i as u32)).filter(|c| c.0 > f32::NEG_INFINITY));
         let id = if cand.is_empty() { argmax(logits) } else { self.draw(&mut cand) };
         self.cand = cand;
         id
@@ -472,11 +436,7 @@ impl Sampler {
 
         // Top-p needs the normaliser at temperature 1 over all candidates that survived top-k.
         let use_top_p = cfg.top_p < 1.0;
-        let z: f64 = if use_top_p {
-            cand.iter().map(|c| exp_det(c.0 as f64 - max)).sum()
-        } else {
-            1.0
-        };
+        let z: f64 = if use_top_p { cand.iter().map(|c| exp_det(c.0 as f64 - max)).sum() } else { 1.0 };
 
         // Min-p keeps a prefix of the sorted order, and so does top-p: applying min-p first
         // (before sorting, to sort fewer) and cutting top-p within what is left gives the same
@@ -526,21 +486,13 @@ impl Sampler {
             }
         }
         // Rounding left u at the very top: the last candidate with nonzero weight.
-        cand.iter()
-            .zip(&weights)
-            .rev()
-            .find(|(_, &w)| w > 0.0)
-            .map_or(cand[0].1, |(c, _)| c.1)
+        cand.iter().zip(&weights).rev().find(|(_, &w)| w > 0.0).map_or(cand[0].1, |(c, _)| c.1)
     }
 }
 
 /// llama.cpp's penalties sampler over the history window.
 fn apply_penalties(logits: &mut [f32], history: &VecDeque<u32>, cfg: &SamplerConfig) {
-    let mut ids: Vec<u32> = history
-        .iter()
-        .copied()
-        .filter(|&id| (id as usize) < logits.len())
-        .collect();
+    let mut ids: Vec<u32> = history.iter().copied().filter(|&id| (id as usize) < logits.len()).collect();
     ids.sort_unstable();
     let mut i = 0;
     while i < ids.len() {
@@ -609,12 +561,7 @@ mod tests {
 
     #[test]
     fn bad_model_sampling_values_are_skipped_and_named() {
-        let m = model_sampling(&[
-            ("temp", (-1.0f32).into()),
-            ("top_p", 0.0f32.into()),
-            ("top_k", "forty".into()),
-            ("min_p", 0.1f32.into()),
-        ]);
+        let m = model_sampling(&[("temp", (-1.0f32).into()), ("top_p", 0.0f32.into()), ("top_k", "forty".into()), ("min_p", 0.1f32.into())]);
         assert_eq!((m.temperature, m.top_p, m.top_k, m.min_p), (None, None, None, Some(0.1)));
         assert_eq!(m.ignored.len(), 3, "{:?}", m.ignored);
         assert!(m.ignored[0].contains("general.sampling.temp = -1") && m.ignored[0].contains(">= 0"), "{:?}", m.ignored);

@@ -15,9 +15,9 @@
 use crate::arch::{Activation, QkPrep, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::ModelError;
-use crate::ops::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use crate::lora::{Lora, LoraAdapter};
 use crate::model::{Layer, Model};
+use crate::ops::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
 use std::sync::Arc;
 
 /// The choices made once for a batch: its size, its first position, and whether its blocks
@@ -170,8 +170,7 @@ impl<'m> Session<'m> {
     /// Use these adapters (with their user scales) from now on. The KV cache was computed with
     /// the previous set, so it is cleared unless the set is unchanged.
     pub async fn set_adapters(&mut self, adapters: Vec<(Arc<LoraAdapter>, f32)>) -> Result<(), ModelError> {
-        let same = adapters.len() == self.adapters.len()
-            && adapters.iter().zip(&self.adapters).all(|((a, s), (b, t))| Arc::ptr_eq(a, b) && s == t);
+        let same = adapters.len() == self.adapters.len() && adapters.iter().zip(&self.adapters).all(|((a, s), (b, t))| Arc::ptr_eq(a, b) && s == t);
         if same {
             return Ok(());
         }
@@ -305,11 +304,16 @@ impl<'m> Session<'m> {
         let gelu = c.spec.activation == Activation::GeluTanh;
         let input = self.branch_input(r, p, h, &l.ffn_norm).await?; //          [n][n_embd]
         if p.fused && l.w_gate_up.len() == 1 && r.fuses_glu(&l.w_gate_up[0], p.n) {
-            r.product(&l.w_gate_up[0], input, ProductOut::Glu { out: &s.act, gelu }, p.n).await?; // [n][n_ff]
+            // act = act(gate) ⊙ up in the product                              [n][n_ff]
+            r.product(&l.w_gate_up[0], input, ProductOut::Glu { out: &s.act, gelu }, p.n).await?;
         } else {
             lora.project(r, &l.w_gate_up, input, &s.xn, &[&s.gate, &s.up], p.n).await?; // [n][n_ff] each
             let len = p.n * c.n_ff as u32;
-            if gelu { r.gelu_gate(&s.gate, &s.up, &s.act, len).await? } else { r.silu_gate(&s.gate, &s.up, &s.act, len).await? }
+            if gelu {
+                r.gelu_gate(&s.gate, &s.up, &s.act, len).await?
+            } else {
+                r.silu_gate(&s.gate, &s.up, &s.act, len).await?
+            }
         }
         self.branch_out(r, lora, &l.w_down, &s.act, l.post_ffn_norm.as_ref(), h, &s.x, p.n).await?;
         Ok(())
@@ -461,7 +465,11 @@ impl<'m> Session<'m> {
 
     /// Row n_last of the logits, for reading them again after the step that computed them.
     fn last_row(&self) -> usize {
-        if self.all_logits { self.last_batch.saturating_sub(1) } else { 0 }
+        if self.all_logits {
+            self.last_batch.saturating_sub(1)
+        } else {
+            0
+        }
     }
 
     /// Logits of the last evaluated token, [n_vocab].

@@ -23,18 +23,11 @@ impl Variant {
     pub const PORTABLE: Variant = Variant { f16: false, subgroups: false, web: false };
 
     pub fn all(web: bool) -> impl Iterator<Item = Variant> {
-        [(false, false), (false, true), (true, false), (true, true)]
-            .into_iter()
-            .map(move |(f16, subgroups)| Variant { f16, subgroups, web })
+        [(false, false), (false, true), (true, false), (true, true)].into_iter().map(move |(f16, subgroups)| Variant { f16, subgroups, web })
     }
 
     pub fn label(&self) -> String {
-        format!(
-            "{}{}{}",
-            if self.f16 { "f16" } else { "f32" },
-            if self.subgroups { "+subgroups" } else { "" },
-            if self.web { "@web" } else { "" }
-        )
+        format!("{}{}{}", if self.f16 { "f16" } else { "f32" }, if self.subgroups { "+subgroups" } else { "" }, if self.web { "@web" } else { "" })
     }
 }
 
@@ -96,10 +89,7 @@ pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<
     }
     if variant.subgroups {
         d.insert("SUBGROUPS".into(), "1".into());
-        d.insert(
-            "SG_PARAMS".into(),
-            ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_lane: u32".into(),
-        );
+        d.insert("SG_PARAMS".into(), ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_lane: u32".into());
         d.insert("SG_SIZE".into(), "sg_size".into());
         d.insert("SG_LANE".into(), "sg_lane".into());
     } else {

@@ -134,31 +134,16 @@ pub enum TokenizerError {
     EmptyVocab,
 
     #[error("{key} has {len} entries but tokenizer.ggml.tokens has {n_tokens}")]
-    LengthMismatch {
-        key: &'static str,
-        len: usize,
-        n_tokens: usize,
-    },
+    LengthMismatch { key: &'static str, len: usize, n_tokens: usize },
 
     #[error("tokens {first} and {second} are both {text:?}")]
-    DuplicateToken {
-        text: String,
-        first: u32,
-        second: u32,
-    },
+    DuplicateToken { text: String, first: u32, second: u32 },
 
     #[error("tokenizer.ggml.merges[{index}] = {merge:?}: {reason}")]
-    BadMerge {
-        index: usize,
-        merge: String,
-        reason: String,
-    },
+    BadMerge { index: usize, merge: String, reason: String },
 
     #[error("{add_key} is true but {id_key} names no token")]
-    MissingSpecialToken {
-        add_key: &'static str,
-        id_key: &'static str,
-    },
+    MissingSpecialToken { add_key: &'static str, id_key: &'static str },
 
     #[error("the byte 0x{byte:02X} has no token: the vocabulary has neither <0x{byte:02X}> nor the byte itself")]
     NoByteToken { byte: u8 },
@@ -185,7 +170,8 @@ impl From<GgufError> for TokenizerError {
 // ---------------------------------------------------------------------------------------------
 
 const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const RE_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_LLAMA3: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const RE_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 #[derive(Clone, Copy, Debug)]
@@ -200,39 +186,13 @@ struct PreSpec {
     clean_spaces: bool,
 }
 
-const DEFAULT: PreSpec = PreSpec {
-    regexes: &[
-        r"[\p{P}\$\+<=>\^~\|]+",
-        RE_GPT2,
-        r"\p{N}+",
-        r"[0-9][0-9][0-9]",
-    ],
-    ignore_merges: false,
-    add_bos: false,
-    clean_spaces: true,
-};
-const GPT2: PreSpec = PreSpec {
-    regexes: &[RE_GPT2],
-    ..DEFAULT
-};
-const SMOLLM: PreSpec = PreSpec {
-    regexes: &[r"\p{N}", RE_GPT2],
-    ..DEFAULT
-};
-const LLAMA3: PreSpec = PreSpec {
-    regexes: &[RE_LLAMA3],
-    ignore_merges: true,
-    add_bos: true,
-    clean_spaces: true,
-};
-const QWEN2: PreSpec = PreSpec {
-    regexes: &[RE_QWEN2],
-    ..DEFAULT
-};
-const FALCON: PreSpec = PreSpec {
-    regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, r"[0-9][0-9][0-9]"],
-    ..DEFAULT
-};
+const DEFAULT: PreSpec =
+    PreSpec { regexes: &[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], ignore_merges: false, add_bos: false, clean_spaces: true };
+const GPT2: PreSpec = PreSpec { regexes: &[RE_GPT2], ..DEFAULT };
+const SMOLLM: PreSpec = PreSpec { regexes: &[r"\p{N}", RE_GPT2], ..DEFAULT };
+const LLAMA3: PreSpec = PreSpec { regexes: &[RE_LLAMA3], ignore_merges: true, add_bos: true, clean_spaces: true };
+const QWEN2: PreSpec = PreSpec { regexes: &[RE_QWEN2], ..DEFAULT };
+const FALCON: PreSpec = PreSpec { regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, r"[0-9][0-9][0-9]"], ..DEFAULT };
 
 /// Every `tokenizer.ggml.pre` understood, with llama.cpp's settings for it. (A missing key is
 /// "default", as in llama.cpp; "gpt2" is accepted as a spelling of "gpt-2".)
@@ -248,34 +208,10 @@ const PRE_TYPES: &[(&str, PreSpec)] = &[
     ("olmo", GPT2),
     ("jais", GPT2),
     ("exaone4", GPT2),
-    (
-        "trillion",
-        PreSpec {
-            clean_spaces: false,
-            ..GPT2
-        },
-    ),
-    (
-        "granite-docling",
-        PreSpec {
-            clean_spaces: false,
-            ..GPT2
-        },
-    ),
-    (
-        "smollm",
-        PreSpec {
-            clean_spaces: false,
-            ..SMOLLM
-        },
-    ),
-    (
-        "command-r",
-        PreSpec {
-            clean_spaces: false,
-            ..SMOLLM
-        },
-    ),
+    ("trillion", PreSpec { clean_spaces: false, ..GPT2 }),
+    ("granite-docling", PreSpec { clean_spaces: false, ..GPT2 }),
+    ("smollm", PreSpec { clean_spaces: false, ..SMOLLM }),
+    ("command-r", PreSpec { clean_spaces: false, ..SMOLLM }),
     ("starcoder", SMOLLM),
     ("refact", SMOLLM),
     ("codeshell", SMOLLM),
@@ -290,43 +226,11 @@ const PRE_TYPES: &[(&str, PreSpec)] = &[
     ("pixtral", LLAMA3),
     ("midm-2.0", LLAMA3),
     ("lfm2", LLAMA3),
-    (
-        "dbrx",
-        PreSpec {
-            ignore_merges: false,
-            add_bos: false,
-            ..LLAMA3
-        },
-    ),
-    (
-        "smaug-bpe",
-        PreSpec {
-            ignore_merges: false,
-            add_bos: false,
-            ..LLAMA3
-        },
-    ),
-    (
-        "qwen2",
-        PreSpec {
-            clean_spaces: false,
-            ..QWEN2
-        },
-    ),
-    (
-        "deepseek-r1-qwen",
-        PreSpec {
-            clean_spaces: false,
-            ..QWEN2
-        },
-    ),
-    (
-        "kormo",
-        PreSpec {
-            clean_spaces: false,
-            ..QWEN2
-        },
-    ),
+    ("dbrx", PreSpec { ignore_merges: false, add_bos: false, ..LLAMA3 }),
+    ("smaug-bpe", PreSpec { ignore_merges: false, add_bos: false, ..LLAMA3 }),
+    ("qwen2", PreSpec { clean_spaces: false, ..QWEN2 }),
+    ("deepseek-r1-qwen", PreSpec { clean_spaces: false, ..QWEN2 }),
+    ("kormo", PreSpec { clean_spaces: false, ..QWEN2 }),
     ("stablelm2", QWEN2),
     ("megrez", QWEN2),
     ("falcon", FALCON),
@@ -359,44 +263,11 @@ const EOT_NAMES: &[&str] = &[
     "<end_of_utterance>",
 ];
 const EOM_NAMES: &[&str] = &["<|eom_id|>"];
-const FIM_PRE_NAMES: &[&str] = &[
-    "<|fim_prefix|>",
-    "<fim-prefix>",
-    "<fim_prefix>",
-    "<｜fim▁begin｜>",
-    "<PRE>",
-    "▁<PRE>",
-    "<|code_prefix|>",
-    "<|prefix|>",
-];
-const FIM_SUF_NAMES: &[&str] = &[
-    "<|fim_suffix|>",
-    "<fim-suffix>",
-    "<fim_suffix>",
-    "<｜fim▁hole｜>",
-    "<SUF>",
-    "▁<SUF>",
-    "<|code_suffix|>",
-    "<|suffix|>",
-];
-const FIM_MID_NAMES: &[&str] = &[
-    "<|fim_middle|>",
-    "<fim-middle>",
-    "<fim_middle>",
-    "<｜fim▁end｜>",
-    "<MID>",
-    "▁<MID>",
-    "<|code_middle|>",
-    "<|middle|>",
-];
+const FIM_PRE_NAMES: &[&str] = &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"];
+const FIM_SUF_NAMES: &[&str] = &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"];
+const FIM_MID_NAMES: &[&str] = &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"];
 const FIM_PAD_NAMES: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_NAMES: &[&str] = &[
-    "<|fim_repo|>",
-    "<|repo_name|>",
-    "<fim-repo>",
-    "<REPO>",
-    "<reponame>",
-];
+const FIM_REP_NAMES: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_NAMES: &[&str] = &["<|file_sep|>"];
 /// Tokens that end generation, whatever the metadata says.
 const EOG_NAMES: &[&str] = &[
@@ -432,10 +303,7 @@ const ALWAYS_RENDERED: &[&str] = &["<|channel|>", "<|message|>", "<|start|>", "<
 
 enum Kind {
     Spm,
-    Bpe {
-        model: Box<BPE>,
-        splitters: Vec<Regex>,
-    },
+    Bpe { model: Box<BPE>, splitters: Vec<Regex> },
 }
 
 /// A GGUF file's tokenizer. Cheap to share (`&Tokenizer` is all encoding and decoding need).
@@ -481,12 +349,7 @@ impl fmt::Debug for Tokenizer {
 
 /// Reads a special token id: the key's value when it names a token, else `default` (llama.cpp
 /// ignores ids beyond the vocabulary, and so does this).
-fn special_id(
-    g: &Gguf,
-    key: &str,
-    n: usize,
-    default: Option<u32>,
-) -> Result<Option<u32>, TokenizerError> {
+fn special_id(g: &Gguf, key: &str, n: usize, default: Option<u32>) -> Result<Option<u32>, TokenizerError> {
     let default = default.filter(|&d| (d as usize) < n);
     match g.get_u32_opt(key) {
         Ok(Some(id)) if (id as usize) < n => Ok(Some(id)),
@@ -499,18 +362,12 @@ fn special_id(
 fn read_scores(g: &Gguf, n: usize) -> Result<Option<Vec<f32>>, TokenizerError> {
     let scores = match g.get_f32_array_opt(keys::SCORES) {
         Ok(s) => s,
-        Err(GgufError::WrongMetadataType { .. }) => g
-            .get_i32_array_opt(keys::SCORES)?
-            .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        Err(GgufError::WrongMetadataType { .. }) => g.get_i32_array_opt(keys::SCORES)?.map(|v| v.into_iter().map(|x| x as f32).collect()),
         Err(e) => return Err(e.into()),
     };
     if let Some(s) = &scores {
         if s.len() < n {
-            return Err(TokenizerError::LengthMismatch {
-                key: keys::SCORES,
-                len: s.len(),
-                n_tokens: n,
-            });
+            return Err(TokenizerError::LengthMismatch { key: keys::SCORES, len: s.len(), n_tokens: n });
         }
     }
     Ok(scores)
@@ -524,22 +381,10 @@ impl Tokenizer {
         let spm = match model {
             "llama" => true,
             "gpt2" => false,
-            other => {
-                return Err(TokenizerError::UnsupportedModel {
-                    model: other.to_string(),
-                })
-            }
+            other => return Err(TokenizerError::UnsupportedModel { model: other.to_string() }),
         };
         let pre_name = g.get_str_opt(keys::PRE)?.unwrap_or("");
-        let pre = if spm {
-            None
-        } else {
-            Some(
-                pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPreTokenizer {
-                    pre: pre_name.to_string(),
-                })?,
-            )
-        };
+        let pre = if spm { None } else { Some(pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPreTokenizer { pre: pre_name.to_string() })?) };
 
         let raw_texts = g.get_str_array(keys::TOKENS)?;
         let n = raw_texts.len();
@@ -550,11 +395,7 @@ impl Tokenizer {
         let types = g.get_i32_array_opt(keys::TOKEN_TYPE)?;
         if let Some(t) = &types {
             if t.len() < n {
-                return Err(TokenizerError::LengthMismatch {
-                    key: keys::TOKEN_TYPE,
-                    len: t.len(),
-                    n_tokens: n,
-                });
+                return Err(TokenizerError::LengthMismatch { key: keys::TOKEN_TYPE, len: t.len(), n_tokens: n });
             }
         }
 
@@ -563,29 +404,15 @@ impl Tokenizer {
         let mut attrs = Vec::with_capacity(n);
         for (i, raw) in raw_texts.iter().enumerate() {
             let i = i as u32; // n <= MAX_ARRAY_ELEMENTS
-            let text = if raw.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                raw.to_string()
-            };
+            let text = if raw.is_empty() { format!("[EMPTY_{i}]") } else { raw.to_string() };
             match ids.entry(text.clone()) {
-                Entry::Occupied(e) => {
-                    return Err(TokenizerError::DuplicateToken {
-                        text,
-                        first: *e.get(),
-                        second: i,
-                    })
-                }
+                Entry::Occupied(e) => return Err(TokenizerError::DuplicateToken { text, first: *e.get(), second: i }),
                 Entry::Vacant(e) => {
                     e.insert(i);
                 }
             }
             texts.push(text);
-            attrs.push(
-                types
-                    .as_ref()
-                    .map_or(ATTR_NORMAL, |t| attr_of_type(t[i as usize])),
-            );
+            attrs.push(types.as_ref().map_or(ATTR_NORMAL, |t| attr_of_type(t[i as usize])));
         }
         let scores = match scores_in {
             Some(mut s) => {
@@ -611,32 +438,21 @@ impl Tokenizer {
 
         let mut sp = SpecialIds::read(g, n, spm)?;
         if add_bos && sp.bos.is_none() {
-            return Err(TokenizerError::MissingSpecialToken {
-                add_key: keys::ADD_BOS,
-                id_key: keys::BOS_ID,
-            });
+            return Err(TokenizerError::MissingSpecialToken { add_key: keys::ADD_BOS, id_key: keys::BOS_ID });
         }
         if add_eos && sp.eos.is_none() {
-            return Err(TokenizerError::MissingSpecialToken {
-                add_key: keys::ADD_EOS,
-                id_key: keys::EOS_ID,
-            });
+            return Err(TokenizerError::MissingSpecialToken { add_key: keys::ADD_EOS, id_key: keys::EOS_ID });
         }
         let eog = sp.end_of_generation(&ids, &texts, &mut attrs);
 
         // the special-token cache: longest text first (ties by id; llama.cpp's order among
         // equal lengths is unspecified, and matters only for overlapping same-length tokens)
-        let mut special: Vec<u32> = (0..n as u32)
-            .filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
-            .collect();
+        let mut special: Vec<u32> = (0..n as u32).filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0).collect();
         special.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
         let special_finder = if special.is_empty() {
             None
         } else {
-            Some(
-                AhoCorasick::new(special.iter().map(|&i| texts[i as usize].as_str()))
-                    .map_err(|e| TokenizerError::Regex(format!("special-token matcher: {e}")))?,
-            )
+            Some(AhoCorasick::new(special.iter().map(|&i| texts[i as usize].as_str())).map_err(|e| TokenizerError::Regex(format!("special-token matcher: {e}")))?)
         };
 
         let kind = match pre {
@@ -644,29 +460,16 @@ impl Tokenizer {
             Some(p) => {
                 let merges = read_merges(g, &ids)?;
                 let model = BPE::builder()
-                    .vocab_and_merges(
-                        ids.iter()
-                            .map(|(t, &id)| (t.clone(), id))
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(ids.iter().map(|(t, &id)| (t.clone(), id)).collect::<tokenizers::models::bpe::Vocab>(), merges)
                     .ignore_merges(p.ignore_merges)
                     .build()
                     .map_err(|e| TokenizerError::Bpe(e.to_string()))?;
                 let splitters = p
                     .regexes
                     .iter()
-                    .map(|re| {
-                        RegexBuilder::new(re)
-                            .backtrack_limit(BACKTRACK_LIMIT)
-                            .build()
-                            .map_err(|e| TokenizerError::Regex(format!("{re}: {e}")))
-                    })
+                    .map(|re| RegexBuilder::new(re).backtrack_limit(BACKTRACK_LIMIT).build().map_err(|e| TokenizerError::Regex(format!("{re}: {e}"))))
                     .collect::<Result<Vec<_>, _>>()?;
-                Kind::Bpe {
-                    model: Box::new(model),
-                    splitters,
-                }
+                Kind::Bpe { model: Box::new(model), splitters }
             }
         };
 
@@ -697,12 +500,7 @@ impl Tokenizer {
     /// (`tokenizer.ggml.add_bos_token` / `add_eos_token`). `parse_special`: control tokens
     /// written in the text (`<|im_start|>`, `<start_of_turn>`) become those tokens rather than
     /// being tokenized as text; user-defined tokens are always recognized.
-    pub fn encode(
-        &self,
-        text: &str,
-        add_special: bool,
-        parse_special: bool,
-    ) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -760,17 +558,11 @@ impl Tokenizer {
     pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
         let mut ids = ids;
         let mut remove_space = self.add_space_prefix;
-        if skip_special
-            && self.add_bos
-            && matches!((ids.first(), self.bos), (Some(&f), Some(b)) if f == b)
-        {
+        if skip_special && self.add_bos && matches!((ids.first(), self.bos), (Some(&f), Some(b)) if f == b) {
             remove_space = false;
             ids = &ids[1..];
         }
-        if skip_special
-            && self.add_eos
-            && matches!((ids.last(), self.eos), (Some(&l), Some(e)) if l == e)
-        {
+        if skip_special && self.add_eos && matches!((ids.last(), self.eos), (Some(&l), Some(e)) if l == e) {
             ids = &ids[..ids.len() - 1];
         }
         let mut out = Vec::new();
@@ -865,9 +657,7 @@ impl Tokenizer {
     /// A control token (BOS, EOS, `<|im_start|>`, `<start_of_turn>`, ...): rendered only when
     /// decoding without `skip_special`.
     pub fn is_control(&self, id: u32) -> bool {
-        self.attrs
-            .get(id as usize)
-            .is_some_and(|a| a & ATTR_CONTROL != 0)
+        self.attrs.get(id as usize).is_some_and(|a| a & ATTR_CONTROL != 0)
     }
 
     /// The token's text as the file stores it (`▁` for spaces, GPT-2's byte alphabet, `<0x0A>`
@@ -940,38 +730,24 @@ impl Tokenizer {
 
     /// llama.cpp's llm_tokenizer_spm_session::tokenize, on text already escaped.
     fn spm(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
-        let mut syms: Vec<Symbol> = text
-            .char_indices()
-            .enumerate()
-            .map(|(i, (start, c))| Symbol {
-                start,
-                len: c.len_utf8(),
-                prev: i as isize - 1,
-                next: i as isize + 1,
-            })
-            .collect();
+        let mut syms: Vec<Symbol> =
+            text.char_indices().enumerate().map(|(i, (start, c))| Symbol { start, len: c.len_utf8(), prev: i as isize - 1, next: i as isize + 1 }).collect();
         let Some(last) = syms.last_mut() else {
             return Ok(());
         };
         last.next = -1;
 
         let mut queue = BinaryHeap::new();
-        let try_add =
-            |syms: &[Symbol], queue: &mut BinaryHeap<Bigram>, left: isize, right: isize| {
-                if left < 0 || right < 0 {
-                    return;
-                }
-                let (l, r) = (syms[left as usize], syms[right as usize]);
-                let merged = &text[l.start..l.start + l.len + r.len];
-                if let Some(&id) = self.ids.get(merged) {
-                    queue.push(Bigram {
-                        score: self.scores[id as usize],
-                        left: left as usize,
-                        right: right as usize,
-                        size: merged.len(),
-                    });
-                }
-            };
+        let try_add = |syms: &[Symbol], queue: &mut BinaryHeap<Bigram>, left: isize, right: isize| {
+            if left < 0 || right < 0 {
+                return;
+            }
+            let (l, r) = (syms[left as usize], syms[right as usize]);
+            let merged = &text[l.start..l.start + l.len + r.len];
+            if let Some(&id) = self.ids.get(merged) {
+                queue.push(Bigram { score: self.scores[id as usize], left: left as usize, right: right as usize, size: merged.len() });
+            }
+        };
         for i in 1..syms.len() as isize {
             try_add(&syms, &mut queue, i - 1, i);
         }
@@ -1042,18 +818,10 @@ struct SpecialIds {
 
 impl SpecialIds {
     fn read(g: &Gguf, n: usize, spm: bool) -> Result<SpecialIds, TokenizerError> {
-        let (bos, eos, unk) = if spm {
-            (Some(1), Some(2), Some(0))
-        } else {
-            (Some(11), Some(11), None)
-        };
+        let (bos, eos, unk) = if spm { (Some(1), Some(2), Some(0)) } else { (Some(11), Some(11), None) };
         let id = |key, default| special_id(g, key, n, default);
         // the deprecated FIM keys are read last, so they win
-        let (fim_pre, fim_suf, fim_mid) = (
-            id(keys::FIM_PRE_ID, None)?,
-            id(keys::FIM_SUF_ID, None)?,
-            id(keys::FIM_MID_ID, None)?,
-        );
+        let (fim_pre, fim_suf, fim_mid) = (id(keys::FIM_PRE_ID, None)?, id(keys::FIM_SUF_ID, None)?, id(keys::FIM_MID_ID, None)?);
         Ok(SpecialIds {
             bos: id(keys::BOS_ID, bos)?,
             eos: id(keys::EOS_ID, eos)?,
@@ -1072,12 +840,7 @@ impl SpecialIds {
 
     /// llama.cpp's fix-ups by token text, which change `attrs`, and its end-of-generation set
     /// (sorted).
-    fn end_of_generation(
-        &mut self,
-        ids: &HashMap<String, u32>,
-        texts: &[String],
-        attrs: &mut [u16],
-    ) -> Vec<u32> {
+    fn end_of_generation(&mut self, ids: &HashMap<String, u32>, texts: &[String], attrs: &mut [u16]) -> Vec<u32> {
         // Special tokens the metadata does not name are found by their text, and made control
         // tokens. (llama.cpp walks a hash map here, so where several names match it takes any
         // one of them; this takes the lowest id.)
@@ -1104,10 +867,7 @@ impl SpecialIds {
                 attrs[i] |= ATTR_UNUSED;
             }
         }
-        let mut eog: BTreeSet<u32> = [self.fim_pad, self.fim_rep, self.fim_sep]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut eog: BTreeSet<u32> = [self.fim_pad, self.fim_rep, self.fim_sep].into_iter().flatten().collect();
         for name in EOG_NAMES {
             if let Some(&id) = ids.get(*name) {
                 eog.insert(id);
@@ -1120,12 +880,9 @@ impl SpecialIds {
             }
         }
         eog.extend([self.eos, self.eot, self.eom].into_iter().flatten());
-        let in_eog =
-            |eog: &BTreeSet<u32>, name: &str| ids.get(name).filter(|id| eog.contains(id)).copied();
+        let in_eog = |eog: &BTreeSet<u32>, name: &str| ids.get(name).filter(|id| eog.contains(id)).copied();
         // gpt-oss and solar-open: <|end|> does not end generation when <|return|>/<|call|> do
-        let has_call = in_eog(&eog, "<|call|>")
-            .or(in_eog(&eog, "<|calls|>"))
-            .is_some();
+        let has_call = in_eog(&eog, "<|call|>").or(in_eog(&eog, "<|calls|>")).is_some();
         if let Some(end) = in_eog(&eog, "<|end|>") {
             let has_return = in_eog(&eog, "<|return|>").is_some();
             let has_flush = in_eog(&eog, "<|flush|>").is_some();
@@ -1145,30 +902,19 @@ impl SpecialIds {
 
 /// `tokenizer.ggml.merges`, checked: "left right", both sides and their concatenation tokens.
 /// A merge repeated later keeps its first rank, as in llama.cpp.
-fn read_merges(
-    g: &Gguf,
-    ids: &HashMap<String, u32>,
-) -> Result<Vec<(String, String)>, TokenizerError> {
+fn read_merges(g: &Gguf, ids: &HashMap<String, u32>) -> Result<Vec<(String, String)>, TokenizerError> {
     let raw = g.get_str_array(keys::MERGES)?;
     let mut merges = Vec::with_capacity(raw.len());
     let mut seen = HashSet::with_capacity(raw.len());
     for (index, m) in raw.iter().enumerate() {
-        let bad = |reason: String| TokenizerError::BadMerge {
-            index,
-            merge: m.to_string(),
-            reason,
-        };
+        let bad = |reason: String| TokenizerError::BadMerge { index, merge: m.to_string(), reason };
         // llama.cpp splits at the first space after the first byte
         let Some(space) = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
             return Err(bad("no space separates two tokens".into()));
         };
         let (a, b) = (&m[..space], &m[space + 1..]);
-        let a_id = ids
-            .get(a)
-            .ok_or_else(|| bad(format!("{a:?} is not a token")))?;
-        let b_id = ids
-            .get(b)
-            .ok_or_else(|| bad(format!("{b:?} is not a token")))?;
+        let a_id = ids.get(a).ok_or_else(|| bad(format!("{a:?} is not a token")))?;
+        let b_id = ids.get(b).ok_or_else(|| bad(format!("{b:?} is not a token")))?;
         let merged = format!("{a}{b}");
         if !ids.contains_key(&merged) {
             return Err(bad(format!("the merged text {merged:?} is not a token")));
@@ -1182,16 +928,8 @@ fn read_merges(
 
 /// Byte-level BPE on one fragment: llama.cpp's pre-tokenizer regexes, then GPT-2's byte
 /// alphabet, then merges.
-fn bpe(
-    model: &BPE,
-    splitters: &[Regex],
-    text: &str,
-    out: &mut Vec<u32>,
-) -> Result<(), TokenizerError> {
-    let mut pieces = vec![Range {
-        start: 0,
-        end: text.len(),
-    }];
+fn bpe(model: &BPE, splitters: &[Regex], text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+    let mut pieces = vec![Range { start: 0, end: text.len() }];
     for re in splitters {
         let mut next = Vec::with_capacity(pieces.len() * 2);
         for r in pieces {
@@ -1218,9 +956,7 @@ fn bpe(
     for r in pieces {
         word.clear();
         word.extend(text.as_bytes()[r].iter().map(|&b| BYTE_TO_CHAR[b as usize]));
-        let tokens = model
-            .tokenize(&word)
-            .map_err(|e| TokenizerError::Bpe(e.to_string()))?;
+        let tokens = model.tokenize(&word).map_err(|e| TokenizerError::Bpe(e.to_string()))?;
         out.extend(tokens.iter().map(|t| t.id));
     }
     Ok(())
@@ -1251,10 +987,7 @@ struct Bigram {
 
 impl Ord for Bigram {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&other.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| other.left.cmp(&self.left))
+        self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal).then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -1308,10 +1041,7 @@ fn char_to_byte(c: char) -> Option<u8> {
     }
     // the non-printable bytes, in order, took U+0100 onwards
     let k = cp.checked_sub(256)? as usize;
-    (0..256)
-        .filter(|&b| BYTE_TO_CHAR[b] as u32 >= 256)
-        .nth(k)
-        .map(|b| b as u8)
+    (0..256).filter(|&b| BYTE_TO_CHAR[b] as u32 >= 256).nth(k).map(|b| b as u8)
 }
 
 /// Output size past which [`byte_level_decode`] stops repeating a token's text (see there).
@@ -1446,10 +1176,7 @@ impl StreamDecoder {
     /// has decode drop a final EOS, which a stream cannot know is final; EOS is a control token,
     /// rendering as nothing with `skip_special`, in every vocabulary seen so far.)
     pub fn new(skip_special: bool) -> StreamDecoder {
-        StreamDecoder {
-            skip_special,
-            ..StreamDecoder::default()
-        }
+        StreamDecoder { skip_special, ..StreamDecoder::default() }
     }
 
     /// The text that `id` completes (often empty while a character is incomplete).
@@ -1539,10 +1266,7 @@ mod tests {
         assert_eq!(char_to_byte('a'), Some(b'a'));
         assert_eq!(char_to_byte('é'), Some(0xE9));
         assert_eq!(char_to_byte('日'), None);
-        assert_eq!(
-            byte_level_decode("a日"),
-            b"a[UNK_BYTE_0xe697a5a\xe6\x97\xa5]".to_vec()
-        );
+        assert_eq!(byte_level_decode("a日"), b"a[UNK_BYTE_0xe697a5a\xe6\x97\xa5]".to_vec());
     }
 
     #[test]
@@ -1578,10 +1302,7 @@ mod tests {
     fn clean_spaces_as_llama_cpp() {
         assert_eq!(cleaned("Hi , there . Yes ! Why ?"), "Hi, there. Yes! Why?");
         assert_eq!(cleaned("He said ' hello ' and"), "He said'hello'and");
-        assert_eq!(
-            cleaned("it 's I 'm we 're they 've I 'll don 't"),
-            "it's I'm we're they've I 'll don 't"
-        );
+        assert_eq!(cleaned("it 's I 'm we 're they 've I 'll don 't"), "it's I'm we're they've I 'll don 't");
         assert_eq!(cleaned(" ?"), "?");
         assert_eq!(cleaned("a ' ' b"), "a'' b");
         assert_eq!(cleaned(""), "");

@@ -59,9 +59,8 @@ fn main() {
     println!("matvec {rows}x{k}, {iters} iterations per measurement, wall clock per dispatch\n");
 
     let copy_elems = 64usize << 20 >> 2; // 64 MiB of f32
-    let (src, dst) = pollster::block_on(async {
-        (gpu.upload_f32("src", &vec![1.0f32; copy_elems]).await.unwrap(), gpu.storage("dst", (copy_elems * 4) as u64).await.unwrap())
-    });
+    let (src, dst) =
+        pollster::block_on(async { (gpu.upload_f32("src", &vec![1.0f32; copy_elems]).await.unwrap(), gpu.storage("dst", (copy_elems * 4) as u64).await.unwrap()) });
     let copy_s = time_submission(&gpu, iters, &|rec| pollster::block_on(rec.copy(&src, &dst, copy_elems as u32)).unwrap());
     let copy_gbs = 2.0 * (copy_elems * 4) as f64 / copy_s / 1e9;
     println!("{:<8} {:>12} {:>10} {:>10} {:>9} {:>12}", "type", "weight MiB", "ms", "GB/s", "vs copy", "mm64/tok");
@@ -82,8 +81,7 @@ fn main() {
     for ty in KERNEL_TYPES.into_iter().filter(|t| only.as_ref().is_none_or(|o| o.iter().any(|n| n == t.name()))) {
         let block: Vec<u8> = src_rows.chunks(k).flat_map(|r| quant::quantize_row(ty, r).unwrap()).collect();
         let bytes: Vec<u8> = block.iter().copied().cycle().take(block.len() / 64 * rows).collect();
-        let copies: Vec<GpuMatrix> =
-            (0..n_copies).map(|_| pollster::block_on(GpuMatrix::upload(&gpu, "w", ty, k as u64, rows as u64, &bytes)).unwrap()).collect();
+        let copies: Vec<GpuMatrix> = (0..n_copies).map(|_| pollster::block_on(GpuMatrix::upload(&gpu, "w", ty, k as u64, rows as u64, &bytes)).unwrap()).collect();
         let w = &copies[0];
         let s = time_submission(&gpu, iters, &|rec| {
             for w in &copies {
@@ -96,14 +94,6 @@ fn main() {
                 pollster::block_on(rec.matmul(w, &xm, &ym, M as u32)).unwrap()
             }
         }) / n_copies as f64;
-        println!(
-            "{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2} {:>12.2}",
-            ty.name(),
-            w.bytes() as f64 / (1 << 20) as f64,
-            s * 1e3,
-            gbs,
-            gbs / copy_gbs,
-            mm / M as f64 / s,
-        );
+        println!("{:<8} {:>12.1} {:>10.3} {:>10.2} {:>9.2} {:>12.2}", ty.name(), w.bytes() as f64 / (1 << 20) as f64, s * 1e3, gbs, gbs / copy_gbs, mm / M as f64 / s,);
     }
 }

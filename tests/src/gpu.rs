@@ -8,9 +8,8 @@ static VARIANTS: OnceLock<Vec<Gpu>> = OnceLock::new();
 static SMALL_BINDING: OnceLock<Gpu> = OnceLock::new();
 
 fn open(opts: GpuOptions) -> Gpu {
-    pollster::block_on(Gpu::new(opts)).unwrap_or_else(|e| {
-        panic!("no GPU for tests ({e}); on a machine without one install lavapipe: apt-get install mesa-vulkan-drivers")
-    })
+    pollster::block_on(Gpu::new(opts))
+        .unwrap_or_else(|e| panic!("no GPU for tests ({e}); on a machine without one install lavapipe: apt-get install mesa-vulkan-drivers"))
 }
 
 /// One device per distinct variant, the portable one (no f16, no subgroups) first.
@@ -31,9 +30,7 @@ pub fn variants() -> &'static [Gpu] {
 /// The portable variant with a 1 MiB storage-binding limit: small tensors then split into
 /// several chunks, as large ones do on phones.
 pub fn small_binding() -> &'static Gpu {
-    SMALL_BINDING.get_or_init(|| {
-        open(GpuOptions { allow_f16: false, allow_subgroups: false, max_storage_binding: Some(1 << 20), ..Default::default() })
-    })
+    SMALL_BINDING.get_or_init(|| open(GpuOptions { allow_f16: false, allow_subgroups: false, max_storage_binding: Some(1 << 20), ..Default::default() }))
 }
 
 /// NMSE (ggml test-backend-ops' measure) and max-abs difference, as the shared suite measures.

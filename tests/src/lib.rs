@@ -1,4 +1,4 @@
 //! Shared helpers for nomoat's test suites.
-pub mod refdata;
 pub mod gpu;
+pub mod refdata;
 pub mod support;

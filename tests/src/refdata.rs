@@ -39,8 +39,7 @@ pub struct RandomType {
 
 impl RandomType {
     pub fn ggml_type(&self) -> GgmlType {
-        GgmlType::from_name(&self.type_name)
-            .unwrap_or_else(|| panic!("unknown type {}", self.type_name))
+        GgmlType::from_name(&self.type_name).unwrap_or_else(|| panic!("unknown type {}", self.type_name))
     }
 }
 
@@ -111,8 +110,7 @@ impl RefRow {
 
 impl RealTensorRef {
     pub fn ggml_type(&self) -> GgmlType {
-        GgmlType::from_name(&self.type_name)
-            .unwrap_or_else(|| panic!("unknown type {}", self.type_name))
+        GgmlType::from_name(&self.type_name).unwrap_or_else(|| panic!("unknown type {}", self.type_name))
     }
 
     /// Path of the model file (panics with the set-up command when it is missing).
@@ -123,22 +121,12 @@ impl RealTensorRef {
     /// Raw bytes of rows `first..first + count`, read straight from the model file (no GGUF
     /// parsing: `data_offset` is absolute).
     pub fn read_rows(&self, first: usize, count: usize) -> Vec<u8> {
-        assert!(
-            first + count <= self.n_rows,
-            "{}: rows {first}..{} of {}",
-            self.tensor,
-            first + count,
-            self.n_rows
-        );
+        assert!(first + count <= self.n_rows, "{}: rows {first}..{} of {}", self.tensor, first + count, self.n_rows);
         let path = self.model_path();
         let mut f = File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        f.seek(SeekFrom::Start(
-            self.data_offset + (first * self.row_bytes) as u64,
-        ))
-        .unwrap();
+        f.seek(SeekFrom::Start(self.data_offset + (first * self.row_bytes) as u64)).unwrap();
         let mut buf = vec![0u8; count * self.row_bytes];
-        f.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{}: {}: {e}", path.display(), self.tensor));
+        f.read_exact(&mut buf).unwrap_or_else(|e| panic!("{}: {}: {e}", path.display(), self.tensor));
         buf
     }
 
@@ -150,19 +138,12 @@ impl RealTensorRef {
 
 /// x[k] = sin(0.37 k + 0.11) * 0.5, as in `make_dequant_refs.py`.
 pub fn matvec_x(n: usize) -> Vec<f64> {
-    (0..n)
-        .map(|k| (0.37 * k as f64 + 0.11).sin() * 0.5)
-        .collect()
+    (0..n).map(|k| (0.37 * k as f64 + 0.11).sin() * 0.5).collect()
 }
 
 fn load<T: for<'de> Deserialize<'de>>(file: &str) -> T {
     let path = data_dir().join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (made by tests/reference/make_dequant_refs.py)",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (made by tests/reference/make_dequant_refs.py)", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -176,8 +157,5 @@ pub fn load_real() -> RealRefs {
 
 fn hex_decode(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2), "odd-length hex");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("bad hex"))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("bad hex")).collect()
 }

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 /// `$NOMOAT_CACHE/models` (default `~/.cache/nomoat/models`), filled by `scripts/fetch-models.sh`.
 pub fn models_dir() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
+    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
     cache.join("models")
 }
 

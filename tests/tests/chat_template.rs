@@ -42,8 +42,7 @@ fn refs() -> Refs {
 
 fn read(path: &Path) -> Gguf {
     let len = std::fs::metadata(path).unwrap().len();
-    Gguf::read_from(File::open(path).unwrap(), len)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    Gguf::read_from(File::open(path).unwrap(), len).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn check_case(t: &ChatTemplate, case: &Case) {
@@ -51,10 +50,7 @@ fn check_case(t: &ChatTemplate, case: &Case) {
     match (&case.expected, &case.error, got) {
         (Some(want), _, Ok(got)) => assert_eq!(got, *want, "{}", case.name),
         (_, Some(want), Err(ChatError::Raised(msg))) => assert_eq!(msg, *want, "{}", case.name),
-        (_, _, got) => panic!(
-            "{}: got {got:?}, want {:?} / error {:?}",
-            case.name, case.expected, case.error
-        ),
+        (_, _, got) => panic!("{}: got {got:?}, want {:?} / error {:?}", case.name, case.expected, case.error),
     }
 }
 
@@ -64,9 +60,7 @@ fn reference_renderings_match_jinja2() {
     let mut n = 0;
     for case in &refs.cases {
         let r = &refs.templates[&case.template];
-        let t = ChatTemplate::new(&r.source, &r.bos_token, &r.eos_token)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.template))
-            .with_fixed_time(refs.fixed_time);
+        let t = ChatTemplate::new(&r.source, &r.bos_token, &r.eos_token).unwrap_or_else(|e| panic!("{}: {e}", case.template)).with_fixed_time(refs.fixed_time);
         check_case(&t, case);
         n += 1;
     }
@@ -77,34 +71,21 @@ fn reference_renderings_match_jinja2() {
 fn smollm2_template_from_gguf() {
     let refs = refs();
     let g = read(&model_path(SMOLLM2));
-    let t = ChatTemplate::from_gguf(&g)
-        .unwrap()
-        .expect("SmolLM2-Instruct has a chat template");
+    let t = ChatTemplate::from_gguf(&g).unwrap().expect("SmolLM2-Instruct has a chat template");
     let r = &refs.templates["smollm2"];
     assert_eq!(t.source(), r.source);
     assert_eq!(t.bos_token(), "<|im_start|>");
     assert_eq!(t.eos_token(), "<|im_end|>");
-    assert_eq!(
-        (t.bos_token(), t.eos_token()),
-        (r.bos_token.as_str(), r.eos_token.as_str())
-    );
-    let cases: Vec<&Case> = refs
-        .cases
-        .iter()
-        .filter(|c| c.template == "smollm2")
-        .collect();
+    assert_eq!((t.bos_token(), t.eos_token()), (r.bos_token.as_str(), r.eos_token.as_str()));
+    let cases: Vec<&Case> = refs.cases.iter().filter(|c| c.template == "smollm2").collect();
     assert!(cases.len() >= 8);
     for case in cases {
         check_case(&t, case);
     }
 
     // system + user + assistant + user, spelled out.
-    let msgs = [
-        Message::system("You are a helpful assistant."),
-        Message::user("Hi, who are you?"),
-        Message::assistant("I am an assistant."),
-        Message::user("Tell me a joke."),
-    ];
+    let msgs =
+        [Message::system("You are a helpful assistant."), Message::user("Hi, who are you?"), Message::assistant("I am an assistant."), Message::user("Tell me a joke.")];
     assert_eq!(
         t.render(&msgs, true).unwrap(),
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
@@ -128,30 +109,17 @@ fn gemma3_base_model_has_no_template() {
 
 #[test]
 fn broken_templates_are_typed_errors() {
-    for src in [
-        "{% for m in messages %}{{ m.content }}",
-        "{{ 1 + }}",
-        "{% if x %}{% endfor %}",
-        "{{ a | }}",
-    ] {
+    for src in ["{% for m in messages %}{{ m.content }}", "{{ 1 + }}", "{% if x %}{% endfor %}", "{{ a | }}"] {
         match ChatTemplate::new(src, "", "") {
             Err(ChatError::Syntax(msg)) => assert!(!msg.is_empty()),
             other => panic!("{src:?}: {other:?}"),
         }
     }
     let err = ChatTemplate::new("{% if x %}", "", "").unwrap_err();
-    assert!(
-        err.to_string().starts_with("chat template syntax error"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("chat template syntax error"), "{err}");
 
     // raise_exception is its own variant, with the template's message.
-    let t = ChatTemplate::new(
-        "{% if messages|length == 0 %}{{ raise_exception('No messages: ' ~ 'need one') }}{% endif %}ok",
-        "",
-        "",
-    )
-    .unwrap();
+    let t = ChatTemplate::new("{% if messages|length == 0 %}{{ raise_exception('No messages: ' ~ 'need one') }}{% endif %}ok", "", "").unwrap();
     match t.render(&[], true) {
         Err(ChatError::Raised(m)) => assert_eq!(m, "No messages: need one"),
         other => panic!("{other:?}"),
@@ -165,10 +133,7 @@ fn broken_templates_are_typed_errors() {
         other => panic!("{other:?}"),
     }
     let t = ChatTemplate::new("{{ messages[0].content.no_such_method() }}", "", "").unwrap();
-    assert!(matches!(
-        t.render(&[Message::user("x")], false),
-        Err(ChatError::Render(_))
-    ));
+    assert!(matches!(t.render(&[Message::user("x")], false), Err(ChatError::Render(_))));
 }
 
 #[test]
@@ -176,20 +141,13 @@ fn hand_written_gemma_style() {
     let src = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n\
                {{ m.content | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
     let t = ChatTemplate::new(src, "<bos>", "<eos>").unwrap();
-    let msgs = [
-        Message::user(" Hi "),
-        Message::assistant("Hello."),
-        Message::user("Bye"),
-    ];
+    let msgs = [Message::user(" Hi "), Message::assistant("Hello."), Message::user("Bye")];
     assert_eq!(
         t.render(&msgs, true).unwrap(),
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
          <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
     );
-    assert_eq!(
-        t.render(&msgs[..1], false).unwrap(),
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n"
-    );
+    assert_eq!(t.render(&msgs[..1], false).unwrap(), "<bos><start_of_turn>user\nHi<end_of_turn>\n");
 }
 
 #[test]
@@ -214,10 +172,7 @@ fn strftime_now_and_fixed_time() {
     // 2025-03-08 12:00:00 UTC, a Saturday, day 67.
     let t0 = 1_741_435_200;
     assert_eq!(strftime("%d %b %Y", t0), "08 Mar 2025");
-    assert_eq!(
-        strftime("%A %B %-d, %Y %H:%M:%S %j %p %I %y %F %T %%", t0),
-        "Saturday March 8, 2025 12:00:00 067 PM 12 25 2025-03-08 12:00:00 %"
-    );
+    assert_eq!(strftime("%A %B %-d, %Y %H:%M:%S %j %p %I %y %F %T %%", t0), "Saturday March 8, 2025 12:00:00 067 PM 12 25 2025-03-08 12:00:00 %");
     assert_eq!(strftime("%Y-%m-%d %a", 0), "1970-01-01 Thu");
     assert_eq!(strftime("%Y-%m-%d %j", 951_782_400), "2000-02-29 060"); // leap day
     assert_eq!(strftime("%Y-%m-%d %H:%M", -1), "1969-12-31 23:59");
@@ -225,10 +180,7 @@ fn strftime_now_and_fixed_time() {
     let today = t.render(&[], false).unwrap();
     assert_eq!(today.len(), 10);
     assert!(today.as_str() >= "2025-01-01", "{today}");
-    assert_eq!(
-        t.with_fixed_time(t0).render(&[], false).unwrap(),
-        "2025-03-08"
-    );
+    assert_eq!(t.with_fixed_time(t0).render(&[], false).unwrap(), "2025-03-08");
 }
 
 #[test]
@@ -326,8 +278,5 @@ fn stop_strings_with_unicode() {
     assert!(stopped);
     // No stop strings (or only empty ones): everything passes straight through.
     let (e, stopped, rest) = run(&[""], &["a", "b"]);
-    assert_eq!(
-        (e, stopped, rest),
-        (vec!["a".to_string(), "b".to_string()], false, String::new())
-    );
+    assert_eq!((e, stopped, rest), (vec!["a".to_string(), "b".to_string()], false, String::new()));
 }

@@ -16,48 +16,31 @@ fn random_blocks_match_gguf_py_bitwise() {
     let refs = refdata::load_random();
     let covered: Vec<GgmlType> = refs.types.iter().map(|t| t.ggml_type()).collect();
     for ty in KERNEL_TYPES {
-        assert!(
-            covered.contains(&ty),
-            "dequant_random.json has no {ty} blocks"
-        );
+        assert!(covered.contains(&ty), "dequant_random.json has no {ty} blocks");
     }
     let mut checked = 0;
     for t in &refs.types {
         let ty = t.ggml_type();
-        assert_eq!(
-            (t.block_elems, t.block_bytes),
-            ty.block_layout(),
-            "{ty}: block layout"
-        );
+        assert_eq!((t.block_elems, t.block_bytes), ty.block_layout(), "{ty}: block layout");
         for (i, block) in t.blocks.iter().enumerate() {
             let bytes = block.bytes();
             let want = block.values_f32();
             assert_eq!(want.len(), block.n_elements);
             let mut got = vec![f32::NAN; block.n_elements];
-            quant::dequantize_row(ty, &bytes, &mut got)
-                .unwrap_or_else(|e| panic!("{ty} block {i}: {e}"));
+            quant::dequantize_row(ty, &bytes, &mut got).unwrap_or_else(|e| panic!("{ty} block {i}: {e}"));
             for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    g.to_bits(),
-                    w.to_bits(),
-                    "{ty} block {i} element {k}: got {g:e}, gguf-py {w:e} (bytes {})",
-                    block.hex
-                );
+                assert_eq!(g.to_bits(), w.to_bits(), "{ty} block {i} element {k}: got {g:e}, gguf-py {w:e} (bytes {})", block.hex);
             }
             checked += 1;
         }
     }
-    eprintln!(
-        "{checked} random blocks bit-identical to gguf-py {}",
-        refs.gguf_version
-    );
+    eprintln!("{checked} random blocks bit-identical to gguf-py {}", refs.gguf_version);
 }
 
 /// Dequantize rows `first..first + count` of a reference tensor, reading the file directly.
 fn dequant_rows(t: &RealTensorRef, first: usize, count: usize) -> Vec<f32> {
     let bytes = t.read_rows(first, count);
-    quant::dequantize(t.ggml_type(), &bytes, count * t.ne0)
-        .unwrap_or_else(|e| panic!("{} {}: {e}", t.model, t.tensor))
+    quant::dequantize(t.ggml_type(), &bytes, count * t.ne0).unwrap_or_else(|e| panic!("{} {}: {e}", t.model, t.tensor))
 }
 
 #[test]
@@ -65,12 +48,7 @@ fn real_tensors_match_gguf_py() {
     let refs = refdata::load_real();
     for t in &refs.tensors {
         let ty = t.ggml_type();
-        assert_eq!(
-            ty.row_bytes(t.ne0 as u64),
-            Some(t.row_bytes as u64),
-            "{}: row_bytes",
-            t.tensor
-        );
+        assert_eq!(ty.row_bytes(t.ne0 as u64), Some(t.row_bytes as u64), "{}: row_bytes", t.tensor);
         assert_eq!(t.dims.iter().skip(1).product::<u64>() as usize, t.n_rows);
 
         // Rows: the brief's tolerance (1e-6 relative, floored at 1e-6 absolute), and also exact
@@ -85,20 +63,10 @@ fn real_tensors_match_gguf_py() {
                 let diff = (g - w).abs();
                 max_row_diff = max_row_diff.max(diff);
                 inexact += (g.to_bits() != w.to_bits()) as usize;
-                assert!(
-                    diff <= 1e-6 * w.abs().max(1.0),
-                    "{} {} row {} element {k}: got {g:e}, gguf-py {w:e}",
-                    t.model,
-                    t.tensor,
-                    row.index
-                );
+                assert!(diff <= 1e-6 * w.abs().max(1.0), "{} {} row {} element {k}: got {g:e}, gguf-py {w:e}", t.model, t.tensor, row.index);
             }
         }
-        assert_eq!(
-            inexact, 0,
-            "{} {}: {inexact} values within tolerance but not bit-identical",
-            t.model, t.tensor
-        );
+        assert_eq!(inexact, 0, "{} {}: {inexact} values within tolerance but not bit-identical", t.model, t.tensor);
 
         // Matvec over every row of the tensor (f64 accumulation), compared with the reference
         // for the rows it covers. The error is relative to |y|, floored at 1e-3 of
@@ -120,21 +88,12 @@ fn real_tensors_match_gguf_py() {
                     y += p;
                     l1 += p.abs();
                 }
-                assert!(
-                    y.is_finite(),
-                    "{} row {r}: non-finite dot product",
-                    t.tensor
-                );
+                assert!(y.is_finite(), "{} row {r}: non-finite dot product", t.tensor);
                 if r < t.y_rows {
                     let want = t.y[r];
                     let rel = (y - want).abs() / want.abs().max(1e-3 * l1).max(f64::MIN_POSITIVE);
                     max_rel = max_rel.max(rel);
-                    assert!(
-                        rel <= 1e-5,
-                        "{} {} row {r}: y = {y}, gguf-py/numpy {want} (rel {rel:e})",
-                        t.model,
-                        t.tensor
-                    );
+                    assert!(rel <= 1e-5, "{} {} row {r}: y = {y}, gguf-py/numpy {want} (rel {rel:e})", t.model, t.tensor);
                 }
             }
             r0 += count;
@@ -150,21 +109,10 @@ fn real_tensors_match_gguf_py() {
 fn real_refs_cover_every_type_of_both_models() {
     let refs = refdata::load_real();
     let types_of = |model: &str| -> Vec<String> {
-        let mut v: Vec<String> = refs
-            .tensors
-            .iter()
-            .filter(|t| t.model == model)
-            .map(|t| t.type_name.clone())
-            .collect();
+        let mut v: Vec<String> = refs.tensors.iter().filter(|t| t.model == model).map(|t| t.type_name.clone()).collect();
         v.sort();
         v
     };
-    assert_eq!(
-        types_of(nomoat_tests::support::SMOLLM2),
-        ["F32", "Q4_1", "Q8_0"]
-    );
-    assert_eq!(
-        types_of(nomoat_tests::support::GEMMA3),
-        ["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"]
-    );
+    assert_eq!(types_of(nomoat_tests::support::SMOLLM2), ["F32", "Q4_1", "Q8_0"]);
+    assert_eq!(types_of(nomoat_tests::support::GEMMA3), ["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"]);
 }

@@ -61,40 +61,22 @@ fn parse_err(name: &str) -> GgufError {
 
 #[test]
 fn lengths_and_counts_no_header_could_hold_are_refused() {
-    assert!(matches!(
-        parse_err("hostile-huge-array-length.gguf"),
-        GgufError::ArrayTooLong { len: u64::MAX, .. }
-    ));
+    assert!(matches!(parse_err("hostile-huge-array-length.gguf"), GgufError::ArrayTooLong { len: u64::MAX, .. }));
     assert!(matches!(
         parse_err("hostile-huge-string-length.gguf"),
         GgufError::StringTooLong { len, .. } if len == 1 << 63
     ));
-    assert!(matches!(
-        parse_err("hostile-huge-counts.gguf"),
-        GgufError::CountTooLarge {
-            count: u64::MAX,
-            ..
-        }
-    ));
+    assert!(matches!(parse_err("hostile-huge-counts.gguf"), GgufError::CountTooLarge { count: u64::MAX, .. }));
     // 2^23 strings fit in a header, but only three are there: truncated, not 2^23 slots
     // reserved up front (the parser reserves no more than the bytes in hand could hold)
-    assert!(matches!(
-        parse_err("hostile-array-count-lies.gguf"),
-        GgufError::Truncated { .. }
-    ));
-    assert!(matches!(
-        parse_err("hostile-long-string-value.gguf"),
-        GgufError::Truncated { .. }
-    ));
+    assert!(matches!(parse_err("hostile-array-count-lies.gguf"), GgufError::Truncated { .. }));
+    assert!(matches!(parse_err("hostile-long-string-value.gguf"), GgufError::Truncated { .. }));
 }
 
 #[test]
 fn nesting_stops_at_the_limit() {
     assert_eq!(MAX_NESTING, 8);
-    assert!(matches!(
-        parse_err("hostile-nested-9-deep.gguf"),
-        GgufError::NestingTooDeep { max: 8, .. }
-    ));
+    assert!(matches!(parse_err("hostile-nested-9-deep.gguf"), GgufError::NestingTooDeep { max: 8, .. }));
     let g = Gguf::parse(&read("hostile-nested-8-deep.gguf")).unwrap();
     let mut v = g.get("n").unwrap();
     let mut depth = 0;
@@ -110,21 +92,9 @@ fn nesting_stops_at_the_limit() {
 
 #[test]
 fn tensor_infos_that_overflow_are_refused() {
-    assert!(matches!(
-        parse_err("hostile-tensor-dims-overflow.gguf"),
-        GgufError::ZeroOrOverflowingDims { .. }
-    ));
-    assert!(matches!(
-        parse_err("hostile-tensor-offset-overflow.gguf"),
-        GgufError::OffsetOverflow { .. } | GgufError::TensorOutOfBounds { .. }
-    ));
-    assert!(matches!(
-        parse_err("hostile-tensor-n-dims.gguf"),
-        GgufError::TooManyDims {
-            n_dims: u32::MAX,
-            ..
-        }
-    ));
+    assert!(matches!(parse_err("hostile-tensor-dims-overflow.gguf"), GgufError::ZeroOrOverflowingDims { .. }));
+    assert!(matches!(parse_err("hostile-tensor-offset-overflow.gguf"), GgufError::OffsetOverflow { .. } | GgufError::TensorOutOfBounds { .. }));
+    assert!(matches!(parse_err("hostile-tensor-n-dims.gguf"), GgufError::TooManyDims { n_dims: u32::MAX, .. }));
 }
 
 /// The tokenizer a text-format input describes.
@@ -143,75 +113,24 @@ fn tokenizer_err(name: &str) -> TokenizerError {
 
 #[test]
 fn broken_vocabularies_are_typed_errors() {
-    assert!(matches!(
-        tokenizer_err("tok-duplicate-tokens.txt"),
-        TokenizerError::DuplicateToken {
-            first: 0,
-            second: 2,
-            ..
-        }
-    ));
+    assert!(matches!(tokenizer_err("tok-duplicate-tokens.txt"), TokenizerError::DuplicateToken { first: 0, second: 2, .. }));
     // an empty token reads "[EMPTY_<id>]", as in llama.cpp, which may collide with a real one
-    assert!(matches!(
-        tokenizer_err("tok-empty-tokens-collide.txt"),
-        TokenizerError::DuplicateToken {
-            first: 1,
-            second: 2,
-            ..
-        }
-    ));
+    assert!(matches!(tokenizer_err("tok-empty-tokens-collide.txt"), TokenizerError::DuplicateToken { first: 1, second: 2, .. }));
     let t = tokenizer("tok-empty-tokens.txt").unwrap();
     assert_eq!(t.token_text(1), "[EMPTY_1]");
-    assert!(matches!(
-        tokenizer_err("tok-tokens-empty.txt"),
-        TokenizerError::EmptyVocab
-    ));
-    for name in [
-        "tok-tokens-not-strings.txt",
-        "tok-tokens-nested.txt",
-        "tok-model-not-string.txt",
-    ] {
-        assert!(
-            matches!(
-                tokenizer_err(name),
-                TokenizerError::Metadata(GgufError::WrongMetadataType { .. })
-            ),
-            "{name}"
-        );
+    assert!(matches!(tokenizer_err("tok-tokens-empty.txt"), TokenizerError::EmptyVocab));
+    for name in ["tok-tokens-not-strings.txt", "tok-tokens-nested.txt", "tok-model-not-string.txt"] {
+        assert!(matches!(tokenizer_err(name), TokenizerError::Metadata(GgufError::WrongMetadataType { .. })), "{name}");
     }
-    assert!(matches!(
-        tokenizer_err("tok-arrays-wrong-element-type.txt"),
-        TokenizerError::Metadata(GgufError::WrongMetadataType { .. })
-    ));
-    assert!(matches!(
-        tokenizer_err("tok-types-short.txt"),
-        TokenizerError::LengthMismatch {
-            len: 2,
-            n_tokens: 3,
-            ..
-        }
-    ));
-    assert!(matches!(
-        tokenizer_err("tok-scores-short.txt"),
-        TokenizerError::LengthMismatch {
-            len: 0,
-            n_tokens: 3,
-            ..
-        }
-    ));
+    assert!(matches!(tokenizer_err("tok-arrays-wrong-element-type.txt"), TokenizerError::Metadata(GgufError::WrongMetadataType { .. })));
+    assert!(matches!(tokenizer_err("tok-types-short.txt"), TokenizerError::LengthMismatch { len: 2, n_tokens: 3, .. }));
+    assert!(matches!(tokenizer_err("tok-scores-short.txt"), TokenizerError::LengthMismatch { len: 0, n_tokens: 3, .. }));
 }
 
 #[test]
 fn merges_must_name_tokens() {
-    for name in [
-        "tok-merge-missing-token.txt",
-        "tok-merge-malformed.txt",
-        "tok-merge-result-missing.txt",
-    ] {
-        assert!(
-            matches!(tokenizer_err(name), TokenizerError::BadMerge { .. }),
-            "{name}"
-        );
+    for name in ["tok-merge-missing-token.txt", "tok-merge-malformed.txt", "tok-merge-result-missing.txt"] {
+        assert!(matches!(tokenizer_err(name), TokenizerError::BadMerge { .. }), "{name}");
     }
 }
 
@@ -224,28 +143,16 @@ fn special_ids_beyond_the_vocabulary_are_ignored_or_refused() {
     assert_eq!(t.eot(), Some(3));
     assert!(t.vocab_size() > 3);
     // an id that is not an integer at all is an error
-    assert!(matches!(
-        tokenizer_err("tok-special-id-not-integer.txt"),
-        TokenizerError::Metadata(GgufError::WrongMetadataType { .. })
-    ));
+    assert!(matches!(tokenizer_err("tok-special-id-not-integer.txt"), TokenizerError::Metadata(GgufError::WrongMetadataType { .. })));
     // a BOS or EOS the metadata asks to add must exist
-    assert!(matches!(
-        tokenizer_err("tok-add-bos-without-bos.txt"),
-        TokenizerError::MissingSpecialToken { .. }
-    ));
-    assert!(matches!(
-        tokenizer_err("tok-add-eos-out-of-range.txt"),
-        TokenizerError::MissingSpecialToken { .. }
-    ));
+    assert!(matches!(tokenizer_err("tok-add-bos-without-bos.txt"), TokenizerError::MissingSpecialToken { .. }));
+    assert!(matches!(tokenizer_err("tok-add-eos-out-of-range.txt"), TokenizerError::MissingSpecialToken { .. }));
 }
 
 #[test]
 fn text_with_no_token_is_an_error_not_a_panic() {
     let t = tokenizer("tok-spm-no-byte-fallback.txt").unwrap();
-    assert!(matches!(
-        t.encode("a\u{65e5}", false, false),
-        Err(TokenizerError::NoByteToken { .. })
-    ));
+    assert!(matches!(t.encode("a\u{65e5}", false, false), Err(TokenizerError::NoByteToken { .. })));
     assert_eq!(t.decode(&[3, 3, 99, u32::MAX], false), "aa");
 }
 
@@ -256,11 +163,7 @@ fn text_with_no_token_is_an_error_not_a_panic() {
 fn decoding_characters_outside_the_byte_alphabet_stays_bounded() {
     let t = tokenizer("oom-byte-level-decode-quadratic.txt").unwrap();
     let long = t.token_bytes(0);
-    assert!(
-        long.len() < 1 << 20,
-        "a 60 KB token decodes to {} bytes",
-        long.len()
-    );
+    assert!(long.len() < 1 << 20, "a 60 KB token decodes to {} bytes", long.len());
     assert!(long.starts_with("[UNK_BYTE_0xe697a5日日".as_bytes()));
     // a short token decodes exactly as llama.cpp's llama_decode_text does
     let id = t.token_id("一x").unwrap();

@@ -2,9 +2,7 @@
 //! that names what is wrong: the variant, and a message naming the key, tensor or offset.
 
 use nomoat_runtime::ggml_type::GgmlType;
-use nomoat_runtime::gguf::{
-    Gguf, GgufError, GgufWriter, MetadataValue, Parse, ValueType, MAX_HEADER_BYTES,
-};
+use nomoat_runtime::gguf::{Gguf, GgufError, GgufWriter, MetadataValue, Parse, ValueType, MAX_HEADER_BYTES};
 use nomoat_tests::support::Rng;
 
 fn base() -> GgufWriter {
@@ -13,27 +11,11 @@ fn base() -> GgufWriter {
         .add_metadata("general.name", "tiny model")
         .add_metadata("test.flag", true)
         .add_metadata("test.count", 7u32)
-        .add_metadata(
-            "tokenizer.ggml.tokens",
-            MetadataValue::str_array(["<s>", "hello", "world"]),
-        )
-        .add_metadata(
-            "tokenizer.ggml.scores",
-            MetadataValue::f32_array([0.0, -1.0, -2.0]),
-        );
-    w.add_tensor(
-        "token_embd.weight",
-        &[32, 3],
-        GgmlType::Q8_0,
-        vec![1; 3 * 34],
-    )
-    .add_tensor(
-        "blk.0.attn_q.weight",
-        &[256, 2],
-        GgmlType::Q4K,
-        vec![2; 2 * 144],
-    )
-    .add_tensor("output_norm.weight", &[32], GgmlType::F32, vec![3; 128]);
+        .add_metadata("tokenizer.ggml.tokens", MetadataValue::str_array(["<s>", "hello", "world"]))
+        .add_metadata("tokenizer.ggml.scores", MetadataValue::f32_array([0.0, -1.0, -2.0]));
+    w.add_tensor("token_embd.weight", &[32, 3], GgmlType::Q8_0, vec![1; 3 * 34])
+        .add_tensor("blk.0.attn_q.weight", &[256, 2], GgmlType::Q4K, vec![2; 2 * 144])
+        .add_tensor("output_norm.weight", &[32], GgmlType::F32, vec![3; 128]);
     w
 }
 
@@ -43,19 +25,8 @@ fn base_bytes() -> Vec<u8> {
 
 /// Where `needle` occurs in `bytes`; it must occur exactly once.
 fn find(bytes: &[u8], needle: &[u8]) -> usize {
-    let hits: Vec<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(
-        hits.len(),
-        1,
-        "{:?} occurs {} times",
-        String::from_utf8_lossy(needle),
-        hits.len()
-    );
+    let hits: Vec<usize> = bytes.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect();
+    assert_eq!(hits.len(), 1, "{:?} occurs {} times", String::from_utf8_lossy(needle), hits.len());
     hits[0]
 }
 
@@ -92,11 +63,9 @@ fn get_u64(bytes: &[u8], at: usize) -> u64 {
 /// Parses a whole file that must fail; the streaming entry points must agree word for word.
 fn fail(bytes: &[u8]) -> GgufError {
     let e = Gguf::parse(bytes).expect_err("a corrupt file parsed");
-    let streamed =
-        Gguf::read_from(bytes, bytes.len() as u64).expect_err("read_from accepted a corrupt file");
+    let streamed = Gguf::read_from(bytes, bytes.len() as u64).expect_err("read_from accepted a corrupt file");
     assert_eq!(e.to_string(), streamed.to_string());
-    let prefixed = Gguf::parse_prefix_of_file(bytes, bytes.len() as u64)
-        .expect_err("parse_prefix_of_file accepted it");
+    let prefixed = Gguf::parse_prefix_of_file(bytes, bytes.len() as u64).expect_err("parse_prefix_of_file accepted it");
     assert_eq!(e.to_string(), prefixed.to_string());
     e
 }
@@ -122,26 +91,16 @@ fn the_base_file_is_valid() {
     let g = Gguf::parse(&bytes).unwrap();
     assert_eq!(g.get_str("general.name").unwrap(), "tiny model");
     assert_eq!(g.tensors.len(), 3);
-    assert_eq!(
-        Gguf::read_from(bytes.as_slice(), bytes.len() as u64).unwrap(),
-        g
-    );
+    assert_eq!(Gguf::read_from(bytes.as_slice(), bytes.len() as u64).unwrap(), g);
 }
 
 #[test]
 fn bad_magic() {
     let mut b = base_bytes();
     b[..4].copy_from_slice(b"GGML");
-    let e =
-        expect_err!(b, GgufError::BadMagic { found } if &found == b"GGML", "\"GGML\"", "byte 0");
-    assert_eq!(
-        e.to_string(),
-        "not a GGUF file: expected the magic bytes \"GGUF\" at byte 0 but found \"GGML\""
-    );
-    let e = expect_err!(
-        [0xFFu8, 0, 0x47, 0x47, 0, 0],
-        GgufError::BadMagic { .. }
-    );
+    let e = expect_err!(b, GgufError::BadMagic { found } if &found == b"GGML", "\"GGML\"", "byte 0");
+    assert_eq!(e.to_string(), "not a GGUF file: expected the magic bytes \"GGUF\" at byte 0 but found \"GGML\"");
+    let e = expect_err!([0xFFu8, 0, 0x47, 0x47, 0, 0], GgufError::BadMagic { .. });
     assert!(e.to_string().contains("\\xff\\x00GG"), "{e}");
 }
 
@@ -161,35 +120,9 @@ fn unsupported_versions() {
 #[test]
 fn truncated_in_header() {
     let b = base_bytes();
-    expect_err!(
-        b[..20],
-        GgufError::Truncated {
-            offset: 16,
-            needed: 8,
-            file_len: 20,
-            ..
-        },
-        "metadata key-value count",
-        "byte 16",
-        "ends at byte 20"
-    );
-    expect_err!(
-        b[..3],
-        GgufError::Truncated {
-            offset: 0,
-            file_len: 3,
-            ..
-        },
-        "magic"
-    );
-    expect_err!(
-        b[..0],
-        GgufError::Truncated {
-            offset: 0,
-            file_len: 0,
-            ..
-        }
-    );
+    expect_err!(b[..20], GgufError::Truncated { offset: 16, needed: 8, file_len: 20, .. }, "metadata key-value count", "byte 16", "ends at byte 20");
+    expect_err!(b[..3], GgufError::Truncated { offset: 0, file_len: 3, .. }, "magic");
+    expect_err!(b[..0], GgufError::Truncated { offset: 0, file_len: 0, .. });
     expect_err!(b[..6], GgufError::Truncated { offset: 4, .. }, "version");
 }
 
@@ -197,53 +130,26 @@ fn truncated_in_header() {
 fn truncated_in_a_metadata_string() {
     let b = base_bytes();
     let text = value_at(&b, "general.name") + 8;
-    let e = expect_err!(
-        b[..text + 4],
-        GgufError::Truncated { needed: 10, .. },
-        "general.name",
-        format!("byte {text}")
-    );
+    let e = expect_err!(b[..text + 4], GgufError::Truncated { needed: 10, .. }, "general.name", format!("byte {text}"));
     assert_eq!(
         e.to_string(),
         format!("the file is truncated: the value of metadata 'general.name' at byte {text} needs 10 bytes but the file ends at byte {}", text + 4)
     );
     // In an array of strings, and in a key.
     let tokens = value_at(&b, "tokenizer.ggml.tokens");
-    expect_err!(
-        b[..tokens + 20],
-        GgufError::Truncated { .. },
-        "tokenizer.ggml.tokens"
-    );
+    expect_err!(b[..tokens + 20], GgufError::Truncated { .. }, "tokenizer.ggml.tokens");
     let key = find(&b, b"test.flag");
-    expect_err!(
-        b[..key + 3],
-        GgufError::Truncated { .. },
-        "metadata entry #2",
-        format!("byte {key}")
-    );
+    expect_err!(b[..key + 3], GgufError::Truncated { .. }, "metadata entry #2", format!("byte {key}"));
 }
 
 #[test]
 fn truncated_in_tensor_infos() {
     let b = base_bytes();
     let (_, dim0, ty, _) = tensor_fields(&b, "output_norm.weight");
-    expect_err!(
-        b[..dim0 + 3],
-        GgufError::Truncated { .. },
-        "dimensions of tensor 'output_norm.weight'",
-        format!("byte {dim0}")
-    );
-    expect_err!(
-        b[..ty + 1],
-        GgufError::Truncated { .. },
-        "type of tensor 'output_norm.weight'"
-    );
+    expect_err!(b[..dim0 + 3], GgufError::Truncated { .. }, "dimensions of tensor 'output_norm.weight'", format!("byte {dim0}"));
+    expect_err!(b[..ty + 1], GgufError::Truncated { .. }, "type of tensor 'output_norm.weight'");
     let name = find(&b, b"output_norm.weight");
-    expect_err!(
-        b[..name + 5],
-        GgufError::Truncated { .. },
-        "name of tensor info #2"
-    );
+    expect_err!(b[..name + 5], GgufError::Truncated { .. }, "name of tensor info #2");
 }
 
 #[test]
@@ -257,12 +163,7 @@ fn huge_string_length() {
     let mut b = base_bytes();
     let at = find(&b, b"test.count") - 8;
     put_u64(&mut b, at, u64::MAX);
-    expect_err!(
-        b,
-        GgufError::StringTooLong { .. },
-        "metadata entry #3",
-        format!("byte {at}")
-    );
+    expect_err!(b, GgufError::StringTooLong { .. }, "metadata entry #3", format!("byte {at}"));
 }
 
 #[test]
@@ -273,18 +174,10 @@ fn huge_counts() {
         "metadata key-value count", "byte 16", "1099511627776");
     let mut b = base_bytes();
     put_u64(&mut b, 8, u64::MAX);
-    expect_err!(
-        b,
-        GgufError::CountTooLarge { offset: 8, .. },
-        "tensor count",
-        "byte 8"
-    );
+    expect_err!(b, GgufError::CountTooLarge { offset: 8, .. }, "tensor count", "byte 8");
     // Even from a 24-byte prefix of unknown length: no NeedMore for absurd sizes.
     let e = Gguf::parse_prefix(&b[..24]).unwrap_err();
-    assert!(
-        matches!(e, GgufError::CountTooLarge { offset: 8, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, GgufError::CountTooLarge { offset: 8, .. }), "{e:?}");
 }
 
 #[test]
@@ -302,12 +195,7 @@ fn huge_array_length() {
     let at = value_at(&b, "tokenizer.ggml.scores");
     put_u64(&mut b, at + 4, 1 << 20);
     expect_err!(b, GgufError::Truncated { needed, .. } if needed == 4 << 20, "tokenizer.ggml.scores");
-    assert_eq!(
-        Gguf::parse_prefix(&b).unwrap(),
-        Parse::NeedMore {
-            at_least: at + 12 + (4 << 20)
-        }
-    );
+    assert_eq!(Gguf::parse_prefix(&b).unwrap(), Parse::NeedMore { at_least: at + 12 + (4 << 20) });
 }
 
 #[test]
@@ -341,14 +229,7 @@ fn unknown_value_type() {
     let mut b = base_bytes();
     let at = value_at(&b, "tokenizer.ggml.scores");
     put_u32(&mut b, at, 0xFFFF_FFFF);
-    expect_err!(
-        b,
-        GgufError::UnknownValueType {
-            ty: 0xFFFF_FFFF,
-            ..
-        },
-        "tokenizer.ggml.scores"
-    );
+    expect_err!(b, GgufError::UnknownValueType { ty: 0xFFFF_FFFF, .. }, "tokenizer.ggml.scores");
 }
 
 #[test]
@@ -356,12 +237,7 @@ fn bool_byte_other_than_0_or_1() {
     let mut b = base_bytes();
     let at = value_at(&b, "test.flag");
     b[at] = 7;
-    let e = expect_err!(
-        b,
-        GgufError::BadBool { value: 7, .. },
-        "test.flag",
-        format!("byte {at}")
-    );
+    let e = expect_err!(b, GgufError::BadBool { value: 7, .. }, "test.flag", format!("byte {at}"));
     assert_eq!(e.to_string(), format!("the value of metadata 'test.flag' at byte {at} is a bool stored as 7; only 0 and 1 are valid"));
 }
 
@@ -380,13 +256,7 @@ fn dimension_count_0_and_5() {
 fn zero_dimension() {
     let mut w = base();
     w.add_tensor("empty", &[32, 0], GgmlType::F32, vec![]);
-    expect_err!(
-        w.to_bytes(),
-        GgufError::ZeroOrOverflowingDims { .. },
-        "tensor 'empty'",
-        "[32, 0]",
-        "zero"
-    );
+    expect_err!(w.to_bytes(), GgufError::ZeroOrOverflowingDims { .. }, "tensor 'empty'", "[32, 0]", "zero");
 }
 
 #[test]
@@ -399,12 +269,7 @@ fn dimensions_whose_product_overflows() {
     ] {
         let mut w = base();
         w.add_tensor("huge", &dims, GgmlType::F32, vec![0; 4]);
-        expect_err!(
-            w.to_bytes(),
-            GgufError::ZeroOrOverflowingDims { .. },
-            "tensor 'huge'",
-            why
-        );
+        expect_err!(w.to_bytes(), GgufError::ZeroOrOverflowingDims { .. }, "tensor 'huge'", why);
     }
 }
 
@@ -413,17 +278,8 @@ fn unknown_tensor_type() {
     let mut b = base_bytes();
     let (_, _, ty_at, _) = tensor_fields(&b, "token_embd.weight");
     put_u32(&mut b, ty_at, 99);
-    let e = expect_err!(
-        b,
-        GgufError::UnknownTensorType { id: 99, .. },
-        "token_embd.weight",
-        "99",
-        format!("byte {ty_at}")
-    );
-    assert_eq!(
-        e.to_string(),
-        format!("tensor 'token_embd.weight': unknown GGML type id 99 (at byte {ty_at})")
-    );
+    let e = expect_err!(b, GgufError::UnknownTensorType { id: 99, .. }, "token_embd.weight", "99", format!("byte {ty_at}"));
+    assert_eq!(e.to_string(), format!("tensor 'token_embd.weight': unknown GGML type id 99 (at byte {ty_at})"));
     // Retired ids are unknown too.
     put_u32(&mut b, ty_at, 4);
     expect_err!(b, GgufError::UnknownTensorType { id: 4, .. });
@@ -432,29 +288,9 @@ fn unknown_tensor_type() {
 #[test]
 fn row_not_whole_blocks() {
     let mut w = base();
-    w.add_tensor(
-        "blk.1.ffn_up.weight",
-        &[100, 2],
-        GgmlType::Q4K,
-        vec![0; 288],
-    );
-    let e = expect_err!(
-        w.to_bytes(),
-        GgufError::RowNotWholeBlocks {
-            ty: GgmlType::Q4K,
-            ne0: 100,
-            block: 256,
-            ..
-        },
-        "blk.1.ffn_up.weight",
-        "100",
-        "Q4_K",
-        "256"
-    );
-    assert_eq!(
-        e.to_string(),
-        "tensor 'blk.1.ffn_up.weight': rows of 100 elements are not a whole number of Q4_K blocks (256 elements each)"
-    );
+    w.add_tensor("blk.1.ffn_up.weight", &[100, 2], GgmlType::Q4K, vec![0; 288]);
+    let e = expect_err!(w.to_bytes(), GgufError::RowNotWholeBlocks { ty: GgmlType::Q4K, ne0: 100, block: 256, .. }, "blk.1.ffn_up.weight", "100", "Q4_K", "256");
+    assert_eq!(e.to_string(), "tensor 'blk.1.ffn_up.weight': rows of 100 elements are not a whole number of Q4_K blocks (256 elements each)");
 }
 
 #[test]
@@ -463,13 +299,7 @@ fn misaligned_tensor_offset() {
     let (.., off_at) = tensor_fields(&b, "output_norm.weight");
     let offset = get_u64(&b, off_at) + 4;
     put_u64(&mut b, off_at, offset);
-    expect_err!(
-        b,
-        GgufError::MisalignedOffset { alignment: 32, .. },
-        "output_norm.weight",
-        offset,
-        "alignment 32"
-    );
+    expect_err!(b, GgufError::MisalignedOffset { alignment: 32, .. }, "output_norm.weight", offset, "alignment 32");
     // With alignment 64 an offset that is only 32-aligned is wrong.
     let mut w = base();
     w.alignment(64);
@@ -477,11 +307,7 @@ fn misaligned_tensor_offset() {
     let (.., off_at) = tensor_fields(&b, "output_norm.weight");
     let offset = get_u64(&b, off_at) + 32;
     put_u64(&mut b, off_at, offset);
-    expect_err!(
-        b,
-        GgufError::MisalignedOffset { alignment: 64, .. },
-        "output_norm.weight"
-    );
+    expect_err!(b, GgufError::MisalignedOffset { alignment: 64, .. }, "output_norm.weight");
 }
 
 #[test]
@@ -489,56 +315,29 @@ fn tensor_offset_overflows() {
     let mut b = base_bytes();
     let (.., off_at) = tensor_fields(&b, "output_norm.weight");
     put_u64(&mut b, off_at, u64::MAX - 31);
-    expect_err!(
-        b,
-        GgufError::OffsetOverflow { .. },
-        "output_norm.weight",
-        (u64::MAX - 31).to_string()
-    );
+    expect_err!(b, GgufError::OffsetOverflow { .. }, "output_norm.weight", (u64::MAX - 31).to_string());
 }
 
 #[test]
 fn tensor_data_past_end_of_file() {
     let b = base_bytes();
     let g = Gguf::parse(&b).unwrap();
-    let end = g
-        .tensor_data_range(g.tensor("output_norm.weight").unwrap())
-        .end;
+    let end = g.tensor_data_range(g.tensor("output_norm.weight").unwrap()).end;
     // Missing trailing padding is tolerated; missing data is not.
     assert!(Gguf::parse(&b[..end as usize]).is_ok());
     let short = &b[..end as usize - 1];
-    let e = expect_err!(
-        short,
-        GgufError::TensorOutOfBounds { .. },
-        "output_norm.weight"
-    );
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "tensor 'output_norm.weight': data ends at byte {end} but the file is {} bytes",
-            end - 1
-        )
-    );
+    let e = expect_err!(short, GgufError::TensorOutOfBounds { .. }, "output_norm.weight");
+    assert_eq!(e.to_string(), format!("tensor 'output_norm.weight': data ends at byte {end} but the file is {} bytes", end - 1));
     // A header that parses from a prefix is checked once the length is known.
-    let Parse::Complete(g) = Gguf::parse_prefix(short).unwrap() else {
-        panic!("the header is complete")
-    };
+    let Parse::Complete(g) = Gguf::parse_prefix(short).unwrap() else { panic!("the header is complete") };
     let e = g.check_file_len(end - 1).unwrap_err();
-    assert!(
-        matches!(e, GgufError::TensorOutOfBounds { file_len, .. } if file_len == end - 1),
-        "{e:?}"
-    );
+    assert!(matches!(e, GgufError::TensorOutOfBounds { file_len, .. } if file_len == end - 1), "{e:?}");
     assert!(g.check_file_len(end).is_ok());
     // A tensor moved far out.
     let mut b = base_bytes();
     let (.., off_at) = tensor_fields(&b, "output_norm.weight");
     put_u64(&mut b, off_at, 1 << 40);
-    expect_err!(
-        b,
-        GgufError::TensorOutOfBounds { .. },
-        "output_norm.weight",
-        format!("{}", (1u64 << 40) + 128 + g.data_offset)
-    );
+    expect_err!(b, GgufError::TensorOutOfBounds { .. }, "output_norm.weight", format!("{}", (1u64 << 40) + 128 + g.data_offset));
 }
 
 #[test]
@@ -547,16 +346,7 @@ fn overlapping_tensors() {
     // token_embd.weight takes data bytes 0..102; move attn_q to 96.
     let (.., off_at) = tensor_fields(&b, "blk.0.attn_q.weight");
     put_u64(&mut b, off_at, 96);
-    let e = expect_err!(
-        b,
-        GgufError::OverlappingTensors {
-            first_end: 102,
-            second_start: 96,
-            ..
-        },
-        "'token_embd.weight'",
-        "'blk.0.attn_q.weight'"
-    );
+    let e = expect_err!(b, GgufError::OverlappingTensors { first_end: 102, second_start: 96, .. }, "'token_embd.weight'", "'blk.0.attn_q.weight'");
     assert_eq!(
         e.to_string(),
         "tensors 'token_embd.weight' and 'blk.0.attn_q.weight' overlap: 'token_embd.weight' ends at data offset 102 but 'blk.0.attn_q.weight' starts at data offset 96"
@@ -565,23 +355,14 @@ fn overlapping_tensors() {
     let mut b = base_bytes();
     let (.., off_at) = tensor_fields(&b, "output_norm.weight");
     put_u64(&mut b, off_at, 0);
-    expect_err!(
-        b,
-        GgufError::OverlappingTensors { .. },
-        "output_norm.weight",
-        "token_embd.weight"
-    );
+    expect_err!(b, GgufError::OverlappingTensors { .. }, "output_norm.weight", "token_embd.weight");
 }
 
 #[test]
 fn duplicate_tensor_name() {
     let mut w = base();
     w.add_tensor("token_embd.weight", &[32], GgmlType::F32, vec![0; 128]);
-    expect_err!(
-        w.to_bytes(),
-        GgufError::DuplicateTensor { .. },
-        "tensor 'token_embd.weight' appears twice"
-    );
+    expect_err!(w.to_bytes(), GgufError::DuplicateTensor { .. }, "tensor 'token_embd.weight' appears twice");
 }
 
 #[test]
@@ -599,43 +380,25 @@ fn bad_alignment() {
     for a in [0u64, 3, 48] {
         let mut w = base();
         w.alignment(a);
-        expect_err!(
-            w.to_bytes(),
-            GgufError::BadAlignment { .. },
-            "general.alignment",
-            format!("is {a};")
-        );
+        expect_err!(w.to_bytes(), GgufError::BadAlignment { .. }, "general.alignment", format!("is {a};"));
     }
     let mut w = base();
     w.add_metadata("general.alignment", MetadataValue::I32(-32));
     expect_err!(w.to_bytes(), GgufError::BadAlignment { .. }, "-32");
     let mut w = base();
     w.add_metadata("general.alignment", "32");
-    expect_err!(
-        w.to_bytes(),
-        GgufError::WrongMetadataType { .. },
-        "general.alignment",
-        "string"
-    );
+    expect_err!(w.to_bytes(), GgufError::WrongMetadataType { .. }, "general.alignment", "string");
 }
 
 #[test]
 fn arrays_nested_too_deep() {
     let mut v = MetadataValue::u32_array([1, 2]);
     for _ in 0..20 {
-        v = MetadataValue::Array {
-            elem_type: ValueType::Array,
-            items: vec![v],
-        };
+        v = MetadataValue::Array { elem_type: ValueType::Array, items: vec![v] };
     }
     let mut w = base();
     w.add_metadata("test.deep", v);
-    expect_err!(
-        w.to_bytes(),
-        GgufError::NestingTooDeep { max: 8, .. },
-        "test.deep",
-        "nested more than 8 deep"
-    );
+    expect_err!(w.to_bytes(), GgufError::NestingTooDeep { max: 8, .. }, "test.deep", "nested more than 8 deep");
 }
 
 #[test]
@@ -648,23 +411,14 @@ fn oversized_header_is_refused_even_from_a_prefix() {
     assert!(matches!(e, GgufError::StringTooLong { .. }), "{e:?}");
     // Long but allowed: the prefix asks for exactly what the string needs.
     put_u64(&mut b, at, 200 << 20);
-    assert_eq!(
-        Gguf::parse_prefix(&b).unwrap(),
-        Parse::NeedMore {
-            at_least: at + 8 + (200 << 20)
-        }
-    );
+    assert_eq!(Gguf::parse_prefix(&b).unwrap(), Parse::NeedMore { at_least: at + 8 + (200 << 20) });
     // A string that fills the header to the cap leaves no room for the next read.
     let mut w = GgufWriter::new();
     let prefix_len = 24 + 8 + 1 + 4 + 8; // header, key "k", type, string length
-    w.add_metadata("k", "x".repeat(MAX_HEADER_BYTES as usize - prefix_len))
-        .add_metadata("l", 1u8);
+    w.add_metadata("k", "x".repeat(MAX_HEADER_BYTES as usize - prefix_len)).add_metadata("l", 1u8);
     let b = w.to_bytes();
     let e = Gguf::parse(&b).unwrap_err();
-    assert!(
-        matches!(e, GgufError::HeaderTooLarge { offset, .. } if offset == MAX_HEADER_BYTES),
-        "{e:?}"
-    );
+    assert!(matches!(e, GgufError::HeaderTooLarge { offset, .. } if offset == MAX_HEADER_BYTES), "{e:?}");
     assert!(e.to_string().contains("metadata entry #1"), "{e}");
     let e = Gguf::parse_prefix(&b[..MAX_HEADER_BYTES as usize]).unwrap_err();
     assert!(matches!(e, GgufError::HeaderTooLarge { .. }), "{e:?}");
@@ -679,19 +433,10 @@ fn every_prefix_needs_more_until_complete() {
     for n in 0..=b.len() {
         match Gguf::parse_prefix(&b[..n]) {
             Ok(Parse::NeedMore { at_least }) => {
-                assert!(
-                    complete_from.is_none(),
-                    "prefix {n} needs more after a shorter one completed"
-                );
+                assert!(complete_from.is_none(), "prefix {n} needs more after a shorter one completed");
                 assert!(at_least > n, "prefix {n}: asks for {at_least}");
-                assert!(
-                    at_least >= last_need,
-                    "prefix {n}: at_least shrank from {last_need} to {at_least}"
-                );
-                assert!(
-                    at_least as u64 <= full.data_offset,
-                    "prefix {n}: asks for {at_least}, past the header"
-                );
+                assert!(at_least >= last_need, "prefix {n}: at_least shrank from {last_need} to {at_least}");
+                assert!(at_least as u64 <= full.data_offset, "prefix {n}: asks for {at_least}, past the header");
                 last_need = at_least;
             }
             Ok(Parse::Complete(g)) => {
@@ -730,11 +475,7 @@ fn random_corruption_never_panics() {
         let flips = 1 + rng.next_u64() % 4;
         for _ in 0..flips {
             // Mostly in the header, where the parser looks; sometimes anywhere.
-            let range = if rng.next_u64().is_multiple_of(8) {
-                c.len()
-            } else {
-                header_end
-            };
+            let range = if rng.next_u64().is_multiple_of(8) { c.len() } else { header_end };
             let i = (rng.next_u64() % range as u64) as usize;
             c[i] = match rng.next_u64() % 3 {
                 0 => c[i] ^ (1 << (rng.next_u64() % 8)),

@@ -24,11 +24,9 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 /// One op family of the shared suite on every variant; a failure lists every case out of bounds.
 fn suite(family: Family) {
     for (i, gpu) in variants().iter().enumerate() {
-        let checks = block_on(conformance::run(gpu, family, i == 0))
-            .unwrap_or_else(|e| panic!("{} [{}]: {e}", family.name(), gpu.variant.label()));
+        let checks = block_on(conformance::run(gpu, family, i == 0)).unwrap_or_else(|e| panic!("{} [{}]: {e}", family.name(), gpu.variant.label()));
         assert!(!checks.is_empty());
-        let failed: Vec<String> =
-            checks.iter().filter(|c| !c.ok()).map(|c| format!("{}: {} {:e} > {:e}", c.case, c.metric, c.error, c.bound)).collect();
+        let failed: Vec<String> = checks.iter().filter(|c| !c.ok()).map(|c| format!("{}: {} {:e} > {:e}", c.case, c.metric, c.error, c.bound)).collect();
         assert!(failed.is_empty(), "{} [{}]:\n{}", family.name(), gpu.variant.label(), failed.join("\n"));
     }
 }

@@ -9,9 +9,9 @@
 //! times returns GPU buffer memory to its baseline.
 
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::Session;
 use nomoat_tests::gpu::variants;
 use nomoat_tests::support::{cosine, model_path, GEMMA3, SMOLLM2};
@@ -70,7 +70,6 @@ fn open(path: &std::path::Path) -> (Gguf, std::fs::File) {
 fn read_logits(file: &str) -> Vec<f32> {
     nomoat_tests::support::read_logits(&dir().join(file))
 }
-
 
 fn argmax(v: &[f32]) -> usize {
     nomoat_runtime::reference::argmax(v)

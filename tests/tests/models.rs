@@ -17,8 +17,8 @@
 use nomoat_runtime::device::Gpu;
 use nomoat_runtime::generate::perplexity;
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_tests::gpu::variants;
@@ -77,7 +77,6 @@ fn data_dir() -> PathBuf {
 fn read_logits(file: &str) -> Vec<f32> {
     nomoat_tests::support::read_logits(&data_dir().join(file))
 }
-
 
 fn argmax(v: &[f32]) -> u32 {
     nomoat_runtime::reference::argmax(v) as u32

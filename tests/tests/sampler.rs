@@ -4,13 +4,7 @@ use nomoat_runtime::sampler::{Sampler, SamplerConfig};
 use nomoat_tests::support::Rng;
 
 fn cfg(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplerConfig {
-    SamplerConfig {
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        ..SamplerConfig::default()
-    }
+    SamplerConfig { temperature, top_k, top_p, min_p, ..SamplerConfig::default() }
 }
 
 fn counts(s: &mut Sampler, logits: &[f32], draws: usize) -> Vec<usize> {
@@ -34,10 +28,7 @@ fn greedy_is_argmax() {
     let mut s = Sampler::new(SamplerConfig::greedy());
     for _ in 0..50 {
         let logits = rng.fill(1000, 5.0);
-        let want = logits
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &x)| if x > logits[b] { i } else { b });
+        let want = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b });
         assert_eq!(s.sample(&logits), want as u32);
     }
     // Lowest id on ties, NaN ignored.
@@ -45,10 +36,7 @@ fn greedy_is_argmax() {
     assert_eq!(s.sample(&[f32::NAN, -1.0]), 1);
     assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
     // temperature 0 is greedy even with the default filters.
-    let mut s = Sampler::new(SamplerConfig {
-        temperature: 0.0,
-        ..Default::default()
-    });
+    let mut s = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() });
     assert_eq!(s.sample(&[0.0, 2.0, 1.9]), 1);
 }
 
@@ -56,13 +44,7 @@ fn greedy_is_argmax() {
 fn top_k_1_is_greedy_at_any_temperature() {
     let mut rng = Rng::new(2);
     for &t in &[0.1f32, 0.8, 1.0, 2.0, 100.0] {
-        let mut s = Sampler::new(SamplerConfig {
-            temperature: t,
-            top_k: 1,
-            top_p: 1.0,
-            min_p: 0.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplerConfig { temperature: t, top_k: 1, top_p: 1.0, min_p: 0.0, ..Default::default() });
         let mut g = Sampler::new(SamplerConfig::greedy());
         for _ in 0..20 {
             let logits = rng.fill(500, 3.0);
@@ -75,12 +57,7 @@ fn top_k_1_is_greedy_at_any_temperature() {
 fn same_seed_same_tokens() {
     let mut rng = Rng::new(3);
     let rows: Vec<Vec<f32>> = (0..100).map(|_| rng.fill(300, 4.0)).collect();
-    let c = SamplerConfig {
-        temperature: 1.0,
-        seed: 1234,
-        repeat_penalty: 1.1,
-        ..Default::default()
-    };
+    let c = SamplerConfig { temperature: 1.0, seed: 1234, repeat_penalty: 1.1, ..Default::default() };
     let run = |cfg: &SamplerConfig| -> Vec<u32> {
         let mut s = Sampler::new(cfg.clone());
         rows.iter()
@@ -101,13 +78,7 @@ fn same_seed_same_tokens() {
     };
     assert!(distinct > 10, "draws look stuck: {a:?}");
     // Another seed differs; reset() replays the same draws.
-    assert_ne!(
-        a,
-        run(&SamplerConfig {
-            seed: 1235,
-            ..c.clone()
-        })
-    );
+    assert_ne!(a, run(&SamplerConfig { seed: 1235, ..c.clone() }));
     let mut s = Sampler::new(c.clone());
     let first: Vec<u32> = rows
         .iter()
@@ -137,23 +108,12 @@ fn empirical_distribution_matches_softmax() {
     let logits = [1.0f32, 2.0, 0.5, -1.0];
     for &t in &[1.0f32, 0.7] {
         let want = softmax(&logits, t as f64);
-        let mut s = Sampler::new(SamplerConfig {
-            temperature: t,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 7,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplerConfig { temperature: t, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() });
         let n = 20000;
         let c = counts(&mut s, &logits, n);
         for i in 0..4 {
             let got = c[i] as f64 / n as f64;
-            assert!(
-                (got - want[i]).abs() < 0.015,
-                "t {t} token {i}: {got} vs {}",
-                want[i]
-            );
+            assert!((got - want[i]).abs() < 0.015, "t {t} token {i}: {got} vs {}", want[i]);
         }
     }
 }
@@ -161,13 +121,7 @@ fn empirical_distribution_matches_softmax() {
 #[test]
 fn top_k_keeps_k_most_likely() {
     let logits = [3.0f32, 2.9, 2.8, 0.0, 2.95];
-    let mut s = Sampler::new(SamplerConfig {
-        temperature: 1.0,
-        top_k: 2,
-        top_p: 1.0,
-        min_p: 0.0,
-        ..Default::default()
-    });
+    let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 2, top_p: 1.0, min_p: 0.0, ..Default::default() });
     let c = counts(&mut s, &logits, 5000);
     assert_eq!((c[1], c[2], c[3]), (0, 0, 0), "{c:?}");
     assert!(c[0] > 1500 && c[4] > 1500, "{c:?}");
@@ -223,26 +177,17 @@ fn large_vocab_defaults_stay_in_top_k() {
 #[test]
 fn repeat_penalty_changes_the_argmax() {
     let logits = [2.0f32, 1.8, -1.0, -1.1];
-    let mut s = Sampler::new(SamplerConfig {
-        repeat_penalty: 1.2,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.2, ..SamplerConfig::greedy() });
     assert_eq!(s.sample(&logits), 0);
     s.accept(0); // 2.0 / 1.2 = 1.667 < 1.8
     assert_eq!(s.sample(&logits), 1);
     // Negative logits are multiplied: -1.0 * 1.2 = -1.2 < -1.1.
     let neg = [-1.0f32, -1.1];
-    let mut s = Sampler::new(SamplerConfig {
-        repeat_penalty: 1.2,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.2, ..SamplerConfig::greedy() });
     s.accept(0);
     assert_eq!(s.sample(&neg), 1);
     // Dividing a negative logit would have raised it instead; make sure we did not.
-    let mut s = Sampler::new(SamplerConfig {
-        repeat_penalty: 1.2,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.2, ..SamplerConfig::greedy() });
     s.accept(1);
     assert_eq!(s.sample(&neg), 0);
 }
@@ -251,29 +196,20 @@ fn repeat_penalty_changes_the_argmax() {
 fn frequency_and_presence_penalties() {
     let logits = [2.0f32, 1.5, 0.0];
     // Frequency: 2.0 - 2 * 0.3 = 1.4 < 1.5.
-    let mut s = Sampler::new(SamplerConfig {
-        frequency_penalty: 0.3,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { frequency_penalty: 0.3, ..SamplerConfig::greedy() });
     s.accept(0);
     assert_eq!(s.sample(&logits), 0); // 1.7 > 1.5
     s.accept(0);
     assert_eq!(s.sample(&logits), 1);
     // Presence: counted once however often the token appeared.
-    let mut s = Sampler::new(SamplerConfig {
-        presence_penalty: 0.4,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { presence_penalty: 0.4, ..SamplerConfig::greedy() });
     for _ in 0..5 {
         s.accept(1);
     }
     assert_eq!(s.sample(&logits), 0);
     s.accept(0); // 2.0 - 0.4 = 1.6 > 1.1
     assert_eq!(s.sample(&logits), 0);
-    let mut s = Sampler::new(SamplerConfig {
-        presence_penalty: 0.6,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { presence_penalty: 0.6, ..SamplerConfig::greedy() });
     s.accept(0); // 1.4 < 1.5
     assert_eq!(s.sample(&logits), 1);
 }
@@ -281,11 +217,7 @@ fn frequency_and_presence_penalties() {
 #[test]
 fn penalty_window_is_last_n() {
     let logits = [2.0f32, 1.8];
-    let mut s = Sampler::new(SamplerConfig {
-        repeat_penalty: 1.5,
-        penalty_last_n: 3,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.5, penalty_last_n: 3, ..SamplerConfig::greedy() });
     s.accept(0);
     assert_eq!(s.sample(&logits), 1);
     for _ in 0..3 {
@@ -298,11 +230,7 @@ fn penalty_window_is_last_n() {
     assert_eq!(s.history().count(), 0);
     assert_eq!(s.sample(&logits), 0);
     // penalty_last_n = 0 turns penalties off.
-    let mut s = Sampler::new(SamplerConfig {
-        repeat_penalty: 1.5,
-        penalty_last_n: 0,
-        ..SamplerConfig::greedy()
-    });
+    let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.5, penalty_last_n: 0, ..SamplerConfig::greedy() });
     s.accept(0);
     assert_eq!(s.sample(&logits), 0);
 }
@@ -311,12 +239,7 @@ fn penalty_window_is_last_n() {
 fn penalties_apply_before_filters() {
     // Token 0 dominates; after the penalty, top_k 1 must pick token 1.
     let logits = [5.0f32, 4.0, 0.0];
-    let mut s = Sampler::new(SamplerConfig {
-        temperature: 1.0,
-        top_k: 1,
-        repeat_penalty: 2.0,
-        ..Default::default()
-    });
+    let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 1, repeat_penalty: 2.0, ..Default::default() });
     s.accept(0);
     assert_eq!(s.sample(&logits), 1);
 }
@@ -340,14 +263,7 @@ fn best_logits_needed() {
 /// same tokens as sampling from the whole row, draw for draw.
 #[test]
 fn sample_top_matches_sample() {
-    let configs = [
-        SamplerConfig::default(),
-        SamplerConfig::greedy(),
-        cfg(1.5, 5, 1.0, 0.0),
-        cfg(0.7, 128, 0.9, 0.0),
-        cfg(1.0, 40, 0.5, 0.2),
-        cfg(2.0, 64, 1.0, 0.01),
-    ];
+    let configs = [SamplerConfig::default(), SamplerConfig::greedy(), cfg(1.5, 5, 1.0, 0.0), cfg(0.7, 128, 0.9, 0.0), cfg(1.0, 40, 0.5, 0.2), cfg(2.0, 64, 1.0, 0.01)];
     let mut rng = Rng::new(9);
     for c in configs {
         let k = c.best_logits_needed(128).unwrap();
@@ -374,79 +290,18 @@ fn validate_errors() {
         assert!(e.contains(word), "{e}");
     };
     let d = SamplerConfig::default;
-    bad(
-        SamplerConfig {
-            temperature: -0.1,
-            ..d()
-        },
-        "temperature",
-    );
-    bad(
-        SamplerConfig {
-            temperature: f32::NAN,
-            ..d()
-        },
-        "temperature",
-    );
-    bad(
-        SamplerConfig {
-            temperature: f32::INFINITY,
-            ..d()
-        },
-        "temperature",
-    );
+    bad(SamplerConfig { temperature: -0.1, ..d() }, "temperature");
+    bad(SamplerConfig { temperature: f32::NAN, ..d() }, "temperature");
+    bad(SamplerConfig { temperature: f32::INFINITY, ..d() }, "temperature");
     bad(SamplerConfig { top_p: 0.0, ..d() }, "top_p");
     bad(SamplerConfig { top_p: 1.5, ..d() }, "top_p");
-    bad(
-        SamplerConfig {
-            top_p: f32::NAN,
-            ..d()
-        },
-        "top_p",
-    );
+    bad(SamplerConfig { top_p: f32::NAN, ..d() }, "top_p");
     bad(SamplerConfig { min_p: -0.1, ..d() }, "min_p");
     bad(SamplerConfig { min_p: 1.1, ..d() }, "min_p");
-    bad(
-        SamplerConfig {
-            min_p: f32::NAN,
-            ..d()
-        },
-        "min_p",
-    );
-    bad(
-        SamplerConfig {
-            repeat_penalty: 0.0,
-            ..d()
-        },
-        "repeat_penalty",
-    );
-    bad(
-        SamplerConfig {
-            repeat_penalty: f32::NAN,
-            ..d()
-        },
-        "repeat_penalty",
-    );
-    bad(
-        SamplerConfig {
-            frequency_penalty: f32::NAN,
-            ..d()
-        },
-        "frequency_penalty",
-    );
-    bad(
-        SamplerConfig {
-            presence_penalty: f32::INFINITY,
-            ..d()
-        },
-        "presence_penalty",
-    );
-    assert!(SamplerConfig {
-        top_p: 1.0,
-        min_p: 1.0,
-        temperature: 0.0,
-        ..d()
-    }
-    .validate()
-    .is_ok());
+    bad(SamplerConfig { min_p: f32::NAN, ..d() }, "min_p");
+    bad(SamplerConfig { repeat_penalty: 0.0, ..d() }, "repeat_penalty");
+    bad(SamplerConfig { repeat_penalty: f32::NAN, ..d() }, "repeat_penalty");
+    bad(SamplerConfig { frequency_penalty: f32::NAN, ..d() }, "frequency_penalty");
+    bad(SamplerConfig { presence_penalty: f32::INFINITY, ..d() }, "presence_penalty");
+    assert!(SamplerConfig { top_p: 1.0, min_p: 1.0, temperature: 0.0, ..d() }.validate().is_ok());
 }

@@ -12,9 +12,9 @@
 //! its top-2 margin exceeds 0.05.
 
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::Session;
 use nomoat_tests::gpu::variants;
 use serde::Deserialize;

@@ -12,10 +12,10 @@
 //! instead of NeoX RoPE differ by 6.7; llama.cpp's own default F16 KV cache shifts these logits
 //! by up to 4.6e-3. Also required: the same argmax at every checked position.
 use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::model::Model;
-use nomoat_runtime::session::Session;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::sampler::{Sampler, SamplerConfig};
+use nomoat_runtime::session::Session;
 use nomoat_tests::gpu::variants;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -188,11 +188,7 @@ fn unsupported_architecture_is_refused_by_name() {
 fn sampling_from_the_gpu_top_k_picks_what_the_whole_logits_give() {
     let file = "llama-tiny.gguf";
     let prompt = refs().models.into_iter().find(|m| m.file == file).unwrap().cases.remove(0).ids;
-    let configs = [
-        SamplerConfig::default(),
-        SamplerConfig { temperature: 1.5, top_k: 5, ..SamplerConfig::default() },
-        SamplerConfig::greedy(),
-    ];
+    let configs = [SamplerConfig::default(), SamplerConfig { temperature: 1.5, top_k: 5, ..SamplerConfig::default() }, SamplerConfig::greedy()];
     for gpu in variants() {
         let mut f = std::fs::File::open(dir().join(file)).unwrap();
         let len = f.metadata().unwrap().len();

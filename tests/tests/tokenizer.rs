@@ -62,8 +62,7 @@ fn refs() -> Refs {
 
 fn read_gguf(path: &Path) -> Gguf {
     let len = std::fs::metadata(path).unwrap().len();
-    Gguf::read_from(File::open(path).unwrap(), len)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    Gguf::read_from(File::open(path).unwrap(), len).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The reference's metadata patch, applied as make_token_refs.py applies it.
@@ -107,11 +106,7 @@ fn stream(tok: &Tokenizer, ids: &[u32], skip_special: bool) -> Vec<String> {
 /// Checks one vocabulary of the reference file; panics listing every mismatch.
 fn check_vocab(name: &str) {
     let refs = refs();
-    let v = refs
-        .vocabs
-        .iter()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("no vocabulary {name} in token_refs.json"));
+    let v = refs.vocabs.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("no vocabulary {name} in token_refs.json"));
     let mut g = read_gguf(&model_path(&v.file));
     patch(&mut g, &v.patch);
     let tok = Tokenizer::from_gguf(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -125,35 +120,21 @@ fn check_vocab(name: &str) {
     assert_eq!(tok.add_eos(), f.add_eos, "{name}: add_eos");
     assert_eq!(tok.eot_ids(), f.eog, "{name}: end-of-generation ids");
     let n = tok.vocab_size() as u32;
-    let control: Vec<[u8; 4]> = (0..n)
-        .filter(|&i| tok.is_control(i))
-        .map(u32::to_le_bytes)
-        .collect();
+    let control: Vec<[u8; 4]> = (0..n).filter(|&i| tok.is_control(i)).map(u32::to_le_bytes).collect();
     assert_eq!(control.len(), f.n_control, "{name}: control tokens");
-    assert_eq!(
-        fnv1a64(control.iter().map(|b| &b[..])),
-        f.control_hash,
-        "{name}: control ids"
-    );
+    assert_eq!(fnv1a64(control.iter().map(|b| &b[..])), f.control_hash, "{name}: control ids");
     let pieces: Vec<Vec<u8>> = (0..n)
         .flat_map(|i| {
             let p = tok.token_bytes(i);
             [(p.len() as u32).to_le_bytes().to_vec(), p]
         })
         .collect();
-    assert_eq!(
-        fnv1a64(pieces.iter().map(Vec::as_slice)),
-        f.pieces_hash,
-        "{name}: token pieces"
-    );
+    assert_eq!(fnv1a64(pieces.iter().map(Vec::as_slice)), f.pieces_hash, "{name}: token pieces");
 
     // cases
     let mut failures = Vec::new();
     for (i, c) in v.cases.iter().enumerate() {
-        let what = format!(
-            "{name} case {i} {:?} (add_special {}, parse_special {})",
-            c.text, c.add_special, c.parse_special
-        );
+        let what = format!("{name} case {i} {:?} (add_special {}, parse_special {})", c.text, c.add_special, c.parse_special);
         let ids = match tok.encode(&c.text, c.add_special, c.parse_special) {
             Ok(ids) => ids,
             Err(e) => {
@@ -162,22 +143,13 @@ fn check_vocab(name: &str) {
             }
         };
         if ids != c.ids {
-            failures.push(format!(
-                "{what}:\n    ids      {ids:?}\n    llama.cpp {:?}",
-                c.ids
-            ));
+            failures.push(format!("{what}:\n    ids      {ids:?}\n    llama.cpp {:?}", c.ids));
         }
         // decode(encode(text)), with and without special tokens, against llama_detokenize
-        for (skip, want, want_hex) in [
-            (false, &c.detok, &c.detok_hex),
-            (true, &c.detok_skip, &c.detok_skip_hex),
-        ] {
+        for (skip, want, want_hex) in [(false, &c.detok, &c.detok_hex), (true, &c.detok_skip, &c.detok_skip_hex)] {
             let bytes = tok.decode_bytes(&ids, skip);
             match want_hex {
-                Some(h) if hex(&bytes) != *h => failures.push(format!(
-                    "{what}: decode(skip {skip}) bytes {} != {h}",
-                    hex(&bytes)
-                )),
+                Some(h) if hex(&bytes) != *h => failures.push(format!("{what}: decode(skip {skip}) bytes {} != {h}", hex(&bytes))),
                 _ => {}
             }
             let text = tok.decode(&ids, skip);
@@ -187,24 +159,14 @@ fn check_vocab(name: &str) {
             let pieces = stream(&tok, &ids, skip);
             let joined: String = pieces.concat();
             if joined != text {
-                failures.push(format!(
-                    "{what}: stream(skip {skip}) {joined:?} != decode {text:?}"
-                ));
+                failures.push(format!("{what}: stream(skip {skip}) {joined:?} != decode {text:?}"));
             }
             if !text.contains('\u{FFFD}') && pieces.iter().any(|p| p.contains('\u{FFFD}')) {
-                failures.push(format!(
-                    "{what}: stream(skip {skip}) broke a character: {pieces:?}"
-                ));
+                failures.push(format!("{what}: stream(skip {skip}) broke a character: {pieces:?}"));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{name}: {} of {} cases differ from llama.cpp:\n{}",
-        failures.len(),
-        v.cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{name}: {} of {} cases differ from llama.cpp:\n{}", failures.len(), v.cases.len(), failures.join("\n"));
     eprintln!("{name}: {} cases match llama.cpp", v.cases.len());
 }
 
@@ -246,18 +208,7 @@ fn sentencepiece_space_prefix_matches_llama_cpp() {
 #[test]
 fn every_reference_vocabulary_is_tested() {
     let names: Vec<String> = refs().vocabs.into_iter().map(|v| v.name).collect();
-    assert_eq!(
-        names,
-        [
-            "smollm2",
-            "gemma3",
-            "smollm2-pre-gpt2",
-            "smollm2-pre-llama3",
-            "smollm2-pre-qwen2",
-            "smollm2-pre-default",
-            "gemma3-space-prefix"
-        ]
-    );
+    assert_eq!(names, ["smollm2", "gemma3", "smollm2-pre-gpt2", "smollm2-pre-llama3", "smollm2-pre-qwen2", "smollm2-pre-default", "gemma3-space-prefix"]);
 }
 
 /// Plain text (no special tokens parsed) comes back exactly, as llama.cpp's does for these two
@@ -270,11 +221,7 @@ fn decode_is_lossless_for_plain_text() {
         let refs = refs();
         let v = refs.vocabs.iter().find(|v| v.name == name).unwrap();
         let mut n = 0;
-        for c in v
-            .cases
-            .iter()
-            .filter(|c| !c.parse_special && !c.text.contains('\u{2581}'))
-        {
+        for c in v.cases.iter().filter(|c| !c.parse_special && !c.text.contains('\u{2581}')) {
             let ids = tok.encode(&c.text, c.add_special, false).unwrap();
             assert_eq!(tok.decode(&ids, true), c.text, "{name}: {ids:?}");
             n += 1;
@@ -296,9 +243,7 @@ fn smollm2_facts() {
     assert_eq!(tok.token_id("<|im_end|>"), Some(2));
     assert!(tok.is_control(1) && tok.is_control(2));
     assert!(tok.eot_ids().contains(&2), "<|im_end|> ends a turn");
-    let chat = tok
-        .encode("<|im_start|>user\nhi<|im_end|>", false, true)
-        .unwrap();
+    let chat = tok.encode("<|im_start|>user\nhi<|im_end|>", false, true).unwrap();
     assert_eq!(chat.first(), Some(&1));
     assert_eq!(chat.last(), Some(&2));
     assert_eq!(tok.decode(&chat, true), "user\nhi");
@@ -315,10 +260,7 @@ fn gemma3_facts_and_build_time() {
     let built = start.elapsed();
     eprintln!("Gemma 3 tokenizer (262144 tokens) built in {built:?}");
     // well under a second in an optimized build; generous for a loaded 2-core CI machine
-    assert!(
-        built.as_secs_f64() < 5.0,
-        "building the Gemma 3 tokenizer took {built:?}"
-    );
+    assert!(built.as_secs_f64() < 5.0, "building the Gemma 3 tokenizer took {built:?}");
     assert_eq!(tok.model(), "llama");
     assert_eq!(tok.vocab_size(), 262144);
     assert_eq!(tok.bos(), Some(2));
@@ -326,10 +268,7 @@ fn gemma3_facts_and_build_time() {
     assert!(tok.add_bos() && !tok.add_eos());
     let ids = tok.encode("Hello", true, false).unwrap();
     assert_eq!(ids[0], 2, "Gemma 3 adds BOS");
-    assert_eq!(
-        tok.encode("Hello", false, false).unwrap().first(),
-        ids.get(1)
-    );
+    assert_eq!(tok.encode("Hello", false, false).unwrap().first(), ids.get(1));
     assert_eq!(tok.token_text(106), "<end_of_turn>");
     assert!(tok.eot_ids().contains(&106) && tok.eot_ids().contains(&1));
     // byte fallback: a character outside the vocabulary becomes its UTF-8 bytes, each a <0xXX>
@@ -385,57 +324,23 @@ fn bpe_writer(tokens: &[&str], merges: &[&str]) -> GgufWriter {
     let mut w = GgufWriter::new();
     w.add_metadata(keys::MODEL, "gpt2")
         .add_metadata(keys::PRE, "gpt-2")
-        .add_metadata(
-            keys::TOKENS,
-            MetadataValue::str_array(tokens.iter().copied()),
-        )
-        .add_metadata(
-            keys::MERGES,
-            MetadataValue::str_array(merges.iter().copied()),
-        );
+        .add_metadata(keys::TOKENS, MetadataValue::str_array(tokens.iter().copied()))
+        .add_metadata(keys::MERGES, MetadataValue::str_array(merges.iter().copied()));
     w
 }
 
 #[test]
 fn spm_merges_by_score_and_ties_go_left() {
     // "aba": "ab" and "ba" both possible; the higher score wins, equal scores merge leftmost
-    let ids_of = |tok: &Tokenizer, ids: &[u32]| {
-        ids.iter()
-            .map(|&i| tok.token_text(i).to_string())
-            .collect::<Vec<_>>()
-    };
-    let tok = build(&spm_writer(&[
-        ("▁", -1.0),
-        ("a", -2.0),
-        ("b", -2.0),
-        ("ab", -5.0),
-        ("ba", -4.0),
-    ]))
-    .unwrap();
-    assert_eq!(
-        ids_of(&tok, &tok.encode("aba", false, false).unwrap()),
-        ["▁", "a", "ba"]
-    );
-    let tok = build(&spm_writer(&[
-        ("▁", -1.0),
-        ("a", -2.0),
-        ("b", -2.0),
-        ("ab", -4.0),
-        ("ba", -4.0),
-    ]))
-    .unwrap();
-    assert_eq!(
-        ids_of(&tok, &tok.encode("aba", false, false).unwrap()),
-        ["▁", "ab", "a"]
-    );
+    let ids_of = |tok: &Tokenizer, ids: &[u32]| ids.iter().map(|&i| tok.token_text(i).to_string()).collect::<Vec<_>>();
+    let tok = build(&spm_writer(&[("▁", -1.0), ("a", -2.0), ("b", -2.0), ("ab", -5.0), ("ba", -4.0)])).unwrap();
+    assert_eq!(ids_of(&tok, &tok.encode("aba", false, false).unwrap()), ["▁", "a", "ba"]);
+    let tok = build(&spm_writer(&[("▁", -1.0), ("a", -2.0), ("b", -2.0), ("ab", -4.0), ("ba", -4.0)])).unwrap();
+    assert_eq!(ids_of(&tok, &tok.encode("aba", false, false).unwrap()), ["▁", "ab", "a"]);
     // add_space_prefix defaults to true for SentencePiece, and decode drops that space again
     let ids = tok.encode("ab a", true, false).unwrap();
     assert_eq!(ids_of(&tok, &ids), ["<s>", "▁", "ab", "▁", "a"]);
-    assert_eq!(
-        tok.decode(&ids, true),
-        " ab a",
-        "after BOS llama.cpp keeps the space"
-    );
+    assert_eq!(tok.decode(&ids, true), " ab a", "after BOS llama.cpp keeps the space");
     assert_eq!(tok.decode(&ids[1..], true), "ab a");
 }
 
@@ -450,11 +355,7 @@ fn spm_without_byte_tokens_is_an_error_not_a_panic() {
 
 #[test]
 fn bpe_merges_by_rank() {
-    let tok = build(&bpe_writer(
-        &["a", "b", "c", "ab", "bc", "abc"],
-        &["b c", "a b", "a bc"],
-    ))
-    .unwrap();
+    let tok = build(&bpe_writer(&["a", "b", "c", "ab", "bc", "abc"], &["b c", "a b", "a bc"])).unwrap();
     // "b c" ranks first, so "abc" is a + bc, then "a bc"
     assert_eq!(tok.encode("abc", false, false).unwrap(), [5]);
     assert_eq!(tok.encode("ab", false, false).unwrap(), [3]);
@@ -480,8 +381,7 @@ fn missing_tokens_is_a_typed_error() {
 #[test]
 fn unknown_model_and_pre_tokenizer_are_typed_errors() {
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "bert")
-        .add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
+    w.add_metadata(keys::MODEL, "bert").add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
     match build(&w) {
         Err(e @ TokenizerError::UnsupportedModel { .. }) => {
             assert!(e.to_string().contains("'bert'"), "{e}")
@@ -489,17 +389,10 @@ fn unknown_model_and_pre_tokenizer_are_typed_errors() {
         other => panic!("{other:?}"),
     }
     let mut g = Gguf::parse(&bpe_writer(&["a"], &[]).to_bytes()).unwrap();
-    g.metadata
-        .iter_mut()
-        .find(|(k, _)| k == keys::PRE)
-        .unwrap()
-        .1 = "no-such-pre".into();
+    g.metadata.iter_mut().find(|(k, _)| k == keys::PRE).unwrap().1 = "no-such-pre".into();
     match Tokenizer::from_gguf(&g) {
         Err(e @ TokenizerError::UnknownPreTokenizer { .. }) => {
-            assert!(
-                e.to_string().contains("no-such-pre") && e.to_string().contains("smollm"),
-                "{e}"
-            )
+            assert!(e.to_string().contains("no-such-pre") && e.to_string().contains("smollm"), "{e}")
         }
         other => panic!("{other:?}"),
     }
@@ -507,12 +400,8 @@ fn unknown_model_and_pre_tokenizer_are_typed_errors() {
 
 #[test]
 fn bad_merges_are_typed_errors() {
-    let cases: &[(&[&str], &str)] = &[
-        (&["a b", "a x"], "\"x\" is not a token"),
-        (&["q b"], "\"q\" is not a token"),
-        (&["b a"], "the merged text \"ba\" is not a token"),
-        (&["ab"], "no space"),
-    ];
+    let cases: &[(&[&str], &str)] =
+        &[(&["a b", "a x"], "\"x\" is not a token"), (&["q b"], "\"q\" is not a token"), (&["b a"], "the merged text \"ba\" is not a token"), (&["ab"], "no space")];
     for (merges, reason) in cases {
         match build(&bpe_writer(&["a", "b", "ab"], merges)) {
             Err(e @ TokenizerError::BadMerge { .. }) => {
@@ -530,8 +419,7 @@ fn bad_merges_are_typed_errors() {
     }
     // a gpt2 vocabulary needs merges
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "gpt2")
-        .add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
+    w.add_metadata(keys::MODEL, "gpt2").add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
     match build(&w) {
         Err(TokenizerError::MissingKey { key }) => assert_eq!(key, keys::MERGES),
         other => panic!("{other:?}"),
@@ -543,67 +431,29 @@ fn inconsistent_vocabularies_are_typed_errors() {
     // scores shorter than tokens
     let mut w = GgufWriter::new();
     w.add_metadata(keys::MODEL, "llama")
-        .add_metadata(
-            keys::TOKENS,
-            MetadataValue::str_array(["<unk>", "<s>", "</s>"]),
-        )
+        .add_metadata(keys::TOKENS, MetadataValue::str_array(["<unk>", "<s>", "</s>"]))
         .add_metadata(keys::SCORES, MetadataValue::f32_array([0.0]));
-    assert!(matches!(
-        build(&w),
-        Err(TokenizerError::LengthMismatch {
-            key: keys::SCORES,
-            len: 1,
-            n_tokens: 3
-        })
-    ));
+    assert!(matches!(build(&w), Err(TokenizerError::LengthMismatch { key: keys::SCORES, len: 1, n_tokens: 3 })));
     // token types shorter than tokens
     let mut w = GgufWriter::new();
     w.add_metadata(keys::MODEL, "llama")
-        .add_metadata(
-            keys::TOKENS,
-            MetadataValue::str_array(["<unk>", "<s>", "</s>"]),
-        )
+        .add_metadata(keys::TOKENS, MetadataValue::str_array(["<unk>", "<s>", "</s>"]))
         .add_metadata(keys::TOKEN_TYPE, MetadataValue::i32_array([1, 1]));
-    assert!(matches!(
-        build(&w),
-        Err(TokenizerError::LengthMismatch {
-            key: keys::TOKEN_TYPE,
-            ..
-        })
-    ));
+    assert!(matches!(build(&w), Err(TokenizerError::LengthMismatch { key: keys::TOKEN_TYPE, .. })));
     // tokens of the wrong type
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "llama")
-        .add_metadata(keys::TOKENS, MetadataValue::u32_array([1, 2]));
+    w.add_metadata(keys::MODEL, "llama").add_metadata(keys::TOKENS, MetadataValue::u32_array([1, 2]));
     assert!(matches!(build(&w), Err(TokenizerError::Metadata(_))));
     // the same text twice
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "llama").add_metadata(
-        keys::TOKENS,
-        MetadataValue::str_array(["<unk>", "<s>", "</s>", "a", "a"]),
-    );
-    assert!(matches!(
-        build(&w),
-        Err(TokenizerError::DuplicateToken {
-            first: 3,
-            second: 4,
-            ..
-        })
-    ));
+    w.add_metadata(keys::MODEL, "llama").add_metadata(keys::TOKENS, MetadataValue::str_array(["<unk>", "<s>", "</s>", "a", "a"]));
+    assert!(matches!(build(&w), Err(TokenizerError::DuplicateToken { first: 3, second: 4, .. })));
     // no tokens at all
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "llama")
-        .add_metadata(keys::TOKENS, MetadataValue::str_array(Vec::<&str>::new()));
+    w.add_metadata(keys::MODEL, "llama").add_metadata(keys::TOKENS, MetadataValue::str_array(Vec::<&str>::new()));
     assert!(matches!(build(&w), Err(TokenizerError::EmptyVocab)));
     // BOS to be added but none to add (llama's default BOS id 1 is beyond a 1-token vocabulary)
     let mut w = GgufWriter::new();
-    w.add_metadata(keys::MODEL, "llama")
-        .add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
-    assert!(matches!(
-        build(&w),
-        Err(TokenizerError::MissingSpecialToken {
-            add_key: keys::ADD_BOS,
-            ..
-        })
-    ));
+    w.add_metadata(keys::MODEL, "llama").add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
+    assert!(matches!(build(&w), Err(TokenizerError::MissingSpecialToken { add_key: keys::ADD_BOS, .. })));
 }

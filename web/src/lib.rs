@@ -15,17 +15,17 @@
 #![allow(clippy::await_holding_refcell_ref)]
 
 use js_sys::{Function, Promise, Reflect, Uint8Array};
+use nomoat_runtime::arch::Config;
 use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
+use nomoat_runtime::error::{ByteSource, ModelError};
 use nomoat_runtime::generate::{self, GenerateOptions};
 use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
-use nomoat_runtime::ops::KvType;
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::arch::Config;
-use nomoat_runtime::error::{ByteSource, ModelError};
 use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
+use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
 use nomoat_runtime::session::Session;
-use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
@@ -458,12 +458,10 @@ impl Engine {
                 return Err(js_error("BadRequest", format!("an adapter named '{name}' is already added")));
             }
             let ag = read_header(&reader).await?;
-            let adapter = LoraAdapter::load(&name, &ag, &mut JsSource(&reader), &inner.gpu, &l.model.config, &l.gguf)
-                .await
-                .map_err(|e| match e {
-                    ModelError::Gpu(g) => gpu_error(&g),
-                    e => js_error("InvalidAdapter", e),
-                })?;
+            let adapter = LoraAdapter::load(&name, &ag, &mut JsSource(&reader), &inner.gpu, &l.model.config, &l.gguf).await.map_err(|e| match e {
+                ModelError::Gpu(g) => gpu_error(&g),
+                e => js_error("InvalidAdapter", e),
+            })?;
             let info = adapter_json(&adapter, None);
             l.adapters.push(Arc::new(adapter));
             Ok(JsValue::from_str(&info.to_string()))
@@ -620,10 +618,7 @@ impl Engine {
 fn render(l: &Loaded, messages_json: &str) -> Result<String, JsValue> {
     let msgs: Vec<JsMessage> = parse_json("messages", messages_json)?;
     let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
-    let t = l
-        .template
-        .as_ref()
-        .ok_or_else(|| js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt"))?;
+    let t = l.template.as_ref().ok_or_else(|| js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt"))?;
     t.render(&msgs, true).map_err(|e| js_error("BadRequest", format!("chat template: {e}")))
 }
 

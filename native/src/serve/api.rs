@@ -498,7 +498,10 @@ mod tests {
 
     #[test]
     fn messages() {
-        let m = parse_messages(&obj(r#"{"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#)).unwrap();
+        let m = parse_messages(&obj(
+            r#"{"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,
+        ))
+        .unwrap();
         assert_eq!(m, vec![Message::system("s"), Message::user("ab")]);
         for body in [
             r#"{}"#,

@@ -8,9 +8,9 @@ use anyhow::{anyhow, Result};
 use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
+use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
 use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
-use nomoat_runtime::sampler::{SamplingOverrides, SamplerConfig};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,7 +107,13 @@ enum Ended {
     LoadFailed(anyhow::Error),
 }
 
-fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>, fault_at: Option<u64>) -> Ended {
+fn load_and_serve(
+    m: &ModelArgs,
+    jobs: &mut mpsc::Receiver<Job>,
+    stats: &Stats,
+    ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>,
+    fault_at: Option<u64>,
+) -> Ended {
     let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(m, true) {
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
@@ -141,10 +147,7 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
             Ok(None) => Err("this model has no chat template (tokenizer.chat_template is missing from the GGUF; a base model?), so /v1/chat/completions cannot format messages; use /v1/completions with a raw prompt".to_string()),
             Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
         };
-        let adapter_info = adapters
-            .iter()
-            .map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes))
-            .collect();
+        let adapter_info = adapters.iter().map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes)).collect();
         let model_sampling = SamplingOverrides::from_gguf(&gguf);
         for note in &model_sampling.ignored {
             eprintln!("nomoat serve: warning: {note}");
@@ -153,7 +156,8 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
             eprintln!("nomoat serve: requests default to the model's own {used} (general.sampling.*)");
         }
         let sampling = model_sampling.defaults();
-        let info = ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info, sampling };
+        let info =
+            ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info, sampling };
         if tx.send(Ok(info)).is_err() {
             return Ended::Stopped;
         }
@@ -173,7 +177,14 @@ fn load_and_serve(m: &ModelArgs, jobs: &mut mpsc::Receiver<Job>, stats: &Stats, 
 }
 
 /// Serves jobs until the channel closes (None) or the device is lost (Some(why)).
-fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdapter>, f32)], jobs: &mut mpsc::Receiver<Job>, stats: &Stats, fault: &dyn Fn(u64)) -> Option<String> {
+fn run(
+    session: &mut Session<'_>,
+    tokenizer: &Tokenizer,
+    loaded: &[(Arc<LoraAdapter>, f32)],
+    jobs: &mut mpsc::Receiver<Job>,
+    stats: &Stats,
+    fault: &dyn Fn(u64),
+) -> Option<String> {
     while let Some(job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
             eprintln!("[#{}] client left before its turn; skipped", job.id);
@@ -187,9 +198,7 @@ fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdap
         };
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             pollster::block_on(session.set_adapters(wanted))?;
-            let mut on_text = |piece: &str| -> bool {
-                !job.cancel.load(Ordering::SeqCst) && job.events.send(Event::Text(piece.to_string())).is_ok()
-            };
+            let mut on_text = |piece: &str| -> bool { !job.cancel.load(Ordering::SeqCst) && job.events.send(Event::Text(piece.to_string())).is_ok() };
             pollster::block_on(session.generate(tokenizer, &job.prompt, &job.opts, &mut on_text))
         }));
         stats.busy.store(false, Ordering::SeqCst);
@@ -226,11 +235,8 @@ fn run(session: &mut Session<'_>, tokenizer: &Tokenizer, loaded: &[(Arc<LoraAdap
                 Event::Error(format!("generation failed: {e}"))
             }
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg =
+                    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into());
                 eprintln!("[#{}] generation panicked: {msg}", job.id);
                 session.reset();
                 Event::Error(format!("internal error during generation: {msg}"))

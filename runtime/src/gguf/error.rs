@@ -16,19 +16,11 @@ pub enum GgufError {
     UnsupportedVersion { version: u32 },
 
     #[error("the file is truncated: {what} at byte {offset} needs {needed} bytes but the file ends at byte {file_len}")]
-    Truncated {
-        what: String,
-        offset: u64,
-        needed: u64,
-        file_len: u64,
-    },
+    Truncated { what: String, offset: u64, needed: u64, file_len: u64 },
 
     /// A fixed-size read past the cap on header size; declared lengths and counts that would
     /// need that much get their own variants below.
-    #[error(
-        "{what} at byte {offset} lies beyond the first {} bytes, the most a GGUF header may take",
-        MAX_HEADER_BYTES
-    )]
+    #[error("{what} at byte {offset} lies beyond the first {} bytes, the most a GGUF header may take", MAX_HEADER_BYTES)]
     HeaderTooLarge { what: String, offset: u64 },
 
     /// `offset` is that of the first byte that is not valid UTF-8.
@@ -39,46 +31,22 @@ pub enum GgufError {
     UnknownValueType { what: String, offset: u64, ty: u32 },
 
     #[error("{what} at byte {offset} is a bool stored as {value}; only 0 and 1 are valid")]
-    BadBool {
-        what: String,
-        offset: u64,
-        value: u8,
-    },
+    BadBool { what: String, offset: u64, value: u8 },
 
     // The next three are lengths and counts no valid file has: they would not fit in the
     // limits on header size (MAX_HEADER_BYTES and friends). A plausible length that merely
     // runs past the end of the file is Truncated instead. `max` is what would have fit.
     #[error("{what} at byte {offset} declares a length of {len} bytes; at most {max} fit in a GGUF header")]
-    StringTooLong {
-        what: String,
-        offset: u64,
-        len: u64,
-        max: u64,
-    },
+    StringTooLong { what: String, offset: u64, len: u64, max: u64 },
 
     #[error("metadata '{key}': the array at byte {offset} declares {len} elements of type {elem_type}; at most {max} fit in a GGUF header")]
-    ArrayTooLong {
-        key: String,
-        offset: u64,
-        len: u64,
-        elem_type: &'static str,
-        max: u64,
-    },
+    ArrayTooLong { key: String, offset: u64, len: u64, elem_type: &'static str, max: u64 },
 
     #[error("the {what} at byte {offset} is {count}; at most {max} fit in a GGUF header")]
-    CountTooLarge {
-        what: &'static str,
-        offset: u64,
-        count: u64,
-        max: u64,
-    },
+    CountTooLarge { what: &'static str, offset: u64, count: u64, max: u64 },
 
     #[error("metadata '{key}': arrays nested more than {max} deep at byte {offset}")]
-    NestingTooDeep {
-        key: String,
-        offset: u64,
-        max: usize,
-    },
+    NestingTooDeep { key: String, offset: u64, max: usize },
 
     #[error("metadata key '{key}' appears twice (the second time at byte {offset})")]
     DuplicateKey { key: String, offset: u64 },
@@ -88,78 +56,38 @@ pub enum GgufError {
 
     /// Also used for a dimension count of zero.
     #[error("tensor '{tensor}': {n_dims} dimensions (at byte {offset}); GGUF tensors have 1 to 4")]
-    TooManyDims {
-        tensor: String,
-        n_dims: u32,
-        offset: u64,
-    },
+    TooManyDims { tensor: String, n_dims: u32, offset: u64 },
 
     #[error("tensor '{tensor}': dimensions {dims:?} are invalid: {reason}")]
-    ZeroOrOverflowingDims {
-        tensor: String,
-        dims: Vec<u64>,
-        reason: &'static str,
-    },
+    ZeroOrOverflowingDims { tensor: String, dims: Vec<u64>, reason: &'static str },
 
     #[error("tensor '{tensor}': unknown GGML type id {id} (at byte {offset})")]
-    UnknownTensorType {
-        tensor: String,
-        id: u32,
-        offset: u64,
-    },
+    UnknownTensorType { tensor: String, id: u32, offset: u64 },
 
     #[error("tensor '{tensor}': rows of {ne0} elements are not a whole number of {ty} blocks ({block} elements each)")]
-    RowNotWholeBlocks {
-        tensor: String,
-        ty: GgmlType,
-        ne0: u64,
-        block: usize,
-    },
+    RowNotWholeBlocks { tensor: String, ty: GgmlType, ne0: u64, block: usize },
 
-    #[error(
-        "tensor '{tensor}': data offset {offset} is not a multiple of the alignment {alignment}"
-    )]
-    MisalignedOffset {
-        tensor: String,
-        offset: u64,
-        alignment: u64,
-    },
+    #[error("tensor '{tensor}': data offset {offset} is not a multiple of the alignment {alignment}")]
+    MisalignedOffset { tensor: String, offset: u64, alignment: u64 },
 
     #[error("tensor '{tensor}': data offset {offset} plus the tensor's size overflows a 64-bit file position")]
     OffsetOverflow { tensor: String, offset: u64 },
 
     #[error("tensor '{tensor}': data ends at byte {end} but the file is {file_len} bytes")]
-    TensorOutOfBounds {
-        tensor: String,
-        end: u64,
-        file_len: u64,
-    },
+    TensorOutOfBounds { tensor: String, end: u64, file_len: u64 },
 
     /// Offsets are relative to the data section, as stored in the file.
     #[error("tensors '{first}' and '{second}' overlap: '{first}' ends at data offset {first_end} but '{second}' starts at data offset {second_start}")]
-    OverlappingTensors {
-        first: String,
-        second: String,
-        first_end: u64,
-        second_start: u64,
-    },
+    OverlappingTensors { first: String, second: String, first_end: u64, second_start: u64 },
 
     #[error("tensor '{tensor}' appears twice (the second time at byte {offset})")]
     DuplicateTensor { tensor: String, offset: u64 },
 
     #[error("metadata '{key}' is {found}, expected {expected}")]
-    WrongMetadataType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongMetadataType { key: String, expected: &'static str, found: String },
 
     #[error("metadata '{key}' is {value}, which does not fit in {expected}")]
-    ValueOutOfRange {
-        key: String,
-        value: String,
-        expected: &'static str,
-    },
+    ValueOutOfRange { key: String, value: String, expected: &'static str },
 
     #[error("metadata key '{key}' is missing")]
     MissingKey { key: String },

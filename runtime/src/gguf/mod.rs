@@ -70,16 +70,11 @@ impl TensorInfo {
     }
 
     pub fn n_rows(&self) -> u64 {
-        self.dims
-            .iter()
-            .skip(1)
-            .fold(1u64, |n, &d| n.saturating_mul(d))
+        self.dims.iter().skip(1).fold(1u64, |n, &d| n.saturating_mul(d))
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.ty
-            .row_bytes(self.row_len())
-            .map_or(u64::MAX, |row| row.saturating_mul(self.n_rows()))
+        self.ty.row_bytes(self.row_len()).map_or(u64::MAX, |row| row.saturating_mul(self.n_rows()))
     }
 }
 
@@ -135,11 +130,7 @@ impl Gguf {
         for t in &self.tensors {
             let end = self.tensor_data_range(t).end;
             if end > file_len {
-                return Err(GgufError::TensorOutOfBounds {
-                    tensor: t.name.clone(),
-                    end,
-                    file_len,
-                });
+                return Err(GgufError::TensorOutOfBounds { tensor: t.name.clone(), end, file_len });
             }
         }
         Ok(())
@@ -197,18 +188,14 @@ impl Gguf {
         required(key, self.get_str_opt(key))
     }
     pub fn get_str_opt(&self, key: &str) -> Result<Option<&str>, GgufError> {
-        self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| wrong_type(key, "a string", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_str().ok_or_else(|| wrong_type(key, "a string", v))).transpose()
     }
 
     pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
         required(key, self.get_bool_opt(key))
     }
     pub fn get_bool_opt(&self, key: &str) -> Result<Option<bool>, GgufError> {
-        self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "a bool", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "a bool", v))).transpose()
     }
 
     /// Any array's items.
@@ -216,9 +203,7 @@ impl Gguf {
         required(key, self.get_array_opt(key))
     }
     pub fn get_array_opt(&self, key: &str) -> Result<Option<&[MetadataValue]>, GgufError> {
-        self.get(key)
-            .map(|v| v.as_array().ok_or_else(|| wrong_type(key, "an array", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_array().ok_or_else(|| wrong_type(key, "an array", v))).transpose()
     }
 
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
@@ -229,9 +214,7 @@ impl Gguf {
             return Ok(None);
         };
         let items = typed_array(key, v, "an array of strings", |t| t == ValueType::String)?;
-        Ok(Some(
-            items.iter().filter_map(MetadataValue::as_str).collect(),
-        ))
+        Ok(Some(items.iter().filter_map(MetadataValue::as_str).collect()))
     }
 
     /// Arrays of F32 or F64 (F64 rounded).
@@ -242,15 +225,8 @@ impl Gguf {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let items = typed_array(key, v, "an array of floats", |t| {
-            matches!(t, ValueType::F32 | ValueType::F64)
-        })?;
-        Ok(Some(
-            items
-                .iter()
-                .filter_map(|x| x.as_f64().map(|x| x as f32))
-                .collect(),
-        ))
+        let items = typed_array(key, v, "an array of floats", |t| matches!(t, ValueType::F32 | ValueType::F64))?;
+        Ok(Some(items.iter().filter_map(|x| x.as_f64().map(|x| x as f32)).collect()))
     }
 
     /// Arrays of any integer type whose values all fit in an i32.
@@ -265,11 +241,7 @@ impl Gguf {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let x = item.as_i128().unwrap_or_default(); // the element type is an integer type
-            let x = i32::try_from(x).map_err(|_| GgufError::ValueOutOfRange {
-                key: key.to_string(),
-                value: format!("{x} at element {i}"),
-                expected: "i32",
-            })?;
+            let x = i32::try_from(x).map_err(|_| GgufError::ValueOutOfRange { key: key.to_string(), value: format!("{x} at element {i}"), expected: "i32" })?;
             out.push(x);
         }
         Ok(Some(out))
@@ -277,46 +249,23 @@ impl Gguf {
 }
 
 fn required<T>(key: &str, v: Result<Option<T>, GgufError>) -> Result<T, GgufError> {
-    v?.ok_or_else(|| GgufError::MissingKey {
-        key: key.to_string(),
-    })
+    v?.ok_or_else(|| GgufError::MissingKey { key: key.to_string() })
 }
 
 fn wrong_type(key: &str, expected: &'static str, v: &MetadataValue) -> GgufError {
-    GgufError::WrongMetadataType {
-        key: key.to_string(),
-        expected,
-        found: v.type_name(),
-    }
+    GgufError::WrongMetadataType { key: key.to_string(), expected, found: v.type_name() }
 }
 
-fn integer<T: TryFrom<i128>>(
-    key: &str,
-    v: &MetadataValue,
-    name: &'static str,
-) -> Result<T, GgufError> {
-    let x = v
-        .as_i128()
-        .ok_or_else(|| wrong_type(key, "an integer", v))?;
-    T::try_from(x).map_err(|_| GgufError::ValueOutOfRange {
-        key: key.to_string(),
-        value: x.to_string(),
-        expected: name,
-    })
+fn integer<T: TryFrom<i128>>(key: &str, v: &MetadataValue, name: &'static str) -> Result<T, GgufError> {
+    let x = v.as_i128().ok_or_else(|| wrong_type(key, "an integer", v))?;
+    T::try_from(x).map_err(|_| GgufError::ValueOutOfRange { key: key.to_string(), value: x.to_string(), expected: name })
 }
 
 fn float(key: &str, v: &MetadataValue) -> Result<f32, GgufError> {
-    v.as_f64()
-        .map(|x| x as f32)
-        .ok_or_else(|| wrong_type(key, "a float", v))
+    v.as_f64().map(|x| x as f32).ok_or_else(|| wrong_type(key, "a float", v))
 }
 
-fn typed_array<'a>(
-    key: &str,
-    v: &'a MetadataValue,
-    expected: &'static str,
-    elem_ok: impl Fn(ValueType) -> bool,
-) -> Result<&'a [MetadataValue], GgufError> {
+fn typed_array<'a>(key: &str, v: &'a MetadataValue, expected: &'static str, elem_ok: impl Fn(ValueType) -> bool) -> Result<&'a [MetadataValue], GgufError> {
     match v {
         MetadataValue::Array { elem_type, items } if elem_ok(*elem_type) => Ok(items),
         _ => Err(wrong_type(key, expected, v)),
@@ -324,11 +273,7 @@ fn typed_array<'a>(
 }
 
 /// `read_from` with a chosen first chunk, so tests can make it take many steps.
-pub(crate) fn read_from_in_chunks<R: Read>(
-    mut reader: R,
-    file_len: u64,
-    first_chunk: u64,
-) -> Result<Gguf, GgufError> {
+pub(crate) fn read_from_in_chunks<R: Read>(mut reader: R, file_len: u64, first_chunk: u64) -> Result<Gguf, GgufError> {
     let mut buf = Vec::new();
     let mut want = first_chunk.max(1).min(file_len);
     loop {
@@ -336,27 +281,13 @@ pub(crate) fn read_from_in_chunks<R: Read>(
         let wanted = want.saturating_sub(have);
         // `want` never exceeds MAX_HEADER_BYTES, so the reservation is bounded.
         buf.reserve_exact(wanted as usize);
-        let got = reader
-            .by_ref()
-            .take(wanted)
-            .read_to_end(&mut buf)
-            .map_err(|source| GgufError::Io {
-                offset: have,
-                source,
-            })?;
+        let got = reader.by_ref().take(wanted).read_to_end(&mut buf).map_err(|source| GgufError::Io { offset: have, source })?;
         // A reader that ends early means the file is shorter than the caller said.
-        let end = if (got as u64) < wanted {
-            buf.len() as u64
-        } else {
-            file_len
-        };
+        let end = if (got as u64) < wanted { buf.len() as u64 } else { file_len };
         match parse::parse_prefix(&buf, Some(end))? {
             Parse::Complete(g) => return Ok(g),
             Parse::NeedMore { at_least } => {
-                let doubled = (buf.len() as u64)
-                    .saturating_mul(2)
-                    .min(file_len)
-                    .min(MAX_HEADER_BYTES);
+                let doubled = (buf.len() as u64).saturating_mul(2).min(file_len).min(MAX_HEADER_BYTES);
                 want = doubled.max(at_least as u64);
             }
         }

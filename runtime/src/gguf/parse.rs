@@ -10,10 +10,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use super::{Gguf, GgufError, MetadataValue, Parse, TensorInfo, ValueType};
-use super::{
-    DEFAULT_ALIGNMENT, MAX_ARRAY_ELEMENTS, MAX_HEADER_BYTES, MAX_METADATA_KVS, MAX_NESTING,
-    MAX_TENSORS,
-};
+use super::{DEFAULT_ALIGNMENT, MAX_ARRAY_ELEMENTS, MAX_HEADER_BYTES, MAX_METADATA_KVS, MAX_NESTING, MAX_TENSORS};
 use crate::ggml_type::GgmlType;
 
 /// The smallest encodings, which bound how many entries a count can honestly claim.
@@ -83,11 +80,7 @@ impl<'a> Cursor<'a> {
         // The cap holds whether or not the bytes are in hand, so that a whole file and its
         // prefixes give the same answer.
         if end > MAX_HEADER_BYTES {
-            return Err(GgufError::HeaderTooLarge {
-                what: what.to_string(),
-                offset: start,
-            }
-            .into());
+            return Err(GgufError::HeaderTooLarge { what: what.to_string(), offset: start }.into());
         }
         if end <= self.buf.len() as u64 {
             self.pos = end;
@@ -95,13 +88,7 @@ impl<'a> Cursor<'a> {
             return Ok(&self.buf[start as usize..end as usize]);
         }
         match self.file_len {
-            Some(file_len) if end > file_len => Err(GgufError::Truncated {
-                what: what.to_string(),
-                offset: start,
-                needed: n,
-                file_len,
-            }
-            .into()),
+            Some(file_len) if end > file_len => Err(GgufError::Truncated { what: what.to_string(), offset: start, needed: n, file_len }.into()),
             _ => Err(Stop::NeedMore(end)),
         }
     }
@@ -138,37 +125,20 @@ impl<'a> Cursor<'a> {
         let len = self.u64(what)?;
         let max = self.room();
         if len > max {
-            return Err(GgufError::StringTooLong {
-                what: what.to_string(),
-                offset: start,
-                len,
-                max,
-            }
-            .into());
+            return Err(GgufError::StringTooLong { what: what.to_string(), offset: start, len, max }.into());
         }
         let text_start = self.pos;
         let bytes = self.take(len, what)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
-            Err(e) => Err(GgufError::InvalidUtf8 {
-                what: what.to_string(),
-                offset: text_start + e.valid_up_to() as u64,
-            }
-            .into()),
+            Err(e) => Err(GgufError::InvalidUtf8 { what: what.to_string(), offset: text_start + e.valid_up_to() as u64 }.into()),
         }
     }
 
     fn value_type(&mut self, key: &str, what: What) -> R<ValueType> {
         let offset = self.pos;
         let ty = self.u32(what)?;
-        ValueType::from_id(ty).ok_or_else(|| {
-            GgufError::UnknownValueType {
-                what: What::Value { key }.to_string(),
-                offset,
-                ty,
-            }
-            .into()
-        })
+        ValueType::from_id(ty).ok_or_else(|| GgufError::UnknownValueType { what: What::Value { key }.to_string(), offset, ty }.into())
     }
 
     /// One value of type `ty`; `depth` is the number of arrays around it.
@@ -191,14 +161,7 @@ impl<'a> Cursor<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => V::Bool(false),
                     1 => V::Bool(true),
-                    value => {
-                        return Err(GgufError::BadBool {
-                            what: what.to_string(),
-                            offset,
-                            value,
-                        }
-                        .into())
-                    }
+                    value => return Err(GgufError::BadBool { what: what.to_string(), offset, value }.into()),
                 }
             }
             ValueType::String => V::String(self.string(what)?),
@@ -210,26 +173,14 @@ impl<'a> Cursor<'a> {
         let what = What::Value { key };
         let start = self.pos;
         if depth + 1 > MAX_NESTING {
-            return Err(GgufError::NestingTooDeep {
-                key: key.to_string(),
-                offset: start,
-                max: MAX_NESTING,
-            }
-            .into());
+            return Err(GgufError::NestingTooDeep { key: key.to_string(), offset: start, max: MAX_NESTING }.into());
         }
         let elem_type = self.value_type(key, what)?;
         let len = self.u64(what)?;
         let max = self.elements_left.min(self.room() / elem_type.min_size());
         if len > max {
             let elem_type = elem_type.name();
-            return Err(GgufError::ArrayTooLong {
-                key: key.to_string(),
-                offset: start,
-                len,
-                elem_type,
-                max,
-            }
-            .into());
+            return Err(GgufError::ArrayTooLong { key: key.to_string(), offset: start, len, elem_type, max }.into());
         }
         self.elements_left -= len;
         let capacity = match elem_type.fixed_size() {
@@ -250,32 +201,18 @@ impl<'a> Cursor<'a> {
         Ok(MetadataValue::Array { elem_type, items })
     }
 
-    fn tensor_info(
-        &mut self,
-        index: u64,
-        names: &mut HashSet<String>,
-        alignment: u64,
-    ) -> R<TensorInfo> {
+    fn tensor_info(&mut self, index: u64, names: &mut HashSet<String>, alignment: u64) -> R<TensorInfo> {
         let name_offset = self.pos;
         let name = self.string(What::TensorName { index })?;
         if names.contains(&name) {
-            return Err(GgufError::DuplicateTensor {
-                tensor: name,
-                offset: name_offset,
-            }
-            .into());
+            return Err(GgufError::DuplicateTensor { tensor: name, offset: name_offset }.into());
         }
         let field = |field| What::Tensor { name: &name, field };
 
         let n_dims_offset = self.pos;
         let n_dims = self.u32(field("dimension count"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(GgufError::TooManyDims {
-                tensor: name,
-                n_dims,
-                offset: n_dims_offset,
-            }
-            .into());
+            return Err(GgufError::TooManyDims { tensor: name, n_dims, offset: n_dims_offset }.into());
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -286,65 +223,35 @@ impl<'a> Cursor<'a> {
         let offset = self.u64(field("data offset"))?;
 
         let Some(ty) = GgmlType::from_id(id) else {
-            return Err(GgufError::UnknownTensorType {
-                tensor: name,
-                id,
-                offset: type_offset,
-            }
-            .into());
+            return Err(GgufError::UnknownTensorType { tensor: name, id, offset: type_offset }.into());
         };
         check_dims(&name, &dims, ty)?;
         if !offset.is_multiple_of(alignment) {
-            return Err(GgufError::MisalignedOffset {
-                tensor: name,
-                offset,
-                alignment,
-            }
-            .into());
+            return Err(GgufError::MisalignedOffset { tensor: name, offset, alignment }.into());
         }
         names.insert(name.clone());
-        Ok(TensorInfo {
-            name,
-            dims,
-            ty,
-            offset,
-        })
+        Ok(TensorInfo { name, dims, ty, offset })
     }
 }
 
 /// Dims must give a nonzero element count and byte size that fit ggml's int64 sizes, with
 /// rows made of whole blocks. After this, TensorInfo's size methods cannot overflow.
 fn check_dims(name: &str, dims: &[u64], ty: GgmlType) -> Result<(), GgufError> {
-    let bad = |reason| GgufError::ZeroOrOverflowingDims {
-        tensor: name.to_string(),
-        dims: dims.to_vec(),
-        reason,
-    };
+    let bad = |reason| GgufError::ZeroOrOverflowingDims { tensor: name.to_string(), dims: dims.to_vec(), reason };
     if dims.contains(&0) {
         return Err(bad("a dimension is zero"));
     }
-    let n = dims
-        .iter()
-        .try_fold(1u64, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= i64::MAX as u64);
+    let n = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).filter(|&n| n <= i64::MAX as u64);
     if n.is_none() {
         return Err(bad("the element count overflows"));
     }
     let ne0 = dims[0];
     let block = ty.block_elems();
     if !ne0.is_multiple_of(block as u64) {
-        return Err(GgufError::RowNotWholeBlocks {
-            tensor: name.to_string(),
-            ty,
-            ne0,
-            block,
-        });
+        return Err(GgufError::RowNotWholeBlocks { tensor: name.to_string(), ty, ne0, block });
     }
     let rows: u64 = dims[1..].iter().product(); // divides n, so no overflow
-    let size = ty
-        .row_bytes(ne0)
-        .and_then(|b| b.checked_mul(rows))
-        .filter(|&s| s <= i64::MAX as u64);
+    let size = ty.row_bytes(ne0).and_then(|b| b.checked_mul(rows)).filter(|&s| s <= i64::MAX as u64);
     if size.is_none() {
         return Err(bad("the size in bytes overflows"));
     }
@@ -357,12 +264,7 @@ fn parse(buf: &[u8], file_len: Option<u64>) -> R<Gguf> {
         Some(len) if len < buf.len() as u64 => &buf[..len as usize],
         _ => buf,
     };
-    let mut c = Cursor {
-        buf,
-        pos: 0,
-        file_len,
-        elements_left: MAX_ARRAY_ELEMENTS,
-    };
+    let mut c = Cursor { buf, pos: 0, file_len, elements_left: MAX_ARRAY_ELEMENTS };
 
     let magic = c.array::<4>(What::Magic)?;
     if &magic != b"GGUF" {
@@ -379,24 +281,13 @@ fn parse(buf: &[u8], file_len: Option<u64>) -> R<Gguf> {
     let kv_count = c.u64(What::KvCount)?;
     let max = MAX_TENSORS.min(c.room() / MIN_TENSOR_INFO_BYTES);
     if tensor_count > max {
-        let e = GgufError::CountTooLarge {
-            what: "tensor count",
-            offset: tensor_count_offset,
-            count: tensor_count,
-            max,
-        };
+        let e = GgufError::CountTooLarge { what: "tensor count", offset: tensor_count_offset, count: tensor_count, max };
         return Err(e.into());
     }
     let max = MAX_METADATA_KVS.min(c.room() / MIN_KV_BYTES);
     if kv_count > max {
         let what = "metadata key-value count";
-        return Err(GgufError::CountTooLarge {
-            what,
-            offset: kv_count_offset,
-            count: kv_count,
-            max,
-        }
-        .into());
+        return Err(GgufError::CountTooLarge { what, offset: kv_count_offset, count: kv_count, max }.into());
     }
 
     let mut metadata = Vec::with_capacity(c.capacity(kv_count, MIN_KV_BYTES));
@@ -405,11 +296,7 @@ fn parse(buf: &[u8], file_len: Option<u64>) -> R<Gguf> {
         let key_offset = c.pos;
         let key = c.string(What::Key { index })?;
         if keys.contains(&key) {
-            return Err(GgufError::DuplicateKey {
-                key,
-                offset: key_offset,
-            }
-            .into());
+            return Err(GgufError::DuplicateKey { key, offset: key_offset }.into());
         }
         let ty = c.value_type(&key, What::ValueType { key: &key })?;
         let value = c.value(ty, &key, 0)?;
@@ -427,13 +314,7 @@ fn parse(buf: &[u8], file_len: Option<u64>) -> R<Gguf> {
     // c.pos <= MAX_HEADER_BYTES and alignment <= 2^31, so this cannot overflow.
     let data_offset = c.pos.div_ceil(alignment) * alignment;
     check_layout(&tensors, data_offset)?;
-    Ok(Gguf {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_offset,
-    })
+    Ok(Gguf { version, metadata, tensors, alignment, data_offset })
 }
 
 fn alignment(metadata: &[(String, MetadataValue)]) -> Result<u64, GgufError> {
@@ -442,33 +323,20 @@ fn alignment(metadata: &[(String, MetadataValue)]) -> Result<u64, GgufError> {
         return Ok(DEFAULT_ALIGNMENT);
     };
     let Some(a) = v.as_i128() else {
-        return Err(GgufError::WrongMetadataType {
-            key: KEY.to_string(),
-            expected: "a u32",
-            found: v.type_name(),
-        });
+        return Err(GgufError::WrongMetadataType { key: KEY.to_string(), expected: "a u32", found: v.type_name() });
     };
     // ggml stores the alignment as a u32.
     match u32::try_from(a) {
         Ok(a) if a.is_power_of_two() => Ok(a.into()),
-        _ => Err(GgufError::BadAlignment {
-            value: a.to_string(),
-        }),
+        _ => Err(GgufError::BadAlignment { value: a.to_string() }),
     }
 }
 
 /// Every tensor's data must have a representable end and no two may share bytes.
 fn check_layout(tensors: &[TensorInfo], data_offset: u64) -> Result<(), GgufError> {
     for t in tensors {
-        if data_offset
-            .checked_add(t.offset)
-            .and_then(|o| o.checked_add(t.size_bytes()))
-            .is_none()
-        {
-            return Err(GgufError::OffsetOverflow {
-                tensor: t.name.clone(),
-                offset: t.offset,
-            });
+        if data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.size_bytes())).is_none() {
+            return Err(GgufError::OffsetOverflow { tensor: t.name.clone(), offset: t.offset });
         }
     }
     let mut order: Vec<&TensorInfo> = tensors.iter().collect();
@@ -477,12 +345,7 @@ fn check_layout(tensors: &[TensorInfo], data_offset: u64) -> Result<(), GgufErro
         let (a, b) = (pair[0], pair[1]);
         let a_end = a.offset + a.size_bytes(); // checked above
         if a_end > b.offset {
-            return Err(GgufError::OverlappingTensors {
-                first: a.name.clone(),
-                second: b.name.clone(),
-                first_end: a_end,
-                second_start: b.offset,
-            });
+            return Err(GgufError::OverlappingTensors { first: a.name.clone(), second: b.name.clone(), first_end: a_end, second_start: b.offset });
         }
     }
     Ok(())
@@ -499,12 +362,7 @@ pub(super) fn parse_file(bytes: &[u8]) -> Result<Gguf, GgufError> {
         Err(Stop::Err(e)) => Err(e),
         // With the file's end known every short read is Truncated; this arm only keeps the
         // function total.
-        Err(Stop::NeedMore(at_least)) => Err(GgufError::Truncated {
-            what: "the header".to_string(),
-            offset: len,
-            needed: at_least.saturating_sub(len),
-            file_len: len,
-        }),
+        Err(Stop::NeedMore(at_least)) => Err(GgufError::Truncated { what: "the header".to_string(), offset: len, needed: at_least.saturating_sub(len), file_len: len }),
     }
 }
 
@@ -518,8 +376,6 @@ pub(super) fn parse_prefix(prefix: &[u8], file_len: Option<u64>) -> Result<Parse
         }
         Err(Stop::Err(e)) => Err(e),
         // at_least <= MAX_HEADER_BYTES, which fits a usize even on wasm32.
-        Err(Stop::NeedMore(at_least)) => Ok(Parse::NeedMore {
-            at_least: at_least as usize,
-        }),
+        Err(Stop::NeedMore(at_least)) => Ok(Parse::NeedMore { at_least: at_least as usize }),
     }
 }

@@ -209,38 +209,23 @@ impl MetadataValue {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let items = items
-            .into_iter()
-            .map(|s| MetadataValue::String(s.into()))
-            .collect();
-        MetadataValue::Array {
-            elem_type: ValueType::String,
-            items,
-        }
+        let items = items.into_iter().map(|s| MetadataValue::String(s.into())).collect();
+        MetadataValue::Array { elem_type: ValueType::String, items }
     }
 
     pub fn f32_array(items: impl IntoIterator<Item = f32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::F32).collect();
-        MetadataValue::Array {
-            elem_type: ValueType::F32,
-            items,
-        }
+        MetadataValue::Array { elem_type: ValueType::F32, items }
     }
 
     pub fn i32_array(items: impl IntoIterator<Item = i32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::I32).collect();
-        MetadataValue::Array {
-            elem_type: ValueType::I32,
-            items,
-        }
+        MetadataValue::Array { elem_type: ValueType::I32, items }
     }
 
     pub fn u32_array(items: impl IntoIterator<Item = u32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::U32).collect();
-        MetadataValue::Array {
-            elem_type: ValueType::U32,
-            items,
-        }
+        MetadataValue::Array { elem_type: ValueType::U32, items }
     }
 }
 

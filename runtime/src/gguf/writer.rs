@@ -33,12 +33,7 @@ impl Default for GgufWriter {
 
 impl GgufWriter {
     pub fn new() -> GgufWriter {
-        GgufWriter {
-            version: 3,
-            alignment: DEFAULT_ALIGNMENT,
-            metadata: Vec::new(),
-            tensors: Vec::new(),
-        }
+        GgufWriter { version: 3, alignment: DEFAULT_ALIGNMENT, metadata: Vec::new(), tensors: Vec::new() }
     }
 
     /// The version number written; the layout is the same for 2 and 3.
@@ -52,11 +47,7 @@ impl GgufWriter {
     pub fn alignment(&mut self, alignment: u64) -> &mut Self {
         self.alignment = alignment;
         let value = MetadataValue::U32(alignment as u32);
-        match self
-            .metadata
-            .iter_mut()
-            .find(|(k, _)| k == "general.alignment")
-        {
+        match self.metadata.iter_mut().find(|(k, _)| k == "general.alignment") {
             Some(entry) => entry.1 = value,
             None => self.metadata.push(("general.alignment".to_string(), value)),
         }
@@ -64,29 +55,14 @@ impl GgufWriter {
     }
 
     /// Appends a key (a repeated key is written twice).
-    pub fn add_metadata(
-        &mut self,
-        key: impl Into<String>,
-        value: impl Into<MetadataValue>,
-    ) -> &mut Self {
+    pub fn add_metadata(&mut self, key: impl Into<String>, value: impl Into<MetadataValue>) -> &mut Self {
         self.metadata.push((key.into(), value.into()));
         self
     }
 
     /// `dims[0]` is the row length; `bytes` is the tensor's data, unpadded.
-    pub fn add_tensor(
-        &mut self,
-        name: impl Into<String>,
-        dims: &[u64],
-        ty: GgmlType,
-        bytes: Vec<u8>,
-    ) -> &mut Self {
-        self.tensors.push(PendingTensor {
-            name: name.into(),
-            dims: dims.to_vec(),
-            ty,
-            bytes,
-        });
+    pub fn add_tensor(&mut self, name: impl Into<String>, dims: &[u64], ty: GgmlType, bytes: Vec<u8>) -> &mut Self {
+        self.tensors.push(PendingTensor { name: name.into(), dims: dims.to_vec(), ty, bytes });
         self
     }
 
@@ -156,12 +132,7 @@ fn write_value(out: &mut Vec<u8>, value: &MetadataValue) {
             out.extend_from_slice(&elem_type.id().to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for item in items {
-                assert_eq!(
-                    item.value_type(),
-                    *elem_type,
-                    "GgufWriter: an array of {elem_type} holds a {} item",
-                    item.type_name()
-                );
+                assert_eq!(item.value_type(), *elem_type, "GgufWriter: an array of {elem_type} holds a {} item", item.type_name());
                 write_value(out, item);
             }
         }

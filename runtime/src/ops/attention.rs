@@ -110,9 +110,7 @@ impl Recorder<'_> {
         let quads_of_8 = sg8 && a.head_dim.is_multiple_of(32);
         let per_kv = a.n_head / a.n_kv_head;
         // each lane of the key-splitting kernel walks an eighth of the keys, the others all
-        let fits = |lanes_per_query: u32| {
-            (a.pos0 + a.n_q).div_ceil(lanes_per_query) as u64 * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET
-        };
+        let fits = |lanes_per_query: u32| (a.pos0 + a.n_q).div_ceil(lanes_per_query) as u64 * (1 + a.head_dim as u64 / 16) <= LLVMPIPE_LOOP_BUDGET;
         [
             (AttentionKernel::Broadcast, quads_of_8 && a.n_q >= QUERY_WG && o.attention_broadcast != Some(false) && fits(1)),
             (
@@ -141,21 +139,10 @@ impl Recorder<'_> {
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
     pub async fn attention(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, a: AttentionArgs) -> Result<(), GpuError> {
         if a.head_dim > MAX_HEAD_DIM || !a.head_dim.is_multiple_of(2) || a.n_kv_head == 0 || !a.n_head.is_multiple_of(a.n_kv_head) {
-            return Err(GpuError::Unsupported(format!(
-                "attention with head_dim {} and {}/{} heads",
-                a.head_dim, a.n_head, a.n_kv_head
-            )));
+            return Err(GpuError::Unsupported(format!("attention with head_dim {} and {}/{} heads", a.head_dim, a.n_head, a.n_kv_head)));
         }
-        let params = AttentionParams {
-            n_q: a.n_q,
-            n_head: a.n_head,
-            n_kv_head: a.n_kv_head,
-            head_dim: a.head_dim,
-            pos0: a.pos0,
-            window: a.window,
-            scale: a.scale,
-            _pad: 0,
-        };
+        let params =
+            AttentionParams { n_q: a.n_q, n_head: a.n_head, n_kv_head: a.n_kv_head, head_dim: a.head_dim, pos0: a.pos0, window: a.window, scale: a.scale, _pad: 0 };
         let kernel = self.attention_kernel(&a);
         if kernel == AttentionKernel::PerWorkgroup && !self.attention_fits_llvmpipe(&a) {
             return Err(GpuError::Unsupported(format!(

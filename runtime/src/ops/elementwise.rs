@@ -37,8 +37,7 @@ impl Recorder<'_> {
     async fn elementwise_b(&mut self, entry: &'static str, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32, b_len: u32) -> Result<(), GpuError> {
         let (gx, gy) = grid(n.div_ceil(256));
         let params = ElementwiseParams { n, s, b_len: b_len.max(1), offset: 0, width: 1, _pad: [0; 3] };
-        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() }, &[a, b, out], &params, (gx, gy, 1))
-            .await
+        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry, defines: Defines::new() }, &[a, b, out], &params, (gx, gy, 1)).await
     }
 
     pub async fn add(&mut self, a: &wgpu::Buffer, b: &wgpu::Buffer, out: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
@@ -59,8 +58,7 @@ impl Recorder<'_> {
         let n = n_tokens * width;
         let (gx, gy) = grid(n.div_ceil(256));
         let params = ElementwiseParams { n, s, b_len: b_width, offset, width: width.max(1), _pad: [0; 3] };
-        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry: "accumulate_rows", defines: Defines::new() }, &[b, b, y], &params, (gx, gy, 1))
-            .await
+        self.dispatch(PipelineKey { file: "elementwise.wgsl", entry: "accumulate_rows", defines: Defines::new() }, &[b, b, y], &params, (gx, gy, 1)).await
     }
     pub async fn scale(&mut self, a: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, s: f32) -> Result<(), GpuError> {
         self.elementwise("scale", a, a, out, n, s).await

@@ -23,10 +23,7 @@ params! {
 
 /// gather.wgsl for every weight type.
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
-    crate::ggml_type::KERNEL_TYPES
-        .into_iter()
-        .map(|ty| PipelineKey { file: "gather.wgsl", entry: "main", defines: Defines::new().flag(&type_define(ty)) })
-        .collect()
+    crate::ggml_type::KERNEL_TYPES.into_iter().map(|ty| PipelineKey { file: "gather.wgsl", entry: "main", defines: Defines::new().flag(&type_define(ty)) }).collect()
 }
 
 impl Recorder<'_> {
@@ -34,8 +31,7 @@ impl Recorder<'_> {
     pub async fn gather(&mut self, table: &GpuMatrix, ids: &wgpu::Buffer, out: &wgpu::Buffer, m: u32) -> Result<(), GpuError> {
         for c in &table.chunks {
             let params = GatherParams { n_rows: c.n_rows, k: table.k, row_bytes: table.kernel_row_bytes(), row_offset: c.first_row, m, _pad: [0; 3] };
-            self.dispatch(PipelineKey { file: "gather.wgsl", entry: "main", defines: table.defines() }, &[&c.buffer, ids, out], &params, (m, 1, 1))
-                .await?;
+            self.dispatch(PipelineKey { file: "gather.wgsl", entry: "main", defines: table.defines() }, &[&c.buffer, ids, out], &params, (m, 1, 1)).await?;
         }
         Ok(())
     }

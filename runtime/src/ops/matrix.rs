@@ -61,10 +61,7 @@ impl GpuMatrix {
         supports_quant_op(ty, k).map_err(|m| GpuError::Unsupported(format!("tensor '{name}': {m}")))?;
         let row_bytes = ty.row_bytes(k).unwrap();
         if bytes.len() as u64 != row_bytes * n_rows {
-            return Err(GpuError::Unsupported(format!(
-                "tensor '{name}': {} bytes given for {n_rows} rows of {row_bytes}",
-                bytes.len()
-            )));
+            return Err(GpuError::Unsupported(format!("tensor '{name}': {} bytes given for {n_rows} rows of {row_bytes}", bytes.len())));
         }
         if row_bytes + WEIGHT_PAD as u64 + 256 > gpu.max_binding() {
             return Err(GpuError::Unsupported(format!("tensor '{name}': one row ({row_bytes} bytes) exceeds the device's binding limit")));

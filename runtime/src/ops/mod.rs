@@ -86,4 +86,3 @@ pub fn grid(n: u32) -> (u32, u32) {
         (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
     }
 }
-

@@ -42,7 +42,16 @@ impl Recorder<'_> {
 
     /// out = resid + rms_norm(x)·w over rows x, resid, out: [n_rows][n].
     #[allow(clippy::too_many_arguments)]
-    pub async fn rms_norm_add(&mut self, x: &wgpu::Buffer, w: &wgpu::Buffer, resid: &wgpu::Buffer, out: &wgpu::Buffer, n: u32, n_rows: u32, eps: f32) -> Result<(), GpuError> {
+    pub async fn rms_norm_add(
+        &mut self,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        resid: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n: u32,
+        n_rows: u32,
+        eps: f32,
+    ) -> Result<(), GpuError> {
         self.norm_rows("rms_norm", Defines::new().flag("ADD_RESIDUAL"), &[x, w, resid, out], n, n_rows, eps).await
     }
 

@@ -78,8 +78,7 @@ impl Gpu {
         if let Some(p) = self.pipelines.get(&key) {
             return Ok(p);
         }
-        let source = shaders::generate(key.file, self.variant, &key.defines)
-            .map_err(|e| GpuError::Validation { what: "generating WGSL".into(), message: e })?;
+        let source = shaders::generate(key.file, self.variant, &key.defines).map_err(|e| GpuError::Validation { what: "generating WGSL".into(), message: e })?;
         let bind = layout_of(key.file);
         let what = format!("building {}:{} {:?}", key.file, key.entry, key.defines.0.keys().collect::<Vec<_>>());
         let p = self
@@ -97,19 +96,12 @@ impl Gpu {
                                 min_binding_size: None,
                             },
                             // each dispatch's slot of its recorder's parameter buffer
-                            Uniform => wgpu::BindingType::Buffer {
-                                ty: wgpu::BufferBindingType::Uniform,
-                                has_dynamic_offset: true,
-                                min_binding_size: None,
-                            },
+                            Uniform => wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: true, min_binding_size: None },
                         },
                         count: None,
                     })
                     .collect();
-                let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                    label: Some(key.file),
-                    entries: &entries,
-                });
+                let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(key.file), entries: &entries });
                 let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                     label: Some(key.file),
                     bind_group_layouts: &[Some(&layout)],

@@ -29,10 +29,19 @@ pub enum ProductIn<'a> {
 pub enum ProductOut<'a> {
     Split(&'a [&'a wgpu::Buffer]),
     Residual(&'a wgpu::Buffer),
-    Glu { out: &'a wgpu::Buffer, gelu: bool },
+    Glu {
+        out: &'a wgpu::Buffer,
+        gelu: bool,
+    },
     /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
     /// KV cache (see `Recorder::fuses_qkv_rope`).
-    QkvRope { q: &'a wgpu::Buffer, k_cache: &'a wgpu::Buffer, v_cache: &'a wgpu::Buffer, kv: KvType, rope: RopeArgs },
+    QkvRope {
+        q: &'a wgpu::Buffer,
+        k_cache: &'a wgpu::Buffer,
+        v_cache: &'a wgpu::Buffer,
+        kv: KvType,
+        rope: RopeArgs,
+    },
 }
 
 params! {
@@ -61,11 +70,7 @@ params! {
 
 /// matvec.wgsl's defines for weights of type `ty` in shape `s`.
 fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
-    let mut d = Defines::new()
-        .flag(&type_define(ty))
-        .value("TPR", format!("{}u", s.tpr))
-        .value("RPI", format!("{}u", s.rpi))
-        .value("WG", format!("{}u", s.wg));
+    let mut d = Defines::new().flag(&type_define(ty)).value("TPR", format!("{}u", s.tpr)).value("RPI", format!("{}u", s.rpi)).value("WG", format!("{}u", s.wg));
     if ty.block_elems() > 1 {
         d = d.flag("X_VEC4");
     }
@@ -86,12 +91,21 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     for ty in crate::ggml_type::KERNEL_TYPES {
         let d = Defines::new().flag(&type_define(ty));
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone() });
-        for (tpr, rpi, wg, x_broadcast) in [(1, 1, 64, false), (1, 4, 16, false), (1, 8, 8, false), (1, 8, 8, true), (4, 2, 64, false), (32, 1, 64, false), (64, 2, 256, false)] {
+        for (tpr, rpi, wg, x_broadcast) in
+            [(1, 1, 64, false), (1, 4, 16, false), (1, 8, 8, false), (1, 8, 8, true), (4, 2, 64, false), (32, 1, 64, false), (64, 2, 256, false)]
+        {
             keys.push(PipelineKey { file: "matvec.wgsl", entry: "main", defines: matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast }) });
         }
         // the fused modes, on the CPU and GPU shapes; CPU prefill's four-token tiles (quantized
         // types) take every mode, the plain one too
-        let fused: [&[&str]; 6] = [&["NORM_IN"], &["OUT_RESIDUAL"], &["NORM_IN", "OUT_GLU"], &["NORM_IN", "OUT_GLU", "GLU_GELU"], &["NORM_IN", "OUT_QKV_ROPE"], &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"]];
+        let fused: [&[&str]; 6] = [
+            &["NORM_IN"],
+            &["OUT_RESIDUAL"],
+            &["NORM_IN", "OUT_GLU"],
+            &["NORM_IN", "OUT_GLU", "GLU_GELU"],
+            &["NORM_IN", "OUT_QKV_ROPE"],
+            &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"],
+        ];
         for (tpr, rpi, wg, x_broadcast) in [(1, 8, 8, false), (1, 8, 8, true), (32, 2, 64, false)] {
             let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast });
             let mut with_modes = |d: &Defines, modes: &[&[&str]]| {
@@ -234,7 +248,11 @@ impl Recorder<'_> {
         let add_mode = |d: Defines| {
             let d = kv_defines.0.iter().fold(d, |d, (k, v)| d.value(k, v));
             let d = flags.iter().fold(d, |d, f| d.flag(f));
-            if norm.is_some() { d.flag("NORM_IN") } else { d }
+            if norm.is_some() {
+                d.flag("NORM_IN")
+            } else {
+                d
+            }
         };
         let glu = flags.contains(&"OUT_GLU");
         let pairs = glu || rope.is_some();

@@ -192,13 +192,7 @@ impl<'g> Recorder<'g> {
         &mut self.encoder
     }
 
-    pub(super) async fn dispatch<P: bytemuck::Pod>(
-        &mut self,
-        key: PipelineKey,
-        buffers: &[&wgpu::Buffer],
-        params: &P,
-        groups: (u32, u32, u32),
-    ) -> Result<(), GpuError> {
+    pub(super) async fn dispatch<P: bytemuck::Pod>(&mut self, key: PipelineKey, buffers: &[&wgpu::Buffer], params: &P, groups: (u32, u32, u32)) -> Result<(), GpuError> {
         // wgpu panics on buffers created on a lost device: report the loss instead
         self.gpu.check_lost()?;
         const { assert!(std::mem::size_of::<P>() as u64 <= PARAM_SLOT) };

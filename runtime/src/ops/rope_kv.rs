@@ -95,7 +95,17 @@ impl Recorder<'_> {
     /// positions a.pos0..: rope_kv.wgsl. q: [n_tokens][a.n_heads][head_dim]; k, v:
     /// [n_tokens][n_kv_head][head_dim]. With a.n_rot = 0 (and a.n_heads = 0) it only stores.
     #[allow(clippy::too_many_arguments)]
-    pub async fn rope_kv(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, kv: KvType, a: RopeArgs) -> Result<(), GpuError> {
+    pub async fn rope_kv(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        n_kv_head: u32,
+        kv: KvType,
+        a: RopeArgs,
+    ) -> Result<(), GpuError> {
         self.rope_kv_normed(q, k, v, k_cache, v_cache, n_kv_head, kv, a, None, None).await
     }
 
@@ -155,7 +165,18 @@ impl Recorder<'_> {
     /// Append k and v: [n_tokens][n_kv_head][head_dim] to the KV cache at positions pos0.. as
     /// they are (rope_kv without rotation).
     #[allow(clippy::too_many_arguments)]
-    pub async fn kv_store(&mut self, k: &wgpu::Buffer, v: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer, n_kv_head: u32, head_dim: u32, kv: KvType, n_tokens: u32, pos0: u32) -> Result<(), GpuError> {
+    pub async fn kv_store(
+        &mut self,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        n_kv_head: u32,
+        head_dim: u32,
+        kv: KvType,
+        n_tokens: u32,
+        pos0: u32,
+    ) -> Result<(), GpuError> {
         let a = RopeArgs { n_tokens, n_heads: 0, head_dim, n_rot: 0, pos0, neox: false, freq_base: 1.0, freq_scale: 1.0 };
         let q = &self.gpu.unused_buffers[0];
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
