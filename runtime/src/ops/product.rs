@@ -288,6 +288,10 @@ impl Recorder<'_> {
                 }
                 let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
                 let per = self.tokens_per_dispatch(w, shape, tiled, m);
+                if per >= m {
+                    self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
+                    continue;
+                }
                 for t_begin in (0..m).step_by(per as usize) {
                     let part = ProductParams { t_begin, m: (t_begin + per).min(m), ..params };
                     self.dispatch(key.clone(), &buffers, &part, (gx, gy, 1)).await?;
