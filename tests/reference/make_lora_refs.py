@@ -4,12 +4,14 @@
 How to run (from the repository root; a few minutes on 2 cores):
 
     pip install llama-cpp-python==0.3.36 gguf numpy     # CPU build; tested with gguf 0.19, numpy 2.4
-    scripts/fetch-models.sh                             # the two test models, into $NOMOAT_CACHE/models
-    python3 tests/reference/make_lora_refs.py           # both models
+    scripts/fetch-models.sh                             # the three test models, into $NOMOAT_CACHE/models
+    python3 tests/reference/make_lora_refs.py           # all three models
     python3 tests/reference/make_lora_refs.py --model gemma-3-270m-q4_k_m.gguf   # just one
+    python3 tests/reference/make_lora_refs.py --model qwen2.5-coder-0.5b-instruct.gguf  # Qwen only
     python3 tests/reference/make_lora_refs.py --no-f32  # skip the numpy float32 cross-check
     python3 tests/reference/make_lora_refs.py --layer-stride 3   # adapters on layers 0, 3, 6, ...
-                                                        # only (the committed files: stride 1)
+                                  # only (default: the committed files' stride, 1 for SmolLM2 and
+                                  # Gemma 3, 3 for Qwen2.5-Coder)
 
 Everything is deterministic: adapter values come from numpy's PCG64 generator seeded with
 crc32("<stem>.<adapter>"), llama.cpp runs with a fixed thread count and no sampling. Rerunning
@@ -25,6 +27,16 @@ What it writes, for each model <stem> (file name without .gguf), into tests/data
   <stem>.wrong_shape.gguf    (SmolLM2 only) negative fixture that llama.cpp refuses: see below
   <stem>.<prompt>.<setting>.logits.<f32|f16>   llama.cpp last-position logits
   <stem>.json                everything else (adapters, cases, checks), described in its "notes"
+
+Qwen2.5-Coder 0.5B Instruct (qwen2; the regression fixture for LoRA on long rows, see
+QWEN_ADAPTERS below) gets its own adapters, prompts and settings instead:
+  <stem>.down_r4.gguf        LoRA on ffn_down (lora_a n_in = n_ff = 4864) of layers 0, 3, ..., 21;
+                             rank 4, adapter.lora.alpha 8, F16 tensors
+  <stem>.all_r2.gguf         LoRA on attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down
+                             of layers 0, 3, ..., 21; rank 2, adapter.lora.alpha 1, F16 tensors
+  prompts short (4 tokens), chat64 (64: one full 64-token nomoat prefill batch), code96 (96: two);
+  settings base, down_r4 x1, all_r2 x1, down_r4 x1 plus all_r2 x1 ("stack"); f16 logits; the
+  llama.cpp self-checks below use down_r4 in place of attn_r8 (repeat check at scale 1).
 
 Adapter file format (llama.cpp's, as written by convert_lora_to_gguf.py and read by
 src/llama-adapter.cpp llama_adapter_lora_init_impl):
@@ -87,15 +99,18 @@ REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "data" / "lora"
 
 N_CTX = 512
-MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
-LOGITS_DTYPE = {"llama": "f32", "gemma3": "f16"}
+MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf",
+          "qwen2.5-coder-0.5b-instruct.gguf"]
+LOGITS_DTYPE = {"llama": "f32", "gemma3": "f16", "qwen2": "f16"}
 
 # std of the B entries per architecture and adapter; A entries have std 1/sqrt(n_in). Chosen so
 # that the adapters move the logits clearly (cosine to base ~0.6-0.999, some top-10 reshuffling,
 # a few top-1 changes on Gemma) without wrecking the model (Gemma 3 reacts far more strongly than
-# SmolLM2, whose top-1 survives even much larger adapters).
+# SmolLM2, whose top-1 survives even much larger adapters). Qwen's (rank 4 / 2, every 3rd layer
+# only): cosine to base 0.89-0.98 per adapter (0.77-0.79 stacked), clearly under the tests' 0.99 bound.
 SIGMA_B = {"llama": {"attn_r8": 0.04, "ffn_r16": 0.08},
-           "gemma3": {"attn_r8": 0.015, "ffn_r16": 0.03}}
+           "gemma3": {"attn_r8": 0.015, "ffn_r16": 0.03},
+           "qwen2": {"down_r4": 0.15, "all_r2": 0.3}}
 
 ADAPTERS = {
     # name: rank, alpha, target tensors (per layer), stored type
@@ -126,6 +141,59 @@ SETTINGS = [
     ("stack", [("attn_r8", 1.0), ("ffn_r16", 0.5)]),
 ]
 
+# --- Qwen2.5-Coder 0.5B Instruct (arch qwen2): the regression case for LoRA on long rows. ffn_down's
+# lora_a has n_in = n_ff = 4864, and a prefill batch of >= ~54 tokens made nomoat's per-invocation
+# loop over it overrun llvmpipe's 65,535-iteration limit. So: one adapter on ffn_down alone, one on
+# every projection kind, prompts of 64 tokens (one full 64-token nomoat prefill batch) and 96 (two
+# batches) besides a short one. Small F16 adapters of low rank on every 3rd layer keep the files small.
+QWEN_ADAPTERS = {
+    "down_r4": {"rank": 4, "alpha": 8.0, "targets": ["ffn_down"], "dtype": "f16"},
+    "all_r2": {"rank": 2, "alpha": 1.0,
+               "targets": ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"],
+               "dtype": "f16"},
+}
+
+QWEN_SETTINGS = [
+    ("base", []),
+    ("down_r4_x1", [("down_r4", 1.0)]),
+    ("all_r2_x1", [("all_r2", 1.0)]),
+    ("stack", [("down_r4", 1.0), ("all_r2", 1.0)]),
+]
+
+_QWEN_SYSTEM = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                "assistant.<|im_end|>\n")
+
+QWEN_PROMPTS = [
+    ("short", "def fibonacci(n):"),
+    # 64 tokens
+    ("chat64", _QWEN_SYSTEM + "<|im_start|>user\nWrite a Python function that returns the n-th "
+     "Fibonacci number. Use a simple loop rather than recursion, add type hints and a docstring, and "
+     "keep it under ten lines.<|im_end|>\n<|im_start|>assistant\n"),
+    # 96 tokens
+    ("code96", 'import json\nfrom pathlib import Path\n\n\ndef load_config(path: str) -> dict:\n'
+     '    """Read a JSON configuration file and return it as a dictionary.\n\n'
+     '    Missing files give an empty configuration; any other error is raised.\n    """\n'
+     '    p = Path(path)\n    if not p.exists():\n        return {}\n'
+     '    with p.open("r", encoding="utf-8") as f:\n        data = json.load(f)\n'
+     '    if not isinstance(data, dict):\n        raise'),
+]
+
+
+def profile(arch):
+    """What is generated for a model of this architecture: adapters, settings, prompts, the adapter
+    the llama.cpp self-checks use, the setting the "repeat" check re-evaluates, the default
+    layer stride, and notes added to the JSON."""
+    if arch == "qwen2":
+        return {"adapters": QWEN_ADAPTERS, "settings": QWEN_SETTINGS, "prompts": QWEN_PROMPTS,
+                "check_adapter": "down_r4", "repeat_scale": 1.0, "layer_stride": 3,
+                "notes": [
+                    "Qwen2.5-Coder 0.5B: regression fixture for LoRA on long rows (ffn_down's lora_a "
+                    "has n_in = n_ff = 4864). Prompt 'chat64' is 64 tokens (one full 64-token nomoat "
+                    "prefill batch; the bug needed >= ~54 tokens in one batch), 'code96' is 96 "
+                    "tokens (two batches). Adapters cover layers 0, 3, ..., 21 only (layer_stride 3)."]}
+    return {"adapters": ADAPTERS, "settings": SETTINGS, "prompts": prompts(arch),
+            "check_adapter": "attn_r8", "repeat_scale": 0.5, "layer_stride": 1, "notes": []}
+
 
 # ---------------------------------------------------------------------------------------------
 # adapters
@@ -140,10 +208,10 @@ def base_shapes(model_path):
     return arch, n_layer, shapes
 
 
-def make_pairs(stem, adapter, n_layer, shapes, sigma_b, layer_stride=1):
+def make_pairs(stem, adapter, n_layer, shapes, sigma_b, layer_stride=1, spec=None):
     """[(base_name, A (r, n_in) f32|f16, B (n_out, r) f32|f16)] for one adapter, covering layers
-    0, layer_stride, 2*layer_stride, ..."""
-    spec = ADAPTERS[adapter]
+    0, layer_stride, 2*layer_stride, ... spec: the adapter's entry (default ADAPTERS[adapter])."""
+    spec = spec or ADAPTERS[adapter]
     rng = np.random.default_rng(zlib.crc32(f"{stem}.{adapter}".encode()))
     np_dtype = np.float32 if spec["dtype"] == "f32" else np.float16
     r = spec["rank"]
@@ -278,18 +346,22 @@ def delta_stats(d_cpp, d_f32):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_model(name, do_f32, tmp, layer_stride=1):
+def run_model(name, do_f32, tmp, layer_stride=None):
     path = models_dir() / name
     stem = path.stem
     print(f"== {name}", flush=True)
     arch, n_layer, shapes = base_shapes(path)
     dtype = LOGITS_DTYPE[arch]
+    prof = profile(arch)
+    ADAPTERS, SETTINGS, PROMPTS = prof["adapters"], prof["settings"], prof["prompts"]  # noqa: N806
+    if layer_stride is None:
+        layer_stride = prof["layer_stride"]
 
     # --- adapters
     pairs, adapter_docs, files = {}, [], {}
     for aname, spec in ADAPTERS.items():
         sigma_b = SIGMA_B[arch][aname]
-        pairs[aname] = make_pairs(stem, aname, n_layer, shapes, sigma_b, layer_stride)
+        pairs[aname] = make_pairs(stem, aname, n_layer, shapes, sigma_b, layer_stride, spec)
         f = OUT_DIR / f"{stem}.{aname}.gguf"
         write_adapter(f, arch, pairs[aname], spec["alpha"], f"nomoat test LoRA {aname}")
         check_adapter_file(f, arch, pairs[aname], spec["alpha"])
@@ -350,7 +422,7 @@ def run_model(name, do_f32, tmp, layer_stride=1):
         return eval_last(llm, ids)
 
     cases, logits = [], {}
-    for pname, prompt in prompts(arch):
+    for pname, prompt in PROMPTS:
         ids = llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
         base_logits = None
         for sname, setting in SETTINGS:
@@ -403,39 +475,46 @@ def run_model(name, do_f32, tmp, layer_stride=1):
         if expect_identical:
             assert ident, name
 
-    # temporary adapters (not committed) sharing attn_r8's A and B
-    t_alpha8 = Path(tmp) / f"{stem}.attn_r8.alpha8.gguf"
-    write_adapter(t_alpha8, arch, pairs["attn_r8"], 8.0, "tmp")
-    t_noalpha = Path(tmp) / f"{stem}.attn_r8.noalpha.gguf"
-    write_adapter(t_noalpha, arch, pairs["attn_r8"], None, "tmp")
-    t_copy = Path(tmp) / f"{stem}.attn_r8.copy.gguf"
-    write_adapter(t_copy, arch, pairs["attn_r8"], 16.0, "tmp")
-    t_zero_b = Path(tmp) / f"{stem}.attn_r8.zero_b.gguf"
-    write_adapter(t_zero_b, arch, [(n, a, np.zeros_like(b)) for n, a, b in pairs["attn_r8"]], 16.0, "tmp")
-    for k, f in [("alpha8", t_alpha8), ("noalpha", t_noalpha), ("copy", t_copy), ("zero_b", t_zero_b)]:
+    # temporary adapters (not committed) sharing the check adapter's A and B (attn_r8 for
+    # SmolLM2 and Gemma 3: alpha 16, rank 8)
+    c = prof["check_adapter"]
+    c_alpha, c_rank = ADAPTERS[c]["alpha"], ADAPTERS[c]["rank"]
+    h_alpha, ar = c_alpha / 2, c_alpha / c_rank  # alpha8 for attn_r8; its user scale 2 = alpha/rank
+    t_half = Path(tmp) / f"{stem}.{c}.alpha{h_alpha:g}.gguf"
+    write_adapter(t_half, arch, pairs[c], h_alpha, "tmp")
+    t_noalpha = Path(tmp) / f"{stem}.{c}.noalpha.gguf"
+    write_adapter(t_noalpha, arch, pairs[c], None, "tmp")
+    t_copy = Path(tmp) / f"{stem}.{c}.copy.gguf"
+    write_adapter(t_copy, arch, pairs[c], c_alpha, "tmp")
+    t_zero_b = Path(tmp) / f"{stem}.{c}.zero_b.gguf"
+    write_adapter(t_zero_b, arch, [(n, a, np.zeros_like(b)) for n, a, b in pairs[c]], c_alpha, "tmp")
+    for k, f in [("half_alpha", t_half), ("noalpha", t_noalpha), ("copy", t_copy), ("zero_b", t_zero_b)]:
         p, errs = load_adapter(llm, f)
         assert p is not None, (k, errs)
         ptr[k] = p
 
-    for pname, _ in prompts(arch):
+    rs = prof["repeat_scale"]
+    for pname, _ in PROMPTS:
         ids, base = logits[(pname, "base")]
-        _, a1 = logits[(pname, "attn_r8_x1")]
-        _, a05 = logits[(pname, "attn_r8_x0.5")]
-        check(f"{pname}.scale0", "attn_r8 at user scale 0.0 vs no adapter (llama.cpp drops "
-              "zero-scale adapters from the context)", run(ids, [("attn_r8", 0.0)]), base, True)
-        check(f"{pname}.zero_b", "attn_r8's A with B = 0 at scale 1 (LoRA nodes in the graph, "
+        _, a1 = logits[(pname, f"{c}_x1")]
+        _, a_rs = logits[(pname, f"{c}_x{rs:g}")]
+        check(f"{pname}.scale0", f"{c} at user scale 0.0 vs no adapter (llama.cpp drops "
+              "zero-scale adapters from the context)", run(ids, [(c, 0.0)]), base, True)
+        check(f"{pname}.zero_b", f"{c}'s A with B = 0 at scale 1 (LoRA nodes in the graph, "
               "delta exactly 0) vs no adapter", run(ids, [("zero_b", 1.0)]), base, True)
-        check(f"{pname}.alpha8_x2", "same A,B with alpha 8 at user scale 2 (8/8*2 = 2) vs attn_r8 "
-              "(alpha 16) at user scale 1 (16/8*1 = 2)", run(ids, [("alpha8", 2.0)]), a1, True)
-        check(f"{pname}.noalpha_x2", "same A,B without adapter.lora.alpha at user scale 2 "
-              "(effective scale = user scale) vs attn_r8 at user scale 1",
-              run(ids, [("noalpha", 2.0)]), a1, True)
-        check(f"{pname}.same_tensor_stack", "attn_r8 x0.5 + an identical copy x0.5 (both on the "
-              "same tensors: deltas add) vs attn_r8 x1 (equal up to f32 addition order)",
-              run(ids, [("attn_r8", 0.5), ("copy", 0.5)]), a1, False)
-        check(f"{pname}.repeat_x0.5", "attn_r8 x0.5 re-evaluated after other settings vs the "
-              "stored attn_r8 x0.5 logits (switching adapters leaves no state behind)",
-              run(ids, [("attn_r8", 0.5)]), a05, True)
+        check(f"{pname}.alpha{h_alpha:g}_x2", f"same A,B with alpha {h_alpha:g} at user scale 2 "
+              f"({h_alpha:g}/{c_rank}*2 = {2 * h_alpha / c_rank:g}) vs {c} "
+              f"(alpha {c_alpha:g}) at user scale 1 ({c_alpha:g}/{c_rank}*1 = {ar:g})",
+              run(ids, [("half_alpha", 2.0)]), a1, True)
+        check(f"{pname}.noalpha_x{ar:g}", f"same A,B without adapter.lora.alpha at user scale {ar:g} "
+              f"(effective scale = user scale) vs {c} at user scale 1",
+              run(ids, [("noalpha", ar)]), a1, True)
+        check(f"{pname}.same_tensor_stack", f"{c} x0.5 + an identical copy x0.5 (both on the "
+              f"same tensors: deltas add) vs {c} x1 (equal up to f32 addition order)",
+              run(ids, [(c, 0.5), ("copy", 0.5)]), a1, False)
+        check(f"{pname}.repeat_x{rs:g}", f"{c} x{rs:g} re-evaluated after other settings vs the "
+              f"stored {c} x{rs:g} logits (switching adapters leaves no state behind)",
+              run(ids, [(c, rs)]), a_rs, True)
         check(f"{pname}.detach", "adapters detached again (empty set) vs the first base "
               "evaluation", run(ids, []), base, True)
     del llm
@@ -446,7 +525,7 @@ def run_model(name, do_f32, tmp, layer_stride=1):
         m = Model(path)
         s_ar = {a: ADAPTERS[a]["alpha"] / ADAPTERS[a]["rank"] for a in ADAPTERS}
         per_case = []
-        for pname, _ in prompts(arch):
+        for pname, _ in PROMPTS:
             ids, cpp_base = logits[(pname, "base")]
             m.mm = lambda x, n: Model.mm(m, x, n)
             f_base = m.forward(ids, last_only=True)[0]
@@ -487,7 +566,7 @@ def run_model(name, do_f32, tmp, layer_stride=1):
         "model": name,
         "model_sha256": sha256(path),
         "architecture": arch,
-        "n_vocab": int(len(logits[(prompts(arch)[0][0], "base")][1])),
+        "n_vocab": int(len(logits[(PROMPTS[0][0], "base")][1])),
         "llama_cpp_version": llama_cpp.__version__,
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "notes": [
@@ -503,7 +582,8 @@ def run_model(name, do_f32, tmp, layer_stride=1):
             "Only tensors named in the adapter are changed; norms and embeddings untouched here.",
             "setting.adapters[].scale is the user scale passed to llama_set_adapters_lora; "
             "effective_scale = scale * alpha / rank is what multiplies B (A x).",
-            "F16 adapters (ffn_r16): llama.cpp's CPU F16 mul_mat rounds x and A x to f16 before "
+            f"F16 adapters ({', '.join(a for a in ADAPTERS if ADAPTERS[a]['dtype'] == 'f16')}): "
+            "llama.cpp's CPU F16 mul_mat rounds x and A x to f16 before "
             "each product (accumulates in f32); F32 adapters are f32 throughout.",
             "logits files: raw little-endian, n_vocab values of the last prompt position, dtype "
             "per logits_dtype (f16 = rounded from the f32 logits, round-to-nearest-even). top10 / "
@@ -518,7 +598,7 @@ def run_model(name, do_f32, tmp, layer_stride=1):
             "adapters) vs batched last-position logits: the noise floor to judge another "
             "implementation against. With adapters attached it is visibly worse than without "
             "(down to ~0.994 cosine on SmolLM2 'The quick brown fox').",
-        ],
+        ] + prof["notes"],
         "adapters": adapter_docs,
         "settings": [{"name": s, "adapters": [{"adapter": a, "scale": sc} for a, sc in st]}
                      for s, st in SETTINGS],
@@ -535,11 +615,12 @@ def run_model(name, do_f32, tmp, layer_stride=1):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="append", help="model file name (repeatable); default: both")
+    ap.add_argument("--model", action="append", help="model file name (repeatable); default: all three")
     ap.add_argument("--no-f32", action="store_true", help="skip the numpy float32 cross-check")
-    ap.add_argument("--layer-stride", type=int, default=1,
-                    help="adapters cover layers 0, k, 2k, ... (default 1: every layer; a larger k "
-                         "shrinks the adapter files about k-fold)")
+    ap.add_argument("--layer-stride", type=int, default=None,
+                    help="adapters cover layers 0, k, 2k, ... (default: 1, every layer, for SmolLM2 "
+                         "and Gemma 3; 3 for Qwen2.5-Coder; a larger k shrinks the adapter files "
+                         "about k-fold)")
     args = ap.parse_args()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ pub fn models_dir() -> PathBuf {
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const QWEN2: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 
 /// Path of a test model; panics with the set-up command to run when it is missing, because
 /// a silently skipped test is a test that cannot fail.

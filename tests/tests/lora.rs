@@ -14,7 +14,7 @@ use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::Session;
 use nomoat_tests::gpu::variants;
-use nomoat_tests::support::{cosine, model_path, GEMMA3, SMOLLM2};
+use nomoat_tests::support::{cosine, model_path, GEMMA3, QWEN2, SMOLLM2};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,6 +145,14 @@ fn smollm2_adapters_match_llama_cpp() {
 #[test]
 fn gemma3_adapters_match_llama_cpp() {
     check(GEMMA3);
+}
+
+/// Qwen2.5-Coder 0.5B: an adapter on ffn_down (k = n_ff = 4864) over prompts of 64 and 96
+/// tokens, where a 64-token batch's LoRA A product once overran llvmpipe's loop budget and left
+/// its last tokens without their LoRA terms; and one on every projection kind.
+#[test]
+fn qwen2_adapters_match_llama_cpp() {
+    check(QWEN2);
 }
 
 /// Load, apply and drop an adapter 20 times: GPU buffer memory comes back to where it was.
