@@ -68,7 +68,6 @@ lora_refs.json schema (logit vectors: n_vocab numbers, 8 significant digits; las
   }]
 }
 """
-import ctypes
 import json
 import os
 import sys
@@ -87,6 +86,8 @@ sys.dont_write_bytecode = True
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_tiny_models as tiny  # noqa: E402
+import make_lora_refs as lora_refs  # noqa: E402
+from make_lora_refs import load_adapter, set_adapters  # noqa: E402
 from f32_forward import Model as F32Model  # noqa: E402
 from tiny_forward import TinyModel  # noqa: E402
 
@@ -146,46 +147,12 @@ def make_pairs(stem, name, kinds, n_layer, shapes, sigma_scale, dtype=np.float32
 
 
 def write_adapter(path, arch, pairs, name):
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_name(name)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ALPHA)
-    for base, (a, b) in pairs.items():
-        w.add_tensor(f"{base}.lora_a", np.ascontiguousarray(a))  # GGUF dims [n_in, r]
-        w.add_tensor(f"{base}.lora_b", np.ascontiguousarray(b))  # GGUF dims [r, n_out]
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    """make_lora_refs.py's writer for {base: (a, b)} with this script's ALPHA."""
+    lora_refs.write_adapter(path, arch, [(base, a, b) for base, (a, b) in pairs.items()], ALPHA, name)
 
 
 # ---------------------------------------------------------------------------------------------
-# llama.cpp (the ctypes calls of make_lora_refs.py)
-
-_log = []
-
-
-@llama_cpp.llama_log_callback
-def _capture(level, text, user_data):
-    _log.append((int(level), text.decode("utf-8", errors="replace")))
-
-
-def load_adapter(llm, path):
-    _log.clear()
-    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
-    try:
-        p = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
-    finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
-    return (p if p else None), [t.strip() for lvl, t in _log if lvl == 4 and t.strip()]
-
-
-def set_adapters(llm, pairs):
-    n = len(pairs)
-    arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[p for p, _ in pairs])
-    sc = (ctypes.c_float * max(n, 1))(*[s for _, s in pairs])
-    assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, n, sc) == 0
+# llama.cpp: the ctypes calls are make_lora_refs.py's (load_adapter, set_adapters)
 
 
 def make_llm(path):
