@@ -13,9 +13,7 @@
 
 use std::io::Cursor;
 
-use nomoat_runtime::gguf::{
-    tensor_type_summary, Gguf, GgufError, GgufWriter, Parse, MAX_HEADER_BYTES,
-};
+use nomoat_runtime::gguf::{tensor_type_summary, Gguf, GgufError, GgufWriter, Parse, MAX_HEADER_BYTES};
 
 /// Runs `bytes` through the parser's entry points and checks that they agree.
 pub fn check(bytes: &[u8]) {
@@ -26,67 +24,38 @@ pub fn check(bytes: &[u8]) {
     }
 
     let from_reader = Gguf::read_from(Cursor::new(bytes), len);
-    assert_eq!(
-        summary(&whole),
-        summary(&from_reader),
-        "parse and read_from disagree"
-    );
+    assert_eq!(summary(&whole), summary(&from_reader), "parse and read_from disagree");
 
     match Gguf::parse_prefix(bytes) {
         Ok(Parse::Complete(g)) => {
             let fits = g.check_file_len(len);
-            assert_eq!(
-                fits.is_ok(),
-                whole.is_ok(),
-                "parse_prefix completed but parse says {:?}",
-                whole.as_ref().err()
-            );
+            assert_eq!(fits.is_ok(), whole.is_ok(), "parse_prefix completed but parse says {:?}", whole.as_ref().err());
             if let Ok(w) = &whole {
-                assert_eq!(
-                    fingerprint(w),
-                    fingerprint(&g),
-                    "parse and parse_prefix differ"
-                );
+                assert_eq!(fingerprint(w), fingerprint(&g), "parse and parse_prefix differ");
             }
             exercise(&g, len);
             shorter_prefixes(bytes, &g);
         }
         Ok(Parse::NeedMore { at_least }) => {
-            assert!(
-                at_least > bytes.len() && at_least as u64 <= MAX_HEADER_BYTES,
-                "NeedMore {{ at_least: {at_least} }} for a {len}-byte prefix"
-            );
-            assert!(
-                matches!(whole, Err(GgufError::Truncated { .. })),
-                "parse_prefix wants more bytes but parse says {:?}",
-                whole.as_ref().map(|_| ())
-            );
+            assert!(at_least > bytes.len() && at_least as u64 <= MAX_HEADER_BYTES, "NeedMore {{ at_least: {at_least} }} for a {len}-byte prefix");
+            assert!(matches!(whole, Err(GgufError::Truncated { .. })), "parse_prefix wants more bytes but parse says {:?}", whole.as_ref().map(|_| ()));
         }
         Err(e) => {
             let _ = e.to_string();
-            assert!(
-                whole.is_err(),
-                "parse_prefix failed ({e}) but parse succeeded"
-            );
+            assert!(whole.is_err(), "parse_prefix failed ({e}) but parse succeeded");
         }
     }
 
     // Knowing the file's length changes only what running out of bytes means.
     match Gguf::parse_prefix_of_file(bytes, len) {
         Ok(Parse::Complete(g)) => {
-            assert!(
-                whole.is_ok(),
-                "parse_prefix_of_file completed but parse failed"
-            );
+            assert!(whole.is_ok(), "parse_prefix_of_file completed but parse failed");
             exercise(&g, len);
         }
         Ok(Parse::NeedMore { at_least }) => {
             panic!("parse_prefix_of_file wants {at_least} bytes of a {len}-byte file")
         }
-        Err(_) => assert!(
-            whole.is_err(),
-            "parse_prefix_of_file failed but parse succeeded"
-        ),
+        Err(_) => assert!(whole.is_err(), "parse_prefix_of_file failed but parse succeeded"),
     }
 
     if let Ok(g) = &whole {
@@ -105,14 +74,7 @@ fn summary(r: &Result<Gguf, GgufError>) -> String {
 
 /// A comparable rendering of a header (metadata as written bytes, so NaNs compare equal).
 fn fingerprint(g: &Gguf) -> String {
-    format!(
-        "v{} align {} data at {} tensors {:?} metadata {:?}",
-        g.version,
-        g.alignment,
-        g.data_offset,
-        g.tensors,
-        metadata_bytes(g)
-    )
+    format!("v{} align {} data at {} tensors {:?} metadata {:?}", g.version, g.alignment, g.data_offset, g.tensors, metadata_bytes(g))
 }
 
 fn metadata_bytes(g: &Gguf) -> Vec<u8> {
@@ -128,30 +90,16 @@ fn metadata_bytes(g: &Gguf) -> Vec<u8> {
 /// for more (never fails, never asks for more than the whole); a few lengths are tried.
 fn shorter_prefixes(bytes: &[u8], full: &Gguf) {
     let header_end = full.data_offset.min(bytes.len() as u64) as usize;
-    let mut cuts = vec![
-        0,
-        4,
-        8,
-        16,
-        24,
-        bytes.len() / 2,
-        header_end.saturating_sub(1),
-    ];
+    let mut cuts = vec![0, 4, 8, 16, 24, bytes.len() / 2, header_end.saturating_sub(1)];
     cuts.retain(|&k| k < bytes.len());
     cuts.sort_unstable();
     cuts.dedup();
     for k in cuts {
         match Gguf::parse_prefix(&bytes[..k]) {
-            Ok(Parse::Complete(g)) => assert_eq!(
-                fingerprint(&g),
-                fingerprint(full),
-                "the {k}-byte prefix parses differently"
-            ),
-            Ok(Parse::NeedMore { at_least }) => assert!(
-                at_least > k && at_least <= bytes.len(),
-                "the {k}-byte prefix asks for {at_least} bytes of a complete {}-byte header",
-                bytes.len()
-            ),
+            Ok(Parse::Complete(g)) => assert_eq!(fingerprint(&g), fingerprint(full), "the {k}-byte prefix parses differently"),
+            Ok(Parse::NeedMore { at_least }) => {
+                assert!(at_least > k && at_least <= bytes.len(), "the {k}-byte prefix asks for {at_least} bytes of a complete {}-byte header", bytes.len())
+            }
             Err(e) => panic!("the {k}-byte prefix fails ({e}) where the whole parses"),
         }
     }
@@ -167,11 +115,7 @@ pub fn exercise(g: &Gguf, file_len: u64) {
         let r = g.tensor_data_range(t);
         assert!(r.start <= r.end);
         assert!(g.tensor(&t.name).is_some());
-        let _ = (
-            t.ty.name(),
-            t.ty.block_layout(),
-            t.ty.is_supported_by_kernels(),
-        );
+        let _ = (t.ty.name(), t.ty.block_layout(), t.ty.is_supported_by_kernels());
     }
     let _ = tensor_type_summary(g);
     let _ = g.architecture().map_err(|e| e.to_string());
@@ -201,9 +145,5 @@ fn round_trip(g: &Gguf) {
         Ok(g2) => g2,
         Err(e) => panic!("written-back metadata does not parse: {e}"),
     };
-    assert_eq!(
-        metadata_bytes(&again),
-        first,
-        "metadata changes when written back"
-    );
+    assert_eq!(metadata_bytes(&again), first, "metadata changes when written back");
 }

@@ -96,41 +96,22 @@ pub fn exercise_tokenizer(g: &Gguf, texts: &[String], ids: &[u32]) {
     }
     let n = t.vocab_size() as u32;
     let _ = format!("{t:?}");
-    let _ = (
-        t.bos(),
-        t.eos(),
-        t.unk(),
-        t.pad(),
-        t.eot(),
-        t.add_bos(),
-        t.add_eos(),
-    );
+    let _ = (t.bos(), t.eos(), t.unk(), t.pad(), t.eot(), t.add_bos(), t.add_eos());
     let _ = (t.model(), t.pre(), t.eot_ids());
     for id in (0..n.min(MAX_PIECES)).chain([n, u32::MAX]) {
         let _ = (t.is_eog(id), t.is_control(id), t.token_bytes(id));
         let text = t.token_text(id);
         if id < n {
-            assert_eq!(
-                t.token_id(text),
-                Some(id),
-                "token {id} {text:?} does not map back"
-            );
+            assert_eq!(t.token_id(text), Some(id), "token {id} {text:?} does not map back");
         }
     }
-    for text in TEXTS
-        .iter()
-        .copied()
-        .chain(texts.iter().map(String::as_str))
-    {
+    for text in TEXTS.iter().copied().chain(texts.iter().map(String::as_str)) {
         for add_special in [false, true] {
             for parse_special in [false, true] {
                 match t.encode(text, add_special, parse_special) {
                     Ok(out) => {
                         for &id in &out {
-                            assert!(
-                                id < n,
-                                "{text:?} encodes to id {id} of a {n}-token vocabulary"
-                            );
+                            assert!(id < n, "{text:?} encodes to id {id} of a {n}-token vocabulary");
                         }
                         decode_both_ways(&t, &out);
                     }
@@ -161,10 +142,7 @@ fn decode_both_ways(t: &Tokenizer, ids: &[u32]) {
         }
         streamed.push_str(&stream.finish());
         if !(skip_special && t.add_eos() && t.eos().is_some()) {
-            assert_eq!(
-                streamed, whole,
-                "streamed and whole decoding of {ids:?} differ"
-            );
+            assert_eq!(streamed, whole, "streamed and whole decoding of {ids:?} differ");
         }
     }
 }
@@ -178,11 +156,7 @@ fn debug() -> bool {
 /// The input as a case: a GGUF file as is, or the text format above.
 pub fn case_from_input(data: &[u8]) -> Case {
     if data.starts_with(b"GGUF") {
-        return Case {
-            gguf: data.to_vec(),
-            texts: Vec::new(),
-            ids: Vec::new(),
-        };
+        return Case { gguf: data.to_vec(), texts: Vec::new(), ids: Vec::new() };
     }
     Spec::parse(&String::from_utf8_lossy(data)).build()
 }
@@ -216,20 +190,14 @@ const MERGES: usize = 3;
 
 impl Spec {
     fn parse(text: &str) -> Spec {
-        let mut s = Spec {
-            scores_ty: Some(ValueType::F32),
-            types_ty: Some(ValueType::I32),
-            ..Spec::default()
-        };
+        let mut s = Spec { scores_ty: Some(ValueType::F32), types_ty: Some(ValueType::I32), ..Spec::default() };
         for line in text.split('\n') {
             let mut words = line.split(' ');
             let directive = words.next().unwrap_or("");
             let args: Vec<&str> = words.collect();
             let arg = |i: usize| args.get(i).copied().unwrap_or("");
             match directive {
-                "model" | "pre" => s
-                    .kvs
-                    .push((key(directive), MetadataValue::String(unescape(arg(0))))),
+                "model" | "pre" => s.kvs.push((key(directive), MetadataValue::String(unescape(arg(0))))),
                 "tok" => {
                     s.tokens.push(unescape(arg(0)));
                     s.scores.push(arg(1).parse().unwrap_or(0.0));
@@ -251,9 +219,7 @@ impl Spec {
                         s.types.push(1);
                     }
                 }
-                "merge" => s
-                    .merges
-                    .push(format!("{} {}", unescape(arg(0)), unescape(arg(1)))),
+                "merge" => s.merges.push(format!("{} {}", unescape(arg(0)), unescape(arg(1)))),
                 "merge_raw" => s.merges.push(unescape(arg(0))),
                 "auto_merges" => s.auto_merges = true,
                 "scores" => s.scores_ty = value_type(arg(0)),
@@ -272,36 +238,16 @@ impl Spec {
                     let Some(ty) = value_type(arg(1)) else {
                         continue;
                     };
-                    let items = args
-                        .iter()
-                        .skip(2)
-                        .map(|v| scalar_or_default(ty, v))
-                        .collect();
-                    s.kvs.push((
-                        key(arg(0)),
-                        MetadataValue::Array {
-                            elem_type: ty,
-                            items,
-                        },
-                    ));
+                    let items = args.iter().skip(2).map(|v| scalar_or_default(ty, v)).collect();
+                    s.kvs.push((key(arg(0)), MetadataValue::Array { elem_type: ty, items }));
                 }
                 "nest" => {
                     let depth = (int(arg(1)) as usize).min(MAX_NEST);
                     let ty = value_type(arg(2)).unwrap_or(ValueType::U8);
-                    let items = args
-                        .iter()
-                        .skip(3)
-                        .map(|v| scalar_or_default(ty, v))
-                        .collect();
-                    let mut v = MetadataValue::Array {
-                        elem_type: ty,
-                        items,
-                    };
+                    let items = args.iter().skip(3).map(|v| scalar_or_default(ty, v)).collect();
+                    let mut v = MetadataValue::Array { elem_type: ty, items };
                     for _ in 0..depth {
-                        v = MetadataValue::Array {
-                            elem_type: ValueType::Array,
-                            items: vec![v],
-                        };
+                        v = MetadataValue::Array { elem_type: ValueType::Array, items: vec![v] };
                     }
                     s.kvs.push((key(arg(0)), v));
                 }
@@ -352,20 +298,11 @@ impl Spec {
         let mut generated: Vec<(&str, MetadataValue)> = Vec::new();
         if !self.tokens.is_empty() {
             let n = cut(TOKENS, self.tokens.len());
-            generated.push((
-                "tokens",
-                MetadataValue::str_array(self.tokens[..n].iter().cloned()),
-            ));
+            generated.push(("tokens", MetadataValue::str_array(self.tokens[..n].iter().cloned())));
             if let Some(ty) = self.scores_ty {
                 let n = cut(SCORES, self.scores.len());
                 let items = self.scores[..n].iter().map(|&x| from_f32(ty, x)).collect();
-                generated.push((
-                    "scores",
-                    MetadataValue::Array {
-                        elem_type: ty,
-                        items,
-                    },
-                ));
+                generated.push(("scores", MetadataValue::Array { elem_type: ty, items }));
             }
             if let Some(ty) = self.types_ty {
                 let n = cut(TYPES, self.types.len());
@@ -376,21 +313,12 @@ impl Spec {
                         t => from_f32(t, x as f32),
                     })
                     .collect();
-                generated.push((
-                    "token_type",
-                    MetadataValue::Array {
-                        elem_type: ty,
-                        items,
-                    },
-                ));
+                generated.push(("token_type", MetadataValue::Array { elem_type: ty, items }));
             }
         }
         if !self.merges.is_empty() {
             let n = cut(MERGES, self.merges.len());
-            generated.push((
-                "merges",
-                MetadataValue::str_array(self.merges[..n].iter().cloned()),
-            ));
+            generated.push(("merges", MetadataValue::str_array(self.merges[..n].iter().cloned())));
         }
         for (k, v) in generated {
             let k = key(k);
@@ -403,11 +331,7 @@ impl Spec {
         for (pos, byte) in self.flips {
             gguf[pos % len] = byte; // never empty: the header alone is 24 bytes
         }
-        Case {
-            gguf,
-            texts: self.texts,
-            ids: self.ids,
-        }
+        Case { gguf, texts: self.texts, ids: self.ids }
     }
 }
 
@@ -530,10 +454,7 @@ fn from_int(ty: ValueType, x: i128) -> MetadataValue {
         ValueType::Bool => V::Bool(x != 0),
         ValueType::String => V::String(x.to_string()),
         // not produced: value_type() never names it
-        ValueType::Array => V::Array {
-            elem_type: ValueType::U8,
-            items: Vec::new(),
-        },
+        ValueType::Array => V::Array { elem_type: ValueType::U8, items: Vec::new() },
     }
 }
 
