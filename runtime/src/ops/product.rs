@@ -116,9 +116,14 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
             };
             with_modes(&d, &fused);
             if tpr == 1 && ty.block_elems() > 1 {
-                let tile = d.flag("TOKEN_TILE");
+                let tile = d.clone().flag("TOKEN_TILE");
                 with_modes(&tile, &[&[]]);
                 with_modes(&tile, &fused);
+            }
+            // a batch split over dispatches (llvmpipe's loop budget), token loop and tiles
+            with_modes(&d.clone().flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
+            if tpr == 1 && ty.block_elems() > 1 {
+                with_modes(&d.flag("TOKEN_TILE").flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
             }
         }
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
@@ -292,6 +297,7 @@ impl Recorder<'_> {
                     self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
                     continue;
                 }
+                let key = PipelineKey { defines: key.defines.flag("TOKEN_RANGE"), ..key };
                 for t_begin in (0..m).step_by(per as usize) {
                     let part = ProductParams { t_begin, m: (t_begin + per).min(m), ..params };
                     self.dispatch(key.clone(), &buffers, &part, (gx, gy, 1)).await?;
