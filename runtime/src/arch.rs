@@ -157,7 +157,6 @@ pub enum SlidingWindow {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub family: Family,
-    pub spec: Spec,
     pub arch_name: String,
     pub n_layer: usize,
     pub n_embd: usize,
@@ -232,7 +231,6 @@ impl Config {
         };
         let c = Config {
             family,
-            spec,
             n_layer,
             n_embd,
             n_ff: size("feed_forward_length", g.get_u64(&key("feed_forward_length"))?)?,
@@ -257,6 +255,11 @@ impl Config {
         Ok(c)
     }
 
+    /// How this family's layer is built.
+    pub fn spec(&self) -> Spec {
+        self.family.spec()
+    }
+
     /// The window layer `layer` attends within, 0 for all of the context.
     pub fn window_of(&self, layer: usize) -> u32 {
         match &self.window {
@@ -276,7 +279,7 @@ impl Config {
 
     /// Whether layer `layer` turns q and k by their positions.
     pub fn has_rope(&self, layer: usize) -> bool {
-        match self.spec.rope_layers {
+        match self.spec().rope_layers {
             RopeLayers::All => true,
             RopeLayers::NoneEvery(n) => !(layer as u32 + 1).is_multiple_of(n),
         }
@@ -292,7 +295,7 @@ impl Config {
 
     /// Embeddings are multiplied by this, where the family scales them.
     pub fn embed_scale(&self) -> Option<f32> {
-        self.spec.scaled_embeddings.then(|| (self.n_embd as f32).sqrt())
+        self.spec().scaled_embeddings.then(|| (self.n_embd as f32).sqrt())
     }
 
     /// KV cache bytes per token of context.

@@ -75,8 +75,7 @@ impl Session<'_> {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("the prompt has no tokens".into()));
         }
-        let shared = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-        self.truncate(shared);
+        let shared = self.keep_prefix_of(prompt);
         let next = self.eval_sample(&prompt[shared..], sampler).await?;
         Ok((shared, next))
     }

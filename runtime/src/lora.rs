@@ -134,35 +134,18 @@ impl Lora<'_> {
             let (mine, others) = rest.split_at(w.parts.len());
             rest = others;
             r.product(w, input, ProductOut::Split(mine), n).await?;
+            if self.adapters.is_empty() {
+                continue;
+            }
             // consecutive parts of one name are one fused tensor (phi3's attn_qkv): its term is
             // computed once and each part takes its rows
             let mut i = 0;
             while i < w.parts.len() {
                 let name = &w.parts[i].0;
                 let end = i + w.parts[i..].iter().take_while(|(n, _)| n == name).count();
-                self.add_fused_terms(r, name, &w.parts[i..end], lora_x, &mine[i..end], n).await?;
+                let rows: Vec<u32> = w.parts[i..end].iter().map(|(_, rows)| *rows).collect();
+                self.add_terms(r, name, &rows, lora_x, &mine[i..end], n).await?;
                 i = end;
-            }
-        }
-        Ok(())
-    }
-
-    /// The parts of one tensor `name` ([rows of each part] in order) into their outputs ys:
-    /// ys[i] [n][rows_i] += s·(alpha/r)·(B·(A·x))[n][the part's rows].
-    async fn add_fused_terms(&self, r: &mut Recorder<'_>, name: &str, parts: &[(String, u32)], x: &wgpu::Buffer, ys: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
-        if let [(_, rows)] = parts {
-            return self.add_terms(r, name, *rows, x, ys[0], n).await;
-        }
-        let total: u32 = parts.iter().map(|(_, rows)| rows).sum();
-        for (adapter, scale) in self.adapters {
-            let Some(pair) = adapter.pairs.get(name) else { continue };
-            let (t, u) = (self.t.unwrap(), self.u.unwrap());
-            r.matmul(&pair.a, x, t, n).await?; //   [n][rank]
-            r.matmul(&pair.b, t, u, n).await?; //   [n][total]
-            let mut offset = 0;
-            for ((_, rows), y) in parts.iter().zip(ys) {
-                r.accumulate_rows(y, u, n, *rows, total, offset, adapter.factor(pair, *scale)).await?;
-                offset += rows;
             }
         }
         Ok(())
@@ -171,17 +154,28 @@ impl Lora<'_> {
     /// y += W·x (W one plain matrix), adapters' terms included.
     pub async fn project_residual(&self, r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
         r.product(w, ProductIn::X(x), ProductOut::Residual(y), n).await?;
-        self.add_terms(r, &w.name, w.n_rows, x, y, n).await
+        self.add_terms(r, &w.name, &[w.n_rows], x, &[y], n).await
     }
 
-    /// y [n][rows] += s·(alpha/r)·B·(A·x) for each active adapter covering the tensor `name`.
-    async fn add_terms(&self, r: &mut Recorder<'_>, name: &str, rows: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+    /// The parts of one tensor `name` (their rows, in order) into their outputs ys, for each
+    /// active adapter covering it: ys[i] [n][rows_i] += s·(alpha/r)·(B·(A·x))[n][part i's rows].
+    async fn add_terms(&self, r: &mut Recorder<'_>, name: &str, rows: &[u32], x: &wgpu::Buffer, ys: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
+        let total: u32 = rows.iter().sum();
         for (adapter, scale) in self.adapters {
             let Some(pair) = adapter.pairs.get(name) else { continue };
             let (t, u) = (self.t.unwrap(), self.u.unwrap());
-            r.matmul(&pair.a, x, t, n).await?;
-            r.matmul(&pair.b, t, u, n).await?;
-            r.accumulate(y, u, n * rows, adapter.factor(pair, *scale)).await?;
+            r.matmul(&pair.a, x, t, n).await?; //   [n][rank]
+            r.matmul(&pair.b, t, u, n).await?; //   [n][total]
+            let factor = adapter.factor(pair, *scale);
+            if let [y] = ys {
+                r.accumulate(y, u, n * total, factor).await?;
+                continue;
+            }
+            let mut offset = 0;
+            for (part_rows, y) in rows.iter().zip(ys) {
+                r.accumulate_rows(y, u, n, *part_rows, total, offset, factor).await?;
+                offset += part_rows;
+            }
         }
         Ok(())
     }

@@ -209,7 +209,7 @@ impl Model {
         let (d, hd) = (c.n_embd, c.head_dim);
         let q_dim = c.n_head * hd;
         let kv_dim = c.n_kv_head * hd;
-        let spec = c.spec;
+        let spec = c.spec();
         let norms_after = spec.branch_out == BranchOut::NormThenAdd;
         let token_embd = l.matrix("token_embd.weight", d, c.n_vocab).await?;
         let mut layers = Vec::with_capacity(c.n_layer);

@@ -163,6 +163,14 @@ impl<'m> Session<'m> {
         self.tokens.truncate(n);
     }
 
+    /// Keep the longest prefix of `ids` the cache already holds, short of the last id (so that
+    /// evaluating the rest yields the last id's logits); returns how many ids were kept.
+    pub fn keep_prefix_of(&mut self, ids: &[u32]) -> usize {
+        let shared = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
+        self.truncate(shared);
+        shared
+    }
+
     pub fn reset(&mut self) {
         self.tokens.clear();
     }
@@ -277,7 +285,7 @@ impl<'m> Session<'m> {
         let rope = self.rope_args(p, i);
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
         // the fused product turns q and k without frequency factors
-        let plain_qk = c.spec.qk == QkPrep::Plain && self.model.rope_factors.is_none();
+        let plain_qk = c.spec().qk == QkPrep::Plain && self.model.rope_factors.is_none();
         let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
             // the product turns q and k and writes k and v to the cache itself
             r.product(&l.wqkv[0], input, ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope }, p.n).await?;
@@ -301,7 +309,7 @@ impl<'m> Session<'m> {
     /// x = h + out(W_down · act(gate) ⊙ up), [gate; up] = W_gate_up · rms_norm(h).
     async fn ffn_block(&self, r: &mut Recorder<'_>, p: &Plan, lora: &Lora<'_>, l: &Layer, h: &wgpu::Buffer) -> Result<(), GpuError> {
         let (c, s) = (&self.model.config, &self.s);
-        let gelu = c.spec.activation == Activation::GeluTanh;
+        let gelu = c.spec().activation == Activation::GeluTanh;
         let input = self.branch_input(r, p, h, &l.ffn_norm).await?; //          [n][n_embd]
         if p.fused && l.w_gate_up.len() == 1 && r.fuses_glu(&l.w_gate_up[0], p.n) {
             // act = act(gate) ⊙ up in the product                              [n][n_ff]
@@ -404,7 +412,7 @@ impl<'m> Session<'m> {
             head_dim: c.head_dim as u32,
             n_rot: if c.has_rope(i) { c.n_rot as u32 } else { 0 },
             pos0: p.pos0,
-            neox: c.spec.rope == RopeType::Neox,
+            neox: c.spec().rope == RopeType::Neox,
             freq_base: c.rope_base_of(i),
             freq_scale: c.rope_freq_scale(),
         }

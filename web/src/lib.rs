@@ -426,11 +426,12 @@ impl Engine {
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
                 return Err(js_error("BadRequest", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
             }
-            let keep = match reuse_prefix {
-                Some(true) => l.session.tokens.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1),
-                _ => 0,
+            let keep = if reuse_prefix == Some(true) {
+                l.session.keep_prefix_of(&ids)
+            } else {
+                l.session.reset();
+                0
             };
-            l.session.truncate(keep);
             let logits = l.session.eval_logits(&ids[keep..]).await.map_err(|e| model_error(&e))?;
             Ok(js_sys::Float32Array::from(&logits[..]).into())
         })
