@@ -5,7 +5,7 @@
 
 use crate::error::ModelError;
 use crate::gguf::{Gguf, MetadataValue};
-use crate::ops::{KvType, MAX_HEAD_DIM};
+use crate::ops::{supports, KvType, Op};
 
 /// The architectures nomoat runs, by their GGUF `general.architecture` name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,8 +249,10 @@ impl Config {
             final_softcap: g.get_f32_opt(&key("final_logit_softcapping"))?.filter(|v| *v > 0.0),
             arch_name: name,
         };
-        if c.head_dim > MAX_HEAD_DIM as usize || !c.head_dim.is_multiple_of(2) || c.n_rot > c.head_dim || !c.n_rot.is_multiple_of(2) {
-            return Err(ModelError::Invalid(format!("head size {} (RoPE over {}) is not supported", c.head_dim, c.n_rot)));
+        let (head_dim, n_rot) = (c.head_dim.min(u32::MAX as usize) as u32, c.n_rot.min(u32::MAX as usize) as u32);
+        let attention = Op::Attention { kv: KvType::F32, head_dim, n_head: c.n_head as u32, n_kv_head: c.n_kv_head as u32, keys: 1, kernel: None };
+        for op in [attention, Op::Rope { head_dim, n_rot }] {
+            supports(op, None).map_err(|e| ModelError::Invalid(format!("{e} is not supported")))?;
         }
         Ok(c)
     }

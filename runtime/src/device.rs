@@ -12,6 +12,8 @@
 //! [`PipelineKey`] with the bind-group layout its op declares), never the other way round.
 
 use crate::shaders::{Defines, Variant};
+pub use crate::tuning::KernelOverrides;
+use crate::tuning::Tuning;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -56,59 +58,6 @@ pub struct GpuOptions {
 impl Default for GpuOptions {
     fn default() -> Self {
         GpuOptions { allow_f16: true, allow_subgroups: true, adapter_name: None, max_storage_binding: None, memory_budget: None, profile: false }
-    }
-}
-
-fn env_u32(name: &str) -> Option<u32> {
-    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
-}
-
-/// Kernel choices forced from the environment for tuning and A/B measurements, read once when
-/// a device is opened (a token's hundred-odd dispatches then look up nothing). None: the
-/// device's own choice. (In a browser there is no environment: all None.)
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KernelOverrides {
-    /// `NOMOAT_MATVEC_TPR` (a power of two up to 64), `_RPI` (1..=16), `_WG` (a power of two,
-    /// 8..=256): the matvec shape.
-    pub matvec_tpr: Option<u32>,
-    pub matvec_rpi: Option<u32>,
-    pub matvec_wg: Option<u32>,
-    /// `NOMOAT_MATVEC_XB=0`: no X_BROADCAST.
-    pub matvec_x_broadcast: Option<bool>,
-    /// `NOMOAT_MATVEC_TILE=0`: no TOKEN_TILE.
-    pub token_tile: Option<bool>,
-    /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
-    pub tiled_matmul: Option<bool>,
-    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernel.
-    pub attention_per_query: Option<bool>,
-    /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
-    pub attention_broadcast: Option<bool>,
-    /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
-    pub attention_key_lanes: Option<bool>,
-    /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
-    pub attention_heads_share_kv: Option<bool>,
-}
-
-impl KernelOverrides {
-    pub fn from_env() -> KernelOverrides {
-        let off = |name: &str| (env_u32(name) == Some(0)).then_some(false);
-        let choice = |name: &str, yes: &str, no: &str| match std::env::var(name).ok().as_deref() {
-            Some(v) if v == yes => Some(true),
-            Some(v) if v == no => Some(false),
-            _ => None,
-        };
-        KernelOverrides {
-            matvec_tpr: env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64),
-            matvec_rpi: env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)),
-            matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
-            matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
-            token_tile: off("NOMOAT_MATVEC_TILE"),
-            tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
-            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
-            attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
-            attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
-            attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
-        }
     }
 }
 
@@ -181,6 +130,8 @@ pub struct Gpu {
     pub(crate) profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     /// NOMOAT_* kernel choices, read from the environment when the device was opened.
     pub overrides: KernelOverrides,
+    /// The kernel choices for this device, made once from its capabilities and `overrides`.
+    pub tuning: Tuning,
 }
 
 impl Gpu {
@@ -252,7 +203,28 @@ impl Gpu {
             || device.create_buffer(&wgpu::BufferDescriptor { label: Some("unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false });
         let unused_buffers = [unused(), unused(), unused()];
         let overrides = KernelOverrides::from_env();
-        Ok(Gpu { device, queue, info, limits, variant, lost, memory_budget: opts.memory_budget, pipelines: Default::default(), unused_buffers, profile, overrides })
+        let tuning = Tuning::for_device(&info, variant, &overrides);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            variant,
+            lost,
+            memory_budget: opts.memory_budget,
+            pipelines: Default::default(),
+            unused_buffers,
+            profile,
+            overrides,
+            tuning,
+        })
+    }
+
+    /// Replace what the adapter said about itself (the browser backend leaves the name empty
+    /// and calls software adapters GPUs) and make the kernel choices again from it.
+    pub fn set_adapter_info(&mut self, info: wgpu::AdapterInfo) {
+        self.tuning = Tuning::for_device(&info, self.variant, &self.overrides);
+        self.info = info;
     }
 
     /// Whether dispatches are being timed (profiling was asked for and the adapter can).

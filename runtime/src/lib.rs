@@ -5,8 +5,8 @@
 //! - `quant`: plain CPU dequantization of every supported block type (the reference).
 //! - `reference`: plain CPU versions of every GPU op, the yardstick tests compare against;
 //!   `conformance`: the suite comparing the GPU ops with it, run natively and in the browser.
-//! - `device`, `shaders`, `ops`: the GPU side (`ops`: the Rust side of every WGSL kernel, one
-//!   file per op family).
+//! - `device`, `tuning`, `shaders`, `ops`: the GPU side (`tuning`: the device's kernel choices,
+//!   made once; `ops`: the Rust side of every WGSL kernel, one file per op family).
 //! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates.
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
@@ -29,3 +29,4 @@ pub mod sampler;
 pub mod session;
 pub mod shaders;
 pub mod tokenizer;
+pub mod tuning;

@@ -7,7 +7,7 @@ use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::{Gguf, TensorInfo};
-use crate::ops::{GpuMatrix, KvType};
+use crate::ops::{supports, GpuMatrix, KvType, Op, Unsupported};
 use crate::quant;
 
 pub struct Layer {
@@ -84,9 +84,7 @@ impl<S: ByteSource> Loader<'_, S> {
     async fn matrix(&mut self, name: &str, k: usize, rows: usize) -> Result<GpuMatrix, ModelError> {
         let t = self.info(name)?;
         Self::check_shape(&t, &[k as u64, rows as u64])?;
-        if !t.ty.is_supported_by_kernels() {
-            return Err(ModelError::UnsupportedType { name: name.into(), ty: t.ty });
-        }
+        supported(name, t.ty, k, self.gpu)?;
         let bytes = self.bytes(&t).await?;
         check_scales_finite(&t, &bytes)?;
         let m = GpuMatrix::upload(self.gpu, name, t.ty, k as u64, rows as u64, &bytes).await?;
@@ -106,9 +104,7 @@ impl<S: ByteSource> Loader<'_, S> {
         for (name, rows) in names {
             let t = self.info(name)?;
             Self::check_shape(&t, &[k as u64, *rows as u64])?;
-            if !t.ty.is_supported_by_kernels() {
-                return Err(ModelError::UnsupportedType { name: name.clone(), ty: t.ty });
-            }
+            supported(name, t.ty, k, self.gpu)?;
             let bytes = self.bytes(&t).await?;
             check_scales_finite(&t, &bytes)?;
             match runs.last_mut() {
@@ -264,5 +260,14 @@ impl Model {
     pub fn decode_bytes_per_token(&self) -> u64 {
         let layers: u64 = self.layers.iter().flat_map(|l| l.wqkv.iter().chain(&l.w_gate_up).chain([&l.wo, &l.w_down])).map(|m| m.bytes()).sum();
         layers + self.output_head().bytes() + self.token_embd.bytes() / self.token_embd.n_rows.max(1) as u64
+    }
+}
+
+/// Whether the kernels read tensor `name` (rows of `k` elements of type `ty`) on `gpu`.
+fn supported(name: &str, ty: GgmlType, k: usize, gpu: &Gpu) -> Result<(), ModelError> {
+    match supports(Op::Matrix { ty, k: k as u64 }, Some(gpu)) {
+        Ok(()) => Ok(()),
+        Err(Unsupported::Type(ty)) => Err(ModelError::UnsupportedType { name: name.into(), ty }),
+        Err(e) => Err(ModelError::Invalid(format!("tensor '{name}': {e}"))),
     }
 }

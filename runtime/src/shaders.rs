@@ -49,7 +49,9 @@ pub const FILES: &[(&str, &str)] = &[
     ("lib/rotary.wgsl", include_str!("../../shaders/lib/rotary.wgsl")),
     ("lib/activation.wgsl", include_str!("../../shaders/lib/activation.wgsl")),
     ("lib/product_out.wgsl", include_str!("../../shaders/lib/product_out.wgsl")),
-    ("attention.wgsl", include_str!("../../shaders/attention.wgsl")),
+    ("lib/attention.wgsl", include_str!("../../shaders/lib/attention.wgsl")),
+    ("attention_workgroup.wgsl", include_str!("../../shaders/attention_workgroup.wgsl")),
+    ("attention_query.wgsl", include_str!("../../shaders/attention_query.wgsl")),
     ("topk.wgsl", include_str!("../../shaders/topk.wgsl")),
     ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
 ];
@@ -76,7 +78,7 @@ impl Defines {
     }
 }
 
-/// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention.wgsl's
+/// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention_query.wgsl's
 /// KV_BROADCAST, HEADS_SHARE_KV and KEY_LANES): dropped for variants without them, so every
 /// key builds on every variant.
 const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES"];

@@ -1,7 +1,8 @@
 //! Weight matrices on the GPU as GGUF stores them (some block types with their fields split
 //! apart), in chunks that each fit one storage binding, and which types and shapes the
-//! quantized kernels (matvec, matmul, gather) read.
+//! quantized kernels (matvec, matmul, gather) read (`supports(Op::Matrix ..)`).
 
+use super::support::{supports, Op};
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::shaders::Defines;
@@ -9,21 +10,6 @@ use crate::shaders::Defines;
 /// Bytes kept spare after every weight chunk: `ld_u32` reads one word past a row's last byte,
 /// and matvec's vec4 reads of an unaligned block can reach up to 24 bytes past its end.
 pub const WEIGHT_PAD: usize = 32;
-
-/// Which GGML types the quantized kernels (matvec, matmul, gather) read, and whether a matrix
-/// of that shape fits them; the gate callers consult before building a pipeline.
-pub fn supports_quant_op(ty: GgmlType, k: u64) -> Result<(), String> {
-    if !ty.is_supported_by_kernels() {
-        return Err(format!("tensor type {ty} is not supported by nomoat's kernels"));
-    }
-    if !k.is_multiple_of(ty.block_elems() as u64) {
-        return Err(format!("row length {k} is not a multiple of {ty}'s block of {}", ty.block_elems()));
-    }
-    if k > u32::MAX as u64 / 8 {
-        return Err(format!("row length {k} is too long"));
-    }
-    Ok(())
-}
 
 pub(super) fn type_define(ty: GgmlType) -> String {
     format!("TYPE_{}", ty.name())
@@ -58,13 +44,10 @@ impl GpuMatrix {
 
     /// Upload `n_rows` rows of `k` elements of type `ty` from `bytes` (as stored in the file).
     pub async fn upload(gpu: &Gpu, name: &str, ty: GgmlType, k: u64, n_rows: u64, bytes: &[u8]) -> Result<GpuMatrix, GpuError> {
-        supports_quant_op(ty, k).map_err(|m| GpuError::Unsupported(format!("tensor '{name}': {m}")))?;
+        supports(Op::Matrix { ty, k }, Some(gpu)).map_err(|m| GpuError::Unsupported(format!("tensor '{name}': {m}")))?;
         let row_bytes = ty.row_bytes(k).unwrap();
         if bytes.len() as u64 != row_bytes * n_rows {
             return Err(GpuError::Unsupported(format!("tensor '{name}': {} bytes given for {n_rows} rows of {row_bytes}", bytes.len())));
-        }
-        if row_bytes + WEIGHT_PAD as u64 + 256 > gpu.max_binding() {
-            return Err(GpuError::Unsupported(format!("tensor '{name}': one row ({row_bytes} bytes) exceeds the device's binding limit")));
         }
         let per = GpuMatrix::rows_per_chunk(gpu, row_bytes);
         let mut chunks = Vec::new();

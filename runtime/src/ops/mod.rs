@@ -18,16 +18,19 @@
 //!   `elementwise.rs` (elementwise.wgsl)
 //! - `copy` → `copy.rs` (copy.wgsl)
 //! - `rope`, `rope_kv`, `rope_kv_normed`, `kv_store` → `rope_kv.rs` (rope_kv.wgsl)
-//! - `attention`, `attention_kernel` → `attention.rs` (attention.wgsl)
+//! - `attention`, `attention_kernel` → `attention.rs` (attention_workgroup.wgsl,
+//!   attention_query.wgsl, both with lib/attention.wgsl)
 //! - [`top_k`], [`record_top_k`] → `top_k.rs` (topk.wgsl)
 //!
 //! And what they share:
+//! - `support.rs`: [`supports`], which (op, type, shape, device) the kernels run, consulted by
+//!   the loader, the recorder and the conformance suite.
 //! - `pipeline.rs`: [`Bind`], [`layout_of`], [`all_pipeline_keys`] and `Gpu::pipeline`, which
 //!   compiles a [`PipelineKey`](crate::device::PipelineKey) (the key, the compiled pipeline and
 //!   the cache live in `device.rs`, next to `Gpu`).
 //! - `recorder.rs`: [`Recorder`] and [`DispatchCache`], the recording and submission.
-//! - `tuning.rs`: the device-dependent choices ([`matvec_shape`] and the device tests); the
-//!   `NOMOAT_*` overrides they honour are `device::KernelOverrides`.
+//! - `Gpu::tuning` (`crate::tuning`): every device-dependent choice, made once when the device
+//!   opens; the ops read it and ask nothing else about the device.
 //! - `matrix.rs`: [`GpuMatrix`], weights as GGUF stores them, uploaded in binding-sized chunks.
 
 /// A kernel's parameters: the `#[repr(C)]` struct its shader's `struct Params` mirrors, and
@@ -57,22 +60,22 @@ mod product;
 mod recorder;
 mod rope_kv;
 mod softmax;
+mod support;
 mod top_k;
-mod tuning;
 
-pub use attention::{AttentionArgs, AttentionKernel, ATTENTION_LAYOUT, MAX_HEAD_DIM};
+pub use attention::{AttentionArgs, AttentionKernel, ATTENTION_LAYOUT};
 pub use copy::COPY_LAYOUT;
 pub use elementwise::ELEMENTWISE_LAYOUT;
 pub use gather::GATHER_LAYOUT;
-pub use matrix::{supports_quant_op, GpuMatrix, MatrixChunk, WEIGHT_PAD};
+pub use matrix::{GpuMatrix, MatrixChunk, WEIGHT_PAD};
 pub use norm::NORM_LAYOUT;
 pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLayout};
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
 pub use softmax::SOFTMAX_LAYOUT;
+pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};
 pub use top_k::{record_top_k, top_k, TopKScratch, MAX_TOP_K, TOPK_LAYOUT};
-pub use tuning::{matvec_shape, MatvecShape};
 
 /// The largest workgroup count per dimension WebGPU guarantees.
 const MAX_GROUPS: u32 = 65535;

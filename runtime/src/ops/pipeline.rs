@@ -44,7 +44,7 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
         "softmax.wgsl" => softmax::SOFTMAX_LAYOUT,
         "elementwise.wgsl" => elementwise::ELEMENTWISE_LAYOUT,
         "rope_kv.wgsl" => rope_kv::ROPE_KV_LAYOUT,
-        "attention.wgsl" => attention::ATTENTION_LAYOUT,
+        "attention_workgroup.wgsl" | "attention_query.wgsl" => attention::ATTENTION_LAYOUT,
         "topk.wgsl" => top_k::TOPK_LAYOUT,
         "copy.wgsl" => copy::COPY_LAYOUT,
         other => panic!("no layout for {other}"),
@@ -66,7 +66,8 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
         ("softmax.wgsl", softmax::SoftmaxParams::FIELDS, size_of::<softmax::SoftmaxParams>()),
         ("elementwise.wgsl", elementwise::ElementwiseParams::FIELDS, size_of::<elementwise::ElementwiseParams>()),
         ("rope_kv.wgsl", rope_kv::RopeKvParams::FIELDS, size_of::<rope_kv::RopeKvParams>()),
-        ("attention.wgsl", attention::AttentionParams::FIELDS, size_of::<attention::AttentionParams>()),
+        ("attention_workgroup.wgsl", attention::AttentionParams::FIELDS, size_of::<attention::AttentionParams>()),
+        ("attention_query.wgsl", attention::AttentionParams::FIELDS, size_of::<attention::AttentionParams>()),
         ("topk.wgsl", top_k::TopKParams::FIELDS, size_of::<top_k::TopKParams>()),
         ("copy.wgsl", copy::CopyParams::FIELDS, size_of::<copy::CopyParams>()),
     ]

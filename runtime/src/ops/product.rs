@@ -5,11 +5,11 @@
 use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::{KvType, RopeArgs};
-use super::tuning::{is_llvmpipe, loop_budget, matvec_shape, paired_matvec_shape, MatvecShape};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::ggml_type::GgmlType;
 use crate::shaders::Defines;
+use crate::tuning::MatvecShape;
 
 /// matvec.wgsl's bindings, in order: w, x, y, norm_w, y1, y2, params.
 pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Read, ReadWrite, ReadWrite, Uniform];
@@ -151,17 +151,14 @@ impl Recorder<'_> {
         if m == 1 {
             return true;
         }
-        match self.tiled_matmul.or(self.gpu.overrides.tiled_matmul) {
-            Some(tiled) => !tiled,
-            None => self.gpu.info.device_type == wgpu::DeviceType::Cpu,
-        }
+        !self.tiled_matmul.unwrap_or(self.gpu.tuning.tiled_matmul)
     }
 
     /// Whether `ProductOut::QkvRope` applies: stacked q, k, v in one binding, RoPE in
     /// adjacent-pair mode on whole heads, every part a whole number of the invocations' row
     /// groups, and the matvec path.
     pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32) -> bool {
-        let rpi = paired_matvec_shape(self.gpu).rpi;
+        let rpi = self.gpu.tuning.paired_matvec().rpi;
         self.product_runs_matvec(m)
             && w.chunks.len() == 1
             && w.parts.len() == 3
@@ -172,10 +169,9 @@ impl Recorder<'_> {
             && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
     }
 
-    /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights): llvmpipe
-    /// only, where it speeds prefill up (on SwiftShader it slows it down).
+    /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights).
     fn tiles_tokens(&self) -> bool {
-        self.token_tile.or(self.gpu.overrides.token_tile).unwrap_or_else(|| is_llvmpipe(self.gpu))
+        self.token_tile.unwrap_or(self.gpu.tuning.token_tile)
     }
 
     /// Tokens one matvec.wgsl dispatch of `w` takes, so that an invocation's token loop stays
@@ -185,7 +181,7 @@ impl Recorder<'_> {
     /// of four; split over TPR invocations. Float rows of 4864 over 64 tokens (a LoRA A of
     /// Qwen2.5 0.5B's ffn_down in a prefill batch) overran it and left later tokens unwritten.
     fn tokens_per_dispatch(&self, w: &GpuMatrix, shape: MatvecShape, tiled: bool, m: u32) -> u32 {
-        let Some(budget) = loop_budget(self.gpu) else { return m };
+        let Some(budget) = self.gpu.tuning.loop_budget else { return m };
         let divisor = match (w.ty.block_elems() > 1, tiled) {
             (false, _) => 3,
             (true, false) => 2,
@@ -283,7 +279,7 @@ impl Recorder<'_> {
             };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {
-                let shape = if pairs { paired_matvec_shape(self.gpu) } else { matvec_shape(self.gpu) };
+                let shape = if pairs { self.gpu.tuning.paired_matvec() } else { self.gpu.tuning.matvec };
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let mut defines = add_mode(matvec_defines(w.ty, shape));

@@ -2,6 +2,7 @@
 //! the cache, optionally after per-head RMS norms of q and k; also the KV cache's element type.
 
 use super::pipeline::Bind::{self, *};
+use super::support::{supports, Op};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::shaders::Defines;
@@ -125,9 +126,7 @@ impl Recorder<'_> {
         norm: Option<QkNorm<'_>>,
         factors: Option<&wgpu::Buffer>,
     ) -> Result<(), GpuError> {
-        if !a.n_rot.is_multiple_of(2) || a.n_rot > a.head_dim || !a.head_dim.is_multiple_of(2) {
-            return Err(GpuError::Unsupported(format!("RoPE over {} of {} dimensions", a.n_rot, a.head_dim)));
-        }
+        supports(Op::Rope { head_dim: a.head_dim, n_rot: a.n_rot }, None)?;
         let v_pairs = a.n_tokens * n_kv_head * a.head_dim / 2;
         let work = match norm {
             // an invocation per q head and per k head, then per pair of v

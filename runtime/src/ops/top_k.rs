@@ -1,6 +1,7 @@
 //! The k best values and their ids, selected on the GPU in passes (topk.wgsl); argmax is k = 1.
 
 use super::pipeline::Bind::{self, *};
+use super::support::{supports, Op};
 use super::Recorder;
 use crate::device::{Gpu, GpuError, PipelineKey};
 use crate::shaders::Defines;
@@ -70,8 +71,9 @@ pub async fn record_top_k<'s>(
     n: u32,
     k: u32,
 ) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
-    if k == 0 || k > MAX_TOP_K || k > n || n > scratch.n {
-        return Err(GpuError::Unsupported(format!("top-k with k = {k} over {n} values (k must be 1..={MAX_TOP_K})")));
+    supports(Op::TopK { n, k }, None)?;
+    if n > scratch.n {
+        return Err(GpuError::Unsupported(format!("top-k over {n} values with scratch for {}", scratch.n)));
     }
     let mut count = n;
     // k = 1 takes the argmax entry point, with its larger chunks

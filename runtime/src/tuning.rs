@@ -1,0 +1,188 @@
+//! Every device-dependent kernel choice, made once when a device opens ([`Tuning::for_device`],
+//! kept as `Gpu::tuning`) from the adapter's capabilities and the `NOMOAT_*` overrides. The ops
+//! read these fields and ask nothing else about the device. An adapter's name is consulted only
+//! for a named driver defect: llvmpipe's loop limit ([`Tuning::loop_budget`]).
+//!
+//! Measurements behind the choices are in bench/README.md.
+
+use crate::shaders::Variant;
+
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
+}
+
+/// Kernel choices forced from the environment for tuning and A/B measurements, read once when
+/// a device is opened (a token's hundred-odd dispatches then look up nothing). None: the
+/// device's own choice. (In a browser there is no environment: all None.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOverrides {
+    /// `NOMOAT_MATVEC_TPR` (a power of two up to 64), `_RPI` (1..=16), `_WG` (a power of two,
+    /// 8..=256): the matvec shape.
+    pub matvec_tpr: Option<u32>,
+    pub matvec_rpi: Option<u32>,
+    pub matvec_wg: Option<u32>,
+    /// `NOMOAT_MATVEC_XB=0`: no X_BROADCAST.
+    pub matvec_x_broadcast: Option<bool>,
+    /// `NOMOAT_MATVEC_TILE=0` / `1`: TOKEN_TILE off / on.
+    pub token_tile: Option<bool>,
+    /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
+    pub tiled_matmul: Option<bool>,
+    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernels.
+    pub attention_per_query: Option<bool>,
+    /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
+    pub attention_broadcast: Option<bool>,
+    /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
+    pub attention_key_lanes: Option<bool>,
+    /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
+    pub attention_heads_share_kv: Option<bool>,
+}
+
+impl KernelOverrides {
+    pub fn from_env() -> KernelOverrides {
+        let off = |name: &str| (env_u32(name) == Some(0)).then_some(false);
+        let choice = |name: &str, yes: &str, no: &str| match std::env::var(name).ok().as_deref() {
+            Some(v) if v == yes => Some(true),
+            Some(v) if v == no => Some(false),
+            _ => None,
+        };
+        KernelOverrides {
+            matvec_tpr: env_u32("NOMOAT_MATVEC_TPR").filter(|v| v.is_power_of_two() && *v <= 64),
+            matvec_rpi: env_u32("NOMOAT_MATVEC_RPI").filter(|v| (1..=16).contains(v)),
+            matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
+            matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
+            token_tile: choice("NOMOAT_MATVEC_TILE", "1", "0"),
+            tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
+            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
+            attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
+            attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
+            attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
+        }
+    }
+}
+
+/// How a matvec dispatch is shaped: `tpr` invocations share a group of `rpi` consecutive rows,
+/// `wg` invocations per workgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatvecShape {
+    pub tpr: u32,
+    pub rpi: u32,
+    pub wg: u32,
+    /// Quantized types load x once per subgroup and broadcast it (matvec.wgsl's X_BROADCAST).
+    pub x_broadcast: bool,
+}
+
+impl MatvecShape {
+    pub fn rows_per_workgroup(&self) -> u32 {
+        self.wg / self.tpr * self.rpi
+    }
+}
+
+/// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65,535
+/// in all (its guard against endless loops) and leaves the rest of its output unwritten; some
+/// are kept for the loops the estimates leave out.
+pub const LLVMPIPE_LOOP_BUDGET: u64 = 60_000;
+
+/// The kernel choices for one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// A CPU implementation of WebGPU (lavapipe, SwiftShader): shared memory and barriers cost a
+    /// per-lane loop each, so kernels that keep everything in registers win.
+    pub cpu: bool,
+    /// The kernels have subgroups of exactly 8 invocations (lavapipe: one 256-bit register of
+    /// f32 lanes), which the broadcast modes build their 8-lane workgroups on.
+    pub subgroups_of_8: bool,
+    /// Driver defect, llvmpipe: invocations stop after 65,535 loop iterations, leaving their
+    /// output unwritten. Kernels split or refuse work beyond this many. None: no such limit.
+    pub loop_budget: Option<u64>,
+    /// The matvec shape (see [`Tuning::paired_matvec`] for outputs that need row pairs).
+    pub matvec: MatvecShape,
+    /// Prefill's products through the shared-memory tiled matmul.wgsl (GPUs) rather than
+    /// matvec.wgsl's token loop (CPU devices).
+    pub tiled_matmul: bool,
+    /// Prefill's quantized products in matvec.wgsl's passes of four tokens (TOKEN_TILE): on
+    /// CPU devices with 8-lane subgroups (faster on lavapipe, slower on SwiftShader).
+    pub token_tile: bool,
+    /// Attention through the one-query-per-invocation kernels (CPU devices).
+    pub attention_per_query: bool,
+    /// Which of the subgroup attention modes may be used (all, unless an override says not).
+    pub attention_broadcast: bool,
+    pub attention_key_lanes: bool,
+    pub attention_heads_share_kv: bool,
+}
+
+impl Tuning {
+    /// The choices for an adapter with this `info` and kernel `variant`, with `o` applied.
+    pub fn for_device(info: &wgpu::AdapterInfo, variant: Variant, o: &KernelOverrides) -> Tuning {
+        let cpu = info.device_type == wgpu::DeviceType::Cpu;
+        let subgroups_of_8 = variant.subgroups && info.subgroup_min_size == 8 && info.subgroup_max_size == 8;
+        // CPU devices: every invocation its own 8 rows (one x load serves 8 rows), 8 invocations
+        // a workgroup (one 256-bit register of lanes). 16 rows per invocation gave wrong F16
+        // products for 70 tokens on lavapipe (not root-caused), so it is not used. GPUs: 32
+        // invocations per row, one row each, 64 per workgroup.
+        let mut matvec = if cpu { MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast: false } } else { MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false } };
+        matvec.tpr = o.matvec_tpr.unwrap_or(matvec.tpr);
+        matvec.rpi = o.matvec_rpi.unwrap_or(matvec.rpi);
+        matvec.wg = o.matvec_wg.unwrap_or(matvec.wg).max(matvec.tpr);
+        // one x load per subgroup instead of one per lane where the workgroup is one subgroup
+        matvec.x_broadcast = subgroups_of_8 && matvec.tpr == 1 && matvec.wg == 8 && o.matvec_x_broadcast != Some(false);
+        Tuning {
+            cpu,
+            subgroups_of_8,
+            loop_budget: info.name.contains("llvmpipe").then_some(LLVMPIPE_LOOP_BUDGET),
+            matvec,
+            tiled_matmul: o.tiled_matmul.unwrap_or(!cpu),
+            token_tile: o.token_tile.unwrap_or(cpu && subgroups_of_8),
+            attention_per_query: o.attention_per_query.unwrap_or(cpu),
+            attention_broadcast: o.attention_broadcast != Some(false),
+            attention_key_lanes: o.attention_key_lanes != Some(false),
+            attention_heads_share_kv: o.attention_heads_share_kv != Some(false),
+        }
+    }
+
+    /// The matvec shape with an even number of rows per invocation, for outputs that need rows
+    /// in pairs in one invocation (gate with up, RoPE's adjacent pairs).
+    pub fn paired_matvec(&self) -> MatvecShape {
+        MatvecShape { rpi: (self.matvec.rpi + 1) & !1, ..self.matvec }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(name: &str, device_type: wgpu::DeviceType, subgroup: u32) -> wgpu::AdapterInfo {
+        wgpu::AdapterInfo {
+            name: name.into(),
+            vendor: 0,
+            device: 0,
+            device_type,
+            device_pci_bus_id: String::new(),
+            driver: String::new(),
+            driver_info: String::new(),
+            backend: wgpu::Backend::Vulkan,
+            subgroup_min_size: subgroup,
+            subgroup_max_size: subgroup,
+            transient_saves_memory: Some(false),
+            limit_bucket: None,
+        }
+    }
+
+    #[test]
+    fn choices_follow_capabilities_and_overrides() {
+        let sg = Variant { f16: true, subgroups: true, web: false };
+        let lavapipe = Tuning::for_device(&adapter("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides::default());
+        assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention_per_query && !lavapipe.tiled_matmul);
+        assert_eq!(lavapipe.loop_budget, Some(LLVMPIPE_LOOP_BUDGET));
+        assert!(lavapipe.matvec.x_broadcast && lavapipe.paired_matvec().rpi == 8);
+        let swiftshader =
+            Tuning::for_device(&adapter("google swiftshader", wgpu::DeviceType::Cpu, 4), Variant { f16: false, subgroups: false, web: true }, &Default::default());
+        assert!(swiftshader.cpu && !swiftshader.token_tile && swiftshader.loop_budget.is_none() && !swiftshader.matvec.x_broadcast);
+        let gpu = Tuning::for_device(&adapter("NVIDIA H200", wgpu::DeviceType::DiscreteGpu, 32), sg, &Default::default());
+        assert!(!gpu.cpu && gpu.tiled_matmul && !gpu.attention_per_query && !gpu.token_tile && gpu.loop_budget.is_none());
+        assert_eq!((gpu.matvec.tpr, gpu.matvec.rpi, gpu.matvec.wg), (32, 1, 64));
+        let o = KernelOverrides { matvec_tpr: Some(4), matvec_rpi: Some(3), matvec_wg: Some(2), tiled_matmul: Some(true), token_tile: Some(false), ..Default::default() };
+        let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &o);
+        assert_eq!((forced.matvec.tpr, forced.matvec.rpi, forced.matvec.wg), (4, 3, 4));
+        assert!(forced.tiled_matmul && !forced.token_tile && !forced.matvec.x_broadcast && forced.paired_matvec().rpi == 4);
+    }
+}

@@ -1,0 +1,90 @@
+// Fused causal attention with an online softmax (flash-attention style), for a block of prompt
+// tokens or a single new token alike: one workgroup per (head, query), for GPUs.
+// q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
+// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
+// 0..pos0+n_q; out: [n_q][n_head][head_dim] f32.
+// Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
+// p sees keys j ≤ p, and with a sliding window only those with p − j < window.
+// Invocation j scores key k0 + j of each tile of WG keys, the tile's softmax weights go through
+// shared memory, and each invocation keeps the running output for head dimensions lid,
+// lid + WG, ... rescaled whenever the running maximum grows.
+
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k_cache: array<KvStore>;
+@group(0) @binding(2) var<storage, read> v_cache: array<KvStore>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+#include "lib/kv.wgsl"
+#include "lib/attention.wgsl"
+#include "lib/reduce.wgsl"
+
+const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
+
+var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
+var<workgroup> w_sh: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lid: u32,
+        @builtin(workgroup_id) wid: vec3<u32> SG_PARAMS) {
+    let h = wid.x;
+    let t = wid.y;
+    let lane = Lane(lid, SG_SIZE, SG_LANE);
+    let hd = p.head_dim;
+    let pos = p.pos0 + t;
+    let kvh = h / (p.n_head / p.n_kv_head);
+    let kv_stride = p.n_kv_head * hd;
+    let q_base = (t * p.n_head + h) * hd;
+    for (var d = lid; d < hd; d += WG) {
+        q_sh[d] = q[q_base + d] * p.scale;
+    }
+    workgroupBarrier();
+
+    let k_start = first_key(pos);
+    let k_end = pos + 1u;
+    var run_max = NEG_BIG;
+    var run_sum = 0.0;
+    var acc = array<f32, DIMS_PER_LANE>();
+
+    for (var k0 = k_start; k0 < k_end; k0 += WG) {
+        let j = k0 + lid;
+        var score = NEG_BIG;
+        if (j < k_end) {
+            let kb = j * kv_stride + kvh * hd;
+            var s = 0.0;
+            for (var d = 0u; d < hd; d++) {
+                s += q_sh[d] * kv_value(k_cache[kv_word(kb + d)], kb + d);
+            }
+            score = s;
+        }
+        let new_max = max(run_max, wg_max(score, lane));
+        var w = 0.0;
+        if (j < k_end) {
+            w = exp(score - new_max);
+        }
+        let rescale = exp(run_max - new_max);
+        run_sum = run_sum * rescale + wg_sum(w, lane);
+        run_max = new_max;
+        w_sh[lid] = w;
+        workgroupBarrier();
+        let n_keys = min(WG, k_end - k0);
+        for (var c = 0u; c < DIMS_PER_LANE; c++) {
+            let d = lid + c * WG;
+            if (d < hd) {
+                var a = acc[c] * rescale;
+                for (var jj = 0u; jj < n_keys; jj++) {
+                    let vi = (k0 + jj) * kv_stride + kvh * hd + d;
+                    a += w_sh[jj] * kv_value(v_cache[kv_word(vi)], vi);
+                }
+                acc[c] = a;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var c = 0u; c < DIMS_PER_LANE; c++) {
+        let d = lid + c * WG;
+        if (d < hd) {
+            out[q_base + d] = acc[c] / run_sum;
+        }
+    }
+}
