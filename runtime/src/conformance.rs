@@ -18,8 +18,8 @@
 //!   an f16 step (≤ 1e-3 on these values) for keys stored in an f16 cache.
 
 use crate::device::{Gpu, GpuError};
-use crate::ggml_type::{GgmlType, KERNEL_TYPES};
-use crate::ops::{self, AttentionArgs, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
+use crate::ggml_type::GgmlType;
+use crate::ops::{self, supports, AttentionArgs, GpuMatrix, KvType, Op, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 /// SplitMix64: tiny, seedable, the same numbers on every target.
@@ -95,39 +95,69 @@ impl Check {
     }
 }
 
-/// Op families, each a test of its own natively and a line group in the browser report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Matvec,
-    Matmul,
-    Gather,
-    Norms,
-    Softmax,
-    Elementwise,
-    Rope,
-    Attention,
-    TopK,
-    Fused,
+/// One op of the suite: `op` is what a filter matches and the name of its native test
+/// (`cargo test -p nomoat-tests --test conformance -- rope_kv`), `shader` the WGSL it checks,
+/// `bound` what it is held to (the module's doc says why).
+pub struct Case {
+    pub op: &'static str,
+    pub shader: &'static str,
+    pub bound: &'static str,
+    run: for<'a> fn(&'a Gpu, bool) -> CaseFuture<'a>,
 }
 
-pub const FAMILIES: [Family; 10] =
-    [Family::Matvec, Family::Matmul, Family::Gather, Family::Norms, Family::Softmax, Family::Elementwise, Family::Rope, Family::Attention, Family::TopK, Family::Fused];
+type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Check>>> + 'a>>;
 
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Matvec => "matvec",
-            Family::Matmul => "matmul",
-            Family::Gather => "gather",
-            Family::Norms => "norms",
-            Family::Softmax => "softmax",
-            Family::Elementwise => "elementwise",
-            Family::Rope => "rope",
-            Family::Attention => "attention",
-            Family::TopK => "top_k",
-            Family::Fused => "fused",
-        }
+impl Case {
+    /// The comparisons of this op on `gpu`. `large` adds the cases with tens of millions of
+    /// elements (2-D dispatch folding); natively they run on one variant only, since they test
+    /// the grid, not the arithmetic.
+    pub async fn run(&self, gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
+        (self.run)(gpu, large).await
     }
+}
+
+macro_rules! case {
+    ($op:literal, $shader:literal, $bound:literal, $f:ident) => {
+        Case { op: $op, shader: $shader, bound: $bound, run: |gpu, _| Box::pin($f(gpu)) }
+    };
+    ($op:literal, $shader:literal, $bound:literal, $f:ident, large) => {
+        Case { op: $op, shader: $shader, bound: $bound, run: |gpu, large| Box::pin($f(gpu, large)) }
+    };
+}
+
+/// The suite, one entry per op.
+pub const CASES: &[Case] = &[
+    case!("matvec", "matvec.wgsl", "nmse 1e-10", matvec),
+    case!("matmul", "matvec.wgsl (token loop, token tiles), matmul.wgsl", "nmse 1e-10", matmul),
+    case!("gather", "gather.wgsl", "exact", gather),
+    case!("rms_norm", "norm.wgsl", "max-abs 1e-5", rms_norm),
+    case!("layer_norm", "norm.wgsl", "max-abs 1e-5", layer_norm),
+    case!("softmax", "softmax.wgsl", "max-abs 1e-6", softmax),
+    case!("elementwise", "elementwise.wgsl", "max-abs 1e-5", elementwise, large),
+    case!("copy", "copy.wgsl", "exact", copy),
+    case!("rope", "rope_kv.wgsl", "max-abs 1e-5 + 3e-7·position", rope),
+    case!("rope_kv", "rope_kv.wgsl", "RoPE's, plus half an f16 step for an f16 cache", rope_kv),
+    case!("kv_store", "rope_kv.wgsl", "exact (after f16 rounding for an f16 cache)", kv_store),
+    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl", "max-abs 1e-5", attention),
+    case!("top_k", "topk.wgsl", "exact ids and values", top_k),
+    case!("fused_product", "matvec.wgsl, matmul.wgsl (lib/product_out.wgsl)", "nmse 1e-10 against the unfused ops", fused_product),
+    case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache", qkv_rope),
+];
+
+/// The cases whose op name contains `filter` (every case for an empty filter).
+pub fn cases(filter: &str) -> impl Iterator<Item = &'static Case> + '_ {
+    CASES.iter().filter(move |c| c.op.contains(filter))
+}
+
+/// The case of op `op`, by its exact name.
+pub fn case(op: &str) -> Option<&'static Case> {
+    CASES.iter().find(|c| c.op == op)
+}
+
+/// The weight types the suite multiplies: every GGML type the support gate admits on `gpu`, so
+/// that a type admitted without a working kernel fails here.
+pub fn weight_types(gpu: &Gpu) -> Vec<GgmlType> {
+    (0..64).filter_map(GgmlType::from_id).filter(|&ty| supports(Op::Matrix { ty, k: ty.block_elems() as u64 * 16 }, Some(gpu)).is_ok()).collect()
 }
 
 /// Why a family could not run to its comparisons (the device refused something).
@@ -153,23 +183,6 @@ impl From<quant::QuantError> for SuiteError {
 }
 
 type Result<T> = std::result::Result<T, SuiteError>;
-
-/// `large` adds the cases with tens of millions of elements (2-D dispatch folding); natively
-/// they run on one variant only, since they test the grid, not the arithmetic.
-pub async fn run(gpu: &Gpu, family: Family, large: bool) -> Result<Vec<Check>> {
-    match family {
-        Family::Matvec => matvec(gpu).await,
-        Family::Matmul => matmul(gpu).await,
-        Family::Gather => gather(gpu).await,
-        Family::Norms => norms(gpu).await,
-        Family::Softmax => softmax(gpu).await,
-        Family::Elementwise => elementwise(gpu, large).await,
-        Family::Rope => rope(gpu).await,
-        Family::Attention => attention(gpu).await,
-        Family::TopK => top_k(gpu).await,
-        Family::Fused => fused(gpu).await,
-    }
-}
 
 pub const MATMUL_NMSE: f64 = 1e-10;
 
@@ -246,7 +259,7 @@ pub async fn gpu_gather(gpu: &Gpu, w: &GpuMatrix, ids: &[u32]) -> Result<Vec<f32
 
 async fn matvec(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for ty in KERNEL_TYPES {
+    for ty in weight_types(gpu) {
         for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate() {
             let (bytes, w) = random_matrix(ty, n_rows, k, 100 + i as u64)?;
             let x = Rng::new(7 + i as u64).fill(k, 1.0);
@@ -260,7 +273,7 @@ async fn matvec(gpu: &Gpu) -> Result<Vec<Check>> {
 
 async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for ty in KERNEL_TYPES {
+    for ty in weight_types(gpu) {
         for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate().take(4) {
             let (bytes, w) = random_matrix(ty, n_rows, k, 200 + i as u64)?;
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
@@ -296,7 +309,7 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
 
 async fn gather(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for ty in KERNEL_TYPES {
+    for ty in weight_types(gpu) {
         let (n_rows, k) = shapes(ty)[2];
         let (bytes, w) = random_matrix(ty, n_rows, k, 300)?;
         let ids = [0u32, n_rows as u32 - 1, 3, 3, 1];
@@ -308,32 +321,40 @@ async fn gather(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-async fn norms(gpu: &Gpu) -> Result<Vec<Check>> {
+/// Rows of (rows, n) the norms run over: a model's widths, an odd one, a tiny one, and more
+/// rows than one dispatch dimension holds.
+const NORM_SHAPES: [(usize, usize); 5] = [(1, 576), (3, 640), (5, 1000), (2, 7), (70_000, 4)];
+
+async fn rms_norm(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for (i, (rows, n)) in [(1usize, 576usize), (3, 640), (5, 1000), (2, 7), (70_000, 4)].into_iter().enumerate() {
+    for (i, (rows, n)) in NORM_SHAPES.into_iter().enumerate() {
         let mut rng = Rng::new(500 + i as u64);
-        let x = rng.fill(rows * n, 2.0);
-        let w = rng.fill(n, 1.5);
-        let b = rng.fill(n, 0.5);
-        let xb = gpu.upload_f32("x", &x).await?;
-        let wb = gpu.upload_f32("w", &w).await?;
-        let bb = gpu.upload_f32("b", &b).await?;
-        let o1 = gpu.storage("o1", (rows * n * 4) as u64).await?;
-        let o2 = gpu.storage("o2", (rows * n * 4) as u64).await?;
-        let resid = rng.fill(rows * n, 1.0);
-        let rb = gpu.upload_f32("resid", &resid).await?;
-        let o3 = gpu.storage("o3", (rows * n * 4) as u64).await?;
+        let (x, w, resid) = (rng.fill(rows * n, 2.0), rng.fill(n, 1.5), rng.fill(rows * n, 1.0));
+        let (xb, wb, rb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("w", &w).await?, gpu.upload_f32("resid", &resid).await?);
+        let (normed, added) = (gpu.storage("normed", (rows * n * 4) as u64).await?, gpu.storage("added", (rows * n * 4) as u64).await?);
         let mut rec = Recorder::new(gpu);
-        rec.rms_norm(&xb, &wb, &o1, n as u32, rows as u32, 1e-6).await?;
-        rec.layer_norm(&xb, &wb, &bb, &o2, n as u32, rows as u32, 1e-5).await?;
-        rec.rms_norm_add(&xb, &wb, &rb, &o3, n as u32, rows as u32, 1e-6).await?;
+        rec.rms_norm(&xb, &wb, &normed, n as u32, rows as u32, 1e-6).await?;
+        rec.rms_norm_add(&xb, &wb, &rb, &added, n as u32, rows as u32, 1e-6).await?;
         rec.submit()?;
-        let (rms, ln) = (gpu.read_f32(&o1, 0, rows * n).await?, gpu.read_f32(&o2, 0, rows * n).await?);
-        let want_rms = reference::rms_norm(&x, &w, n, 1e-6);
-        checks.push(Check::max_abs(format!("rms_norm {rows}x{n}"), &rms, &want_rms, 1e-5));
-        let got = gpu.read_f32(&o3, 0, rows * n).await?;
-        checks.push(Check::max_abs(format!("rms_norm_add {rows}x{n}"), &got, &reference::add(&resid, &want_rms), 1e-5));
-        checks.push(Check::max_abs(format!("layer_norm {rows}x{n}"), &ln, &reference::layer_norm(&x, &w, &b, n, 1e-5), 1e-5));
+        let want = reference::rms_norm(&x, &w, n, 1e-6);
+        checks.push(Check::max_abs(format!("rms_norm {rows}x{n}"), &gpu.read_f32(&normed, 0, rows * n).await?, &want, 1e-5));
+        checks.push(Check::max_abs(format!("rms_norm_add {rows}x{n}"), &gpu.read_f32(&added, 0, rows * n).await?, &reference::add(&resid, &want), 1e-5));
+    }
+    Ok(checks)
+}
+
+async fn layer_norm(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, (rows, n)) in NORM_SHAPES.into_iter().enumerate() {
+        let mut rng = Rng::new(550 + i as u64);
+        let (x, w, b) = (rng.fill(rows * n, 2.0), rng.fill(n, 1.5), rng.fill(n, 0.5));
+        let (xb, wb, bb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("w", &w).await?, gpu.upload_f32("b", &b).await?);
+        let out = gpu.storage("out", (rows * n * 4) as u64).await?;
+        let mut rec = Recorder::new(gpu);
+        rec.layer_norm(&xb, &wb, &bb, &out, n as u32, rows as u32, 1e-5).await?;
+        rec.submit()?;
+        let got = gpu.read_f32(&out, 0, rows * n).await?;
+        checks.push(Check::max_abs(format!("layer_norm {rows}x{n}"), &got, &reference::layer_norm(&x, &w, &b, n, 1e-5), 1e-5));
     }
     Ok(checks)
 }
@@ -368,9 +389,6 @@ async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
             outs.push(gpu.storage("o", (n * 4) as u64).await?);
         }
         outs.push(gpu.upload_f32("accumulated", &a).await?);
-        // the copy kernel moves vec4s: it covers the largest multiple of 4
-        let n_copy = n / 4 * 4;
-        let copied = gpu.storage("copy", (n.max(4) * 4) as u64).await?;
         let bias_width = 7.min(n);
         let mut rec = Recorder::new(gpu);
         rec.add(&ab, &bb, &outs[0], n as u32).await?;
@@ -379,9 +397,6 @@ async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
         rec.silu_gate(&ab, &bb, &outs[3], n as u32).await?;
         rec.gelu_gate(&ab, &bb, &outs[4], n as u32).await?;
         rec.add_bias(&ab, &bb, &outs[5], n as u32, bias_width as u32).await?;
-        if n_copy > 0 {
-            rec.copy(&ab, &copied, n_copy as u32).await?;
-        }
         rec.accumulate(&outs[6], &bb, n as u32, 0.75).await?;
         rec.submit()?;
         let wants = [
@@ -398,10 +413,6 @@ async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
             let got = gpu.read_f32(o, 0, n).await?;
             checks.push(Check::max_abs(format!("{name} n={n}"), &got, want, 1e-5));
         }
-        if n_copy > 0 {
-            let got = gpu.read_f32(&copied, 0, n_copy).await?;
-            checks.push(Check::max_abs(format!("copy n={n_copy}"), &got, &a[..n_copy], 0.0));
-        }
     }
     // accumulate_rows: a fused tensor's term [tokens][b_width] into one part's rows
     for (tokens, width, b_width, offset) in [(1usize, 5usize, 17usize, 0usize), (3, 64, 128, 64), (70, 7, 20, 13)] {
@@ -415,6 +426,21 @@ async fn elementwise(gpu: &Gpu, large: bool) -> Result<Vec<Check>> {
         let want: Vec<f32> = (0..tokens * width).map(|i| y[i] - 1.5 * b[i / width * b_width + offset + i % width]).collect();
         let got = gpu.read_f32(&yb, 0, tokens * width).await?;
         checks.push(Check::max_abs(format!("accumulate_rows {tokens}x{width} of {b_width} at {offset}"), &got, &want, 1e-5));
+    }
+    Ok(checks)
+}
+
+/// The copy kernel moves vec4s: it covers the largest multiple of 4 of what it is given.
+async fn copy(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, n) in [4usize, 1000, 65_537, 17].into_iter().enumerate() {
+        let a = Rng::new(770 + i as u64).fill(n, 6.0);
+        let n_copy = n / 4 * 4;
+        let (ab, copied) = (gpu.upload_f32("a", &a).await?, gpu.storage("copy", (n * 4) as u64).await?);
+        let mut rec = Recorder::new(gpu);
+        rec.copy(&ab, &copied, n_copy as u32).await?;
+        rec.submit()?;
+        checks.push(Check::max_abs(format!("copy n={n_copy}"), &gpu.read_f32(&copied, 0, n_copy).await?, &a[..n_copy], 0.0));
     }
     Ok(checks)
 }
@@ -450,9 +476,9 @@ async fn rope(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// The fused forms of the products (decode's one-token kernel, and m tokens where it applies)
 /// and rope_kv, against the reference ops they stand for.
-async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
+async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for (ti, ty) in KERNEL_TYPES.into_iter().enumerate() {
+    for (ti, ty) in weight_types(gpu).into_iter().enumerate() {
         let (_, k) = shapes(ty)[2];
         // q/k/v-like parts with odd row counts; gate/up-like equal parts
         let rows = [13usize, 5, 7];
@@ -516,8 +542,6 @@ async fn fused(gpu: &Gpu) -> Result<Vec<Check>> {
             }
         }
     }
-    checks.extend(rope_kv(gpu).await?);
-    checks.extend(qkv_rope(gpu).await?);
     Ok(checks)
 }
 
@@ -670,68 +694,98 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
 }
 
-async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
-    // (queries, heads, kv heads, head_dim, position of the first query, sliding window)
-    let cases: [(u32, u32, u32, u32, u32, u32); 11] = [
-        (1, 9, 3, 64, 37, 0),     // decode, GQA
-        (20, 4, 1, 256, 0, 0),    // prefill
-        (12, 4, 2, 32, 5, 0),     // prefill, a small head: per-query kernels built for it
-        (5, 2, 1, 48, 20, 0),     // a fixed head size that is no multiple of 32
-        (7, 4, 2, 128, 130, 0),   // block after a cache
-        (9, 2, 2, 64, 100, 16),   // sliding window
-        (1, 4, 1, 256, 600, 512), // Gemma-like local layer
-        (3, 3, 3, 6, 2, 0),       // tiny head
-        (2, 4, 1, 256, 4000, 0),  // past the per-query kernel's loop budget (llvmpipe)
-        (1, 8, 2, 64, 300, 128),  // decode, GQA, sliding window
-        (1, 16, 2, 32, 50, 0),    // decode, 8 query heads to a kv head
-    ];
+/// Attention cases: (queries, heads, kv heads, head_dim, position of the first query, sliding
+/// window).
+const ATTENTION_CASES: [(u32, u32, u32, u32, u32, u32); 11] = [
+    (1, 9, 3, 64, 37, 0),     // decode, GQA
+    (20, 4, 1, 256, 0, 0),    // prefill
+    (12, 4, 2, 32, 5, 0),     // prefill, a small head: per-query kernels built for it
+    (5, 2, 1, 48, 20, 0),     // a fixed head size that is no multiple of 32
+    (7, 4, 2, 128, 130, 0),   // block after a cache
+    (9, 2, 2, 64, 100, 16),   // sliding window
+    (1, 4, 1, 256, 600, 512), // Gemma-like local layer
+    (3, 3, 3, 6, 2, 0),       // tiny head
+    (2, 4, 1, 256, 4000, 0),  // past the per-query kernel's loop budget (llvmpipe)
+    (1, 8, 2, 64, 300, 128),  // decode, GQA, sliding window
+    (1, 16, 2, 32, 50, 0),    // decode, 8 query heads to a kv head
+];
+
+/// One attention case's inputs: its arguments, q, k and v, and the caches filled by kv_store
+/// in two appends (as a prompt and then new tokens would), with the values they should hold.
+struct FilledCache {
+    args: AttentionArgs,
+    q: Vec<f32>,
+    k_cache: wgpu::Buffer,
+    v_cache: wgpu::Buffer,
+    /// k and v as the cache should hold them (rounded through f16 for an f16 cache)
+    k_want: Vec<f32>,
+    v_want: Vec<f32>,
+}
+
+async fn fill_cache(gpu: &Gpu, ci: usize, kv: KvType) -> Result<FilledCache> {
+    let (n_q, n_head, n_kv_head, head_dim, pos0, window) = ATTENTION_CASES[ci];
+    let args = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale: 1.0 / (head_dim as f32).sqrt(), kv };
+    let n_kv = (pos0 + n_q) as usize;
+    let row = (n_kv_head * head_dim) as usize;
+    let mut rng = Rng::new(900 + ci as u64);
+    let q = rng.fill(n_q as usize * (n_head * head_dim) as usize, 1.0);
+    let k = rng.fill(n_kv * row, 1.0);
+    let v = rng.fill(n_kv * row, 1.0);
+    let cache_bytes = n_kv as u64 * row as u64 * kv.bytes();
+    let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+    let split = pos0.max(1).min(n_kv as u32) as usize;
+    let (k1, k2) = (gpu.upload_f32("k", &k[..split * row]).await?, gpu.upload_f32("k2", &k[split * row..]).await?);
+    let (v1, v2) = (gpu.upload_f32("v", &v[..split * row]).await?, gpu.upload_f32("v2", &v[split * row..]).await?);
+    let mut rec = Recorder::new(gpu);
+    rec.kv_store(&k1, &v1, &k_cache, &v_cache, n_kv_head, head_dim, kv, split as u32, 0).await?;
+    if split < n_kv {
+        rec.kv_store(&k2, &v2, &k_cache, &v_cache, n_kv_head, head_dim, kv, (n_kv - split) as u32, split as u32).await?;
+    }
+    rec.submit()?;
+    let (k_want, v_want) = match kv {
+        KvType::F32 => (k, v),
+        KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
+    };
+    Ok(FilledCache { args, q, k_cache, v_cache, k_want, v_want })
+}
+
+async fn kv_store(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
-        for (ci, &(n_q, n_head, n_kv_head, head_dim, pos0, window)) in cases.iter().enumerate() {
-            let c = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale: 1.0 / (head_dim as f32).sqrt(), kv };
-            let n_kv = (c.pos0 + c.n_q) as usize;
-            let row = (c.n_kv_head * c.head_dim) as usize;
-            let mut rng = Rng::new(900 + ci as u64);
-            let q = rng.fill(c.n_q as usize * (c.n_head * c.head_dim) as usize, 1.0);
-            let k = rng.fill(n_kv * row, 1.0);
-            let v = rng.fill(n_kv * row, 1.0);
-            let scale = c.scale;
-            let cache_bytes = n_kv as u64 * row as u64 * kv.bytes();
-            let kc = gpu.storage("k cache", cache_bytes).await?;
-            let vc = gpu.storage("v cache", cache_bytes).await?;
+        for ci in 0..ATTENTION_CASES.len() {
+            let c = fill_cache(gpu, ci, kv).await?;
+            let bytes = c.k_want.len() as u64 * kv.bytes();
+            let (k, v) = (cache_values(kv, gpu.read(&c.k_cache, 0, bytes).await?), cache_values(kv, gpu.read(&c.v_cache, 0, bytes).await?));
+            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}: k"), &k, &c.k_want, 0.0));
+            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}: v"), &v, &c.v_want, 0.0));
+        }
+    }
+    Ok(checks)
+}
+
+/// Every attention kernel the device has for each case, against the reference over the values
+/// the cache holds.
+async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for kv in [KvType::F32, KvType::F16] {
+        for ci in 0..ATTENTION_CASES.len() {
+            let FilledCache { args: c, q, k_cache, v_cache, k_want, v_want } = fill_cache(gpu, ci, kv).await?;
             let qb = gpu.upload_f32("q", &q).await?;
             let out = gpu.storage("out", (q.len() * 4) as u64).await?;
-            // the cache is filled in two appends, as a prompt and then new tokens would
-            let split = c.pos0.max(1).min(n_kv as u32) as usize;
-            let (k1, k2) = (gpu.upload_f32("k", &k[..split * row]).await?, gpu.upload_f32("k2", &k[split * row..]).await?);
-            let (v1, v2) = (gpu.upload_f32("v", &v[..split * row]).await?, gpu.upload_f32("v2", &v[split * row..]).await?);
-            let mut rec = Recorder::new(gpu);
-            rec.kv_store(&k1, &v1, &kc, &vc, n_kv_head, head_dim, kv, split as u32, 0).await?;
-            if split < n_kv {
-                rec.kv_store(&k2, &v2, &kc, &vc, n_kv_head, head_dim, kv, (n_kv - split) as u32, split as u32).await?;
-            }
-            rec.submit()?;
-            let raw = gpu.read(&kc, 0, cache_bytes).await?;
-            let (kr, vr) = match kv {
-                KvType::F32 => (k.clone(), v.clone()),
-                KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
-            };
-            let stored = cache_values(kv, raw);
-            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}"), &stored, &kr, 0.0));
             let shape = reference::AttentionShape {
                 n_head: c.n_head as usize,
                 n_kv_head: c.n_kv_head as usize,
                 head_dim: c.head_dim as usize,
                 pos0: c.pos0 as usize,
                 window: (c.window > 0).then_some(c.window as usize),
-                scale,
+                scale: c.scale,
             };
-            let want = reference::attention(&q, &kr, &vr, shape);
+            let want = reference::attention(&q, &k_want, &v_want, shape);
             for per_query in [false, true] {
                 let mut rec = Recorder::new(gpu);
                 rec.query_per_invocation = Some(per_query);
                 let kernel = format!("{:?}", rec.attention_kernel(&c));
-                rec.attention(&qb, &kc, &vc, &out, c).await?;
+                rec.attention(&qb, &k_cache, &v_cache, &out, c).await?;
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;
                 checks.push(Check::max_abs(format!("attention {kernel} {kv:?} case {ci} q={} pos0={} window={}", c.n_q, c.pos0, c.window), &got, &want, 1e-5));

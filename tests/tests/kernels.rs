@@ -1,13 +1,9 @@
-//! Kernel conformance: every WGSL kernel, on every variant the test device offers, against the
-//! plain CPU reference in `nomoat_runtime::reference`.
-//!
-//! The random-data suite (awkward shapes, every op, its bounds and why) is
-//! `nomoat_runtime::conformance`: the same body the browser runs (tests/browser/conformance).
-//! Here it runs once per variant, one test per op family. Below it, what only a native run
-//! can do: tensors split over several bindings under a 1 MiB limit, real tensors of the two
-//! test models and random blocks of every type against PyPI gguf's dequantization.
+//! Kernel checks only a native run can make: tensors split over several bindings under a 1 MiB
+//! limit, real tensors of the test models, and random blocks of every type against PyPI gguf's
+//! dequantization. The random-data suite of every op (conformance.rs, and the browser) is
+//! `nomoat_runtime::conformance`.
 
-use nomoat_runtime::conformance::{self, Family, MATMUL_NMSE};
+use nomoat_runtime::conformance::{self, MATMUL_NMSE};
 use nomoat_runtime::device::Gpu;
 use nomoat_runtime::ggml_type::{GgmlType, KERNEL_TYPES};
 use nomoat_runtime::ops::{self, AttentionArgs, GpuMatrix, KvType, Recorder};
@@ -19,66 +15,6 @@ use nomoat_tests::support::Rng;
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     pollster::block_on(f)
-}
-
-/// One op family of the shared suite on every variant; a failure lists every case out of bounds.
-fn suite(family: Family) {
-    for (i, gpu) in variants().iter().enumerate() {
-        let checks = block_on(conformance::run(gpu, family, i == 0)).unwrap_or_else(|e| panic!("{} [{}]: {e}", family.name(), gpu.variant.label()));
-        assert!(!checks.is_empty());
-        let failed: Vec<String> = checks.iter().filter(|c| !c.ok()).map(|c| format!("{}: {} {:e} > {:e}", c.case, c.metric, c.error, c.bound)).collect();
-        assert!(failed.is_empty(), "{} [{}]:\n{}", family.name(), gpu.variant.label(), failed.join("\n"));
-    }
-}
-
-#[test]
-fn matvec_every_type_and_shape() {
-    suite(Family::Matvec)
-}
-
-#[test]
-fn matmul_every_type_and_shape() {
-    suite(Family::Matmul)
-}
-
-#[test]
-fn gather_every_type() {
-    suite(Family::Gather)
-}
-
-#[test]
-fn rms_norm_and_layer_norm() {
-    suite(Family::Norms)
-}
-
-#[test]
-fn softmax_rows() {
-    suite(Family::Softmax)
-}
-
-#[test]
-fn elementwise_ops() {
-    suite(Family::Elementwise)
-}
-
-#[test]
-fn rope_normal_and_neox() {
-    suite(Family::Rope)
-}
-
-#[test]
-fn kv_store_and_attention() {
-    suite(Family::Attention)
-}
-
-#[test]
-fn argmax_and_top_k() {
-    suite(Family::TopK)
-}
-
-#[test]
-fn fused_products_and_rope_kv() {
-    suite(Family::Fused)
 }
 
 fn random_matrix(ty: GgmlType, n_rows: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {

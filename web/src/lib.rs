@@ -323,12 +323,14 @@ impl Engine {
             let get = |k: &str| Reflect::get(&v, &k.into()).ok().and_then(|s| s.as_string()).unwrap_or_default();
             let (vendor, arch, desc) = (get("vendor"), get("architecture"), get("description"));
             let fallback = Reflect::get(&v, &"fallback".into()).ok().and_then(|b| b.as_bool()).unwrap_or(false);
-            if gpu.info.name.is_empty() {
-                gpu.info.name = [vendor.as_str(), arch.as_str(), desc.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" ");
+            let mut info = gpu.info.clone();
+            if info.name.is_empty() {
+                info.name = [vendor.as_str(), arch.as_str(), desc.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" ");
             }
             if fallback || arch.eq_ignore_ascii_case("swiftshader") {
-                gpu.info.device_type = wgpu::DeviceType::Cpu;
+                info.device_type = wgpu::DeviceType::Cpu;
             }
+            gpu.set_adapter_info(info);
         }
         Ok(Engine { inner: Rc::new(RefCell::new(Inner { loaded: None, gpu: Box::new(gpu) })), abort: Rc::new(Cell::new(false)) })
     }
@@ -545,12 +547,13 @@ impl Engine {
     }
 
     /// Runs the runtime's kernel conformance suite on this device (the cases and bounds the
-    /// native tests use); resolves to a JSON report, see conformance.rs.
-    pub fn run_conformance(&self) -> Promise {
+    /// native tests use), or the ops whose names contain `filter`; resolves to a JSON report,
+    /// see conformance.rs.
+    pub fn run_conformance(&self, filter: Option<String>) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
             let inner = inner.try_borrow().map_err(|_| busy())?;
-            Ok(JsValue::from_str(&conformance::run(&inner.gpu).await.to_string()))
+            Ok(JsValue::from_str(&conformance::run(&inner.gpu, filter.as_deref().unwrap_or("")).await.to_string()))
         })
     }
 
