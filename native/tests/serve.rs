@@ -591,6 +591,37 @@ fn serve_lora_adapters_per_request() {
     assert_eq!(text(&s.post("/v1/completions", &body(json!([])))), base, "the server still serves the base model");
 }
 
+/// Every architecture, served: a server on each tiny model of tests/data/tiny answers a greedy
+/// completion, streamed and not, with the CLI's text for the same prompt (tests/tests/
+/// tiny_models.rs holds the runtime to llama.cpp's logits on these models).
+#[test]
+fn serve_every_architecture() {
+    let _lock = serial();
+    let tiny = |f: &str| format!("{}/../tests/data/tiny/{f}", env!("CARGO_MANIFEST_DIR"));
+    for file in ["llama-tiny.gguf", "qwen2-tiny.gguf", "qwen3-tiny.gguf", "phi3-tiny.gguf", "llama3-tiny.gguf", "gemma3-tiny.gguf", "gemma3-swa-tiny.gguf", "smollm3-tiny.gguf"] {
+        let model = tiny(file);
+        let prompt = "Once upon a time, far away";
+        let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
+            .args(["run", "-m", &model, "-p", prompt, "-n", "8", "--temp", "0", "--json"])
+            .env("XDG_RUNTIME_DIR", "/tmp")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let s = Server::start(&["-m", &model, "--api-key", KEY]);
+        let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0});
+        let r = s.post("/v1/completions", &body);
+        let text = r["choices"][0]["text"].as_str().unwrap().to_string();
+        assert_eq!(text, cli["text"].as_str().unwrap(), "{file}: server and CLI differ");
+        assert_eq!(r["usage"]["completion_tokens"].as_u64(), Some(cli["tokens"].as_array().unwrap().len() as u64), "{file}: {r}");
+        let mut streamed_body = body.clone();
+        streamed_body["stream"] = json!(true);
+        let chunks = s.stream("/v1/completions", &streamed_body);
+        let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(streamed, text, "{file}: streamed and returned completions differ");
+    }
+}
+
 /// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
 /// connection or `wait` passed.
 fn raw_http(addr: &str, request: &[u8], wait: Duration) -> String {
