@@ -10,7 +10,7 @@
 //! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates.
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
-//!   `error`: what loading can fail with.
+//!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters.
 
 pub mod arch;
 pub mod chat;
@@ -29,4 +29,5 @@ pub mod sampler;
 pub mod session;
 pub mod shaders;
 pub mod tokenizer;
+pub mod train;
 pub mod tuning;

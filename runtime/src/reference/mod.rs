@@ -4,6 +4,12 @@
 //!
 //! Layouts follow ggml: a matrix is `[rows][cols]` row-major with `cols` innermost, activations
 //! are `[tokens][width]`, and per-head tensors are `[tokens][heads][head_dim]`.
+//!
+//! `backward`: the gradients of the ops training uses, each checked against finite
+//! differences.
+
+mod backward;
+pub use backward::*;
 
 /// y[t][r] = Σ_k w[r][k] · x[t][k]
 /// w: [n_rows][k], x: [m][k] → y: [m][n_rows]
