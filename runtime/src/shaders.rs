@@ -54,6 +54,13 @@ pub const FILES: &[(&str, &str)] = &[
     ("attention_query.wgsl", include_str!("../../shaders/attention_query.wgsl")),
     ("topk.wgsl", include_str!("../../shaders/topk.wgsl")),
     ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
+    ("product_backward.wgsl", include_str!("../../shaders/product_backward.wgsl")),
+    ("weight_gradient.wgsl", include_str!("../../shaders/weight_gradient.wgsl")),
+    ("norm_backward.wgsl", include_str!("../../shaders/norm_backward.wgsl")),
+    ("glu_backward.wgsl", include_str!("../../shaders/glu_backward.wgsl")),
+    ("cross_entropy.wgsl", include_str!("../../shaders/cross_entropy.wgsl")),
+    ("adamw.wgsl", include_str!("../../shaders/adamw.wgsl")),
+    ("attention_backward.wgsl", include_str!("../../shaders/attention_backward.wgsl")),
 ];
 
 fn file(name: &str) -> Result<&'static str, String> {

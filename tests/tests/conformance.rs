@@ -33,4 +33,27 @@ macro_rules! ops {
     };
 }
 
-ops!(matvec, matmul, gather, rms_norm, layer_norm, softmax, elementwise, copy, rope, rope_kv, kv_store, attention, top_k, fused_product, qkv_rope);
+ops!(
+    matvec,
+    matmul,
+    gather,
+    rms_norm,
+    layer_norm,
+    softmax,
+    elementwise,
+    copy,
+    rope,
+    rope_kv,
+    kv_store,
+    attention,
+    top_k,
+    fused_product,
+    qkv_rope,
+    product_backward,
+    weight_gradient,
+    rms_norm_backward,
+    glu_backward,
+    cross_entropy,
+    adamw,
+    attention_backward
+);

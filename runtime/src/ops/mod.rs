@@ -22,6 +22,18 @@
 //!   attention_query.wgsl, both with lib/attention.wgsl)
 //! - [`top_k`], [`record_top_k`] → `top_k.rs` (topk.wgsl)
 //!
+//! Training's backward ops (gradients flow through the frozen base to the LoRA factors):
+//! - `product_backward` (dx = dy · W, any weight type) → `product_backward.rs`
+//!   (product_backward.wgsl)
+//! - `weight_gradient` (a LoRA factor's dW += dyᵀ · x) → `weight_gradient.rs`
+//!   (weight_gradient.wgsl)
+//! - `attention_backward` (dq, dk, dv) → `attention_backward.rs` (attention_backward.wgsl)
+//! - `rms_norm_backward` → `norm_backward.rs` (norm_backward.wgsl)
+//! - `glu_backward` (SiLU and GELU gates) → `glu_backward.rs` (glu_backward.wgsl)
+//! - `cross_entropy` (loss and its gradient over the vocabulary) → `cross_entropy.rs`
+//!   (cross_entropy.wgsl)
+//! - `adamw` (the optimizer step) → `adamw.rs` (adamw.wgsl)
+//!
 //! And what they share:
 //! - `support.rs`: [`supports`], which (op, type, shape, device) the kernels run, consulted by
 //!   the loader, the recorder and the conformance suite.
@@ -49,33 +61,47 @@ macro_rules! params {
     };
 }
 
+mod adamw;
 mod attention;
+mod attention_backward;
 mod copy;
+mod cross_entropy;
 mod elementwise;
 mod gather;
+mod glu_backward;
 mod matrix;
 mod norm;
+mod norm_backward;
 mod pipeline;
 mod product;
+mod product_backward;
 mod recorder;
 mod rope_kv;
 mod softmax;
 mod support;
 mod top_k;
+mod weight_gradient;
 
+pub use adamw::ADAMW_LAYOUT;
 pub use attention::{AttentionArgs, AttentionKernel, ATTENTION_LAYOUT};
+pub use attention_backward::{AttentionGrads, ATTENTION_BACKWARD_LAYOUT};
 pub use copy::COPY_LAYOUT;
+pub use cross_entropy::CROSS_ENTROPY_LAYOUT;
 pub use elementwise::ELEMENTWISE_LAYOUT;
 pub use gather::GATHER_LAYOUT;
+pub use glu_backward::GLU_BACKWARD_LAYOUT;
 pub use matrix::{GpuMatrix, MatrixChunk, WEIGHT_PAD};
 pub use norm::NORM_LAYOUT;
+pub use norm_backward::NORM_BACKWARD_LAYOUT;
 pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLayout};
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
+pub use product_backward::PRODUCT_BACKWARD_LAYOUT;
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
 pub use softmax::SOFTMAX_LAYOUT;
 pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};
 pub use top_k::{record_top_k, top_k, TopKScratch, MAX_TOP_K, TOPK_LAYOUT};
+pub use weight_gradient::WEIGHT_GRADIENT_LAYOUT;
 
 /// The largest workgroup count per dimension WebGPU guarantees.
 const MAX_GROUPS: u32 = 65535;

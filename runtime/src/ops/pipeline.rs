@@ -1,7 +1,10 @@
 //! Pipelines: how a kernel binds its buffers, every pipeline the ops can build, and building one
 //! on a device (`Gpu::pipeline`, cached in the device's `PipelineCache`).
 
-use super::{attention, copy, elementwise, gather, norm, product, rope_kv, softmax, top_k};
+use super::{
+    adamw, attention, attention_backward, copy, cross_entropy, elementwise, gather, glu_backward, norm, norm_backward, product, product_backward, rope_kv, softmax,
+    top_k, weight_gradient,
+};
 use crate::device::{Gpu, GpuError, Pipeline, PipelineKey};
 use crate::shaders;
 use std::sync::Arc;
@@ -28,6 +31,13 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         attention::pipeline_keys(),
         top_k::pipeline_keys(),
         copy::pipeline_keys(),
+        product_backward::pipeline_keys(),
+        weight_gradient::pipeline_keys(),
+        norm_backward::pipeline_keys(),
+        glu_backward::pipeline_keys(),
+        cross_entropy::pipeline_keys(),
+        adamw::pipeline_keys(),
+        attention_backward::pipeline_keys(),
     ]
     .into_iter()
     .flatten()
@@ -47,6 +57,13 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
         "attention_workgroup.wgsl" | "attention_query.wgsl" => attention::ATTENTION_LAYOUT,
         "topk.wgsl" => top_k::TOPK_LAYOUT,
         "copy.wgsl" => copy::COPY_LAYOUT,
+        "product_backward.wgsl" => product_backward::PRODUCT_BACKWARD_LAYOUT,
+        "weight_gradient.wgsl" => weight_gradient::WEIGHT_GRADIENT_LAYOUT,
+        "norm_backward.wgsl" => norm_backward::NORM_BACKWARD_LAYOUT,
+        "glu_backward.wgsl" => glu_backward::GLU_BACKWARD_LAYOUT,
+        "cross_entropy.wgsl" => cross_entropy::CROSS_ENTROPY_LAYOUT,
+        "adamw.wgsl" => adamw::ADAMW_LAYOUT,
+        "attention_backward.wgsl" => attention_backward::ATTENTION_BACKWARD_LAYOUT,
         other => panic!("no layout for {other}"),
     }
 }
@@ -70,6 +87,13 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
         ("attention_query.wgsl", attention::AttentionParams::FIELDS, size_of::<attention::AttentionParams>()),
         ("topk.wgsl", top_k::TopKParams::FIELDS, size_of::<top_k::TopKParams>()),
         ("copy.wgsl", copy::CopyParams::FIELDS, size_of::<copy::CopyParams>()),
+        ("product_backward.wgsl", product_backward::ProductBackwardParams::FIELDS, size_of::<product_backward::ProductBackwardParams>()),
+        ("weight_gradient.wgsl", weight_gradient::WeightGradientParams::FIELDS, size_of::<weight_gradient::WeightGradientParams>()),
+        ("norm_backward.wgsl", norm_backward::NormBackwardParams::FIELDS, size_of::<norm_backward::NormBackwardParams>()),
+        ("glu_backward.wgsl", glu_backward::GluBackwardParams::FIELDS, size_of::<glu_backward::GluBackwardParams>()),
+        ("cross_entropy.wgsl", cross_entropy::CrossEntropyParams::FIELDS, size_of::<cross_entropy::CrossEntropyParams>()),
+        ("adamw.wgsl", adamw::AdamWParams::FIELDS, size_of::<adamw::AdamWParams>()),
+        ("attention_backward.wgsl", attention_backward::AttentionBackwardParams::FIELDS, size_of::<attention_backward::AttentionBackwardParams>()),
     ]
 }
 
