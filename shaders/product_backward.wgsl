@@ -1,8 +1,9 @@
 // The gradient of y = x · Wᵀ with respect to x, for weights as GGUF stores them (W frozen):
-//   dx[t][c] (+)= Σ_r dy[t][row_offset + r] · W[r][c]
+//   dx[t][c] (+)= Σ_r dy[t][row_offset + r − dy_first_row] · W[r][c]
 // over the rows r_begin..r_end of one binding-sized chunk of W (rows row_offset.. of the whole
-// matrix; dy: [m][n_total]); dx: [m][k] f32, added to with ACCUMULATE (the recorder adds every
-// chunk and row range after the first). One invocation per (token, four columns), walking the
+// matrix); dy: [m][dy_stride], its column 0 the gradient of row dy_first_row (a stacked
+// matrix's part); dx: [m][k] f32, added to with ACCUMULATE (the recorder adds every chunk and
+// row range after the first). One invocation per (token, four columns), walking the
 // rows: each dq4 decodes four columns of a row at once.
 
 struct Params {
@@ -11,7 +12,8 @@ struct Params {
     row_bytes: u32,
     row_offset: u32,
     m: u32,
-    n_total: u32,
+    dy_stride: u32,
+    dy_first_row: u32,
     r_begin: u32,
     r_end: u32,
 }
@@ -32,7 +34,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let t = i / quads;
     let c = (i % quads) * 4u;
-    let dy_row = t * p.n_total + p.row_offset;
+    let dy_row = t * p.dy_stride + p.row_offset - p.dy_first_row;
     var acc = vec4<f32>(0.0);
     if (c + 4u <= p.k) {
         for (var r = p.r_begin; r < p.r_end; r++) {

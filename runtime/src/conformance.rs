@@ -827,9 +827,9 @@ async fn top_k(gpu: &Gpu) -> Result<Vec<Check>> {
 async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for ty in weight_types(gpu) {
-        let mut shapes: Vec<(usize, usize)> = shapes(ty).into_iter().take(4).collect();
-        shapes.push((20_000, ty.block_elems().max(8)));
-        for (i, (n_rows, k)) in shapes.into_iter().enumerate() {
+        let mut cases: Vec<(usize, usize)> = shapes(ty).into_iter().take(4).collect();
+        cases.push((20_000, ty.block_elems().max(8)));
+        for (i, (n_rows, k)) in cases.into_iter().enumerate() {
             let (bytes, w) = random_matrix(ty, n_rows, k, 1100 + i as u64)?;
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
             for m in [1usize, 5] {
@@ -850,6 +850,20 @@ async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
                     MATMUL_NMSE,
                 ));
             }
+        }
+        // each part of a stacked matrix (q/k/v-like) on its own
+        let (_, k) = shapes(ty)[2];
+        let rows = [13usize, 5, 7];
+        let (stacked, parts) = random_stacked(gpu, ty, &rows, k, 1250).await?;
+        for (part, &r) in rows.iter().enumerate() {
+            let m = 3;
+            let dy = Rng::new(1260 + part as u64).fill(m * r, 1.0);
+            let (dyb, dx) = (gpu.upload_f32("dy", &dy).await?, gpu.storage("dx", (m * k * 4) as u64).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.product_backward_part(&stacked, part, &dyb, &dx, m as u32, false).await?;
+            rec.submit()?;
+            let want = reference::matmul_backward(&parts[part].1, &dy, r, k, m);
+            checks.push(Check::nmse(format!("product_backward {ty} part {part} ({r} of 13+5+7 rows) x{k}"), &gpu.read_f32(&dx, 0, m * k).await?, &want, MATMUL_NMSE));
         }
     }
     Ok(checks)

@@ -18,9 +18,11 @@ params! {
         row_bytes: u32,
         row_offset: u32,
         m: u32,
-        n_total: u32,
+        dy_stride: u32,
+        dy_first_row: u32,
         r_begin: u32,
         r_end: u32,
+        _pad: [u32; 3],
     }
 }
 
@@ -43,24 +45,55 @@ const ROWS_PER_DISPATCH: u32 = 12_288;
 impl Recorder<'_> {
     /// dx (+)= dy · W for dy: [m][w.n_rows], dx: [m][w.k]; `accumulate` adds to what dx holds.
     pub async fn product_backward(&mut self, w: &GpuMatrix, dy: &wgpu::Buffer, dx: &wgpu::Buffer, m: u32, accumulate: bool) -> Result<(), GpuError> {
+        self.product_backward_rows(w, 0..w.n_rows, dy, dx, m, accumulate).await
+    }
+
+    /// The same through part `part` of a stacked matrix only (its rows, in `w.parts` order):
+    /// dy: [m][that part's rows].
+    pub async fn product_backward_part(&mut self, w: &GpuMatrix, part: usize, dy: &wgpu::Buffer, dx: &wgpu::Buffer, m: u32, accumulate: bool) -> Result<(), GpuError> {
+        let first: u32 = w.parts[..part].iter().map(|p| p.1).sum();
+        self.product_backward_rows(w, first..first + w.parts[part].1, dy, dx, m, accumulate).await
+    }
+
+    /// dx (+)= dy · W[rows] for dy: [m][rows.len()].
+    async fn product_backward_rows(
+        &mut self,
+        w: &GpuMatrix,
+        rows: std::ops::Range<u32>,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        m: u32,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
         let (gx, gy) = grid((m * w.k.div_ceil(4)).div_ceil(64));
         let mut first = !accumulate;
         for c in &w.chunks {
-            for r_begin in (0..c.n_rows).step_by(ROWS_PER_DISPATCH as usize) {
+            // this chunk's rows within `rows`, chunk-local
+            let (start, end) = (rows.start.max(c.first_row), rows.end.min(c.first_row + c.n_rows));
+            if start >= end {
+                continue;
+            }
+            let (lo, hi) = (start - c.first_row, end - c.first_row);
+            for r_begin in (lo..hi).step_by(ROWS_PER_DISPATCH as usize) {
                 let params = ProductBackwardParams {
                     n_rows: c.n_rows,
                     k: w.k,
                     row_bytes: w.kernel_row_bytes(),
                     row_offset: c.first_row,
                     m,
-                    n_total: w.n_rows,
+                    dy_stride: rows.len() as u32,
+                    dy_first_row: rows.start,
                     r_begin,
-                    r_end: (r_begin + ROWS_PER_DISPATCH).min(c.n_rows),
+                    r_end: (r_begin + ROWS_PER_DISPATCH).min(hi),
+                    _pad: [0; 3],
                 };
                 let defines = if first { w.defines() } else { w.defines().flag("ACCUMULATE") };
                 first = false;
                 self.dispatch(PipelineKey { file: "product_backward.wgsl", entry: "main", defines }, &[&c.buffer, dy, dx], &params, (gx, gy, 1)).await?;
             }
+        }
+        if first {
+            return Err(GpuError::Unsupported(format!("product_backward over rows {rows:?} of '{}', which has {}", w.name, w.n_rows)));
         }
         Ok(())
     }

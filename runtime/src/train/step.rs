@@ -1,0 +1,473 @@
+//! One training sequence's forward and backward pass on the GPU: the loss of predicting each
+//! token from the ones before it, and the gradients of every trained LoRA factor, added to what
+//! they hold (a batch accumulates sequences; the optimizer step reads and clears them).
+//!
+//! The base model is frozen and stays as stored (quantized). Per layer only the residual
+//! stream's input is kept ([n_layer][T][n_embd]); the backward pass recomputes each layer's
+//! forward from it, then walks back through it (gradient checkpointing per layer):
+//!   ffn:       x' = h + W_down · (silu(W_gate·n2) ⊙ W_up·n2),  n2 = rms_norm(h)
+//!   attention: h  = x + W_o · attention(RoPE(W_q·n1), RoPE(W_k·n1), W_v·n1),  n1 = rms_norm(x)
+//! and each adapted projection y = W·x + s·B·(A·x) (s = alpha / rank) adds
+//!   dB += s · dyᵀ·(A·x),  dA += (s · dy·B)ᵀ·x,  dx += (s · dy·B)·A.
+
+use crate::arch::{Activation, BranchOut, Projections, QkPrep, RopeType};
+use crate::device::{Gpu, GpuError};
+use crate::error::ModelError;
+use crate::ggml_type::GgmlType;
+use crate::model::{Layer, Model};
+use crate::ops::{AttentionArgs, AttentionGrads, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
+use std::collections::BTreeMap;
+
+/// The projections an adapter can train, by the names `--targets` uses.
+pub const TARGETS: [(&str, &str); 7] =
+    [("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"), ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")];
+
+/// Rows of the output head's logits computed at a time (their gradient is as large).
+const HEAD_ROWS: u32 = 64;
+
+/// One trained factor pair of a projection W: [n_out][k]: A [rank][k], B [n_out][rank] (f32,
+/// each one GPU buffer, the matrix the forward pass multiplies), and their gradients.
+pub struct TrainPair {
+    pub a: GpuMatrix,
+    pub b: GpuMatrix,
+    pub grad_a: wgpu::Buffer,
+    pub grad_b: wgpu::Buffer,
+    pub rank: u32,
+}
+
+/// Activations of one layer's forward pass, for T tokens, and the backward pass's scratch.
+struct Scratch {
+    n1: wgpu::Buffer,         // [T][n_embd] rms_norm(x)
+    q: wgpu::Buffer,          // [T][n_head][head_dim], turned by RoPE in place
+    k: wgpu::Buffer,          // [T][n_kv_head][head_dim] before RoPE
+    v: wgpu::Buffer,          // [T][n_kv_head][head_dim]
+    k_rot: wgpu::Buffer,      // [T][n_kv_head][head_dim] after RoPE (attention's keys)
+    v_att: wgpu::Buffer,      // [T][n_kv_head][head_dim] attention's values
+    qkv_b: [wgpu::Buffer; 3], // q, k, v with their biases (Qwen2)
+    attn: wgpu::Buffer,       // [T][n_head][head_dim]
+    h: wgpu::Buffer,          // [T][n_embd] after attention
+    n2: wgpu::Buffer,         // [T][n_embd] rms_norm(h)
+    gate: wgpu::Buffer,       // [T][n_ff]
+    up: wgpu::Buffer,         // [T][n_ff]
+    act: wgpu::Buffer,        // [T][n_ff]
+    out: wgpu::Buffer,        // [T][n_embd] the layer's output
+    dx: wgpu::Buffer,         // [T][n_embd] the gradient of the residual stream
+    dn: wgpu::Buffer,         // [T][n_embd] the gradient of a norm's output
+    d_attn: wgpu::Buffer,     // [T][n_head][head_dim]
+    dq: wgpu::Buffer,         // [T][n_head][head_dim]
+    dk: wgpu::Buffer,         // [T][n_kv_head][head_dim]
+    dv: wgpu::Buffer,         // [T][n_kv_head][head_dim]
+    stats: wgpu::Buffer,      // [T][n_head][4]
+    d_act: wgpu::Buffer,      // [T][n_ff]
+    d_gate: wgpu::Buffer,     // [T][n_ff]
+    d_up: wgpu::Buffer,       // [T][n_ff]
+    lora_u: wgpu::Buffer,     // [T][rank] A·x
+    lora_g: wgpu::Buffer,     // [T][rank] dy·B
+    lora_gs: wgpu::Buffer,    // [T][rank] s · dy·B
+    lora_y: wgpu::Buffer,     // [T][max n_out] B·(A·x)
+    ids: wgpu::Buffer,        // [T] u32 inputs
+    targets: wgpu::Buffer,    // [T] u32 next tokens
+    weights: wgpu::Buffer,    // [T] f32 the loss's weight per position
+    loss: wgpu::Buffer,       // [T] f32
+    head_x: wgpu::Buffer,     // [HEAD_ROWS][n_embd]
+    head_dx: wgpu::Buffer,    // [HEAD_ROWS][n_embd]
+    logits: wgpu::Buffer,     // [HEAD_ROWS][n_vocab]
+    d_logits: wgpu::Buffer,   // [HEAD_ROWS][n_vocab]
+    head_t: wgpu::Buffer,     // [HEAD_ROWS] u32
+    head_w: wgpu::Buffer,     // [HEAD_ROWS] f32
+    head_loss: wgpu::Buffer,  // [HEAD_ROWS] f32
+}
+
+/// A model with LoRA factors being trained on it, and the buffers one sequence of up to `ctx`
+/// tokens needs.
+pub struct Trainer<'m> {
+    pub model: &'m Model,
+    pub gpu: &'m Gpu,
+    pub rank: u32,
+    pub alpha: f32,
+    pub ctx: u32,
+    /// Keyed by the base tensor's name, e.g. "blk.0.attn_q.weight".
+    pub pairs: BTreeMap<String, TrainPair>,
+    /// The residual stream's input to each layer, and the last layer's output: [T][n_embd].
+    xs: Vec<wgpu::Buffer>,
+    s: Scratch,
+}
+
+/// Why a model cannot be trained yet, or None.
+pub fn unsupported(model: &Model) -> Option<String> {
+    let (c, spec) = (&model.config, model.config.spec());
+    let why = if spec.projections == Projections::Fused {
+        "fused q/k/v and gate/up tensors"
+    } else if spec.qk == QkPrep::HeadNorm {
+        "per-head q/k norms"
+    } else if spec.branch_out == BranchOut::NormThenAdd {
+        "post-norms on each branch"
+    } else if spec.activation != Activation::Silu {
+        "a GELU feed-forward"
+    } else if spec.scaled_embeddings || c.embed_scale().is_some() {
+        "scaled embeddings"
+    } else if model.rope_factors.is_some() {
+        "RoPE frequency factors"
+    } else if c.final_softcap.is_some() {
+        "soft-capped logits"
+    } else if c.head_dim % 4 != 0 {
+        "a head size that is no multiple of 4"
+    } else {
+        return None;
+    };
+    Some(format!("fine-tuning {} models is not supported yet ({why}); llama and qwen2 models are", c.arch_name))
+}
+
+impl<'m> Trainer<'m> {
+    /// LoRA factors of `rank` on the projections named in `targets` (see [`TARGETS`]) of every
+    /// layer: A uniform in ±1/sqrt(k) from `seed`, B zero (so training starts at the base model).
+    pub async fn new(model: &'m Model, gpu: &'m Gpu, targets: &[&str], rank: u32, alpha: f32, ctx: u32, seed: u64) -> Result<Trainer<'m>, ModelError> {
+        if let Some(why) = unsupported(model) {
+            return Err(ModelError::Invalid(why));
+        }
+        if rank == 0 || ctx < 2 {
+            return Err(ModelError::Invalid(format!("rank {rank} and context {ctx}: both must be positive (the context at least 2)")));
+        }
+        let c = &model.config;
+        let mut pairs = BTreeMap::new();
+        let mut rng = crate::conformance::Rng::new(seed);
+        for (l, layer) in model.layers.iter().enumerate() {
+            for &t in targets {
+                let Some((_, tensor)) = TARGETS.iter().find(|(name, _)| *name == t) else {
+                    return Err(ModelError::Invalid(format!("unknown target '{t}': use some of q, k, v, o, gate, up, down")));
+                };
+                let name = format!("blk.{l}.{tensor}.weight");
+                let (n_out, k) = projection_shape(layer, &name).ok_or_else(|| ModelError::Invalid(format!("the model has no tensor '{name}'")))?;
+                let bound = 1.0 / (k as f32).sqrt();
+                let a: Vec<f32> = (0..rank * k).map(|_| rng.uniform() * bound).collect();
+                let a = GpuMatrix::upload(gpu, &format!("{name}.lora_a"), GgmlType::F32, k as u64, rank as u64, bytemuck::cast_slice(&a)).await?;
+                let b = GpuMatrix::upload(gpu, &format!("{name}.lora_b"), GgmlType::F32, rank as u64, n_out as u64, &vec![0u8; (n_out * rank * 4) as usize]).await?;
+                if a.chunks.len() != 1 || b.chunks.len() != 1 {
+                    return Err(ModelError::Invalid(format!("{name}: a LoRA factor larger than one storage binding")));
+                }
+                let grad_a = gpu.storage("lora grad a", (rank * k) as u64 * 4).await?;
+                let grad_b = gpu.storage("lora grad b", (n_out * rank) as u64 * 4).await?;
+                pairs.insert(name, TrainPair { a, b, grad_a, grad_b, rank });
+            }
+        }
+        let t = ctx as u64;
+        let f = |n: usize| t * n as u64 * 4;
+        let (d, qd, kvd, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_ff);
+        let max_out = pairs.values().map(|p| p.b.n_rows as usize).max().unwrap_or(1);
+        let st = |label: &'static str, bytes: u64| gpu.storage(label, bytes.max(4));
+        let mut xs = Vec::new();
+        for _ in 0..=c.n_layer {
+            xs.push(st("residual", f(d)).await?);
+        }
+        let hr = HEAD_ROWS as u64;
+        let s = Scratch {
+            n1: st("n1", f(d)).await?,
+            q: st("q", f(qd)).await?,
+            k: st("k", f(kvd)).await?,
+            v: st("v", f(kvd)).await?,
+            k_rot: st("k rot", f(kvd)).await?,
+            v_att: st("v att", f(kvd)).await?,
+            qkv_b: [st("q b", f(qd)).await?, st("k b", f(kvd)).await?, st("v b", f(kvd)).await?],
+            attn: st("attn", f(qd)).await?,
+            h: st("h", f(d)).await?,
+            n2: st("n2", f(d)).await?,
+            gate: st("gate", f(ff)).await?,
+            up: st("up", f(ff)).await?,
+            act: st("act", f(ff)).await?,
+            out: st("out", f(d)).await?,
+            dx: st("dx", f(d)).await?,
+            dn: st("dn", f(d)).await?,
+            d_attn: st("d attn", f(qd)).await?,
+            dq: st("dq", f(qd)).await?,
+            dk: st("dk", f(kvd)).await?,
+            dv: st("dv", f(kvd)).await?,
+            stats: st("stats", f(c.n_head * 4)).await?,
+            d_act: st("d act", f(ff)).await?,
+            d_gate: st("d gate", f(ff)).await?,
+            d_up: st("d up", f(ff)).await?,
+            lora_u: st("lora u", f(rank as usize)).await?,
+            lora_g: st("lora g", f(rank as usize)).await?,
+            lora_gs: st("lora gs", f(rank as usize)).await?,
+            lora_y: st("lora y", f(max_out)).await?,
+            ids: st("ids", t * 4).await?,
+            targets: st("targets", t * 4).await?,
+            weights: st("weights", t * 4).await?,
+            loss: st("loss", t * 4).await?,
+            head_x: st("head x", hr * d as u64 * 4).await?,
+            head_dx: st("head dx", hr * d as u64 * 4).await?,
+            logits: st("logits", hr * c.n_vocab as u64 * 4).await?,
+            d_logits: st("d logits", hr * c.n_vocab as u64 * 4).await?,
+            head_t: st("head targets", hr * 4).await?,
+            head_w: st("head weights", hr * 4).await?,
+            head_loss: st("head loss", hr * 4).await?,
+        };
+        let trainer = Trainer { model, gpu, rank, alpha, ctx, pairs, xs, s };
+        trainer.zero_grads()?;
+        Ok(trainer)
+    }
+
+    /// alpha / rank: the factor each adapter's term B·(A·x) is scaled by.
+    pub fn factor(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// Clears every gradient.
+    pub fn zero_grads(&self) -> Result<(), GpuError> {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        for p in self.pairs.values() {
+            enc.clear_buffer(&p.grad_a, 0, None);
+            enc.clear_buffer(&p.grad_b, 0, None);
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        self.gpu.check_lost()
+    }
+
+    /// Forward and backward over `ids` (at most ctx): the loss of predicting ids[t + 1] from
+    /// ids[..=t], weighted by `weights[t + 1]` (0: not trained on), summed; the gradients of
+    /// that sum are added to the pairs'. Returns the weighted loss sum.
+    pub async fn accumulate(&mut self, ids: &[u32], weights: &[f32]) -> Result<f64, ModelError> {
+        let c = &self.model.config;
+        if ids.len() < 2 || ids.len() > self.ctx as usize || weights.len() != ids.len() {
+            return Err(ModelError::Invalid(format!("a training sequence of {} tokens ({} weights) for a context of {}", ids.len(), weights.len(), self.ctx)));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
+        }
+        let n = ids.len() as u32 - 1;
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(&ids[..n as usize]));
+        q.write_buffer(&self.s.targets, 0, bytemuck::cast_slice(&ids[1..]));
+        q.write_buffer(&self.s.weights, 0, bytemuck::cast_slice(&weights[1..]));
+        let mut r = Recorder::new(self.gpu);
+        let m = self.model;
+        r.gather(&m.token_embd, &self.s.ids, &self.xs[0], n).await?;
+        for l in 0..c.n_layer {
+            self.layer_forward(&mut r, l, n).await?;
+            let bytes = n as u64 * c.n_embd as u64 * 4;
+            r.encoder().copy_buffer_to_buffer(&self.s.out, 0, &self.xs[l + 1], 0, bytes);
+        }
+        self.head(&mut r, n).await?;
+        for l in (0..c.n_layer).rev() {
+            self.layer_forward(&mut r, l, n).await?;
+            self.layer_backward(&mut r, l, n).await?;
+        }
+        r.submit()?;
+        let losses = self.gpu.read_f32(&self.s.loss, 0, n as usize).await?;
+        Ok(losses.iter().map(|v| *v as f64).sum())
+    }
+
+    /// The gradients as they stand: base tensor name → (dA [rank][k], dB [n_out][rank]).
+    pub async fn gradients(&self) -> Result<BTreeMap<String, (Vec<f32>, Vec<f32>)>, GpuError> {
+        let mut out = BTreeMap::new();
+        for (name, p) in &self.pairs {
+            let ga = self.gpu.read_f32(&p.grad_a, 0, (p.a.n_rows * p.a.k) as usize).await?;
+            let gb = self.gpu.read_f32(&p.grad_b, 0, (p.b.n_rows * p.b.k) as usize).await?;
+            out.insert(name.clone(), (ga, gb));
+        }
+        Ok(out)
+    }
+
+    /// Sets a pair's factors (tests start from nonzero B), A: [rank][k], B: [n_out][rank].
+    pub fn set_factors(&self, name: &str, a: &[f32], b: &[f32]) -> Result<(), ModelError> {
+        let p = self.pairs.get(name).ok_or_else(|| ModelError::Invalid(format!("no trained pair for '{name}'")))?;
+        if a.len() != (p.a.n_rows * p.a.k) as usize || b.len() != (p.b.n_rows * p.b.k) as usize {
+            return Err(ModelError::Invalid(format!("'{name}': factors of {} and {} values", a.len(), b.len())));
+        }
+        self.gpu.queue.write_buffer(&p.a.chunks[0].buffer, 0, bytemuck::cast_slice(a));
+        self.gpu.queue.write_buffer(&p.b.chunks[0].buffer, 0, bytemuck::cast_slice(b));
+        Ok(())
+    }
+
+    /// Layer l's forward pass from xs[l] into s.out, keeping its activations in the scratch.
+    async fn layer_forward(&self, r: &mut Recorder<'_>, l: usize, n: u32) -> Result<(), GpuError> {
+        let (c, s, ly) = (&self.model.config, &self.s, &self.model.layers[l]);
+        let (d, eps) = (c.n_embd as u32, c.norm_eps);
+        let x = &self.xs[l];
+        r.rms_norm(x, &ly.attn_norm, &s.n1, d, n, eps).await?; //                        n1 [n][d]
+        self.project(r, &ly.wqkv, &s.n1, &[&s.q, &s.k, &s.v], n).await?; //              q, k, v
+        let (q, k, v) = self.qkv_bias(r, ly, n).await?;
+        let rope = self.rope_args(l, n, c.n_head as u32, 1.0);
+        // q turned in place; k turned and v copied into the attention's keys and values
+        r.rope_kv(q, k, v, &s.k_rot, &s.v_att, c.n_kv_head as u32, KvType::F32, rope).await?;
+        r.attention(q, &s.k_rot, &s.v_att, &s.attn, self.attention_args(l, n)).await?; //   [n][q_dim]
+        let bytes = n as u64 * d as u64 * 4;
+        r.encoder().copy_buffer_to_buffer(x, 0, &s.h, 0, bytes);
+        self.project_residual(r, &ly.wo, &s.attn, &s.h, n).await?; //                     h = x + W_o·attn
+        r.rms_norm(&s.h, &ly.ffn_norm, &s.n2, d, n, eps).await?; //                       n2 [n][d]
+        self.project(r, &ly.w_gate_up, &s.n2, &[&s.gate, &s.up], n).await?; //            gate, up [n][n_ff]
+        r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?; //                 act [n][n_ff]
+        r.encoder().copy_buffer_to_buffer(&s.h, 0, &s.out, 0, bytes);
+        self.project_residual(r, &ly.w_down, &s.act, &s.out, n).await //                  out = h + W_down·act
+    }
+
+    /// Layer l's backward pass: s.dx holds dL/d(its output) and afterwards dL/d(its input);
+    /// the layer's adapters' gradients are added to.
+    async fn layer_backward(&self, r: &mut Recorder<'_>, l: usize, n: u32) -> Result<(), GpuError> {
+        let (c, s, ly) = (&self.model.config, &self.s, &self.model.layers[l]);
+        let (d, eps, ff) = (c.n_embd as u32, c.norm_eps, c.n_ff as u32);
+        // out = h + W_down·act
+        r.product_backward(&ly.w_down, &s.dx, &s.d_act, n, false).await?;
+        self.lora_backward(r, &ly.w_down.name, &s.act, &s.dx, &s.d_act, n).await?;
+        r.glu_backward(&s.gate, &s.up, &s.d_act, &s.d_gate, &s.d_up, n * ff, false).await?;
+        self.project_backward(r, &ly.w_gate_up, &s.n2, &[&s.d_gate, &s.d_up], &s.dn, n).await?;
+        r.rms_norm_backward(&s.h, &ly.ffn_norm, &s.dn, &s.dx, d, n, eps, true).await?; // dx = dL/dh
+                                                                                       // h = x + W_o·attn
+        r.product_backward(&ly.wo, &s.dx, &s.d_attn, n, false).await?;
+        self.lora_backward(r, &ly.wo.name, &s.attn, &s.dx, &s.d_attn, n).await?;
+        // the q attention read: turned by RoPE in place, after its bias where it has one
+        let q = if ly.bq.is_some() { &s.qkv_b[0] } else { &s.q };
+        let grads = AttentionGrads { q, k: &s.k_rot, v: &s.v_att, dout: &s.d_attn, dq: &s.dq, dk: &s.dk, dv: &s.dv, stats: &s.stats };
+        r.attention_backward(&grads, self.attention_args(l, n)).await?;
+        // RoPE is a rotation: its gradient turns back by the same angle
+        if c.has_rope(l) {
+            r.rope(&s.dq, self.rope_args(l, n, c.n_head as u32, -1.0)).await?;
+            r.rope(&s.dk, self.rope_args(l, n, c.n_kv_head as u32, -1.0)).await?;
+        }
+        self.project_backward(r, &ly.wqkv, &s.n1, &[&s.dq, &s.dk, &s.dv], &s.dn, n).await?;
+        r.rms_norm_backward(&self.xs[l], &ly.attn_norm, &s.dn, &s.dx, d, n, eps, true).await
+        // dx = dL/dx
+    }
+
+    /// The output head and the loss over n positions, in blocks of HEAD_ROWS: logits =
+    /// W_out · rms_norm(x), their cross-entropy's gradient back to s.dx (dL/d(last output)).
+    async fn head(&self, r: &mut Recorder<'_>, n: u32) -> Result<(), GpuError> {
+        let (m, s) = (self.model, &self.s);
+        let c = &m.config;
+        let (d, v) = (c.n_embd as u32, c.n_vocab as u32);
+        let x = &self.xs[c.n_layer];
+        r.rms_norm(x, &m.output_norm, &s.n1, d, n, c.norm_eps).await?;
+        let row = d as u64 * 4;
+        for first in (0..n).step_by(HEAD_ROWS as usize) {
+            let rows = HEAD_ROWS.min(n - first);
+            let enc = r.encoder();
+            enc.copy_buffer_to_buffer(&s.n1, first as u64 * row, &s.head_x, 0, rows as u64 * row);
+            enc.copy_buffer_to_buffer(&s.targets, first as u64 * 4, &s.head_t, 0, rows as u64 * 4);
+            enc.copy_buffer_to_buffer(&s.weights, first as u64 * 4, &s.head_w, 0, rows as u64 * 4);
+            r.product(m.output_head(), ProductIn::X(&s.head_x), ProductOut::Split(&[&s.logits]), rows).await?;
+            r.cross_entropy(&s.logits, &s.head_t, &s.head_w, &s.d_logits, &s.head_loss, v, rows).await?;
+            r.product_backward(m.output_head(), &s.d_logits, &s.head_dx, rows, false).await?;
+            let enc = r.encoder();
+            enc.copy_buffer_to_buffer(&s.head_dx, 0, &s.dn, first as u64 * row, rows as u64 * row);
+            enc.copy_buffer_to_buffer(&s.head_loss, 0, &s.loss, first as u64 * 4, rows as u64 * 4);
+        }
+        r.rms_norm_backward(x, &m.output_norm, &s.dn, &s.dx, d, n, c.norm_eps, false).await
+    }
+
+    /// The parts of `matrices`, in order, into `outs` (one per part), with the trained terms.
+    async fn project(&self, r: &mut Recorder<'_>, matrices: &[GpuMatrix], x: &wgpu::Buffer, outs: &[&wgpu::Buffer], n: u32) -> Result<(), GpuError> {
+        let mut rest = outs;
+        for w in matrices {
+            let (mine, others) = rest.split_at(w.parts.len());
+            rest = others;
+            r.product(w, ProductIn::X(x), ProductOut::Split(mine), n).await?;
+            for ((name, rows), y) in w.parts.iter().zip(mine) {
+                self.lora_forward(r, name, x, y, *rows, n).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// y += W·x for one plain matrix, its trained term included.
+    async fn project_residual(&self, r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        r.product(w, ProductIn::X(x), ProductOut::Residual(y), n).await?;
+        self.lora_forward(r, &w.name, x, y, w.n_rows, n).await
+    }
+
+    /// y [n][n_out] += s·B·(A·x) where `name` is trained.
+    async fn lora_forward(&self, r: &mut Recorder<'_>, name: &str, x: &wgpu::Buffer, y: &wgpu::Buffer, n_out: u32, n: u32) -> Result<(), GpuError> {
+        let Some(p) = self.pairs.get(name) else { return Ok(()) };
+        r.matmul(&p.a, x, &self.s.lora_u, n).await?; //                                   [n][rank]
+        r.matmul(&p.b, &self.s.lora_u, &self.s.lora_y, n).await?; //                      [n][n_out]
+        r.accumulate(y, &self.s.lora_y, n * n_out, self.factor()).await
+    }
+
+    /// dx = Σ over the parts of `matrices` of dy_part · W_part, and the trained terms' share;
+    /// their gradients added to. dys: one per part, in order.
+    async fn project_backward(
+        &self,
+        r: &mut Recorder<'_>,
+        matrices: &[GpuMatrix],
+        x: &wgpu::Buffer,
+        dys: &[&wgpu::Buffer],
+        dx: &wgpu::Buffer,
+        n: u32,
+    ) -> Result<(), GpuError> {
+        let mut first = true;
+        let mut rest = dys;
+        for w in matrices {
+            let (mine, others) = rest.split_at(w.parts.len());
+            rest = others;
+            for (i, dy) in mine.iter().enumerate() {
+                r.product_backward_part(w, i, dy, dx, n, !first).await?;
+                first = false;
+                self.lora_backward(r, &w.parts[i].0, x, dy, dx, n).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a trained `name` with input x [n][k] and output gradient dy [n][n_out]: its
+    /// factors' gradients, and dx += s·(dy·B)·A.
+    async fn lora_backward(&self, r: &mut Recorder<'_>, name: &str, x: &wgpu::Buffer, dy: &wgpu::Buffer, dx: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
+        let Some(p) = self.pairs.get(name) else { return Ok(()) };
+        let s = &self.s;
+        let (rank, k, n_out, f) = (p.rank, p.a.k, p.b.n_rows, self.factor());
+        r.matmul(&p.a, x, &s.lora_u, n).await?; //                                        u = A·x [n][rank]
+        r.weight_gradient(dy, &s.lora_u, &p.grad_b, n_out, rank, n, n_out, 0, f).await?; // dB += s·dyᵀ·u
+        r.product_backward(&p.b, dy, &s.lora_g, n, false).await?; //                      g = dy·B [n][rank]
+        r.scale(&s.lora_g, &s.lora_gs, n * rank, f).await?;
+        r.weight_gradient(&s.lora_gs, x, &p.grad_a, rank, k, n, rank, 0, 1.0).await?; //   dA += (s·g)ᵀ·x
+        r.product_backward(&p.a, &s.lora_gs, dx, n, true).await //                          dx += (s·g)·A
+    }
+
+    /// q, k, v with their biases added where the layer has them (Qwen2).
+    async fn qkv_bias(&self, r: &mut Recorder<'_>, ly: &Layer, n: u32) -> Result<(&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer), GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let (Some(bq), Some(bk), Some(bv)) = (&ly.bq, &ly.bk, &ly.bv) else { return Ok((&s.q, &s.k, &s.v)) };
+        let (qd, kvd) = ((c.n_head * c.head_dim) as u32, (c.n_kv_head * c.head_dim) as u32);
+        r.add_bias(&s.q, bq, &s.qkv_b[0], n * qd, qd).await?;
+        r.add_bias(&s.k, bk, &s.qkv_b[1], n * kvd, kvd).await?;
+        r.add_bias(&s.v, bv, &s.qkv_b[2], n * kvd, kvd).await?;
+        Ok((&s.qkv_b[0], &s.qkv_b[1], &s.qkv_b[2]))
+    }
+
+    /// Layer l's RoPE over n tokens of `heads` heads from position 0; `sign` -1 turns back.
+    fn rope_args(&self, l: usize, n: u32, heads: u32, sign: f32) -> RopeArgs {
+        let c = &self.model.config;
+        RopeArgs {
+            n_tokens: n,
+            n_heads: heads,
+            head_dim: c.head_dim as u32,
+            n_rot: if c.has_rope(l) { c.n_rot as u32 } else { 0 },
+            pos0: 0,
+            neox: c.spec().rope == RopeType::Neox,
+            freq_base: c.rope_base_of(l),
+            freq_scale: sign * c.rope_freq_scale(),
+        }
+    }
+
+    fn attention_args(&self, l: usize, n: u32) -> AttentionArgs {
+        let c = &self.model.config;
+        AttentionArgs {
+            n_q: n,
+            n_head: c.n_head as u32,
+            n_kv_head: c.n_kv_head as u32,
+            head_dim: c.head_dim as u32,
+            pos0: 0,
+            window: c.window_of(l),
+            scale: c.attn_scale,
+            kv: KvType::F32,
+        }
+    }
+}
+
+/// (n_out, k) of the projection `name` in layer `l`.
+fn projection_shape(l: &Layer, name: &str) -> Option<(u32, u32)> {
+    let all = l.wqkv.iter().chain(&l.w_gate_up).chain([&l.wo, &l.w_down]);
+    for w in all {
+        if let Some((_, rows)) = w.parts.iter().find(|(n, _)| n == name) {
+            return Some((*rows, w.k));
+        }
+    }
+    None
+}
