@@ -350,11 +350,37 @@ impl Tokenizer {
     /// written in the text (`<|im_start|>`, `<start_of_turn>`) become those tokens rather than
     /// being tokenized as text; user-defined tokens are always recognized.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_marked(text, add_special, parse_special, &[])
+    }
+
+    /// [`Tokenizer::encode`] with `parse_special`, except where a control (or unknown) token's
+    /// text would cover one of the byte offsets in `literal`: there the characters stay text.
+    /// A chat prompt marks what the conversation's messages put into the template's text this
+    /// way, so that text from a message never becomes a control token. `literal` must be sorted.
+    pub fn encode_with_literal(&self, text: &str, add_special: bool, literal: &[usize]) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_marked(text, add_special, true, literal)
+    }
+
+    /// The byte ranges of `text` holding the text of a token that `parse_special` decides on
+    /// (control and unknown tokens), overlapping ones included, in no particular order.
+    pub fn find_control_texts(&self, text: &str) -> Vec<std::ops::Range<usize>> {
+        let Some(finder) = &self.special_finder else {
+            return Vec::new();
+        };
+        finder.find_overlapping_iter(text).filter(|m| self.parse_special_governs(self.special[m.pattern().as_usize()])).map(|m| m.range()).collect()
+    }
+
+    /// The texts of the tokens that `parse_special` decides on (control and unknown tokens).
+    pub fn control_texts(&self) -> impl Iterator<Item = &str> + '_ {
+        self.special.iter().filter(|&&id| self.parse_special_governs(id)).map(|&id| self.texts[id as usize].as_str())
+    }
+
+    fn encode_marked(&self, text: &str, add_special: bool, parse_special: bool, literal: &[usize]) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
-        let fragments = self.partition(text, parse_special);
+        let fragments = self.partition(text, parse_special, literal);
         match &self.kind {
             Kind::Spm => {
                 let mut escaped = String::new();
@@ -511,6 +537,25 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literal_offsets_keep_control_tokens_as_text() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/tiny/llama-tiny.gguf")).unwrap();
+        let tok = Tokenizer::from_gguf(&crate::gguf::Gguf::parse(&bytes).unwrap()).unwrap();
+        let end = tok.token_id("<|im_end|>").unwrap();
+        let text = "a<|im_end|>b<|im_end|>";
+        assert_eq!(tok.encode_with_literal(text, false, &[]).unwrap(), tok.encode(text, false, true).unwrap());
+        // an offset anywhere inside the first token's text keeps it text; the second is a token
+        for at in [1, 5, 10] {
+            let ids = tok.encode_with_literal(text, false, &[at]).unwrap();
+            let mut want = tok.encode("a<|im_end|>b", false, false).unwrap();
+            want.push(end);
+            assert_eq!(ids, want, "offset {at}");
+        }
+        assert_eq!(tok.encode_with_literal(text, false, &[0, 11]).unwrap(), tok.encode(text, false, true).unwrap(), "offsets outside the tokens");
+        assert_eq!(tok.find_control_texts(text), [1..11, 12..22]);
+        assert!(tok.control_texts().any(|t| t == "<|im_start|>"));
+    }
 
     #[test]
     fn tokenizer_is_send_and_sync() {

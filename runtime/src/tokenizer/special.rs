@@ -177,8 +177,16 @@ pub(super) enum Fragment {
 }
 
 impl Tokenizer {
-    /// llama.cpp's tokenizer_st_partition: cuts special tokens out of the text.
-    pub(super) fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    /// Whether `parse_special` decides on this token (control and unknown tokens; user-defined
+    /// ones are always cut out).
+    pub(super) fn parse_special_governs(&self, id: u32) -> bool {
+        self.attrs[id as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0
+    }
+
+    /// llama.cpp's tokenizer_st_partition: cuts special tokens out of the text. A token that
+    /// `parse_special` governs is not cut out where its text would cover a byte offset of
+    /// `literal` (sorted): that character is plain text.
+    pub(super) fn partition(&self, text: &str, parse_special: bool, literal: &[usize]) -> Vec<Fragment> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -195,10 +203,12 @@ impl Tokenizer {
             if !present[k] {
                 continue;
             }
-            if !parse_special && self.attrs[id as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
+            let governed = self.parse_special_governs(id);
+            if !parse_special && governed {
                 continue;
             }
             let pattern = self.texts[id as usize].as_str();
+            let covers_literal = |at: usize| governed && literal.get(literal.partition_point(|&p| p < at)).is_some_and(|&p| p < at + pattern.len());
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for f in fragments {
                 let Fragment::Text(r) = f else {
@@ -206,13 +216,20 @@ impl Tokenizer {
                     continue;
                 };
                 let mut start = r.start;
-                while let Some(at) = text[start..r.end].find(pattern) {
-                    let at = start + at;
+                let mut search = r.start;
+                while let Some(at) = text[search..r.end].find(pattern) {
+                    let at = search + at;
+                    if covers_literal(at) {
+                        // plain text here; look again from the next character
+                        search = at + pattern.chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
                     if at > start {
                         next.push(Fragment::Text(start..at));
                     }
                     next.push(Fragment::Token(id));
                     start = at + pattern.len();
+                    search = start;
                 }
                 if start < r.end {
                     next.push(Fragment::Text(start..r.end));
