@@ -5,12 +5,15 @@
 
 use crate::{kv_type, load, Loaded, ModelArgs};
 use anyhow::{anyhow, Result};
-use nomoat_runtime::chat::ChatTemplate;
-use nomoat_runtime::generate::{FinishReason, GenerateOptions};
+use nomoat_runtime::chat::{ChatTemplate, StopMatcher};
+use nomoat_runtime::device::GpuError;
+use nomoat_runtime::error::ModelError;
+use nomoat_runtime::generate::{FinishReason, GenerateOptions, Generation};
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
-use nomoat_runtime::session::Session;
-use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::sampler::{Sampler, SamplerConfig, SamplingOverrides};
+use nomoat_runtime::session::{Session, MAX_BATCH};
+use nomoat_runtime::tokenizer::{StreamDecoder, Tokenizer};
+use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,6 +52,8 @@ pub struct ModelInfo {
     pub template: Result<ChatTemplate, String>,
     pub n_ctx: usize,
     pub n_ctx_train: usize,
+    /// Logits per token (the largest useful top_k).
+    pub n_vocab: usize,
     pub device: String,
     /// Adapters loaded at start: (name, default scale, rank of the first pair, bytes).
     pub adapters: Vec<(String, f32, u32, u64)>,
@@ -66,14 +71,52 @@ pub struct Stats {
     pub gpu_bytes: AtomicI64,
 }
 
+/// Faults the tests inject, from hidden environment variables.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// `NOMOAT_FAULT_LOSE_DEVICE_AT=N`: destroy the device before the N-th request.
+    lose_device_at: Option<u64>,
+    /// `NOMOAT_FAULT_PANIC_AT=N`: panic (outside the GPU layer) in the N-th request's second
+    /// decoding step.
+    panic_at: Option<u64>,
+}
+
+thread_local! {
+    /// Where the engine thread's last panic happened (source file), set by the panic hook.
+    static PANIC_FILE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Notes the source file of every panic (for [`gpu_layer_panic`]), then reports it as before.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let file = info.location().map(|l| l.file().to_string());
+            let _ = PANIC_FILE.try_with(|f| *f.borrow_mut() = file);
+            previous(info);
+        }));
+    });
+}
+
+/// Whether a panic at this source file came from the GPU layer (wgpu, or nomoat's device and
+/// kernel code), which may leave the device in a state nothing else can clear.
+fn gpu_layer_panic(file: &str) -> bool {
+    let file = file.replace('\\', "/");
+    file.contains("/wgpu") || file.starts_with("wgpu") || file.contains("src/device.rs") || file.contains("src/ops/")
+}
+
 /// Loads the model on a new thread and starts serving `jobs` there. Returns once the model is
 /// loaded (or failed to load). A lost GPU device (driver reset, GPU unplugged, or
 /// `NOMOAT_FAULT_LOSE_DEVICE_AT=N`, which destroys it before the N-th request to test this) ends
 /// the request that met it with an error; the engine then opens the device again, reloads the
-/// model and goes on with the queue.
+/// model and goes on with the queue. A panic elsewhere ends its request with an error and
+/// only resets the conversation state (`NOMOAT_FAULT_PANIC_AT=N` panics in the N-th request).
 pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
-    let fault_at: Option<u64> = std::env::var("NOMOAT_FAULT_LOSE_DEVICE_AT").ok().and_then(|v| v.parse().ok());
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let fault_at = Faults { lose_device_at: env("NOMOAT_FAULT_LOSE_DEVICE_AT"), panic_at: env("NOMOAT_FAULT_PANIC_AT") };
+    install_panic_hook();
     std::thread::Builder::new().name("nomoat-engine".into()).spawn(move || {
         let mut ready = Some(ready_tx);
         loop {
@@ -112,7 +155,7 @@ fn load_and_serve(
     jobs: &mut mpsc::Receiver<Job>,
     stats: &Stats,
     ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>,
-    fault_at: Option<u64>,
+    fault_at: Faults,
 ) -> Ended {
     let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(m, true) {
         Ok(l) => l,
@@ -156,21 +199,29 @@ fn load_and_serve(
             eprintln!("nomoat serve: requests default to the model's own {used} (general.sampling.*)");
         }
         let sampling = model_sampling.defaults();
-        let info =
-            ModelInfo { tokenizer: tokenizer.clone(), template, n_ctx, n_ctx_train: model.config.n_ctx_train, device: gpu.describe(), adapters: adapter_info, sampling };
+        let info = ModelInfo {
+            tokenizer: tokenizer.clone(),
+            template,
+            n_ctx,
+            n_ctx_train: model.config.n_ctx_train,
+            n_vocab: model.config.n_vocab,
+            device: gpu.describe(),
+            adapters: adapter_info,
+            sampling,
+        };
         if tx.send(Ok(info)).is_err() {
             return Ended::Stopped;
         }
     }
     let fault = |served: u64| {
-        if fault_at == Some(served + 1) {
+        if fault_at.lose_device_at == Some(served + 1) {
             eprintln!("nomoat serve: NOMOAT_FAULT_LOSE_DEVICE_AT={}: destroying the GPU device", served + 1);
             gpu.device.destroy();
             // the loss is reported from the device's next poll, as a driver's would be
             let _ = gpu.device.poll(wgpu::PollType::Poll);
         }
     };
-    match run(&mut session, &tokenizer, &adapters, jobs, stats, &fault) {
+    match run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at) {
         None => Ended::Stopped,
         Some(e) => Ended::DeviceLost(e),
     }
@@ -184,6 +235,7 @@ fn run(
     jobs: &mut mpsc::Receiver<Job>,
     stats: &Stats,
     fault: &dyn Fn(u64),
+    panic_at: Option<u64>,
 ) -> Option<String> {
     while let Some(job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
@@ -191,23 +243,36 @@ fn run(
             continue;
         }
         stats.busy.store(true, Ordering::SeqCst);
-        fault(stats.served.load(Ordering::SeqCst));
+        let nth = stats.served.load(Ordering::SeqCst) + 1;
+        fault(nth - 1);
         let wanted: Vec<(Arc<LoraAdapter>, f32)> = match &job.adapters {
             None => loaded.to_vec(),
             Some(list) => list.iter().map(|(i, s)| (loaded[*i].0.clone(), *s)).collect(),
         };
+        PANIC_FILE.with(|f| f.borrow_mut().take());
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             pollster::block_on(session.set_adapters(wanted))?;
-            let mut on_text = |piece: &str| -> bool { !job.cancel.load(Ordering::SeqCst) && job.events.send(Event::Text(piece.to_string())).is_ok() };
-            pollster::block_on(session.generate(tokenizer, &job.prompt, &job.opts, &mut on_text))
+            let cancelled = || job.cancel.load(Ordering::SeqCst) || job.events.is_closed();
+            let mut on_text = |piece: &str| -> bool { !cancelled() && job.events.send(Event::Text(piece.to_string())).is_ok() };
+            let mut on_step = |step: usize| {
+                if panic_at == Some(nth) && step == 2 {
+                    panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
+                }
+            };
+            pollster::block_on(generate(session, tokenizer, &job.prompt, &job.opts, &cancelled, &mut on_text, &mut on_step))
         }));
         stats.busy.store(false, Ordering::SeqCst);
         stats.served.fetch_add(1, Ordering::Relaxed);
-        // A lost device (or a panic inside the GPU layer, which leaves it in an unknown state)
-        // ends this request; the caller then opens the device again.
-        let lost = match (&result, session.gpu.check_lost()) {
+        let panic_file = PANIC_FILE.with(|f| f.borrow_mut().take());
+        // A lost device, or a panic inside the GPU layer (which leaves it in an unknown state),
+        // ends this request, and the caller then opens the device again. Any other failure ends
+        // only this request: the conversation state is dropped and the engine goes on.
+        let mut lost = match (&result, session.gpu.check_lost()) {
             (_, Err(e)) => Some(e.to_string()),
-            (Err(_), Ok(())) => Some("the GPU layer panicked".to_string()),
+            (Ok(Err(ModelError::Gpu(e @ GpuError::DeviceLost(_)))), Ok(())) => Some(e.to_string()),
+            (Err(_), Ok(())) if panic_file.as_deref().is_some_and(gpu_layer_panic) => {
+                Some(format!("the GPU layer panicked (at {})", panic_file.as_deref().unwrap_or("?")))
+            }
             _ => None,
         };
         let event = match result {
@@ -237,8 +302,12 @@ fn run(
             Err(panic) => {
                 let msg =
                     panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into());
-                eprintln!("[#{}] generation panicked: {msg}", job.id);
+                eprintln!("[#{}] generation panicked at {}: {msg}; the conversation state is reset", job.id, panic_file.as_deref().unwrap_or("?"));
                 session.reset();
+                // the GPU state should be untouched; make sure before the next request
+                if let Err(why) = probe(session) {
+                    lost = Some(format!("the GPU no longer answers after a panic ({why})"));
+                }
                 Event::Error(format!("internal error during generation: {msg}"))
             }
         };
@@ -249,4 +318,110 @@ fn run(
         stats.gpu_bytes.store(session.gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
     }
     None
+}
+
+/// One token through the model, to tell whether the GPU state still works.
+fn probe(session: &mut Session<'_>) -> Result<(), String> {
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(session.eval_top_k(&[0], 1))));
+    session.reset();
+    match r {
+        Ok(Ok(_)) => session.gpu.check_lost().map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("it panicked".to_string()),
+    }
+}
+
+/// [`Session::generate`], checking `cancelled` between prompt batches and before every decoding
+/// step (a client that leaves while the text is held back, by a stop string that may be
+/// starting or by a character not yet complete, is noticed at once), and calling `on_step` with
+/// each step's number (the fault hook). The same computation otherwise: the same batches, the
+/// same sampling, the same text.
+async fn generate(
+    session: &mut Session<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    cancelled: &dyn Fn() -> bool,
+    on_text: &mut dyn FnMut(&str) -> bool,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Generation, ModelError> {
+    opts.sampler.validate().map_err(ModelError::Invalid)?;
+    if prompt.is_empty() {
+        return Err(ModelError::Invalid("the prompt has no tokens".into()));
+    }
+    let start = std::time::Instant::now();
+    let mut sampler = Sampler::new(opts.sampler.clone());
+    for &t in prompt {
+        sampler.accept(t);
+    }
+    let reused = session.keep_prefix_of(prompt);
+    let mut out = Generation {
+        tokens: Vec::new(),
+        text: String::new(),
+        finish: FinishReason::Cancelled,
+        prompt_tokens: prompt.len(),
+        reused_tokens: reused,
+        prompt_seconds: 0.0,
+        gen_seconds: 0.0,
+    };
+    // the prompt in the batches Session::eval_sample would take, the last one with the sample
+    let rest = &prompt[reused..];
+    let last = (rest.len() - 1) / MAX_BATCH * MAX_BATCH;
+    for batch in rest[..last].chunks(MAX_BATCH) {
+        if cancelled() {
+            return Ok(out);
+        }
+        session.eval(batch).await?;
+    }
+    if cancelled() {
+        return Ok(out);
+    }
+    let mut next = session.eval_sample(&rest[last..], &mut sampler).await?;
+    out.prompt_seconds = start.elapsed().as_secs_f64();
+    let gen_start = std::time::Instant::now();
+    let eog = tokenizer.eot_ids();
+    let mut decoder = StreamDecoder::new(true);
+    let mut stops = StopMatcher::new(opts.stop.clone());
+    out.finish = FinishReason::Length;
+    for step in 1.. {
+        on_step(step);
+        if opts.stop_at_eog && eog.contains(&next) {
+            out.finish = FinishReason::Stop;
+            break;
+        }
+        out.tokens.push(next);
+        sampler.accept(next);
+        let piece = decoder.push(tokenizer, next);
+        let (emit, stopped) = stops.push(&piece);
+        if !emit.is_empty() {
+            out.text.push_str(&emit);
+            if !on_text(&emit) {
+                out.finish = FinishReason::Cancelled;
+                break;
+            }
+        }
+        if stopped {
+            out.finish = FinishReason::Stop;
+            break;
+        }
+        if out.tokens.len() >= opts.max_tokens || session.tokens.len() + 1 > session.n_ctx {
+            out.finish = FinishReason::Length;
+            break;
+        }
+        if cancelled() {
+            out.finish = FinishReason::Cancelled;
+            break;
+        }
+        next = session.eval_sample(&[next], &mut sampler).await?;
+    }
+    if out.finish != FinishReason::Stop {
+        let (tail, _) = stops.push(&decoder.finish());
+        let rest = tail + &stops.finish();
+        if !rest.is_empty() && out.finish != FinishReason::Cancelled {
+            out.text.push_str(&rest);
+            on_text(&rest);
+        }
+    }
+    out.gen_seconds = gen_start.elapsed().as_secs_f64();
+    Ok(out)
 }
