@@ -13,20 +13,21 @@
 //!
 //! The chat page (www/) is served at `/` and the loaded model file at `/models/<its name>`, so
 //! the page can run the same model in the browser; `--no-www` turns both off. Connections are
-//! capped, headers must arrive within `--header-timeout`, bodies within `--body-timeout`;
-//! cross-origin requests get no CORS headers unless `--cors-origin` names the origin. See
-//! SECURITY.md for the threat model.
+//! capped, headers must arrive within `--header-timeout`, whole bodies within `--body-timeout`;
+//! cross-origin requests get no CORS headers unless `--cors-origin` names the origin; request
+//! bodies must be `application/json`; on a loopback address, requests must name a loopback
+//! host (or an `--allowed-host`), against DNS rebinding. See SECURITY.md for the threat model.
 
 mod api;
 mod engine;
+mod prompt;
 
 use crate::ModelArgs;
 use anyhow::{Context, Result};
 use api::{ApiError, Common, Kind, Meta, Prompt};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -48,15 +49,29 @@ use tokio::sync::mpsc;
 pub struct ServeArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Address to listen on (loopback by default; 0.0.0.0 opens the server to the network)
+    /// Address to listen on (loopback by default; 0.0.0.0 opens the server to the network). On
+    /// a loopback address, requests whose Host header is not localhost, 127.0.0.1 or [::1] (any
+    /// port), nor an --allowed-host, are refused (403) so that a web page cannot reach the
+    /// server through DNS rebinding; on other addresses the Host is not checked unless
+    /// --allowed-host is given
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Also accept requests whose Host header names NAME (repeatable): NAME matches with any
+    /// port, NAME:PORT with that port only. Given with a non-loopback --host, it turns the Host
+    /// check on there too (the loopback names are always accepted)
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
     /// Port to listen on (0 = any free port; the address is printed once listening)
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Require this key as a Bearer token (Authorization: Bearer KEY) on every route but /health
+    /// Require this key as a Bearer token (Authorization: Bearer KEY) on every API route and on
+    /// the model file (not on /health or the chat page). Other users of the machine can read a
+    /// command line (ps): prefer the environment variable NOMOAT_API_KEY or --api-key-file
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Read the API key from the first line of this file
+    #[arg(long, value_name = "PATH", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
     /// Requests that may wait for the model at once (beyond the one it is working on); more
     /// are answered 503
     #[arg(long, default_value_t = 64)]
@@ -74,8 +89,8 @@ pub struct ServeArgs {
     /// Serve only the API: no chat page, no model file
     #[arg(long)]
     pub no_www: bool,
-    /// Allow cross-origin requests from this origin (repeatable; e.g. http://localhost:3000).
-    /// Without it browsers on other origins cannot read the API's answers
+    /// Allow cross-origin requests from this origin (repeatable; e.g. http://localhost:3000; not
+    /// `*`). Without it browsers on other origins cannot read the API's answers
     #[arg(long = "cors-origin")]
     pub cors_origins: Vec<String>,
     /// Open connections at once; more are closed on accept
@@ -85,7 +100,8 @@ pub struct ServeArgs {
     /// connection stays open)
     #[arg(long, default_value_t = 15)]
     pub header_timeout: u64,
-    /// Seconds a client has to send a request's body (408 after)
+    /// Seconds a client has to send a request's whole body, from the end of its headers (408
+    /// after)
     #[arg(long, default_value_t = 30)]
     pub body_timeout: u64,
 }
@@ -95,7 +111,10 @@ const MAX_BODY: usize = 1 << 20;
 
 struct AppState {
     info: ModelInfo,
+    /// What the chat prompts' messages are marked with (see [`prompt`]).
+    guard: prompt::Guard,
     jobs: mpsc::Sender<Job>,
+    body_timeout: Duration,
     max_queue: usize,
     max_tokens_limit: usize,
     api_key: Option<String>,
@@ -120,7 +139,42 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The API key: `--api-key`, else the first line of `--api-key-file`, else NOMOAT_API_KEY. An
+/// empty one is no key.
+fn api_key(a: &ServeArgs) -> Result<Option<String>> {
+    if let Some(k) = &a.api_key {
+        if !k.is_empty() {
+            eprintln!("nomoat serve: warning: --api-key can be read by other users of this machine (ps); prefer NOMOAT_API_KEY or --api-key-file");
+        }
+        return Ok(Some(k.clone()).filter(|k| !k.is_empty()));
+    }
+    if let Some(p) = &a.api_key_file {
+        let text = std::fs::read_to_string(p).with_context(|| format!("--api-key-file {}", p.display()))?;
+        let key = text.lines().next().unwrap_or("").trim();
+        anyhow::ensure!(!key.is_empty(), "--api-key-file {}: the first line is empty", p.display());
+        return Ok(Some(key.to_string()));
+    }
+    Ok(std::env::var("NOMOAT_API_KEY").ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()))
+}
+
+/// The flags checked before anything is bound or loaded.
+fn check_args(a: &ServeArgs) -> Result<()> {
+    for o in &a.cors_origins {
+        anyhow::ensure!(
+            o.trim() != "*",
+            "--cors-origin '*' would let every web site read this server's answers; name each origin allowed (e.g. --cors-origin http://localhost:3000)"
+        );
+        o.parse::<header::HeaderValue>().map_err(|_| anyhow::anyhow!("--cors-origin {o:?} is not a valid origin"))?;
+    }
+    for h in &a.allowed_hosts {
+        anyhow::ensure!(!h.is_empty() && !h.contains(['/', ' ', '*']), "--allowed-host {h:?}: give a host name, or NAME:PORT");
+    }
+    Ok(())
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
+    check_args(&a)?;
+    let api_key = api_key(&a)?;
     let path = a.m.model.clone().unwrap_or_else(crate::default_model);
     let model_id = a.alias.clone().unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().to_string());
     let model_created =
@@ -138,12 +192,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Err(e) = &info.template {
         eprintln!("note: {e}");
     }
+    let guard = prompt::Guard::new(&info.tokenizer);
     let state = Arc::new(AppState {
         info,
+        guard,
         jobs: jobs_tx,
+        body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         max_queue,
         max_tokens_limit: a.max_tokens_limit,
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        api_key,
         model_id: model_id.clone(),
         model_created,
         stats,
@@ -162,7 +219,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             None if !a.no_www => eprintln!("nomoat serve: no chat page (www/pkg is not built: scripts/build-web.sh)"),
             None => {}
         }
-        let opts = RouterOptions { www, model_file: path.clone(), cors_origins: a.cors_origins.clone(), body_timeout: Duration::from_secs(a.body_timeout.max(1)) };
+        // a loopback address checks every request's Host; another only when names are given
+        let hosts = (addr.ip().is_loopback() || !a.allowed_hosts.is_empty()).then(|| HostPolicy::new(&a.allowed_hosts));
+        if !addr.ip().is_loopback() && hosts.is_none() {
+            eprintln!("nomoat serve: note: requests are not checked for their Host header on {addr} (--allowed-host NAME checks them)");
+        }
+        let opts = RouterOptions { www, model_file: path.clone(), cors_origins: a.cors_origins.clone(), hosts };
         let app = router(state, &opts)?;
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
@@ -230,7 +292,71 @@ struct RouterOptions {
     www: Option<PathBuf>,
     model_file: PathBuf,
     cors_origins: Vec<String>,
-    body_timeout: Duration,
+    /// None: no Host check.
+    hosts: Option<HostPolicy>,
+}
+
+/// The Host names requests may give: the loopback ones (any port) and the --allowed-host ones.
+#[derive(Clone, Debug)]
+struct HostPolicy {
+    /// (name in lowercase, port: None for any)
+    allowed: Vec<(String, Option<u16>)>,
+}
+
+/// A Host header (or URI authority) as (name in lowercase, port); None when it is malformed.
+fn split_host(host: &str) -> Option<(String, Option<u16>)> {
+    let host = host.trim();
+    let (name, port) = match host.strip_prefix('[') {
+        // [IPv6]:port
+        Some(rest) => {
+            let end = rest.find(']')? + 2;
+            match &host[end..] {
+                "" => (&host[..end], None),
+                p => (&host[..end], Some(p.strip_prefix(':')?)),
+            }
+        }
+        None => match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        },
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().ok()?),
+    };
+    (!name.is_empty()).then(|| (name.to_ascii_lowercase(), port))
+}
+
+impl HostPolicy {
+    fn new(extra: &[String]) -> HostPolicy {
+        let mut allowed: Vec<(String, Option<u16>)> = ["localhost", "127.0.0.1", "[::1]"].iter().map(|n| (n.to_string(), None)).collect();
+        allowed.extend(extra.iter().filter_map(|h| split_host(h)));
+        HostPolicy { allowed }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        split_host(host).is_some_and(|(name, port)| self.allowed.iter().any(|(n, p)| *n == name && (p.is_none() || *p == port)))
+    }
+}
+
+/// Refuses requests that do not name this server by an allowed Host: a page whose own name
+/// was made to resolve to 127.0.0.1 (DNS rebinding) sends its own name.
+async fn check_host(State(policy): State<Arc<HostPolicy>>, req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST).map(|v| String::from_utf8_lossy(v.as_bytes()).to_string());
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let refused = match (&host, &authority) {
+        (None, None) => Some("the request has no Host header".to_string()),
+        _ => [&host, &authority].into_iter().flatten().find(|h| !policy.allows(h)).map(|h| {
+            format!(
+                "the Host '{h}' is not a name of this server: requests must be sent to localhost, 127.0.0.1 or [::1] (this protects against DNS rebinding); \
+                 start the server with --allowed-host NAME to accept another name"
+            )
+        }),
+    };
+    match refused {
+        Some(msg) => ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", msg).with_code("host_not_allowed").into_response(),
+        None => next.run(req).await,
+    }
 }
 
 fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
@@ -249,17 +375,32 @@ fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
     app = match &o.www {
         // tower-http's ServeDir refuses `..` and absolute components: nothing outside www/
         Some(dir) => {
+            // the model file, behind the key when there is one; its name is compared, never
+            // made part of a route (where `{` or `}` would mean something)
             let name = o.model_file.file_name().unwrap_or_default().to_string_lossy().to_string();
-            let model = tower_http::services::ServeFile::new(&o.model_file);
-            app.route_service(&format!("/models/{name}"), model)
-                .fallback_service(tower_http::services::ServeDir::new(dir).call_fallback_on_method_not_allowed(true).fallback(axum::routing::any(not_found)))
+            let file = o.model_file.clone();
+            let model = Router::new()
+                .route(
+                    "/models/{*file}",
+                    get(move |Path(asked): Path<String>, req: Request| {
+                        let (name, file) = (name.clone(), file.clone());
+                        async move {
+                            if asked != name {
+                                return not_found(req.method().clone(), req.uri().clone()).await.into_response();
+                            }
+                            match tower_http::services::ServeFile::new(&file).try_call(req).await {
+                                Ok(r) => r.into_response(),
+                                Err(e) => ApiError::server(format!("reading the model file: {e}")).into_response(),
+                            }
+                        }
+                    }),
+                )
+                .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+            app.merge(model).fallback_service(tower_http::services::ServeDir::new(dir).call_fallback_on_method_not_allowed(true).fallback(axum::routing::any(not_found)))
         }
         None => app.fallback(not_found),
     };
-    app = app
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(o.body_timeout))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(content_length_limit));
+    app = app.layer(middleware::from_fn(content_length_limit));
     if !o.cors_origins.is_empty() {
         let origins = o.cors_origins.iter().map(|s| s.parse::<header::HeaderValue>()).collect::<Result<Vec<_>, _>>().context("--cors-origin")?;
         app = app.layer(
@@ -268,6 +409,10 @@ fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
                 .allow_methods([Method::GET, Method::POST])
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
         );
+    }
+    // outermost: a request for another host name is answered before anything else
+    if let Some(p) = &o.hosts {
+        app = app.layer(middleware::from_fn_with_state(Arc::new(p.clone()), check_host));
     }
     Ok(app.with_state(state))
 }
@@ -352,31 +497,55 @@ async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn chat_completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
-    complete(s, Kind::Chat, body).await.unwrap_or_else(IntoResponse::into_response)
+async fn chat_completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    complete(s, Kind::Chat, &headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
-    complete(s, Kind::Completion, body).await.unwrap_or_else(IntoResponse::into_response)
+async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    complete(s, Kind::Completion, &headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn body_error(r: BytesRejection) -> ApiError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&r);
-    while let Some(e) = source {
-        if e.is::<tower_http::timeout::TimeoutError>() {
-            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the request body did not arrive in time").with_code("request_timeout");
-        }
-        source = e.source();
+/// Only JSON bodies: a page on another origin can POST text/plain (or a body with no type)
+/// without asking first (no CORS preflight), but not application/json.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).to_string());
+    let essence = given.as_deref().map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if essence.as_deref() == Some("application/json") {
+        return Ok(());
     }
-    let status = r.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "invalid_request_error", format!("the request body is larger than the {MAX_BODY}-byte limit")).with_code("request_too_large")
-    } else {
-        ApiError::new(
-            if status.is_client_error() { status } else { StatusCode::BAD_REQUEST },
-            "invalid_request_error",
-            format!("could not read the request body: {}", r.body_text()),
-        )
+    let got = match &given {
+        Some(t) => format!("got '{t}'"),
+        None => "the request has no Content-Type".to_string(),
+    };
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        format!("the request body must be JSON sent as 'Content-Type: application/json'; {got}"),
+    )
+    .with_code("unsupported_media_type"))
+}
+
+/// The whole body, within one deadline for all of it (however its bytes are spread out) and
+/// the size limit.
+async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
+            if buf.len() + chunk.len() > MAX_BODY {
+                return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body is larger than the {MAX_BODY}-byte limit"))
+                    .with_code("request_too_large"));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", format!("the request body did not arrive within {} s", timeout.as_secs()))
+            .with_code("request_timeout")),
+        Ok(r) => r.map(|()| Bytes::from(buf)),
     }
 }
 
@@ -390,13 +559,22 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
+async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    check_content_type(headers)?;
+    let body = read_body(body, s.body_timeout).await?;
+    // a place in the queue first: a full queue costs no parsing, templating or tokenizing
+    let place = s.jobs.clone().try_reserve_owned().map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("the server is busy: {} requests are already waiting; try again shortly", s.max_queue))
+                .with_code("queue_full")
+        }
+        mpsc::error::TrySendError::Closed(_) => ApiError::server("the model engine has stopped"),
+    })?;
     let id_n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let random = mix(s.started ^ mix(id_n) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     // parsing, templating and tokenizing a large body takes a while: off the async workers
     let s2 = s.clone();
-    let (common, prompt) =
+    let (mut common, prompt) =
         tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random)).await.map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
     let n_ctx = s.info.n_ctx;
     if prompt.is_empty() {
@@ -414,10 +592,25 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
         .with_code("context_length_exceeded"));
     }
     let room = n_ctx - prompt.len();
-    let mut max_tokens = common.max_tokens.unwrap_or(room).min(room);
-    if s.max_tokens_limit > 0 {
-        max_tokens = max_tokens.min(s.max_tokens_limit);
-    }
+    let limit = if s.max_tokens_limit > 0 { s.max_tokens_limit } else { usize::MAX };
+    let max_tokens = match common.max_tokens.map(|n| n.min(limit)) {
+        Some(n) if n > room => {
+            let name = common.max_tokens_param;
+            return Err(ApiError::param(
+                name,
+                format!(
+                    "{name} is {n}, but the context holds {n_ctx} tokens and the prompt takes {}: at most {room} tokens can follow it; lower {name}, or start the server with a larger --ctx-size (this model allows up to {})",
+                    prompt.len(),
+                    s.info.n_ctx_train
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Some(n) => n,
+        None => room.min(limit),
+    };
+    // a top_k beyond the vocabulary keeps every token, as the whole vocabulary does
+    common.sampler.top_k = common.sampler.top_k.min(s.info.n_vocab);
     let prompt_tokens = prompt.len();
     let cancel = Arc::new(AtomicBool::new(false));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -446,13 +639,7 @@ async fn complete(s: Shared, kind: Kind, body: Result<Bytes, BytesRejection>) ->
         cancel: cancel.clone(),
         events: ev_tx,
     };
-    s.jobs.try_send(job).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("the server is busy: {} requests are already waiting; try again shortly", s.max_queue))
-                .with_code("queue_full")
-        }
-        mpsc::error::TrySendError::Closed(_) => ApiError::server("the model engine has stopped"),
-    })?;
+    place.send(job);
     let meta =
         Meta { kind, id: format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, mix(random)), created: unix_now(), model: s.model_id.clone() };
     let guard = CancelOnDrop(cancel);
@@ -472,8 +659,11 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
         Kind::Chat => {
             let messages = api::parse_messages(&o)?;
             let template = s.info.template.as_ref().map_err(|e| ApiError::invalid(e.clone()).with_code("no_chat_template"))?;
-            let text = template.render(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
-            tok.encode(&text, false, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))?
+            // the messages' text never becomes a control token (role injection)
+            prompt::chat_prompt(tok, &s.guard, template, &messages).map_err(|e| match e {
+                prompt::PromptError::Template(e) => ApiError::param("messages", e.to_string()),
+                prompt::PromptError::Tokenizer(e) => ApiError::invalid(format!("tokenizing the prompt: {e}")),
+            })?
         }
         Kind::Completion => {
             api::check_completion_extras(&o)?;
@@ -565,4 +755,48 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: Cancel
     // Comments while a request waits its turn keep proxies from timing out, and let a closed
     // connection be noticed (and the queued job cancelled) before the engine reaches it.
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(2))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        let p = HostPolicy::new(&["My.Box".to_string(), "proxy.example:8443".to_string()]);
+        for ok in ["localhost", "localhost:8080", "LOCALHOST:1", "127.0.0.1", "127.0.0.1:8080", "[::1]", "[::1]:8080", "my.box", "my.box:80", "proxy.example:8443"] {
+            assert!(p.allows(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.2",
+            "[::1]x",
+            "[::1]:x",
+            "localhost:",
+            "localhost:99999",
+            "",
+            "proxy.example",
+            "proxy.example:80",
+            "0.0.0.0:8080",
+        ] {
+            assert!(!p.allows(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        let with = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, t.parse().unwrap());
+            check_content_type(&h)
+        };
+        assert!(with("application/json").is_ok());
+        assert!(with("Application/JSON; charset=utf-8").is_ok());
+        for bad in ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx"] {
+            assert_eq!(with(bad).unwrap_err().status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
+        }
+        assert_eq!(check_content_type(&HeaderMap::new()).unwrap_err().status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
 }

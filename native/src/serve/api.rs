@@ -54,6 +54,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        // the rest of a body that was too slow or too large is not read: the connection ends
+        if self.status == StatusCode::REQUEST_TIMEOUT || self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -132,6 +136,8 @@ fn opt_int(o: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> 
 pub struct Common {
     /// None: until the context fills (or the server's --max-tokens-limit).
     pub max_tokens: Option<usize>,
+    /// The field max_tokens came from ("max_tokens" or "max_completion_tokens").
+    pub max_tokens_param: &'static str,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub stream: bool,
@@ -155,12 +161,14 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         include_usage = opt_bool(so, "include_usage").map_err(|e| e.with_param("stream_options.include_usage"))?.unwrap_or(false);
     }
     let mut max_tokens = None;
+    let mut max_tokens_param = "max_tokens";
     for name in ["max_tokens", "max_completion_tokens"] {
         if let Some(n) = opt_int(o, name)? {
             if n < 1 {
                 return Err(ApiError::param(name, format!("'{name}' must be at least 1, got {n}")));
             }
             max_tokens = Some(n as usize);
+            max_tokens_param = name;
         }
     }
     if let Some(n) = opt_int(o, "n")? {
@@ -250,13 +258,17 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         None | Some(Value::Null) => None,
         Some(Value::Array(items)) => {
             let mut out = Vec::new();
-            for item in items {
+            for (i, item) in items.iter().enumerate() {
                 let bad = || ApiError::param("adapters", "each of 'adapters' must be {\"name\": string, \"scale\": number}".to_string());
                 let Value::Object(a) = item else { return Err(bad()) };
                 let Some(Value::String(name)) = a.get("name") else { return Err(bad()) };
                 let scale = match a.get("scale") {
                     None => 1.0,
-                    Some(Value::Number(n)) => n.as_f64().filter(|v| v.is_finite()).ok_or_else(bad)? as f32,
+                    // a scale beyond f32's range would become infinite on the GPU
+                    Some(Value::Number(n)) => match n.as_f64() {
+                        Some(v) if v.is_finite() && v.abs() <= f32::MAX as f64 => v as f32,
+                        _ => return Err(ApiError::param("adapters", format!("adapters[{i}].scale must be a finite number of at most {:e} in size, got {n}", f32::MAX))),
+                    },
                     Some(_) => return Err(bad()),
                 };
                 out.push((name.clone(), scale));
@@ -265,7 +277,7 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         }
         Some(v) => return Err(ApiError::param("adapters", format!("'adapters' must be a list, got {}", type_name(v)))),
     };
-    Ok(Common { max_tokens, sampler, stop, stream, include_usage, adapters })
+    Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters })
 }
 
 /// The `messages` of a chat request, as the template takes them (text content only; a list of
@@ -489,6 +501,8 @@ mod tests {
             (r#"{"temperature": -1}"#, "temperature"),
             (r#"{"logprobs": true}"#, "logprobs"),
             (r#"{"seed": "x"}"#, "seed"),
+            (r#"{"adapters": [{"name": "a", "scale": 1e300}]}"#, "adapters"),
+            (r#"{"adapters": [{"name": "a", "scale": -3.5e38}]}"#, "adapters"),
         ] {
             let e = parse_common(&obj(body), &SamplerConfig::default(), 0).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
