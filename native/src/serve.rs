@@ -65,8 +65,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Require this key as a Bearer token (Authorization: Bearer KEY) on every API route and on
-    /// the model file (not on /health or the chat page). Other users of the machine can read a
-    /// command line (ps): prefer the environment variable NOMOAT_API_KEY or --api-key-file
+    /// the model file (not on /health or the chat page, which then cannot load the model from
+    /// here). Other users of the machine can read a command line (ps): prefer the environment
+    /// variable NOMOAT_API_KEY or --api-key-file
     #[arg(long)]
     pub api_key: Option<String>,
     /// Read the API key from the first line of this file
