@@ -139,6 +139,7 @@ impl Server {
         let resp = Self::agent()
             .post(&self.url(path))
             .set("Authorization", &format!("Bearer {KEY}"))
+            .set("Content-Type", "application/json")
             .send_string(&body.to_string())
             .unwrap_or_else(|e| panic!("{path} {body}: {e}"));
         assert_eq!(resp.status(), 200);
@@ -443,7 +444,7 @@ fn serve_end_to_end() {
         sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(
             sock,
-            "POST {chat} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {chat} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             2 << 20
         )
         .unwrap();
@@ -514,7 +515,7 @@ fn serve_no_template_and_queue_full() {
     let open = |body: &str| {
         let mut sock = TcpStream::connect(&s.addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
         sock
     };
     let read_until = |sock: &mut TcpStream, what: &str| {
@@ -672,12 +673,12 @@ fn serve_static_files_cors_timeouts_and_limits() {
     let model = model_path();
     let model_name = model.file_name().unwrap().to_str().unwrap().to_string();
 
-    let page = raw_http(&s.addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
+    let page = raw_http(&s.addr, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
     assert_eq!(status_of(&page), 200, "{page}");
     assert!(page.contains("<title>nomoat"), "the chat page: {page}");
     // the loaded model, with Range support (the page streams it)
     let head =
-        raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
     assert_eq!(status_of(&head), 206, "{head}");
     assert!(head.ends_with("GGUF"), "{head}");
     // nothing outside www/ and that one file, however the path is spelled
@@ -696,7 +697,7 @@ fn serve_static_files_cors_timeouts_and_limits() {
         "/.git/config",
         "/%00/etc/passwd",
     ] {
-        let r = raw_http(&s.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        let r = raw_http(&s.addr, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
         let status = status_of(&r);
         assert!((400..500).contains(&status), "{path}: {status}\n{r}");
         assert!(!r.contains("[package]") && !r.contains("root:") && !r.contains("[core]"), "{path} leaked a file: {r}");
@@ -706,10 +707,10 @@ fn serve_static_files_cors_timeouts_and_limits() {
     for (origin, allowed) in [("http://allowed.example", true), ("http://evil.example", false)] {
         let pre = raw_http(
             &s.addr,
-            format!("OPTIONS /v1/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n").as_bytes(),
             Duration::from_secs(10),
         );
-        let get = raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        let get = raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
         for r in [&pre, &get] {
             let has = r.to_ascii_lowercase().contains(&format!("access-control-allow-origin: {origin}"));
             assert_eq!(has, allowed, "{origin}: {r}");
@@ -718,7 +719,7 @@ fn serve_static_files_cors_timeouts_and_limits() {
     }
 
     // a client that never finishes its headers, or sends nothing, is disconnected
-    for (what, req) in [("partial headers", &b"GET /health HTTP/1.1\r\nHost: x\r\n"[..]), ("idle", &b""[..])] {
+    for (what, req) in [("partial headers", &b"GET /health HTTP/1.1\r\nHost: localhost\r\n"[..]), ("idle", &b""[..])] {
         let t = Instant::now();
         let r = raw_http(&s.addr, req, Duration::from_secs(20));
         let took = t.elapsed();
@@ -729,7 +730,7 @@ fn serve_static_files_cors_timeouts_and_limits() {
     let t = Instant::now();
     let r = raw_http(
         &s.addr,
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":")
+        format!("POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":")
             .as_bytes(),
         Duration::from_secs(20),
     );
