@@ -148,6 +148,7 @@ pub const CASES: &[Case] = &[
     case!("glu_backward", "glu_backward.wgsl", "nmse 1e-10", glu_backward),
     case!("cross_entropy", "cross_entropy.wgsl", "nmse 1e-10 (gradient), relative 1e-5 (loss)", cross_entropy),
     case!("adamw", "adamw.wgsl", "max-abs 1e-6", adamw),
+    case!("skinny_product", "skinny_product.wgsl", "nmse 1e-10", skinny_product),
     case!("attention_backward", "attention_backward.wgsl", "nmse 1e-10", attention_backward),
 ];
 
@@ -832,7 +833,7 @@ async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
         for (i, (n_rows, k)) in cases.into_iter().enumerate() {
             let (bytes, w) = random_matrix(ty, n_rows, k, 1100 + i as u64)?;
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
-            for m in [1usize, 5] {
+            for m in [1usize, 5, 11] {
                 let mut rng = Rng::new(1200 + (i * 8 + m) as u64);
                 let (dy, prior) = (rng.fill(m * n_rows, 1.0), rng.fill(m * k, 1.0));
                 let (dyb, dx, dx_acc) = (gpu.upload_f32("dy", &dy).await?, gpu.storage("dx", (m * k * 4) as u64).await?, gpu.upload_f32("dx prior", &prior).await?);
@@ -1010,6 +1011,26 @@ async fn attention_backward(gpu: &Gpu) -> Result<Vec<Check>> {
         checks.push(Check::nmse(format!("{name}: dq"), &gpu.read_f32(&dq, 0, qn).await?, &want_q, MATMUL_NMSE));
         checks.push(Check::nmse(format!("{name}: dk"), &gpu.read_f32(&dk, 0, kn).await?, &want_k, MATMUL_NMSE));
         checks.push(Check::nmse(format!("{name}: dv"), &gpu.read_f32(&dv, 0, kn).await?, &want_v, MATMUL_NMSE));
+    }
+    Ok(checks)
+}
+
+/// LoRA-shaped products (rank rows, or rank-long rows), written and added with a scale.
+async fn skinny_product(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, (n_rows, k, m)) in [(8usize, 576usize, 50usize), (576, 8, 50), (4, 4, 1), (16, 1536, 70), (3, 12, 9)].into_iter().enumerate() {
+        let mut rng = Rng::new(1900 + i as u64);
+        let (w, x, prior) = (rng.fill(n_rows * k, 1.0), rng.fill(m * k, 1.0), rng.fill(m * n_rows, 1.0));
+        let wm = GpuMatrix::upload(gpu, "w", GgmlType::F32, k as u64, n_rows as u64, bytemuck::cast_slice(&w)).await?;
+        let (xb, y, y_acc) = (gpu.upload_f32("x", &x).await?, gpu.storage("y", (m * n_rows * 4) as u64).await?, gpu.upload_f32("y prior", &prior).await?);
+        let mut rec = Recorder::new(gpu);
+        rec.skinny_product(&wm, &xb, &y, m as u32, 1.0, false).await?;
+        rec.skinny_product(&wm, &xb, &y_acc, m as u32, -0.5, true).await?;
+        rec.submit()?;
+        let want = reference::matmul(&w, &x, n_rows, k, m);
+        checks.push(Check::nmse(format!("skinny_product {n_rows}x{k} m={m}"), &gpu.read_f32(&y, 0, m * n_rows).await?, &want, MATMUL_NMSE));
+        let want_acc = reference::add(&prior, &reference::scale(&want, -0.5));
+        checks.push(Check::nmse(format!("skinny_product {n_rows}x{k} m={m} added at -0.5"), &gpu.read_f32(&y_acc, 0, m * n_rows).await?, &want_acc, MATMUL_NMSE));
     }
     Ok(checks)
 }

@@ -60,6 +60,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("glu_backward.wgsl", include_str!("../../shaders/glu_backward.wgsl")),
     ("cross_entropy.wgsl", include_str!("../../shaders/cross_entropy.wgsl")),
     ("adamw.wgsl", include_str!("../../shaders/adamw.wgsl")),
+    ("skinny_product.wgsl", include_str!("../../shaders/skinny_product.wgsl")),
     ("attention_backward.wgsl", include_str!("../../shaders/attention_backward.wgsl")),
 ];
 

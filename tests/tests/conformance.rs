@@ -55,5 +55,6 @@ ops!(
     glu_backward,
     cross_entropy,
     adamw,
+    skinny_product,
     attention_backward
 );

@@ -25,6 +25,8 @@
 //! Training's backward ops (gradients flow through the frozen base to the LoRA factors):
 //! - `product_backward` (dx = dy · W, any weight type) → `product_backward.rs`
 //!   (product_backward.wgsl)
+//! - `skinny_product` (a LoRA factor's product, an invocation per output) →
+//!   `skinny_product.rs` (skinny_product.wgsl)
 //! - `weight_gradient` (a LoRA factor's dW += dyᵀ · x) → `weight_gradient.rs`
 //!   (weight_gradient.wgsl)
 //! - `attention_backward` (dq, dk, dv) → `attention_backward.rs` (attention_backward.wgsl)
@@ -77,6 +79,7 @@ mod product;
 mod product_backward;
 mod recorder;
 mod rope_kv;
+mod skinny_product;
 mod softmax;
 mod support;
 mod top_k;
@@ -98,6 +101,7 @@ pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub use product_backward::PRODUCT_BACKWARD_LAYOUT;
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
+pub use skinny_product::SKINNY_PRODUCT_LAYOUT;
 pub use softmax::SOFTMAX_LAYOUT;
 pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};
 pub use top_k::{record_top_k, top_k, TopKScratch, MAX_TOP_K, TOPK_LAYOUT};

@@ -2,8 +2,8 @@
 //! on a device (`Gpu::pipeline`, cached in the device's `PipelineCache`).
 
 use super::{
-    adamw, attention, attention_backward, copy, cross_entropy, elementwise, gather, glu_backward, norm, norm_backward, product, product_backward, rope_kv, softmax,
-    top_k, weight_gradient,
+    adamw, attention, attention_backward, copy, cross_entropy, elementwise, gather, glu_backward, norm, norm_backward, product, product_backward, rope_kv,
+    skinny_product, softmax, top_k, weight_gradient,
 };
 use crate::device::{Gpu, GpuError, Pipeline, PipelineKey};
 use crate::shaders;
@@ -37,6 +37,7 @@ pub fn all_pipeline_keys() -> Vec<PipelineKey> {
         glu_backward::pipeline_keys(),
         cross_entropy::pipeline_keys(),
         adamw::pipeline_keys(),
+        skinny_product::pipeline_keys(),
         attention_backward::pipeline_keys(),
     ]
     .into_iter()
@@ -63,6 +64,7 @@ pub fn layout_of(file: &str) -> &'static [Bind] {
         "glu_backward.wgsl" => glu_backward::GLU_BACKWARD_LAYOUT,
         "cross_entropy.wgsl" => cross_entropy::CROSS_ENTROPY_LAYOUT,
         "adamw.wgsl" => adamw::ADAMW_LAYOUT,
+        "skinny_product.wgsl" => skinny_product::SKINNY_PRODUCT_LAYOUT,
         "attention_backward.wgsl" => attention_backward::ATTENTION_BACKWARD_LAYOUT,
         other => panic!("no layout for {other}"),
     }
@@ -93,6 +95,7 @@ pub fn params_layouts() -> Vec<ParamsLayout> {
         ("glu_backward.wgsl", glu_backward::GluBackwardParams::FIELDS, size_of::<glu_backward::GluBackwardParams>()),
         ("cross_entropy.wgsl", cross_entropy::CrossEntropyParams::FIELDS, size_of::<cross_entropy::CrossEntropyParams>()),
         ("adamw.wgsl", adamw::AdamWParams::FIELDS, size_of::<adamw::AdamWParams>()),
+        ("skinny_product.wgsl", skinny_product::SkinnyProductParams::FIELDS, size_of::<skinny_product::SkinnyProductParams>()),
         ("attention_backward.wgsl", attention_backward::AttentionBackwardParams::FIELDS, size_of::<attention_backward::AttentionBackwardParams>()),
     ]
 }

@@ -29,9 +29,15 @@ params! {
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for ty in crate::ggml_type::KERNEL_TYPES {
-        for accumulate in [false, true] {
-            let d = Defines::new().flag(&type_define(ty));
-            keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: if accumulate { d.flag("ACCUMULATE") } else { d } });
+        for (accumulate, quads) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut d = Defines::new().flag(&type_define(ty));
+            if accumulate {
+                d = d.flag("ACCUMULATE");
+            }
+            if quads {
+                d = d.flag("DY_QUADS");
+            }
+            keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: d });
         }
     }
     keys
@@ -41,6 +47,9 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// iterations (four a row in the tail of a row no multiple of 4 long), so a long column (the
 /// output head's vocabulary) is split over dispatches.
 const ROWS_PER_DISPATCH: u32 = 12_288;
+
+/// Tokens one invocation takes (product_backward.wgsl's TOKENS).
+const TOKENS: u32 = 8;
 
 impl Recorder<'_> {
     /// dx (+)= dy · W for dy: [m][w.n_rows], dx: [m][w.k]; `accumulate` adds to what dx holds.
@@ -65,7 +74,7 @@ impl Recorder<'_> {
         m: u32,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let (gx, gy) = grid((m * w.k.div_ceil(4)).div_ceil(64));
+        let (gx, gy) = grid((m.div_ceil(TOKENS) * w.k.div_ceil(4)).div_ceil(64));
         let mut first = !accumulate;
         for c in &w.chunks {
             // this chunk's rows within `rows`, chunk-local
@@ -87,7 +96,11 @@ impl Recorder<'_> {
                     r_end: (r_begin + ROWS_PER_DISPATCH).min(hi),
                     _pad: [0; 3],
                 };
-                let defines = if first { w.defines() } else { w.defines().flag("ACCUMULATE") };
+                let mut defines = if first { w.defines() } else { w.defines().flag("ACCUMULATE") };
+                // dy read four rows at a time where its rows and this range start on a quad
+                if rows.len().is_multiple_of(4) && (c.first_row + r_begin - rows.start).is_multiple_of(4) {
+                    defines = defines.flag("DY_QUADS");
+                }
                 first = false;
                 self.dispatch(PipelineKey { file: "product_backward.wgsl", entry: "main", defines }, &[&c.buffer, dy, dx], &params, (gx, gy, 1)).await?;
             }
