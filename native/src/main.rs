@@ -23,6 +23,7 @@ struct Cli {
 }
 
 mod chat;
+mod finetune;
 mod serve;
 
 #[derive(Subcommand)]
@@ -31,6 +32,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// OpenAI-compatible HTTP server
     Serve(serve::ServeArgs),
+    /// Train a LoRA adapter on a JSONL data set (llama.cpp's GGUF adapter format out)
+    Finetune(finetune::FinetuneArgs),
     /// Generate text after a raw prompt (no chat template)
     Run {
         #[command(flatten)]
@@ -397,6 +400,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("perplexity: {:.4}", p.value);
             Ok(())
         }
+        Some(Command::Finetune(a)) => finetune::run(a),
         Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile }) => bench(&m, n_prompt, n_gen, n_depth, reps, json, profile),
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;

@@ -599,7 +599,9 @@ fn serve_lora_adapters_per_request() {
 fn serve_every_architecture() {
     let _lock = serial();
     let tiny = |f: &str| format!("{}/../tests/data/tiny/{f}", env!("CARGO_MANIFEST_DIR"));
-    for file in ["llama-tiny.gguf", "qwen2-tiny.gguf", "qwen3-tiny.gguf", "phi3-tiny.gguf", "llama3-tiny.gguf", "gemma3-tiny.gguf", "gemma3-swa-tiny.gguf", "smollm3-tiny.gguf"] {
+    for file in
+        ["llama-tiny.gguf", "qwen2-tiny.gguf", "qwen3-tiny.gguf", "phi3-tiny.gguf", "llama3-tiny.gguf", "gemma3-tiny.gguf", "gemma3-swa-tiny.gguf", "smollm3-tiny.gguf"]
+    {
         let model = tiny(file);
         let prompt = "Once upon a time, far away";
         let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
@@ -677,8 +679,11 @@ fn serve_static_files_cors_timeouts_and_limits() {
     assert_eq!(status_of(&page), 200, "{page}");
     assert!(page.contains("<title>nomoat"), "the chat page: {page}");
     // the loaded model, with Range support (the page streams it)
-    let head =
-        raw_http(&s.addr, format!("GET /models/{model_name} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+    let head = raw_http(
+        &s.addr,
+        format!("GET /models/{model_name} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::from_secs(10),
+    );
     assert_eq!(status_of(&head), 206, "{head}");
     assert!(head.ends_with("GGUF"), "{head}");
     // nothing outside www/ and that one file, however the path is spelled
@@ -710,7 +715,8 @@ fn serve_static_files_cors_timeouts_and_limits() {
             format!("OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n").as_bytes(),
             Duration::from_secs(10),
         );
-        let get = raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
+        let get =
+            raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10));
         for r in [&pre, &get] {
             let has = r.to_ascii_lowercase().contains(&format!("access-control-allow-origin: {origin}"));
             assert_eq!(has, allowed, "{origin}: {r}");

@@ -32,6 +32,8 @@ pub struct TrainPair {
     pub b: GpuMatrix,
     pub grad_a: wgpu::Buffer,
     pub grad_b: wgpu::Buffer,
+    /// AdamW's first and second moments of A and of B.
+    moments: [wgpu::Buffer; 4],
     pub rank: u32,
 }
 
@@ -64,7 +66,6 @@ struct Scratch {
     lora_u: wgpu::Buffer,     // [T][rank] A·x
     lora_g: wgpu::Buffer,     // [T][rank] dy·B
     lora_gs: wgpu::Buffer,    // [T][rank] s · dy·B
-    lora_y: wgpu::Buffer,     // [T][max n_out] B·(A·x)
     ids: wgpu::Buffer,        // [T] u32 inputs
     targets: wgpu::Buffer,    // [T] u32 next tokens
     weights: wgpu::Buffer,    // [T] f32 the loss's weight per position
@@ -125,8 +126,8 @@ impl<'m> Trainer<'m> {
         if let Some(why) = unsupported(model) {
             return Err(ModelError::Invalid(why));
         }
-        if rank == 0 || ctx < 2 {
-            return Err(ModelError::Invalid(format!("rank {rank} and context {ctx}: both must be positive (the context at least 2)")));
+        if rank == 0 || !rank.is_multiple_of(4) || rank > 256 || ctx < 2 {
+            return Err(ModelError::Invalid(format!("rank {rank} and context {ctx}: the rank must be a multiple of 4 up to 256, the context at least 2")));
         }
         let c = &model.config;
         let mut pairs = BTreeMap::new();
@@ -147,13 +148,18 @@ impl<'m> Trainer<'m> {
                 }
                 let grad_a = gpu.storage("lora grad a", (rank * k) as u64 * 4).await?;
                 let grad_b = gpu.storage("lora grad b", (n_out * rank) as u64 * 4).await?;
-                pairs.insert(name, TrainPair { a, b, grad_a, grad_b, rank });
+                let moments = [
+                    gpu.storage("adam m a", (rank * k) as u64 * 4).await?,
+                    gpu.storage("adam v a", (rank * k) as u64 * 4).await?,
+                    gpu.storage("adam m b", (n_out * rank) as u64 * 4).await?,
+                    gpu.storage("adam v b", (n_out * rank) as u64 * 4).await?,
+                ];
+                pairs.insert(name, TrainPair { a, b, grad_a, grad_b, moments, rank });
             }
         }
         let t = ctx as u64;
         let f = |n: usize| t * n as u64 * 4;
         let (d, qd, kvd, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_ff);
-        let max_out = pairs.values().map(|p| p.b.n_rows as usize).max().unwrap_or(1);
         let st = |label: &'static str, bytes: u64| gpu.storage(label, bytes.max(4));
         let mut xs = Vec::new();
         for _ in 0..=c.n_layer {
@@ -188,7 +194,6 @@ impl<'m> Trainer<'m> {
             lora_u: st("lora u", f(rank as usize)).await?,
             lora_g: st("lora g", f(rank as usize)).await?,
             lora_gs: st("lora gs", f(rank as usize)).await?,
-            lora_y: st("lora y", f(max_out)).await?,
             ids: st("ids", t * 4).await?,
             targets: st("targets", t * 4).await?,
             weights: st("weights", t * 4).await?,
@@ -265,6 +270,47 @@ impl<'m> Trainer<'m> {
             out.insert(name.clone(), (ga, gb));
         }
         Ok(out)
+    }
+
+    /// The L2 norm of all gradients together (for clipping).
+    pub async fn grad_norm(&self) -> Result<f64, GpuError> {
+        let mut sum = 0.0f64;
+        for (ga, gb) in self.gradients().await?.values() {
+            sum += ga.iter().chain(gb).map(|v| (*v as f64).powi(2)).sum::<f64>();
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One AdamW step `h` on every factor from its gradient times `grad_scale` (1 / the
+    /// batch's trained tokens, times the clipping factor), then the gradients cleared.
+    pub async fn optimizer_step(&mut self, h: crate::reference::AdamW, grad_scale: f32) -> Result<(), GpuError> {
+        let mut r = Recorder::new(self.gpu);
+        for p in self.pairs.values() {
+            let [ma, va, mb, vb] = &p.moments;
+            r.adamw(&p.a.chunks[0].buffer, &p.grad_a, ma, va, p.a.n_rows * p.a.k, h, grad_scale).await?;
+            r.adamw(&p.b.chunks[0].buffer, &p.grad_b, mb, vb, p.b.n_rows * p.b.k, h, grad_scale).await?;
+        }
+        r.submit()?;
+        self.zero_grads()
+    }
+
+    /// The factors as llama.cpp's GGUF LoRA adapter: `general.type` adapter, `adapter.type`
+    /// lora, `adapter.lora.alpha`, and per projection `<base>.lora_a` (GGUF dims [k, rank]) and
+    /// `<base>.lora_b` ([rank, n_out]), f32.
+    pub async fn adapter_gguf(&self, name: &str) -> Result<Vec<u8>, GpuError> {
+        let mut w = crate::gguf::GgufWriter::new();
+        w.add_metadata("general.type", "adapter");
+        w.add_metadata("general.architecture", self.model.config.arch_name.as_str());
+        w.add_metadata("general.name", name);
+        w.add_metadata("adapter.type", "lora");
+        w.add_metadata("adapter.lora.alpha", self.alpha);
+        for (base, p) in &self.pairs {
+            let a = self.gpu.read_f32(&p.a.chunks[0].buffer, 0, (p.a.n_rows * p.a.k) as usize).await?;
+            let b = self.gpu.read_f32(&p.b.chunks[0].buffer, 0, (p.b.n_rows * p.b.k) as usize).await?;
+            w.add_tensor(format!("{base}.lora_a"), &[p.a.k as u64, p.rank as u64], GgmlType::F32, bytemuck::cast_slice(&a).to_vec());
+            w.add_tensor(format!("{base}.lora_b"), &[p.rank as u64, p.b.n_rows as u64], GgmlType::F32, bytemuck::cast_slice(&b).to_vec());
+        }
+        Ok(w.to_bytes())
     }
 
     /// Sets a pair's factors (tests start from nonzero B), A: [rank][k], B: [n_out][rank].
@@ -360,8 +406,8 @@ impl<'m> Trainer<'m> {
             let (mine, others) = rest.split_at(w.parts.len());
             rest = others;
             r.product(w, ProductIn::X(x), ProductOut::Split(mine), n).await?;
-            for ((name, rows), y) in w.parts.iter().zip(mine) {
-                self.lora_forward(r, name, x, y, *rows, n).await?;
+            for ((name, _), y) in w.parts.iter().zip(mine) {
+                self.lora_forward(r, name, x, y, n).await?;
             }
         }
         Ok(())
@@ -370,15 +416,14 @@ impl<'m> Trainer<'m> {
     /// y += W·x for one plain matrix, its trained term included.
     async fn project_residual(&self, r: &mut Recorder<'_>, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
         r.product(w, ProductIn::X(x), ProductOut::Residual(y), n).await?;
-        self.lora_forward(r, &w.name, x, y, w.n_rows, n).await
+        self.lora_forward(r, &w.name, x, y, n).await
     }
 
     /// y [n][n_out] += s·B·(A·x) where `name` is trained.
-    async fn lora_forward(&self, r: &mut Recorder<'_>, name: &str, x: &wgpu::Buffer, y: &wgpu::Buffer, n_out: u32, n: u32) -> Result<(), GpuError> {
+    async fn lora_forward(&self, r: &mut Recorder<'_>, name: &str, x: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<(), GpuError> {
         let Some(p) = self.pairs.get(name) else { return Ok(()) };
-        r.matmul(&p.a, x, &self.s.lora_u, n).await?; //                                   [n][rank]
-        r.matmul(&p.b, &self.s.lora_u, &self.s.lora_y, n).await?; //                      [n][n_out]
-        r.accumulate(y, &self.s.lora_y, n * n_out, self.factor()).await
+        r.skinny_product(&p.a, x, &self.s.lora_u, n, 1.0, false).await?; //                 u = A·x [n][rank]
+        r.skinny_product(&p.b, &self.s.lora_u, y, n, self.factor(), true).await //            y += s·B·u
     }
 
     /// dx = Σ over the parts of `matrices` of dy_part · W_part, and the trained terms' share;
@@ -412,7 +457,7 @@ impl<'m> Trainer<'m> {
         let Some(p) = self.pairs.get(name) else { return Ok(()) };
         let s = &self.s;
         let (rank, k, n_out, f) = (p.rank, p.a.k, p.b.n_rows, self.factor());
-        r.matmul(&p.a, x, &s.lora_u, n).await?; //                                        u = A·x [n][rank]
+        r.skinny_product(&p.a, x, &s.lora_u, n, 1.0, false).await?; //                      u = A·x [n][rank]
         r.weight_gradient(dy, &s.lora_u, &p.grad_b, n_out, rank, n, n_out, 0, f).await?; // dB += s·dyᵀ·u
         r.product_backward(&p.b, dy, &s.lora_g, n, false).await?; //                      g = dy·B [n][rank]
         r.scale(&s.lora_g, &s.lora_gs, n * rank, f).await?;

@@ -1,0 +1,92 @@
+//! `nomoat finetune` end to end on the tiny llama model (tests/data/tiny): it learns a
+//! sentence the base model does not continue, writes an adapter that `nomoat run --lora`
+//! loads, resumes from it, and refuses bad input with clear messages.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn nomoat(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nomoat")).args(args).env("XDG_RUNTIME_DIR", "/tmp").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tiny(file: &str) -> String {
+    format!("{}/../tests/data/tiny/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nomoat-finetune-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// The greedy continuation of `prompt`, with the adapter at `lora` if given.
+fn continuation(model: &str, prompt: &str, lora: Option<&str>) -> String {
+    let mut args = vec!["run", "-m", model, "-p", prompt, "-n", "12", "--temp", "0", "--json"];
+    if let Some(l) = lora {
+        args.extend(["--lora", l]);
+    }
+    let (ok, out, err) = nomoat(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn finetune_learns_a_completion_and_the_adapter_loads() {
+    let dir = scratch("learns");
+    let model = tiny("llama-tiny.gguf");
+    let data = write(&dir, "train.jsonl", &"{\"prompt\": \"The secret word is\", \"completion\": \" pineapple pineapple\"}\n".repeat(4));
+    let before = continuation(&model, "The secret word is", None);
+    let out = dir.join("secret.gguf");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, err) = nomoat(&["finetune", "-m", &model, "--data", &data, "-o", out_s, "--steps", "30", "--lr", "1e-2", "--batch-tokens", "16", "--json"]);
+    assert!(ok, "{err}");
+    let steps: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), 30);
+    let (first, last) = (steps[0]["loss"].as_f64().unwrap(), steps[29]["loss"].as_f64().unwrap());
+    assert!(last < 0.2 * first, "the loss should fall: {first} → {last}");
+    let after = continuation(&model, "The secret word is", Some(out_s));
+    assert!(after.contains("pineapple") && !before.contains("pineapple"), "before: {before:?}, after: {after:?}");
+    // resuming starts from the adapter: its first loss is the trained one, not the base model's
+    let (ok, stdout, err) =
+        nomoat(&["finetune", "-m", &model, "--data", &data, "-o", dir.join("again.gguf").to_str().unwrap(), "--steps", "1", "--resume", out_s, "--json"]);
+    assert!(ok, "{err}");
+    let resumed: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert!(resumed["loss"].as_f64().unwrap() < 0.5 * first, "resumed at {resumed}, started at {first}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn finetune_refuses_bad_input_clearly() {
+    let dir = scratch("refuses");
+    let model = tiny("llama-tiny.gguf");
+    let out = dir.join("x.gguf");
+    let out_s = out.to_str().unwrap();
+    let bad = write(&dir, "bad.jsonl", "{\"text\": \"fine\"}\n{\"text\": oops}\n");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &model, "--data", &bad, "-o", out_s, "--steps", "1"]);
+    assert!(!ok && err.contains("line 2: not valid JSON"), "{err}");
+    let empty = write(&dir, "empty.jsonl", "\n");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &model, "--data", &empty, "-o", out_s, "--steps", "1"]);
+    assert!(!ok && err.contains("no examples"), "{err}");
+    let good = write(&dir, "good.jsonl", "{\"text\": \"fine words\"}\n");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &model, "--data", &good, "-o", out_s, "--steps", "1", "--targets", "q,wq"]);
+    assert!(!ok && err.contains("unknown target 'wq'"), "{err}");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &model, "--data", &good, "-o", out_s, "--steps", "1", "--rank", "6"]);
+    assert!(!ok && err.contains("multiple of 4"), "{err}");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &tiny("gemma3-tiny.gguf"), "--data", &good, "-o", out_s, "--steps", "1"]);
+    assert!(!ok && err.contains("gemma3") && err.contains("not supported yet"), "{err}");
+    // an adapter of another model (qwen2) to resume from
+    let (ok, _, err) = nomoat(&["finetune", "-m", &tiny("qwen2-tiny.gguf"), "--data", &good, "-o", out_s, "--steps", "1"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = nomoat(&["finetune", "-m", &model, "--data", &good, "-o", dir.join("y.gguf").to_str().unwrap(), "--steps", "1", "--resume", out_s]);
+    assert!(!ok && err.contains("not a LoRA adapter for a llama model"), "{err}");
+    assert!(!dir.join("y.gguf").exists(), "nothing written after a refusal");
+    std::fs::remove_dir_all(&dir).ok();
+}
