@@ -242,13 +242,19 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             );
         } else {
             let val = val_loss.map(|v| format!("  val {v:.4}")).unwrap_or_default();
-            eprint!("\rstep {}/{total}  loss {mean_loss:.4}{val}  lr {lr:.2e}  {tps:.0} tok/s  ETA {eta:.0} s   ", step + 1);
+            let line = format!("step {}/{total}  loss {mean_loss:.4}{val}  lr {lr:.2e}  {tps:.0} tok/s  ETA {eta:.0} s", step + 1);
+            // one line rewritten in a terminal, a line a step in a log
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+            }
         }
         if a.save_every.is_some_and(|n| n > 0 && (step + 1) % n == 0) {
             save(&trainer, &a.output)?;
         }
     }
-    if !a.json {
+    if !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
     save(&trainer, &a.output)?;

@@ -90,3 +90,40 @@ fn finetune_refuses_bad_input_clearly() {
     assert!(!dir.join("y.gguf").exists(), "nothing written after a refusal");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An adapter `nomoat finetune` wrote (tests/data/finetune/llama-tiny.secret.gguf, see
+/// tests/reference/make_finetune_refs.py) gives llama.cpp's logits in nomoat: the same top-1
+/// with and without it, and its top-10 logits within 1e-3 (the tiny models' LoRA bound).
+#[test]
+fn a_trained_adapter_gives_llama_cpp_logits() {
+    let data = format!("{}/../tests/data/finetune", env!("CARGO_MANIFEST_DIR"));
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{data}/llama-tiny.secret.refs.json")).unwrap()).unwrap();
+    let model = tiny("llama-tiny.gguf");
+    let adapter = format!("{data}/llama-tiny.secret.gguf");
+    let mut changed = 0;
+    for case in refs["cases"].as_array().unwrap() {
+        let ids: Vec<String> = case["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+        let ids = ids.join(",");
+        let mut tops = Vec::new();
+        for (which, lora) in [("base", None), ("adapted", Some(adapter.as_str()))] {
+            let want: Vec<f64> = case[which].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let mut args = vec!["logits", "-m", &model, "--ids", &ids, "--top", "10"];
+            if let Some(l) = lora {
+                args.extend(["--lora", l]);
+            }
+            let (ok, out, err) = nomoat(&args);
+            assert!(ok, "{err}");
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let top = got["top"].as_array().unwrap();
+            let want_top = (0..want.len()).max_by(|&a, &b| want[a].total_cmp(&want[b])).unwrap();
+            assert_eq!(top[0]["id"].as_u64(), Some(want_top as u64), "{which} {}: top-1", case["text"]);
+            for t in top {
+                let (id, logit) = (t["id"].as_u64().unwrap() as usize, t["logit"].as_f64().unwrap());
+                assert!((logit - want[id]).abs() <= 1e-3, "{which} {}: logit of {id} {logit} against llama.cpp's {}", case["text"], want[id]);
+            }
+            tops.push(want_top);
+        }
+        changed += (tops[0] != tops[1]) as usize;
+    }
+    assert!(changed > 0, "the adapter should change some top-1");
+}
