@@ -403,9 +403,9 @@ fn body_deadline_and_connection_limit() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.health()["status"], "ok");
     // clients that never finish are cut off by --header-timeout, which frees their slots too
+    // (that they hold every slot meanwhile is shown above; checking it again here raced the
+    // 3 s timeout on a loaded machine)
     let held: Vec<TcpStream> = (0..3).map(|_| hold()).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr).as_bytes(), Duration::from_secs(1)).is_empty());
     let t = Instant::now();
     loop {
         let r = raw_http(&s.addr, format!("GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", s.addr).as_bytes(), Duration::from_secs(2));

@@ -72,12 +72,29 @@ impl Session<'_> {
     /// how many tokens were reused, and that token. At least one token is always evaluated, so
     /// the logits belong to the prompt's last token.
     pub async fn feed_prompt(&mut self, prompt: &[u32], sampler: &mut Sampler) -> Result<(usize, u32), ModelError> {
+        let (shared, next) = self.feed_prompt_until(prompt, sampler, &|| false).await?;
+        Ok((shared, next.expect("never cancelled")))
+    }
+
+    /// `feed_prompt` in batches of MAX_BATCH (those eval_sample takes), asking `cancelled`
+    /// before each: no token when it said stop.
+    async fn feed_prompt_until(&mut self, prompt: &[u32], sampler: &mut Sampler, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("the prompt has no tokens".into()));
         }
         let shared = self.keep_prefix_of(prompt);
-        let next = self.eval_sample(&prompt[shared..], sampler).await?;
-        Ok((shared, next))
+        let rest = &prompt[shared..];
+        let last = (rest.len() - 1) / MAX_BATCH * MAX_BATCH;
+        for batch in rest[..last].chunks(MAX_BATCH) {
+            if cancelled() {
+                return Ok((shared, None));
+            }
+            self.eval(batch).await?;
+        }
+        if cancelled() {
+            return Ok((shared, None));
+        }
+        Ok((shared, Some(self.eval_sample(&rest[last..], sampler).await?)))
     }
 
     /// Generate after `prompt`, calling `on_text` with each piece of text as it decodes; it
@@ -89,6 +106,22 @@ impl Session<'_> {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, ModelError> {
+        self.generate_until(tokenizer, prompt, opts, on_text, &|| false, &mut |_| {}).await
+    }
+
+    /// `generate`, asking `cancelled` between prompt batches and before every decoding step (a
+    /// client that leaves while text is held back, by a stop string that may be starting or a
+    /// character not yet complete, is noticed at once), and calling `on_step` with each step's
+    /// number. A cancelled generation emits nothing more.
+    pub async fn generate_until(
+        &mut self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        cancelled: &dyn Fn() -> bool,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Generation, ModelError> {
         opts.sampler.validate().map_err(ModelError::Invalid)?;
         let start = Instant::now();
         let mut sampler = Sampler::new(opts.sampler.clone());
@@ -96,22 +129,24 @@ impl Session<'_> {
             sampler.accept(t);
         }
         // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
-        let (reused, mut next) = self.feed_prompt(prompt, &mut sampler).await?;
-        let prompt_seconds = start.elapsed().as_secs_f64();
+        let (reused, first) = self.feed_prompt_until(prompt, &mut sampler, cancelled).await?;
+        let mut out = Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: FinishReason::Cancelled,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            prompt_seconds: start.elapsed().as_secs_f64(),
+            gen_seconds: 0.0,
+        };
+        let Some(mut next) = first else { return Ok(out) };
         let gen_start = Instant::now();
         let eog = tokenizer.eot_ids();
         let mut decoder = StreamDecoder::new(true);
         let mut stops = StopMatcher::new(opts.stop.clone());
-        let mut out = Generation {
-            tokens: Vec::new(),
-            text: String::new(),
-            finish: FinishReason::Length,
-            prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            prompt_seconds,
-            gen_seconds: 0.0,
-        };
-        loop {
+        out.finish = FinishReason::Length;
+        for step in 1.. {
+            on_step(step);
             if opts.stop_at_eog && eog.contains(&next) {
                 out.finish = FinishReason::Stop;
                 break;
@@ -135,9 +170,13 @@ impl Session<'_> {
                 out.finish = FinishReason::Length;
                 break;
             }
+            if cancelled() {
+                out.finish = FinishReason::Cancelled;
+                break;
+            }
             next = self.eval_sample(&[next], &mut sampler).await?;
         }
-        if out.finish != FinishReason::Stop {
+        if out.finish == FinishReason::Length {
             let (tail, _) = stops.push(&decoder.finish());
             let rest = tail + &stops.finish();
             if !rest.is_empty() {

@@ -5,14 +5,14 @@
 
 use crate::{kv_type, load, Loaded, ModelArgs};
 use anyhow::{anyhow, Result};
-use nomoat_runtime::chat::{ChatTemplate, StopMatcher};
+use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
-use nomoat_runtime::generate::{FinishReason, GenerateOptions, Generation};
+use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::sampler::{Sampler, SamplerConfig, SamplingOverrides};
-use nomoat_runtime::session::{Session, MAX_BATCH};
-use nomoat_runtime::tokenizer::{StreamDecoder, Tokenizer};
+use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
+use nomoat_runtime::session::Session;
+use nomoat_runtime::tokenizer::Tokenizer;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -259,7 +259,7 @@ fn run(
                     panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
                 }
             };
-            pollster::block_on(generate(session, tokenizer, &job.prompt, &job.opts, &cancelled, &mut on_text, &mut on_step))
+            pollster::block_on(session.generate_until(tokenizer, &job.prompt, &job.opts, &mut on_text, &cancelled, &mut on_step))
         }));
         stats.busy.store(false, Ordering::SeqCst);
         stats.served.fetch_add(1, Ordering::Relaxed);
@@ -329,99 +329,4 @@ fn probe(session: &mut Session<'_>) -> Result<(), String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("it panicked".to_string()),
     }
-}
-
-/// [`Session::generate`], checking `cancelled` between prompt batches and before every decoding
-/// step (a client that leaves while the text is held back, by a stop string that may be
-/// starting or by a character not yet complete, is noticed at once), and calling `on_step` with
-/// each step's number (the fault hook). The same computation otherwise: the same batches, the
-/// same sampling, the same text.
-async fn generate(
-    session: &mut Session<'_>,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    cancelled: &dyn Fn() -> bool,
-    on_text: &mut dyn FnMut(&str) -> bool,
-    on_step: &mut dyn FnMut(usize),
-) -> Result<Generation, ModelError> {
-    opts.sampler.validate().map_err(ModelError::Invalid)?;
-    if prompt.is_empty() {
-        return Err(ModelError::Invalid("the prompt has no tokens".into()));
-    }
-    let start = std::time::Instant::now();
-    let mut sampler = Sampler::new(opts.sampler.clone());
-    for &t in prompt {
-        sampler.accept(t);
-    }
-    let reused = session.keep_prefix_of(prompt);
-    let mut out = Generation {
-        tokens: Vec::new(),
-        text: String::new(),
-        finish: FinishReason::Cancelled,
-        prompt_tokens: prompt.len(),
-        reused_tokens: reused,
-        prompt_seconds: 0.0,
-        gen_seconds: 0.0,
-    };
-    // the prompt in the batches Session::eval_sample would take, the last one with the sample
-    let rest = &prompt[reused..];
-    let last = (rest.len() - 1) / MAX_BATCH * MAX_BATCH;
-    for batch in rest[..last].chunks(MAX_BATCH) {
-        if cancelled() {
-            return Ok(out);
-        }
-        session.eval(batch).await?;
-    }
-    if cancelled() {
-        return Ok(out);
-    }
-    let mut next = session.eval_sample(&rest[last..], &mut sampler).await?;
-    out.prompt_seconds = start.elapsed().as_secs_f64();
-    let gen_start = std::time::Instant::now();
-    let eog = tokenizer.eot_ids();
-    let mut decoder = StreamDecoder::new(true);
-    let mut stops = StopMatcher::new(opts.stop.clone());
-    out.finish = FinishReason::Length;
-    for step in 1.. {
-        on_step(step);
-        if opts.stop_at_eog && eog.contains(&next) {
-            out.finish = FinishReason::Stop;
-            break;
-        }
-        out.tokens.push(next);
-        sampler.accept(next);
-        let piece = decoder.push(tokenizer, next);
-        let (emit, stopped) = stops.push(&piece);
-        if !emit.is_empty() {
-            out.text.push_str(&emit);
-            if !on_text(&emit) {
-                out.finish = FinishReason::Cancelled;
-                break;
-            }
-        }
-        if stopped {
-            out.finish = FinishReason::Stop;
-            break;
-        }
-        if out.tokens.len() >= opts.max_tokens || session.tokens.len() + 1 > session.n_ctx {
-            out.finish = FinishReason::Length;
-            break;
-        }
-        if cancelled() {
-            out.finish = FinishReason::Cancelled;
-            break;
-        }
-        next = session.eval_sample(&[next], &mut sampler).await?;
-    }
-    if out.finish != FinishReason::Stop {
-        let (tail, _) = stops.push(&decoder.finish());
-        let rest = tail + &stops.finish();
-        if !rest.is_empty() && out.finish != FinishReason::Cancelled {
-            out.text.push_str(&rest);
-            on_text(&rest);
-        }
-    }
-    out.gen_seconds = gen_start.elapsed().as_secs_f64();
-    Ok(out)
 }
