@@ -62,68 +62,63 @@ fn dot_ov(oa: u32, vb: u32) -> f32 {
     return s.x + s.y + s.z + s.w;
 }
 
-// invocation i → (query t, head h); false past the end
-fn query_of(gid: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
+// where invocation i's query t of head h sits: its position, its quads' offset in q, dout and
+// dq, and its kv head; `valid` false past the end
+struct QueryAt { t: u32, h: u32, pos: u32, qa: u32, kvh: u32, valid: bool }
+
+fn query_at(gid: vec3<u32>, nwg: vec3<u32>) -> QueryAt {
     let i = gid.x + gid.y * nwg.x * 64u;
-    return vec3<u32>(i / p.n_head, i % p.n_head, select(0u, 1u, i < p.n_q * p.n_head));
+    let t = i / p.n_head;
+    let h = i % p.n_head;
+    return QueryAt(t, h, p.pos0 + t, (t * p.n_head + h) * (p.head_dim / 4u), h / (p.n_head / p.n_kv_head), i < p.n_q * p.n_head);
 }
 
 @compute @workgroup_size(64)
 fn stats_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let at = query_of(gid, nwg);
-    if (at.z == 0u) {
+    let a = query_at(gid, nwg);
+    if (!a.valid) {
         return;
     }
-    let t = at.x;
-    let h = at.y;
-    let pos = p.pos0 + t;
     let quads = p.head_dim / 4u;
-    let qa = (t * p.n_head + h) * quads;
-    let kvh = h / (p.n_head / p.n_kv_head);
     var st = vec4<f32>(NEG_BIG, 0.0, 0.0, 0.0);
     if (p.first == 0u) {
-        st = stats[t * p.n_head + h];
+        st = stats[a.t * p.n_head + a.h];
     }
-    for (var j = max(p.begin, first_key(pos)); j < min(p.end, pos + 1u); j++) {
-        let kb = (j * p.n_kv_head + kvh) * quads;
-        let score = dot_qk(qa, kb) * p.scale;
+    for (var j = max(p.begin, first_key(a.pos)); j < min(p.end, a.pos + 1u); j++) {
+        let kb = (j * p.n_kv_head + a.kvh) * quads;
+        let score = dot_qk(a.qa, kb) * p.scale;
         let new_m = max(st.x, score);
         let r = exp(st.x - new_m);
         let w = exp(score - new_m);
-        st = vec4<f32>(new_m, st.y * r + w, st.z * r + w * dot_ov(qa, kb), 0.0);
+        st = vec4<f32>(new_m, st.y * r + w, st.z * r + w * dot_ov(a.qa, kb), 0.0);
     }
-    stats[t * p.n_head + h] = st;
+    stats[a.t * p.n_head + a.h] = st;
 }
 
 @compute @workgroup_size(64)
 fn dq_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let at = query_of(gid, nwg);
-    if (at.z == 0u) {
+    let a = query_at(gid, nwg);
+    if (!a.valid) {
         return;
     }
-    let t = at.x;
-    let h = at.y;
-    let pos = p.pos0 + t;
     let quads = p.head_dim / 4u;
-    let qa = (t * p.n_head + h) * quads;
-    let kvh = h / (p.n_head / p.n_kv_head);
-    let st = stats[t * p.n_head + h];
+    let st = stats[a.t * p.n_head + a.h];
     let lse = st.x + log(st.y);
     let big_d = st.z / st.y;
     var acc: array<vec4<f32>, MAX_QUADS>;
     for (var d = 0u; d < quads; d++) {
-        acc[d] = select(dq[qa + d], vec4<f32>(0.0), p.first != 0u);
+        acc[d] = select(dq[a.qa + d], vec4<f32>(0.0), p.first != 0u);
     }
-    for (var j = max(p.begin, first_key(pos)); j < min(p.end, pos + 1u); j++) {
-        let kb = (j * p.n_kv_head + kvh) * quads;
-        let pj = exp(dot_qk(qa, kb) * p.scale - lse);
-        let ds = pj * (dot_ov(qa, kb) - big_d) * p.scale;
+    for (var j = max(p.begin, first_key(a.pos)); j < min(p.end, a.pos + 1u); j++) {
+        let kb = (j * p.n_kv_head + a.kvh) * quads;
+        let pj = exp(dot_qk(a.qa, kb) * p.scale - lse);
+        let ds = pj * (dot_ov(a.qa, kb) - big_d) * p.scale;
         for (var d = 0u; d < quads; d++) {
             acc[d] = fma(vec4<f32>(ds), k[kb + d], acc[d]);
         }
     }
     for (var d = 0u; d < quads; d++) {
-        dq[qa + d] = acc[d];
+        dq[a.qa + d] = acc[d];
     }
 }
 

@@ -7,6 +7,8 @@
 //! almost nothing) and so that timing checks are not disturbed by other tests. Generations are
 //! short: the model decodes a handful of tokens per second on a CPU Vulkan device.
 
+mod common;
+
 use nomoat_runtime::chat::{ChatTemplate, Message};
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::tokenizer::Tokenizer;
@@ -15,7 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "test-key-123";
@@ -57,37 +59,15 @@ impl Server {
 
     fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let t = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nomoat"))
-            .args(["serve", "--port", "0", "-c", &N_CTX.to_string()])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
+        cmd.args(["serve", "--port", "0", "-c", &N_CTX.to_string()])
             .args(args)
             .envs(env.iter().copied())
             .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting nomoat serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
-                let mut l = log2.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("nomoat serve did not start listening; its log:\n{}", log.lock().unwrap());
-            }
-        };
+            .stderr(Stdio::piped());
+        let (child, addr, log) = common::spawn_listening(cmd);
         let s = Server { child, addr, log };
         let (status, body) = s.get("/health", None);
         assert_eq!(status, 200, "{body}");

@@ -7,14 +7,16 @@
 //! Most tests run the tiny models of tests/data/tiny (fast even on a CPU Vulkan device); the
 //! two that need a generation slow enough to interrupt use the real test model.
 
+mod common;
+
 use nomoat_runtime::gguf::{Gguf, GgufWriter, MetadataValue, ValueType};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One server at a time: two models decoding at once on a 2-core CPU device would make the
@@ -79,28 +81,8 @@ impl Server {
     /// Starts `nomoat serve --port 0 ARGS` and waits until it listens.
     fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
         let t = Instant::now();
-        let mut child = nomoat_serve(args, env).spawn().expect("starting nomoat serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
-                let mut l = log2.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(a) => a.replace("0.0.0.0", "127.0.0.1"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("nomoat serve did not start listening; its log:\n{}", log.lock().unwrap());
-            }
-        };
+        let (child, addr, log) = common::spawn_listening(nomoat_serve(args, env));
+        let addr = addr.replace("0.0.0.0", "127.0.0.1");
         eprintln!("[hardening] server up at {addr} in {:.1} s", t.elapsed().as_secs_f64());
         Server { child, addr, log }
     }
