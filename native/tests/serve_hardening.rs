@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{raw_http, status_of};
+
 use nomoat_runtime::gguf::{Gguf, GgufWriter, MetadataValue, ValueType};
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -172,26 +174,6 @@ impl Server {
 }
 
 /// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
-/// connection or `wait` passed.
-fn raw_http(addr: &str, request: &[u8], wait: Duration) -> String {
-    let mut sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(wait)).unwrap();
-    // a server that closes at once (connections over the limit) may refuse the bytes
-    let _ = sock.write_all(request);
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).to_string()
-}
-
-fn status_of(response: &str) -> u16 {
-    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
 
 fn body_of(response: &str) -> String {
     response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()

@@ -1,6 +1,7 @@
 //! What the server tests share: starting `nomoat serve` and learning its address from its log.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::process::{Child, Command};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -31,4 +32,27 @@ pub fn spawn_listening(mut cmd: Command) -> (Child, String, Arc<Mutex<String>>) 
             panic!("nomoat serve did not start listening; its log:\n{}", log.lock().unwrap());
         }
     }
+}
+
+/// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
+/// connection or `wait` passed.
+pub fn raw_http(addr: &str, request: &[u8], wait: Duration) -> String {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(wait)).unwrap();
+    // a server that closes at once (connections over the limit) may refuse the bytes
+    let _ = sock.write_all(request);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// The status code of a raw HTTP response (0 for none).
+pub fn status_of(response: &str) -> u16 {
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
