@@ -607,8 +607,7 @@ fn serve_every_architecture() {
     }
 }
 
-/// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
-
+/// The resident memory of process `pid`, in bytes.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap();

@@ -173,8 +173,7 @@ impl Server {
     }
 }
 
-/// One raw HTTP/1.1 exchange on a fresh connection: what the server sent until it closed the
-
+/// The body of a raw HTTP response.
 fn body_of(response: &str) -> String {
     response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
