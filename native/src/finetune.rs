@@ -224,10 +224,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         let val_loss = if !valid.is_empty() && ((step + 1) % 10 == 0 || step + 1 == total) {
             let (mut l, mut n) = (0.0, 0usize);
             for e in &valid {
-                l += pollster::block_on(trainer.accumulate(&e.ids, &weights(e)))?;
+                l += pollster::block_on(trainer.loss(&e.ids, &weights(e)))?;
                 n += e.n_trained();
             }
-            trainer.zero_grads()?;
             Some(l / n.max(1) as f64)
         } else {
             None

@@ -46,12 +46,17 @@ fn finetune_learns_a_completion_and_the_adapter_loads() {
     let before = continuation(&model, "The secret word is", None);
     let out = dir.join("secret.gguf");
     let out_s = out.to_str().unwrap();
-    let (ok, stdout, err) = nomoat(&["finetune", "-m", &model, "--data", &data, "-o", out_s, "--steps", "30", "--lr", "1e-2", "--batch-tokens", "16", "--json"]);
+    let (ok, stdout, err) =
+        nomoat(&["finetune", "-m", &model, "--data", &data, "--valid", &data, "-o", out_s, "--steps", "30", "--lr", "1e-2", "--batch-tokens", "16", "--json"]);
     assert!(ok, "{err}");
     let steps: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(steps.len(), 30);
     let (first, last) = (steps[0]["loss"].as_f64().unwrap(), steps[29]["loss"].as_f64().unwrap());
     assert!(last < 0.2 * first, "the loss should fall: {first} → {last}");
+    // validation every 10 steps and at the end, here on the training data itself
+    let val: Vec<f64> = steps.iter().filter_map(|s| s["val_loss"].as_f64()).collect();
+    assert_eq!(val.len(), 3, "{stdout}");
+    assert!(val[2] < 0.2 * first, "validation loss {val:?} against a first training loss of {first}");
     let after = continuation(&model, "The secret word is", Some(out_s));
     assert!(after.contains("pineapple") && !before.contains("pineapple"), "before: {before:?}, after: {after:?}");
     // resuming starts from the adapter: its first loss is the trained one, not the base model's

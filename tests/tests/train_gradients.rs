@@ -201,6 +201,10 @@ fn check(file: &str) {
         }
         let loss = pollster::block_on(trainer.accumulate(&ids, &weights_per_position)).unwrap();
         let got = pollster::block_on(trainer.gradients()).unwrap();
+        // the loss alone (validation) is the same and leaves the gradients as they are
+        let loss_only = pollster::block_on(trainer.loss(&ids, &weights_per_position)).unwrap();
+        assert_eq!(loss_only, loss, "{file}: loss without the backward pass");
+        assert_eq!(pollster::block_on(trainer.gradients()).unwrap(), got, "{file}: loss() changed the gradients");
         let mut cpu = Cpu { c: &model.config, w: &w, loras: &loras, rank: rank as usize, factor: trainer.factor(), grads: Factors::new() };
         let want_loss = cpu.run(&ids, &weights_per_position);
         let label = format!("{file} [{}]", gpu.variant.label());

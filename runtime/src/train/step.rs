@@ -231,6 +231,15 @@ impl<'m> Trainer<'m> {
     /// ids[..=t], weighted by `weights[t + 1]` (0: not trained on), summed; the gradients of
     /// that sum are added to the pairs'. Returns the weighted loss sum.
     pub async fn accumulate(&mut self, ids: &[u32], weights: &[f32]) -> Result<f64, ModelError> {
+        self.run(ids, weights, true).await
+    }
+
+    /// The same loss without the backward pass (validation): the gradients are left as they are.
+    pub async fn loss(&mut self, ids: &[u32], weights: &[f32]) -> Result<f64, ModelError> {
+        self.run(ids, weights, false).await
+    }
+
+    async fn run(&mut self, ids: &[u32], weights: &[f32], backward: bool) -> Result<f64, ModelError> {
         let c = &self.model.config;
         if ids.len() < 2 || ids.len() > self.ctx as usize || weights.len() != ids.len() {
             return Err(ModelError::Invalid(format!("a training sequence of {} tokens ({} weights) for a context of {}", ids.len(), weights.len(), self.ctx)));
@@ -251,8 +260,8 @@ impl<'m> Trainer<'m> {
             let bytes = n as u64 * c.n_embd as u64 * 4;
             r.encoder().copy_buffer_to_buffer(&self.s.out, 0, &self.xs[l + 1], 0, bytes);
         }
-        self.head(&mut r, n).await?;
-        for l in (0..c.n_layer).rev() {
+        self.head(&mut r, n, backward).await?;
+        for l in (0..c.n_layer).rev().filter(|_| backward) {
             self.layer_forward(&mut r, l, n).await?;
             self.layer_backward(&mut r, l, n).await?;
         }
@@ -376,7 +385,7 @@ impl<'m> Trainer<'m> {
 
     /// The output head and the loss over n positions, in blocks of HEAD_ROWS: logits =
     /// W_out · rms_norm(x), their cross-entropy's gradient back to s.dx (dL/d(last output)).
-    async fn head(&self, r: &mut Recorder<'_>, n: u32) -> Result<(), GpuError> {
+    async fn head(&self, r: &mut Recorder<'_>, n: u32, backward: bool) -> Result<(), GpuError> {
         let (m, s) = (self.model, &self.s);
         let c = &m.config;
         let (d, v) = (c.n_embd as u32, c.n_vocab as u32);
@@ -391,10 +400,14 @@ impl<'m> Trainer<'m> {
             enc.copy_buffer_to_buffer(&s.weights, first as u64 * 4, &s.head_w, 0, rows as u64 * 4);
             r.product(m.output_head(), ProductIn::X(&s.head_x), ProductOut::Split(&[&s.logits]), rows).await?;
             r.cross_entropy(&s.logits, &s.head_t, &s.head_w, &s.d_logits, &s.head_loss, v, rows).await?;
-            r.product_backward(m.output_head(), &s.d_logits, &s.head_dx, rows, false).await?;
-            let enc = r.encoder();
-            enc.copy_buffer_to_buffer(&s.head_dx, 0, &s.dn, first as u64 * row, rows as u64 * row);
-            enc.copy_buffer_to_buffer(&s.head_loss, 0, &s.loss, first as u64 * 4, rows as u64 * 4);
+            r.encoder().copy_buffer_to_buffer(&s.head_loss, 0, &s.loss, first as u64 * 4, rows as u64 * 4);
+            if backward {
+                r.product_backward(m.output_head(), &s.d_logits, &s.head_dx, rows, false).await?;
+                r.encoder().copy_buffer_to_buffer(&s.head_dx, 0, &s.dn, first as u64 * row, rows as u64 * row);
+            }
+        }
+        if !backward {
+            return Ok(());
         }
         r.rms_norm_backward(x, &m.output_norm, &s.dn, &s.dx, d, n, c.norm_eps, false).await
     }
