@@ -105,6 +105,10 @@ enum Command {
         /// pp and tg runs (timing waits for each submission, so tok/s drop a little)
         #[arg(long)]
         profile: bool,
+        /// Also measure LoRA training (rank 8 on every projection): forward, backward and the
+        /// optimizer step over the pp test's tokens, as a trainN row
+        #[arg(long)]
+        train: bool,
     },
     /// Describe a GGUF file and the device
     Info {
@@ -401,7 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Finetune(a)) => finetune::run(a),
-        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile }) => bench(&m, n_prompt, n_gen, n_depth, reps, json, profile),
+        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile, train }) => bench(&m, n_prompt, n_gen, n_depth, reps, json, profile, train),
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;
             let ids = match (ids, prompt) {
@@ -457,7 +461,31 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
     .map_err(Into::into)
 }
 
-fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+/// Training tok/s over `ids`: rank-8 adapters on every projection, a step (forward, backward,
+/// AdamW) per repetition after one to warm up.
+fn bench_train(l: &Loaded, ids: &[u32], reps: usize) -> Result<Vec<f64>> {
+    use nomoat_runtime::train::step::{Trainer, TARGETS};
+    if ids.len() < 2 {
+        bail!("--train needs a prompt of at least 2 tokens (-p)");
+    }
+    let targets: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+    let mut t = pollster::block_on(Trainer::new(&l.model, &l.gpu, &targets, 8, 16.0, ids.len() as u32, 0))?;
+    let weights = vec![1.0f32; ids.len()];
+    let h = |step| nomoat_runtime::reference::AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step };
+    let mut samples = Vec::new();
+    for rep in 0..=reps.max(1) {
+        let start = std::time::Instant::now();
+        pollster::block_on(t.accumulate(ids, &weights))?;
+        pollster::block_on(t.optimizer_step(h(rep as u32 + 1), 1.0 / ids.len() as f32))?;
+        if rep > 0 {
+            samples.push(ids.len() as f64 / start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(samples)
+}
+
+fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool, train: bool) -> Result<()> {
     let t_load = std::time::Instant::now();
     let l = load_profiled(m, json, profile)?;
     if profile && !l.gpu.profiling() {
@@ -517,6 +545,9 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         if !tg.is_empty() {
             rows.push((label(format!("tg{n_gen}")), tg));
         }
+    }
+    if train {
+        rows.push((format!("train{n_prompt}"), bench_train(&l, &ids[..n_prompt], reps)?));
     }
     // GPU time per kernel: one more pp and one more tg run, each profiled on its own
     let mut profiles = Vec::new();

@@ -132,3 +132,14 @@ fn a_trained_adapter_gives_llama_cpp_logits() {
     }
     assert!(changed > 0, "the adapter should change some top-1");
 }
+
+/// `nomoat bench --train` adds a trainN row beside ppN and tgN, from the same run.
+#[test]
+fn bench_measures_training_beside_prefill() {
+    let (ok, out, err) = nomoat(&["bench", "-m", &tiny("llama-tiny.gguf"), "-c", "64", "-p", "16", "-n", "4", "-r", "1", "--train", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tests: Vec<&str> = v["tests"].as_array().unwrap().iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["pp16", "tg4", "train16"]);
+    assert!(v["tests"][2]["tok_s_mean"].as_f64().unwrap() > 0.0, "{out}");
+}
