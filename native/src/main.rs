@@ -461,7 +461,6 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
     .map_err(Into::into)
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Training tok/s over `ids`: rank-8 adapters on every projection, a step (forward, backward,
 /// AdamW) per repetition after one to warm up.
 fn bench_train(l: &Loaded, ids: &[u32], reps: usize) -> Result<Vec<f64>> {
@@ -485,6 +484,7 @@ fn bench_train(l: &Loaded, ids: &[u32], reps: usize) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool, train: bool) -> Result<()> {
     let t_load = std::time::Instant::now();
     let l = load_profiled(m, json, profile)?;
