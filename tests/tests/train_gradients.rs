@@ -264,6 +264,12 @@ fn qwen2_gradients_match_the_cpu() {
     check("qwen2-tiny.gguf");
 }
 
+/// SmolLM3's layers without RoPE (every fourth): the gradient skips the rotation there too.
+#[test]
+fn smollm3_gradients_match_the_cpu() {
+    check("smollm3-tiny.gguf");
+}
+
 #[test]
 fn unsupported_families_are_refused_by_name() {
     let gpu = &variants()[0];

@@ -116,7 +116,7 @@ pub fn unsupported(model: &Model) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!("fine-tuning {} models is not supported yet ({why}); llama and qwen2 models are", c.arch_name))
+    Some(format!("fine-tuning {} models is not supported yet ({why}); llama, qwen2 and smollm3 models are", c.arch_name))
 }
 
 impl<'m> Trainer<'m> {
