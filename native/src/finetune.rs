@@ -1,12 +1,12 @@
 //! `nomoat finetune`: train a LoRA adapter on the GPU from a JSONL data set and write it in
 //! llama.cpp's GGUF adapter format (see runtime/src/train).
 
+use crate::open_gguf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::conformance::Rng;
 use nomoat_runtime::device::{Gpu, GpuOptions};
-use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::reference::AdamW;
 use nomoat_runtime::tokenizer::Tokenizer;
@@ -74,13 +74,6 @@ pub struct FinetuneArgs {
     /// Time every kernel (GPU timestamps) and print where the time went at the end
     #[arg(long)]
     pub profile: bool,
-}
-
-fn open_gguf(path: &Path) -> Result<(Gguf, std::fs::File)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = f.metadata()?.len();
-    let g = Gguf::read_from(&mut f, len).with_context(|| format!("reading {}", path.display()))?;
-    Ok((g, f))
 }
 
 fn read_data(path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: DataOptions, what: &str) -> Result<Vec<Example>> {

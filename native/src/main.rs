@@ -215,7 +215,7 @@ pub struct Loaded {
     pub model: Model,
 }
 
-fn open_gguf(path: &PathBuf) -> Result<(Gguf, std::fs::File)> {
+pub(crate) fn open_gguf(path: &std::path::Path) -> Result<(Gguf, std::fs::File)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     let g = Gguf::read_from(&mut f, len).with_context(|| format!("reading {}", path.display()))?;

@@ -68,17 +68,11 @@ impl Generation {
 
 impl Session<'_> {
     /// Make the cache hold exactly `prompt`, evaluating only what differs from what it holds,
-    /// and sample the token after it (eval_sample: in the prompt's last submission). Returns
-    /// how many tokens were reused, and that token. At least one token is always evaluated, so
-    /// the logits belong to the prompt's last token.
-    pub async fn feed_prompt(&mut self, prompt: &[u32], sampler: &mut Sampler) -> Result<(usize, u32), ModelError> {
-        let (shared, next) = self.feed_prompt_until(prompt, sampler, &|| false).await?;
-        Ok((shared, next.expect("never cancelled")))
-    }
-
-    /// `feed_prompt` in batches of MAX_BATCH (those eval_sample takes), asking `cancelled`
-    /// before each: no token when it said stop.
-    async fn feed_prompt_until(&mut self, prompt: &[u32], sampler: &mut Sampler, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
+    /// and sample the token after it (eval_sample: in the prompt's last submission), in the
+    /// batches of MAX_BATCH eval_sample takes, asking `cancelled` before each. Returns how many
+    /// tokens were reused, and that token (none when `cancelled` said stop). At least one token
+    /// is always evaluated, so the logits belong to the prompt's last token.
+    pub async fn feed_prompt(&mut self, prompt: &[u32], sampler: &mut Sampler, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("the prompt has no tokens".into()));
         }
@@ -129,7 +123,7 @@ impl Session<'_> {
             sampler.accept(t);
         }
         // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
-        let (reused, first) = self.feed_prompt_until(prompt, &mut sampler, cancelled).await?;
+        let (reused, first) = self.feed_prompt(prompt, &mut sampler, cancelled).await?;
         let mut out = Generation {
             tokens: Vec::new(),
             text: String::new(),
