@@ -10,11 +10,13 @@
 //! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates.
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
-//!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters.
+//!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters; `rng`: seeded
+//!   random numbers.
 
 pub mod arch;
 pub mod chat;
 pub mod conformance;
+pub mod constrain;
 pub mod device;
 pub mod error;
 pub mod generate;
@@ -25,6 +27,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod reference;
+pub mod rng;
 pub mod sampler;
 pub mod session;
 pub mod shaders;

@@ -100,7 +100,7 @@ impl LoraAdapter {
     }
 }
 
-async fn read_tensor<S: ByteSource>(gguf: &Gguf, src: &mut S, t: &crate::gguf::TensorInfo) -> Result<Vec<u8>, String> {
+pub(crate) async fn read_tensor<S: ByteSource>(gguf: &Gguf, src: &mut S, t: &crate::gguf::TensorInfo) -> Result<Vec<u8>, String> {
     let r = gguf.tensor_data_range(t);
     let mut buf = vec![0u8; (r.end - r.start) as usize];
     src.read_at(r.start, &mut buf).await.map_err(|e| format!("reading '{}': {e}", t.name))?;

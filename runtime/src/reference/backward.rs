@@ -167,7 +167,7 @@ pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: A
 mod tests {
     use super::super::*;
     use super::*;
-    use crate::conformance::Rng;
+    use crate::rng::Rng;
 
     /// Σ_i f(x)_i · r_i differentiated by central differences at every element of x.
     fn numeric(x: &[f32], r: &[f32], f: impl Fn(&[f32]) -> Vec<f32>) -> Vec<f32> {

@@ -12,7 +12,9 @@
 
 use crate::arch::{Activation, BranchOut, Projections, QkPrep, RopeType};
 use crate::device::{Gpu, GpuError};
-use crate::error::ModelError;
+use crate::error::{ByteSource, ModelError};
+use crate::gguf::Gguf;
+use crate::lora::read_tensor;
 use crate::ggml_type::GgmlType;
 use crate::model::{Layer, Model};
 use crate::ops::{AttentionArgs, AttentionGrads, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
@@ -131,7 +133,7 @@ impl<'m> Trainer<'m> {
         }
         let c = &model.config;
         let mut pairs = BTreeMap::new();
-        let mut rng = crate::conformance::Rng::new(seed);
+        let mut rng = crate::rng::Rng::new(seed);
         for (l, layer) in model.layers.iter().enumerate() {
             for &t in targets {
                 let Some((_, tensor)) = TARGETS.iter().find(|(name, _)| *name == t) else {
@@ -330,6 +332,30 @@ impl<'m> Trainer<'m> {
         }
         self.gpu.queue.write_buffer(&p.a.chunks[0].buffer, 0, bytemuck::cast_slice(a));
         self.gpu.queue.write_buffer(&p.b.chunks[0].buffer, 0, bytemuck::cast_slice(b));
+        Ok(())
+    }
+
+    /// Starts from an adapter's factors (`--resume`): one of llama.cpp's GGUF LoRA adapters for
+    /// this model with this run's targets and rank, f32 (as `adapter_gguf` writes them).
+    pub async fn load_factors<S: ByteSource>(&self, g: &Gguf, src: &mut S) -> Result<(), ModelError> {
+        let arch = self.model.config.arch_name.as_str();
+        if g.get_str_opt("adapter.type")? != Some("lora") || g.get_str_opt("general.architecture")? != Some(arch) {
+            return Err(ModelError::Invalid(format!("not a LoRA adapter for a {arch} model")));
+        }
+        for (name, p) in &self.pairs {
+            let factor = |suffix: &str, n: u64| {
+                let t = g.tensor(&format!("{name}.{suffix}")).ok_or_else(|| ModelError::Invalid(format!("no tensor {name}.{suffix} (other targets, or another model?)")))?;
+                if t.ty != GgmlType::F32 || t.dims.iter().product::<u64>() != n {
+                    return Err(ModelError::Invalid(format!("{name}.{suffix} is {} {:?}, not {n} f32 values (another rank?)", t.ty, t.dims)));
+                }
+                Ok(t)
+            };
+            let (ta, tb) = (factor("lora_a", p.a.n_rows as u64 * p.a.k as u64)?, factor("lora_b", p.b.n_rows as u64 * p.b.k as u64)?);
+            let a = read_tensor(g, src, ta).await.map_err(ModelError::Io)?;
+            let b = read_tensor(g, src, tb).await.map_err(ModelError::Io)?;
+            // the bytes of a read need not be aligned for f32: copied
+            self.set_factors(name, &bytemuck::pod_collect_to_vec(&a), &bytemuck::pod_collect_to_vec(&b))?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,204 @@
+//! A fine-tuning run, step by step: the same loop for `nomoat finetune` and the browser's
+//! `engine.finetune`. Each step accumulates whole examples until `batch_tokens`, clips the
+//! gradient of the mean loss to norm 1 and takes an AdamW step at the scheduled learning rate
+//! (linear warm-up over a tenth of the steps, at most 100, then a cosine down to a tenth of the
+//! peak). Examples come in a new seeded order each pass. Timing is the caller's: this module
+//! has no clock, so it runs the same in a tab.
+
+use crate::error::ModelError;
+use crate::model::Model;
+use crate::reference::AdamW;
+use crate::rng::Rng;
+use crate::train::data::Example;
+use crate::train::step::Trainer;
+use crate::device::Gpu;
+
+/// What a run trains and for how long (the names are `nomoat finetune`'s flags).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub targets: Vec<String>,
+    pub rank: u32,
+    pub alpha: f32,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Passes over the data (1 unless `steps` is given).
+    pub epochs: Option<u32>,
+    /// Optimizer steps, instead of epochs.
+    pub steps: Option<u32>,
+    /// Tokens a step's gradient is accumulated over (whole examples, at least one).
+    pub batch_tokens: usize,
+    pub seed: u64,
+    /// Validation loss every this many steps, and after the last (0: only after the last).
+    pub valid_every: u32,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            targets: ["q", "k", "v", "o", "gate", "up", "down"].map(String::from).to_vec(),
+            rank: 8,
+            alpha: 16.0,
+            lr: 2e-4,
+            epochs: None,
+            steps: None,
+            batch_tokens: 2048,
+            seed: 0,
+            valid_every: 10,
+        }
+    }
+}
+
+/// One step's report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Steps taken so far (1 after the first).
+    pub step: u32,
+    pub steps: u32,
+    /// The step's mean loss per trained token.
+    pub loss: f64,
+    /// The validation set's mean loss, on the steps it is measured.
+    pub val_loss: Option<f64>,
+    pub lr: f32,
+    /// The mean loss's gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (trained or not) run through so far.
+    pub tokens: usize,
+}
+
+impl Progress {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"step": self.step, "steps": self.steps, "loss": self.loss, "val_loss": self.val_loss, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": self.tokens})
+    }
+}
+
+/// A run in progress: the trainer, the data and where in it the run is.
+pub struct Run<'m> {
+    pub trainer: Trainer<'m>,
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    opts: RunOptions,
+    /// Steps taken, and in all.
+    pub step: u32,
+    pub total: u32,
+    warmup: u32,
+    order: Vec<usize>,
+    next: usize,
+    rng: Rng,
+    tokens: usize,
+}
+
+impl<'m> Run<'m> {
+    /// The trainer's context is the longest example's length.
+    pub async fn new(model: &'m Model, gpu: &'m Gpu, train: Vec<Example>, valid: Vec<Example>, opts: RunOptions) -> Result<Run<'m>, ModelError> {
+        if train.is_empty() {
+            return Err(ModelError::Invalid("the training data has no examples".into()));
+        }
+        if opts.lr.is_nan() || opts.lr <= 0.0 || !opts.alpha.is_finite() {
+            return Err(ModelError::Invalid(format!("learning rate {} and alpha {}: both must be finite, the rate above 0", opts.lr, opts.alpha)));
+        }
+        if opts.epochs == Some(0) || opts.steps == Some(0) {
+            return Err(ModelError::Invalid("a run of 0 epochs or 0 steps".into()));
+        }
+        let targets: Vec<&str> = opts.targets.iter().map(|s| s.as_str()).collect();
+        let ctx = train.iter().chain(&valid).map(|e| e.ids.len()).max().unwrap_or(2).max(2) as u32;
+        let trainer = Trainer::new(model, gpu, &targets, opts.rank, opts.alpha, ctx, opts.seed).await?;
+        let train_tokens: usize = train.iter().map(|e| e.ids.len()).sum();
+        let steps_per_epoch = train_tokens.div_ceil(opts.batch_tokens.max(1)).max(1) as u32;
+        let total = opts.steps.unwrap_or(steps_per_epoch.saturating_mul(opts.epochs.unwrap_or(1))).max(1);
+        let order = (0..train.len()).collect::<Vec<_>>();
+        Ok(Run { trainer, next: order.len(), order, train, valid, rng: Rng::new(opts.seed ^ 0x5eed), warmup: (total / 10).clamp(1, 100), step: 0, total, opts, tokens: 0 })
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.total
+    }
+
+    /// The next example in this pass's order, starting a new shuffled pass when one ends.
+    fn next_example(&mut self) -> usize {
+        if self.next == self.order.len() {
+            for i in (1..self.order.len()).rev() {
+                self.order.swap(i, (self.rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            self.next = 0;
+        }
+        self.next += 1;
+        self.order[self.next - 1]
+    }
+
+    /// One optimizer step. A loss that is not finite stops the run with an error before the
+    /// factors change (what was saved before stays good).
+    pub async fn step(&mut self) -> Result<Progress, ModelError> {
+        if self.done() {
+            return Err(ModelError::Invalid(format!("the run has taken all its {} steps", self.total)));
+        }
+        let (mut loss, mut trained, mut tokens) = (0.0f64, 0usize, 0usize);
+        while tokens < self.opts.batch_tokens.max(1) {
+            let i = self.next_example();
+            let e = &self.train[i];
+            loss += self.trainer.accumulate(&e.ids, &weights(e)).await?;
+            trained += e.n_trained();
+            tokens += e.ids.len();
+        }
+        let per_token = 1.0 / trained.max(1) as f64;
+        let mean_loss = loss * per_token;
+        if !mean_loss.is_finite() {
+            self.trainer.zero_grads()?;
+            return Err(ModelError::Invalid(format!(
+                "the loss became {mean_loss} at step {}: training stopped before the factors changed; try a lower learning rate",
+                self.step + 1
+            )));
+        }
+        let norm = self.trainer.grad_norm().await? * per_token;
+        let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
+        let lr = learning_rate(self.step, self.total, self.warmup, self.opts.lr);
+        self.step += 1;
+        let h = AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: self.step };
+        self.trainer.optimizer_step(h, (clip * per_token) as f32).await?;
+        self.tokens += tokens;
+        let every = self.opts.valid_every;
+        let val_loss = if !self.valid.is_empty() && ((every > 0 && self.step.is_multiple_of(every)) || self.done()) { Some(self.validation_loss().await?) } else { None };
+        Ok(Progress { step: self.step, steps: self.total, loss: mean_loss, val_loss, lr, grad_norm: norm, tokens: self.tokens })
+    }
+
+    /// The validation set's mean loss per trained token (gradients untouched).
+    pub async fn validation_loss(&mut self) -> Result<f64, ModelError> {
+        let (mut l, mut n) = (0.0, 0usize);
+        for e in &self.valid {
+            l += self.trainer.loss(&e.ids, &weights(e)).await?;
+            n += e.n_trained();
+        }
+        Ok(l / n.max(1) as f64)
+    }
+}
+
+/// Per-position loss weights of an example (1 where trained).
+pub fn weights(e: &Example) -> Vec<f32> {
+    e.trained.iter().map(|t| if *t { 1.0 } else { 0.0 }).collect()
+}
+
+/// The learning rate of step `step` (from 0) of `total`: a linear warm-up over `warmup` steps
+/// to `peak`, then a cosine down to a tenth of it.
+pub fn learning_rate(step: u32, total: u32, warmup: u32, peak: f32) -> f32 {
+    if step < warmup {
+        return peak * (step + 1) as f32 / warmup as f32;
+    }
+    let progress = (step - warmup) as f32 / (total - warmup).max(1) as f32;
+    let floor = 0.1 * peak;
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f32::consts::PI * progress.min(1.0)).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::learning_rate;
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_a_tenth() {
+        let lr = |step| learning_rate(step, 100, 10, 1e-3);
+        assert!((lr(0) - 1e-4).abs() < 1e-9, "{}", lr(0));
+        assert!((lr(9) - 1e-3).abs() < 1e-9 && (lr(10) - 1e-3).abs() < 1e-9);
+        assert!((1..100).all(|s| s == 10 || s < 10 && lr(s) > lr(s - 1) || s > 10 && lr(s) < lr(s - 1)));
+        assert!((lr(100) - 1e-4).abs() < 1e-9 && (lr(500) - 1e-4).abs() < 1e-9);
+        // one step in all: warm-up is that step, at the peak
+        assert!((learning_rate(0, 1, 1, 1e-3) - 1e-3).abs() < 1e-9);
+    }
+}
