@@ -3,6 +3,7 @@
 //! in whole UTF-8 pieces, stopped by end-of-generation tokens, stop strings or the token budget.
 
 use crate::chat::StopMatcher;
+use crate::constrain::Guide;
 use crate::error::ModelError;
 use crate::ops::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
@@ -55,6 +56,8 @@ pub struct Generation {
     pub reused_tokens: usize,
     pub prompt_seconds: f64,
     pub gen_seconds: f64,
+    /// Of gen_seconds, the time spent computing constraint masks.
+    pub mask_seconds: f64,
 }
 
 impl Generation {
@@ -116,14 +119,36 @@ impl Session<'_> {
         cancelled: &dyn Fn() -> bool,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Generation, ModelError> {
+        self.generate_guided(tokenizer, prompt, opts, &mut Guide::default(), on_text, cancelled, on_step).await
+    }
+
+    /// `generate_until` steered by `guide`: each token is sampled from those its constraint
+    /// allows (logit bias added first), the tokens the grammar forces are fed without sampling
+    /// (several in one batch), and the reply ends where the grammar is complete or the model
+    /// takes the end token the grammar allows there.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn generate_guided(
+        &mut self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        guide: &mut Guide,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        cancelled: &dyn Fn() -> bool,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Generation, ModelError> {
         opts.sampler.validate().map_err(ModelError::Invalid)?;
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&(id, _)) = guide.logit_bias.iter().find(|(id, _)| *id as usize >= n_vocab) {
+            return Err(ModelError::Invalid(format!("logit_bias names token {id}, outside the vocabulary of {n_vocab}")));
+        }
         let start = Instant::now();
         let mut sampler = Sampler::new(opts.sampler.clone());
         for &t in prompt {
             sampler.accept(t);
         }
         // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
-        let (reused, first) = self.feed_prompt(prompt, &mut sampler, cancelled).await?;
+        let (reused, first) = self.feed_prompt_guided(prompt, &mut sampler, guide, cancelled).await?;
         let mut out = Generation {
             tokens: Vec::new(),
             text: String::new(),
@@ -132,35 +157,43 @@ impl Session<'_> {
             reused_tokens: reused,
             prompt_seconds: start.elapsed().as_secs_f64(),
             gen_seconds: 0.0,
+            mask_seconds: 0.0,
         };
         let Some(mut next) = first else { return Ok(out) };
         let gen_start = Instant::now();
         let eog = tokenizer.eot_ids();
-        let mut decoder = StreamDecoder::new(true);
-        let mut stops = StopMatcher::new(opts.stop.clone());
+        let mut emitter = Emitter { decoder: StreamDecoder::new(true), stops: StopMatcher::new(opts.stop.clone()) };
         out.finish = FinishReason::Length;
-        for step in 1.. {
+        let mut by_stop_string = false;
+        'steps: for step in 1.. {
             on_step(step);
-            if opts.stop_at_eog && eog.contains(&next) {
+            let ends_reply = guide.constraint.as_ref().is_some_and(|c| c.is_end(next));
+            if (opts.stop_at_eog && eog.contains(&next)) || ends_reply {
                 out.finish = FinishReason::Stop;
                 break;
             }
-            out.tokens.push(next);
-            sampler.accept(next);
-            let piece = decoder.push(tokenizer, next);
-            let (emit, stopped) = stops.push(&piece);
-            if !emit.is_empty() {
-                out.text.push_str(&emit);
-                if !on_text(&emit) {
-                    out.finish = FinishReason::Cancelled;
-                    break;
+            let mut feed = vec![next];
+            if let Some(c) = guide.constraint.as_mut() {
+                c.accept(next).map_err(|e| ModelError::Invalid(format!("constrained generation: {e}")))?;
+                feed.extend(c.forced());
+            }
+            for &id in &feed {
+                sampler.accept(id);
+                if let Some(finish) = emitter.push(tokenizer, id, &mut out, on_text) {
+                    out.finish = finish;
+                    by_stop_string = finish == FinishReason::Stop;
+                    break 'steps;
+                }
+                if out.tokens.len() >= opts.max_tokens {
+                    out.finish = FinishReason::Length;
+                    break 'steps;
                 }
             }
-            if stopped {
+            if guide.constraint.as_ref().is_some_and(|c| c.is_done()) {
                 out.finish = FinishReason::Stop;
                 break;
             }
-            if out.tokens.len() >= opts.max_tokens || self.tokens.len() + 1 > self.n_ctx {
+            if self.tokens.len() + feed.len() > self.n_ctx {
                 out.finish = FinishReason::Length;
                 break;
             }
@@ -168,18 +201,44 @@ impl Session<'_> {
                 out.finish = FinishReason::Cancelled;
                 break;
             }
-            next = self.eval_sample(&[next], &mut sampler).await?;
+            next = self.eval_sample_guided(&feed, &mut sampler, guide).await?;
         }
-        if out.finish == FinishReason::Length {
-            let (tail, _) = stops.push(&decoder.finish());
-            let rest = tail + &stops.finish();
+        if out.finish == FinishReason::Length || (out.finish == FinishReason::Stop && guide.constraint.is_some() && !by_stop_string) {
+            // a constrained reply's last characters may still be held back (as the start of a
+            // stop string that never came): they belong to the reply
+            let (tail, _) = emitter.stops.push(&emitter.decoder.finish());
+            let rest = tail + &emitter.stops.finish();
             if !rest.is_empty() {
                 out.text.push_str(&rest);
                 on_text(&rest);
             }
         }
         out.gen_seconds = gen_start.elapsed().as_secs_f64();
+        out.mask_seconds = guide.mask_seconds;
         Ok(out)
+    }
+
+    /// `feed_prompt` with the token after the prompt sampled under `guide`.
+    async fn feed_prompt_guided(&mut self, prompt: &[u32], sampler: &mut Sampler, guide: &mut Guide, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
+        if guide.is_empty() {
+            return self.feed_prompt(prompt, sampler, cancelled).await;
+        }
+        if prompt.is_empty() {
+            return Err(ModelError::Invalid("the prompt has no tokens".into()));
+        }
+        let shared = self.keep_prefix_of(prompt);
+        let rest = &prompt[shared..];
+        let last = (rest.len() - 1) / MAX_BATCH * MAX_BATCH;
+        for batch in rest[..last].chunks(MAX_BATCH) {
+            if cancelled() {
+                return Ok((shared, None));
+            }
+            self.eval(batch).await?;
+        }
+        if cancelled() {
+            return Ok((shared, None));
+        }
+        Ok((shared, Some(self.eval_sample_guided(&rest[last..], sampler, guide).await?)))
     }
 
     /// Feed `ids` and sample the token after them, reading back only what the sampler needs
@@ -191,6 +250,59 @@ impl Session<'_> {
             Some(k) => Ok(sampler.sample_top(&self.eval_top_k(ids, k as u32).await?)),
             None => Ok(sampler.sample(&self.eval_logits(ids).await?)),
         }
+    }
+
+    /// `eval_sample` under `guide`: the logit bias added, then every token the constraint does
+    /// not allow set to -inf, before the sampler's chain.
+    pub async fn eval_sample_guided(&mut self, ids: &[u32], sampler: &mut Sampler, guide: &mut Guide) -> Result<u32, ModelError> {
+        if guide.is_empty() {
+            return self.eval_sample(ids, sampler).await;
+        }
+        let mask = match guide.constraint.as_mut() {
+            Some(c) => {
+                let t = Instant::now();
+                let m = c.mask().map_err(|e| ModelError::Invalid(format!("constrained generation: {e}")))?;
+                guide.mask_seconds += t.elapsed().as_secs_f64();
+                Some(m)
+            }
+            None => None,
+        };
+        let mut logits = self.eval_logits(ids).await?;
+        for &(id, bias) in &guide.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        let Some(mask) = mask else { return Ok(sampler.sample(&logits)) };
+        mask.apply(&mut logits);
+        let id = sampler.sample(&logits);
+        // every allowed logit NaN or -inf: the sampler's fallback is token 0, which the grammar
+        // may not allow; the lowest allowed id keeps the reply inside the grammar
+        Ok(if mask.allows(id) { id } else { mask.ids().next().unwrap_or(id) })
+    }
+}
+
+/// Turns accepted tokens into text: whole UTF-8 characters, held back while a stop string may
+/// be starting.
+struct Emitter {
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+}
+
+impl Emitter {
+    /// Adds `id` to the reply; Some(why) when the generation ends here (a stop string, or
+    /// `on_text` asking to stop).
+    fn push(&mut self, tokenizer: &Tokenizer, id: u32, out: &mut Generation, on_text: &mut dyn FnMut(&str) -> bool) -> Option<FinishReason> {
+        out.tokens.push(id);
+        let piece = self.decoder.push(tokenizer, id);
+        let (emit, stopped) = self.stops.push(&piece);
+        if !emit.is_empty() {
+            out.text.push_str(&emit);
+            if !on_text(&emit) {
+                return Some(FinishReason::Cancelled);
+            }
+        }
+        stopped.then_some(FinishReason::Stop)
     }
 }
 
