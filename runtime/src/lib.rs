@@ -17,7 +17,6 @@ pub mod arch;
 pub mod chat;
 pub mod conformance;
 pub mod constrain;
-pub mod constrain;
 pub mod device;
 pub mod error;
 pub mod generate;
