@@ -3,19 +3,24 @@
 // own k best, sorted, to out[wid * k ..]; the host repeats passes over those until one workgroup
 // remains. Argmax is the k = 1 case.
 // values: [n] f32; ids: [n] u32 (ignored when first_pass: the id is the index);
-// out_values, out_ids: [n_workgroups * k].
+// mask: the allowed ids when `masked` (bit i % 32 of word i / 32; ids past its words are not
+// allowed), read in the first pass only: constrained decoding selects among the tokens a
+// grammar allows and still reads back k values; out_values, out_ids: [n_workgroups * k].
+// Fewer than k allowed candidates leave the rest of a workgroup's output with id NO_ID.
 
 struct Params {
     n: u32,
     k: u32,
     first_pass: u32,
+    masked: u32,
 }
 
 @group(0) @binding(0) var<storage, read> values: array<f32>;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-@group(0) @binding(2) var<storage, read_write> out_values: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out_ids: array<u32>;
-@group(0) @binding(4) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> mask: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out_values: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out_ids: array<u32>;
+@group(0) @binding(5) var<uniform> p: Params;
 
 const WGS: u32 = 256u;
 const PER_LANE: u32 = 4u;
@@ -25,6 +30,13 @@ const NO_ID: u32 = 0xFFFFFFFFu;
 var<workgroup> cand_v: array<f32, CHUNK>;
 var<workgroup> cand_id: array<u32, CHUNK>;
 var<workgroup> best_slot: array<u32, WGS>;
+
+// is candidate g of the first pass one the mask allows?
+fn allowed(g: u32) -> bool {
+    if (p.masked == 0u || p.first_pass == 0u) { return true; }
+    let w = g / 32u;
+    return w < arrayLength(&mask) && ((mask[w] >> (g % 32u)) & 1u) == 1u;
+}
 
 // does candidate (va, ia) rank above (vb, ib)? a taken or empty slot (NO_ID) ranks below all
 fn better(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
@@ -40,7 +52,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         let g = start + e;
         var v = 0.0;
         var id = NO_ID;
-        if (g < p.n) {
+        if (g < p.n && allowed(g)) {
             v = values[g];
             id = select(ids[g], g, p.first_pass != 0u);
         }
@@ -100,7 +112,7 @@ fn argmax(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
     var bid = NO_ID;
     for (var e = lid; e < ARG_CHUNK; e += ARG_WG) {
         let g = start + e;
-        if (g < p.n) {
+        if (g < p.n && allowed(g)) {
             let v = values[g];
             let id = select(ids[g], g, p.first_pass != 0u);
             if (better(v, id, bv, bid)) {

@@ -41,12 +41,7 @@ impl Grammar {
         // replies as models write JSON ("a": 1, "b": 2) and nothing else between the tokens:
         // flexible whitespace would let a sampled model emit newlines until max_tokens
         let json = |mut schema: serde_json::Value| {
-            let opts = llguidance::JsonCompileOptions {
-                item_separator: ", ".into(),
-                key_separator: ": ".into(),
-                whitespace_flexible: false,
-                ..Default::default()
-            };
+            let opts = llguidance::JsonCompileOptions { item_separator: ", ".into(), key_separator: ": ".into(), whitespace_flexible: false, ..Default::default() };
             if schema.is_object() {
                 opts.apply_to(&mut schema);
             }
@@ -131,7 +126,8 @@ impl std::error::Error for ConstraintError {}
 impl Constrainer {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Constrainer, ConstraintError> {
         let n = tokenizer.vocab_size();
-        let end = tokenizer.eot().or(tokenizer.eos()).ok_or_else(|| ConstraintError("the tokenizer has no end-of-turn or EOS token to end a constrained reply with".into()))?;
+        let end =
+            tokenizer.eot().or(tokenizer.eos()).ok_or_else(|| ConstraintError("the tokenizer has no end-of-turn or EOS token to end a constrained reply with".into()))?;
         // control tokens start with llguidance's marker byte, so no grammar matches them as text
         let words: Vec<Vec<u8>> = (0..n as u32)
             .map(|id| {
@@ -145,7 +141,14 @@ impl Constrainer {
                 }
             })
             .collect();
-        let info = TokRxInfo { vocab_size: n as u32, tok_eos: end, tok_bos: tokenizer.bos(), tok_pad: tokenizer.pad(), tok_unk: tokenizer.unk(), tok_end_of_turn: tokenizer.eot() };
+        let info = TokRxInfo {
+            vocab_size: n as u32,
+            tok_eos: end,
+            tok_bos: tokenizer.bos(),
+            tok_pad: tokenizer.pad(),
+            tok_unk: tokenizer.unk(),
+            tok_end_of_turn: tokenizer.eot(),
+        };
         let canonical = tokenizer.model() == "gpt2";
         let eog: Arc<[u32]> = tokenizer.eot_ids().into();
         let env: TokEnv = Arc::new(Env { trie: TokTrie::from(&info, &words), tokenizer, canonical });

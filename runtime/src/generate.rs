@@ -219,7 +219,13 @@ impl Session<'_> {
     }
 
     /// `feed_prompt` with the token after the prompt sampled under `guide`.
-    async fn feed_prompt_guided(&mut self, prompt: &[u32], sampler: &mut Sampler, guide: &mut Guide, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
+    async fn feed_prompt_guided(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        guide: &mut Guide,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(usize, Option<u32>), ModelError> {
         if guide.is_empty() {
             return self.feed_prompt(prompt, sampler, cancelled).await;
         }
@@ -267,6 +273,15 @@ impl Session<'_> {
             }
             None => None,
         };
+        if let (Some(mask), true, Some(k)) = (&mask, guide.logit_bias.is_empty(), sampler.config().best_logits_needed(MAX_TOP_K as usize)) {
+            // the GPU selects the k best among the allowed tokens: k values read back
+            let best = self.eval_top_k_masked(ids, k as u32, &mask.words).await?;
+            if best.is_empty() {
+                return Err(ModelError::Invalid("constrained generation: the GPU's selection found no allowed token".into()));
+            }
+            let id = sampler.sample_top(&best);
+            return Ok(if mask.allows(id) { id } else { best[0].0 });
+        }
         let mut logits = self.eval_logits(ids).await?;
         for &(id, bias) in &guide.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {

@@ -41,6 +41,8 @@ const SESSION_PARAM_SLOTS: u32 = 1024;
 enum Readback {
     Nothing,
     TopK(u32),
+    /// The k best among the ids the top-k scratch's mask allows.
+    MaskedTopK(u32),
     Logits,
 }
 
@@ -213,6 +215,22 @@ impl<'m> Session<'m> {
     /// selected on the GPU in the same submission (k ≤ MAX_TOP_K).
     pub async fn eval_top_k(&mut self, ids: &[u32], k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
         let bytes = self.eval_then(ids, Readback::TopK(k)).await?;
+        Ok(self.top_k_of(&bytes, k))
+    }
+
+    /// `eval_top_k` among the ids `mask` allows (bit id % 32 of word id / 32): constrained
+    /// decoding reads back k values, not the vocabulary. Fewer than k pairs where fewer ids are
+    /// allowed.
+    pub async fn eval_top_k_masked(&mut self, ids: &[u32], k: u32, mask: &[u32]) -> Result<Vec<(u32, f32)>, ModelError> {
+        if self.all_logits {
+            let mut logits = self.eval_logits(ids).await?;
+            let allows = |i: usize| mask.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1);
+            logits.iter_mut().enumerate().filter(|(i, _)| !allows(*i)).for_each(|(_, l)| *l = f32::NEG_INFINITY);
+            let best = crate::reference::top_k(&logits, k as usize);
+            return Ok(best.into_iter().filter(|(i, _)| allows(*i)).map(|(i, v)| (i as u32, v)).collect());
+        }
+        self.top_k.set_mask(self.gpu, mask);
+        let bytes = self.eval_then(ids, Readback::MaskedTopK(k)).await?;
         Ok(self.top_k_of(&bytes, k))
     }
 
@@ -439,15 +457,16 @@ impl<'m> Session<'m> {
         let row = n_last as u64 * v * 4;
         let bytes = match then {
             Readback::Nothing => 0,
-            Readback::TopK(k) if !self.all_logits => {
-                let (values, ids) = ops::record_top_k(&mut r, &self.top_k, &self.s.logits, v as u32, k).await?;
+            Readback::TopK(k) | Readback::MaskedTopK(k) if !self.all_logits => {
+                let masked = matches!(then, Readback::MaskedTopK(_));
+                let (values, ids) = ops::record_top_k_masked(&mut r, &self.top_k, &self.s.logits, v as u32, k, masked).await?;
                 let half = k as u64 * 4;
                 r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
                 r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);
                 2 * half
             }
             // with every position's logits kept, top-k is taken on the CPU (top_k_of)
-            Readback::TopK(_) | Readback::Logits => {
+            Readback::TopK(_) | Readback::MaskedTopK(_) | Readback::Logits => {
                 r.encoder().copy_buffer_to_buffer(&self.s.logits, row, &self.readback, 0, v * 4);
                 v * 4
             }
@@ -468,7 +487,8 @@ impl<'m> Session<'m> {
         let (ids, values) = bytes.split_at(k as usize * 4);
         let ids: Vec<u32> = bytemuck::pod_collect_to_vec(ids);
         let values: Vec<f32> = bytemuck::pod_collect_to_vec(values);
-        ids.into_iter().zip(values).collect()
+        // a masked selection with fewer than k allowed ids fills the rest with NO_ID
+        ids.into_iter().zip(values).filter(|(id, _)| *id != ops::NO_ID).collect()
     }
 
     /// Row n_last of the logits, for reading them again after the step that computed them.

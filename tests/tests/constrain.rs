@@ -2,9 +2,7 @@
 //! walks through the allowed tokens always spell text the grammar accepts, compile times stay
 //! small, and bad or pathological grammars are refused with a message, quickly.
 
-#[path = "../src/support.rs"]
-#[allow(dead_code)]
-mod support;
+use nomoat_tests::support;
 
 /// xorshift64*: the walks' choices, seeded.
 struct Rng(u64);
@@ -40,14 +38,23 @@ fn tokenizer(file: &str) -> Arc<Tokenizer> {
 /// numbers, optional fields.
 fn schemas() -> Vec<(&'static str, Value)> {
     vec![
-        ("person", json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": false})),
-        ("enum", json!({"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}}, "required": ["color", "ok"], "additionalProperties": false})),
-        ("nested", json!({"type": "object", "properties": {
+        (
+            "person",
+            json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": false}),
+        ),
+        (
+            "enum",
+            json!({"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}}, "required": ["color", "ok"], "additionalProperties": false}),
+        ),
+        (
+            "nested",
+            json!({"type": "object", "properties": {
             "city": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "population": {"type": "integer", "minimum": 1}}, "required": ["name", "population"], "additionalProperties": false},
             "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
             "score": {"type": "number", "minimum": -1.5, "maximum": 2.5},
             "note": {"type": "string", "maxLength": 10}
-        }, "required": ["city", "tags", "score"], "additionalProperties": false})),
+        }, "required": ["city", "tags", "score"], "additionalProperties": false}),
+        ),
     ]
 }
 
@@ -64,7 +71,9 @@ fn check(name: &str, v: &Value) -> Result<(), String> {
             let city = obj.get("city").and_then(Value::as_object);
             let tags = obj.get("tags").and_then(Value::as_array);
             keys(&["city", "tags", "score", "note"])
-                && city.is_some_and(|c| c.len() == 2 && c["name"].as_str().is_some_and(|s| s.chars().count() <= 12) && c["population"].as_f64().is_some_and(|p| p >= 1.0 && p.fract() == 0.0))
+                && city.is_some_and(|c| {
+                    c.len() == 2 && c["name"].as_str().is_some_and(|s| s.chars().count() <= 12) && c["population"].as_f64().is_some_and(|p| p >= 1.0 && p.fract() == 0.0)
+                })
                 && tags.is_some_and(|t| (1..=3).contains(&t.len()) && t.iter().all(|s| s.as_str().is_some_and(|s| s.chars().count() <= 8)))
                 && obj["score"].as_f64().is_some_and(|s| (-1.5..=2.5).contains(&s))
                 && obj.get("note").is_none_or(|n| n.as_str().is_some_and(|s| s.chars().count() <= 10))
@@ -202,12 +211,17 @@ fn pathological_schemas_are_bounded() {
     for _ in 0..400 {
         deep = json!({"type": "object", "properties": {"a": deep}, "required": ["a"]});
     }
+    // 70,000 values (770 kB, under the server's body limit) compile; 100,000 longer ones are
+    // over the lexer's fuel and refused
+    let big_enum = json!({"enum": (0..70_000).map(|i| format!("v{i:06}")).collect::<Vec<_>>()});
     let huge_enum = json!({"enum": (0..100_000).map(|i| format!("value number {i}")).collect::<Vec<_>>()});
+    let e = c.compile(&Grammar::JsonSchema(huge_enum.clone())).expect_err("a 100,000-value enum compiled");
+    assert!(e.0.contains("too big"), "{e}");
     let ambiguous = Grammar::Lark("start: x\nx: x x | x x x | \"a\" | \"\"\n".into());
     let exploding = Grammar::Regex("(a|b)*a(a|b){40}".into());
     let deep_regex = Grammar::Regex(format!("{}a{}", "(".repeat(400), ")".repeat(400)));
     let deep_lark = Grammar::Lark(format!("start: {}\"a\"{}\n", "(".repeat(400), ")".repeat(400)));
-    for g in [Grammar::JsonSchema(deep), Grammar::JsonSchema(huge_enum), ambiguous, exploding, deep_regex, deep_lark] {
+    for g in [Grammar::JsonSchema(deep), Grammar::JsonSchema(big_enum), Grammar::JsonSchema(huge_enum), ambiguous, exploding, deep_regex, deep_lark] {
         let label = format!("{:.60}", format!("{g:?}"));
         let t = Instant::now();
         let r = c.compile(&g);
@@ -228,4 +242,3 @@ fn pathological_schemas_are_bounded() {
         }
     }
 }
-

@@ -798,5 +798,25 @@ async fn top_k(gpu: &Gpu) -> Result<Vec<Check>> {
         let mismatches = got.iter().zip(&want).filter(|(g, w)| g.0 as usize != w.0 || g.1 != w.1).count() + got.len().abs_diff(want.len());
         checks.push(Check { case: format!("top-{k} of {n}"), metric: "mismatches", error: mismatches as f64, bound: 0.0 });
     }
+    // masked (constrained decoding): a grammar's allowed tokens, dense or a handful, fewer than
+    // k, none of the largest values; a mask shorter than the values allows none past its end
+    for (i, (n, k, every, words)) in
+        [(49_152usize, 40u32, 3usize, 1537usize), (151_936, 1, 7, 4748), (49_152, 40, 4001, 1537), (10_000, 128, 1, 100), (5000, 5, 2, 157)].into_iter().enumerate()
+    {
+        let mut rng = Rng::new(2000 + i as u64);
+        let mut x: Vec<f32> = (0..n).map(|_| (rng.uniform() * 50.0).round()).collect();
+        x[0] = 1000.0; // the best value, never allowed below
+        let mut mask = vec![0u32; words];
+        for id in (every..n).step_by(every) {
+            if id / 32 < words {
+                mask[id / 32] |= 1 << (id % 32);
+            }
+        }
+        let xb = gpu.upload_f32("logits", &x).await?;
+        let got = ops::top_k_masked(gpu, &xb, n as u32, k, Some(&mask)).await?;
+        let want = reference::top_k_masked(&x, &mask, k as usize);
+        let mismatches = got.iter().zip(&want).filter(|(g, w)| g.0 as usize != w.0 || g.1 != w.1).count() + got.len().abs_diff(want.len());
+        checks.push(Check { case: format!("top-{k} of {n}, 1 in {every} allowed ({words} mask words)"), metric: "mismatches", error: mismatches as f64, bound: 0.0 });
+    }
     Ok(checks)
 }

@@ -104,7 +104,7 @@ pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
 pub use skinny_product::SKINNY_PRODUCT_LAYOUT;
 pub use softmax::SOFTMAX_LAYOUT;
 pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};
-pub use top_k::{record_top_k, top_k, TopKScratch, MAX_TOP_K, TOPK_LAYOUT};
+pub use top_k::{record_top_k, record_top_k_masked, top_k, top_k_masked, TopKScratch, MAX_TOP_K, NO_ID, TOPK_LAYOUT};
 pub use weight_gradient::WEIGHT_GRADIENT_LAYOUT;
 
 /// The largest workgroup count per dimension WebGPU guarantees.

@@ -6,8 +6,11 @@ use super::Recorder;
 use crate::device::{Gpu, GpuError, PipelineKey};
 use crate::shaders::Defines;
 
-/// topk.wgsl's bindings, in order: values, ids, out_values, out_ids, params.
-pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, ReadWrite, Uniform];
+/// topk.wgsl's bindings, in order: values, ids, mask, out_values, out_ids, params.
+pub const TOPK_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, ReadWrite, Uniform];
+
+/// The id a selection writes where fewer than k candidates were allowed.
+pub const NO_ID: u32 = u32::MAX;
 
 /// The largest k a selection takes.
 pub const MAX_TOP_K: u32 = 128;
@@ -22,7 +25,7 @@ params! {
         n: u32,
         k: u32,
         first_pass: u32,
-        _pad: u32,
+        masked: u32,
     }
 }
 
@@ -33,13 +36,22 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// The k best (id, value) pairs of values: [n], highest first, computed on the GPU in passes of
 /// per-workgroup selections until one workgroup remains. Argmax is `top_k(.., 1)`.
 pub async fn top_k(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32) -> Result<Vec<(u32, f32)>, GpuError> {
+    top_k_masked(gpu, values, n, k, None).await
+}
+
+/// `top_k` among the ids `mask` allows (bit i % 32 of word i / 32); fewer than k pairs when
+/// fewer are allowed.
+pub async fn top_k_masked(gpu: &Gpu, values: &wgpu::Buffer, n: u32, k: u32, mask: Option<&[u32]>) -> Result<Vec<(u32, f32)>, GpuError> {
     let scratch = TopKScratch::new(gpu, n).await?;
+    if let Some(m) = mask {
+        scratch.set_mask(gpu, m);
+    }
     let mut rec = Recorder::new(gpu);
-    let (v, ids) = record_top_k(&mut rec, &scratch, values, n, k).await?;
+    let (v, ids) = record_top_k_masked(&mut rec, &scratch, values, n, k, mask.is_some()).await?;
     rec.submit()?;
     let vals = gpu.read_f32(v, 0, k as usize).await?;
     let ids = gpu.read_u32(ids, 0, k as usize).await?;
-    Ok(ids.into_iter().zip(vals).collect())
+    Ok(ids.into_iter().zip(vals).filter(|(id, _)| *id != NO_ID).collect())
 }
 
 /// The buffers a top-k selection over up to n values passes its candidates through, made once
@@ -49,6 +61,8 @@ pub struct TopKScratch {
     n: u32,
     values: [wgpu::Buffer; 2],
     ids: [wgpu::Buffer; 2],
+    /// The allowed ids of a masked selection, a bit each: [n / 32 + 1] words.
+    mask: wgpu::Buffer,
 }
 
 impl TopKScratch {
@@ -58,7 +72,17 @@ impl TopKScratch {
             n,
             values: [gpu.storage("topk values", most).await?, gpu.storage("topk values", most).await?],
             ids: [gpu.storage("topk ids", most).await?, gpu.storage("topk ids", most).await?],
+            mask: gpu.storage("topk mask", (n / 32 + 1) as u64 * 4).await?,
         })
+    }
+
+    /// Uploads the mask the next masked selection reads (queued before any later submission);
+    /// words past `words` are cleared, words past the scratch's n ignored.
+    pub fn set_mask(&self, gpu: &Gpu, words: &[u32]) {
+        let len = (self.n / 32 + 1) as usize;
+        let mut all = words[..words.len().min(len)].to_vec();
+        all.resize(len, 0);
+        gpu.queue.write_buffer(&self.mask, 0, bytemuck::cast_slice(&all));
     }
 }
 
@@ -70,6 +94,19 @@ pub async fn record_top_k<'s>(
     values: &wgpu::Buffer,
     n: u32,
     k: u32,
+) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
+    record_top_k_masked(rec, scratch, values, n, k, false).await
+}
+
+/// `record_top_k`, with `masked`: among the ids the scratch's mask allows
+/// ([`TopKScratch::set_mask`]); ids NO_ID fill the places of candidates that were not allowed.
+pub async fn record_top_k_masked<'s>(
+    rec: &mut Recorder<'_>,
+    scratch: &'s TopKScratch,
+    values: &wgpu::Buffer,
+    n: u32,
+    k: u32,
+    masked: bool,
 ) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
     supports(Op::TopK { n, k }, None)?;
     if n > scratch.n {
@@ -85,8 +122,8 @@ pub async fn record_top_k<'s>(
         let (in_v, in_id) = if pass == 0 { (values, values) } else { (&scratch.values[1 - out], &scratch.ids[1 - out]) };
         rec.dispatch(
             PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() },
-            &[in_v, in_id, &scratch.values[out], &scratch.ids[out]],
-            &TopKParams { n: count, k, first_pass: (pass == 0) as u32, _pad: 0 },
+            &[in_v, in_id, &scratch.mask, &scratch.values[out], &scratch.ids[out]],
+            &TopKParams { n: count, k, first_pass: (pass == 0) as u32, masked: masked as u32 },
             (groups, 1, 1),
         )
         .await?;

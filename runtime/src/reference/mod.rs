@@ -209,6 +209,13 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
     idx.into_iter().take(k).map(|i| (i, x[i])).collect()
 }
 
+/// `top_k` among the indices `mask` allows (bit i % 32 of word i / 32; past its words, none).
+pub fn top_k_masked(x: &[f32], mask: &[u32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..x.len()).filter(|&i| mask.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1)).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.into_iter().take(k).map(|i| (i, x[i])).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
