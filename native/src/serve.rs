@@ -35,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use engine::{Event, Job, ModelInfo, Outcome, Stats};
+use nomoat_runtime::constrain::{Constrainer, Guide};
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -114,6 +115,8 @@ struct AppState {
     info: ModelInfo,
     /// What the chat prompts' messages are marked with (see [`prompt`]).
     guard: prompt::Guard,
+    /// Compiles `response_format` grammars; Err: why this tokenizer cannot have them.
+    constrainer: Result<Constrainer, String>,
     jobs: mpsc::Sender<Job>,
     body_timeout: Duration,
     max_queue: usize,
@@ -194,9 +197,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("note: {e}");
     }
     let guard = prompt::Guard::new(&info.tokenizer);
+    let constrainer = Constrainer::new(info.tokenizer.clone()).map_err(|e| format!("structured output is unavailable for this model: {e}"));
+    if let Err(e) = &constrainer {
+        eprintln!("note: {e}");
+    }
     let state = Arc::new(AppState {
         info,
         guard,
+        constrainer,
         jobs: jobs_tx,
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         max_queue,
@@ -575,7 +583,7 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
     let random = mix(s.started ^ mix(id_n) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     // parsing, templating and tokenizing a large body takes a while: off the async workers
     let s2 = s.clone();
-    let (mut common, prompt) =
+    let (mut common, prompt, guide) =
         tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random)).await.map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
     let n_ctx = s.info.n_ctx;
     if prompt.is_empty() {
@@ -637,6 +645,7 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
         adapters,
         prompt,
         opts: GenerateOptions { max_tokens, sampler: common.sampler.clone(), stop: common.stop.clone(), stop_at_eog: true },
+        guide,
         cancel: cancel.clone(),
         events: ev_tx,
     };
@@ -651,10 +660,18 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
     }
 }
 
-/// The request's options and prompt tokens.
-fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>), ApiError> {
+/// The request's options, prompt tokens, and what steers its reply (its grammar, compiled
+/// here so that a schema that cannot be used is a 400 before the request is queued).
+fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>, Guide), ApiError> {
     let o = api::parse_body(body)?;
     let common = api::parse_common(&o, &s.info.sampling, random_seed)?;
+    let mut guide = Guide { logit_bias: api::parse_logit_bias(&o, s.info.n_vocab)?, ..Guide::default() };
+    if let Some(grammar) = api::parse_response_format(&o)? {
+        let c = s.constrainer.as_ref().map_err(|e| ApiError::param("response_format", e.clone()))?;
+        let param = if matches!(grammar, nomoat_runtime::constrain::Grammar::JsonSchema(_)) { "response_format.json_schema.schema" } else { "response_format" };
+        let constraint = c.compile(&grammar).map_err(|e| ApiError::param(param, format!("the schema cannot be used: {e}")).with_code("invalid_schema"))?;
+        guide.constraint = Some(constraint);
+    }
     let tok = &s.info.tokenizer;
     let prompt = match kind {
         Kind::Chat => {
@@ -674,7 +691,7 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
             }
         }
     };
-    Ok((common, prompt))
+    Ok((common, prompt, guide))
 }
 
 fn finish_str(f: FinishReason) -> &'static str {

@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use nomoat_runtime::chat::Message;
+use nomoat_runtime::constrain::Grammar;
 use nomoat_runtime::sampler::SamplerConfig;
 use serde_json::{json, Map, Value};
 
@@ -197,12 +198,6 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
             return Err(ApiError::param("tools", "tools (function calling) are not supported by this server"));
         }
     }
-    if let Some(v) = field(o, "response_format") {
-        let ty = v.get("type").and_then(Value::as_str);
-        if ty != Some("text") {
-            return Err(ApiError::param("response_format", "only response_format {\"type\": \"text\"} is supported"));
-        }
-    }
     let mut sampler = SamplerConfig { seed: random_seed, ..defaults.clone() };
     if let Some(t) = opt_f32(o, "temperature")? {
         sampler.temperature = t;
@@ -278,6 +273,73 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         Some(v) => return Err(ApiError::param("adapters", format!("'adapters' must be a list, got {}", type_name(v)))),
     };
     Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters })
+}
+
+/// `response_format` as a grammar: None for absent or `{"type": "text"}`; `json_object`: any
+/// JSON object; `json_schema`: `{"name", "schema", "strict"}` (the schema is enforced whether or
+/// not `strict` is set; an absent schema allows any JSON value).
+pub fn parse_response_format(o: &Map<String, Value>) -> Result<Option<Grammar>, ApiError> {
+    const P: &str = "response_format";
+    let Some(rf) = field(o, P) else { return Ok(None) };
+    let Value::Object(rf) = rf else {
+        return Err(ApiError::param(P, format!("'{P}' must be an object, got {}", type_name(rf))));
+    };
+    match rf.get("type") {
+        Some(Value::String(t)) if t == "text" => Ok(None),
+        Some(Value::String(t)) if t == "json_object" => Ok(Some(Grammar::JsonObject)),
+        Some(Value::String(t)) if t == "json_schema" => {
+            let p = "response_format.json_schema";
+            let js = match field(rf, "json_schema") {
+                Some(Value::Object(js)) => js,
+                Some(v) => return Err(ApiError::param(p, format!("'{p}' must be an object, got {}", type_name(v)))),
+                None => return Err(ApiError::param(p, format!("'{p}' is required for type json_schema: {{\"name\", \"schema\", \"strict\"}}"))),
+            };
+            match js.get("name") {
+                Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                Some(Value::String(n)) => {
+                    return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' must be 1 to 64 letters, digits, '_' or '-', got {n:?}")))
+                }
+                Some(v) => return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' must be a string, got {}", type_name(v)))),
+                None => return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' is required"))),
+            }
+            opt_bool(js, "strict").map_err(|e| e.with_param(&format!("{p}.strict")))?;
+            match field(js, "schema") {
+                None => Ok(Some(Grammar::JsonSchema(json!({})))),
+                Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(Some(Grammar::JsonSchema(s.clone()))),
+                Some(v) => Err(ApiError::param(&format!("{p}.schema"), format!("'{p}.schema' must be a JSON schema object, got {}", type_name(v)))),
+            }
+        }
+        Some(Value::String(t)) => Err(ApiError::param(P, format!("response_format type '{t}' is not supported: use 'text', 'json_object' or 'json_schema'"))),
+        _ => Err(ApiError::param(P, format!("'{P}' must have a string 'type': 'text', 'json_object' or 'json_schema'"))),
+    }
+}
+
+/// Most entries `logit_bias` may have (OpenAI takes up to 300).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `logit_bias`: token id (as a string) to a bias in [-100, 100], added to that token's logit.
+pub fn parse_logit_bias(o: &Map<String, Value>, n_vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    const P: &str = "logit_bias";
+    let Some(v) = field(o, P) else { return Ok(Vec::new()) };
+    let Value::Object(m) = v else {
+        return Err(ApiError::param(P, format!("'{P}' must be an object mapping token ids to biases, got {}", type_name(v))));
+    };
+    if m.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::param(P, format!("'{P}' may have at most {MAX_LOGIT_BIAS} entries, got {}", m.len())));
+    }
+    let mut out = Vec::with_capacity(m.len());
+    for (k, b) in m {
+        let id = match k.trim().parse::<u64>() {
+            Ok(id) if (id as usize) < n_vocab => id as u32,
+            Ok(id) => return Err(ApiError::param(P, format!("logit_bias names token {id}, outside the vocabulary (0..{n_vocab})"))),
+            Err(_) => return Err(ApiError::param(P, format!("logit_bias keys must be token ids, got {k:?}"))),
+        };
+        match b.as_f64() {
+            Some(x) if (-100.0..=100.0).contains(&x) => out.push((id, x as f32)),
+            _ => return Err(ApiError::param(P, format!("logit_bias[{k:?}] must be a number from -100 to 100, got {b}"))),
+        }
+    }
+    Ok(out)
 }
 
 /// The `messages` of a chat request, as the template takes them (text content only; a list of
@@ -528,6 +590,45 @@ mod tests {
             r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
         ] {
             assert_eq!(parse_messages(&obj(body)).unwrap_err().status, StatusCode::BAD_REQUEST, "{body}");
+        }
+    }
+
+    #[test]
+    fn response_formats() {
+        assert_eq!(parse_response_format(&obj(r#"{}"#)).unwrap(), None);
+        assert_eq!(parse_response_format(&obj(r#"{"response_format": {"type": "text"}}"#)).unwrap(), None);
+        assert_eq!(parse_response_format(&obj(r#"{"response_format": {"type": "json_object"}}"#)).unwrap(), Some(Grammar::JsonObject));
+        let g =
+            parse_response_format(&obj(r#"{"response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": true, "schema": {"type": "integer"}}}}"#));
+        assert_eq!(g.unwrap(), Some(Grammar::JsonSchema(json!({"type": "integer"}))));
+        for (body, param) in [
+            (r#"{"response_format": "json"}"#, "response_format"),
+            (r#"{"response_format": {"type": "xml"}}"#, "response_format"),
+            (r#"{"response_format": {"type": "json_schema"}}"#, "response_format.json_schema"),
+            (r#"{"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}"#, "response_format.json_schema.name"),
+            (r#"{"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}}"#, "response_format.json_schema.name"),
+            (r#"{"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": 3}}}"#, "response_format.json_schema.schema"),
+            (r#"{"response_format": {"type": "json_schema", "json_schema": {"name": "a", "strict": "yes"}}}"#, "response_format.json_schema.strict"),
+        ] {
+            let e = parse_response_format(&obj(body)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn logit_biases() {
+        assert_eq!(parse_logit_bias(&obj(r#"{"logit_bias": {"3": -100, "7": 2.5}}"#), 10).unwrap(), vec![(3, -100.0), (7, 2.5)]);
+        assert!(parse_logit_bias(&obj(r#"{}"#), 10).unwrap().is_empty());
+        for (body, needle) in [
+            (r#"{"logit_bias": {"10": 1}}"#, "outside the vocabulary"),
+            (r#"{"logit_bias": {"-1": 1}}"#, "token ids"),
+            (r#"{"logit_bias": {"x": 1}}"#, "token ids"),
+            (r#"{"logit_bias": {"1": 101}}"#, "-100 to 100"),
+            (r#"{"logit_bias": {"1": "a"}}"#, "-100 to 100"),
+            (r#"{"logit_bias": [1]}"#, "object"),
+        ] {
+            let e = parse_logit_bias(&obj(body), 10).unwrap_err();
+            assert!(e.message.contains(needle) && e.param.as_deref() == Some("logit_bias"), "{body}: {}", e.message);
         }
     }
 

@@ -6,6 +6,7 @@
 use crate::{kv_type, load, Loaded, ModelArgs};
 use anyhow::{anyhow, Result};
 use nomoat_runtime::chat::ChatTemplate;
+use nomoat_runtime::constrain::Guide;
 use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
@@ -24,6 +25,8 @@ pub struct Job {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
+    /// The request's grammar (`response_format`) and `logit_bias`.
+    pub guide: Guide,
     /// Indices into the loaded adapters with their scales; None: all at their default scales.
     pub adapters: Option<Vec<(usize, f32)>>,
     /// Set when the client has gone: the engine skips the job, or stops generating it.
@@ -237,7 +240,7 @@ fn run(
     fault: &dyn Fn(u64),
     panic_at: Option<u64>,
 ) -> Option<String> {
-    while let Some(job) = jobs.blocking_recv() {
+    while let Some(mut job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
             eprintln!("[#{}] client left before its turn; skipped", job.id);
             continue;
@@ -259,7 +262,7 @@ fn run(
                     panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
                 }
             };
-            pollster::block_on(session.generate_until(tokenizer, &job.prompt, &job.opts, &mut on_text, &cancelled, &mut on_step))
+            pollster::block_on(session.generate_guided(tokenizer, &job.prompt, &job.opts, &mut job.guide, &mut on_text, &cancelled, &mut on_step))
         }));
         stats.busy.store(false, Ordering::SeqCst);
         stats.served.fetch_add(1, Ordering::Relaxed);
@@ -282,8 +285,9 @@ fn run(
                 Event::Error(format!("{why}; the server is opening the device again: retry the request"))
             }
             Ok(Ok(g)) => {
+                let masks = if g.mask_seconds > 0.0 { format!(" ({:.1} ms computing masks)", g.mask_seconds * 1e3) } else { String::new() };
                 eprintln!(
-                    "[#{}] {} prompt tokens ({} reused) at {:.1} tok/s, {} generated at {:.1} tok/s, {}",
+                    "[#{}] {} prompt tokens ({} reused) at {:.1} tok/s, {} generated at {:.1} tok/s{masks}, {}",
                     job.id,
                     g.prompt_tokens,
                     g.reused_tokens,
