@@ -5,7 +5,7 @@
 //! reply being written, not the program; `/reset` starts over, `/exit` (or Ctrl-D) quits. A line
 //! ending in `\` continues on the next one, and `"""` opens and closes a multi-line block.
 
-use crate::{load, ModelArgs, SamplingArgs};
+use crate::{load, ConstraintArgs, ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nomoat_runtime::chat::{ChatTemplate, Message};
@@ -27,6 +27,9 @@ pub struct ChatArgs {
     /// Longest reply in tokens
     #[arg(short = 'n', long, default_value_t = 512)]
     pub n_predict: usize,
+    /// Every reply fits this (a JSON schema, a grammar or a regular expression)
+    #[command(flatten)]
+    pub constraint: ConstraintArgs,
 }
 
 impl ChatArgs {
@@ -104,7 +107,10 @@ fn read_input(stdin: &mut impl BufRead, interrupted: &AtomicBool) -> Result<Inpu
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    // a schema file that cannot be read or parsed fails before the model loads
+    a.constraint.grammar()?;
     let l = load(&a.m, false)?;
+    let constrainer = a.constraint.constrainer(&l.gguf)?;
     let template = ChatTemplate::from_gguf(&l.gguf)?.context("this model has no chat template (a base model?): use `nomoat run -p TEXT` for raw prompts")?;
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -157,11 +163,13 @@ pub fn run(a: ChatArgs) -> Result<()> {
         };
         let Some(prompt) = prompt else { continue };
         let mut out = std::io::stdout();
-        let result = pollster::block_on(session.generate(&l.tokenizer, &prompt, &opts, &mut |piece| {
+        let mut guide = a.constraint.guide(constrainer.as_ref())?;
+        let mut on_text = |piece: &str| {
             print!("{piece}");
             out.flush().ok();
             !interrupted.load(Ordering::SeqCst)
-        }));
+        };
+        let result = pollster::block_on(session.generate_guided(&l.tokenizer, &prompt, &opts, &mut guide, &mut on_text, &|| false, &mut |_| {}));
         println!();
         match result {
             Ok(g) => {

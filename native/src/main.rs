@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use nomoat_runtime::constrain::{Constrainer, Grammar, Guide};
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::gguf::Gguf;
@@ -48,6 +49,8 @@ enum Command {
         /// Stop string (repeatable)
         #[arg(long)]
         stop: Vec<String>,
+        #[command(flatten)]
+        constraint: ConstraintArgs,
         /// Print one JSON object {"prompt_tokens", "tokens", "text"} instead of streaming text
         #[arg(long)]
         json: bool,
@@ -115,6 +118,54 @@ enum Command {
         #[command(flatten)]
         m: ModelArgs,
     },
+}
+
+/// What the reply must match: at most one of a JSON schema, a Lark grammar or a regular
+/// expression (runtime/src/constrain.rs).
+#[derive(Args, Clone, Debug, Default)]
+#[group(multiple = false)]
+pub struct ConstraintArgs {
+    /// Reply with JSON that fits the JSON schema in FILE
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// Reply with text the Lark-style grammar in FILE accepts (llguidance's dialect; `start` is
+    /// the top rule)
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+    /// Reply with text the regular expression matches, whole
+    #[arg(long, value_name = "RE")]
+    pub regex: Option<String>,
+}
+
+impl ConstraintArgs {
+    /// The grammar the flags name, None without one.
+    pub fn grammar(&self) -> Result<Option<Grammar>> {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        Ok(if let Some(p) = &self.json_schema {
+            let schema = serde_json::from_str(&read(p)?).with_context(|| format!("{}: not JSON", p.display()))?;
+            Some(Grammar::JsonSchema(schema))
+        } else if let Some(p) = &self.grammar {
+            Some(Grammar::Lark(read(p)?))
+        } else {
+            self.regex.clone().map(Grammar::Regex)
+        })
+    }
+
+    /// A fresh guide for one reply under the flags' grammar (compiled for `gguf`'s tokenizer,
+    /// made once by the caller through [`ConstraintArgs::constrainer`]).
+    pub fn guide(&self, constrainer: Option<&Constrainer>) -> Result<Guide> {
+        let (Some(c), Some(g)) = (constrainer, self.grammar()?) else { return Ok(Guide::default()) };
+        Ok(Guide::with_constraint(c.compile(&g).context("the grammar cannot be used")?))
+    }
+
+    /// The compiler for the model's tokenizer, when a grammar is asked for.
+    pub fn constrainer(&self, gguf: &Gguf) -> Result<Option<Constrainer>> {
+        if self.grammar()?.is_none() {
+            return Ok(None);
+        }
+        let tokenizer = Arc::new(Tokenizer::from_gguf(gguf)?);
+        Ok(Some(Constrainer::new(tokenizer)?))
+    }
 }
 
 /// Each flag left out takes the model's `general.sampling.*` value when it has one, else
@@ -358,8 +409,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!(tok.encode(&prompt, !no_special, true)?));
             Ok(())
         }
-        Some(Command::Run { m, prompt, n_predict, sampling, stop, json }) => {
+        Some(Command::Run { m, prompt, n_predict, sampling, stop, constraint, json }) => {
+            // a schema file that cannot be read or parsed fails before the model loads
+            constraint.grammar()?;
             let l = load(&m, json)?;
+            let constrainer = constraint.constrainer(&l.gguf)?;
+            let mut guide = constraint.guide(constrainer.as_ref())?;
             let ids = l.tokenizer.encode(&prompt, true, true)?;
             let n_ctx = m.n_ctx(&l);
             let mut s = new_session(&l, &m, n_ctx, false)?;
@@ -369,13 +424,14 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{prompt}");
                 out.flush().ok();
             }
-            let g = pollster::block_on(s.generate(&l.tokenizer, &ids, &opts, &mut |piece| {
+            let mut on_text = |piece: &str| {
                 if !json {
                     print!("{piece}");
                     out.flush().ok();
                 }
                 true
-            }))?;
+            };
+            let g = pollster::block_on(s.generate_guided(&l.tokenizer, &ids, &opts, &mut guide, &mut on_text, &|| false, &mut |_| {}))?;
             if json {
                 println!("{}", serde_json::json!({"prompt_tokens": ids, "tokens": g.tokens, "text": g.text, "finish_reason": g.finish.as_str()}));
             } else {

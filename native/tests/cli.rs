@@ -170,3 +170,54 @@ fn bench_prints_its_table_and_measures_at_a_depth() {
     let (ok, _, err) = nomoat(&["bench", "-m", &tiny, "-p", "16", "-n", "8", "-d", "300", "-r", "1"]);
     assert!(!ok && err.contains("300") && err.contains("256"), "{err}");
 }
+
+/// `--json-schema`, `--regex` and `--grammar` (issue #18) on run and chat: sampled replies fit,
+/// a grammar that cannot be used is refused with the reason, two at once are refused.
+#[test]
+fn run_and_chat_follow_a_grammar() {
+    let dir = std::env::temp_dir().join(format!("nomoat-cli-grammar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("person.json");
+    std::fs::write(&schema, r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": false}"#).unwrap();
+    let schema = schema.to_str().unwrap();
+    for seed in ["1", "2"] {
+        let (ok, out, err) = nomoat(&["run", "-p", "A person as JSON:", "--json-schema", schema, "-n", "60", "--temp", "1", "--seed", seed, "--json"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["finish_reason"], "stop", "{out}");
+        let person: Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let o = person.as_object().unwrap();
+        assert!(o.len() == 2 && o["name"].as_str().is_some_and(|n| n.chars().count() <= 16) && o["age"].as_u64().is_some_and(|a| a <= 120), "{person}");
+    }
+    let (ok, out, err) = nomoat(&["run", "-p", "Today's date is", "--regex", " [0-9]{4}-[0-9]{2}-[0-9]{2}", "-n", "20", "--temp", "1", "--json"]);
+    assert!(ok, "{err}");
+    let text = serde_json::from_str::<Value>(&out).unwrap()["text"].as_str().unwrap().to_string();
+    let b = text.as_bytes();
+    assert!(b.len() == 11 && b[5] == b'-' && b[8] == b'-' && text[1..].replace('-', "").bytes().all(|c| c.is_ascii_digit()), "{text:?}");
+    let lark = dir.join("answer.lark");
+    std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
+        .args(["chat", "--grammar", lark.to_str().unwrap(), "-n", "8"])
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"Is the sky blue?\nIs fire cold?\n/exit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<&str> = stdout.split("> ").skip(1).map(str::trim).filter(|r| !r.is_empty()).collect();
+    assert!(out.status.success() && replies.len() == 2 && replies.iter().all(|r| *r == "yes" || *r == "no"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, err) = nomoat(&["run", "-p", "x", "--regex", "("]);
+    assert!(!ok && err.contains("cannot be used") && err.contains("unclosed group"), "{err}");
+    let (ok, _, err) = nomoat(&["run", "-p", "x", "--regex", "a", "--json-schema", schema]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = nomoat(&["run", "-p", "x", "--json-schema", "/nonexistent/schema.json"]);
+    assert!(!ok && err.contains("/nonexistent/schema.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
