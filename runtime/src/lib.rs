@@ -32,5 +32,6 @@ pub mod sampler;
 pub mod session;
 pub mod shaders;
 pub mod tokenizer;
+pub mod tools;
 pub mod train;
 pub mod tuning;

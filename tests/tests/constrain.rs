@@ -242,3 +242,52 @@ fn pathological_schemas_are_bounded() {
         }
     }
 }
+
+#[test]
+fn tool_call_walks_name_a_tool_with_fitting_arguments() {
+    use nomoat_runtime::tools::{grammar, parse_reply, Tool, ToolChoice};
+    let tok = tokenizer(support::QWEN2);
+    let c = Constrainer::new(tok.clone()).unwrap();
+    let tools = vec![
+        Tool { name: "get_weather".into(), description: Some("Weather in a city".into()), parameters: schemas()[1].1.clone() },
+        Tool { name: "add_person".into(), description: None, parameters: schemas()[0].1.clone() },
+    ];
+    let mut rng = Rng::new(11);
+    for (choice, parallel) in [(ToolChoice::Required, true), (ToolChoice::Named("add_person".into()), true), (ToolChoice::Required, false)] {
+        let g = grammar(&tools, &choice, parallel).unwrap();
+        let t = Instant::now();
+        c.compile(&g).unwrap_or_else(|e| panic!("{g:?}: {e}"));
+        eprintln!("tools grammar {choice:?}: compiled in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        let mut ended = 0;
+        for _ in 0..10 {
+            let (text, done) = walk(&c, &tok, &g, &mut rng, 300);
+            if !done {
+                continue;
+            }
+            ended += 1;
+            let (content, calls) = parse_reply(&text);
+            assert!(content.is_none() && !calls.is_empty(), "{text:?}");
+            assert!(parallel || calls.len() == 1, "{text:?}");
+            for call in calls {
+                let which = if call.name == "get_weather" { "enum" } else { "person" };
+                if let ToolChoice::Named(n) = &choice {
+                    assert_eq!(&call.name, n);
+                }
+                check(which, &serde_json::from_str(&call.arguments).unwrap()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            }
+        }
+        assert!(ended >= 7, "{choice:?}: {ended} of 10 walks ended");
+    }
+    // auto: text that does not start with '<', or calls
+    let g = grammar(&tools, &ToolChoice::Auto, true).unwrap();
+    let mut con = c.compile(&g).unwrap();
+    let mask = con.mask().unwrap();
+    let one = |text: &str| {
+        let ids = tok.encode(text, false, false).unwrap();
+        assert_eq!(ids.len(), 1, "{text:?} is one token: {ids:?}");
+        ids[0]
+    };
+    // "<" may still spell "<tool_call>" byte by byte; "<div" and "</" start neither a call nor text
+    assert!(mask.allows(one("<tool_call>")) && mask.allows(one("Hello")) && mask.allows(one("<")));
+    assert!(!mask.allows(one("</")) && !mask.allows(one("<div")), "text may not start with '<'");
+}

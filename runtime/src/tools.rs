@@ -1,0 +1,194 @@
+//! Tool (function) calling: the grammar a reply with tool calls follows, reading the calls back
+//! out of the reply, and a generic tool prompt for chat templates without tool support.
+//!
+//! A call is written as Qwen2.5 and Hermes-style templates render one, and as those models were
+//! trained to write it:
+//!
+//! ```text
+//! <tool_call>
+//! {"name": "get_weather", "arguments": {"city": "Paris"}}
+//! </tool_call>
+//! ```
+//!
+//! The grammar ([`grammar`]) makes every call name a given tool and its arguments fit that tool's
+//! parameter schema. With [`ToolChoice::Auto`] a reply is either plain text that does not start
+//! with `<`, or calls only; the first character tells which, so a streamed reply knows at once.
+
+use crate::constrain::Grammar;
+use serde_json::{json, Value};
+
+/// A function the model may call: OpenAI's `{"type": "function", "function": {...}}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    /// 1 to 64 of `[A-Za-z0-9_-]` (OpenAI's rule; the grammar writes it as a literal).
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema for the arguments object.
+    pub parameters: Value,
+}
+
+impl Tool {
+    /// The tool as templates and the generic prompt show it (OpenAI's shape).
+    pub fn to_json(&self) -> Value {
+        let mut f = json!({"name": self.name, "parameters": self.parameters});
+        if let Some(d) = &self.description {
+            f["description"] = json!(d);
+        }
+        json!({"type": "function", "function": f})
+    }
+}
+
+/// Whether a name is one the grammar can write literally.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No calls: the tools are still shown to the model, the reply is text.
+    None,
+    /// Text or calls, the model's choice.
+    Auto,
+    /// At least one call.
+    Required,
+    /// One call of this tool.
+    Named(String),
+}
+
+/// A call read out of a reply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments object as JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// The grammar of a reply under `choice` (None for [`ToolChoice::None`]: unconstrained text).
+/// `parallel`: more than one call may follow (OpenAI's `parallel_tool_calls`).
+pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Grammar> {
+    let chosen: Vec<&Tool> = match choice {
+        ToolChoice::None => return None,
+        ToolChoice::Named(n) => tools.iter().filter(|t| &t.name == n).collect(),
+        ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
+    };
+    let mut g = String::new();
+    let calls = if parallel && !matches!(choice, ToolChoice::Named(_)) { "call (\"\\n\" call)*" } else { "call" };
+    match choice {
+        ToolChoice::Auto => g.push_str(&format!("start: TEXT | calls\nTEXT: /[^<](?s:.*)/\ncalls: {calls}\n")),
+        _ => g.push_str(&format!("start: calls\ncalls: {calls}\n")),
+    }
+    let alternatives: Vec<String> = (0..chosen.len()).map(|i| format!("call_{i}")).collect();
+    g.push_str(&format!("call: {}\n", alternatives.join(" | ")));
+    for (i, t) in chosen.iter().enumerate() {
+        // the same JSON layout as response_format's: "a": 1, no free whitespace
+        let mut schema = t.parameters.clone();
+        if let Value::Object(o) = &mut schema {
+            o.insert("x-guidance".into(), json!({"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false}));
+        }
+        let head = serde_json::to_string(&format!("{OPEN}\n{{\"name\": \"{}\", \"arguments\": ", t.name)).expect("a string serializes");
+        let tail = serde_json::to_string(&format!("}}\n{CLOSE}")).expect("a string serializes");
+        g.push_str(&format!("call_{i}: {head} args_{i} {tail}\nargs_{i}: %json {schema}\n"));
+    }
+    Some(Grammar::Lark(g))
+}
+
+/// The text before the first call (trimmed; None when empty) and the calls, from a reply
+/// written as [`grammar`] makes it. A call whose JSON does not parse, or has no string `name`,
+/// is left in the text.
+pub fn parse_reply(text: &str) -> (Option<String>, Vec<ToolCall>) {
+    let mut calls = Vec::new();
+    let mut content = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let Some(end) = after.find(CLOSE) else {
+            content.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        match serde_json::from_str::<Value>(after[..end].trim()) {
+            Ok(Value::Object(o)) if o.get("name").is_some_and(Value::is_string) => {
+                let arguments = o.get("arguments").cloned().unwrap_or(json!({}));
+                // arguments as OpenAI sends them: JSON text (a model may write a string of JSON)
+                let arguments = match arguments {
+                    Value::String(s) if serde_json::from_str::<Value>(&s).is_ok() => s,
+                    v => v.to_string(),
+                };
+                calls.push(ToolCall { name: o["name"].as_str().unwrap_or_default().to_string(), arguments });
+            }
+            _ => content.push_str(&rest[start..start + OPEN.len() + end + CLOSE.len()]),
+        }
+        rest = &after[end + CLOSE.len()..];
+    }
+    content.push_str(rest);
+    let content = content.trim();
+    ((!content.is_empty()).then(|| content.to_string()), calls)
+}
+
+/// An assistant turn's calls as the model writes them, for templates without tool support.
+pub fn render_calls(calls: &[ToolCall]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            let args = serde_json::from_str::<Value>(&c.arguments).unwrap_or(Value::String(c.arguments.clone()));
+            format!("{OPEN}\n{}\n{CLOSE}", json!({"name": c.name, "arguments": args}))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The system prompt that describes the tools to a model whose template has no tool support,
+/// in the words Qwen2.5's template uses (llama.cpp's generic tool prompt does the same).
+pub fn generic_prompt(tools: &[Tool]) -> String {
+    let list: Vec<String> = tools.iter().map(|t| t.to_json().to_string()).collect();
+    format!(
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+        list.join("\n")
+    )
+}
+
+/// A tool's result as the user turn that carries it, for templates without tool support.
+pub fn render_result(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_into_text_and_calls() {
+        let (c, calls) =
+            parse_reply("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>");
+        assert_eq!(c, None);
+        assert_eq!(calls, vec![ToolCall { name: "f".into(), arguments: "{\"a\":1}".into() }, ToolCall { name: "g".into(), arguments: "{}".into() }]);
+        let (c, calls) = parse_reply("Sure. <tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"b\\\": 2}\"}</tool_call>");
+        assert_eq!((c.as_deref(), calls[0].arguments.as_str()), (Some("Sure."), "{\"b\": 2}"));
+        let (c, calls) = parse_reply("no calls <tool_call>{broken</tool_call> <tool_call>unclosed");
+        assert!(calls.is_empty());
+        assert_eq!(c.as_deref(), Some("no calls <tool_call>{broken</tool_call> <tool_call>unclosed"));
+    }
+
+    #[test]
+    fn calls_render_as_they_parse() {
+        let calls = vec![ToolCall { name: "f".into(), arguments: "{\"a\": [1, 2]}".into() }];
+        let (c, back) = parse_reply(&render_calls(&calls));
+        assert_eq!((c, back[0].name.as_str(), serde_json::from_str::<Value>(&back[0].arguments).unwrap()), (None, "f", json!({"a": [1, 2]})));
+    }
+
+    #[test]
+    fn grammar_per_choice() {
+        let t = |n: &str| Tool { name: n.into(), description: None, parameters: json!({"type": "object"}) };
+        let tools = [t("a"), t("b")];
+        assert_eq!(grammar(&tools, &ToolChoice::None, true), None);
+        let Some(Grammar::Lark(auto)) = grammar(&tools, &ToolChoice::Auto, true) else { panic!() };
+        assert!(auto.starts_with("start: TEXT | calls") && auto.contains("call_1") && auto.contains("(\"\\n\" call)*"), "{auto}");
+        let Some(Grammar::Lark(named)) = grammar(&tools, &ToolChoice::Named("b".into()), true) else { panic!() };
+        assert!(named.starts_with("start: calls\ncalls: call\n") && named.contains("\\\"b\\\"") && !named.contains("\\\"a\\\""), "{named}");
+    }
+}
