@@ -35,8 +35,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use engine::{Event, Job, ModelInfo, Outcome, Stats};
+use nomoat_runtime::chat::Message;
 use nomoat_runtime::constrain::{Constrainer, Guide};
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
+use nomoat_runtime::tools::{self, ToolCall, ToolChoice};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -117,6 +119,8 @@ struct AppState {
     guard: prompt::Guard,
     /// Compiles `response_format` grammars; Err: why this tokenizer cannot have them.
     constrainer: Result<Constrainer, String>,
+    /// Whether the chat template shows tools itself (else the generic tool prompt is used).
+    template_tools: bool,
     jobs: mpsc::Sender<Job>,
     body_timeout: Duration,
     max_queue: usize,
@@ -201,10 +205,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Err(e) = &constrainer {
         eprintln!("note: {e}");
     }
+    let template_tools = info.template.as_ref().is_ok_and(|t| t.supports_tools());
     let state = Arc::new(AppState {
         info,
         guard,
         constrainer,
+        template_tools,
         jobs: jobs_tx,
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
         max_queue,
@@ -583,7 +589,7 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
     let random = mix(s.started ^ mix(id_n) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     // parsing, templating and tokenizing a large body takes a while: off the async workers
     let s2 = s.clone();
-    let (mut common, prompt, guide) =
+    let (mut common, prompt, guide, tools_active) =
         tokio::task::spawn_blocking(move || prepare(&s2, kind, &body, random)).await.map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))??;
     let n_ctx = s.info.n_ctx;
     if prompt.is_empty() {
@@ -653,35 +659,61 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
     let meta =
         Meta { kind, id: format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, mix(random)), created: unix_now(), model: s.model_id.clone() };
     let guard = CancelOnDrop(cancel);
+    // tool call ids: unique within the reply, unguessable across replies
+    let calls = tools_active.then_some(CallIds(mix(random ^ 0x746f_6f6c)));
     if common.stream {
-        Ok(stream_response(meta, ev_rx, guard, prompt_tokens, common.include_usage))
+        Ok(stream_response(meta, ev_rx, guard, prompt_tokens, common.include_usage, calls))
     } else {
-        collect_response(meta, ev_rx, guard, prompt_tokens).await
+        collect_response(meta, ev_rx, guard, prompt_tokens, calls).await
     }
 }
 
-/// The request's options, prompt tokens, and what steers its reply (its grammar, compiled
-/// here so that a schema that cannot be used is a 400 before the request is queued).
-fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>, Guide), ApiError> {
+/// The request's options, prompt tokens, what steers its reply (its grammar, compiled here so
+/// that a schema that cannot be used is a 400 before the request is queued), and whether tool
+/// calls are to be read out of the reply.
+fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>, Guide, bool), ApiError> {
     let o = api::parse_body(body)?;
     let common = api::parse_common(&o, &s.info.sampling, random_seed)?;
     let mut guide = Guide { logit_bias: api::parse_logit_bias(&o, s.info.n_vocab)?, ..Guide::default() };
-    if let Some(grammar) = api::parse_response_format(&o)? {
-        let c = s.constrainer.as_ref().map_err(|e| ApiError::param("response_format", e.clone()))?;
+    let constrainer = |param: &str| s.constrainer.as_ref().map_err(|e| ApiError::param(param, e.clone()));
+    let format = api::parse_response_format(&o)?;
+    if let Some(grammar) = &format {
         let param = if matches!(grammar, nomoat_runtime::constrain::Grammar::JsonSchema(_)) { "response_format.json_schema.schema" } else { "response_format" };
-        let constraint = c.compile(&grammar).map_err(|e| ApiError::param(param, format!("the schema cannot be used: {e}")).with_code("invalid_schema"))?;
+        let constraint = constrainer("response_format")?
+            .compile(grammar)
+            .map_err(|e| ApiError::param(param, format!("the schema cannot be used: {e}")).with_code("invalid_schema"))?;
+        guide.constraint = Some(constraint);
+    }
+    let (tools, choice, parallel) = api::parse_tools(&o)?;
+    let tools_active = !tools.is_empty() && choice != ToolChoice::None;
+    if tools_active && kind == Kind::Completion {
+        return Err(ApiError::param("tools", "tools are for /v1/chat/completions"));
+    }
+    if tools_active && format.is_some() {
+        return Err(ApiError::param("response_format", "response_format together with tools is not supported: send tool_choice \"none\" or leave response_format out"));
+    }
+    if let Some(grammar) = tools::grammar(&tools, &choice, parallel) {
+        let constraint = constrainer("tools")?
+            .compile(&grammar)
+            .map_err(|e| ApiError::param("tools", format!("a tool's parameters cannot be used: {e}")).with_code("invalid_schema"))?;
         guide.constraint = Some(constraint);
     }
     let tok = &s.info.tokenizer;
+    let prompt_error = |e| match e {
+        prompt::PromptError::Template(e) => ApiError::param("messages", e.to_string()),
+        prompt::PromptError::Tokenizer(e) => ApiError::invalid(format!("tokenizing the prompt: {e}")),
+    };
     let prompt = match kind {
         Kind::Chat => {
-            let messages = api::parse_messages(&o)?;
+            let messages = api::parse_chat_messages(&o)?;
             let template = s.info.template.as_ref().map_err(|e| ApiError::invalid(e.clone()).with_code("no_chat_template"))?;
             // the messages' text never becomes a control token (role injection)
-            prompt::chat_prompt(tok, &s.guard, template, &messages).map_err(|e| match e {
-                prompt::PromptError::Template(e) => ApiError::param("messages", e.to_string()),
-                prompt::PromptError::Tokenizer(e) => ApiError::invalid(format!("tokenizing the prompt: {e}")),
-            })?
+            if tools.is_empty() && messages.iter().all(|m| m.tool_calls.is_empty() && m.role != "tool") {
+                let plain: Vec<Message> = messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+                prompt::chat_prompt(tok, &s.guard, template, &plain).map_err(prompt_error)?
+            } else {
+                prompt::chat_prompt_with_tools(tok, &s.guard, template, s.template_tools, &messages, &tools).map_err(prompt_error)?
+            }
         }
         Kind::Completion => {
             api::check_completion_extras(&o)?;
@@ -691,7 +723,30 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
             }
         }
     };
-    Ok((common, prompt, guide))
+    Ok((common, prompt, guide, tools_active))
+}
+
+/// Makes the ids of a reply's tool calls: "call_" and 24 hex digits.
+struct CallIds(u64);
+
+/// A reply read as tool calls: the text before them (None when empty), and each call with its id.
+type ReadCalls = (Option<String>, Vec<(String, ToolCall)>);
+
+impl CallIds {
+    /// The calls of a reply with tools, with their ids, and the text before them; None when the
+    /// reply is text (it did not start with a call, or its calls do not parse).
+    fn read(&self, text: &str) -> Option<ReadCalls> {
+        if !text.starts_with('<') {
+            return None;
+        }
+        let (content, calls) = tools::parse_reply(text);
+        if calls.is_empty() {
+            return None;
+        }
+        let ids =
+            calls.into_iter().enumerate().map(|(i, c)| (format!("call_{:016x}{:08x}", mix(self.0 ^ i as u64), mix(self.0.wrapping_add(i as u64)) as u32), c)).collect();
+        Some((content, ids))
+    }
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -702,12 +757,21 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-async fn collect_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>, _guard: CancelOnDrop, prompt_tokens: usize) -> Result<Response, ApiError> {
+async fn collect_response(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    _guard: CancelOnDrop,
+    prompt_tokens: usize,
+    calls: Option<CallIds>,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
             Event::Done(Outcome { completion_tokens, finish, .. }) => {
+                if let Some((content, calls)) = calls.as_ref().and_then(|c| c.read(&text)) {
+                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, prompt_tokens, completion_tokens)).into_response());
+                }
                 return Ok(Json(meta.response(&text, finish_str(finish), prompt_tokens, completion_tokens)).into_response());
             }
             Event::Error(e) => return Err(ApiError::server(e)),
@@ -723,6 +787,10 @@ struct StreamState {
     done: bool,
     prompt_tokens: usize,
     include_usage: bool,
+    /// With tools: the ids to give calls; `held` keeps a reply that starts with '<' (calls,
+    /// by the tool grammar) until it is complete, to be sent as `delta.tool_calls`.
+    calls: Option<CallIds>,
+    held: Option<String>,
     _guard: CancelOnDrop,
 }
 
@@ -730,12 +798,12 @@ fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
-fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, prompt_tokens: usize, include_usage: bool) -> Response {
+fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, prompt_tokens: usize, include_usage: bool, calls: Option<CallIds>) -> Response {
     let mut pending = VecDeque::new();
     if meta.kind == Kind::Chat {
         pending.push_back(data(&meta.chunk(Some(""), true, None, include_usage)));
     }
-    let state = StreamState { meta, rx, pending, done: false, prompt_tokens, include_usage, _guard: guard };
+    let state = StreamState { meta, rx, pending, done: false, prompt_tokens, include_usage, calls, held: None, _guard: guard };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(ev) = st.pending.pop_front() {
@@ -746,11 +814,35 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: Cancel
             }
             match st.rx.recv().await {
                 Some(Event::Text(t)) => {
+                    // a reply with tools that starts with '<' is calls: held until complete
+                    if let Some(held) = st.held.as_mut() {
+                        held.push_str(&t);
+                        continue;
+                    }
+                    if st.calls.is_some() && t.starts_with('<') {
+                        st.held = Some(t);
+                        continue;
+                    }
                     let c = st.meta.chunk(Some(&t), false, None, st.include_usage);
                     st.pending.push_back(data(&c));
                 }
                 Some(Event::Done(o)) => {
-                    let c = st.meta.chunk(None, false, Some(finish_str(o.finish)), st.include_usage);
+                    let mut finish = finish_str(o.finish);
+                    if let Some(held) = st.held.take() {
+                        match st.calls.as_ref().and_then(|c| c.read(&held)) {
+                            Some((content, calls)) => {
+                                if let Some(text) = content {
+                                    st.pending.push_back(data(&st.meta.chunk(Some(&text), false, None, st.include_usage)));
+                                }
+                                for c in st.meta.tool_chunks(&calls, st.include_usage) {
+                                    st.pending.push_back(data(&c));
+                                }
+                                finish = "tool_calls";
+                            }
+                            None => st.pending.push_back(data(&st.meta.chunk(Some(&held), false, None, st.include_usage))),
+                        }
+                    }
+                    let c = st.meta.chunk(None, false, Some(finish), st.include_usage);
                     st.pending.push_back(data(&c));
                     if st.include_usage {
                         st.pending.push_back(data(&st.meta.usage_chunk(st.prompt_tokens, o.completion_tokens)));

@@ -243,6 +243,32 @@ fn structured_output_through_the_server() {
     assert!(content == "\"yes\"" || content == "\"no\"", "{content:?}");
     step("10 refused requests, then a good one", t);
 
+    // ---- tools on a template without tool support (SmolLM2's): the generic tool prompt, calls
+    // that fit the tool's parameters, a round trip with the result
+    let t = Instant::now();
+    let weather = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": false});
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": weather}}]);
+    let q = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let body = json!({"model": "m", "messages": q, "tools": tools, "tool_choice": "required", "temperature": 1.0, "seed": 4, "max_tokens": 60});
+    let (status, text) = s.post_raw(&body);
+    assert_eq!(status, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{r}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string() && ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()), "{args}");
+    let mut convo = q.as_array().unwrap().clone();
+    convo.push(choice["message"].clone());
+    convo.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"celsius\": 21}"}));
+    let (status, text) = s.post_raw(&json!({"model": "m", "messages": convo, "tools": tools, "tool_choice": "none", "temperature": 0, "max_tokens": 8}));
+    assert_eq!(status, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert!(r["choices"][0]["message"]["content"].is_string() && r["choices"][0]["message"].get("tool_calls").is_none(), "{r}");
+    s.refused(&json!({"model": "m", "messages": q, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice", "nope");
+    step("tools through the generic prompt", t);
+
     // ---- the official openai client: chat.completions.parse with a pydantic model
     let t = Instant::now();
     let out = Command::new("python3").arg(&script).args(["parse", &s.url("/v1"), "none", "m"]).output().expect("running python3");

@@ -152,11 +152,34 @@ impl ChatTemplate {
     /// Renders the conversation; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Render(describe(&e)))?;
         let messages: Vec<Value> = messages.iter().map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() }).collect();
+        self.render_values(messages, Value::from(()), add_generation_prompt)
+    }
+
+    /// Renders a conversation with tools, as Hugging Face's `apply_chat_template(messages,
+    /// tools=...)` does: `messages` as OpenAI sends them, with an assistant turn's
+    /// `tool_calls` ([{"id", "type", "function": {"name", "arguments"}}], arguments as an
+    /// object, which templates print with `tojson`) and `role: "tool"` turns with
+    /// `tool_call_id`; `tools` as OpenAI's [{"type": "function", "function": {...}}].
+    pub fn render_with_tools(&self, messages: &[serde_json::Value], tools: &[serde_json::Value], add_generation_prompt: bool) -> Result<String, ChatError> {
+        let messages: Vec<Value> = messages.iter().map(from_json).collect();
+        let tools = if tools.is_empty() { Value::from(()) } else { Value::from(tools.iter().map(from_json).collect::<Vec<_>>()) };
+        self.render_values(messages, tools, add_generation_prompt)
+    }
+
+    /// Whether the template shows the tools it is given (Qwen2.5's does, SmolLM2's does not):
+    /// a probe tool's name appears in the rendering, as llama.cpp tells.
+    pub fn supports_tools(&self) -> bool {
+        let probe =
+            serde_json::json!({"type": "function", "function": {"name": "nomoat_probe_tool", "description": "", "parameters": {"type": "object", "properties": {}}}});
+        self.render_with_tools(&[serde_json::json!({"role": "user", "content": "hi"})], &[probe], true).is_ok_and(|r| r.contains("nomoat_probe_tool"))
+    }
+
+    fn render_values(&self, messages: Vec<Value>, tools: Value, add_generation_prompt: bool) -> Result<String, ChatError> {
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Render(describe(&e)))?;
         let ctx = minijinja::context! {
             messages => messages,
-            tools => (),
+            tools => tools,
             documents => (),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
@@ -172,6 +195,22 @@ impl ChatTemplate {
             }
             ChatError::Render(describe(&e))
         })
+    }
+}
+
+/// A JSON value as the templates see it (objects keep their key order).
+fn from_json(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (_, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::from(a.iter().map(from_json).collect::<Vec<_>>()),
+        serde_json::Value::Object(o) => Value::from(o.iter().map(|(k, v)| (Value::from(k.as_str()), from_json(v))).collect::<indexmap::IndexMap<Value, Value>>()),
     }
 }
 

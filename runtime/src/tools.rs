@@ -30,10 +30,13 @@ pub struct Tool {
 impl Tool {
     /// The tool as templates and the generic prompt show it (OpenAI's shape).
     pub fn to_json(&self) -> Value {
-        let mut f = json!({"name": self.name, "parameters": self.parameters});
+        // OpenAI's key order: templates print the tool with tojson as it was sent
+        let mut f = serde_json::Map::new();
+        f.insert("name".into(), json!(self.name));
         if let Some(d) = &self.description {
-            f["description"] = json!(d);
+            f.insert("description".into(), json!(d));
         }
+        f.insert("parameters".into(), self.parameters.clone());
         json!({"type": "function", "function": f})
     }
 }

@@ -3,9 +3,9 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use nomoat_runtime::chat::Message;
 use nomoat_runtime::constrain::Grammar;
 use nomoat_runtime::sampler::SamplerConfig;
+use nomoat_runtime::tools::{self, Tool, ToolCall, ToolChoice};
 use serde_json::{json, Map, Value};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -193,11 +193,6 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
             return Err(ApiError::param("logprobs", "logprobs are not supported by this server"));
         }
     }
-    if let Some(v) = field(o, "tools") {
-        if !matches!(v, Value::Array(a) if a.is_empty()) {
-            return Err(ApiError::param("tools", "tools (function calling) are not supported by this server"));
-        }
-    }
     let mut sampler = SamplerConfig { seed: random_seed, ..defaults.clone() };
     if let Some(t) = opt_f32(o, "temperature")? {
         sampler.temperature = t;
@@ -342,9 +337,22 @@ pub fn parse_logit_bias(o: &Map<String, Value>, n_vocab: usize) -> Result<Vec<(u
     Ok(out)
 }
 
+/// One turn of a chat request: its role and text, an assistant turn's tool calls (id, call),
+/// a tool turn's `tool_call_id`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+    pub tool_calls: Vec<(String, ToolCall)>,
+    pub tool_call_id: Option<String>,
+}
+
 /// The `messages` of a chat request, as the template takes them (text content only; a list of
-/// `{"type": "text", "text"}` parts is joined; the "developer" role is the "system" one).
-pub fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+/// `{"type": "text", "text"}` parts is joined; the "developer" role is the "system" one), with
+/// the tool parts: an assistant turn's `tool_calls` ([{"id", "type": "function", "function":
+/// {"name", "arguments": JSON text}}], its content then optional) and a tool turn's
+/// `tool_call_id`.
+pub fn parse_chat_messages(o: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let msgs = match field(o, "messages") {
         None => return Err(ApiError::param("messages", "'messages' is required: a list of {\"role\", \"content\"} objects")),
         Some(Value::Array(a)) => a,
@@ -383,10 +391,125 @@ pub fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> 
             }
             Some(v) => return Err(ApiError::param(&format!("{p}.content"), format!("{p}.content must be a string or a list of text parts, got {}", type_name(v)))),
         };
+        let mut tool_calls = Vec::new();
+        match field(m, "tool_calls") {
+            None => {}
+            Some(Value::Array(calls)) if role == "assistant" => {
+                for (j, c) in calls.iter().enumerate() {
+                    let pp = format!("{p}.tool_calls[{j}]");
+                    let bad = || {
+                        ApiError::param(
+                            &pp,
+                            format!("{pp} must be {{\"id\": string, \"type\": \"function\", \"function\": {{\"name\": string, \"arguments\": JSON text}}}}"),
+                        )
+                    };
+                    let id = c.get("id").and_then(Value::as_str).ok_or_else(bad)?;
+                    let f = c.get("function").ok_or_else(bad)?;
+                    let name = f.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+                    let arguments = match f.get("arguments") {
+                        Some(Value::String(a)) if serde_json::from_str::<Value>(a).is_ok() => a.clone(),
+                        Some(Value::String(_)) => return Err(ApiError::param(&format!("{pp}.function.arguments"), format!("{pp}.function.arguments must be JSON text"))),
+                        // an object as some clients send it
+                        Some(v @ Value::Object(_)) => v.to_string(),
+                        _ => return Err(bad()),
+                    };
+                    tool_calls.push((id.to_string(), ToolCall { name: name.to_string(), arguments }));
+                }
+            }
+            Some(_) if role != "assistant" => {
+                return Err(ApiError::param(&format!("{p}.tool_calls"), format!("only assistant messages have tool_calls ({p} is '{role}')")))
+            }
+            Some(v) => return Err(ApiError::param(&format!("{p}.tool_calls"), format!("{p}.tool_calls must be a list, got {}", type_name(v)))),
+        }
+        let tool_call_id = match field(m, "tool_call_id") {
+            None if role == "tool" => return Err(ApiError::param(&format!("{p}.tool_call_id"), format!("{p} is a tool result without 'tool_call_id'"))),
+            None => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(v) => return Err(ApiError::param(&format!("{p}.tool_call_id"), format!("{p}.tool_call_id must be a string, got {}", type_name(v)))),
+        };
         let role = if role == "developer" { "system".to_string() } else { role };
-        out.push(Message { role, content });
+        out.push(ChatMessage { role, content, tool_calls, tool_call_id });
     }
     Ok(out)
+}
+
+/// Most tools a request may offer.
+pub const MAX_TOOLS: usize = 128;
+
+/// `tools` ([{"type": "function", "function": {"name", "description", "parameters", "strict"}}]),
+/// `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}};
+/// "auto" by default when there are tools) and `parallel_tool_calls` (default true).
+pub fn parse_tools(o: &Map<String, Value>) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+    let mut tools = Vec::new();
+    match field(o, "tools") {
+        None => {}
+        Some(Value::Array(list)) => {
+            if list.len() > MAX_TOOLS {
+                return Err(ApiError::param("tools", format!("at most {MAX_TOOLS} tools, got {}", list.len())));
+            }
+            for (i, t) in list.iter().enumerate() {
+                let p = format!("tools[{i}]");
+                if t.get("type").and_then(Value::as_str) != Some("function") {
+                    return Err(ApiError::param(&p, format!("{p} must be {{\"type\": \"function\", \"function\": {{...}}}}")));
+                }
+                let Some(Value::Object(f)) = t.get("function") else {
+                    return Err(ApiError::param(&format!("{p}.function"), format!("{p}.function must be an object")));
+                };
+                let name = match f.get("name") {
+                    Some(Value::String(n)) if tools::valid_name(n) => n.clone(),
+                    _ => return Err(ApiError::param(&format!("{p}.function.name"), format!("{p}.function.name must be 1 to 64 letters, digits, '_' or '-'"))),
+                };
+                if tools.iter().any(|t: &Tool| t.name == name) {
+                    return Err(ApiError::param(&format!("{p}.function.name"), format!("two tools are named '{name}'")));
+                }
+                let description = match field(f, "description") {
+                    None => None,
+                    Some(Value::String(d)) => Some(d.clone()),
+                    Some(v) => {
+                        return Err(ApiError::param(&format!("{p}.function.description"), format!("{p}.function.description must be a string, got {}", type_name(v))))
+                    }
+                };
+                let parameters = match field(f, "parameters") {
+                    None => json!({"type": "object", "properties": {}}),
+                    Some(v @ Value::Object(_)) => v.clone(),
+                    Some(v) => {
+                        return Err(ApiError::param(
+                            &format!("{p}.function.parameters"),
+                            format!("{p}.function.parameters must be a JSON schema object, got {}", type_name(v)),
+                        ))
+                    }
+                };
+                opt_bool(f, "strict").map_err(|e| e.with_param(&format!("{p}.function.strict")))?;
+                tools.push(Tool { name, description, parameters });
+            }
+        }
+        Some(v) => return Err(ApiError::param("tools", format!("'tools' must be a list, got {}", type_name(v)))),
+    }
+    let choice = match field(o, "tool_choice") {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(c)) if c == "none" => ToolChoice::None,
+        Some(Value::String(c)) if c == "auto" => ToolChoice::Auto,
+        Some(Value::String(c)) if c == "required" => ToolChoice::Required,
+        Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(n) if tools.iter().any(|t| t.name == n) => ToolChoice::Named(n.to_string()),
+            Some(n) => return Err(ApiError::param("tool_choice", format!("tool_choice names '{n}', which is not one of the tools"))),
+            None => {
+                return Err(ApiError::param(
+                    "tool_choice",
+                    "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(ApiError::param("tool_choice", format!("tool_choice must be \"none\", \"auto\", \"required\" or a named function, got {v}")));
+        }
+    };
+    if tools.is_empty() && matches!(choice, ToolChoice::Auto | ToolChoice::Required) {
+        return Err(ApiError::param("tool_choice", "tool_choice asks for tool calls, but the request has no tools"));
+    }
+    let parallel = opt_bool(o, "parallel_tool_calls")?.unwrap_or(true);
+    Ok((tools, choice, parallel))
 }
 
 /// The `prompt` of a completions request.
@@ -479,6 +602,35 @@ impl Meta {
         v
     }
 
+    /// The non-streaming chat response of a reply with tool calls: content null unless text
+    /// came before the calls, finish_reason "tool_calls".
+    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], prompt_tokens: usize, completion_tokens: usize) -> Value {
+        let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
+        let message = json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls});
+        let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": null, "finish_reason": "tool_calls"}]));
+        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v
+    }
+
+    /// The streamed pieces of tool calls, as OpenAI sends them: per call, one chunk with its
+    /// index, id, type and name (arguments ""), then one with its arguments.
+    pub fn tool_chunks(&self, calls: &[(String, ToolCall)], include_usage: bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (i, (id, c)) in calls.iter().enumerate() {
+            for delta in [
+                json!({"tool_calls": [{"index": i, "id": id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}),
+                json!({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]}),
+            ] {
+                let mut v = self.base("chat.completion.chunk", json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]));
+                if include_usage {
+                    v["usage"] = Value::Null;
+                }
+                out.push(v);
+            }
+        }
+        out
+    }
+
     /// A streamed chunk: `delta` content (chat) or text (completions); `role` in the first
     /// chat chunk; `finish` in the last. With include_usage every chunk has `"usage": null`.
     pub fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>, include_usage: bool) -> Value {
@@ -524,6 +676,7 @@ pub fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nomoat_runtime::chat::Message;
 
     fn obj(s: &str) -> Map<String, Value> {
         parse_body(s.as_bytes()).unwrap()
@@ -569,6 +722,48 @@ mod tests {
             let e = parse_common(&obj(body), &SamplerConfig::default(), 0).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+
+    fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+        Ok(parse_chat_messages(o)?.into_iter().map(|m| Message { role: m.role, content: m.content }).collect())
+    }
+
+    #[test]
+    fn tool_parts() {
+        let m = parse_chat_messages(&obj(
+            r#"{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(m[0].tool_calls, vec![("c1".to_string(), ToolCall { name: "f".into(), arguments: "{\"a\": 1}".into() })]);
+        assert_eq!((m[1].role.as_str(), m[1].tool_call_id.as_deref(), m[1].content.as_str()), ("tool", Some("c1"), "42"));
+        for (body, param) in [
+            (r#"{"messages": [{"role": "tool", "content": "x"}]}"#, "messages[0].tool_call_id"),
+            (r#"{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}"#, "messages[0].tool_calls"),
+            (
+                r#"{"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}]}"#,
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+        ] {
+            assert_eq!(parse_chat_messages(&obj(body)).unwrap_err().param.as_deref(), Some(param), "{body}");
+        }
+        let tool = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
+        let (tools, choice, parallel) = parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "parallel_tool_calls": false}}"#))).unwrap();
+        assert_eq!((tools.len(), choice, parallel), (1, ToolChoice::Auto, false));
+        let (_, choice, _) =
+            parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "get_weather"}}}}}}"#))).unwrap();
+        assert_eq!(choice, ToolChoice::Named("get_weather".into()));
+        assert_eq!(parse_tools(&obj("{}")).unwrap().1, ToolChoice::None);
+        for (body, needle) in [
+            (format!(r#"{{"tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "nope"}}}}}}"#), "not one of the tools"),
+            (r#"{"tool_choice": "required"}"#.to_string(), "no tools"),
+            (format!(r#"{{"tools": [{tool}], "tool_choice": "sometimes"}}"#), "tool_choice must be"),
+            (r#"{"tools": [{"type": "function", "function": {"name": "a b"}}]}"#.to_string(), "letters"),
+            (format!(r#"{{"tools": [{tool}, {tool}]}}"#), "two tools"),
+            (r#"{"tools": [{"type": "retrieval"}]}"#.to_string(), "function"),
+        ] {
+            let e = parse_tools(&obj(&body)).unwrap_err();
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
     }
 

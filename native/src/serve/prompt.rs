@@ -12,8 +12,11 @@
 //! with it (`trim`, comparisons of roles) sees what it would have seen. A [`MARK`] in a message
 //! is written twice and read back as itself.
 
+use super::api::ChatMessage;
 use nomoat_runtime::chat::{ChatError, ChatTemplate, Message};
 use nomoat_runtime::tokenizer::{Tokenizer, TokenizerError};
+use nomoat_runtime::tools::{self, Tool};
+use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashSet};
 
 /// U+FDD0, a Unicode noncharacter: never meaningful in interchanged text.
@@ -108,6 +111,86 @@ pub fn unmark(rendered: &str) -> (String, Vec<usize>) {
 pub fn chat_prompt(tok: &Tokenizer, guard: &Guard, template: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>, PromptError> {
     let marked: Vec<Message> = messages.iter().map(|m| Message { role: guard.mark(tok, &m.role), content: guard.mark(tok, &m.content) }).collect();
     let rendered = template.render(&marked, true).map_err(PromptError::Template)?;
+    let (text, literal) = unmark(&rendered);
+    tok.encode_with_literal(&text, false, &literal).map_err(PromptError::Tokenizer)
+}
+
+/// `value` with every string in it (object keys too) marked: a tool's description or a call's
+/// arguments are request text that templates print, as messages are.
+fn mark_json(tok: &Tokenizer, guard: &Guard, value: &Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(guard.mark(tok, s)),
+        Value::Array(a) => Value::Array(a.iter().map(|v| mark_json(tok, guard, v)).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (guard.mark(tok, k), mark_json(tok, guard, v))).collect()),
+        v => v.clone(),
+    }
+}
+
+/// The prompt of a chat request with tools or tool turns: through the template's own tool
+/// support where it has it (`supports_tools`), else as plain turns: the generic tool prompt
+/// joined to the system prompt, calls written as the model should write them, results as user
+/// turns.
+pub fn chat_prompt_with_tools(
+    tok: &Tokenizer,
+    guard: &Guard,
+    template: &ChatTemplate,
+    supports_tools: bool,
+    messages: &[ChatMessage],
+    tools: &[Tool],
+) -> Result<Vec<u32>, PromptError> {
+    if !supports_tools {
+        let mut plain: Vec<Message> = Vec::new();
+        if !tools.is_empty() {
+            let prompt = tools::generic_prompt(tools);
+            match messages.first() {
+                Some(m) if m.role == "system" => plain.push(Message::system(format!("{}\n\n{prompt}", m.content))),
+                _ => plain.push(Message::system(prompt)),
+            }
+        }
+        let skip = usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+        for m in &messages[skip..] {
+            match m.role.as_str() {
+                "assistant" if !m.tool_calls.is_empty() => {
+                    let calls: Vec<_> = m.tool_calls.iter().map(|(_, c)| c.clone()).collect();
+                    let text = [m.content.trim(), &tools::render_calls(&calls)].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join("\n");
+                    plain.push(Message::assistant(text));
+                }
+                // consecutive results go in one user turn, as Qwen2.5's template puts them
+                "tool" => match plain.last_mut() {
+                    Some(last) if last.role == "user" && last.content.starts_with("<tool_response>") => {
+                        last.content = format!("{}\n{}", last.content, tools::render_result(&m.content))
+                    }
+                    _ => plain.push(Message::user(tools::render_result(&m.content))),
+                },
+                _ => plain.push(Message::new(m.role.clone(), m.content.clone())),
+            }
+        }
+        return chat_prompt(tok, guard, template, &plain);
+    }
+    let turns: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let mut t = json!({"role": m.role, "content": m.content});
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<Value> = m
+                    .tool_calls
+                    .iter()
+                    .map(|(id, c)| {
+                        // templates print the arguments with tojson: an object, not its text
+                        let args = serde_json::from_str::<Value>(&c.arguments).unwrap_or(Value::String(c.arguments.clone()));
+                        json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                    })
+                    .collect();
+                t["tool_calls"] = Value::Array(calls);
+            }
+            if let Some(id) = &m.tool_call_id {
+                t["tool_call_id"] = json!(id);
+            }
+            mark_json(tok, guard, &t)
+        })
+        .collect();
+    let tools: Vec<Value> = tools.iter().map(|t| mark_json(tok, guard, &t.to_json())).collect();
+    let rendered = template.render_with_tools(&turns, &tools, true).map_err(PromptError::Template)?;
     let (text, literal) = unmark(&rendered);
     tok.encode_with_literal(&text, false, &literal).map_err(PromptError::Tokenizer)
 }
