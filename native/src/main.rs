@@ -112,6 +112,11 @@ enum Command {
         /// optimizer step over the pp test's tokens, as a trainN row
         #[arg(long)]
         train: bool,
+        /// Also measure decoding under a grammar (--json-schema FILE, --grammar FILE or --regex
+        /// RE): greedy, one token a step through the GPU's masked argmax, as a "tgN constrained"
+        /// row, with the mask time per token and the compile time
+        #[command(flatten)]
+        constraint: ConstraintArgs,
     },
     /// Describe a GGUF file and the device
     Info {
@@ -461,7 +466,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Finetune(a)) => finetune::run(a),
-        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile, train }) => bench(&m, n_prompt, n_gen, n_depth, reps, json, profile, train),
+        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile, train, constraint }) => {
+            bench(&m, n_prompt, n_gen, n_depth, reps, json, profile, train, &constraint)
+        }
         Some(Command::Logits { m, prompt, ids, top }) => {
             let l = load(&m, true)?;
             let ids = match (ids, prompt) {
@@ -540,8 +547,54 @@ fn bench_train(l: &Loaded, ids: &[u32], reps: usize) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
+/// What `nomoat bench` measures under a grammar.
+struct ConstrainedBench {
+    tok_s: Vec<f64>,
+    mask_ms_per_token: f64,
+    compile_ms: f64,
+    /// Tokens the grammar forced (fed without sampling where generation fast-forwards), of all.
+    forced_share: f64,
+}
+
+/// Greedy decoding of n_gen tokens under `constraint`'s grammar, one token a step (each
+/// through the GPU's masked argmax, with the step's mask computed first), as tg measures
+/// unconstrained decoding: tokens the grammar forces are stepped too, so the two rows compare
+/// the cost per token. When the grammar completes, it starts again (the compile untimed).
+fn bench_constrained(l: &Loaded, s: &mut Session<'_>, constraint: &ConstraintArgs, n_gen: usize, depth: &[u32], reps: usize) -> Result<Option<ConstrainedBench>> {
+    let Some(c) = constraint.constrainer(&l.gguf)? else { return Ok(None) };
+    let grammar = constraint.grammar()?.expect("a constrainer comes with a grammar");
+    let mut compile_ms = f64::INFINITY;
+    let mut compile = || -> Result<nomoat_runtime::constrain::Constraint> {
+        let k = c.compile(&grammar).context("the grammar cannot be used")?;
+        compile_ms = compile_ms.min(k.compile_seconds * 1e3);
+        Ok(k)
+    };
+    let (mut tok_s, mut mask_s, mut masks, mut forced, mut all) = (Vec::new(), 0.0, 0usize, 0usize, 0usize);
+    for _ in 0..reps.max(1) {
+        s.reset();
+        pollster::block_on(s.eval(depth))?;
+        let mut k = compile()?;
+        let mut next = 1u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n_gen {
+            let m0 = std::time::Instant::now();
+            let mask = k.mask()?;
+            mask_s += m0.elapsed().as_secs_f64();
+            masks += 1;
+            forced += usize::from(mask.count() == 1);
+            all += 1;
+            next = pollster::block_on(s.eval_top_k_masked(&[next], 1, &mask.words))?.first().map(|b| b.0).context("no allowed token")?;
+            if k.is_end(next) || k.accept(next).is_err() || k.is_done() {
+                k = compile()?;
+            }
+        }
+        tok_s.push(n_gen as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(Some(ConstrainedBench { tok_s, mask_ms_per_token: mask_s * 1e3 / masks.max(1) as f64, compile_ms, forced_share: forced as f64 / all.max(1) as f64 }))
+}
+
 #[allow(clippy::too_many_arguments)]
-fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool, train: bool) -> Result<()> {
+fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usize, json: bool, profile: bool, train: bool, constraint: &ConstraintArgs) -> Result<()> {
     let t_load = std::time::Instant::now();
     let l = load_profiled(m, json, profile)?;
     if profile && !l.gpu.profiling() {
@@ -605,6 +658,10 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
     if train {
         rows.push((format!("train{n_prompt}"), bench_train(&l, &ids[..n_prompt], reps)?));
     }
+    let constrained = bench_constrained(&l, &mut s, constraint, n_gen, depth, reps)?;
+    if let Some(b) = &constrained {
+        rows.push((format!("tg{n_gen} constrained"), b.tok_s.clone()));
+    }
     // GPU time per kernel: one more pp and one more tg run, each profiled on its own
     let mut profiles = Vec::new();
     if profile {
@@ -635,6 +692,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
             serde_json::json!({
                 "model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests,
                 "load_s": load_s, "ttft32_ms": ttft_ms, "n_vocab": c.n_vocab,
+                "constrained": constrained.as_ref().map(|b| serde_json::json!({"mask_ms_per_token": b.mask_ms_per_token, "compile_ms": b.compile_ms, "forced_share": b.forced_share})),
                 "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
                 "profile": profiles.iter().map(|(test, tokens, kernels)| serde_json::json!({
                     "test": test, "tokens": tokens,
@@ -654,6 +712,15 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         println!("decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)", bytes_per_token as f64 / 1e6);
         if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
             println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
+            if let Some(b) = &constrained {
+                println!(
+                    "constrained: {:.0}% of unconstrained tg; mask {:.3} ms per token; compile {:.2} ms; {:.0}% of the steps had one allowed token (fed without sampling in generation)",
+                    100.0 * mean_std(&b.tok_s).0 / mean_std(tg).0,
+                    b.mask_ms_per_token,
+                    b.compile_ms,
+                    100.0 * b.forced_share
+                );
+            }
         }
         for (test, tokens, kernels) in &profiles {
             let total: f64 = kernels.iter().map(|k| k.seconds).sum();
