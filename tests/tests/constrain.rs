@@ -317,7 +317,7 @@ fn gpu_masked_sampling_picks_what_the_masked_logits_give() {
         let prompt = tok.encode("hello world", false, false).unwrap();
         for (i, cfg) in configs.iter().enumerate() {
             let opts = GenerateOptions { max_tokens: 60, sampler: SamplerConfig { seed: 40 + i as u64, ..cfg.clone() }, ..GenerateOptions::default() };
-            let mut run = |bias: Vec<(u32, f32)>| {
+            let run = |bias: Vec<(u32, f32)>| {
                 let mut s = pollster::block_on(Session::new(&model, gpu, 256, KvType::F32, false)).unwrap();
                 let mut guide = Guide { logit_bias: bias, ..Guide::with_constraint(c.compile(&Grammar::JsonSchema(schema.clone())).unwrap()) };
                 pollster::block_on(s.generate_guided(&tok, &prompt, &opts, &mut guide, &mut |_| true, &|| false, &mut |_| {})).unwrap()
