@@ -169,6 +169,15 @@ fn bench_prints_its_table_and_measures_at_a_depth() {
     // the tiny model was trained on 256 tokens: a depth past that is refused, naming both
     let (ok, _, err) = nomoat(&["bench", "-m", &tiny, "-p", "16", "-n", "8", "-d", "300", "-r", "1"]);
     assert!(!ok && err.contains("300") && err.contains("256"), "{err}");
+    // under a grammar: a constrained row, the mask time and the compile time
+    let schema = format!("{}/../bench/schemas/nested.json", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = nomoat(&["bench", "-m", &tiny, "-p", "4", "-n", "12", "-r", "1", "--json-schema", &schema, "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let names: Vec<&str> = v["tests"].as_array().unwrap().iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp4", "tg12", "tg12 constrained"]);
+    let c = &v["constrained"];
+    assert!(c["mask_ms_per_token"].as_f64().unwrap() > 0.0 && c["compile_ms"].as_f64().unwrap() > 0.0 && c["forced_share"].as_f64().unwrap() > 0.0, "{out}");
 }
 
 /// `--json-schema`, `--regex` and `--grammar` (issue #18) on run and chat: sampled replies fit,
