@@ -38,6 +38,7 @@ use engine::{Event, Job, ModelInfo, Outcome, Stats};
 use nomoat_runtime::chat::Message;
 use nomoat_runtime::constrain::{Constrainer, Guide};
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
+use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::tools::{self, ToolCall, ToolChoice};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -661,10 +662,11 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
     let guard = CancelOnDrop(cancel);
     // tool call ids: unique within the reply, unguessable across replies
     let calls = tools_active.then_some(CallIds(mix(random ^ 0x746f_6f6c)));
+    let logprobs = common.logprobs.map(|_| s.info.tokenizer.clone());
     if common.stream {
-        Ok(stream_response(meta, ev_rx, guard, prompt_tokens, common.include_usage, calls))
+        Ok(stream_response(meta, ev_rx, guard, prompt_tokens, common.include_usage, calls, logprobs))
     } else {
-        collect_response(meta, ev_rx, guard, prompt_tokens, calls).await
+        collect_response(meta, ev_rx, guard, prompt_tokens, calls, logprobs).await
     }
 }
 
@@ -674,7 +676,7 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
 fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>, Guide, bool), ApiError> {
     let o = api::parse_body(body)?;
     let common = api::parse_common(&o, &s.info.sampling, random_seed)?;
-    let mut guide = Guide { logit_bias: api::parse_logit_bias(&o, s.info.n_vocab)?, ..Guide::default() };
+    let mut guide = Guide { logit_bias: api::parse_logit_bias(&o, s.info.n_vocab)?, top_logprobs: common.logprobs, ..Guide::default() };
     let constrainer = |param: &str| s.constrainer.as_ref().map_err(|e| ApiError::param(param, e.clone()));
     let format = api::parse_response_format(&o)?;
     if let Some(grammar) = &format {
@@ -757,22 +759,25 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
+/// `logprobs`: the tokenizer that names the tokens, when the request asked for them.
 async fn collect_response(
     meta: Meta,
     mut rx: mpsc::UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
     prompt_tokens: usize,
     calls: Option<CallIds>,
+    logprobs: Option<Arc<Tokenizer>>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
-            Event::Done(Outcome { completion_tokens, finish, .. }) => {
+            Event::Done(Outcome { completion_tokens, finish, logprobs: entries }) => {
+                let lp = logprobs.as_ref().map_or(Value::Null, |tok| api::logprobs_json(tok, &entries));
                 if let Some((content, calls)) = calls.as_ref().and_then(|c| c.read(&text)) {
-                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, prompt_tokens, completion_tokens)).into_response());
+                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, prompt_tokens, completion_tokens, lp)).into_response());
                 }
-                return Ok(Json(meta.response(&text, finish_str(finish), prompt_tokens, completion_tokens)).into_response());
+                return Ok(Json(meta.response(&text, finish_str(finish), prompt_tokens, completion_tokens, lp)).into_response());
             }
             Event::Error(e) => return Err(ApiError::server(e)),
         }
@@ -791,6 +796,9 @@ struct StreamState {
     /// by the tool grammar) until it is complete, to be sent as `delta.tool_calls`.
     calls: Option<CallIds>,
     held: Option<String>,
+    /// The tokenizer that names the tokens when logprobs were asked for: they come with the
+    /// last chunk (the finish_reason's), all of them.
+    logprobs: Option<Arc<Tokenizer>>,
     _guard: CancelOnDrop,
 }
 
@@ -798,12 +806,20 @@ fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
-fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, prompt_tokens: usize, include_usage: bool, calls: Option<CallIds>) -> Response {
+fn stream_response(
+    meta: Meta,
+    rx: mpsc::UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+    prompt_tokens: usize,
+    include_usage: bool,
+    calls: Option<CallIds>,
+    logprobs: Option<Arc<Tokenizer>>,
+) -> Response {
     let mut pending = VecDeque::new();
     if meta.kind == Kind::Chat {
         pending.push_back(data(&meta.chunk(Some(""), true, None, include_usage)));
     }
-    let state = StreamState { meta, rx, pending, done: false, prompt_tokens, include_usage, calls, held: None, _guard: guard };
+    let state = StreamState { meta, rx, pending, done: false, prompt_tokens, include_usage, calls, held: None, logprobs, _guard: guard };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(ev) = st.pending.pop_front() {
@@ -842,7 +858,10 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, guard: Cancel
                             None => st.pending.push_back(data(&st.meta.chunk(Some(&held), false, None, st.include_usage))),
                         }
                     }
-                    let c = st.meta.chunk(None, false, Some(finish), st.include_usage);
+                    let mut c = st.meta.chunk(None, false, Some(finish), st.include_usage);
+                    if let Some(tok) = &st.logprobs {
+                        c["choices"][0]["logprobs"] = api::logprobs_json(tok, &o.logprobs);
+                    }
                     st.pending.push_back(data(&c));
                     if st.include_usage {
                         st.pending.push_back(data(&st.meta.usage_chunk(st.prompt_tokens, o.completion_tokens)));

@@ -1,7 +1,8 @@
 //! Structured output through `nomoat serve` (issue #18): `response_format` json_object and
 //! json_schema sampled at temperature 1.0, every reply validated by Python's `jsonschema`;
-//! `seed` reproducible under a schema; `logit_bias`; OpenAI-style 400s for schemas that cannot
-//! be used; then `client.chat.completions.parse` with a pydantic model
+//! `seed` reproducible under a schema; `logit_bias`; `logprobs`; OpenAI-style 400s for schemas
+//! that cannot be used; tools through the generic prompt; then `client.chat.completions.parse`
+//! with a pydantic model
 //! (tests/server/structured_test.py). One server (SmolLM2 135M) serves every step.
 
 #[allow(dead_code)] // the other server tests use the rest
@@ -242,6 +243,44 @@ fn structured_output_through_the_server() {
     let (content, _) = s.chat(&ask("Say yes or no in JSON.", fmt(json!({"enum": ["yes", "no"]})), json!({"temperature": 0})));
     assert!(content == "\"yes\"" || content == "\"no\"", "{content:?}");
     step("10 refused requests, then a good one", t);
+
+    // ---- logprobs / top_logprobs: one entry a generated token (forced ones under a schema
+    // too), greedy picks its own top entry, the tokens spell the reply; streamed, the same
+    let t = Instant::now();
+    for (format, max) in [(json!({"type": "text"}), 6), (schema_format("person", &schemas()[0].2), 60)] {
+        let body = ask("Give a made-up person as JSON.", format, json!({"temperature": 0, "max_tokens": max, "logprobs": true, "top_logprobs": 3}));
+        let (status, text) = s.post_raw(&body);
+        assert_eq!(status, 200, "{text}");
+        let r: Value = serde_json::from_str(&text).unwrap();
+        let content = r["choices"][0]["message"]["content"].as_str().unwrap();
+        let entries = r["choices"][0]["logprobs"]["content"].as_array().unwrap_or_else(|| panic!("{r}"));
+        assert_eq!(entries.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap(), "{r}");
+        let mut bytes = Vec::new();
+        for e in entries {
+            let lp = e["logprob"].as_f64().unwrap();
+            let top = e["top_logprobs"].as_array().unwrap();
+            assert!(lp <= 0.0 && top.len() == 3, "{e}");
+            assert!(top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{e}");
+            assert!(lp <= top[0]["logprob"].as_f64().unwrap() + 1e-6, "{e}");
+            bytes.extend(e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+        }
+        assert_eq!(String::from_utf8_lossy(&bytes), content, "{r}");
+        if max == 6 {
+            // greedy and unconstrained: each token is its step's most likely
+            assert!(entries.iter().all(|e| e["token"] == e["top_logprobs"][0]["token"]), "{r}");
+        } else {
+            serde_json::from_str::<Value>(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+        }
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (status, sse) = s.post_raw(&streamed);
+        assert_eq!(status, 200);
+        let last = sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().unwrap();
+        let last: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(&last["choices"][0]["logprobs"]["content"], &r["choices"][0]["logprobs"]["content"], "streamed logprobs differ");
+    }
+    s.refused(&ask("Hi", json!({"type": "text"}), json!({"top_logprobs": 2})), "top_logprobs", "logprobs");
+    step("logprobs", t);
 
     // ---- tools on a template without tool support (SmolLM2's): the generic tool prompt, calls
     // that fit the tool's parameters, a round trip with the result

@@ -341,18 +341,49 @@ impl Constraint {
 }
 
 /// What a generation is steered by besides its sampler: a grammar and a logit bias (OpenAI's
-/// `logit_bias`: added to the token's logit before sampling).
+/// `logit_bias`: added to the token's logit before sampling), and whether it records
+/// log-probabilities.
 #[derive(Debug, Default)]
 pub struct Guide {
     pub constraint: Option<Constraint>,
     pub logit_bias: Vec<(u32, f32)>,
+    /// Some(n): record each generated token's log-probability and the n most likely tokens'
+    /// (OpenAI's `logprobs` / `top_logprobs`) into `logprobs`. The model's distribution, logit
+    /// bias included and grammar left out; every logit is read back, and forced tokens are
+    /// stepped one by one so that each has its own.
+    pub top_logprobs: Option<usize>,
+    pub logprobs: Vec<TokenLogprob>,
     /// Time spent computing masks (seconds), for the benchmark and the server's log.
     pub mask_seconds: f64,
 }
 
+/// A generated token's log-probability, with the most likely tokens' at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// log Σ exp(logits) (NaN left out): log p(i) = logits[i] - this.
+    pub fn log_sum_exp(logits: &[f32]) -> f64 {
+        let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+        if max == f64::NEG_INFINITY {
+            return max;
+        }
+        max + logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+    }
+
+    /// The n most likely tokens' log-probabilities (highest first, the lower id first on ties).
+    pub fn top(logits: &[f32], n: usize, lse: f64) -> Vec<(u32, f32)> {
+        crate::reference::top_k(logits, n).into_iter().map(|(i, l)| (i as u32, (l as f64 - lse) as f32)).collect()
+    }
+}
+
 impl Guide {
     pub fn is_empty(&self) -> bool {
-        self.constraint.is_none() && self.logit_bias.is_empty()
+        self.constraint.is_none() && self.logit_bias.is_empty() && self.top_logprobs.is_none()
     }
 
     pub fn with_constraint(constraint: Constraint) -> Guide {

@@ -3,7 +3,7 @@
 //! in whole UTF-8 pieces, stopped by end-of-generation tokens, stop strings or the token budget.
 
 use crate::chat::StopMatcher;
-use crate::constrain::Guide;
+use crate::constrain::{Guide, TokenLogprob};
 use crate::error::ModelError;
 use crate::ops::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
@@ -175,7 +175,10 @@ impl Session<'_> {
             let mut feed = vec![next];
             if let Some(c) = guide.constraint.as_mut() {
                 c.accept(next).map_err(|e| ModelError::Invalid(format!("constrained generation: {e}")))?;
-                feed.extend(c.forced());
+                // with log-probabilities, forced tokens are stepped (each needs its logits)
+                if guide.top_logprobs.is_none() {
+                    feed.extend(c.forced());
+                }
             }
             for &id in &feed {
                 sampler.accept(id);
@@ -215,6 +218,8 @@ impl Session<'_> {
         }
         out.gen_seconds = gen_start.elapsed().as_secs_f64();
         out.mask_seconds = guide.mask_seconds;
+        // the end token's entry (not part of the reply) goes
+        guide.logprobs.truncate(out.tokens.len());
         Ok(out)
     }
 
@@ -273,7 +278,8 @@ impl Session<'_> {
             }
             None => None,
         };
-        if let (Some(mask), true, Some(k)) = (&mask, guide.logit_bias.is_empty(), sampler.config().best_logits_needed(MAX_TOP_K as usize)) {
+        let plain = guide.logit_bias.is_empty() && guide.top_logprobs.is_none();
+        if let (Some(mask), true, Some(k)) = (&mask, plain, sampler.config().best_logits_needed(MAX_TOP_K as usize)) {
             // the GPU selects the k best among the allowed tokens: k values read back
             let best = self.eval_top_k_masked(ids, k as u32, &mask.words).await?;
             if best.is_empty() {
@@ -288,12 +294,31 @@ impl Session<'_> {
                 *l += bias;
             }
         }
-        let Some(mask) = mask else { return Ok(sampler.sample(&logits)) };
-        mask.apply(&mut logits);
-        let id = sampler.sample(&logits);
-        // every allowed logit NaN or -inf: the sampler's fallback is token 0, which the grammar
-        // may not allow; the lowest allowed id keeps the reply inside the grammar
-        Ok(if mask.allows(id) { id } else { mask.ids().next().unwrap_or(id) })
+        // the model's distribution (bias included), taken before the mask: the chosen token is
+        // one the mask keeps, so its logit is the same after
+        let record = guide.top_logprobs.map(|n| {
+            let lse = TokenLogprob::log_sum_exp(&logits);
+            (lse, TokenLogprob::top(&logits, n, lse))
+        });
+        let id = match &mask {
+            None => sampler.sample(&logits),
+            Some(mask) => {
+                mask.apply(&mut logits);
+                let id = sampler.sample(&logits);
+                // every allowed logit NaN or -inf: the sampler's fallback is token 0, which the
+                // grammar may not allow; the lowest allowed id keeps the reply inside the grammar
+                if mask.allows(id) {
+                    id
+                } else {
+                    mask.ids().next().unwrap_or(id)
+                }
+            }
+        };
+        if let Some((lse, top)) = record {
+            let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
+            guide.logprobs.push(TokenLogprob { id, logprob, top });
+        }
+        Ok(id)
     }
 }
 

@@ -146,6 +146,8 @@ pub struct Common {
     /// `adapters`: [{"name", "scale"}] choosing among the adapters loaded at start (None: all
     /// of them at their command-line scales; an empty list: none).
     pub adapters: Option<Vec<(String, f32)>>,
+    /// `logprobs` asked for, with this many `top_logprobs`.
+    pub logprobs: Option<usize>,
 }
 
 pub const MAX_STOPS: usize = 16;
@@ -182,17 +184,21 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
             return Err(ApiError::param("best_of", format!("only best_of = 1 is supported, got {n}")));
         }
     }
-    if let Some(v) = field(o, "logprobs") {
-        // chat: a boolean; completions: an integer count
-        let wanted = match v {
-            Value::Bool(b) => *b,
-            Value::Number(n) => n.as_u64() != Some(0),
-            _ => return Err(ApiError::param("logprobs", format!("'logprobs' must be a boolean or an integer, got {}", type_name(v)))),
-        };
-        if wanted {
-            return Err(ApiError::param("logprobs", "logprobs are not supported by this server"));
-        }
-    }
+    // chat's logprobs (a boolean) with top_logprobs; the completions form (a count) is not
+    // supported
+    let logprobs = match field(o, "logprobs") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(Value::Number(n)) if n.as_u64() == Some(0) => false,
+        Some(Value::Number(_)) => return Err(ApiError::param("logprobs", "logprobs on /v1/completions are not supported; /v1/chat/completions has them")),
+        Some(v) => return Err(ApiError::param("logprobs", format!("'logprobs' must be a boolean, got {}", type_name(v)))),
+    };
+    let top_logprobs = match opt_int(o, "top_logprobs")? {
+        Some(n) if !(0..=20).contains(&n) => return Err(ApiError::param("top_logprobs", format!("'top_logprobs' must be from 0 to 20, got {n}"))),
+        Some(_) if !logprobs => return Err(ApiError::param("top_logprobs", "'top_logprobs' needs 'logprobs': true")),
+        n => n.unwrap_or(0) as usize,
+    };
+    let logprobs = logprobs.then_some(top_logprobs);
     let mut sampler = SamplerConfig { seed: random_seed, ..defaults.clone() };
     if let Some(t) = opt_f32(o, "temperature")? {
         sampler.temperature = t;
@@ -267,7 +273,7 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         }
         Some(v) => return Err(ApiError::param("adapters", format!("'adapters' must be a list, got {}", type_name(v)))),
     };
-    Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters })
+    Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters, logprobs })
 }
 
 /// `response_format` as a grammar: None for absent or `{"type": "text"}`; `json_object`: any
@@ -555,6 +561,24 @@ pub fn check_completion_extras(o: &Map<String, Value>) -> Result<(), ApiError> {
     }
 }
 
+/// Chat's `logprobs` object: per token its text, log-probability, UTF-8 bytes and the most
+/// likely tokens'.
+pub fn logprobs_json(tok: &nomoat_runtime::tokenizer::Tokenizer, entries: &[nomoat_runtime::constrain::TokenLogprob]) -> Value {
+    let one = |id: u32, lp: f32| {
+        let bytes = tok.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": if lp.is_finite() { json!(lp) } else { json!(-9999.0) }, "bytes": bytes})
+    };
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = one(e.id, e.logprob);
+            v["top_logprobs"] = Value::Array(e.top.iter().map(|&(id, lp)| one(id, lp)).collect());
+            v
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
 pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -589,12 +613,12 @@ impl Meta {
         })
     }
 
-    /// The non-streaming response.
-    pub fn response(&self, text: &str, finish: &str, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    /// The non-streaming response (`logprobs`: chat's `{"content": [...]}`, or null).
+    pub fn response(&self, text: &str, finish: &str, prompt_tokens: usize, completion_tokens: usize, logprobs: Value) -> Value {
         let mut v = match self.kind {
             Kind::Chat => self.base(
                 "chat.completion",
-                json!([{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish}]),
+                json!([{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": logprobs, "finish_reason": finish}]),
             ),
             Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}])),
         };
@@ -604,10 +628,10 @@ impl Meta {
 
     /// The non-streaming chat response of a reply with tool calls: content null unless text
     /// came before the calls, finish_reason "tool_calls".
-    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], prompt_tokens: usize, completion_tokens: usize) -> Value {
+    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], prompt_tokens: usize, completion_tokens: usize, logprobs: Value) -> Value {
         let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
         let message = json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls});
-        let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": null, "finish_reason": "tool_calls"}]));
+        let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}]));
         v["usage"] = usage(prompt_tokens, completion_tokens);
         v
     }
@@ -714,7 +738,9 @@ mod tests {
             (r#"{"stream": "yes"}"#, "stream"),
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"temperature": -1}"#, "temperature"),
-            (r#"{"logprobs": true}"#, "logprobs"),
+            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
             (r#"{"seed": "x"}"#, "seed"),
             (r#"{"adapters": [{"name": "a", "scale": 1e300}]}"#, "adapters"),
             (r#"{"adapters": [{"name": "a", "scale": -3.5e38}]}"#, "adapters"),
@@ -852,7 +878,7 @@ mod tests {
         let u = m.usage_chunk(3, 4);
         assert_eq!(u["usage"]["total_tokens"], 7);
         assert_eq!(u["choices"], json!([]));
-        let r = Meta { kind: Kind::Completion, ..m }.response("t", "length", 1, 2);
+        let r = Meta { kind: Kind::Completion, ..m }.response("t", "length", 1, 2, Value::Null);
         assert_eq!(r["object"], "text_completion");
         assert_eq!(r["choices"][0]["text"], "t");
     }

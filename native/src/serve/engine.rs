@@ -6,7 +6,7 @@
 use crate::{kv_type, load, Loaded, ModelArgs};
 use anyhow::{anyhow, Result};
 use nomoat_runtime::chat::ChatTemplate;
-use nomoat_runtime::constrain::Guide;
+use nomoat_runtime::constrain::{Guide, TokenLogprob};
 use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
@@ -46,6 +46,8 @@ pub enum Event {
 pub struct Outcome {
     pub completion_tokens: usize,
     pub finish: FinishReason,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What the HTTP side needs from the loaded model.
@@ -296,7 +298,7 @@ fn run(
                     g.gen_tps(),
                     g.finish.as_str()
                 );
-                Event::Done(Outcome { completion_tokens: g.tokens.len(), finish: g.finish })
+                Event::Done(Outcome { completion_tokens: g.tokens.len(), finish: g.finish, logprobs: std::mem::take(&mut job.guide.logprobs) })
             }
             Ok(Err(e)) => {
                 eprintln!("[#{}] generation failed: {e}", job.id);
