@@ -275,7 +275,7 @@ fn structured_output_through_the_server() {
         streamed["stream"] = json!(true);
         let (status, sse) = s.post_raw(&streamed);
         assert_eq!(status, 200);
-        let last = sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().unwrap();
+        let last = sse.lines().filter_map(|l| l.strip_prefix("data: ")).rfind(|d| *d != "[DONE]").unwrap();
         let last: Value = serde_json::from_str(last).unwrap();
         assert_eq!(&last["choices"][0]["logprobs"]["content"], &r["choices"][0]["logprobs"]["content"], "streamed logprobs differ");
     }
