@@ -1,6 +1,10 @@
 // The chat page: model picker (URL or file), progress, streaming replies, stop, tokens/s,
-// sampling settings, system prompt, new chat, cached models, LoRA adapters (add, toggle, scale).
+// sampling settings, system prompt, new chat, cached models, LoRA adapters (add, toggle, scale,
+// download), and training an adapter on the loaded model (loss chart, stop, resume; the result
+// is kept in the page's storage and re-added when its model loads again).
 import { Nomoat } from './nomoat.js';
+
+const ADAPTER_CACHE = 'nomoat-adapters-v1';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -11,6 +15,9 @@ const ui = {
   messages: $('messages'), stats: $('stats'), composer: $('composer'), input: $('input'),
   send: $('send'), stop: $('stop'), newChat: $('new-chat'), system: $('system'),
   adapterFile: $('adapter-file'), adapters: $('adapters'),
+  trainFile: $('train-file'), trainData: $('train-data'), trainName: $('train-name'), trainRank: $('train-rank'),
+  trainEpochs: $('train-epochs'), trainLr: $('train-lr'), trainStart: $('train-start'), trainStop: $('train-stop'),
+  trainResume: $('train-resume'), trainChart: $('train-chart'), trainStatus: $('train-status'),
 };
 
 let engine = null;
@@ -18,6 +25,10 @@ let loaded = false;
 let busy = false;
 let history = []; // [{role, content}] without the system prompt
 let abort = null;
+let modelName = null;
+let training = null; // the run while its loop goes
+let resumable = null; // the name of a stopped run that can go on
+let losses = []; // [{step, loss, valLoss}] of the run on the chart
 
 const mib = (b) => `${(b / (1 << 20)).toFixed(1)} MiB`;
 
@@ -27,15 +38,19 @@ function showError(e) {
 }
 
 function setState() {
-  const ready = !!engine && loaded && !busy;
+  const ready = !!engine && loaded && !busy && !training;
   ui.input.disabled = !ready;
   ui.send.disabled = !ready;
   ui.loadUrl.disabled = !engine || busy;
   ui.file.disabled = !engine || busy;
   ui.unload.disabled = !engine || !loaded || busy;
-  ui.adapterFile.disabled = !engine || !loaded || busy;
-  for (const el of ui.adapters.querySelectorAll('input, button')) el.disabled = busy;
+  ui.adapterFile.disabled = !ready;
+  for (const el of ui.adapters.querySelectorAll('input, button')) el.disabled = busy || !!training;
   ui.stop.disabled = !abort;
+  ui.trainFile.disabled = !ready;
+  ui.trainStart.disabled = !ready;
+  ui.trainStop.disabled = !training;
+  ui.trainResume.disabled = !ready || !resumable;
 }
 
 function addMessage(role, text) {
@@ -124,7 +139,13 @@ function renderAdapters(list) {
       if (on.checked) applyAdapters();
     };
     del.onclick = () => adapterOp(() => engine.removeAdapter(a.name));
-    li.append(on, label, scale, del);
+    const save = document.createElement('button');
+    save.textContent = 'Save';
+    save.className = 'adapter-download';
+    save.title = 'download the adapter (llama.cpp GGUF LoRA)';
+    save.hidden = !trained.has(a.name);
+    save.onclick = () => download(`${a.name}.gguf`, trained.get(a.name));
+    li.append(on, label, scale, save, del);
     ui.adapters.append(li);
   }
   setState();
@@ -152,6 +173,111 @@ function applyAdapters() {
   return adapterOp(() => engine.setAdapters(active));
 }
 
+// Adapters trained here: name → GGUF bytes, kept in the Cache API under the model's name so they
+// come back when that model loads again.
+const trained = new Map();
+const adapterKey = (model, name) => new URL(`nomoat-adapters/${encodeURIComponent(model)}/${encodeURIComponent(name)}.gguf`, location.href).href;
+
+async function storeAdapter(name, bytes) {
+  if (typeof caches === 'undefined') return;
+  const cache = await caches.open(ADAPTER_CACHE);
+  await cache.put(adapterKey(modelName, name), new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
+}
+
+/** Adds the stored adapters trained on `model` (inactive), for a model just loaded. */
+async function restoreAdapters(model) {
+  if (typeof caches === 'undefined') return;
+  const cache = await caches.open(ADAPTER_CACHE);
+  const prefix = adapterKey(model, '').replace(/\.gguf$/, '');
+  for (const req of await cache.keys()) {
+    if (!req.url.startsWith(prefix)) continue;
+    const name = decodeURIComponent(req.url.slice(prefix.length).replace(/\.gguf$/, ''));
+    const bytes = new Uint8Array(await (await cache.match(req)).arrayBuffer());
+    try {
+      await engine.addAdapter(new File([bytes], `${name}.gguf`));
+      trained.set(name, bytes);
+    } catch (e) {
+      console.warn(`stored adapter ${name} did not load: ${e.message}`);
+    }
+  }
+}
+
+function download(fileName, bytes) {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
+  a.download = fileName;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+}
+
+function drawLosses() {
+  const c = ui.trainChart;
+  c.hidden = losses.length === 0;
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  if (!losses.length) return;
+  const values = losses.flatMap((p) => (p.valLoss != null ? [p.loss, p.valLoss] : [p.loss]));
+  const [lo, hi] = [Math.min(...values), Math.max(...values)];
+  const steps = losses[losses.length - 1].steps;
+  const x = (step) => 6 + ((c.width - 12) * step) / Math.max(steps, 1);
+  const y = (v) => c.height - 14 - ((c.height - 24) * (v - lo)) / Math.max(hi - lo, 1e-9);
+  const style = getComputedStyle(document.documentElement);
+  g.strokeStyle = style.getPropertyValue('--accent');
+  g.lineWidth = 1.5;
+  g.beginPath();
+  losses.forEach((p, i) => (i ? g.lineTo(x(p.step), y(p.loss)) : g.moveTo(x(p.step), y(p.loss))));
+  g.stroke();
+  g.fillStyle = style.getPropertyValue('--err');
+  for (const p of losses) if (p.valLoss != null) g.fillRect(x(p.step) - 2, y(p.valLoss) - 2, 4, 4);
+  g.fillStyle = style.getPropertyValue('--muted');
+  g.font = '10px system-ui';
+  g.fillText(`loss ${hi.toFixed(2)} → ${losses[losses.length - 1].loss.toFixed(2)}   ■ validation`, 6, c.height - 3);
+}
+
+async function train(resume) {
+  const name = ui.trainName.value.trim() || 'adapter';
+  if (!resume) {
+    const data = ui.trainData.value;
+    if (!data.trim()) return showError({ name: 'BadRequest', message: 'choose a JSONL file or paste examples to train on' });
+    losses = [];
+    drawLosses();
+  }
+  showError(null);
+  ui.trainStatus.textContent = resume ? 'going on…' : 'reading the examples…';
+  const options = { name, rank: Number(ui.trainRank.value), epochs: Number(ui.trainEpochs.value), lr: Number(ui.trainLr.value) };
+  training = resume ? engine.resumeFinetune({ name }) : engine.finetune(ui.trainData.value, options);
+  resumable = null;
+  setState();
+  try {
+    for await (const p of training) {
+      if (p.type === 'start') {
+        ui.trainStatus.textContent = `${p.examples} examples (${p.format}${p.skipped_too_long ? `, ${p.skipped_too_long} too long skipped` : ''}), ${p.steps} steps`;
+        continue;
+      }
+      losses.push(p);
+      drawLosses();
+      const val = p.valLoss != null ? ` · validation ${p.valLoss.toFixed(3)}` : '';
+      ui.trainStatus.textContent = `step ${p.step}/${p.steps} · loss ${p.loss.toFixed(3)}${val} · ${p.tokensPerSecond.toFixed(0)} tok/s · ${Math.round(p.etaSeconds)} s left`;
+    }
+    const r = await training;
+    if (r.bytes) {
+      trained.set(r.name, r.bytes);
+      await storeAdapter(r.name, r.bytes).catch((e) => console.warn(`not stored: ${e.message}`));
+    }
+    resumable = r.stopped ? r.name : null;
+    const state = r.finished ? 'trained' : r.error ? 'stopped by an error' : 'stopped';
+    ui.trainStatus.textContent = `${state}${r.last ? ` after ${r.last.step} steps (loss ${r.last.loss.toFixed(3)})` : ''}${r.bytes ? `: '${r.name}' is on in the chat` : ''}`;
+    if (r.error) showError(r.error);
+    renderAdapters(await engine.adapters());
+  } catch (e) {
+    showError(e);
+    ui.trainStatus.textContent = 'training failed';
+  } finally {
+    training = null;
+    setState();
+  }
+}
+
 const nCtx = () => Number(ui.nCtx.value) || 2048;
 const loadOpts = () => {
   const limit = Number($('max-gpu-memory').value);
@@ -172,7 +298,11 @@ async function load(start) {
     ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
     ui.progressLabel.textContent = 'loaded';
     showSampling(info.sampling);
-    renderAdapters([]);
+    modelName = info.name;
+    trained.clear();
+    resumable = null;
+    await restoreAdapters(info.name);
+    renderAdapters(await engine.adapters());
     newChat();
   } catch (e) {
     showError(e);
@@ -272,9 +402,18 @@ ui.adapterFile.onchange = () => {
     return engine.adapters();
   });
 };
+ui.trainFile.onchange = async () => {
+  const f = ui.trainFile.files[0];
+  ui.trainFile.value = '';
+  if (f) ui.trainData.value = await f.text();
+};
+ui.trainStart.onclick = () => train(false);
+ui.trainStop.onclick = () => engine.stopFinetune();
+ui.trainResume.onclick = () => train(true);
 ui.unload.onclick = async () => {
   await engine.unload();
   loaded = false;
+  resumable = null;
   renderAdapters([]);
   ui.modelInfo.textContent = 'unloaded';
   ui.progressBox.hidden = true;

@@ -19,6 +19,14 @@
 //
 // LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
 //
+// Fine-tuning a LoRA adapter on the loaded model:
+//   const run = e.finetune(examples, { rank: 8, epochs: 3, lr: 2e-4, name: 'facts' });
+//   for await (const p of run) console.log(p.step, p.steps, p.loss, p.valLoss, p.tokensPerSecond);
+//   const adapter = await run; // {name, bytes (GGUF, llama.cpp's LoRA format), finished, ...}
+// `examples`: JSONL text or an array of {messages} | {prompt, completion} | {text} objects.
+// e.stopFinetune() ends the loop after the step in flight (the adapter so far comes back);
+// e.resumeFinetune({name}) goes on with the same run. The adapter joins adapters(), active.
+//
 // Errors are Error objects whose `name` tells the kind: NoWebGPU, NotGGUF, UnsupportedModel,
 // InvalidModel, InvalidAdapter, OutOfMemory, DeviceLost, ReadError, Busy, NoModel, BadRequest,
 // ContextFull.
@@ -76,6 +84,20 @@ class Reply {
       if (this.done) return;
       await new Promise((resolve) => (this.waiting = resolve));
     }
+  }
+}
+
+/**
+ * A fine-tuning run: async-iterate it for progress objects: first {type: 'start', format,
+ * examples, skipped_too_long, tokens, trained_tokens, valid_examples, steps, adapters} (not on
+ * resume), then one {type: 'step', step, steps, loss, valLoss, lr, gradNorm, tokens, seconds,
+ * tokensPerSecond, etaSeconds} a step. Await it (or its `result`) for the adapter {name, bytes
+ * (null if no step was taken), finished, stopped, error (a step whose loss was not finite:
+ * bytes are the last good step's), summary, last}.
+ */
+class Training extends Reply {
+  then(resolve, reject) {
+    return this.result.then(resolve, reject);
   }
 }
 
@@ -254,6 +276,54 @@ export class Nomoat {
     return this.#call('adapters');
   }
 
+  /**
+   * Fine-tunes a LoRA adapter on the loaded model. Options (the CLI's `nomoat finetune` flags):
+   * {rank, alpha, targets: ['q', 'k', 'v', 'o', 'gate', 'up', 'down'], lr, epochs | steps,
+   * batchTokens, ctx, strict, seed, valid (examples, as `examples`), validEvery, name, activate
+   * (default true: the adapter replaces the active ones when the loop ends), signal (aborting it
+   * stops the run, as stopFinetune)}. See `Training`.
+   */
+  finetune(examples, options = {}) {
+    const { name = 'adapter', activate = true, signal, ...rest } = options;
+    let o;
+    try {
+      o = trainOptions(rest);
+    } catch (e) {
+      const run = new Training();
+      run.fail(e);
+      return run;
+    }
+    return this.#train({ data: jsonl(examples), options: o, name, activate }, signal);
+  }
+
+  /** Goes on with the run stopped by stopFinetune(). Options: {name, activate, signal}. */
+  resumeFinetune({ name = 'adapter', activate = true, signal } = {}) {
+    return this.#train({ name, activate, resume: true }, signal);
+  }
+
+  /** Ends the run's loop after the step in flight; its iterator ends and it resolves. */
+  stopFinetune() {
+    return this.#call('stopFinetune');
+  }
+
+  /** Frees the run's GPU memory (the adapters it made stay). A stopped run cannot resume then. */
+  endFinetune() {
+    return this.#call('endFinetune');
+  }
+
+  #train(args, signal) {
+    const run = new Training();
+    const onAbort = () => this.stopFinetune();
+    if (signal) {
+      if (signal.aborted) queueMicrotask(onAbort);
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    this.#call('finetune', args, { onProgress: (p) => run.push(p) })
+      .then((r) => run.finish({ ...r, bytes: r.adapter, adapter: undefined }), (e) => run.fail(e))
+      .finally(() => signal?.removeEventListener('abort', onAbort));
+    return run;
+  }
+
   /** Frees the model's GPU memory (and its adapters'). */
   unload() {
     return this.#call('unload');
@@ -271,6 +341,36 @@ function loadOptions({ nCtx, kv, cache, maxGpuMemory }) {
   if (kv != null) o.kv = kv;
   if (cache != null) o.cache = cache;
   return o;
+}
+
+/** JSONL text from a string (as is) or an array of example objects. */
+function jsonl(examples) {
+  if (examples == null) return '';
+  if (typeof examples === 'string') return examples;
+  return examples.map((e) => JSON.stringify(e)).join('\n');
+}
+
+function trainOptions(o) {
+  const map = {
+    rank: 'rank',
+    alpha: 'alpha',
+    targets: 'targets',
+    lr: 'lr',
+    epochs: 'epochs',
+    steps: 'steps',
+    batchTokens: 'batch_tokens',
+    ctx: 'ctx',
+    strict: 'strict',
+    seed: 'seed',
+    validEvery: 'valid_every',
+  };
+  const out = {};
+  for (const [k, v] of Object.entries(o)) {
+    if (k === 'valid') out.valid = jsonl(v);
+    else if (map[k]) out[map[k]] = v;
+    else throw makeError({ name: 'BadRequest', message: `unknown fine-tuning option '${k}'` });
+  }
+  return out;
 }
 
 function chatOptions(o) {

@@ -5,14 +5,17 @@
 //         | complete {prompt, options} | logits {ids, reusePrefix} | render {messages} | info
 //         | stop | unload
 //         | addAdapter {file} | setAdapters {active: [{name, scale}]} | removeAdapter {name} | adapters
+//         | finetune {data, options, name, activate, resume} | stopFinetune | endFinetune
 //   worker → page  {id, type: 'progress', progress} | {id, type: 'piece', piece}
 //                | {id, type: 'result', result} | {id, type: 'error', error: {name, message}}
 // `stop` is answered at once, even while a chat is running (the chat then resolves with
-// finish_reason "cancelled").
+// finish_reason "cancelled"); `stopFinetune` likewise ends a run's loop after the step in flight.
 import init, { Engine } from './pkg/nomoat_web.js';
 
 let engine = null;
 let initialized = null;
+let training = null; // {stop} while a finetune loop runs
+let runAt = null; // {step, tokens} where the engine's run stands
 
 function post(msg) {
   self.postMessage(msg);
@@ -67,6 +70,14 @@ async function handle(id, op, args) {
       return JSON.parse(await need().remove_adapter(args.name));
     case 'adapters':
       return JSON.parse(need().adapters());
+    case 'finetune':
+      return finetune(args, progress);
+    case 'stopFinetune':
+      if (training) training.stop = true;
+      return true;
+    case 'endFinetune':
+      if (engine) engine.finetune_end();
+      return true;
     case 'stop':
       if (engine) engine.stop();
       return true;
@@ -75,6 +86,64 @@ async function handle(id, op, args) {
       return true;
     default:
       throw new Error(`unknown operation '${op}'`);
+  }
+}
+
+// Steps a run (started here, or the one stopped before with `resume`) until it ends or is
+// stopped, posting each step's progress; then the adapter as it stands joins the engine's list
+// (active, unless activate is false) and comes back as GGUF bytes. A failed step (a loss that
+// is not finite) ends the loop with the adapter of the last good step and the error.
+async function finetune({ data, options = {}, name = 'adapter', activate = true, resume = false }, progress) {
+  const e = need();
+  if (training) {
+    const err = new Error('a fine-tuning run is already going: stop it first');
+    err.name = 'Busy';
+    throw err;
+  }
+  training = { stop: false };
+  try {
+    const summary = resume ? null : JSON.parse(await e.finetune_start(data, JSON.stringify(options)));
+    if (!resume) runAt = null;
+    if (summary) progress({ type: 'start', ...summary });
+    const started = performance.now();
+    const base = resume && runAt ? runAt : { step: 0, tokens: 0 };
+    let last = null;
+    let error = null;
+    while (!training.stop) {
+      let p;
+      try {
+        p = JSON.parse(await e.finetune_step());
+      } catch (err) {
+        if (err?.name !== 'TrainingFailed' || !runAt) throw err;
+        error = errorOf(err);
+        break;
+      }
+      // tokens/s and ETA over this loop's steps (a resumed run goes on from its last step)
+      const seconds = (performance.now() - started) / 1000;
+      const stepsHere = p.step - base.step;
+      last = {
+        type: 'step',
+        step: p.step,
+        steps: p.steps,
+        loss: p.loss,
+        valLoss: p.val_loss,
+        lr: p.lr,
+        gradNorm: p.grad_norm,
+        tokens: p.tokens,
+        seconds,
+        tokensPerSecond: (p.tokens - base.tokens) / seconds,
+        etaSeconds: (seconds / stepsHere) * (p.steps - p.step),
+      };
+      runAt = { step: p.step, tokens: p.tokens };
+      progress(last);
+      if (p.step >= p.steps) break;
+    }
+    const finished = !!last && last.step >= last.steps;
+    const adapter = runAt ? await e.finetune_adapter(name, activate) : null;
+    if (finished) e.finetune_end();
+    return { name, adapter, finished, stopped: !finished && !error, error, summary, last };
+  } finally {
+    training = null;
   }
 }
 

@@ -35,9 +35,13 @@ export function nativeBinary() {
   return built;
 }
 
-/** The native CLI's `top` best last-position logits after token ids: [{id, logit}], best first. */
-export function nativeTopLogits({ model, ids, top = 2, kv = 'f32', ctx = 256 }) {
+/**
+ * The native CLI's `top` best last-position logits after token ids: [{id, logit}], best first;
+ * with the adapters `loras` (PATH[:SCALE]) applied.
+ */
+export function nativeTopLogits({ model, ids, top = 2, kv = 'f32', ctx = 256, loras = [] }) {
   const args = ['logits', '-m', model, '--kv', kv, '-c', String(ctx), '--ids', ids.join(','), '--top', String(top)];
+  for (const l of loras) args.push('--lora', l);
   const out = execFileSync(nativeBinary(), args, {
     cwd: ROOT,
     encoding: 'utf8',

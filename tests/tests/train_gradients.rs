@@ -1,17 +1,22 @@
 //! Whole-model LoRA gradients: the GPU trainer's (`train::step`) against a CPU forward and
 //! backward pass composed of `nomoat_runtime::reference` ops (each of those checked against
 //! finite differences), on the tiny models of tests/data/tiny with factors on every target of
-//! every layer: cosine ≥ 0.999 per tensor, and the same loss.
+//! every layer: cosine ≥ 0.999 per tensor, and the same loss, which the inference forward pass
+//! with the factors as an adapter gives too.
 
-use nomoat_runtime::arch::{Config, RopeType};
+use nomoat_runtime::arch::{Activation, Config, RopeType};
 use nomoat_runtime::conformance::Rng;
 use nomoat_runtime::gguf::Gguf;
+use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
+use nomoat_runtime::ops::KvType;
 use nomoat_runtime::reference::{self as re, AttentionShape, RopeMode, RopeParams};
+use nomoat_runtime::session::Session;
 use nomoat_runtime::train::step::{Trainer, TARGETS};
 use nomoat_runtime::{quant, train};
 use nomoat_tests::gpu::variants;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 fn tiny(file: &str) -> (Gguf, std::fs::File) {
     let path = format!("{}/../tests/data/tiny/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -97,15 +102,53 @@ impl Cpu<'_> {
         }
     }
 
+    /// Per-head RMS norm where the model has the weight `name` (Qwen3, Gemma 3), else x.
+    fn head_norm(&self, x: &[f32], name: &str) -> Vec<f32> {
+        match self.w.get(name) {
+            Some(w) => re::rms_norm(x, w, self.c.head_dim, self.c.norm_eps),
+            None => x.to_vec(),
+        }
+    }
+
+    fn head_norm_back(&self, x: &[f32], name: &str, dy: &[f32]) -> Vec<f32> {
+        match self.w.get(name) {
+            Some(w) => re::rms_norm_backward(x, w, dy, self.c.head_dim, self.c.norm_eps),
+            None => dy.to_vec(),
+        }
+    }
+
+    /// A branch's post-norm where the model has the weight `name` (Gemma 3), else x.
+    fn post_norm(&self, x: &[f32], name: &str) -> Vec<f32> {
+        match self.w.get(name) {
+            Some(w) => re::rms_norm(x, w, self.c.n_embd, self.c.norm_eps),
+            None => x.to_vec(),
+        }
+    }
+
+    fn post_norm_back(&self, x: &[f32], name: &str, dy: &[f32]) -> Vec<f32> {
+        match self.w.get(name) {
+            Some(w) => re::rms_norm_backward(x, w, dy, self.c.n_embd, self.c.norm_eps),
+            None => dy.to_vec(),
+        }
+    }
+
     fn run(&mut self, ids: &[u32], weights: &[f32]) -> f64 {
         let c = self.c;
         let (d, ff, qd, kvd, eps) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.norm_eps);
+        let gelu = c.spec().activation == Activation::GeluTanh;
         let m = ids.len() - 1;
         let embd = self.w("token_embd.weight").to_vec();
         let mut x: Vec<f32> = ids[..m].iter().flat_map(|&t| embd[t as usize * d..][..d].to_vec()).collect();
+        if let Some(s) = c.embed_scale() {
+            x = re::scale(&x, s);
+        }
         struct Saved {
             x: Vec<f32>,
             n1: Vec<f32>,
+            q_in: Vec<f32>, // before the per-head norms (where the model has them)
+            k_in: Vec<f32>,
+            o: Vec<f32>, // W_o·attn and W_down·act, before the post-norms
+            f: Vec<f32>,
             q: Vec<f32>,
             k: Vec<f32>,
             v: Vec<f32>,
@@ -120,8 +163,9 @@ impl Cpu<'_> {
         for l in 0..c.n_layer {
             let p = |t: &str| format!("blk.{l}.{t}.weight");
             let n1 = re::rms_norm(&x, self.w(&p("attn_norm")), d, eps);
-            let mut q = self.bias(&self.project(&p("attn_q"), &n1, qd, d, m), &format!("blk.{l}.attn_q.bias"), qd);
-            let mut k = self.bias(&self.project(&p("attn_k"), &n1, kvd, d, m), &format!("blk.{l}.attn_k.bias"), kvd);
+            let q_in = self.bias(&self.project(&p("attn_q"), &n1, qd, d, m), &format!("blk.{l}.attn_q.bias"), qd);
+            let k_in = self.bias(&self.project(&p("attn_k"), &n1, kvd, d, m), &format!("blk.{l}.attn_k.bias"), kvd);
+            let (mut q, mut k) = (self.head_norm(&q_in, &p("attn_q_norm")), self.head_norm(&k_in, &p("attn_k_norm")));
             let v = self.bias(&self.project(&p("attn_v"), &n1, kvd, d, m), &format!("blk.{l}.attn_v.bias"), kvd);
             self.rope(&mut q, c.n_head, l, 1.0);
             self.rope(&mut k, c.n_kv_head, l, 1.0);
@@ -129,13 +173,15 @@ impl Cpu<'_> {
             let shape =
                 AttentionShape { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, pos0: 0, window: (window > 0).then_some(window), scale: c.attn_scale };
             let attn = re::attention(&q, &k, &v, shape);
-            let h = re::add(&x, &self.project(&p("attn_output"), &attn, d, qd, m));
+            let o = self.project(&p("attn_output"), &attn, d, qd, m);
+            let h = re::add(&x, &self.post_norm(&o, &p("post_attention_norm")));
             let n2 = re::rms_norm(&h, self.w(&p("ffn_norm")), d, eps);
             let gate = self.project(&p("ffn_gate"), &n2, ff, d, m);
             let up = self.project(&p("ffn_up"), &n2, ff, d, m);
-            let act = re::silu_gate(&gate, &up);
-            let out = re::add(&h, &self.project(&p("ffn_down"), &act, d, ff, m));
-            saved.push(Saved { x, n1, q, k, v, attn, h, n2, gate, up, act });
+            let act = if gelu { re::gelu_gate(&gate, &up) } else { re::silu_gate(&gate, &up) };
+            let f = self.project(&p("ffn_down"), &act, d, ff, m);
+            let out = re::add(&h, &self.post_norm(&f, &p("post_ffw_norm")));
+            saved.push(Saved { x, n1, q_in, k_in, o, f, q, k, v, attn, h, n2, gate, up, act });
             x = out;
         }
         let out_norm = self.w("output_norm.weight").to_vec();
@@ -148,17 +194,20 @@ impl Cpu<'_> {
         for l in (0..c.n_layer).rev() {
             let s = &saved[l];
             let p = |t: &str| format!("blk.{l}.{t}.weight");
-            let d_act = self.project_back(&p("ffn_down"), &s.act, &dx, d, ff, m);
-            let (dg, du) = re::silu_gate_backward(&s.gate, &s.up, &d_act);
+            let df = self.post_norm_back(&s.f, &p("post_ffw_norm"), &dx);
+            let d_act = self.project_back(&p("ffn_down"), &s.act, &df, d, ff, m);
+            let (dg, du) = if gelu { re::gelu_gate_backward(&s.gate, &s.up, &d_act) } else { re::silu_gate_backward(&s.gate, &s.up, &d_act) };
             let dn2 = re::add(&self.project_back(&p("ffn_gate"), &s.n2, &dg, ff, d, m), &self.project_back(&p("ffn_up"), &s.n2, &du, ff, d, m));
             let dh = re::add(&dx, &re::rms_norm_backward(&s.h, self.w(&p("ffn_norm")), &dn2, d, eps));
-            let d_attn = self.project_back(&p("attn_output"), &s.attn, &dh, d, qd, m);
+            let d_o = self.post_norm_back(&s.o, &p("post_attention_norm"), &dh);
+            let d_attn = self.project_back(&p("attn_output"), &s.attn, &d_o, d, qd, m);
             let window = c.window_of(l) as usize;
             let shape =
                 AttentionShape { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, pos0: 0, window: (window > 0).then_some(window), scale: c.attn_scale };
             let (mut dq, mut dk, dv) = re::attention_backward(&s.q, &s.k, &s.v, &d_attn, shape);
             self.rope(&mut dq, c.n_head, l, -1.0);
             self.rope(&mut dk, c.n_kv_head, l, -1.0);
+            let (dq, dk) = (self.head_norm_back(&s.q_in, &p("attn_q_norm"), &dq), self.head_norm_back(&s.k_in, &p("attn_k_norm"), &dk));
             let dn1 = re::add(
                 &re::add(&self.project_back(&p("attn_q"), &s.n1, &dq, qd, d, m), &self.project_back(&p("attn_k"), &s.n1, &dk, kvd, d, m)),
                 &self.project_back(&p("attn_v"), &s.n1, &dv, kvd, d, m),
@@ -205,10 +254,21 @@ fn check(file: &str) {
         let loss_only = pollster::block_on(trainer.loss(&ids, &weights_per_position)).unwrap();
         assert_eq!(loss_only, loss, "{file}: loss without the backward pass");
         assert_eq!(pollster::block_on(trainer.gradients()).unwrap(), got, "{file}: loss() changed the gradients");
+        // the inference forward pass (the one that matches llama.cpp) with these factors as an
+        // adapter gives the same loss: the training graph is the model's graph
+        let bytes = pollster::block_on(trainer.adapter_gguf("check")).unwrap();
+        let adapter = pollster::block_on(LoraAdapter::load("check", &Gguf::parse(&bytes).unwrap(), &mut bytes.as_slice(), gpu, &model.config, &gguf)).unwrap();
+        let mut session = pollster::block_on(Session::new(&model, gpu, 64, KvType::F32, true)).unwrap();
+        pollster::block_on(session.set_adapters(vec![(Arc::new(adapter), 1.0)])).unwrap();
+        let m = ids.len() - 1;
+        pollster::block_on(session.eval(&ids[..m])).unwrap();
+        let logits = pollster::block_on(session.batch_logits(m)).unwrap();
+        let (inference_loss, _) = re::cross_entropy(&logits, &ids[1..], &weights_per_position[1..], model.config.n_vocab);
         let mut cpu = Cpu { c: &model.config, w: &w, loras: &loras, rank: rank as usize, factor: trainer.factor(), grads: Factors::new() };
         let want_loss = cpu.run(&ids, &weights_per_position);
         let label = format!("{file} [{}]", gpu.variant.label());
         assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "{label}: loss {loss} against {want_loss}");
+        assert!((loss - inference_loss).abs() <= 1e-4 * loss.abs(), "{label}: loss {loss}, through inference {inference_loss}");
         assert_eq!(got.len(), cpu.grads.len(), "{label}: trained tensors");
         assert_eq!(got.len(), model.config.n_layer * 7);
         let mut worst = (1.0f64, String::new());
@@ -270,10 +330,24 @@ fn smollm3_gradients_match_the_cpu() {
     check("smollm3-tiny.gguf");
 }
 
+/// Per-head q/k norms before RoPE.
+#[test]
+fn qwen3_gradients_match_the_cpu() {
+    check("qwen3-tiny.gguf");
+}
+
+/// Gemma 3: per-head q/k norms, post-norms on both branches, tanh-GELU, scaled embeddings,
+/// and (the swa model) sliding-window layers with their own RoPE base.
+#[test]
+fn gemma3_gradients_match_the_cpu() {
+    check("gemma3-tiny.gguf");
+    check("gemma3-swa-tiny.gguf");
+}
+
 #[test]
 fn unsupported_families_are_refused_by_name() {
     let gpu = &variants()[0];
-    for (file, why) in [("gemma3-tiny.gguf", "gemma3"), ("phi3-tiny.gguf", "phi3"), ("qwen3-tiny.gguf", "qwen3")] {
+    for (file, why) in [("phi3-tiny.gguf", "phi3"), ("llama3-tiny.gguf", "llama")] {
         let (gguf, mut f) = tiny(file);
         let model = pollster::block_on(Model::load(&gguf, gpu, &mut f, &mut |_, _| {})).unwrap();
         let e = pollster::block_on(Trainer::new(&model, gpu, &["q"], 4, 8.0, 64, 1)).err().expect("refused");

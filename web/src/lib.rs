@@ -27,6 +27,8 @@ use nomoat_runtime::ops::KvType;
 use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
 use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::train::data::{read_jsonl, DataOptions};
+use nomoat_runtime::train::run::{Run, RunOptions};
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -181,9 +183,11 @@ async fn read_header(reader: &Reader) -> Result<Gguf, JsValue> {
 // The engine.
 
 struct Loaded {
-    // Field order is drop order: the session borrows `model` (boxed, so it does not move) and
-    // the engine's boxed `Gpu`, and goes first.
+    // Field order is drop order: the session and a fine-tuning run borrow `model` (boxed, so it
+    // does not move) and the engine's boxed `Gpu`, and go first.
     session: Session<'static>,
+    /// A fine-tuning run started with `finetune_start`, until `finetune_end` (or unload).
+    training: Option<Run<'static>>,
     /// LoRA adapters added for this model, active or not (the session holds the active ones
     /// with their scales).
     adapters: Vec<Arc<LoraAdapter>>,
@@ -270,6 +274,45 @@ impl ChatOptions {
             ..chosen.over(defaults)
         };
         GenerateOptions { max_tokens: self.max_tokens, sampler, stop: self.stop.clone(), stop_at_eog: true }
+    }
+}
+
+/// `finetune_start`'s options: `nomoat finetune`'s flags, in snake case.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FinetuneOptions {
+    rank: u32,
+    alpha: f32,
+    targets: Vec<String>,
+    lr: f32,
+    epochs: Option<u32>,
+    steps: Option<u32>,
+    batch_tokens: usize,
+    ctx: usize,
+    strict: bool,
+    seed: u64,
+    /// Validation examples, JSONL like the training data.
+    valid: Option<String>,
+    valid_every: u32,
+}
+
+impl Default for FinetuneOptions {
+    fn default() -> Self {
+        let r = RunOptions::default();
+        FinetuneOptions {
+            rank: r.rank,
+            alpha: r.alpha,
+            targets: r.targets,
+            lr: r.lr,
+            epochs: None,
+            steps: None,
+            batch_tokens: r.batch_tokens,
+            ctx: 512,
+            strict: false,
+            seed: r.seed,
+            valid: None,
+            valid_every: r.valid_every,
+        }
     }
 }
 
@@ -557,6 +600,114 @@ impl Engine {
         })
     }
 
+    /// Starts fine-tuning a LoRA adapter on the loaded model (the runtime's `train::run`, the
+    /// loop `nomoat finetune` runs). `data`: JSONL, one {"messages"}, {"prompt", "completion"}
+    /// or {"text"} a line. `options_json`: {rank, alpha, targets, lr, epochs | steps,
+    /// batch_tokens, ctx, strict, seed, valid (JSONL), valid_every}. Resolves to JSON {format,
+    /// examples, skipped_too_long, tokens, trained_tokens, valid_examples, steps, adapters}.
+    /// Replaces a run already started.
+    pub fn finetune_start(&self, data: String, options_json: Option<String>) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let inner = &mut *guard;
+            let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "load a model before fine-tuning"))?;
+            let o: FinetuneOptions = parse_options("fine-tuning options", options_json.as_deref())?;
+            l.training = None; // frees a previous run's buffers before the new one takes its own
+            let data_opts = DataOptions { ctx: o.ctx, strict: o.strict };
+            let read =
+                |what: &str, text: &str| read_jsonl(text, &l.tokenizer, l.template.as_ref(), data_opts).map_err(|e| js_error("BadRequest", format!("{what} data: {e}")));
+            let set = read("training", &data)?;
+            let valid = match &o.valid {
+                Some(v) if !v.trim().is_empty() => read("validation", v)?.examples,
+                _ => Vec::new(),
+            };
+            let summary = serde_json::json!({
+                "format": set.format.name(),
+                "examples": set.examples.len(),
+                "skipped_too_long": set.skipped_too_long,
+                "tokens": set.n_tokens(),
+                "trained_tokens": set.n_trained(),
+                "valid_examples": valid.len(),
+            });
+            let opts = RunOptions {
+                targets: o.targets,
+                rank: o.rank,
+                alpha: o.alpha,
+                lr: o.lr,
+                epochs: o.epochs,
+                steps: o.steps,
+                batch_tokens: o.batch_tokens,
+                seed: o.seed,
+                valid_every: o.valid_every,
+            };
+            let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
+            // SAFETY: as the session's borrow in `load`: `Loaded` drops `training` before the
+            // boxed model, and the engine drops `loaded` before the Gpu.
+            let model: &'static Model = unsafe { &*(&*l.model as *const Model) };
+            let run = Run::new(model, gpu, set.examples, valid, opts).await.map_err(|e| match e {
+                ModelError::Invalid(m) => js_error("BadRequest", m),
+                e => model_error(&e),
+            })?;
+            let mut summary = summary;
+            summary["steps"] = run.total.into();
+            summary["adapters"] = run.trainer.pairs.len().into();
+            l.training = Some(run);
+            Ok(JsValue::from_str(&summary.to_string()))
+        })
+    }
+
+    /// One optimizer step of the run; resolves to JSON {step, steps, loss, val_loss, lr,
+    /// grad_norm, tokens}. A loss that is not finite rejects (the factors are left as they were
+    /// before the step).
+    pub fn finetune_step(&self) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let run = l.training.as_mut().ok_or_else(|| js_error("BadRequest", "no fine-tuning run is started: call finetune_start first"))?;
+            let p = run.step().await.map_err(|e| match e {
+                ModelError::Invalid(m) => js_error("TrainingFailed", m),
+                e => model_error(&e),
+            })?;
+            Ok(JsValue::from_str(&p.to_json().to_string()))
+        })
+    }
+
+    /// The run's adapter as it stands, in llama.cpp's GGUF LoRA format (a Uint8Array), also
+    /// added to this engine's adapters as `name` (replacing one of that name) and, with
+    /// `activate`, made the one active adapter at scale 1.
+    pub fn finetune_adapter(&self, name: String, activate: bool) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+            let inner = &mut *guard;
+            let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+            let run = l.training.as_ref().ok_or_else(|| js_error("BadRequest", "no fine-tuning run is started"))?;
+            let bytes = run.trainer.adapter_gguf(&name).await.map_err(|e| gpu_error(&e))?;
+            let g = Gguf::parse(&bytes).map_err(|e| gguf_error(&e))?;
+            let adapter = LoraAdapter::load(&name, &g, &mut bytes.as_slice(), &inner.gpu, &l.model.config, &l.gguf).await.map_err(|e| model_error(&e))?;
+            let adapter = Arc::new(adapter);
+            let mut active: Vec<_> = l.session.adapters().iter().filter(|(a, _)| a.name != name).cloned().collect();
+            if activate {
+                active = vec![(adapter.clone(), 1.0)];
+            }
+            l.session.set_adapters(active).await.map_err(|e| model_error(&e))?;
+            l.adapters.retain(|a| a.name != name);
+            l.adapters.push(adapter);
+            Ok(Uint8Array::from(bytes.as_slice()).into())
+        })
+    }
+
+    /// Ends the fine-tuning run and frees its GPU memory (the adapters it made stay).
+    pub fn finetune_end(&self) -> Result<(), JsValue> {
+        let mut inner = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        if let Some(l) = inner.loaded.as_mut() {
+            l.training = None;
+        }
+        Ok(())
+    }
+
     /// Frees the model and its KV cache (GPU memory).
     pub fn unload(&self) -> Result<(), JsValue> {
         let mut inner = self.inner.try_borrow_mut().map_err(|_| busy())?;
@@ -725,6 +876,7 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     JsFuture::from(reader.finish()).await.map_err(|e| js_error("ReadError", js_message(&e)))?;
     let loaded = Loaded {
         session,
+        training: None,
         adapters: Vec::new(),
         model,
         sampling: SamplingOverrides::from_gguf(&gguf),

@@ -5,13 +5,13 @@
 //! peak). Examples come in a new seeded order each pass. Timing is the caller's: this module
 //! has no clock, so it runs the same in a tab.
 
+use crate::device::Gpu;
 use crate::error::ModelError;
 use crate::model::Model;
 use crate::reference::AdamW;
 use crate::rng::Rng;
 use crate::train::data::Example;
 use crate::train::step::Trainer;
-use crate::device::Gpu;
 
 /// What a run trains and for how long (the names are `nomoat finetune`'s flags).
 #[derive(Clone, Debug)]
@@ -85,6 +85,9 @@ pub struct Run<'m> {
     next: usize,
     rng: Rng,
     tokens: usize,
+    /// A step's tokens: `batch_tokens`, or one pass over a smaller data set (so an epoch of
+    /// a few examples is one step, not many passes).
+    batch: usize,
 }
 
 impl<'m> Run<'m> {
@@ -106,7 +109,21 @@ impl<'m> Run<'m> {
         let steps_per_epoch = train_tokens.div_ceil(opts.batch_tokens.max(1)).max(1) as u32;
         let total = opts.steps.unwrap_or(steps_per_epoch.saturating_mul(opts.epochs.unwrap_or(1))).max(1);
         let order = (0..train.len()).collect::<Vec<_>>();
-        Ok(Run { trainer, next: order.len(), order, train, valid, rng: Rng::new(opts.seed ^ 0x5eed), warmup: (total / 10).clamp(1, 100), step: 0, total, opts, tokens: 0 })
+        let batch = opts.batch_tokens.min(train_tokens).max(1);
+        Ok(Run {
+            trainer,
+            next: order.len(),
+            order,
+            train,
+            valid,
+            rng: Rng::new(opts.seed ^ 0x5eed),
+            warmup: (total / 10).clamp(1, 100),
+            step: 0,
+            total,
+            opts,
+            tokens: 0,
+            batch,
+        })
     }
 
     pub fn done(&self) -> bool {
@@ -132,7 +149,7 @@ impl<'m> Run<'m> {
             return Err(ModelError::Invalid(format!("the run has taken all its {} steps", self.total)));
         }
         let (mut loss, mut trained, mut tokens) = (0.0f64, 0usize, 0usize);
-        while tokens < self.opts.batch_tokens.max(1) {
+        while tokens < self.batch {
             let i = self.next_example();
             let e = &self.train[i];
             loss += self.trainer.accumulate(&e.ids, &weights(e)).await?;

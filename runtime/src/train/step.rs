@@ -5,17 +5,21 @@
 //! The base model is frozen and stays as stored (quantized). Per layer only the residual
 //! stream's input is kept ([n_layer][T][n_embd]); the backward pass recomputes each layer's
 //! forward from it, then walks back through it (gradient checkpointing per layer):
-//!   ffn:       x' = h + W_down · (silu(W_gate·n2) ⊙ W_up·n2),  n2 = rms_norm(h)
-//!   attention: h  = x + W_o · attention(RoPE(W_q·n1), RoPE(W_k·n1), W_v·n1),  n1 = rms_norm(x)
+//!   ffn:       x' = h + out(W_down · (act(W_gate·n2) ⊙ W_up·n2)),  n2 = rms_norm(h)
+//!   attention: h  = x + out(W_o · attention(RoPE(qn(W_q·n1)), RoPE(kn(W_k·n1)), W_v·n1)),
+//!              n1 = rms_norm(x)
+//! where act is SiLU or tanh-GELU (Gemma 3), qn and kn are per-head RMS norms (Qwen3, Gemma 3)
+//! or nothing, and out() is nothing or the branch's own RMS norm (Gemma 3's post-norms);
+//! Gemma 3's embeddings are scaled by sqrt(n_embd).
 //! and each adapted projection y = W·x + s·B·(A·x) (s = alpha / rank) adds
 //!   dB += s · dyᵀ·(A·x),  dA += (s · dy·B)ᵀ·x,  dx += (s · dy·B)·A.
 
-use crate::arch::{Activation, BranchOut, Projections, QkPrep, RopeType};
+use crate::arch::{Activation, Projections, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
+use crate::ggml_type::GgmlType;
 use crate::gguf::Gguf;
 use crate::lora::read_tensor;
-use crate::ggml_type::GgmlType;
 use crate::model::{Layer, Model};
 use crate::ops::{AttentionArgs, AttentionGrads, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
 use std::collections::BTreeMap;
@@ -41,44 +45,50 @@ pub struct TrainPair {
 
 /// Activations of one layer's forward pass, for T tokens, and the backward pass's scratch.
 struct Scratch {
-    n1: wgpu::Buffer,         // [T][n_embd] rms_norm(x)
-    q: wgpu::Buffer,          // [T][n_head][head_dim], turned by RoPE in place
-    k: wgpu::Buffer,          // [T][n_kv_head][head_dim] before RoPE
-    v: wgpu::Buffer,          // [T][n_kv_head][head_dim]
-    k_rot: wgpu::Buffer,      // [T][n_kv_head][head_dim] after RoPE (attention's keys)
-    v_att: wgpu::Buffer,      // [T][n_kv_head][head_dim] attention's values
-    qkv_b: [wgpu::Buffer; 3], // q, k, v with their biases (Qwen2)
-    attn: wgpu::Buffer,       // [T][n_head][head_dim]
-    h: wgpu::Buffer,          // [T][n_embd] after attention
-    n2: wgpu::Buffer,         // [T][n_embd] rms_norm(h)
-    gate: wgpu::Buffer,       // [T][n_ff]
-    up: wgpu::Buffer,         // [T][n_ff]
-    act: wgpu::Buffer,        // [T][n_ff]
-    out: wgpu::Buffer,        // [T][n_embd] the layer's output
-    dx: wgpu::Buffer,         // [T][n_embd] the gradient of the residual stream
-    dn: wgpu::Buffer,         // [T][n_embd] the gradient of a norm's output
-    d_attn: wgpu::Buffer,     // [T][n_head][head_dim]
-    dq: wgpu::Buffer,         // [T][n_head][head_dim]
-    dk: wgpu::Buffer,         // [T][n_kv_head][head_dim]
-    dv: wgpu::Buffer,         // [T][n_kv_head][head_dim]
-    stats: wgpu::Buffer,      // [T][n_head][4]
-    d_act: wgpu::Buffer,      // [T][n_ff]
-    d_gate: wgpu::Buffer,     // [T][n_ff]
-    d_up: wgpu::Buffer,       // [T][n_ff]
-    lora_u: wgpu::Buffer,     // [T][rank] A·x
-    lora_g: wgpu::Buffer,     // [T][rank] dy·B
-    lora_gs: wgpu::Buffer,    // [T][rank] s · dy·B
-    ids: wgpu::Buffer,        // [T] u32 inputs
-    targets: wgpu::Buffer,    // [T] u32 next tokens
-    weights: wgpu::Buffer,    // [T] f32 the loss's weight per position
-    loss: wgpu::Buffer,       // [T] f32
-    head_x: wgpu::Buffer,     // [HEAD_ROWS][n_embd]
-    head_dx: wgpu::Buffer,    // [HEAD_ROWS][n_embd]
-    logits: wgpu::Buffer,     // [HEAD_ROWS][n_vocab]
-    d_logits: wgpu::Buffer,   // [HEAD_ROWS][n_vocab]
-    head_t: wgpu::Buffer,     // [HEAD_ROWS] u32
-    head_w: wgpu::Buffer,     // [HEAD_ROWS] f32
-    head_loss: wgpu::Buffer,  // [HEAD_ROWS] f32
+    n1: wgpu::Buffer,          // [T][n_embd] rms_norm(x)
+    q: wgpu::Buffer,           // [T][n_head][head_dim], turned by RoPE in place
+    k: wgpu::Buffer,           // [T][n_kv_head][head_dim] before RoPE
+    v: wgpu::Buffer,           // [T][n_kv_head][head_dim]
+    k_rot: wgpu::Buffer,       // [T][n_kv_head][head_dim] after RoPE (attention's keys)
+    v_att: wgpu::Buffer,       // [T][n_kv_head][head_dim] attention's values
+    qkv_b: [wgpu::Buffer; 3],  // q, k, v with their biases (Qwen2)
+    qn: wgpu::Buffer,          // [T][n_head][head_dim] per-head normed q (Qwen3, Gemma 3)
+    kn: wgpu::Buffer,          // [T][n_kv_head][head_dim] per-head normed k
+    dq_in: wgpu::Buffer,       // [T][n_head][head_dim] the gradient before the q norm
+    dk_in: wgpu::Buffer,       // [T][n_kv_head][head_dim] the gradient before the k norm
+    branch: [wgpu::Buffer; 2], // [T][n_embd] W_o·attn and W_down·act before their post-norms (Gemma 3)
+    d_branch: wgpu::Buffer,    // [T][n_embd] the gradient before a post-norm
+    attn: wgpu::Buffer,        // [T][n_head][head_dim]
+    h: wgpu::Buffer,           // [T][n_embd] after attention
+    n2: wgpu::Buffer,          // [T][n_embd] rms_norm(h)
+    gate: wgpu::Buffer,        // [T][n_ff]
+    up: wgpu::Buffer,          // [T][n_ff]
+    act: wgpu::Buffer,         // [T][n_ff]
+    out: wgpu::Buffer,         // [T][n_embd] the layer's output
+    dx: wgpu::Buffer,          // [T][n_embd] the gradient of the residual stream
+    dn: wgpu::Buffer,          // [T][n_embd] the gradient of a norm's output
+    d_attn: wgpu::Buffer,      // [T][n_head][head_dim]
+    dq: wgpu::Buffer,          // [T][n_head][head_dim]
+    dk: wgpu::Buffer,          // [T][n_kv_head][head_dim]
+    dv: wgpu::Buffer,          // [T][n_kv_head][head_dim]
+    stats: wgpu::Buffer,       // [T][n_head][4]
+    d_act: wgpu::Buffer,       // [T][n_ff]
+    d_gate: wgpu::Buffer,      // [T][n_ff]
+    d_up: wgpu::Buffer,        // [T][n_ff]
+    lora_u: wgpu::Buffer,      // [T][rank] A·x
+    lora_g: wgpu::Buffer,      // [T][rank] dy·B
+    lora_gs: wgpu::Buffer,     // [T][rank] s · dy·B
+    ids: wgpu::Buffer,         // [T] u32 inputs
+    targets: wgpu::Buffer,     // [T] u32 next tokens
+    weights: wgpu::Buffer,     // [T] f32 the loss's weight per position
+    loss: wgpu::Buffer,        // [T] f32
+    head_x: wgpu::Buffer,      // [HEAD_ROWS][n_embd]
+    head_dx: wgpu::Buffer,     // [HEAD_ROWS][n_embd]
+    logits: wgpu::Buffer,      // [HEAD_ROWS][n_vocab]
+    d_logits: wgpu::Buffer,    // [HEAD_ROWS][n_vocab]
+    head_t: wgpu::Buffer,      // [HEAD_ROWS] u32
+    head_w: wgpu::Buffer,      // [HEAD_ROWS] f32
+    head_loss: wgpu::Buffer,   // [HEAD_ROWS] f32
 }
 
 /// A model with LoRA factors being trained on it, and the buffers one sequence of up to `ctx`
@@ -101,14 +111,6 @@ pub fn unsupported(model: &Model) -> Option<String> {
     let (c, spec) = (&model.config, model.config.spec());
     let why = if spec.projections == Projections::Fused {
         "fused q/k/v and gate/up tensors"
-    } else if spec.qk == QkPrep::HeadNorm {
-        "per-head q/k norms"
-    } else if spec.branch_out == BranchOut::NormThenAdd {
-        "post-norms on each branch"
-    } else if spec.activation != Activation::Silu {
-        "a GELU feed-forward"
-    } else if spec.scaled_embeddings || c.embed_scale().is_some() {
-        "scaled embeddings"
     } else if model.rope_factors.is_some() {
         "RoPE frequency factors"
     } else if c.final_softcap.is_some() {
@@ -118,7 +120,7 @@ pub fn unsupported(model: &Model) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!("fine-tuning {} models is not supported yet ({why}); llama, qwen2 and smollm3 models are", c.arch_name))
+    Some(format!("fine-tuning {} models is not supported yet ({why}); llama, qwen2, qwen3, smollm3 and gemma3 models are", c.arch_name))
 }
 
 impl<'m> Trainer<'m> {
@@ -168,6 +170,8 @@ impl<'m> Trainer<'m> {
             xs.push(st("residual", f(d)).await?);
         }
         let hr = HEAD_ROWS as u64;
+        let head_norm = model.layers.iter().any(|l| l.q_norm.is_some());
+        let post_norm = model.layers.iter().any(|l| l.post_attn_norm.is_some());
         let s = Scratch {
             n1: st("n1", f(d)).await?,
             q: st("q", f(qd)).await?,
@@ -176,6 +180,12 @@ impl<'m> Trainer<'m> {
             k_rot: st("k rot", f(kvd)).await?,
             v_att: st("v att", f(kvd)).await?,
             qkv_b: [st("q b", f(qd)).await?, st("k b", f(kvd)).await?, st("v b", f(kvd)).await?],
+            qn: st("qn", if head_norm { f(qd) } else { 4 }).await?,
+            kn: st("kn", if head_norm { f(kvd) } else { 4 }).await?,
+            dq_in: st("dq in", if head_norm { f(qd) } else { 4 }).await?,
+            dk_in: st("dk in", if head_norm { f(kvd) } else { 4 }).await?,
+            branch: [st("attn branch", if post_norm { f(d) } else { 4 }).await?, st("ffn branch", if post_norm { f(d) } else { 4 }).await?],
+            d_branch: st("d branch", if post_norm { f(d) } else { 4 }).await?,
             attn: st("attn", f(qd)).await?,
             h: st("h", f(d)).await?,
             n2: st("n2", f(d)).await?,
@@ -256,7 +266,13 @@ impl<'m> Trainer<'m> {
         q.write_buffer(&self.s.weights, 0, bytemuck::cast_slice(&weights[1..]));
         let mut r = Recorder::new(self.gpu);
         let m = self.model;
-        r.gather(&m.token_embd, &self.s.ids, &self.xs[0], n).await?;
+        match c.embed_scale() {
+            Some(scale) => {
+                r.gather(&m.token_embd, &self.s.ids, &self.s.out, n).await?;
+                r.scale(&self.s.out, &self.xs[0], n * c.n_embd as u32, scale).await?;
+            }
+            None => r.gather(&m.token_embd, &self.s.ids, &self.xs[0], n).await?,
+        }
         for l in 0..c.n_layer {
             self.layer_forward(&mut r, l, n).await?;
             let bytes = n as u64 * c.n_embd as u64 * 4;
@@ -344,7 +360,8 @@ impl<'m> Trainer<'m> {
         }
         for (name, p) in &self.pairs {
             let factor = |suffix: &str, n: u64| {
-                let t = g.tensor(&format!("{name}.{suffix}")).ok_or_else(|| ModelError::Invalid(format!("no tensor {name}.{suffix} (other targets, or another model?)")))?;
+                let t =
+                    g.tensor(&format!("{name}.{suffix}")).ok_or_else(|| ModelError::Invalid(format!("no tensor {name}.{suffix} (other targets, or another model?)")))?;
                 if t.ty != GgmlType::F32 || t.dims.iter().product::<u64>() != n {
                     return Err(ModelError::Invalid(format!("{name}.{suffix} is {} {:?}, not {n} f32 values (another rank?)", t.ty, t.dims)));
                 }
@@ -367,18 +384,62 @@ impl<'m> Trainer<'m> {
         r.rms_norm(x, &ly.attn_norm, &s.n1, d, n, eps).await?; //                        n1 [n][d]
         self.project(r, &ly.wqkv, &s.n1, &[&s.q, &s.k, &s.v], n).await?; //              q, k, v
         let (q, k, v) = self.qkv_bias(r, ly, n).await?;
+        let (q, k) = self.head_norms(r, ly, q, k, n).await?;
         let rope = self.rope_args(l, n, c.n_head as u32, 1.0);
         // q turned in place; k turned and v copied into the attention's keys and values
         r.rope_kv(q, k, v, &s.k_rot, &s.v_att, c.n_kv_head as u32, KvType::F32, rope).await?;
         r.attention(q, &s.k_rot, &s.v_att, &s.attn, self.attention_args(l, n)).await?; //   [n][q_dim]
-        let bytes = n as u64 * d as u64 * 4;
-        r.encoder().copy_buffer_to_buffer(x, 0, &s.h, 0, bytes);
-        self.project_residual(r, &ly.wo, &s.attn, &s.h, n).await?; //                     h = x + W_o·attn
+        self.branch_out(r, &ly.wo, &s.attn, ly.post_attn_norm.as_ref(), &s.branch[0], x, &s.h, n).await?; // h = x + out(W_o·attn)
         r.rms_norm(&s.h, &ly.ffn_norm, &s.n2, d, n, eps).await?; //                       n2 [n][d]
         self.project(r, &ly.w_gate_up, &s.n2, &[&s.gate, &s.up], n).await?; //            gate, up [n][n_ff]
-        r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?; //                 act [n][n_ff]
-        r.encoder().copy_buffer_to_buffer(&s.h, 0, &s.out, 0, bytes);
-        self.project_residual(r, &ly.w_down, &s.act, &s.out, n).await //                  out = h + W_down·act
+        if c.spec().activation == Activation::GeluTanh {
+            r.gelu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?; //            act [n][n_ff]
+        } else {
+            r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
+        }
+        self.branch_out(r, &ly.w_down, &s.act, ly.post_ffn_norm.as_ref(), &s.branch[1], &s.h, &s.out, n).await
+        // out = h + out(W_down·act)
+    }
+
+    /// sum = resid + W·x, through the branch's own RMS norm where it has one (Gemma 3:
+    /// resid + rms_norm(W·x), W·x kept in `pre` for the backward pass).
+    #[allow(clippy::too_many_arguments)]
+    async fn branch_out(
+        &self,
+        r: &mut Recorder<'_>,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        post_norm: Option<&wgpu::Buffer>,
+        pre: &wgpu::Buffer,
+        resid: &wgpu::Buffer,
+        sum: &wgpu::Buffer,
+        n: u32,
+    ) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let Some(norm) = post_norm else {
+            r.encoder().copy_buffer_to_buffer(resid, 0, sum, 0, n as u64 * c.n_embd as u64 * 4);
+            return self.project_residual(r, w, x, sum, n).await;
+        };
+        self.project(r, std::slice::from_ref(w), x, &[pre], n).await?;
+        r.rms_norm_add(pre, norm, resid, sum, c.n_embd as u32, n, c.norm_eps).await
+    }
+
+    /// The per-head RMS norms of q and k where the layer has them (Qwen3, Gemma 3): the
+    /// buffers RoPE and attention then read.
+    async fn head_norms<'b>(
+        &'b self,
+        r: &mut Recorder<'_>,
+        ly: &Layer,
+        q: &'b wgpu::Buffer,
+        k: &'b wgpu::Buffer,
+        n: u32,
+    ) -> Result<(&'b wgpu::Buffer, &'b wgpu::Buffer), GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let (Some(qn), Some(kn)) = (&ly.q_norm, &ly.k_norm) else { return Ok((q, k)) };
+        let hd = c.head_dim as u32;
+        r.rms_norm(q, qn, &s.qn, hd, n * c.n_head as u32, c.norm_eps).await?;
+        r.rms_norm(k, kn, &s.kn, hd, n * c.n_kv_head as u32, c.norm_eps).await?;
+        Ok((&s.qn, &s.kn))
     }
 
     /// Layer l's backward pass: s.dx holds dL/d(its output) and afterwards dL/d(its input);
@@ -386,17 +447,22 @@ impl<'m> Trainer<'m> {
     async fn layer_backward(&self, r: &mut Recorder<'_>, l: usize, n: u32) -> Result<(), GpuError> {
         let (c, s, ly) = (&self.model.config, &self.s, &self.model.layers[l]);
         let (d, eps, ff) = (c.n_embd as u32, c.norm_eps, c.n_ff as u32);
-        // out = h + W_down·act
-        r.product_backward(&ly.w_down, &s.dx, &s.d_act, n, false).await?;
-        self.lora_backward(r, &ly.w_down.name, &s.act, &s.dx, &s.d_act, n).await?;
-        r.glu_backward(&s.gate, &s.up, &s.d_act, &s.d_gate, &s.d_up, n * ff, false).await?;
+        // out = h + out(W_down·act)
+        let dy = self.branch_out_backward(r, ly.post_ffn_norm.as_ref(), &s.branch[1], n).await?;
+        r.product_backward(&ly.w_down, dy, &s.d_act, n, false).await?;
+        self.lora_backward(r, &ly.w_down.name, &s.act, dy, &s.d_act, n).await?;
+        let gelu = c.spec().activation == Activation::GeluTanh;
+        r.glu_backward(&s.gate, &s.up, &s.d_act, &s.d_gate, &s.d_up, n * ff, gelu).await?;
         self.project_backward(r, &ly.w_gate_up, &s.n2, &[&s.d_gate, &s.d_up], &s.dn, n).await?;
         r.rms_norm_backward(&s.h, &ly.ffn_norm, &s.dn, &s.dx, d, n, eps, true).await?; // dx = dL/dh
-                                                                                       // h = x + W_o·attn
-        r.product_backward(&ly.wo, &s.dx, &s.d_attn, n, false).await?;
-        self.lora_backward(r, &ly.wo.name, &s.attn, &s.dx, &s.d_attn, n).await?;
-        // the q attention read: turned by RoPE in place, after its bias where it has one
-        let q = if ly.bq.is_some() { &s.qkv_b[0] } else { &s.q };
+                                                                                       // h = x + out(W_o·attn)
+        let dy = self.branch_out_backward(r, ly.post_attn_norm.as_ref(), &s.branch[0], n).await?;
+        r.product_backward(&ly.wo, dy, &s.d_attn, n, false).await?;
+        self.lora_backward(r, &ly.wo.name, &s.attn, dy, &s.d_attn, n).await?;
+        // the q attention read: normed per head, or with its bias, or as projected; turned by
+        // RoPE in place
+        let (q_in, k_in) = if ly.bq.is_some() { (&s.qkv_b[0], &s.qkv_b[1]) } else { (&s.q, &s.k) };
+        let q = if ly.q_norm.is_some() { &s.qn } else { q_in };
         let grads = AttentionGrads { q, k: &s.k_rot, v: &s.v_att, dout: &s.d_attn, dq: &s.dq, dk: &s.dk, dv: &s.dv, stats: &s.stats };
         r.attention_backward(&grads, self.attention_args(l, n)).await?;
         // RoPE is a rotation: its gradient turns back by the same angle
@@ -404,9 +470,27 @@ impl<'m> Trainer<'m> {
             r.rope(&s.dq, self.rope_args(l, n, c.n_head as u32, -1.0)).await?;
             r.rope(&s.dk, self.rope_args(l, n, c.n_kv_head as u32, -1.0)).await?;
         }
-        self.project_backward(r, &ly.wqkv, &s.n1, &[&s.dq, &s.dk, &s.dv], &s.dn, n).await?;
+        let (dq, dk) = match (&ly.q_norm, &ly.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let hd = c.head_dim as u32;
+                r.rms_norm_backward(q_in, qn, &s.dq, &s.dq_in, hd, n * c.n_head as u32, eps, false).await?;
+                r.rms_norm_backward(k_in, kn, &s.dk, &s.dk_in, hd, n * c.n_kv_head as u32, eps, false).await?;
+                (&s.dq_in, &s.dk_in)
+            }
+            _ => (&s.dq, &s.dk),
+        };
+        self.project_backward(r, &ly.wqkv, &s.n1, &[dq, dk, &s.dv], &s.dn, n).await?;
         r.rms_norm_backward(&self.xs[l], &ly.attn_norm, &s.dn, &s.dx, d, n, eps, true).await
         // dx = dL/dx
+    }
+
+    /// The gradient of a branch's W·x from s.dx (dL/d(its sum)): s.dx itself, or through the
+    /// branch's post-norm (whose input was kept in `pre`).
+    async fn branch_out_backward<'b>(&'b self, r: &mut Recorder<'_>, post_norm: Option<&wgpu::Buffer>, pre: &wgpu::Buffer, n: u32) -> Result<&'b wgpu::Buffer, GpuError> {
+        let (c, s) = (&self.model.config, &self.s);
+        let Some(norm) = post_norm else { return Ok(&s.dx) };
+        r.rms_norm_backward(pre, norm, &s.dx, &s.d_branch, c.n_embd as u32, n, c.norm_eps, false).await?;
+        Ok(&s.d_branch)
     }
 
     /// The output head and the loss over n positions, in blocks of HEAD_ROWS: logits =
