@@ -41,6 +41,8 @@ fi
 
 python3 -c "import gguf, numpy" 2>/dev/null || pip install -q gguf numpy
 python3 -c "import openai" 2>/dev/null || pip install -q openai
+# automatic differentiation, the reference of tests/tests/train_autograd.rs
+python3 -c "import autograd" 2>/dev/null || pip install -q autograd
 # structured output and tool tests: jsonschema validates replies, jinja2 renders templates as HF does
 python3 -c "import jsonschema, jinja2, pydantic" 2>/dev/null || pip install -q jsonschema jinja2 pydantic
 scripts/fetch-models.sh
