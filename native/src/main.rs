@@ -133,8 +133,8 @@ pub struct ConstraintArgs {
     /// Reply with JSON that fits the JSON schema in FILE
     #[arg(long, value_name = "FILE")]
     pub json_schema: Option<PathBuf>,
-    /// Reply with text the Lark-style grammar in FILE accepts (llguidance's dialect; `start` is
-    /// the top rule)
+    /// Reply with text the grammar in FILE accepts: llama.cpp's GBNF (`root ::= ...`), or a
+    /// Lark-style grammar (llguidance's dialect; `start` is the top rule)
     #[arg(long, value_name = "FILE")]
     pub grammar: Option<PathBuf>,
     /// Reply with text the regular expression matches, whole
@@ -150,7 +150,9 @@ impl ConstraintArgs {
             let schema = serde_json::from_str(&read(p)?).with_context(|| format!("{}: not JSON", p.display()))?;
             Some(Grammar::JsonSchema(schema))
         } else if let Some(p) = &self.grammar {
-            Some(Grammar::Lark(read(p)?))
+            // GBNF defines its rules with `::=`, Lark with `:`
+            let text = read(p)?;
+            Some(if text.contains("::=") { Grammar::Gbnf(text) } else { Grammar::Lark(text) })
         } else {
             self.regex.clone().map(Grammar::Regex)
         })

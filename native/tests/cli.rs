@@ -203,6 +203,13 @@ fn run_and_chat_follow_a_grammar() {
     let text = serde_json::from_str::<Value>(&out).unwrap()["text"].as_str().unwrap().to_string();
     let b = text.as_bytes();
     assert!(b.len() == 11 && b[5] == b'-' && b[8] == b'-' && text[1..].replace('-', "").bytes().all(|c| c.is_ascii_digit()), "{text:?}");
+    // llama.cpp's GBNF too
+    let gbnf = dir.join("answer.gbnf");
+    std::fs::write(&gbnf, "root ::= (\"yes\" | \"no\") \".\"\n").unwrap();
+    let (ok, out, err) = nomoat(&["run", "-p", "Is water wet?", "--grammar", gbnf.to_str().unwrap(), "-n", "8", "--json"]);
+    assert!(ok, "{err}");
+    let text = serde_json::from_str::<Value>(&out).unwrap()["text"].as_str().unwrap().to_string();
+    assert!(text == "yes." || text == "no.", "{text:?}");
     let lark = dir.join("answer.lark");
     std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))

@@ -15,6 +15,8 @@
 //!
 //! Nothing here is native-only: llguidance is built without rayon, so this runs in wasm too.
 
+pub mod gbnf;
+
 use crate::tokenizer::Tokenizer;
 use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::{Matcher, ParserFactory};
@@ -34,6 +36,8 @@ pub enum Grammar {
     Regex(String),
     /// A Lark-style grammar (llguidance's dialect; `start` is the top rule).
     Lark(String),
+    /// A llama.cpp GBNF grammar (`root` is the top rule), read as Lark ([`gbnf::to_lark`]).
+    Gbnf(String),
 }
 
 impl Grammar {
@@ -52,6 +56,8 @@ impl Grammar {
             Grammar::JsonSchema(s) => json(s.clone()),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Grammar::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+            // converted (and checked) by compile before this
+            Grammar::Gbnf(g) => TopLevelGrammar::from_lark(gbnf::to_lark(g).unwrap_or_default()),
         }
     }
 }
@@ -167,6 +173,9 @@ impl Constrainer {
     /// The state of one generation under `grammar`, or why the grammar cannot be used (it does
     /// not parse, names an unsupported keyword, or is over the limits).
     pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, ConstraintError> {
+        if let Grammar::Gbnf(g) = grammar {
+            gbnf::to_lark(g).map_err(|e| ConstraintError(format!("GBNF: {e}")))?;
+        }
         check_nesting(grammar)?;
         let t = Instant::now();
         let parser = self.factory.create_parser(grammar.top_level()).map_err(|e| ConstraintError(e.to_string()))?;
@@ -226,7 +235,7 @@ fn check_nesting(grammar: &Grammar) -> Result<(), ConstraintError> {
             }
             Ok(())
         }
-        Grammar::JsonObject | Grammar::Lark(_) => Ok(()),
+        Grammar::JsonObject | Grammar::Lark(_) | Grammar::Gbnf(_) => Ok(()),
     }
 }
 

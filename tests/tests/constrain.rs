@@ -160,6 +160,25 @@ fn regex_and_lark_walks_match() {
 }
 
 #[test]
+fn gbnf_walks_match() {
+    // llama.cpp's GBNF, converted to Lark: a list of one to three yes/no answers or a number
+    let tok = tokenizer(support::SMOLLM2);
+    let c = Constrainer::new(tok.clone()).unwrap();
+    let g = Grammar::Gbnf("# answers\nroot ::= item (\", \" item){0,2}\nitem ::= (\"yes\" | \"no\") | num\nnum ::= [1-9] [0-9]?\n".into());
+    let mut rng = Rng::new(5);
+    for _ in 0..20 {
+        let (text, done) = walk(&c, &tok, &g, &mut rng, 40);
+        assert!(done, "{text:?}");
+        let items: Vec<&str> = text.split(", ").collect();
+        let ok = (1..=3).contains(&items.len())
+            && items.iter().all(|i| *i == "yes" || *i == "no" || (1..=2).contains(&i.len()) && i.bytes().all(|b| b.is_ascii_digit()) && !i.starts_with('0'));
+        assert!(ok, "{text:?}");
+    }
+    let e = c.compile(&Grammar::Gbnf("item ::= \"x\"".into())).unwrap_err();
+    assert!(e.0.contains("GBNF") && e.0.contains("root"), "{e}");
+}
+
+#[test]
 fn forced_tokens_are_fed_without_a_choice() {
     // an enum of one long value leaves nothing to choose after its first token
     let tok = tokenizer(support::SMOLLM2);
