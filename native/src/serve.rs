@@ -691,13 +691,20 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
     if tools_active && kind == Kind::Completion {
         return Err(ApiError::param("tools", "tools are for /v1/chat/completions"));
     }
-    if tools_active && format.is_some() {
-        return Err(ApiError::param("response_format", "response_format together with tools is not supported: send tool_choice \"none\" or leave response_format out"));
+    // llama.cpp's extension: a GBNF (or Lark) grammar for the reply
+    let grammar = api::parse_grammar(&o)?;
+    if grammar.is_some() && (format.is_some() || tools_active) {
+        return Err(ApiError::param("grammar", "grammar is used alone: not with response_format or tools"));
     }
-    if let Some(grammar) = tools::grammar(&tools, &choice, parallel) {
+    if let Some(g) = &grammar {
+        guide.constraint =
+            Some(constrainer("grammar")?.compile(g).map_err(|e| ApiError::param("grammar", format!("the grammar cannot be used: {e}")).with_code("invalid_grammar"))?);
+    }
+    // with tools, the reply is calls, or (auto) text that fits response_format
+    if let Some(grammar) = tools::grammar_with_format(&tools, &choice, parallel, format.as_ref()) {
         let constraint = constrainer("tools")?
             .compile(&grammar)
-            .map_err(|e| ApiError::param("tools", format!("a tool's parameters cannot be used: {e}")).with_code("invalid_schema"))?;
+            .map_err(|e| ApiError::param("tools", format!("a tool's parameters or the response_format schema cannot be used: {e}")).with_code("invalid_schema"))?;
         guide.constraint = Some(constraint);
     }
     let tok = &s.info.tokenizer;

@@ -83,7 +83,12 @@ impl Server {
         assert_eq!(e["param"], param, "{text}");
         assert!(e["message"].as_str().unwrap().to_lowercase().contains(&needle.to_lowercase()), "{needle:?} not in {text}");
         assert!(t.elapsed() < Duration::from_secs(10), "{text}: refused only after {:?}", t.elapsed());
-        assert_eq!(e["code"], if param.ends_with(".schema") { json!("invalid_schema") } else { Value::Null }, "{text}");
+        let code = match param {
+            p if p.ends_with(".schema") => json!("invalid_schema"),
+            "grammar" if !needle.contains("alone") => json!("invalid_grammar"),
+            _ => Value::Null,
+        };
+        assert_eq!(e["code"], code, "{text}");
     }
 }
 
@@ -306,7 +311,36 @@ fn structured_output_through_the_server() {
     let r: Value = serde_json::from_str(&text).unwrap();
     assert!(r["choices"][0]["message"]["content"].is_string() && r["choices"][0]["message"].get("tool_calls").is_none(), "{r}");
     s.refused(&json!({"model": "m", "messages": q, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice", "nope");
+    // auto with a response_format: calls, or JSON that fits the schema
+    let answer = json!({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}}, "required": ["answer"], "additionalProperties": false});
+    for seed in 0..3 {
+        let body =
+            json!({"model": "m", "messages": q, "tools": tools, "response_format": schema_format("answer", &answer), "temperature": 1.0, "seed": seed, "max_tokens": 60});
+        let (status, text) = s.post_raw(&body);
+        assert_eq!(status, 200, "{text}");
+        let r: Value = serde_json::from_str(&text).unwrap();
+        let m = &r["choices"][0]["message"];
+        match r["choices"][0]["finish_reason"].as_str().unwrap() {
+            "tool_calls" => assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather", "{r}"),
+            _ => {
+                let v: Value = serde_json::from_str(m["content"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {r}"));
+                assert!(v["answer"].is_string() && v.as_object().unwrap().len() == 1, "{r}");
+            }
+        }
+    }
     step("tools through the generic prompt", t);
+
+    // ---- llama.cpp's `grammar` field (GBNF or Lark)
+    let t = Instant::now();
+    let gbnf = "root ::= (\"yes\" | \"no\") \", \" [0-9]{1,2}\n";
+    let (content, finish) = s.chat(
+        &json!({"model": "m", "messages": [{"role": "user", "content": "Yes or no, and a number?"}], "grammar": gbnf, "temperature": 1.0, "seed": 1, "max_tokens": 10}),
+    );
+    let (word, num) = content.split_once(", ").unwrap_or_else(|| panic!("{content:?}"));
+    assert!(finish == "stop" && (word == "yes" || word == "no") && (1..=2).contains(&num.len()) && num.bytes().all(|b| b.is_ascii_digit()), "{content:?}");
+    s.refused(&json!({"model": "m", "messages": q, "grammar": "root ::= \"x"}), "grammar", "not closed");
+    s.refused(&json!({"model": "m", "messages": q, "grammar": "start: \"x\"", "response_format": {"type": "json_object"}}), "grammar", "alone");
+    step("grammar field", t);
 
     // ---- the official openai client: chat.completions.parse with a pydantic model
     let t = Instant::now();

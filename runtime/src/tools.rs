@@ -73,6 +73,19 @@ const CLOSE: &str = "</tool_call>";
 /// The grammar of a reply under `choice` (None for [`ToolChoice::None`]: unconstrained text).
 /// `parallel`: more than one call may follow (OpenAI's `parallel_tool_calls`).
 pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Grammar> {
+    grammar_with_format(tools, choice, parallel, None)
+}
+
+/// `grammar`, with the text a reply under [`ToolChoice::Auto`] may be instead of calls given
+/// by `response_format` (a JSON schema or any JSON object: it starts with `{`, never `<`);
+/// None for other text grammars, which do not combine with tools.
+pub fn grammar_with_format(tools: &[Tool], choice: &ToolChoice, parallel: bool, format: Option<&Grammar>) -> Option<Grammar> {
+    let text = match format {
+        None => ("TEXT", "TEXT: /[^<](?s:.*)/".to_string()),
+        Some(Grammar::JsonObject) => ("reply", "reply: %json {\"type\": \"object\"}".to_string()),
+        Some(Grammar::JsonSchema(s)) => ("reply", format!("reply: %json {}", with_layout(s))),
+        Some(_) => return None,
+    };
     let chosen: Vec<&Tool> = match choice {
         ToolChoice::None => return None,
         ToolChoice::Named(n) => tools.iter().filter(|t| &t.name == n).collect(),
@@ -81,22 +94,27 @@ pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Gr
     let mut g = String::new();
     let calls = if parallel && !matches!(choice, ToolChoice::Named(_)) { "call (\"\\n\" call)*" } else { "call" };
     match choice {
-        ToolChoice::Auto => g.push_str(&format!("start: TEXT | calls\nTEXT: /[^<](?s:.*)/\ncalls: {calls}\n")),
+        ToolChoice::Auto => g.push_str(&format!("start: {} | calls\n{}\ncalls: {calls}\n", text.0, text.1)),
         _ => g.push_str(&format!("start: calls\ncalls: {calls}\n")),
     }
     let alternatives: Vec<String> = (0..chosen.len()).map(|i| format!("call_{i}")).collect();
     g.push_str(&format!("call: {}\n", alternatives.join(" | ")));
     for (i, t) in chosen.iter().enumerate() {
-        // the same JSON layout as response_format's: "a": 1, no free whitespace
-        let mut schema = t.parameters.clone();
-        if let Value::Object(o) = &mut schema {
-            o.insert("x-guidance".into(), json!({"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false}));
-        }
+        let schema = with_layout(&t.parameters);
         let head = serde_json::to_string(&format!("{OPEN}\n{{\"name\": \"{}\", \"arguments\": ", t.name)).expect("a string serializes");
         let tail = serde_json::to_string(&format!("}}\n{CLOSE}")).expect("a string serializes");
         g.push_str(&format!("call_{i}: {head} args_{i} {tail}\nargs_{i}: %json {schema}\n"));
     }
     Some(Grammar::Lark(g))
+}
+
+/// The schema with the same JSON layout as response_format's: "a": 1, no free whitespace.
+fn with_layout(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    if let Value::Object(o) = &mut schema {
+        o.insert("x-guidance".into(), json!({"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false}));
+    }
+    schema
 }
 
 /// The text before the first call (trimmed; None when empty) and the calls, from a reply
@@ -191,6 +209,10 @@ mod tests {
         assert_eq!(grammar(&tools, &ToolChoice::None, true), None);
         let Some(Grammar::Lark(auto)) = grammar(&tools, &ToolChoice::Auto, true) else { panic!() };
         assert!(auto.starts_with("start: TEXT | calls") && auto.contains("call_1") && auto.contains("(\"\\n\" call)*"), "{auto}");
+        assert!(auto.starts_with("start: TEXT | calls\nTEXT: /[^<](?s:.*)/\ncalls: "), "{auto}");
+        let Some(Grammar::Lark(json)) = grammar_with_format(&tools, &ToolChoice::Auto, false, Some(&Grammar::JsonObject)) else { panic!() };
+        assert!(json.starts_with("start: reply | calls\nreply: %json {\"type\": \"object\"}\ncalls: call\n"), "{json}");
+        assert_eq!(grammar_with_format(&tools, &ToolChoice::Auto, true, Some(&Grammar::Regex("a".into()))), None);
         let Some(Grammar::Lark(named)) = grammar(&tools, &ToolChoice::Named("b".into()), true) else { panic!() };
         assert!(named.starts_with("start: calls\ncalls: call\n") && named.contains("\\\"b\\\"") && !named.contains("\\\"a\\\""), "{named}");
     }

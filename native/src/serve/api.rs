@@ -315,6 +315,16 @@ pub fn parse_response_format(o: &Map<String, Value>) -> Result<Option<Grammar>, 
     }
 }
 
+/// llama.cpp's `grammar` extension: a GBNF grammar (rules with `::=`) or a Lark one.
+pub fn parse_grammar(o: &Map<String, Value>) -> Result<Option<Grammar>, ApiError> {
+    match field(o, "grammar") {
+        None => Ok(None),
+        Some(Value::String(g)) if g.trim().is_empty() => Ok(None),
+        Some(Value::String(g)) => Ok(Some(if g.contains("::=") { Grammar::Gbnf(g.clone()) } else { Grammar::Lark(g.clone()) })),
+        Some(v) => Err(ApiError::param("grammar", format!("'grammar' must be a string (GBNF or Lark), got {}", type_name(v)))),
+    }
+}
+
 /// Most entries `logit_bias` may have (OpenAI takes up to 300).
 pub const MAX_LOGIT_BIAS: usize = 1024;
 
