@@ -4,12 +4,13 @@
 use crate::open_gguf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use nomoat_runtime::arch::Config;
 use nomoat_runtime::chat::ChatTemplate;
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::model::Model;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::train::data::{read_jsonl, DataOptions, Example};
-use nomoat_runtime::train::run::{Run, RunOptions};
+use nomoat_runtime::train::run::{context_of, memory_needed, Run, RunOptions};
 use nomoat_runtime::train::step::{Trainer, TARGETS};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +68,10 @@ pub struct FinetuneArgs {
     /// One JSON object per step on stdout instead of the progress line
     #[arg(long)]
     pub json: bool,
+    /// Refuse to start when training would take more than this many MiB of GPU memory
+    /// (weights, adapters with their optimizer state, activations); it says what it needs
+    #[arg(long, value_name = "MIB")]
+    pub max_gpu_memory: Option<u64>,
     /// Disable shader-f16 and subgroups
     #[arg(long)]
     pub portable: bool,
@@ -111,8 +116,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             bail!("unknown target '{t}': use some of q, k, v, o, gate, up, down");
         }
     }
-    let gpu = pollster::block_on(Gpu::new(GpuOptions { allow_f16: !a.portable, allow_subgroups: !a.portable, profile: a.profile, ..Default::default() }))?;
-    let model = pollster::block_on(Model::load(&gguf, &gpu, &mut file, &mut |_, _| {}))?;
     let opts = RunOptions {
         targets: a.targets.clone(),
         rank: a.rank,
@@ -124,6 +127,31 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         seed: a.seed,
         valid_every: 10,
     };
+    let config = Config::from_gguf(&gguf)?;
+    let (weights, adapters, activations) = memory_needed(&gguf, &config, &opts, context_of(&train, &valid));
+    let total = weights + adapters + activations;
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let needs = format!(
+        "training needs {} MiB of GPU memory: {} MiB of weights, {} MiB of adapters and optimizer state, {} MiB of activations for sequences of up to {} tokens",
+        mib(total),
+        mib(weights),
+        mib(adapters),
+        mib(activations),
+        context_of(&train, &valid)
+    );
+    if let Some(limit) = a.max_gpu_memory.filter(|l| total > l << 20) {
+        bail!("{needs}, over the {limit} MiB allowed (--max-gpu-memory): use a smaller model, --rank or --targets, or shorter examples (--ctx)");
+    }
+    eprintln!("{needs}");
+    let gpu = pollster::block_on(Gpu::new(GpuOptions {
+        allow_f16: !a.portable,
+        allow_subgroups: !a.portable,
+        profile: a.profile,
+        // allocations past the limit fail as out of memory, should the estimate fall short
+        memory_budget: a.max_gpu_memory.map(|m| m << 20),
+        ..Default::default()
+    }))?;
+    let model = pollster::block_on(Model::load(&gguf, &gpu, &mut file, &mut |_, _| {}))?;
     let mut run = pollster::block_on(Run::new(&model, &gpu, train, valid, opts))?;
     if let Some(r) = &a.resume {
         let (g, mut f) = open_gguf(r)?;
@@ -136,7 +164,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.alpha,
         path.file_name().unwrap_or_default().to_string_lossy(),
         run.total,
-        a.batch_tokens
+        run.batch_tokens()
     );
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -143,3 +143,30 @@ fn bench_measures_training_beside_prefill() {
     assert_eq!(tests, ["pp16", "tg4", "train16"]);
     assert!(v["tests"][2]["tok_s_mean"].as_f64().unwrap() > 0.0, "{out}");
 }
+
+/// What does not fit is refused before the model loads, with what it needs; the amount it says
+/// is enough (the estimate is what the trainer allocates, tested in train_gradients.rs).
+#[test]
+fn finetune_refuses_what_does_not_fit_before_starting() {
+    let dir = scratch("memory");
+    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/nomoat"));
+    let model = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.exists(), "{} missing: run scripts/fetch-models.sh", model.display());
+    let model = model.to_str().unwrap();
+    let data = write(&dir, "train.jsonl", "{\"prompt\": \"The secret word is\", \"completion\": \" pineapple\"}\n");
+    let out = dir.join("x.gguf");
+    let out_s = out.to_str().unwrap();
+    let started = std::time::Instant::now();
+    let (ok, _, err) = nomoat(&["finetune", "-m", model, "--data", &data, "-o", out_s, "--steps", "1", "--max-gpu-memory", "64"]);
+    assert!(!ok && err.contains("over the 64 MiB allowed"), "{err}");
+    assert!(!out.exists());
+    let needs: u64 = err.split("training needs ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{err}"));
+    // 93 MiB of weights; rank-8 factors on every projection of 30 layers with their gradients
+    // and moments, 56 MiB; 30 MiB of activations, most of it the output head's 64 rows of
+    // logits and their gradient
+    assert!((150..220).contains(&needs), "{err}");
+    eprintln!("refused in {:.2} s: {err}", started.elapsed().as_secs_f64());
+    let (ok, _, err) = nomoat(&["finetune", "-m", model, "--data", &data, "-o", out_s, "--steps", "1", "--max-gpu-memory", &needs.to_string()]);
+    assert!(ok && out.exists(), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -2,14 +2,14 @@
 //! every factor (rank 8 on every projection of every layer, random nonzero A and B) against
 //! PyPI autograd's over an independent numpy forward pass in float64
 //! (tests/reference/lora_autograd.py, on tiny_forward.py's llama.cpp conventions): cosine ≥
-//! 0.999 per tensor and the same loss, for the tiny llama, qwen2, qwen3, gemma3 (with sliding
+//! 0.999 per tensor and the same loss, for the tiny llama (also with llama 3's RoPE factors), qwen2, qwen3, gemma3 (with sliding
 //! windows) and smollm3 models and for SmolLM2 135M's real (Q4_1) weights. The default kernel
 //! variant of the device (f16 and subgroups where it has them); train_gradients.rs covers every
 //! variant against the CPU composition.
 
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::model::Model;
-use nomoat_runtime::train::step::{Trainer, TARGETS};
+use nomoat_runtime::train::step::{memory_needed, Trainer, TARGETS};
 use nomoat_tests::gpu::variants;
 use nomoat_tests::support::{cosine, model_path, Rng, SMOLLM2};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ fn check(model_file: &Path, n_tokens: usize) {
     let model = pollster::block_on(Model::load(&gguf, gpu, &mut bytes.as_slice(), &mut |_, _| {})).unwrap();
     let targets: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
     let mut trainer = pollster::block_on(Trainer::new(&model, gpu, &targets, 8, 16.0, n_tokens as u32, 3)).unwrap();
+    assert_eq!(memory_needed(&model.config, &targets, 8, n_tokens as u32), trainer.bytes, "memory_needed");
     let mut rng = Rng::new(21);
     for (name, p) in &trainer.pairs {
         // B at the size training reaches, so every A has a gradient and the adapter matters
@@ -72,7 +73,16 @@ fn check(model_file: &Path, n_tokens: usize) {
 
 #[test]
 fn tiny_models_gradients_match_autograd() {
-    for file in ["llama-tiny.gguf", "llama-mixed-tiny.gguf", "qwen2-tiny.gguf", "qwen3-tiny.gguf", "gemma3-tiny.gguf", "gemma3-swa-tiny.gguf", "smollm3-tiny.gguf"] {
+    for file in [
+        "llama-tiny.gguf",
+        "llama-mixed-tiny.gguf",
+        "llama3-tiny.gguf",
+        "qwen2-tiny.gguf",
+        "qwen3-tiny.gguf",
+        "gemma3-tiny.gguf",
+        "gemma3-swa-tiny.gguf",
+        "smollm3-tiny.gguf",
+    ] {
         check(&tiny(file), 40);
     }
 }

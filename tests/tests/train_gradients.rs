@@ -12,10 +12,11 @@ use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
 use nomoat_runtime::reference::{self as re, AttentionShape, RopeMode, RopeParams};
 use nomoat_runtime::session::Session;
-use nomoat_runtime::train::step::{Trainer, TARGETS};
+use nomoat_runtime::train::step::{memory_needed, Trainer, TARGETS};
 use nomoat_runtime::{quant, train};
 use nomoat_tests::gpu::variants;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 fn tiny(file: &str) -> (Gguf, std::fs::File) {
@@ -92,7 +93,9 @@ impl Cpu<'_> {
             return;
         }
         let mode = if c.spec().rope == RopeType::Neox { RopeMode::Neox } else { RopeMode::Normal };
-        re::rope(x, heads, c.head_dim, 0, RopeParams { mode, n_rot: c.n_rot, freq_base: c.rope_base_of(l), freq_scale: sign * c.rope_freq_scale() });
+        let factors = self.w.get("rope_freqs.weight").map_or(&[][..], |f| f.as_slice());
+        let p = RopeParams { mode, n_rot: c.n_rot, freq_base: c.rope_base_of(l), freq_scale: sign * c.rope_freq_scale() };
+        re::rope_with_factors(x, heads, c.head_dim, 0, p, factors);
     }
 
     fn bias(&self, x: &[f32], name: &str, width: usize) -> Vec<f32> {
@@ -239,6 +242,8 @@ fn check(file: &str) {
     for gpu in variants() {
         let model = pollster::block_on(Model::load(&gguf, gpu, &mut f, &mut |_, _| {})).unwrap();
         let mut trainer = pollster::block_on(Trainer::new(&model, gpu, &targets, rank, alpha, 64, 5)).unwrap();
+        // the memory formula (what refuses a run before it starts) is what was allocated
+        assert_eq!(memory_needed(&model.config, &targets, rank, 64), trainer.bytes, "{file}: memory_needed");
         // nonzero B everywhere, so that every A has a gradient too
         let mut rng = Rng::new(9);
         let mut loras = Factors::new();
@@ -330,6 +335,12 @@ fn smollm3_gradients_match_the_cpu() {
     check("smollm3-tiny.gguf");
 }
 
+/// Llama 3's RoPE frequency factors (rope_freqs.weight), turning back by the same angles.
+#[test]
+fn llama3_gradients_match_the_cpu() {
+    check("llama3-tiny.gguf");
+}
+
 /// Per-head q/k norms before RoPE.
 #[test]
 fn qwen3_gradients_match_the_cpu() {
@@ -345,13 +356,52 @@ fn gemma3_gradients_match_the_cpu() {
 }
 
 #[test]
-fn unsupported_families_are_refused_by_name() {
+fn fused_projections_are_refused_by_name() {
     let gpu = &variants()[0];
-    for (file, why) in [("phi3-tiny.gguf", "phi3"), ("llama3-tiny.gguf", "llama")] {
-        let (gguf, mut f) = tiny(file);
-        let model = pollster::block_on(Model::load(&gguf, gpu, &mut f, &mut |_, _| {})).unwrap();
-        let e = pollster::block_on(Trainer::new(&model, gpu, &["q"], 4, 8.0, 64, 1)).err().expect("refused");
-        assert!(e.to_string().contains(why) && e.to_string().contains("not supported yet"), "{e}");
-    }
+    let (gguf, mut f) = tiny("phi3-tiny.gguf");
+    let model = pollster::block_on(Model::load(&gguf, gpu, &mut f, &mut |_, _| {})).unwrap();
+    let e = pollster::block_on(Trainer::new(&model, gpu, &["q"], 4, 8.0, 64, 1)).err().expect("refused");
+    assert!(e.to_string().contains("phi3") && e.to_string().contains("not supported yet"), "{e}");
     let _ = train::data::Format::Text;
+}
+
+/// The README's table of what fine-tuning needs is this formula's: rank 8 on every projection,
+/// sequences of 512 tokens, for the real models the tests use (their headers) and for common
+/// 1B and 3B shapes (their configurations; weights as their Q4_K_M files' sizes).
+#[test]
+fn readme_memory_table_is_the_formula() {
+    use nomoat_runtime::arch::Config;
+    use nomoat_tests::support::{model_path, GEMMA3, QWEN2, SMOLLM2};
+    let targets: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+    let header = |file: &str| {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(model_path(file)).unwrap(), 16 << 20), &mut bytes).unwrap();
+        let g = match Gguf::parse_prefix(&bytes).unwrap() {
+            nomoat_runtime::gguf::Parse::Complete(g) => g,
+            _ => panic!("{file}: header over 16 MiB"),
+        };
+        let c = Config::from_gguf(&g).unwrap();
+        (c, g.tensors.iter().map(|t| t.size_bytes()).sum::<u64>())
+    };
+    let mut rows = Vec::new();
+    for (name, file) in [("SmolLM2 135M Q4_1", SMOLLM2), ("Gemma 3 270M Q4_K_M", GEMMA3), ("Qwen2.5-Coder 0.5B", QWEN2)] {
+        let (c, w) = header(file);
+        rows.push((name.to_string(), c, w));
+    }
+    // llama shapes: (layers, width, n_ff, heads, kv heads, head size, vocabulary, Q4_K_M bytes)
+    let (base, _) = header(SMOLLM2);
+    for (name, (l, d, ff, h, kv, hd, v, w)) in
+        [("Llama 3.2 1B Q4_K_M", (16, 2048, 8192, 32, 8, 64, 128256, 807_690_656u64)), ("Llama 3.2 3B Q4_K_M", (28, 3072, 8192, 24, 8, 128, 128256, 2_019_377_696))]
+    {
+        let c = Config { n_layer: l, n_embd: d, n_ff: ff, n_head: h, n_kv_head: kv, head_dim: hd, n_vocab: v, ..base.clone() };
+        rows.push((name.to_string(), c, w));
+    }
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    for (name, c, weights) in rows {
+        let (adapters, activations) = memory_needed(&c, &targets, 8, 512);
+        let row = format!("| {name} | {} | {} | {} | {} |", mib(weights), mib(adapters), mib(activations), mib(weights + adapters + activations));
+        eprintln!("{row}");
+        assert!(readme.contains(&row), "README.md lacks the row\n{row}");
+    }
 }

@@ -103,7 +103,7 @@ impl<'m> Run<'m> {
             return Err(ModelError::Invalid("a run of 0 epochs or 0 steps".into()));
         }
         let targets: Vec<&str> = opts.targets.iter().map(|s| s.as_str()).collect();
-        let ctx = train.iter().chain(&valid).map(|e| e.ids.len()).max().unwrap_or(2).max(2) as u32;
+        let ctx = context_of(&train, &valid);
         let trainer = Trainer::new(model, gpu, &targets, opts.rank, opts.alpha, ctx, opts.seed).await?;
         let train_tokens: usize = train.iter().map(|e| e.ids.len()).sum();
         let steps_per_epoch = train_tokens.div_ceil(opts.batch_tokens.max(1)).max(1) as u32;
@@ -124,6 +124,11 @@ impl<'m> Run<'m> {
             tokens: 0,
             batch,
         })
+    }
+
+    /// Tokens a step accumulates its gradient over (about: whole examples).
+    pub fn batch_tokens(&self) -> usize {
+        self.batch
     }
 
     pub fn done(&self) -> bool {
@@ -186,6 +191,20 @@ impl<'m> Run<'m> {
         }
         Ok(l / n.max(1) as f64)
     }
+}
+
+/// The trainer's context for these examples: the longest one's length.
+pub fn context_of(train: &[Example], valid: &[Example]) -> u32 {
+    train.iter().chain(valid).map(|e| e.ids.len()).max().unwrap_or(2).max(2) as u32
+}
+
+/// GPU bytes a run needs: (the model's weights, the adapters with their gradients and AdamW
+/// moments, activations and scratch), from the header and the data alone.
+pub fn memory_needed(gguf: &crate::gguf::Gguf, c: &crate::arch::Config, opts: &RunOptions, ctx: u32) -> (u64, u64, u64) {
+    let weights = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+    let targets: Vec<&str> = opts.targets.iter().map(|s| s.as_str()).collect();
+    let (adapters, activations) = crate::train::step::memory_needed(c, &targets, opts.rank, ctx);
+    (weights, adapters, activations)
 }
 
 /// Per-position loss weights of an example (1 where trained).

@@ -14,7 +14,7 @@
 //! and each adapted projection y = W·x + s·B·(A·x) (s = alpha / rank) adds
 //!   dB += s · dyᵀ·(A·x),  dA += (s · dy·B)ᵀ·x,  dx += (s · dy·B)·A.
 
-use crate::arch::{Activation, Projections, RopeType};
+use crate::arch::{Activation, Config, Projections, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
@@ -104,6 +104,36 @@ pub struct Trainer<'m> {
     /// The residual stream's input to each layer, and the last layer's output: [T][n_embd].
     xs: Vec<wgpu::Buffer>,
     s: Scratch,
+    /// GPU bytes allocated: (the factors with their gradients and AdamW moments, the
+    /// activations and scratch); `memory_needed` computes the same from the configuration.
+    pub bytes: (u64, u64),
+}
+
+/// GPU bytes a trainer of `rank` on `targets` for sequences of up to `ctx` tokens takes beside
+/// the model's weights: (the factors with their gradients and AdamW moments, the activations
+/// and scratch). What `Trainer::new` allocates, known before anything is.
+pub fn memory_needed(c: &Config, targets: &[&str], rank: u32, ctx: u32) -> (u64, u64) {
+    let (d, qd, kvd, ff) = (c.n_embd as u64, (c.n_head * c.head_dim) as u64, (c.n_kv_head * c.head_dim) as u64, c.n_ff as u64);
+    let (r, t, hr, v) = (rank as u64, ctx as u64, HEAD_ROWS as u64, c.n_vocab as u64);
+    // (n_out, k) of each target: factors, their gradients and two moments each, f32
+    let shape = |name: &str| match name {
+        "q" => (qd, d),
+        "k" | "v" => (kvd, d),
+        "o" => (d, qd),
+        "gate" | "up" => (ff, d),
+        _ => (d, ff),
+    };
+    let adapters: u64 = targets.iter().map(|n| shape(n)).map(|(n_out, k)| 6 * 4 * r * (k + n_out)).sum::<u64>() * c.n_layer as u64;
+    let spec = c.spec();
+    let (head_norm, post_norm) = (spec.qk == crate::arch::QkPrep::HeadNorm, spec.branch_out == crate::arch::BranchOut::NormThenAdd);
+    let when = |yes: bool, n: u64| if yes { n } else { 0 };
+    // per token, in f32 values: the residual stream per layer, then Scratch's [T][..] buffers
+    let per_token =
+        (c.n_layer as u64 + 1) * d + 6 * d + 5 * qd + 8 * kvd + 6 * ff + 3 * r + 4 * c.n_head as u64 + 4 + when(head_norm, 2 * qd + 2 * kvd) + when(post_norm, 3 * d);
+    // scratch a model without head norms or post-norms allocates as one word each
+    let placeholders = 4 * (when(!head_norm, 4) + when(!post_norm, 3));
+    let head = 4 * hr * (2 * d + 2 * v + 3);
+    (adapters, 4 * t * per_token + placeholders + head)
 }
 
 /// Why a model cannot be trained yet, or None.
@@ -111,8 +141,6 @@ pub fn unsupported(model: &Model) -> Option<String> {
     let (c, spec) = (&model.config, model.config.spec());
     let why = if spec.projections == Projections::Fused {
         "fused q/k/v and gate/up tensors"
-    } else if model.rope_factors.is_some() {
-        "RoPE frequency factors"
     } else if c.final_softcap.is_some() {
         "soft-capped logits"
     } else if c.head_dim % 4 != 0 {
@@ -120,7 +148,7 @@ pub fn unsupported(model: &Model) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!("fine-tuning {} models is not supported yet ({why}); llama, qwen2, qwen3, smollm3 and gemma3 models are", c.arch_name))
+    Some(format!("fine-tuning {} models is not supported yet ({why}); llama (3), qwen2, qwen3, smollm3 and gemma3 models are", c.arch_name))
 }
 
 impl<'m> Trainer<'m> {
@@ -164,14 +192,18 @@ impl<'m> Trainer<'m> {
         let t = ctx as u64;
         let f = |n: usize| t * n as u64 * 4;
         let (d, qd, kvd, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_ff);
-        let st = |label: &'static str, bytes: u64| gpu.storage(label, bytes.max(4));
+        let activations = std::cell::Cell::new(0u64);
+        let st = |label: &'static str, bytes: u64| {
+            activations.set(activations.get() + bytes.max(4));
+            gpu.storage(label, bytes.max(4))
+        };
         let mut xs = Vec::new();
         for _ in 0..=c.n_layer {
             xs.push(st("residual", f(d)).await?);
         }
         let hr = HEAD_ROWS as u64;
-        let head_norm = model.layers.iter().any(|l| l.q_norm.is_some());
-        let post_norm = model.layers.iter().any(|l| l.post_attn_norm.is_some());
+        let spec = c.spec();
+        let (head_norm, post_norm) = (spec.qk == crate::arch::QkPrep::HeadNorm, spec.branch_out == crate::arch::BranchOut::NormThenAdd);
         let s = Scratch {
             n1: st("n1", f(d)).await?,
             q: st("q", f(qd)).await?,
@@ -218,7 +250,8 @@ impl<'m> Trainer<'m> {
             head_w: st("head weights", hr * 4).await?,
             head_loss: st("head loss", hr * 4).await?,
         };
-        let trainer = Trainer { model, gpu, rank, alpha, ctx, pairs, xs, s };
+        let adapters = pairs.values().map(|p| 6 * 4 * p.rank as u64 * (p.a.k as u64 + p.b.n_rows as u64)).sum();
+        let trainer = Trainer { model, gpu, rank, alpha, ctx, pairs, xs, s, bytes: (adapters, activations.get()) };
         trainer.zero_grads()?;
         Ok(trainer)
     }
@@ -387,7 +420,8 @@ impl<'m> Trainer<'m> {
         let (q, k) = self.head_norms(r, ly, q, k, n).await?;
         let rope = self.rope_args(l, n, c.n_head as u32, 1.0);
         // q turned in place; k turned and v copied into the attention's keys and values
-        r.rope_kv(q, k, v, &s.k_rot, &s.v_att, c.n_kv_head as u32, KvType::F32, rope).await?;
+        let factors = self.model.rope_factors.as_ref();
+        r.rope_kv_normed(q, k, v, &s.k_rot, &s.v_att, c.n_kv_head as u32, KvType::F32, rope, None, factors).await?;
         r.attention(q, &s.k_rot, &s.v_att, &s.attn, self.attention_args(l, n)).await?; //   [n][q_dim]
         self.branch_out(r, &ly.wo, &s.attn, ly.post_attn_norm.as_ref(), &s.branch[0], x, &s.h, n).await?; // h = x + out(W_o·attn)
         r.rms_norm(&s.h, &ly.ffn_norm, &s.n2, d, n, eps).await?; //                       n2 [n][d]
@@ -467,8 +501,10 @@ impl<'m> Trainer<'m> {
         r.attention_backward(&grads, self.attention_args(l, n)).await?;
         // RoPE is a rotation: its gradient turns back by the same angle
         if c.has_rope(l) {
-            r.rope(&s.dq, self.rope_args(l, n, c.n_head as u32, -1.0)).await?;
-            r.rope(&s.dk, self.rope_args(l, n, c.n_kv_head as u32, -1.0)).await?;
+            let ([none, cache_k, cache_v], factors) = (&self.gpu.unused_buffers, self.model.rope_factors.as_ref());
+            for (d, heads) in [(&s.dq, c.n_head), (&s.dk, c.n_kv_head)] {
+                r.rope_kv_normed(d, none, none, cache_k, cache_v, 0, KvType::F32, self.rope_args(l, n, heads as u32, -1.0), None, factors).await?;
+            }
         }
         let (dq, dk) = match (&ly.q_norm, &ly.k_norm) {
             (Some(qn), Some(kn)) => {
