@@ -246,6 +246,15 @@ fn pathological_schemas_are_bounded() {
     let exploding = Grammar::Regex("(a|b)*a(a|b){40}".into());
     let deep_regex = Grammar::Regex(format!("{}a{}", "(".repeat(400), ")".repeat(400)));
     let deep_lark = Grammar::Lark(format!("start: {}\"a\"{}\n", "(".repeat(400), ")".repeat(400)));
+    // groups nested in a schema's pattern or a Lark regex: regex-syntax's own limit (250) refuses
+    // the deep ones before anything recursive runs
+    let nested = |d: usize| format!("{}a{}", "(".repeat(d), ")".repeat(d));
+    let deep_pattern = Grammar::JsonSchema(json!({"type": "string", "pattern": nested(240)}));
+    let deeper_pattern = Grammar::JsonSchema(json!({"type": "string", "pattern": nested(3000)}));
+    let lark_regex = Grammar::Lark(format!("start: /{}/\n", nested(3000)));
+    for g in [deep_pattern, deeper_pattern, lark_regex] {
+        let _ = c.compile(&g);
+    }
     for g in [Grammar::JsonSchema(deep), Grammar::JsonSchema(big_enum), Grammar::JsonSchema(huge_enum), ambiguous, exploding, deep_regex, deep_lark] {
         let label = format!("{:.60}", format!("{g:?}"));
         let t = Instant::now();
