@@ -170,3 +170,24 @@ fn finetune_refuses_what_does_not_fit_before_starting() {
     assert!(ok && out.exists(), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A loss that stops being finite ends the run with a clear error, and the adapter saved at the
+/// last checkpoint before it is kept, whole and usable.
+#[test]
+fn finetune_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint() {
+    let dir = scratch("nan");
+    let model = tiny("llama-tiny.gguf");
+    let data = write(&dir, "train.jsonl", &"{\"text\": \"The capital of Zorbia is Quxville.\"}\n".repeat(2));
+    let out = dir.join("nan.gguf");
+    let out_s = out.to_str().unwrap();
+    // a learning rate of 1e30 sends the factors to infinity in one step
+    let (ok, stdout, err) =
+        nomoat(&["finetune", "-m", &model, "--data", &data, "-o", out_s, "--steps", "5", "--lr", "1e30", "--batch-tokens", "8", "--save-every", "1", "--json"]);
+    assert!(!ok && err.contains("the loss became NaN at step 2") && err.contains("last saved adapter"), "{err}");
+    assert!(!err.contains("invalid model"), "{err}");
+    assert_eq!(stdout.lines().count(), 1, "one step reported before the stop: {stdout}");
+    // step 1's checkpoint: its loss was finite, and the adapter loads
+    assert!(out.exists());
+    continuation(&model, "The capital of Zorbia is", Some(out_s));
+    std::fs::remove_dir_all(&dir).ok();
+}

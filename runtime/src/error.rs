@@ -26,6 +26,11 @@ pub enum ModelError {
     OutOfMemoryLoading { needed: u64, loaded: u64, cause: GpuError },
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// Training settings or a model that cannot be trained (they say why).
+    #[error("{0}")]
+    Training(String),
+    #[error("the loss became {loss} at step {step}: training stopped before the factors changed; try a lower learning rate")]
+    NonFiniteLoss { step: u32, loss: f64 },
     #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (use a larger --ctx-size, at most {max})")]
     ContextFull { needed: usize, n_ctx: usize, max: usize },
 }

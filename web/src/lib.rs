@@ -646,7 +646,7 @@ impl Engine {
             // boxed model, and the engine drops `loaded` before the Gpu.
             let model: &'static Model = unsafe { &*(&*l.model as *const Model) };
             let run = Run::new(model, gpu, set.examples, valid, opts).await.map_err(|e| match e {
-                ModelError::Invalid(m) => js_error("BadRequest", m),
+                ModelError::Training(m) => js_error("BadRequest", m),
                 e => model_error(&e),
             })?;
             let mut summary = summary;
@@ -667,7 +667,8 @@ impl Engine {
             let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let run = l.training.as_mut().ok_or_else(|| js_error("BadRequest", "no fine-tuning run is started: call finetune_start first"))?;
             let p = run.step().await.map_err(|e| match e {
-                ModelError::Invalid(m) => js_error("TrainingFailed", m),
+                e @ ModelError::NonFiniteLoss { .. } => js_error("TrainingFailed", e),
+                ModelError::Training(m) => js_error("BadRequest", m),
                 e => model_error(&e),
             })?;
             Ok(JsValue::from_str(&p.to_json().to_string()))

@@ -94,13 +94,13 @@ impl<'m> Run<'m> {
     /// The trainer's context is the longest example's length.
     pub async fn new(model: &'m Model, gpu: &'m Gpu, train: Vec<Example>, valid: Vec<Example>, opts: RunOptions) -> Result<Run<'m>, ModelError> {
         if train.is_empty() {
-            return Err(ModelError::Invalid("the training data has no examples".into()));
+            return Err(ModelError::Training("the training data has no examples".into()));
         }
         if opts.lr.is_nan() || opts.lr <= 0.0 || !opts.alpha.is_finite() {
-            return Err(ModelError::Invalid(format!("learning rate {} and alpha {}: both must be finite, the rate above 0", opts.lr, opts.alpha)));
+            return Err(ModelError::Training(format!("learning rate {} and alpha {}: both must be finite, the rate above 0", opts.lr, opts.alpha)));
         }
         if opts.epochs == Some(0) || opts.steps == Some(0) {
-            return Err(ModelError::Invalid("a run of 0 epochs or 0 steps".into()));
+            return Err(ModelError::Training("a run of 0 epochs or 0 steps".into()));
         }
         let targets: Vec<&str> = opts.targets.iter().map(|s| s.as_str()).collect();
         let ctx = context_of(&train, &valid);
@@ -151,7 +151,7 @@ impl<'m> Run<'m> {
     /// factors change (what was saved before stays good).
     pub async fn step(&mut self) -> Result<Progress, ModelError> {
         if self.done() {
-            return Err(ModelError::Invalid(format!("the run has taken all its {} steps", self.total)));
+            return Err(ModelError::Training(format!("the run has taken all its {} steps", self.total)));
         }
         let (mut loss, mut trained, mut tokens) = (0.0f64, 0usize, 0usize);
         while tokens < self.batch {
@@ -165,10 +165,7 @@ impl<'m> Run<'m> {
         let mean_loss = loss * per_token;
         if !mean_loss.is_finite() {
             self.trainer.zero_grads()?;
-            return Err(ModelError::Invalid(format!(
-                "the loss became {mean_loss} at step {}: training stopped before the factors changed; try a lower learning rate",
-                self.step + 1
-            )));
+            return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: mean_loss });
         }
         let norm = self.trainer.grad_norm().await? * per_token;
         let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };

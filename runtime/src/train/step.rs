@@ -156,10 +156,10 @@ impl<'m> Trainer<'m> {
     /// layer: A uniform in ±1/sqrt(k) from `seed`, B zero (so training starts at the base model).
     pub async fn new(model: &'m Model, gpu: &'m Gpu, targets: &[&str], rank: u32, alpha: f32, ctx: u32, seed: u64) -> Result<Trainer<'m>, ModelError> {
         if let Some(why) = unsupported(model) {
-            return Err(ModelError::Invalid(why));
+            return Err(ModelError::Training(why));
         }
         if rank == 0 || !rank.is_multiple_of(4) || rank > 256 || ctx < 2 {
-            return Err(ModelError::Invalid(format!("rank {rank} and context {ctx}: the rank must be a multiple of 4 up to 256, the context at least 2")));
+            return Err(ModelError::Training(format!("rank {rank} and context {ctx}: the rank must be a multiple of 4 up to 256, the context at least 2")));
         }
         let c = &model.config;
         let mut pairs = BTreeMap::new();
@@ -167,10 +167,10 @@ impl<'m> Trainer<'m> {
         for (l, layer) in model.layers.iter().enumerate() {
             for &t in targets {
                 let Some((_, tensor)) = TARGETS.iter().find(|(name, _)| *name == t) else {
-                    return Err(ModelError::Invalid(format!("unknown target '{t}': use some of q, k, v, o, gate, up, down")));
+                    return Err(ModelError::Training(format!("unknown target '{t}': use some of q, k, v, o, gate, up, down")));
                 };
                 let name = format!("blk.{l}.{tensor}.weight");
-                let (n_out, k) = projection_shape(layer, &name).ok_or_else(|| ModelError::Invalid(format!("the model has no tensor '{name}'")))?;
+                let (n_out, k) = projection_shape(layer, &name).ok_or_else(|| ModelError::Training(format!("the model has no tensor '{name}'")))?;
                 let bound = 1.0 / (k as f32).sqrt();
                 let a: Vec<f32> = (0..rank * k).map(|_| rng.uniform() * bound).collect();
                 let a = GpuMatrix::upload(gpu, &format!("{name}.lora_a"), GgmlType::F32, k as u64, rank as u64, bytemuck::cast_slice(&a)).await?;
