@@ -76,7 +76,7 @@ fn bad_input_is_refused_with_its_line() {
     let cases = [
         ("{\"text\": \"ok\"}\n{\"text\": \"ok\"\n", "line 2: not valid JSON"),
         ("[1, 2]", "line 1: expected a JSON object"),
-        ("{\"question\": \"q\", \"answer\": \"a\"}", "line 1: unknown format (keys: \"answer\", \"question\")"),
+        ("{\"question\": \"q\", \"answer\": \"a\"}", "line 1: unknown format (keys: \"question\", \"answer\")"),
         ("{\"text\": \"a\"}\n{\"prompt\": \"p\", \"completion\": \"c\"}", "line 2: this line is {\"prompt\", \"completion\"} but line 1 is {\"text\"}"),
         ("{\"text\": 5}", "line 1: \"text\" must be a string"),
         ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "line 1: no assistant message"),
