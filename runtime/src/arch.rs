@@ -154,6 +154,13 @@ pub enum SlidingWindow {
     },
 }
 
+/// The largest size metadata may give (embedding, feed-forward and head sizes, heads times head
+/// size, vocabulary, training context; larger contexts are read as this): far beyond real
+/// models, small enough that products of two sizes fit in a u64 and one size in wasm32's usize.
+pub const MAX_DIM: u64 = 1 << 24;
+/// The most layers a model may have (the largest models have about 130).
+pub const MAX_LAYERS: u64 = 1 << 12;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub family: Family,
@@ -183,7 +190,7 @@ impl Config {
         let family = Family::from_name(&name).ok_or_else(|| ModelError::UnsupportedArchitecture(name.clone()))?;
         let spec = family.spec();
         let key = |k: &str| format!("{name}.{k}");
-        let size = |k: &str, v: u64| usize::try_from(v).ok().filter(|v| *v <= 1 << 24).ok_or_else(|| ModelError::Invalid(format!("{} = {v} is out of range", key(k))));
+        let size = |k: &str, v: u64| usize::try_from(v).ok().filter(|v| *v as u64 <= MAX_DIM).ok_or_else(|| ModelError::Invalid(format!("{} = {v} is out of range (at most {MAX_DIM})", key(k))));
         let n_embd = size("embedding_length", g.get_u64(&key("embedding_length"))?)?;
         let n_head = size("attention.head_count", g.get_u64(&key("attention.head_count"))?)?;
         let n_kv_head = match g.get_u64_opt(&key("attention.head_count_kv"))? {
@@ -197,8 +204,16 @@ impl Config {
             Some(v) => size("attention.key_length", v)?,
             None => n_embd / n_head,
         };
+        for (what, heads) in [("attention.head_count", n_head), ("attention.head_count_kv", n_kv_head)] {
+            if (heads as u64).saturating_mul(head_dim as u64) > MAX_DIM {
+                return Err(ModelError::Invalid(format!("{} = {heads} heads of {head_dim} is over {MAX_DIM} values", key(what))));
+            }
+        }
         let token_embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let n_vocab = token_embd.n_rows() as usize;
+        let n_vocab = usize::try_from(token_embd.n_rows())
+            .ok()
+            .filter(|v| *v as u64 <= MAX_DIM)
+            .ok_or_else(|| ModelError::Invalid(format!("token_embd.weight has {} rows (the vocabulary), over {MAX_DIM}", token_embd.n_rows())))?;
         let rope_base = g.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
         let n_rot = match g.get_u64_opt(&key("rope.dimension_count"))? {
             Some(v) => size("rope.dimension_count", v)?,
@@ -216,6 +231,9 @@ impl Config {
             },
         };
         let n_layer = size("block_count", g.get_u64(&key("block_count"))?)?;
+        if n_layer as u64 > MAX_LAYERS {
+            return Err(ModelError::Invalid(format!("{} = {n_layer} is out of range (at most {MAX_LAYERS})", key("block_count"))));
+        }
         let window = match g.get_u64_opt(&key("attention.sliding_window"))? {
             // phi3 GGUFs carry a window that llama.cpp ignores (its converter sets it wrongly)
             Some(w) if w > 0 && family != Family::Phi3 => {
@@ -238,7 +256,7 @@ impl Config {
             n_kv_head,
             head_dim,
             n_vocab,
-            n_ctx_train: g.get_u64_opt(&key("context_length"))?.unwrap_or(2048).min(1 << 24) as usize,
+            n_ctx_train: g.get_u64_opt(&key("context_length"))?.unwrap_or(2048).min(MAX_DIM) as usize,
             norm_eps: g.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             rope_base,
             rope_base_local: if family == Family::Gemma3 { g.get_f32_opt(&key("rope.freq_base_swa"))?.unwrap_or(10000.0) } else { rope_base },
@@ -300,9 +318,9 @@ impl Config {
         self.spec().scaled_embeddings.then(|| (self.n_embd as f32).sqrt())
     }
 
-    /// KV cache bytes per token of context.
+    /// KV cache bytes per token of context (saturating: u64::MAX when it does not fit).
     pub fn kv_bytes_per_token(&self, kv: KvType) -> u64 {
-        2 * self.n_layer as u64 * (self.n_kv_head * self.head_dim) as u64 * kv.bytes()
+        [self.n_layer as u64, self.n_kv_head as u64, self.head_dim as u64, kv.bytes()].into_iter().fold(2u64, u64::saturating_mul)
     }
 }
 
@@ -321,4 +339,64 @@ fn sliding_layers(g: &Gguf, key: &str, default: u32, n_layer: usize) -> Result<V
         None => default,
     };
     Ok((0..n_layer).map(|i| period == 0 || !(i as u32 + 1).is_multiple_of(period)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml_type::GgmlType;
+    use crate::gguf::{GgufWriter, Parse};
+    use crate::model::Model;
+
+    /// A llama header: small sizes, with `keys` (u64s) replacing or adding to them, and
+    /// token_embd.weight declared [64, vocab] with no data behind it (only the header is read).
+    fn header(keys: &[(&str, u64)], vocab: u64) -> Gguf {
+        let mut all: Vec<(&str, u64)> = vec![("embedding_length", 64), ("attention.head_count", 4), ("block_count", 2), ("feed_forward_length", 128), ("context_length", 256)];
+        for &(k, v) in keys {
+            match all.iter_mut().find(|(name, _)| *name == k) {
+                Some(entry) => entry.1 = v,
+                None => all.push((k, v)),
+            }
+        }
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", "llama");
+        for (k, v) in all {
+            w.add_metadata(format!("llama.{k}"), v);
+        }
+        w.add_tensor("token_embd.weight", &[64, vocab], GgmlType::F32, Vec::new());
+        match Gguf::parse_prefix(&w.to_bytes()).unwrap() {
+            Parse::Complete(g) => g,
+            Parse::NeedMore { .. } => unreachable!("the whole header is there"),
+        }
+    }
+
+    /// Sizes whose products overflow (a panic in debug builds, a wrap in release builds and on
+    /// wasm32 that made the browser's memory check pass) are refused, naming the key.
+    #[test]
+    fn hostile_sizes_are_refused_and_memory_needed_saturates() {
+        assert!(Config::from_gguf(&header(&[], 300)).is_ok());
+        let refused = [
+            (header(&[("block_count", 1 << 24)], 300), "block_count"),
+            (header(&[("block_count", u64::MAX)], 300), "block_count"),
+            (header(&[("attention.head_count", 1 << 20), ("attention.key_length", 128)], 300), "head_count"),
+            (header(&[("attention.head_count", 8), ("attention.head_count_kv", 8), ("attention.key_length", 1 << 22)], 300), "head_count"),
+            (header(&[("embedding_length", 1 << 40)], 300), "embedding_length"),
+            (header(&[], 1 << 40), "token_embd.weight"),
+        ];
+        for (g, key) in refused {
+            match Config::from_gguf(&g) {
+                Err(ModelError::Invalid(msg)) => assert!(msg.contains(key), "{key}: {msg}"),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        // the largest header accepted: its KV cache size is a number, not an overflow
+        let g = header(&[("block_count", MAX_LAYERS), ("attention.head_count", 1 << 17), ("attention.key_length", 128), ("context_length", u64::MAX)], 1 << 24);
+        let c = Config::from_gguf(&g).unwrap();
+        assert_eq!(c.n_ctx_train as u64, MAX_DIM);
+        let (_, kv) = Model::memory_needed(&g, &c, c.n_ctx_train, KvType::F32);
+        assert_eq!(kv, 2 * MAX_LAYERS * (1 << 24) * 4 * MAX_DIM);
+        // and sizes past every check (a hand-made Config) saturate
+        let huge = Config { n_layer: usize::MAX, n_kv_head: usize::MAX, head_dim: usize::MAX, ..c };
+        assert_eq!(Model::memory_needed(&g, &huge, usize::MAX, KvType::F32).1, u64::MAX);
+    }
 }

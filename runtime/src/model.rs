@@ -62,7 +62,8 @@ impl<S: ByteSource> Loader<'_, S> {
 
     async fn bytes(&mut self, t: &TensorInfo) -> Result<Vec<u8>, ModelError> {
         let range = self.gguf.tensor_data_range(t);
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let len = usize::try_from(range.end - range.start).map_err(|_| ModelError::Invalid(format!("tensor '{}' has {} bytes, more than this machine can address", t.name, range.end - range.start)))?;
+        let mut buf = vec![0u8; len];
         self.src.read_at(range.start, &mut buf).await.map_err(|e| ModelError::Io(format!("tensor '{}': {e}", t.name)))?;
         self.done += buf.len() as u64;
         (self.progress)(self.done, self.total);
@@ -173,15 +174,16 @@ impl Model {
     /// Read every tensor the graph needs from `src` and upload it, one tensor at a time.
     /// GPU bytes a model and its `n_ctx`-token KV cache take: (weights, KV cache). Known from
     /// the header alone, so a load that cannot fit is refused before any upload.
+    /// Sums and products saturate: values beyond u64 read as u64::MAX, which no device has.
     pub fn memory_needed(gguf: &Gguf, c: &Config, n_ctx: usize, kv: KvType) -> (u64, u64) {
-        let weights = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
-        (weights, c.kv_bytes_per_token(kv) * n_ctx as u64)
+        let weights = gguf.tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.size_bytes()));
+        (weights, c.kv_bytes_per_token(kv).saturating_mul(n_ctx as u64))
     }
 
     /// Out of memory part-way, everything uploaded so far is dropped (freed) and the error says
     /// how many bytes the whole model needs.
     pub async fn load<S: ByteSource>(gguf: &Gguf, gpu: &Gpu, src: &mut S, progress: Progress<'_>) -> Result<Model, ModelError> {
-        let needed: u64 = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+        let needed = gguf.tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.size_bytes()));
         let mut loaded = 0;
         let mut track = |done: u64, total: u64| {
             loaded = done;
@@ -200,7 +202,7 @@ impl Model {
 
     async fn load_tensors<S: ByteSource>(gguf: &Gguf, gpu: &Gpu, src: &mut S, progress: Progress<'_>) -> Result<Model, ModelError> {
         let c = Config::from_gguf(gguf)?;
-        let total = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+        let total = gguf.tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.size_bytes()));
         let mut l = Loader { gguf, gpu, src, done: 0, total, progress };
         let (d, hd) = (c.n_embd, c.head_dim);
         let q_dim = c.n_head * hd;
