@@ -190,7 +190,9 @@ impl Config {
         let family = Family::from_name(&name).ok_or_else(|| ModelError::UnsupportedArchitecture(name.clone()))?;
         let spec = family.spec();
         let key = |k: &str| format!("{name}.{k}");
-        let size = |k: &str, v: u64| usize::try_from(v).ok().filter(|v| *v as u64 <= MAX_DIM).ok_or_else(|| ModelError::Invalid(format!("{} = {v} is out of range (at most {MAX_DIM})", key(k))));
+        let size = |k: &str, v: u64| {
+            usize::try_from(v).ok().filter(|v| *v as u64 <= MAX_DIM).ok_or_else(|| ModelError::Invalid(format!("{} = {v} is out of range (at most {MAX_DIM})", key(k))))
+        };
         let n_embd = size("embedding_length", g.get_u64(&key("embedding_length"))?)?;
         let n_head = size("attention.head_count", g.get_u64(&key("attention.head_count"))?)?;
         let n_kv_head = match g.get_u64_opt(&key("attention.head_count_kv"))? {
@@ -351,7 +353,8 @@ mod tests {
     /// A llama header: small sizes, with `keys` (u64s) replacing or adding to them, and
     /// token_embd.weight declared [64, vocab] with no data behind it (only the header is read).
     fn header(keys: &[(&str, u64)], vocab: u64) -> Gguf {
-        let mut all: Vec<(&str, u64)> = vec![("embedding_length", 64), ("attention.head_count", 4), ("block_count", 2), ("feed_forward_length", 128), ("context_length", 256)];
+        let mut all: Vec<(&str, u64)> =
+            vec![("embedding_length", 64), ("attention.head_count", 4), ("block_count", 2), ("feed_forward_length", 128), ("context_length", 256)];
         for &(k, v) in keys {
             match all.iter_mut().find(|(name, _)| *name == k) {
                 Some(entry) => entry.1 = v,
