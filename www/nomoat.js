@@ -15,6 +15,10 @@
 // (bucket 'nomoat-models-v1'), and a cached URL loads with no network request:
 // Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one.
 //
+// Structured output: chat(messages, { responseFormat }) with OpenAI's shapes, {type:
+// 'json_object'} or {type: 'json_schema', json_schema: {name, schema, strict}}: the reply is
+// constrained on the GPU to fit (the same engine as `nomoat serve`'s response_format).
+//
 // Raw token ids: logits(ids) resolves to the last position's logits (a Float32Array).
 //
 // LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
@@ -197,7 +201,7 @@ export class Nomoat {
   /**
    * Replies to `messages` ([{role: 'system' | 'user' | 'assistant', content}]) with the model's
    * chat template. Options: {temperature, topK, topP, minP, repeatPenalty, presencePenalty,
-   * frequencyPenalty, seed, maxTokens, stop, signal}; a sampling option left out takes the
+   * frequencyPenalty, seed, maxTokens, stop, responseFormat, signal}; a sampling option left out takes the
    * model's own value (its GGUF's general.sampling.*, listed in the load result's `sampling`),
    * else llama.cpp's default. Returns an async iterable of text pieces with a `result` promise.
    */
@@ -385,6 +389,7 @@ function chatOptions(o) {
     seed: 'seed',
     maxTokens: 'max_tokens',
     stop: 'stop',
+    responseFormat: 'response_format',
   };
   const out = {};
   for (const [k, v] of Object.entries(map)) if (o[k] != null) out[v] = o[k];

@@ -62,6 +62,73 @@ impl Grammar {
     }
 }
 
+/// A request field that cannot be used: which one (its dotted path) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub param: String,
+    pub message: String,
+}
+
+fn type_name(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Grammar {
+    /// OpenAI's `response_format` (the server's and the browser's): None for absent, null or
+    /// `{"type": "text"}`; `json_object`: any JSON object; `json_schema`: `{"name", "schema",
+    /// "strict"}` (the schema is enforced whether or not `strict` is set; an absent schema
+    /// allows any JSON value).
+    pub fn from_response_format(rf: Option<&serde_json::Value>) -> Result<Option<Grammar>, FieldError> {
+        use serde_json::Value;
+        let bad = |param: &str, message: String| Err(FieldError { param: param.to_string(), message });
+        const P: &str = "response_format";
+        let rf = match rf {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(rf)) => rf,
+            Some(v) => return bad(P, format!("'{P}' must be an object, got {}", type_name(v))),
+        };
+        let field = |o: &'_ serde_json::Map<String, Value>, k: &str| o.get(k).filter(|v| !v.is_null()).cloned();
+        match rf.get("type") {
+            Some(Value::String(t)) if t == "text" => Ok(None),
+            Some(Value::String(t)) if t == "json_object" => Ok(Some(Grammar::JsonObject)),
+            Some(Value::String(t)) if t == "json_schema" => {
+                let p = "response_format.json_schema";
+                let js = match field(rf, "json_schema") {
+                    Some(Value::Object(js)) => js,
+                    Some(v) => return bad(p, format!("'{p}' must be an object, got {}", type_name(&v))),
+                    None => return bad(p, format!("'{p}' is required for type json_schema: {{\"name\", \"schema\", \"strict\"}}")),
+                };
+                let name = format!("{p}.name");
+                match js.get("name") {
+                    Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                    Some(Value::String(n)) => return bad(&name, format!("'{name}' must be 1 to 64 letters, digits, '_' or '-', got {n:?}")),
+                    Some(v) => return bad(&name, format!("'{name}' must be a string, got {}", type_name(v))),
+                    None => return bad(&name, format!("'{name}' is required")),
+                }
+                if let Some(v) = field(&js, "strict").filter(|v| !v.is_boolean()) {
+                    let strict = format!("{p}.strict");
+                    return bad(&strict, format!("'strict' must be a boolean, got {}", type_name(&v)));
+                }
+                match field(&js, "schema") {
+                    None => Ok(Some(Grammar::JsonSchema(serde_json::json!({})))),
+                    Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(Some(Grammar::JsonSchema(s))),
+                    Some(v) => bad(&format!("{p}.schema"), format!("'{p}.schema' must be a JSON schema object, got {}", type_name(&v))),
+                }
+            }
+            Some(Value::String(t)) => bad(P, format!("response_format type '{t}' is not supported: use 'text', 'json_object' or 'json_schema'")),
+            _ => bad(P, format!("'{P}' must have a string 'type': 'text', 'json_object' or 'json_schema'")),
+        }
+    }
+}
+
 /// The bounds every compiled grammar runs under, so that a pathological schema or grammar is
 /// refused (or stops with an error) rather than taking unbounded time or memory.
 pub fn limits() -> ParserLimits {

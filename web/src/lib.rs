@@ -17,6 +17,7 @@
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use nomoat_runtime::arch::Config;
 use nomoat_runtime::chat::{ChatTemplate, Message};
+use nomoat_runtime::constrain::{Constrainer, Grammar, Guide};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
 use nomoat_runtime::error::{ByteSource, ModelError};
 use nomoat_runtime::generate::{self, GenerateOptions};
@@ -188,6 +189,9 @@ struct Loaded {
     session: Session<'static>,
     /// A fine-tuning run started with `finetune_start`, until `finetune_end` (or unload).
     training: Option<Run<'static>>,
+    /// Compiles response formats over this model's vocabulary: built at the first request for
+    /// one (the token trie takes a moment), or why this model cannot have them.
+    constrainer: Option<Result<Constrainer, String>>,
     /// LoRA adapters added for this model, active or not (the session holds the active ones
     /// with their scales).
     adapters: Vec<Arc<LoraAdapter>>,
@@ -196,7 +200,7 @@ struct Loaded {
     gguf: Gguf,
     /// The model's own sampling values (its header's general.sampling.*).
     sampling: SamplingOverrides,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     name: String,
     from_cache: bool,
@@ -238,6 +242,9 @@ struct ChatOptions {
     seed: Option<u64>,
     max_tokens: usize,
     stop: Vec<String>,
+    /// OpenAI's `response_format` (json_object, or json_schema {name, schema, strict}): the
+    /// reply is constrained to it, as the server's are.
+    response_format: Option<serde_json::Value>,
 }
 
 impl Default for ChatOptions {
@@ -253,6 +260,7 @@ impl Default for ChatOptions {
             seed: None,
             max_tokens: 512,
             stop: Vec::new(),
+            response_format: None,
         }
     }
 }
@@ -441,7 +449,7 @@ impl Engine {
     /// Replies to a conversation (`messages_json`: [{"role": "system" | "user" | "assistant",
     /// "content"}]) with the model's chat template. `options_json`: {"temperature", "top_k",
     /// "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed",
-    /// "max_tokens", "stop"}. `on_piece(text)` is called with each piece as it decodes.
+    /// "max_tokens", "stop", "response_format"}. `on_piece(text)` is called with each piece as it decodes.
     /// Resolves to JSON {text, tokens, prompt_tokens, reused_tokens, prompt_tps, gen_tps,
     /// finish_reason ("stop" | "length" | "cancelled")}.
     pub fn chat(&self, messages_json: String, options_json: Option<String>, on_piece: Option<Function>) -> Promise {
@@ -728,6 +736,15 @@ impl Engine {
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options(&l.sampling.defaults());
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
+            let mut guide = match Grammar::from_response_format(opts.response_format.as_ref()).map_err(|e| js_error("BadRequest", format!("{}: {}", e.param, e.message)))? {
+                Some(g) => {
+                    let tokenizer = l.tokenizer.clone();
+                    let c = l.constrainer.get_or_insert_with(|| Constrainer::new(tokenizer).map_err(|e| e.to_string()));
+                    let c = c.as_ref().map_err(|e| js_error("UnsupportedModel", format!("structured output is unavailable for this model: {e}")))?;
+                    Guide::with_constraint(c.compile(&g).map_err(|e| js_error("BadRequest", format!("response_format: {e}")))?)
+                }
+                None => Guide::default(),
+            };
             let ids = match (&messages_json, &raw) {
                 (Some(m), _) => {
                     let text = render(l, m)?;
@@ -753,7 +770,7 @@ impl Engine {
                 }
                 !abort.get()
             };
-            let g = l.session.generate(&l.tokenizer, &ids, &gen, &mut on_text).await.map_err(|e| model_error(&e))?;
+            let g = l.session.generate_guided(&l.tokenizer, &ids, &gen, &mut guide, &mut on_text, &|| false, &mut |_| {}).await.map_err(|e| model_error(&e))?;
             let summary = serde_json::json!({
                 "text": g.text,
                 "tokens": g.tokens.len(),
@@ -878,11 +895,12 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let loaded = Loaded {
         session,
         training: None,
+        constrainer: None,
         adapters: Vec::new(),
         model,
         sampling: SamplingOverrides::from_gguf(&gguf),
         gguf,
-        tokenizer,
+        tokenizer: Arc::new(tokenizer),
         template,
         name: reader.name(),
         from_cache: reader.from_cache(),

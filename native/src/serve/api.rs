@@ -276,43 +276,10 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
     Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters, logprobs })
 }
 
-/// `response_format` as a grammar: None for absent or `{"type": "text"}`; `json_object`: any
-/// JSON object; `json_schema`: `{"name", "schema", "strict"}` (the schema is enforced whether or
-/// not `strict` is set; an absent schema allows any JSON value).
+/// `response_format` as a grammar (`Grammar::from_response_format`, which the browser engine
+/// reads it with too).
 pub fn parse_response_format(o: &Map<String, Value>) -> Result<Option<Grammar>, ApiError> {
-    const P: &str = "response_format";
-    let Some(rf) = field(o, P) else { return Ok(None) };
-    let Value::Object(rf) = rf else {
-        return Err(ApiError::param(P, format!("'{P}' must be an object, got {}", type_name(rf))));
-    };
-    match rf.get("type") {
-        Some(Value::String(t)) if t == "text" => Ok(None),
-        Some(Value::String(t)) if t == "json_object" => Ok(Some(Grammar::JsonObject)),
-        Some(Value::String(t)) if t == "json_schema" => {
-            let p = "response_format.json_schema";
-            let js = match field(rf, "json_schema") {
-                Some(Value::Object(js)) => js,
-                Some(v) => return Err(ApiError::param(p, format!("'{p}' must be an object, got {}", type_name(v)))),
-                None => return Err(ApiError::param(p, format!("'{p}' is required for type json_schema: {{\"name\", \"schema\", \"strict\"}}"))),
-            };
-            match js.get("name") {
-                Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
-                Some(Value::String(n)) => {
-                    return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' must be 1 to 64 letters, digits, '_' or '-', got {n:?}")))
-                }
-                Some(v) => return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' must be a string, got {}", type_name(v)))),
-                None => return Err(ApiError::param(&format!("{p}.name"), format!("'{p}.name' is required"))),
-            }
-            opt_bool(js, "strict").map_err(|e| e.with_param(&format!("{p}.strict")))?;
-            match field(js, "schema") {
-                None => Ok(Some(Grammar::JsonSchema(json!({})))),
-                Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(Some(Grammar::JsonSchema(s.clone()))),
-                Some(v) => Err(ApiError::param(&format!("{p}.schema"), format!("'{p}.schema' must be a JSON schema object, got {}", type_name(v)))),
-            }
-        }
-        Some(Value::String(t)) => Err(ApiError::param(P, format!("response_format type '{t}' is not supported: use 'text', 'json_object' or 'json_schema'"))),
-        _ => Err(ApiError::param(P, format!("'{P}' must have a string 'type': 'text', 'json_object' or 'json_schema'"))),
-    }
+    Grammar::from_response_format(o.get("response_format")).map_err(|e| ApiError::param(&e.param, e.message))
 }
 
 /// llama.cpp's `grammar` extension: a GBNF grammar (rules with `::=`) or a Lark one.
