@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fuzz the GGUF parser and the tokenizer with libFuzzer (cargo-fuzz, nightly Rust).
-#   scripts/fuzz.sh                        both targets, 600 s each, one after the other
-#   scripts/fuzz.sh gguf_reader 60         one target (gguf_reader, tokenizer_from_gguf) for 60 s
+# Fuzz the GGUF parser, the tokenizer and chat templates with libFuzzer (cargo-fuzz, nightly Rust).
+#   scripts/fuzz.sh                        every target, 600 s each, one after the other
+#   scripts/fuzz.sh gguf_reader 60         one target (gguf_reader, tokenizer_from_gguf, chat_template) for 60 s
 #   FUZZ_ARGS='-runs=0' scripts/fuzz.sh    extra libFuzzer flags (here: just replay the corpus)
 # One process, one job. Inputs are at most 64 KiB; -malloc_limit_mb=512 fails any single
 # allocation of more than 512 MiB (8192 times the largest input), -rss_limit_mb=2048 the
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(gguf_reader tokenizer_from_gguf)
+all=(gguf_reader tokenizer_from_gguf chat_template)
 target=${1:-all}
 seconds=${2:-600}
 if [ "$target" = all ]; then

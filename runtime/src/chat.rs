@@ -21,6 +21,13 @@
 //! `tests/reference/make_chat_refs.py` checks against. Not supported: HF's `{% generation %}`
 //! tag (assistant-mask extension).
 //!
+//! Templates come from model files, so they are untrusted: a rendering runs on a budget
+//! ([`RENDER_FUEL`], minijinja's fuel: instructions executed and bytes created), its output is
+//! capped at [`MAX_RENDERED_BYTES`], `tojson`'s indent at [`MAX_TOJSON_INDENT`] and
+//! `strftime_now`'s format at [`MAX_STRFTIME_FORMAT`]; past any of them the rendering fails with
+//! [`ChatError::Limit`] (a loop nested to billions of steps or a string doubled in a loop ends
+//! there, instead of hanging or exhausting memory).
+//!
 //! [`StopMatcher`] watches streamed text for stop strings, holding back text that might be the
 //! start of one.
 
@@ -63,6 +70,10 @@ pub enum ChatError {
     /// Any other failure while rendering (unknown filter, bad operand types, ...).
     #[error("chat template failed to render: {0}")]
     Render(String),
+    /// The template went past a limit on its work, its output or an argument
+    /// ([`RENDER_FUEL`], [`MAX_RENDERED_BYTES`], [`MAX_TOJSON_INDENT`], [`MAX_STRFTIME_FORMAT`]).
+    #[error("chat template went past its limits: {0}")]
+    Limit(String),
     /// The GGUF's template or tokenizer metadata has the wrong type.
     #[error("chat template metadata: {0}")]
     Gguf(#[from] GgufError),
@@ -84,6 +95,19 @@ impl fmt::Display for TemplateException {
 impl std::error::Error for TemplateException {}
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// The work one rendering may do, in minijinja's fuel: about one unit per instruction executed
+/// and one per 64 bytes of data the template creates (output, strings, lists), so it bounds both
+/// time and memory (here about 256 MiB created in all). Real templates take a few thousand units
+/// for a short conversation and about 70,000 for 1 MiB of messages (the server's largest body).
+pub const RENDER_FUEL: u64 = 4_000_000;
+/// The longest text a template may render.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+/// The largest `tojson` indent (a number of spaces, or the length of an indent string); real
+/// templates use 2 or 4.
+pub const MAX_TOJSON_INDENT: usize = 16;
+/// The longest format `strftime_now` takes (real templates pass a dozen characters).
+pub const MAX_STRFTIME_FORMAT: usize = 256;
 
 /// A compiled chat template with the model's BOS/EOS token texts.
 #[derive(Clone)]
@@ -124,9 +148,10 @@ impl ChatTemplate {
                 .build()
                 .map_err(|e| ChatError::Syntax(e.to_string()))?,
         );
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(RENDER_FUEL));
+        env.set_unknown_method_callback(python_method);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", |format: &str| Ok::<_, minijinja::Error>(strftime(format, now_unix())));
+        env.add_function("strftime_now", |format: &str| checked_format(format).map(|f| strftime(f, now_unix())));
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(ChatTemplate { env, source: source.to_owned(), bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
@@ -135,7 +160,7 @@ impl ChatTemplate {
     /// Makes `strftime_now` report this moment (Unix seconds, UTC) instead of the clock, for
     /// reproducible prompts.
     pub fn with_fixed_time(mut self, unix_seconds: i64) -> Self {
-        self.env.add_function("strftime_now", move |format: &str| Ok::<_, minijinja::Error>(strftime(format, unix_seconds)));
+        self.env.add_function("strftime_now", move |format: &str| checked_format(format).map(|f| strftime(f, unix_seconds)));
         self
     }
 
@@ -185,17 +210,74 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        tmpl.render(ctx).map_err(|e| {
-            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(s) = src {
-                if let Some(raised) = s.downcast_ref::<TemplateException>() {
-                    return ChatError::Raised(raised.0.clone());
-                }
-                src = s.source();
-            }
-            ChatError::Render(describe(&e))
-        })
+        let mut out = CappedOutput(Vec::new());
+        match tmpl.render_captured_to(ctx, &mut out) {
+            // the template writes whole strs, so the bytes are UTF-8
+            Ok(_) => String::from_utf8(out.0).map_err(|e| ChatError::Render(e.to_string())),
+            Err(e) => Err(classify(&e)),
+        }
     }
+}
+
+/// The rendering's output, refused past [`MAX_RENDERED_BYTES`].
+struct CappedOutput(Vec<u8>);
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A rendering error as a [`ChatError`]: the template's own `raise_exception`, a limit, or
+/// anything else.
+fn classify(e: &minijinja::Error) -> ChatError {
+    match e.kind() {
+        ErrorKind::OutOfFuel => return ChatError::Limit(format!("it did more work than a rendering may ({RENDER_FUEL} units of fuel): {}", describe(e))),
+        // the output is written to CappedOutput only, which fails only at the cap
+        ErrorKind::WriteFailure => return ChatError::Limit(format!("the rendered text is longer than {MAX_RENDERED_BYTES} bytes")),
+        _ => {}
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(raised) = s.downcast_ref::<TemplateException>() {
+            return ChatError::Raised(raised.0.clone());
+        }
+        if s.downcast_ref::<LimitExceeded>().is_some() || s.downcast_ref::<minijinja::Error>().is_some_and(|m| m.kind() == ErrorKind::OutOfFuel) {
+            return ChatError::Limit(describe(e));
+        }
+        src = s.source();
+    }
+    ChatError::Render(describe(e))
+}
+
+/// Marks a limit that `tojson` or `strftime_now` enforce.
+#[derive(Debug)]
+struct LimitExceeded(String);
+
+impl fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+fn limit_error(message: String) -> minijinja::Error {
+    minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(LimitExceeded(message))
+}
+
+fn checked_format(format: &str) -> Result<&str, minijinja::Error> {
+    if format.len() > MAX_STRFTIME_FORMAT {
+        return Err(limit_error(format!("strftime_now: the format is {} bytes, over {MAX_STRFTIME_FORMAT}", format.len())));
+    }
+    Ok(format)
 }
 
 /// A JSON value as the templates see it (objects keep their key order).
@@ -243,6 +325,28 @@ fn token_text(g: &Gguf, key: &'static str) -> Result<String, ChatError> {
     })
 }
 
+/// Python's str/dict/list methods (minijinja-contrib's pycompat), with `str.join` charging fuel
+/// for every item it writes (pycompat's charges only for the separators, so `''.join(x)` over a
+/// lazy list of 2^30 items grew without bound).
+fn python_method(state: &mut minijinja::State, value: &Value, method: &str, args: &[Value]) -> Result<Value, minijinja::Error> {
+    if method == "join" && value.kind() == ValueKind::String {
+        if let [items] = args {
+            let sep = value.as_str().unwrap_or("");
+            let mut out = String::new();
+            for (i, item) in items.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                let before = out.len();
+                std::fmt::Write::write_fmt(&mut out, format_args!("{item}")).ok();
+                state.consume_fuel(1 + (out.len() - before + sep.len()) as u64 / 64)?;
+            }
+            return Ok(Value::from(out));
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
 fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(TemplateException(message)))
 }
@@ -271,9 +375,18 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, min
     let indent: Option<String> = match opt[1].kind() {
         ValueKind::Undefined | ValueKind::None => None,
         ValueKind::String => Some(opt[1].as_str().unwrap_or("").to_owned()),
-        ValueKind::Number => Some(" ".repeat(opt[1].as_i64().unwrap_or(0).max(0) as usize)),
+        ValueKind::Number => match opt[1].as_i64() {
+            // Python indents by no spaces for 0 or less; the cap is checked below
+            Some(n) => Some(" ".repeat(n.clamp(0, MAX_TOJSON_INDENT as i64 + 1) as usize)),
+            None => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
+        },
         _ => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
     };
+    if let Some(ind) = &indent {
+        if ind.len() > MAX_TOJSON_INDENT {
+            return Err(limit_error(format!("tojson: an indent over {MAX_TOJSON_INDENT} is not allowed")));
+        }
+    }
     let (item_sep, key_sep) = match opt[2].kind() {
         ValueKind::Undefined | ValueKind::None => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
         _ => {
@@ -311,6 +424,10 @@ impl JsonWriter {
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), minijinja::Error> {
         if depth > 500 {
             return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: nesting too deep"));
+        }
+        // each step adds at most an indent per level (<= 500 * 16 bytes) or one string
+        if self.out.len() > MAX_RENDERED_BYTES {
+            return Err(limit_error(format!("tojson: the text is longer than {MAX_RENDERED_BYTES} bytes")));
         }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
@@ -352,19 +469,21 @@ impl JsonWriter {
                 self.out.push('}');
             }
             ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<Value> = v.try_iter()?.collect();
-                if items.is_empty() {
+                // item by item: a list can be lazy (`a + a` doubled 30 times is 2^30 items that
+                // take no memory until they are collected); the length check stops it
+                let mut items = v.try_iter()?.peekable();
+                if items.peek().is_none() {
                     self.out.push_str("[]");
                     return Ok(());
                 }
                 self.out.push('[');
-                for (n, item) in items.iter().enumerate() {
+                for (n, item) in items.enumerate() {
                     if n > 0 {
                         let sep = self.item_sep.clone();
                         self.out.push_str(&sep);
                     }
                     self.newline(depth + 1);
-                    self.value(item, depth + 1)?;
+                    self.value(&item, depth + 1)?;
                 }
                 self.newline(depth);
                 self.out.push(']');

@@ -280,3 +280,106 @@ fn stop_strings_with_unicode() {
     let (e, stopped, rest) = run(&[""], &["a", "b"]);
     assert_eq!((e, stopped, rest), (vec!["a".to_string(), "b".to_string()], false, String::new()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Templates from model files are untrusted: each rendering is bounded
+// ---------------------------------------------------------------------------------------------
+
+/// Renders `src` on another thread with a 2 MiB stack (a server worker's), giving the outcome
+/// and how long it took.
+fn render_hostile(src: &str) -> (Result<String, ChatError>, std::time::Duration) {
+    let src = src.to_owned();
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let t = ChatTemplate::new(&src, "<s>", "</s>").unwrap_or_else(|e| panic!("{src}: {e}"));
+            let start = std::time::Instant::now();
+            let r = t.render(&[Message::user("hi"), Message::assistant("hello")], true);
+            (r, start.elapsed())
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// Loops nested to 10^10 steps, a string doubled 64 times, a 100 MB string, 100 MB of output,
+/// `tojson` indented by 10^12 spaces (which aborted the process: the allocation failed), a huge
+/// `strftime_now` format: each is a `ChatError::Limit` within seconds, and a macro calling itself
+/// endlessly is an error, not a stack overflow.
+#[test]
+fn hostile_templates_stop_at_their_limits() {
+    let limited = [
+        "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+        "{% set ns = namespace(s=['ab']) %}{% for i in range(30) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | tojson }}",
+        "{% set ns = namespace(s=['ab']) %}{% for i in range(30) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ''.join(ns.s) | length }}",
+        "{% for i in range(10) %}{{ ('x' * 90000000) | length }}{% endfor %}",
+        "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+        "{{ messages | tojson(indent=1000000000000) }}",
+        "{{ messages | tojson(indent=' ' * 1000) }}",
+        "{{ strftime_now('%c' * 100000) }}",
+        "{% set ns = namespace(s='%c') %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ strftime_now(ns.s) }}",
+        "{% set big = 'y' * 1000000 %}{% for i in range(1000) %}{{ [big] | tojson(indent=16) }}{% endfor %}",
+    ];
+    for src in limited {
+        eprintln!("{src}");
+        let (r, took) = render_hostile(src);
+        eprintln!("  {:?} {took:?}", r.as_ref().map(|s| s.len()));
+        match r {
+            Err(ChatError::Limit(msg)) => assert!(!msg.is_empty()),
+            other => panic!("{src}: {:?}", other.map(|s| s.len())),
+        }
+        assert!(took.as_secs() < 20, "{src}: {took:?}");
+    }
+    let (r, took) = render_hostile("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+    assert!(matches!(r, Err(ChatError::Render(_)) | Err(ChatError::Limit(_))), "{r:?}");
+    assert!(took.as_secs() < 20, "{took:?}");
+    // within the limits, what Python's json.dumps gives
+    let (r, _) = render_hostile("{{ {'a': [1]} | tojson(indent=16) }}|{{ {'a': 1} | tojson(indent=-3) }}");
+    assert_eq!(r.unwrap(), format!("{{\n{0}\"a\": [\n{0}{0}1\n{0}]\n}}|{{\n\"a\": 1\n}}", " ".repeat(16)));
+}
+
+/// The limits leave room for real use: SmolLM2's template (ChatML) and Qwen2.5's (with tools)
+/// render a conversation of 1 MiB, the server's largest request.
+#[test]
+fn real_templates_render_a_large_conversation_within_the_limits() {
+    let refs = refs();
+    let chunk = "All work and no play makes Jack a dull boy. ".repeat(1000);
+    let messages: Vec<Message> = (0..24).map(|i| if i % 2 == 0 { Message::user(chunk.clone()) } else { Message::assistant(chunk.clone()) }).collect();
+    let total: usize = messages.iter().map(|m| m.content.len()).sum();
+    assert!(total > 1 << 20);
+    let mut rendered = 0;
+    for (name, r) in &refs.templates {
+        let t = ChatTemplate::new(&r.source, &r.bos_token, &r.eos_token).unwrap().with_fixed_time(refs.fixed_time);
+        match t.render(&messages, true) {
+            Ok(out) => {
+                assert!(out.len() > total, "{name}");
+                rendered += 1;
+            }
+            // some templates refuse conversations of this shape (a system turn first, ...)
+            Err(ChatError::Raised(_)) => {}
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    assert!(rendered >= 3, "only {rendered} templates rendered");
+}
+
+#[path = "../../fuzz/src/chat_template.rs"]
+mod chat_template_fuzz;
+
+/// The committed corpus of the `chat_template` fuzz target (real templates and hostile ones)
+/// through the target's own checks: no panic, each within seconds.
+#[test]
+fn chat_template_fuzz_corpus_replays() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/chat_template");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let start = std::time::Instant::now();
+        chat_template_fuzz::run(&std::fs::read(&path).unwrap());
+        assert!(start.elapsed().as_secs() < 30, "{}: {:?}", path.display(), start.elapsed());
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} inputs");
+}
