@@ -34,6 +34,10 @@ pub struct LoraAdapter {
 
 const ALLOWED: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0];
 
+/// The largest rank an adapter may have (fine-tuning here makes up to 256; PEFT adapters
+/// rarely pass 256). It sizes the scratch of every session the adapter is active in.
+pub const MAX_RANK: u64 = 1024;
+
 impl LoraAdapter {
     /// Check the adapter against `model` (architecture, tensor names, shapes) before reading
     /// any tensor data, then upload its pairs.
@@ -47,6 +51,9 @@ impl LoraAdapter {
             return Err(bad(format!("made for architecture '{arch}', but the model is '{}'", model.arch_name)));
         }
         let alpha = gguf.get_f32_opt("adapter.lora.alpha")?.unwrap_or(0.0);
+        if !alpha.is_finite() {
+            return Err(bad(format!("adapter.lora.alpha is {alpha}, not a finite number")));
+        }
         // pair up and check every tensor first, so a mismatch is refused before any upload
         let mut plan = Vec::new();
         for t in &gguf.tensors {
@@ -65,6 +72,9 @@ impl LoraAdapter {
                     t.name, t.dims, b.name, b.dims, w.dims
                 )));
             }
+            if t.dims[1] > MAX_RANK {
+                return Err(bad(format!("tensor '{}' has rank {}, over the {MAX_RANK} allowed", t.name, t.dims[1])));
+            }
             for x in [t, b] {
                 if !ALLOWED.contains(&x.ty) {
                     return Err(bad(format!("tensor '{}' has type {}, adapters may use F32, F16 or Q8_0", x.name, x.ty)));
@@ -81,6 +91,11 @@ impl LoraAdapter {
             let rank = ta.dims[1];
             let buf_a = read_tensor(gguf, src, &ta).await.map_err(&bad)?;
             let buf_b = read_tensor(gguf, src, &tb).await.map_err(&bad)?;
+            for (t, buf) in [(&ta, &buf_a), (&tb, &buf_b)] {
+                if let Some(i) = first_non_finite(t.ty, buf) {
+                    return Err(bad(format!("tensor '{}' holds a NaN or infinite value (element {i})", t.name)));
+                }
+            }
             let a = GpuMatrix::upload(gpu, &ta.name, ta.ty, n_in, rank, &buf_a).await?;
             let b = GpuMatrix::upload(gpu, &tb.name, tb.ty, rank, n_out, &buf_b).await?;
             bytes += a.bytes() + b.bytes();
@@ -100,9 +115,21 @@ impl LoraAdapter {
     }
 }
 
+/// The index of the first value (F32, F16) or block scale (Q8_0: the block's index) that is
+/// NaN or infinite, which would turn every output of the adapted projection into NaN.
+fn first_non_finite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
+    match ty {
+        GgmlType::F32 => bytes.chunks_exact(4).position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        GgmlType::F16 => bytes.chunks_exact(2).position(|b| !half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
+        GgmlType::Q8_0 => bytes.chunks_exact(ty.block_layout().1).position(|b| !half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
+        _ => None,
+    }
+}
+
 pub(crate) async fn read_tensor<S: ByteSource>(gguf: &Gguf, src: &mut S, t: &crate::gguf::TensorInfo) -> Result<Vec<u8>, String> {
     let r = gguf.tensor_data_range(t);
-    let mut buf = vec![0u8; (r.end - r.start) as usize];
+    let len = usize::try_from(r.end - r.start).map_err(|_| format!("tensor '{}' has {} bytes, more than this machine can address", t.name, r.end - r.start))?;
+    let mut buf = vec![0u8; len];
     src.read_at(r.start, &mut buf).await.map_err(|e| format!("reading '{}': {e}", t.name))?;
     Ok(buf)
 }

@@ -11,8 +11,9 @@
 //! model, whose F16 weights some variants multiply in f16), and llama.cpp's argmax wherever
 //! its top-2 margin exceeds 0.05.
 
-use nomoat_runtime::gguf::Gguf;
-use nomoat_runtime::lora::LoraAdapter;
+use nomoat_runtime::ggml_type::GgmlType;
+use nomoat_runtime::gguf::{Gguf, GgufWriter, MetadataValue};
+use nomoat_runtime::lora::{self, LoraAdapter};
 use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::Session;
@@ -138,4 +139,85 @@ fn phi3_tiny_fused_adapters_match_llama_cpp() {
 #[test]
 fn mixed_types_stacked_adapters_match_llama_cpp() {
     check("llama-mixed-tiny.gguf");
+}
+
+/// Adapters are checked like the model's own weights: a NaN or infinite value in A or B (F32,
+/// F16, a Q8_0 block scale), an alpha that is NaN or infinite (1e300 written as an F64 is
+/// infinite in f32), or a rank over `lora::MAX_RANK` is refused, naming what is wrong, before
+/// any of the adapter is used.
+#[test]
+fn adapters_with_non_finite_values_or_a_huge_rank_are_refused() {
+    let gpu = &variants()[0];
+    let (base, mut f) = open(&dir().join("llama-tiny.gguf"));
+    let model = pollster::block_on(Model::load(&base, gpu, &mut f, &mut |_, _| {})).unwrap();
+    let bytes = std::fs::read(dir().join("lora/llama-tiny.attn_q.gguf")).unwrap();
+    let g = Gguf::parse(&bytes).unwrap();
+    let a_name = "blk.0.attn_q.weight.lora_a";
+    let b_name = "blk.0.attn_q.weight.lora_b";
+    let (a_dims, b_dims) = (g.tensor(a_name).unwrap().dims.clone(), g.tensor(b_name).unwrap().dims.clone());
+    assert_eq!((a_dims[1], b_dims[0]), (4, 4), "a rank-4 adapter");
+    // the adapter with its alpha and some tensors replaced
+    let rewrite = |alpha: MetadataValue, replaced: &[(&str, Vec<u64>, GgmlType, Vec<u8>)]| -> Vec<u8> {
+        let mut w = GgufWriter::new();
+        for (k, v) in g.metadata.iter().filter(|(k, _)| k != "adapter.lora.alpha") {
+            w.add_metadata(k.clone(), v.clone());
+        }
+        w.add_metadata("adapter.lora.alpha", alpha);
+        for t in &g.tensors {
+            match replaced.iter().find(|(n, ..)| *n == t.name) {
+                Some((n, dims, ty, data)) => w.add_tensor(*n, dims, *ty, data.clone()),
+                None => {
+                    let r = g.tensor_data_range(t);
+                    w.add_tensor(t.name.clone(), &t.dims, t.ty, bytes[r.start as usize..r.end as usize].to_vec())
+                }
+            };
+        }
+        w.to_bytes()
+    };
+    let load = |file: Vec<u8>| {
+        let ag = Gguf::parse(&file).unwrap();
+        pollster::block_on(LoraAdapter::load("hostile", &ag, &mut file.as_slice(), gpu, &model.config, &base)).map(|_| ())
+    };
+    let f32s = |n: u64, bad_at: usize, bad: f32| -> Vec<u8> { (0..n as usize).flat_map(|i| if i == bad_at { bad } else { 0.01 }.to_le_bytes()).collect() };
+    let f16s =
+        |n: u64, bad_at: usize, bad: f32| -> Vec<u8> { (0..n as usize).flat_map(|i| half::f16::from_f32(if i == bad_at { bad } else { 0.01 }).to_le_bytes()).collect() };
+    let n_a = a_dims[0] * a_dims[1];
+    let n_b = b_dims[0] * b_dims[1];
+    // Q8_0 A: 34-byte blocks of 32 values, scale first; the last block's scale NaN
+    let q8_blocks = n_a / 32;
+    let q8: Vec<u8> = (0..q8_blocks)
+        .flat_map(|i| {
+            let scale = half::f16::from_f32(if i == q8_blocks - 1 { f32::NAN } else { 0.001 });
+            scale.to_le_bytes().into_iter().chain([1u8; 32])
+        })
+        .collect();
+    let alpha = MetadataValue::F32(8.0);
+    assert!(load(rewrite(alpha.clone(), &[])).is_ok(), "the adapter as it is loads");
+    let big = lora::MAX_RANK + 1;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("NaN alpha", rewrite(MetadataValue::F32(f32::NAN), &[]), "alpha"),
+        ("infinite alpha", rewrite(MetadataValue::F32(f32::INFINITY), &[]), "alpha"),
+        ("alpha 1e300 as F64", rewrite(MetadataValue::F64(1e300), &[]), "alpha"),
+        ("NaN in A", rewrite(alpha.clone(), &[(a_name, a_dims.clone(), GgmlType::F32, f32s(n_a, 5, f32::NAN))]), a_name),
+        ("infinity in B", rewrite(alpha.clone(), &[(b_name, b_dims.clone(), GgmlType::F32, f32s(n_b, n_b as usize - 1, f32::INFINITY))]), b_name),
+        ("F16 infinity in B", rewrite(alpha.clone(), &[(b_name, b_dims.clone(), GgmlType::F16, f16s(n_b, 0, f32::NEG_INFINITY))]), b_name),
+        ("Q8_0 NaN scale in A", rewrite(alpha.clone(), &[(a_name, a_dims.clone(), GgmlType::Q8_0, q8)]), a_name),
+        (
+            "rank over the cap",
+            rewrite(
+                alpha.clone(),
+                &[
+                    (a_name, vec![a_dims[0], big], GgmlType::F16, vec![0; (a_dims[0] * big * 2) as usize]),
+                    (b_name, vec![big, b_dims[1]], GgmlType::F16, vec![0; (big * b_dims[1] * 2) as usize]),
+                ],
+            ),
+            "rank",
+        ),
+    ];
+    for (what, file, named) in cases {
+        match load(file) {
+            Err(e) => assert!(e.to_string().contains(named), "{what}: {e}"),
+            Ok(()) => panic!("{what}: loaded"),
+        }
+    }
 }
