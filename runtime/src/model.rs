@@ -62,7 +62,8 @@ impl<S: ByteSource> Loader<'_, S> {
 
     async fn bytes(&mut self, t: &TensorInfo) -> Result<Vec<u8>, ModelError> {
         let range = self.gguf.tensor_data_range(t);
-        let len = usize::try_from(range.end - range.start).map_err(|_| ModelError::Invalid(format!("tensor '{}' has {} bytes, more than this machine can address", t.name, range.end - range.start)))?;
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| ModelError::Invalid(format!("tensor '{}' has {} bytes, more than this machine can address", t.name, range.end - range.start)))?;
         let mut buf = vec![0u8; len];
         self.src.read_at(range.start, &mut buf).await.map_err(|e| ModelError::Io(format!("tensor '{}': {e}", t.name)))?;
         self.done += buf.len() as u64;

@@ -11,6 +11,7 @@
 //! other GPUs' exp/sin/cos yet is far below a graph error: the qwen2 weights run with normal
 //! instead of NeoX RoPE differ by 6.7; llama.cpp's own default F16 KV cache shifts these logits
 //! by up to 4.6e-3. Also required: the same argmax at every checked position.
+use nomoat_runtime::error::ModelError;
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
@@ -213,4 +214,38 @@ fn sampling_from_the_gpu_top_k_picks_what_the_whole_logits_give() {
             assert!(c.is_greedy() || distinct > 3, "sampling should vary the tokens: {tokens:?}");
         }
     }
+}
+
+/// What SECURITY.md promises: a block scale (Q8_0, Q4_0) or a norm weight that is NaN or
+/// infinite, in the first or the last block of a tensor, makes the load fail with
+/// `ModelError::NonFinite` naming the tensor.
+#[test]
+fn non_finite_block_scales_and_norm_weights_are_refused() {
+    let gpu = &variants()[0];
+    let bytes = std::fs::read(dir().join("llama-mixed-tiny.gguf")).unwrap();
+    let g = Gguf::parse(&bytes).unwrap();
+    let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes().to_vec();
+    // (tensor, bytes of one block or value, the value written over the first two or four)
+    let cases = [
+        ("blk.0.attn_v.weight", 34, f16(f32::INFINITY)),
+        ("blk.1.attn_q.weight", 34, f16(f32::NAN)),
+        ("blk.0.attn_output.weight", 18, f16(f32::NEG_INFINITY)),
+        ("blk.0.attn_norm.weight", 4, f32::NAN.to_le_bytes().to_vec()),
+        ("blk.1.attn_norm.weight", 4, f32::INFINITY.to_le_bytes().to_vec()),
+    ];
+    for (name, block, value) in cases {
+        let t = g.tensor(name).unwrap_or_else(|| panic!("{name}"));
+        let r = g.tensor_data_range(t);
+        for at in [r.start as usize, r.end as usize - block] {
+            let mut b = bytes.clone();
+            b[at..at + value.len()].copy_from_slice(&value);
+            match pollster::block_on(Model::load(&g, gpu, &mut b.as_slice(), &mut |_, _| {})) {
+                Err(ModelError::NonFinite { name: n }) => assert_eq!(n, name),
+                Err(e) => panic!("{name} at {at}: {e}"),
+                Ok(_) => panic!("{name} at {at}: loaded"),
+            }
+        }
+    }
+    // the file as it is loads
+    pollster::block_on(Model::load(&g, gpu, &mut bytes.as_slice(), &mut |_, _| {})).unwrap();
 }
