@@ -457,3 +457,50 @@ fn inconsistent_vocabularies_are_typed_errors() {
     w.add_metadata(keys::MODEL, "llama").add_metadata(keys::TOKENS, MetadataValue::str_array(["a"]));
     assert!(matches!(build(&w), Err(TokenizerError::MissingSpecialToken { add_key: keys::ADD_BOS, .. })));
 }
+
+/// Vocabularies made to be expensive. Refused by name, at once: more special tokens than
+/// `MAX_SPECIAL_TOKENS` (100,000 control tokens), one longer than `MAX_SPECIAL_TOKEN_BYTES`, or
+/// texts adding up to more than `MAX_SPECIAL_TEXT_BYTES`. At the caps (32,768 control tokens of
+/// 32 bytes, 1 MiB) the tokenizer builds, and a 300 KB text holding 8,000 of them encodes, each
+/// within seconds.
+#[test]
+fn hostile_vocabularies_are_capped() {
+    use nomoat_runtime::tokenizer::{MAX_SPECIAL_TEXT_BYTES, MAX_SPECIAL_TOKENS, MAX_SPECIAL_TOKEN_BYTES};
+    use std::time::Instant;
+    // <unk>, <s>, </s>, "▁", "a" and "b", then `n` control tokens of `len` bytes each
+    let control = |i: usize, len: usize| format!("<c{i:07}>{}", "x".repeat(len - 10));
+    let vocab = |n: usize, len: usize| -> GgufWriter {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "\u{2581}", "a", "b"].map(String::from).to_vec();
+        let mut types = vec![2, 3, 3, 1, 1, 1];
+        for i in 0..n {
+            tokens.push(control(i, len));
+            types.push(3);
+        }
+        let scores = vec![0.0f32; tokens.len()];
+        let mut w = GgufWriter::new();
+        w.add_metadata(keys::MODEL, "llama")
+            .add_metadata(keys::TOKENS, MetadataValue::str_array(tokens.iter().map(String::as_str)))
+            .add_metadata(keys::SCORES, MetadataValue::f32_array(scores))
+            .add_metadata(keys::TOKEN_TYPE, MetadataValue::i32_array(types));
+        w
+    };
+    let start = Instant::now();
+    assert!(matches!(build(&vocab(100_000, 16)), Err(TokenizerError::TooManySpecialTokens { .. })));
+    assert!(matches!(build(&vocab(2, MAX_SPECIAL_TOKEN_BYTES + 1)), Err(TokenizerError::SpecialTokenTooLong { .. })));
+    assert!(matches!(build(&vocab(MAX_SPECIAL_TEXT_BYTES / 200 + 1, 200)), Err(TokenizerError::SpecialTextTooLarge { .. })));
+    eprintln!("refusals: {:?}", start.elapsed());
+
+    let n = MAX_SPECIAL_TOKENS - 3; // <unk>, <s> and </s> are special too
+    let len = 32;
+    let start = Instant::now();
+    let tok = build(&vocab(n, len - 1)).unwrap();
+    let built = start.elapsed();
+    // 8,000 different control tokens between letters
+    let text: String = (0..8000).map(|i| format!("a{}b", control(i * 4, len - 1))).collect();
+    let start = Instant::now();
+    let ids = tok.encode(&text, false, true).unwrap();
+    let encoded = start.elapsed();
+    eprintln!("built in {built:?}, encoded {} bytes into {} ids in {encoded:?}", text.len(), ids.len());
+    assert_eq!(ids.iter().filter(|&&id| id >= 6).count(), 8000);
+    assert!(built.as_secs() < 20 && encoded.as_secs() < 20, "{built:?} {encoded:?}");
+}

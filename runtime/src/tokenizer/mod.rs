@@ -161,7 +161,30 @@ pub enum TokenizerError {
 
     #[error("BPE model: {0}")]
     Bpe(String),
+
+    /// More control, user-defined and unknown tokens than [`MAX_SPECIAL_TOKENS`]: every one is
+    /// looked for in every text.
+    #[error("the vocabulary has {count} special (control, user-defined or unknown) tokens, over the {max} allowed")]
+    TooManySpecialTokens { count: usize, max: usize },
+
+    /// A special token longer than [`MAX_SPECIAL_TOKEN_BYTES`].
+    #[error("special token {id} is {len} bytes long, over the {max} allowed")]
+    SpecialTokenTooLong { id: u32, len: usize, max: usize },
+
+    /// Special tokens whose texts add up to more than [`MAX_SPECIAL_TEXT_BYTES`].
+    #[error("the special tokens' texts add up to {bytes} bytes, over the {max} allowed")]
+    SpecialTextTooLarge { bytes: usize, max: usize },
 }
+
+/// The most special tokens (control, user-defined, unknown) a vocabulary may have; every one is
+/// looked for in every text. Real vocabularies have a few dozen to a few thousand (Gemma 3:
+/// 6,414).
+pub const MAX_SPECIAL_TOKENS: usize = 1 << 15;
+/// The longest special token, in bytes (Gemma 3's longest is 31).
+pub const MAX_SPECIAL_TOKEN_BYTES: usize = 256;
+/// The special tokens' texts in all, in bytes (Gemma 3's: 77 KB). They make the matcher that
+/// finds them in a text, whose size grows with theirs.
+pub const MAX_SPECIAL_TEXT_BYTES: usize = 1 << 20;
 
 impl From<GgufError> for TokenizerError {
     fn from(e: GgufError) -> Self {
@@ -298,6 +321,16 @@ impl Tokenizer {
         // equal lengths is unspecified, and matters only for overlapping same-length tokens)
         let mut special: Vec<u32> = (0..n as u32).filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0).collect();
         special.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
+        if special.len() > MAX_SPECIAL_TOKENS {
+            return Err(TokenizerError::TooManySpecialTokens { count: special.len(), max: MAX_SPECIAL_TOKENS });
+        }
+        if let Some(&id) = special.first().filter(|&&id| texts[id as usize].len() > MAX_SPECIAL_TOKEN_BYTES) {
+            return Err(TokenizerError::SpecialTokenTooLong { id, len: texts[id as usize].len(), max: MAX_SPECIAL_TOKEN_BYTES });
+        }
+        let special_bytes: usize = special.iter().map(|&id| texts[id as usize].len()).sum();
+        if special_bytes > MAX_SPECIAL_TEXT_BYTES {
+            return Err(TokenizerError::SpecialTextTooLarge { bytes: special_bytes, max: MAX_SPECIAL_TEXT_BYTES });
+        }
         let special_finder = if special.is_empty() {
             None
         } else {
