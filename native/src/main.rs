@@ -338,10 +338,18 @@ pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f32)> {
 
 /// A session on the loaded model with the command line's adapters active.
 impl ModelArgs {
-    /// `-c`, else 2048 within the model's training context (a larger `-c` is refused when the
-    /// session is made, with the model's limit in the message).
+    /// `-c`, else 2048, within the model's training context: a larger `-c` is lowered to it, with
+    /// a note on stderr (as `nomoat serve` and the page lower theirs).
     pub fn n_ctx(&self, l: &Loaded) -> usize {
-        self.ctx_size.unwrap_or_else(|| DEFAULT_CTX.min(l.model.config.n_ctx_train))
+        let max = l.model.config.n_ctx_train.max(1);
+        match self.ctx_size {
+            Some(c) if c > max => {
+                eprintln!("note: -c {c} is over the model's training context; using {max}");
+                max
+            }
+            Some(c) => c,
+            None => DEFAULT_CTX.min(max),
+        }
     }
 }
 

@@ -85,7 +85,7 @@ fn bad_input_gives_clear_errors() {
     assert!(!ok && err.to_lowercase().contains("temperature"), "{err}");
     let (ok, _, err) = nomoat(&["logits", "--ids", "999999"]);
     assert!(!ok && err.contains("vocabulary"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "hi", "-c", "100000000"]);
+    let (ok, _, err) = nomoat(&["run", "-p", "hi", "-c", "0"]);
     assert!(!ok && err.contains("context"), "{err}");
     // a GPU too small for the model: refused part-way with what the model needs
     let (ok, _, err) = nomoat(&["run", "-p", "hi", "--max-gpu-memory", "40"]);
@@ -147,12 +147,14 @@ fn the_models_own_sampling_values_are_defaults_that_flags_override() {
 #[test]
 fn context_size_defaults_to_what_the_model_was_trained_for() {
     // the tiny model's training context is 256, below the 2048 default: the default shrinks to
-    // it, an explicit larger -c is refused with both numbers named
+    // it, and an explicit larger -c is lowered to it with a note naming both numbers (as
+    // `nomoat serve` and the page lower theirs), giving the same text
     let tiny = format!("{}/../tests/data/tiny/llama-tiny.gguf", env!("CARGO_MANIFEST_DIR"));
-    let (ok, _, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "--temp", "0"]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "-c", "4096"]);
-    assert!(!ok && err.contains("4096") && err.contains("256"), "{err}");
+    let (ok, plain, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "--temp", "0"]);
+    assert!(ok && !err.contains("note: -c"), "{err}");
+    let (ok, lowered, err) = nomoat(&["run", "-m", &tiny, "-p", "Once", "-n", "2", "--temp", "0", "-c", "4096"]);
+    assert!(ok && err.contains("-c 4096 is over the model's training context; using 256"), "{err}");
+    assert_eq!(lowered, plain);
 }
 
 #[test]
