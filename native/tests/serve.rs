@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::Server;
+
 use common::{raw_http, status_of};
 
 use nomoat_runtime::chat::{ChatTemplate, Message};
@@ -18,8 +20,8 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "test-key-123";
@@ -32,26 +34,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 const N_CTX: usize = 1024;
-
-fn model_path() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "test model {} missing: run scripts/fetch-models.sh", p.display());
-    p
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl Server {
     /// Starts `nomoat serve --port 0 ARGS` and waits for it to listen and answer /health.
@@ -198,7 +180,7 @@ fn check_error(status: u16, body: &str, want_status: u16, what: &str) -> Value {
 
 /// The rendered prompt's token count, computed here from the GGUF as the server should.
 fn rendered_tokens(messages: &[Message]) -> usize {
-    let path = model_path();
+    let path = common::smollm2();
     let mut f = std::fs::File::open(&path).unwrap();
     let len = f.metadata().unwrap().len();
     let g = Gguf::read_from(&mut f, len).unwrap();
@@ -214,7 +196,7 @@ fn step(name: &str, t: Instant) {
 #[test]
 fn serve_end_to_end() {
     let _serial = serial();
-    let _ = model_path();
+    let _ = common::smollm2();
     let all = Instant::now();
     let s = Server::start(&["--api-key", KEY]);
 
@@ -461,7 +443,7 @@ fn serve_end_to_end() {
 /// A copy of the test model whose chat template is hidden: the key renamed in place (same
 /// length, so the file stays valid), as a base model without a template would be.
 fn model_without_template(dir: &std::path::Path) -> PathBuf {
-    let mut bytes = std::fs::read(model_path()).unwrap();
+    let mut bytes = std::fs::read(common::smollm2()).unwrap();
     let key = b"tokenizer.chat_template";
     let head = bytes.len().min(16 << 20);
     let pos = bytes[..head].windows(key.len()).position(|w| w == key).expect("the test model has a chat template");
@@ -634,7 +616,7 @@ fn serve_static_files_cors_timeouts_and_limits() {
         "--max-tokens-limit",
         "3",
     ]);
-    let model = model_path();
+    let model = common::smollm2();
     let model_name = model.file_name().unwrap().to_str().unwrap().to_string();
 
     let page = raw_http(&s.addr, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", Duration::from_secs(10));

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::Server;
+
 use common::{raw_http, status_of};
 
 use nomoat_runtime::gguf::{Gguf, GgufWriter, MetadataValue, ValueType};
@@ -17,8 +19,8 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One server at a time: two models decoding at once on a 2-core CPU device would make the
@@ -37,33 +39,12 @@ fn www() -> String {
     format!("{}/../www", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn real_model() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "test model {} missing: run scripts/fetch-models.sh", p.display());
-    p
-}
-
 /// A fresh folder for this test's files.
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("nomoat-serve-hardening-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-struct Server {
-    child: Child,
-    /// host:port to connect to
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn nomoat_serve(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -407,7 +388,7 @@ fn request_bodies_must_be_json() {
 #[test]
 fn the_queue_is_checked_before_any_work() {
     let _serial = serial();
-    let model = real_model();
+    let model = common::smollm2();
     let s = Server::start(&["-m", model.to_str().unwrap(), "-c", "1024", "--max-queue", "1"], &[]);
     let long = json!({"prompt": "One, two, three, four,", "max_tokens": 1000, "temperature": 0.9, "seed": 1, "stream": true}).to_string();
     let open = || {
@@ -450,7 +431,7 @@ fn the_queue_is_checked_before_any_work() {
 #[test]
 fn a_client_that_leaves_is_noticed_at_every_step() {
     let _serial = serial();
-    let model = real_model();
+    let model = common::smollm2();
     let s = Server::start(&["-m", model.to_str().unwrap(), "-c", "1024"], &[]);
     let base = json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0});
     // twice: the second run takes the path the next one will (the prompt found in the cache)

@@ -8,37 +8,18 @@
 #[allow(dead_code)] // the other server tests use the rest
 mod common;
 
+use common::Server;
+
 use nomoat_runtime::gguf::Gguf;
 use nomoat_runtime::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn model_path() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
-    let model = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(model.exists(), "test model {} missing: run scripts/fetch-models.sh", model.display());
-    model
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl Server {
     fn start() -> Server {
-        let model = model_path();
+        let model = common::smollm2();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
         cmd.args(["serve", "--port", "0", "-c", "1024", "--no-www", "-m"])
             .arg(&model)
@@ -206,7 +187,7 @@ fn structured_output_through_the_server() {
     let (greedy, _) = s.chat(&q);
     let mut banned = q.clone();
     let tok = {
-        let path = model_path();
+        let path = common::smollm2();
         let len = std::fs::metadata(&path).unwrap().len();
         Tokenizer::from_gguf(&Gguf::read_from(std::fs::File::open(&path).unwrap(), len).unwrap()).unwrap()
     };

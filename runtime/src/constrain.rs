@@ -69,7 +69,8 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn type_name(v: &serde_json::Value) -> &'static str {
+/// What kind of JSON value `v` is, as error messages name it ("a string", "a list", ...).
+pub fn json_type_name(v: &serde_json::Value) -> &'static str {
     use serde_json::Value;
     match v {
         Value::Null => "null",
@@ -93,7 +94,7 @@ impl Grammar {
         let rf = match rf {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(rf)) => rf,
-            Some(v) => return bad(P, format!("'{P}' must be an object, got {}", type_name(v))),
+            Some(v) => return bad(P, format!("'{P}' must be an object, got {}", json_type_name(v))),
         };
         let field = |o: &'_ serde_json::Map<String, Value>, k: &str| o.get(k).filter(|v| !v.is_null()).cloned();
         match rf.get("type") {
@@ -103,24 +104,24 @@ impl Grammar {
                 let p = "response_format.json_schema";
                 let js = match field(rf, "json_schema") {
                     Some(Value::Object(js)) => js,
-                    Some(v) => return bad(p, format!("'{p}' must be an object, got {}", type_name(&v))),
+                    Some(v) => return bad(p, format!("'{p}' must be an object, got {}", json_type_name(&v))),
                     None => return bad(p, format!("'{p}' is required for type json_schema: {{\"name\", \"schema\", \"strict\"}}")),
                 };
                 let name = format!("{p}.name");
                 match js.get("name") {
                     Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
                     Some(Value::String(n)) => return bad(&name, format!("'{name}' must be 1 to 64 letters, digits, '_' or '-', got {n:?}")),
-                    Some(v) => return bad(&name, format!("'{name}' must be a string, got {}", type_name(v))),
+                    Some(v) => return bad(&name, format!("'{name}' must be a string, got {}", json_type_name(v))),
                     None => return bad(&name, format!("'{name}' is required")),
                 }
                 if let Some(v) = field(&js, "strict").filter(|v| !v.is_boolean()) {
                     let strict = format!("{p}.strict");
-                    return bad(&strict, format!("'strict' must be a boolean, got {}", type_name(&v)));
+                    return bad(&strict, format!("'strict' must be a boolean, got {}", json_type_name(&v)));
                 }
                 match field(&js, "schema") {
                     None => Ok(Some(Grammar::JsonSchema(serde_json::json!({})))),
                     Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(Some(Grammar::JsonSchema(s))),
-                    Some(v) => bad(&format!("{p}.schema"), format!("'{p}.schema' must be a JSON schema object, got {}", type_name(&v))),
+                    Some(v) => bad(&format!("{p}.schema"), format!("'{p}.schema' must be a JSON schema object, got {}", json_type_name(&v))),
                 }
             }
             Some(Value::String(t)) => bad(P, format!("response_format type '{t}' is not supported: use 'text', 'json_object' or 'json_schema'")),

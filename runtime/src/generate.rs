@@ -73,9 +73,16 @@ impl Session<'_> {
     /// Make the cache hold exactly `prompt`, evaluating only what differs from what it holds,
     /// and sample the token after it (eval_sample: in the prompt's last submission), in the
     /// batches of MAX_BATCH eval_sample takes, asking `cancelled` before each. Returns how many
-    /// tokens were reused, and that token (none when `cancelled` said stop). At least one token
-    /// is always evaluated, so the logits belong to the prompt's last token.
-    pub async fn feed_prompt(&mut self, prompt: &[u32], sampler: &mut Sampler, cancelled: &dyn Fn() -> bool) -> Result<(usize, Option<u32>), ModelError> {
+    /// tokens were reused, and that token (none when `cancelled` said stop), sampled under
+    /// `guide` where it constrains. At least one token is always evaluated, so the logits
+    /// belong to the prompt's last token.
+    pub async fn feed_prompt(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        guide: &mut Guide,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(usize, Option<u32>), ModelError> {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("the prompt has no tokens".into()));
         }
@@ -91,7 +98,8 @@ impl Session<'_> {
         if cancelled() {
             return Ok((shared, None));
         }
-        Ok((shared, Some(self.eval_sample(&rest[last..], sampler).await?)))
+        let id = if guide.is_empty() { self.eval_sample(&rest[last..], sampler).await? } else { self.eval_sample_guided(&rest[last..], sampler, guide).await? };
+        Ok((shared, Some(id)))
     }
 
     /// Generate after `prompt`, calling `on_text` with each piece of text as it decodes; it
@@ -148,7 +156,7 @@ impl Session<'_> {
             sampler.accept(t);
         }
         // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
-        let (reused, first) = self.feed_prompt_guided(prompt, &mut sampler, guide, cancelled).await?;
+        let (reused, first) = self.feed_prompt(prompt, &mut sampler, guide, cancelled).await?;
         let mut out = Generation {
             tokens: Vec::new(),
             text: String::new(),
@@ -221,35 +229,6 @@ impl Session<'_> {
         // the end token's entry (not part of the reply) goes
         guide.logprobs.truncate(out.tokens.len());
         Ok(out)
-    }
-
-    /// `feed_prompt` with the token after the prompt sampled under `guide`.
-    async fn feed_prompt_guided(
-        &mut self,
-        prompt: &[u32],
-        sampler: &mut Sampler,
-        guide: &mut Guide,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(usize, Option<u32>), ModelError> {
-        if guide.is_empty() {
-            return self.feed_prompt(prompt, sampler, cancelled).await;
-        }
-        if prompt.is_empty() {
-            return Err(ModelError::Invalid("the prompt has no tokens".into()));
-        }
-        let shared = self.keep_prefix_of(prompt);
-        let rest = &prompt[shared..];
-        let last = (rest.len() - 1) / MAX_BATCH * MAX_BATCH;
-        for batch in rest[..last].chunks(MAX_BATCH) {
-            if cancelled() {
-                return Ok((shared, None));
-            }
-            self.eval(batch).await?;
-        }
-        if cancelled() {
-            return Ok((shared, None));
-        }
-        Ok((shared, Some(self.eval_sample_guided(&rest[last..], sampler, guide).await?)))
     }
 
     /// Feed `ids` and sample the token after them, reading back only what the sampler needs

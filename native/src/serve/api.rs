@@ -3,7 +3,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use nomoat_runtime::constrain::Grammar;
+use nomoat_runtime::constrain::{json_type_name as type_name, Grammar};
 use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::tools::{self, Tool, ToolCall, ToolChoice};
 use serde_json::{json, Map, Value};
@@ -60,17 +60,6 @@ impl IntoResponse for ApiError {
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

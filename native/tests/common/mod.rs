@@ -2,9 +2,35 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+/// SmolLM2 135M Instruct Q4_1 in `$NOMOAT_CACHE/models` (default `~/.cache/nomoat/models`),
+/// fetched by set-up; a missing model fails the test with the command to run.
+pub fn smollm2() -> PathBuf {
+    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "test model {} missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
+/// A running `nomoat serve` (each test file adds the requests it makes); killed when dropped.
+pub struct Server {
+    pub child: Child,
+    /// host:port to connect to
+    pub addr: String,
+    /// Its stderr so far.
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// Runs `cmd` (a `nomoat serve` with stderr piped) and waits up to 5 minutes for it to say
 /// where it listens; its stderr is collected in the returned log. Panics with the log if it
