@@ -736,15 +736,16 @@ impl Engine {
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options(&l.sampling.defaults());
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
-            let mut guide = match Grammar::from_response_format(opts.response_format.as_ref()).map_err(|e| js_error("BadRequest", format!("{}: {}", e.param, e.message)))? {
-                Some(g) => {
-                    let tokenizer = l.tokenizer.clone();
-                    let c = l.constrainer.get_or_insert_with(|| Constrainer::new(tokenizer).map_err(|e| e.to_string()));
-                    let c = c.as_ref().map_err(|e| js_error("UnsupportedModel", format!("structured output is unavailable for this model: {e}")))?;
-                    Guide::with_constraint(c.compile(&g).map_err(|e| js_error("BadRequest", format!("response_format: {e}")))?)
-                }
-                None => Guide::default(),
-            };
+            let mut guide =
+                match Grammar::from_response_format(opts.response_format.as_ref()).map_err(|e| js_error("BadRequest", format!("{}: {}", e.param, e.message)))? {
+                    Some(g) => {
+                        let tokenizer = l.tokenizer.clone();
+                        let c = l.constrainer.get_or_insert_with(|| Constrainer::new(tokenizer).map_err(|e| e.to_string()));
+                        let c = c.as_ref().map_err(|e| js_error("UnsupportedModel", format!("structured output is unavailable for this model: {e}")))?;
+                        Guide::with_constraint(c.compile(&g).map_err(|e| js_error("BadRequest", format!("response_format: {e}")))?)
+                    }
+                    None => Guide::default(),
+                };
             let ids = match (&messages_json, &raw) {
                 (Some(m), _) => {
                     let text = render(l, m)?;
