@@ -31,6 +31,14 @@ let resumable = null; // the name of a stopped run that can go on
 let losses = []; // [{step, loss, valLoss}] of the run on the chart
 
 const mib = (b) => `${(b / (1 << 20)).toFixed(1)} MiB`;
+// a stored name with a bad %-escape (anything can be put in the cache) is shown as it is
+const decoded = (s) => {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return s;
+  }
+};
 
 function showError(e) {
   ui.error.textContent = e ? `${e.name && e.name !== 'Error' ? e.name + ': ' : ''}${e.message || e}` : '';
@@ -83,7 +91,7 @@ async function refreshCached() {
     const li = document.createElement('li');
     const name = document.createElement('a');
     name.href = '#';
-    name.textContent = `${decodeURIComponent(m.url.split('/').pop())}${m.bytes ? ' (' + mib(m.bytes) + ')' : ''}`;
+    name.textContent = `${decoded(m.url.split('/').pop())}${m.bytes ? ' (' + mib(m.bytes) + ')' : ''}`;
     name.title = `load ${m.url}`;
     name.onclick = (ev) => {
       ev.preventDefault();
@@ -191,7 +199,7 @@ async function restoreAdapters(model) {
   const prefix = adapterKey(model, '').replace(/\.gguf$/, '');
   for (const req of await cache.keys()) {
     if (!req.url.startsWith(prefix)) continue;
-    const name = decodeURIComponent(req.url.slice(prefix.length).replace(/\.gguf$/, ''));
+    const name = decoded(req.url.slice(prefix.length).replace(/\.gguf$/, ''));
     const bytes = new Uint8Array(await (await cache.match(req)).arrayBuffer());
     try {
       await engine.addAdapter(new File([bytes], `${name}.gguf`));
