@@ -60,3 +60,21 @@ export async function startServer({ root, models }) {
     close: () => new Promise((resolve) => { server.closeAllConnections?.(); server.close(resolve); }),
   };
 }
+
+/**
+ * A page of the server's origin (a secure context) with a nomoat.js engine at window.engine;
+ * the page's errors and the engine's (not the missing favicon's) are logged. Returns
+ * {page, device}.
+ */
+export async function enginePage(ctx, server) {
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
+  page.on('console', (m) => m.type() === 'error' && !m.text().startsWith('Failed to load resource') && console.log(`[console] ${m.text()}`));
+  await page.goto(`${server.url}/style.css`);
+  const device = await page.evaluate(async () => {
+    const { Nomoat } = await import('./nomoat.js');
+    window.engine = await Nomoat.create();
+    return window.engine.device;
+  });
+  return { page, device };
+}

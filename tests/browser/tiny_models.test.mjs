@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startServer, CHROMIUM_ARGS } from './server.mjs';
+import { startServer, enginePage, CHROMIUM_ARGS } from './server.mjs';
 import { nativeTopLogits } from './native.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -51,16 +51,8 @@ before(async () => {
   server = await startServer({ root: path.join(ROOT, 'www'), models: TINY });
   userDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nomoat-chromium-'));
   ctx = await chromium.launchPersistentContext(userDir, { executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
-  page = await ctx.newPage();
-  page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
-  // the engine's panics and errors (not the page's missing favicon)
-  page.on('console', (m) => m.type() === 'error' && !m.text().startsWith('Failed to load resource') && console.log(`[console] ${m.text()}`));
-  await page.goto(`${server.url}/style.css`); // any page of the origin: a secure context
-  const device = await page.evaluate(async () => {
-    const { Nomoat } = await import('./nomoat.js');
-    window.engine = await Nomoat.create();
-    return window.engine.device;
-  });
+  let device;
+  ({ page, device } = await enginePage(ctx, server));
   console.log(`device: ${device}`);
 });
 
