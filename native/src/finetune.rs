@@ -128,7 +128,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         valid_every: 10,
     };
     let config = Config::from_gguf(&gguf)?;
-    let (weights, adapters, activations) = memory_needed(&gguf, &config, &opts, context_of(&train, &valid));
+    let ctx = context_of(&train, &valid);
+    let (weights, adapters, activations) = memory_needed(&gguf, &config, &opts, ctx);
     let total = weights + adapters + activations;
     let mib = |b: u64| b.div_ceil(1 << 20);
     let needs = format!(
@@ -137,7 +138,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         mib(weights),
         mib(adapters),
         mib(activations),
-        context_of(&train, &valid)
+        ctx
     );
     if let Some(limit) = a.max_gpu_memory.filter(|l| total > l << 20) {
         bail!("{needs}, over the {limit} MiB allowed (--max-gpu-memory): use a smaller model, --rank or --targets, or shorter examples (--ctx)");

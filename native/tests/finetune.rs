@@ -2,6 +2,9 @@
 //! sentence the base model does not continue, writes an adapter that `nomoat run --lora`
 //! loads, resumes from it, and refuses bad input with clear messages.
 
+#[allow(dead_code)] // the server tests use the rest
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -149,9 +152,7 @@ fn bench_measures_training_beside_prefill() {
 #[test]
 fn finetune_refuses_what_does_not_fit_before_starting() {
     let dir = scratch("memory");
-    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/nomoat"));
-    let model = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(model.exists(), "{} missing: run scripts/fetch-models.sh", model.display());
+    let model = common::smollm2();
     let model = model.to_str().unwrap();
     let data = write(&dir, "train.jsonl", "{\"prompt\": \"The secret word is\", \"completion\": \" pineapple\"}\n");
     let out = dir.join("x.gguf");

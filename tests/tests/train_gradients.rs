@@ -105,32 +105,19 @@ impl Cpu<'_> {
         }
     }
 
-    /// Per-head RMS norm where the model has the weight `name` (Qwen3, Gemma 3), else x.
-    fn head_norm(&self, x: &[f32], name: &str) -> Vec<f32> {
+    /// RMS norm over rows of `width` where the model has the weight `name` (Qwen3's and
+    /// Gemma 3's per-head q/k norms, Gemma 3's post-norms), else x as it is.
+    fn norm_if(&self, x: &[f32], name: &str, width: usize) -> Vec<f32> {
         match self.w.get(name) {
-            Some(w) => re::rms_norm(x, w, self.c.head_dim, self.c.norm_eps),
+            Some(w) => re::rms_norm(x, w, width, self.c.norm_eps),
             None => x.to_vec(),
         }
     }
 
-    fn head_norm_back(&self, x: &[f32], name: &str, dy: &[f32]) -> Vec<f32> {
+    /// The gradient through `norm_if`.
+    fn norm_if_back(&self, x: &[f32], name: &str, width: usize, dy: &[f32]) -> Vec<f32> {
         match self.w.get(name) {
-            Some(w) => re::rms_norm_backward(x, w, dy, self.c.head_dim, self.c.norm_eps),
-            None => dy.to_vec(),
-        }
-    }
-
-    /// A branch's post-norm where the model has the weight `name` (Gemma 3), else x.
-    fn post_norm(&self, x: &[f32], name: &str) -> Vec<f32> {
-        match self.w.get(name) {
-            Some(w) => re::rms_norm(x, w, self.c.n_embd, self.c.norm_eps),
-            None => x.to_vec(),
-        }
-    }
-
-    fn post_norm_back(&self, x: &[f32], name: &str, dy: &[f32]) -> Vec<f32> {
-        match self.w.get(name) {
-            Some(w) => re::rms_norm_backward(x, w, dy, self.c.n_embd, self.c.norm_eps),
+            Some(w) => re::rms_norm_backward(x, w, dy, width, self.c.norm_eps),
             None => dy.to_vec(),
         }
     }
@@ -168,7 +155,7 @@ impl Cpu<'_> {
             let n1 = re::rms_norm(&x, self.w(&p("attn_norm")), d, eps);
             let q_in = self.bias(&self.project(&p("attn_q"), &n1, qd, d, m), &format!("blk.{l}.attn_q.bias"), qd);
             let k_in = self.bias(&self.project(&p("attn_k"), &n1, kvd, d, m), &format!("blk.{l}.attn_k.bias"), kvd);
-            let (mut q, mut k) = (self.head_norm(&q_in, &p("attn_q_norm")), self.head_norm(&k_in, &p("attn_k_norm")));
+            let (mut q, mut k) = (self.norm_if(&q_in, &p("attn_q_norm"), c.head_dim), self.norm_if(&k_in, &p("attn_k_norm"), c.head_dim));
             let v = self.bias(&self.project(&p("attn_v"), &n1, kvd, d, m), &format!("blk.{l}.attn_v.bias"), kvd);
             self.rope(&mut q, c.n_head, l, 1.0);
             self.rope(&mut k, c.n_kv_head, l, 1.0);
@@ -177,13 +164,13 @@ impl Cpu<'_> {
                 AttentionShape { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, pos0: 0, window: (window > 0).then_some(window), scale: c.attn_scale };
             let attn = re::attention(&q, &k, &v, shape);
             let o = self.project(&p("attn_output"), &attn, d, qd, m);
-            let h = re::add(&x, &self.post_norm(&o, &p("post_attention_norm")));
+            let h = re::add(&x, &self.norm_if(&o, &p("post_attention_norm"), d));
             let n2 = re::rms_norm(&h, self.w(&p("ffn_norm")), d, eps);
             let gate = self.project(&p("ffn_gate"), &n2, ff, d, m);
             let up = self.project(&p("ffn_up"), &n2, ff, d, m);
             let act = if gelu { re::gelu_gate(&gate, &up) } else { re::silu_gate(&gate, &up) };
             let f = self.project(&p("ffn_down"), &act, d, ff, m);
-            let out = re::add(&h, &self.post_norm(&f, &p("post_ffw_norm")));
+            let out = re::add(&h, &self.norm_if(&f, &p("post_ffw_norm"), d));
             saved.push(Saved { x, n1, q_in, k_in, o, f, q, k, v, attn, h, n2, gate, up, act });
             x = out;
         }
@@ -197,12 +184,12 @@ impl Cpu<'_> {
         for l in (0..c.n_layer).rev() {
             let s = &saved[l];
             let p = |t: &str| format!("blk.{l}.{t}.weight");
-            let df = self.post_norm_back(&s.f, &p("post_ffw_norm"), &dx);
+            let df = self.norm_if_back(&s.f, &p("post_ffw_norm"), d, &dx);
             let d_act = self.project_back(&p("ffn_down"), &s.act, &df, d, ff, m);
             let (dg, du) = if gelu { re::gelu_gate_backward(&s.gate, &s.up, &d_act) } else { re::silu_gate_backward(&s.gate, &s.up, &d_act) };
             let dn2 = re::add(&self.project_back(&p("ffn_gate"), &s.n2, &dg, ff, d, m), &self.project_back(&p("ffn_up"), &s.n2, &du, ff, d, m));
             let dh = re::add(&dx, &re::rms_norm_backward(&s.h, self.w(&p("ffn_norm")), &dn2, d, eps));
-            let d_o = self.post_norm_back(&s.o, &p("post_attention_norm"), &dh);
+            let d_o = self.norm_if_back(&s.o, &p("post_attention_norm"), d, &dh);
             let d_attn = self.project_back(&p("attn_output"), &s.attn, &d_o, d, qd, m);
             let window = c.window_of(l) as usize;
             let shape =
@@ -210,7 +197,7 @@ impl Cpu<'_> {
             let (mut dq, mut dk, dv) = re::attention_backward(&s.q, &s.k, &s.v, &d_attn, shape);
             self.rope(&mut dq, c.n_head, l, -1.0);
             self.rope(&mut dk, c.n_kv_head, l, -1.0);
-            let (dq, dk) = (self.head_norm_back(&s.q_in, &p("attn_q_norm"), &dq), self.head_norm_back(&s.k_in, &p("attn_k_norm"), &dk));
+            let (dq, dk) = (self.norm_if_back(&s.q_in, &p("attn_q_norm"), c.head_dim, &dq), self.norm_if_back(&s.k_in, &p("attn_k_norm"), c.head_dim, &dk));
             let dn1 = re::add(
                 &re::add(&self.project_back(&p("attn_q"), &s.n1, &dq, qd, d, m), &self.project_back(&p("attn_k"), &s.n1, &dk, kvd, d, m)),
                 &self.project_back(&p("attn_v"), &s.n1, &dv, kvd, d, m),
@@ -381,7 +368,8 @@ fn readme_memory_table_is_the_formula() {
             _ => panic!("{file}: header over 16 MiB"),
         };
         let c = Config::from_gguf(&g).unwrap();
-        (c, g.tensors.iter().map(|t| t.size_bytes()).sum::<u64>())
+        let (weights, _) = Model::memory_needed(&g, &c, 0, KvType::F32);
+        (c, weights)
     };
     let mut rows = Vec::new();
     for (name, file) in [("SmolLM2 135M Q4_1", SMOLLM2), ("Gemma 3 270M Q4_K_M", GEMMA3), ("Qwen2.5-Coder 0.5B", QWEN2)] {

@@ -448,7 +448,7 @@ async fn rope(gpu: &Gpu) -> Result<Vec<Check>> {
         let xb = gpu.upload_f32("x", &x).await?;
         let mut rec = Recorder::new(gpu);
         let args = RopeArgs { n_tokens, n_heads, head_dim, n_rot, pos0, neox: mode == RopeMode::Neox, freq_base: base, freq_scale: fscale };
-        rec.rope(&xb, args).await?;
+        rec.rope(&xb, args, None).await?;
         rec.submit()?;
         let got = gpu.read_f32(&xb, 0, n).await?;
         let mut want = x;

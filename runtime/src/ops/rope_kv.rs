@@ -86,10 +86,11 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 }
 
 impl Recorder<'_> {
-    /// RoPE in place on x: [n_tokens][n_heads][head_dim] (rope_kv with no keys to store).
-    pub async fn rope(&mut self, x: &wgpu::Buffer, a: RopeArgs) -> Result<(), GpuError> {
+    /// RoPE in place on x: [n_tokens][n_heads][head_dim] (rope_kv with no keys to store), with
+    /// the model's frequency factors where it has them.
+    pub async fn rope(&mut self, x: &wgpu::Buffer, a: RopeArgs, factors: Option<&wgpu::Buffer>) -> Result<(), GpuError> {
         let [none, cache_k, cache_v] = &self.gpu.unused_buffers;
-        self.rope_kv(x, none, none, cache_k, cache_v, 0, KvType::F32, a).await
+        self.rope_kv_normed(x, none, none, cache_k, cache_v, 0, KvType::F32, a, None, factors).await
     }
 
     /// RoPE on q in place, and k (rotated the same way) and v appended to the KV cache at

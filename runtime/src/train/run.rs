@@ -198,7 +198,7 @@ pub fn context_of(train: &[Example], valid: &[Example]) -> u32 {
 /// GPU bytes a run needs: (the model's weights, the adapters with their gradients and AdamW
 /// moments, activations and scratch), from the header and the data alone.
 pub fn memory_needed(gguf: &crate::gguf::Gguf, c: &crate::arch::Config, opts: &RunOptions, ctx: u32) -> (u64, u64, u64) {
-    let weights = gguf.tensors.iter().map(|t| t.size_bytes()).sum();
+    let (weights, _) = Model::memory_needed(gguf, c, 0, crate::ops::KvType::F32);
     let targets: Vec<&str> = opts.targets.iter().map(|s| s.as_str()).collect();
     let (adapters, activations) = crate::train::step::memory_needed(c, &targets, opts.rank, ctx);
     (weights, adapters, activations)

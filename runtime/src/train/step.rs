@@ -501,10 +501,9 @@ impl<'m> Trainer<'m> {
         r.attention_backward(&grads, self.attention_args(l, n)).await?;
         // RoPE is a rotation: its gradient turns back by the same angle
         if c.has_rope(l) {
-            let ([none, cache_k, cache_v], factors) = (&self.gpu.unused_buffers, self.model.rope_factors.as_ref());
-            for (d, heads) in [(&s.dq, c.n_head), (&s.dk, c.n_kv_head)] {
-                r.rope_kv_normed(d, none, none, cache_k, cache_v, 0, KvType::F32, self.rope_args(l, n, heads as u32, -1.0), None, factors).await?;
-            }
+            let factors = self.model.rope_factors.as_ref();
+            r.rope(&s.dq, self.rope_args(l, n, c.n_head as u32, -1.0), factors).await?;
+            r.rope(&s.dk, self.rope_args(l, n, c.n_kv_head as u32, -1.0), factors).await?;
         }
         let (dq, dk) = match (&ly.q_norm, &ly.k_norm) {
             (Some(qn), Some(kn)) => {
