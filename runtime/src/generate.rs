@@ -232,11 +232,11 @@ impl Session<'_> {
     }
 
     /// Feed `ids` and sample the token after them, reading back only what the sampler needs
-    /// (the GPU's argmax or top-k where that is enough, SamplerConfig::best_logits_needed; the
+    /// (the GPU's argmax or top-k where that is enough, Sampler::best_logits_needed; the
     /// whole logits otherwise) in the same submission as the forward pass (one submission a
     /// generated token).
     pub async fn eval_sample(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32, ModelError> {
-        match sampler.config().best_logits_needed(MAX_TOP_K as usize) {
+        match sampler.best_logits_needed(MAX_TOP_K as usize) {
             Some(k) => Ok(sampler.sample_top(&self.eval_top_k(ids, k as u32).await?)),
             None => Ok(sampler.sample(&self.eval_logits(ids).await?)),
         }
@@ -258,7 +258,7 @@ impl Session<'_> {
             None => None,
         };
         let plain = guide.logit_bias.is_empty() && guide.top_logprobs.is_none();
-        if let (Some(mask), true, Some(k)) = (&mask, plain, sampler.config().best_logits_needed(MAX_TOP_K as usize)) {
+        if let (Some(mask), true, Some(k)) = (&mask, plain, sampler.best_logits_needed(MAX_TOP_K as usize)) {
             // the GPU selects the k best among the allowed tokens: k values read back
             let best = self.eval_top_k_masked(ids, k as u32, &mask.words).await?;
             if best.is_empty() {

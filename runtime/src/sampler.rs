@@ -403,21 +403,64 @@ impl Sampler {
         id
     }
 
+    /// How many of the best logits this sampler's next choice depends on, where that is at most
+    /// `max_k`: [`SamplerConfig::best_logits_needed`], and with penalties that only lower logits
+    /// (repeat_penalty >= 1, frequency and presence >= 0) the chain's k plus the number of
+    /// distinct tokens in the penalty window. Lowering at most p tokens can lift no token from
+    /// below the (k + p)-th place into the k best, so the GPU's top-k still suffices and a
+    /// repetition penalty does not force reading back every logit. None: every logit is needed.
+    pub fn best_logits_needed(&self, max_k: usize) -> Option<usize> {
+        let cfg = &self.cfg;
+        if !cfg.has_penalties() || self.history.is_empty() {
+            let plain = SamplerConfig { repeat_penalty: 1.0, frequency_penalty: 0.0, presence_penalty: 0.0, ..cfg.clone() };
+            return plain.best_logits_needed(max_k);
+        }
+        if cfg.repeat_penalty < 1.0 || cfg.frequency_penalty < 0.0 || cfg.presence_penalty < 0.0 {
+            return None;
+        }
+        let k = if cfg.is_greedy() { 1 } else { cfg.top_k };
+        if k == 0 {
+            return None;
+        }
+        let mut window: Vec<u32> = self.history.iter().copied().collect();
+        window.sort_unstable();
+        window.dedup();
+        Some(k + window.len()).filter(|&n| n <= max_k)
+    }
+
     /// Picks the next token from the best (id, logit) pairs of the logits, highest first and the
-    /// lower id first on ties, as many as [`SamplerConfig::best_logits_needed`] says: the token
-    /// [`Sampler::sample`] picks from the whole row, for a config without penalties.
+    /// lower id first on ties, as many as [`Sampler::best_logits_needed`] says: the token
+    /// [`Sampler::sample`] picks from the whole row. Penalties are applied to the candidates,
+    /// which are then cut back to the chain's k.
     ///
     /// Panics if `best` is empty.
     pub fn sample_top(&mut self, best: &[(u32, f32)]) -> u32 {
         assert!(!best.is_empty(), "Sampler::sample_top: no candidates");
-        debug_assert!(!self.cfg.has_penalties());
-        if self.cfg.is_greedy() {
-            return best[0].0;
-        }
         let mut cand = std::mem::take(&mut self.cand);
         cand.clear();
-        cand.extend(best.iter().map(|&(id, l)| (clean(l), id)).filter(|c| c.0 > f32::NEG_INFINITY));
-        let id = if cand.is_empty() { best[0].0 } else { self.draw(&mut cand) };
+        cand.extend(best.iter().map(|&(id, l)| (clean(l), id)));
+        if self.cfg.has_penalties() && !self.history.is_empty() {
+            for c in cand.iter_mut() {
+                let count = self.history.iter().filter(|&&h| h == c.1).count();
+                if count > 0 {
+                    c.0 = penalized(c.0, count as f32, &self.cfg);
+                }
+            }
+            cand.sort_unstable_by(by_logit_desc);
+            let k = if self.cfg.is_greedy() { 1 } else { self.cfg.top_k };
+            cand.truncate(k.max(1));
+        }
+        let first = cand.first().map_or(best[0].0, |c| c.1);
+        let id = if self.cfg.is_greedy() {
+            first
+        } else {
+            cand.retain(|c| c.0 > f32::NEG_INFINITY);
+            if cand.is_empty() {
+                first
+            } else {
+                self.draw(&mut cand)
+            }
+        };
         self.cand = cand;
         id
     }
@@ -501,16 +544,16 @@ fn apply_penalties(logits: &mut [f32], history: &VecDeque<u32>, cfg: &SamplerCon
         while j < ids.len() && ids[j] == id {
             j += 1;
         }
-        let count = (j - i) as f32;
         let l = &mut logits[id as usize];
-        if *l <= 0.0 {
-            *l *= cfg.repeat_penalty;
-        } else {
-            *l /= cfg.repeat_penalty;
-        }
-        *l -= count * cfg.frequency_penalty + cfg.presence_penalty;
+        *l = penalized(*l, (j - i) as f32, cfg);
         i = j;
     }
+}
+
+/// One logit after llama.cpp's penalties, for a token seen `count` times in the window.
+fn penalized(l: f32, count: f32, cfg: &SamplerConfig) -> f32 {
+    let l = if l <= 0.0 { l * cfg.repeat_penalty } else { l / cfg.repeat_penalty };
+    l - (count * cfg.frequency_penalty + cfg.presence_penalty)
 }
 
 #[cfg(test)]
@@ -558,6 +601,65 @@ mod tests {
         assert_eq!(model_sampling(&[]).defaults(), d);
         assert_eq!(model_sampling(&[]).describe(), None);
     }
+
+    /// The k best (id, logit) of a row, highest first and the lower id first: what the GPU's
+    /// top-k returns.
+    fn top_of(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut all: Vec<(f32, u32)> = logits.iter().enumerate().map(|(i, &l)| (clean(l), i as u32)).collect();
+        all.sort_unstable_by(by_logit_desc);
+        all.truncate(k);
+        all.into_iter().map(|(l, id)| (id, l)).collect()
+    }
+
+    #[test]
+    fn penalties_choose_from_the_top_k_as_from_every_logit() {
+        // repeated tokens among the best, ties, negative logits: the two paths pick the same
+        // token for every seed, greedy and sampled
+        let mut rng = Xoshiro256::new(7);
+        let mut checked = 0;
+        for round in 0..400u64 {
+            let n = 300;
+            let logits: Vec<f32> = (0..n).map(|_| ((rng.next_f64() * 16.0 - 6.0) as f32 * 4.0).round() / 4.0).collect();
+            let cfg = SamplerConfig {
+                temperature: if round % 4 == 0 { 0.0 } else { 0.9 },
+                top_k: [1, 5, 20, 40][round as usize % 4],
+                top_p: if round % 3 == 0 { 1.0 } else { 0.9 },
+                min_p: if round % 5 == 0 { 0.0 } else { 0.05 },
+                repeat_penalty: [1.0, 1.1, 1.5, 3.0][(round / 4) as usize % 4],
+                frequency_penalty: if round % 7 == 0 { 0.5 } else { 0.0 },
+                presence_penalty: if round % 11 == 0 { 1.0 } else { 0.0 },
+                penalty_last_n: 64,
+                seed: round,
+            };
+            let mut full = Sampler::new(cfg.clone());
+            // the window repeats some of the best tokens and some others
+            let best = top_of(&logits, 30);
+            for i in 0..70 {
+                let id = if i % 3 == 0 { best[(rng.next_u64() % 30) as usize].0 } else { (rng.next_u64() % n as u64) as u32 };
+                full.accept(id);
+            }
+            let mut top = full.clone();
+            let Some(k) = top.best_logits_needed(MAX_K) else {
+                assert!(!cfg.has_penalties() || cfg.top_k == 0, "{cfg:?}");
+                continue;
+            };
+            for _ in 0..5 {
+                let a = full.sample(&logits);
+                let b = top.sample_top(&top_of(&logits, k));
+                assert_eq!(a, b, "round {round}: {cfg:?}, k {k}");
+            }
+            checked += 1;
+        }
+        assert!(checked > 300, "{checked}");
+        // penalties that raise logits need every logit
+        let mut s = Sampler::new(SamplerConfig { repeat_penalty: 0.8, ..Default::default() });
+        s.accept(3);
+        assert_eq!(s.best_logits_needed(MAX_K), None);
+        let mut s = Sampler::new(SamplerConfig { presence_penalty: -1.0, ..Default::default() });
+        s.accept(3);
+        assert_eq!(s.best_logits_needed(MAX_K), None);
+    }
+    const MAX_K: usize = 128;
 
     #[test]
     fn bad_model_sampling_values_are_skipped_and_named() {
