@@ -106,15 +106,21 @@ class Training extends Reply {
 }
 
 export class Nomoat {
-  /** Starts the worker and opens the WebGPU device. Options: {workerUrl}. */
-  static async create({ workerUrl = new URL('./worker.js', import.meta.url) } = {}) {
+  /**
+   * Starts the worker and opens the WebGPU device. Options: {workerUrl} (default: worker.js
+   * beside this module).
+   */
+  static async create({ workerUrl } = {}) {
     if (!Nomoat.hasWebGPU()) {
       throw makeError({
         name: 'NoWebGPU',
         message: 'this browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or Firefox with WebGPU enabled, on https or localhost',
       });
     }
-    const n = new Nomoat(new Worker(workerUrl, { type: 'module' }));
+    // The default spelled out as `new Worker(new URL(...), ...)`: the form Vite and webpack
+    // recognise, so they bundle worker.js and its wasm themselves.
+    const worker = workerUrl ? new Worker(workerUrl, { type: 'module' }) : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+    const n = new Nomoat(worker);
     try {
       const { device } = await n.#call('create');
       n.device = device;
