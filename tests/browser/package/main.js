@@ -1,0 +1,17 @@
+import { Nomoat } from 'nomoat';
+
+const reply = document.querySelector('#reply');
+const status = document.querySelector('#status');
+try {
+  const engine = await Nomoat.create();
+  await engine.loadUrl('models/SmolLM2-135M-Instruct.Q4_1.gguf', {
+    onProgress: ({ phase, done, total }) => (status.textContent = `${phase} ${Math.round((100 * done) / total)}%`),
+  });
+  status.textContent = 'writing…';
+  const answer = engine.chat([{ role: 'user', content: 'What is the capital of France?' }], { temperature: 0, maxTokens: 64 });
+  for await (const piece of answer) reply.textContent += piece;
+  const { tokens, gen_tps } = await answer.result;
+  status.textContent = `${tokens} tokens, ${gen_tps.toFixed(1)} tokens/s`;
+} catch (e) {
+  status.textContent = `${e.name}: ${e.message}`;
+}
