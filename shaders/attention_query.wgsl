@@ -2,7 +2,9 @@
 // of WebGPU (and its subgroup modes: KEY_LANES, KV_BROADCAST, HEADS_SHARE_KV).
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
-// 0..pos0+n_q; out: [n_q][n_head][head_dim] f32.
+// 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
+// own sequence's position and cache rows (lib/attention.wgsl's query_place; never with
+// KV_BROADCAST's shared keys, HEADS_SHARE_KV aside).
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
 
@@ -46,12 +48,15 @@ var<private> run_max: f32 = NEG_BIG;
 var<private> run_sum: f32 = 0.0;
 
 // where query t of head h sits: its position, its offset in q and out, and where its kv head
-// starts in cache row 0 (key j's row starts kv_stride · j further on)
+// starts in the cache row of its sequence's position 0 (key j's row starts kv_stride · j
+// further on)
 struct QueryAt { pos: u32, base: u32, kv_offset: u32, kv_stride: u32 }
 
 // query t of head h's place, its query loaded into qv
 fn start_query(h: u32, t: u32) -> QueryAt {
-    let at = QueryAt(p.pos0 + t, (t * p.n_head + h) * HEAD_DIM, h / (p.n_head / p.n_kv_head) * HEAD_DIM, p.n_kv_head * HEAD_DIM);
+    let place = query_place(t);
+    let kv_stride = p.n_kv_head * HEAD_DIM;
+    let at = QueryAt(place.x, (t * p.n_head + h) * HEAD_DIM, place.y * kv_stride + h / (p.n_head / p.n_kv_head) * HEAD_DIM, kv_stride);
     for (var d = 0u; d < HEAD_DIM / 4u; d++) {
         let e = at.base + 4u * d;
         qv[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;

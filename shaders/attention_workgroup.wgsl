@@ -2,7 +2,8 @@
 // tokens or a single new token alike: one workgroup per (head, query), for GPUs.
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
-// 0..pos0+n_q; out: [n_q][n_head][head_dim] f32.
+// 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
+// own sequence's position and cache rows (lib/attention.wgsl's query_place).
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
 // Invocation j scores key k0 + j of each tile of WG keys, the tile's softmax weights go through
@@ -31,9 +32,12 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let t = wid.y;
     let lane = Lane(lid, SG_SIZE, SG_LANE);
     let hd = p.head_dim;
-    let pos = p.pos0 + t;
+    let place = query_place(t);
+    let pos = place.x;
     let kvh = h / (p.n_head / p.n_kv_head);
     let kv_stride = p.n_kv_head * hd;
+    // where this query's kv head starts in the cache row of its sequence's position 0
+    let kv_base = place.y * kv_stride + kvh * hd;
     let q_base = (t * p.n_head + h) * hd;
     for (var d = lid; d < hd; d += WG) {
         q_sh[d] = q[q_base + d] * p.scale;
@@ -50,7 +54,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
         let j = k0 + lid;
         var score = NEG_BIG;
         if (j < k_end) {
-            let kb = j * kv_stride + kvh * hd;
+            let kb = kv_base + j * kv_stride;
             var s = 0.0;
             for (var d = 0u; d < hd; d++) {
                 s += q_sh[d] * kv_value(k_cache[kv_word(kb + d)], kb + d);
@@ -73,7 +77,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
             if (d < hd) {
                 var a = acc[c] * rescale;
                 for (var jj = 0u; jj < n_keys; jj++) {
-                    let vi = (k0 + jj) * kv_stride + kvh * hd + d;
+                    let vi = kv_base + (k0 + jj) * kv_stride + d;
                     a += w_sh[jj] * kv_value(v_cache[kv_word(vi)], vi);
                 }
                 acc[c] = a;

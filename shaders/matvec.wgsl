@@ -39,6 +39,7 @@ struct Params {
     log2_base: f32,
     freq_scale: f32,
     t_begin: u32,     // TOKEN_RANGE: the first token (llvmpipe's loop budget splits long rows)
+    kv_row0: u32,     // OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache)
 }
 
 #if X_VEC4

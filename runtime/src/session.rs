@@ -17,15 +17,55 @@ use crate::device::{Gpu, GpuError};
 use crate::error::ModelError;
 use crate::lora::{Lora, LoraAdapter};
 use crate::model::{Layer, Model};
-use crate::ops::{self, AttentionArgs, DispatchCache, GpuMatrix, KvType, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_TOP_K};
+use crate::ops::{
+    self, AttentionArgs, DispatchCache, GpuMatrix, KvType, Place, Places, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs, TopKScratch, MAX_SEQ_ROWS, MAX_TOP_K,
+};
 use std::sync::Arc;
 
-/// The choices made once for a batch: its size, its first position, and whether its blocks
-/// fuse their norms and activations into the products.
-struct Plan {
+/// The choices made once for a batch: its size, where its tokens sit (consecutive positions
+/// from pos0 of the current slot, or one token of each of several slots), and whether its
+/// blocks fuse their norms and activations into the products.
+struct Plan<'p> {
     n: u32,
     pos0: u32,
+    /// The cache row of the current slot's position 0 (unused with `per_token`).
+    kv_row0: u32,
+    /// A step of several sequences: token t's place.
+    per_token: Option<&'p [Place]>,
     fused: bool,
+}
+
+impl Plan<'_> {
+    fn places(&self) -> Places<'_> {
+        match self.per_token {
+            Some(p) => Places::PerToken(p),
+            None => Places::Consecutive { kv_row0: self.kv_row0 },
+        }
+    }
+}
+
+/// One sequence's token in a step of several ([`Session::step_slots`]): the slot, the token fed
+/// after what the slot holds, and what to read back of the logits after it.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotStep {
+    pub slot: usize,
+    pub token: u32,
+    pub want: Want,
+}
+
+/// What a sequence's step reads back: the k best (id, logit), selected on the GPU, or every
+/// logit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    TopK(u32),
+    Logits,
+}
+
+/// A sequence's read-back after a step of several.
+#[derive(Clone, Debug)]
+pub enum RowOut {
+    Best(Vec<(u32, f32)>),
+    Logits(Vec<f32>),
 }
 
 /// Tokens processed per prefill step; the activation buffers are sized for it.
@@ -64,19 +104,28 @@ struct Scratch {
     up: wgpu::Buffer,      // [B][n_ff]
     act: wgpu::Buffer,     // [B][n_ff]
     last: wgpu::Buffer,    // [n_embd] the last token's residual
-    logits: wgpu::Buffer,  // [n_vocab] (or [B][n_vocab] when all positions are asked for)
+    logits: wgpu::Buffer,  // [n_vocab]; [B][n_vocab] (all positions); [n][n_vocab] (n sequences' step)
     logits2: wgpu::Buffer, // same, soft-capped
+    /// [n_vocab]: one sequence's logits, copied out of a step of several for its top-k
+    logits_row: wgpu::Buffer,
 }
 
-/// A model plus its KV cache: the state of one conversation.
+/// A model plus its KV cache: the state of one conversation, or of several (slots), each with
+/// its own part of the cache, which `step_slots` extends together: one pass over the weights
+/// for a token of each.
 pub struct Session<'m> {
     pub model: &'m Model,
     pub gpu: &'m Gpu,
+    /// Context size of each slot.
     pub n_ctx: usize,
     pub kv: KvType,
-    /// Tokens whose keys and values are in the cache, in order.
+    /// Tokens whose keys and values are in the current slot's cache, in order.
     pub tokens: Vec<u32>,
-    k_cache: Vec<wgpu::Buffer>, // per layer [n_ctx][n_kv_head][head_dim]
+    /// The slot `tokens`, `eval` and generation work on (`select_slot`).
+    slot: usize,
+    /// Every other slot's tokens (the current slot's entry is empty while it is current).
+    slot_tokens: Vec<Vec<u32>>,
+    k_cache: Vec<wgpu::Buffer>, // per layer [n_slots][n_ctx][n_kv_head][head_dim]
     v_cache: Vec<wgpu::Buffer>,
     s: Scratch,
     all_logits: bool,
@@ -98,16 +147,27 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// `all_logits` keeps logits of every position of the last batch (perplexity needs them).
     pub async fn new(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool) -> Result<Session<'m>, ModelError> {
+        Self::build(model, gpu, n_ctx, kv, all_logits, 1).await
+    }
+
+    /// A session of `n_slots` sequences of up to `n_ctx` tokens each, which `step_slots` decodes
+    /// together (slot 0 is current).
+    pub async fn with_slots(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, n_slots: usize) -> Result<Session<'m>, ModelError> {
+        Self::build(model, gpu, n_ctx, kv, false, n_slots).await
+    }
+
+    async fn build(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool, n_slots: usize) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         if n_ctx == 0 || n_ctx > c.n_ctx_train.max(1) {
             return Err(ModelError::Invalid(format!("context size {n_ctx} must be between 1 and the model's {}", c.n_ctx_train)));
         }
-        let per_layer = n_ctx as u64 * (c.n_kv_head * c.head_dim) as u64 * kv.bytes();
+        if n_slots == 0 || n_slots > u32::MAX as usize / n_ctx {
+            return Err(ModelError::Invalid(format!("{n_slots} sequences of {n_ctx} tokens: the count must be at least 1")));
+        }
+        let per_layer = (n_slots * n_ctx) as u64 * (c.n_kv_head * c.head_dim) as u64 * kv.bytes();
         if per_layer > gpu.max_binding() {
-            return Err(ModelError::Invalid(format!(
-                "a {n_ctx}-token KV cache needs {per_layer} bytes per layer, over this device's {}-byte binding limit",
-                gpu.max_binding()
-            )));
+            let what = if n_slots > 1 { format!("{n_slots} sequences of {n_ctx} tokens") } else { format!("a {n_ctx}-token KV cache") };
+            return Err(ModelError::Invalid(format!("{what} needs {per_layer} bytes per layer, over this device's {}-byte binding limit", gpu.max_binding())));
         }
         let mut k_cache = Vec::new();
         let mut v_cache = Vec::new();
@@ -117,7 +177,10 @@ impl<'m> Session<'m> {
         }
         let b = MAX_BATCH as u64;
         let f = |n: usize| b * n as u64 * 4;
-        let logits_len = if all_logits { b * c.n_vocab as u64 * 4 } else { c.n_vocab as u64 * 4 };
+        // rows of logits a submission computes: a batch's (all_logits), one per sequence of a
+        // step of several, or the last token's
+        let step_rows = n_slots.min(MAX_SEQ_ROWS) as u64;
+        let logits_len = if all_logits { b } else { step_rows } * c.n_vocab as u64 * 4;
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_kv_head * c.head_dim;
         let s = Scratch {
@@ -139,6 +202,7 @@ impl<'m> Session<'m> {
             last: gpu.storage("last", c.n_embd as u64 * 4).await?,
             logits: gpu.storage("logits", logits_len).await?,
             logits2: gpu.storage("logits2", logits_len).await?,
+            logits_row: gpu.storage("logits row", if n_slots > 1 { c.n_vocab as u64 * 4 } else { 4 }).await?,
         };
         Ok(Session {
             model,
@@ -146,6 +210,8 @@ impl<'m> Session<'m> {
             n_ctx,
             kv,
             tokens: Vec::new(),
+            slot: 0,
+            slot_tokens: vec![Vec::new(); n_slots],
             k_cache,
             v_cache,
             s,
@@ -156,8 +222,50 @@ impl<'m> Session<'m> {
             lora_u: None,
             dispatch: Arc::new(DispatchCache::new(gpu, SESSION_PARAM_SLOTS)),
             top_k: TopKScratch::new(gpu, c.n_vocab as u32).await?,
-            readback: gpu.readback_buffer(c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
+            readback: gpu.readback_buffer(step_rows * c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
         })
+    }
+
+    /// How many sequences the session holds.
+    pub fn n_slots(&self) -> usize {
+        self.slot_tokens.len()
+    }
+
+    /// The slot `tokens`, `eval` and generation work on.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Work on slot `i` from now on (its tokens become `tokens`).
+    pub fn select_slot(&mut self, i: usize) {
+        assert!(i < self.n_slots(), "slot {i} of {}", self.n_slots());
+        if i != self.slot {
+            std::mem::swap(&mut self.tokens, &mut self.slot_tokens[self.slot]);
+            std::mem::swap(&mut self.tokens, &mut self.slot_tokens[i]);
+            self.slot = i;
+        }
+    }
+
+    /// The tokens slot `i`'s cache holds.
+    pub fn slot_tokens(&self, i: usize) -> &[u32] {
+        if i == self.slot {
+            &self.tokens
+        } else {
+            &self.slot_tokens[i]
+        }
+    }
+
+    fn slot_tokens_mut(&mut self, i: usize) -> &mut Vec<u32> {
+        if i == self.slot {
+            &mut self.tokens
+        } else {
+            &mut self.slot_tokens[i]
+        }
+    }
+
+    /// The cache row of slot i's position 0.
+    fn kv_row0(&self, slot: usize) -> u32 {
+        (slot * self.n_ctx) as u32
     }
 
     /// Forget the cache from position `n` on (keep a shared prefix for the next prompt).
@@ -184,7 +292,9 @@ impl<'m> Session<'m> {
         if same {
             return Ok(());
         }
+        // every slot's cache was computed with the old set
         self.tokens.clear();
+        self.slot_tokens.iter_mut().for_each(Vec::clear);
         let pairs = || adapters.iter().flat_map(|(a, _)| a.pairs.values());
         let max_rank = pairs().map(|p| p.rank).max().unwrap_or(0) as u64;
         let max_out = pairs().map(|p| p.b.n_rows).max().unwrap_or(0) as u64;
@@ -241,6 +351,89 @@ impl<'m> Session<'m> {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// Feed one token to each of several slots in one forward pass (the products read the
+    /// weights once for all of them; RoPE, the cache write and attention take each at its own
+    /// position in its own slot) and read back what each wants of its logits. At most
+    /// MAX_SEQ_ROWS steps, each of a different slot. One step alone runs as `eval_top_k` /
+    /// `eval_logits` on its slot (the same work as a lone sequence).
+    pub async fn step_slots(&mut self, steps: &[SlotStep]) -> Result<Vec<RowOut>, ModelError> {
+        let c = &self.model.config;
+        if steps.is_empty() || steps.len() > MAX_SEQ_ROWS.min(self.n_slots()) {
+            return Err(ModelError::Invalid(format!("{} sequences in one step (1..={})", steps.len(), MAX_SEQ_ROWS.min(self.n_slots()))));
+        }
+        if self.all_logits {
+            return Err(ModelError::Invalid("a step of several sequences in a session that keeps every position's logits".into()));
+        }
+        for (i, st) in steps.iter().enumerate() {
+            if st.slot >= self.n_slots() || steps[..i].iter().any(|o| o.slot == st.slot) {
+                return Err(ModelError::Invalid(format!("slot {} is not a distinct slot of the {}", st.slot, self.n_slots())));
+            }
+            if st.token as usize >= c.n_vocab {
+                return Err(ModelError::Invalid(format!("token id {} is outside the vocabulary of {}", st.token, c.n_vocab)));
+            }
+            let needed = self.slot_tokens(st.slot).len() + 1;
+            if needed > self.n_ctx {
+                return Err(ModelError::ContextFull { needed, n_ctx: self.n_ctx, max: c.n_ctx_train });
+            }
+            if let Want::TopK(k) = st.want {
+                if k == 0 || k > MAX_TOP_K {
+                    return Err(ModelError::Invalid(format!("top-k with k = {k} (1..={MAX_TOP_K})")));
+                }
+            }
+        }
+        if let [one] = steps {
+            let current = self.slot;
+            self.select_slot(one.slot);
+            let out = match one.want {
+                Want::TopK(k) => self.eval_top_k(&[one.token], k).await.map(RowOut::Best),
+                Want::Logits => self.eval_logits(&[one.token]).await.map(RowOut::Logits),
+            };
+            self.select_slot(current);
+            return out.map(|row| vec![row]);
+        }
+        let places: Vec<Place> = steps.iter().map(|st| Place { pos: self.slot_tokens(st.slot).len() as u32, kv_row0: self.kv_row0(st.slot) }).collect();
+        let ids: Vec<u32> = steps.iter().map(|st| st.token).collect();
+        let mut r = self.forward(&ids, Some(&places)).await?;
+        // each row's read-back after the last: the k best ids then values, or the logits
+        let v = c.n_vocab as u64;
+        let mut at = 0u64;
+        let mut spans = Vec::new();
+        for (j, st) in steps.iter().enumerate() {
+            match st.want {
+                Want::TopK(k) => {
+                    r.encoder().copy_buffer_to_buffer(&self.s.logits, j as u64 * v * 4, &self.s.logits_row, 0, v * 4);
+                    let (values, ids) = ops::record_top_k(&mut r, &self.top_k, &self.s.logits_row, v as u32, k).await?;
+                    let half = k as u64 * 4;
+                    r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, at, half);
+                    r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, at + half, half);
+                    spans.push((at, 2 * half));
+                    at += 2 * half;
+                }
+                Want::Logits => {
+                    r.encoder().copy_buffer_to_buffer(&self.s.logits, j as u64 * v * 4, &self.readback, at, v * 4);
+                    spans.push((at, v * 4));
+                    at += v * 4;
+                }
+            }
+        }
+        r.submit()?;
+        let bytes = self.gpu.read_mapped(&self.readback, at).await?;
+        for st in steps {
+            self.slot_tokens_mut(st.slot).push(st.token);
+        }
+        Ok(steps
+            .iter()
+            .zip(spans)
+            .map(|(st, (at, len))| {
+                let row = &bytes[at as usize..(at + len) as usize];
+                match st.want {
+                    Want::TopK(k) => RowOut::Best(Self::best_of(row, k)),
+                    Want::Logits => RowOut::Logits(bytemuck::pod_collect_to_vec(row)),
+                }
+            })
+            .collect())
+    }
+
     /// Feed `ids`; the last batch's submission also reads back `then`, whose bytes it returns.
     async fn eval_then(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
         let c = &self.model.config;
@@ -267,6 +460,14 @@ impl<'m> Session<'m> {
     /// The forward pass over one batch of at most MAX_BATCH tokens, as llama2.c's forward():
     /// embed, each layer's attention and feed-forward blocks, the output head.
     async fn eval_batch(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
+        let r = self.forward(ids, None).await?;
+        let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
+        self.finish(r, n_last, then).await
+    }
+
+    /// Record the forward pass over `ids`: consecutive tokens of the current slot, or with
+    /// `per_token` one token of each of several slots (their logits then in rows 0..n).
+    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>) -> Result<Recorder<'m>, ModelError> {
         let (m, s) = (self.model, &self.s);
         let c = &m.config;
         let n = ids.len() as u32;
@@ -276,7 +477,7 @@ impl<'m> Session<'m> {
         // model's logits bit for bit)
         let active: Vec<(Arc<LoraAdapter>, f32)> = self.adapters.iter().filter(|(_, scale)| *scale != 0.0).cloned().collect();
         let lora = Lora { adapters: &active, t: self.lora_t.as_ref(), u: self.lora_u.as_ref() };
-        let plan = Plan { n, pos0: self.tokens.len() as u32, fused: r.fuses_block(n) && active.is_empty() };
+        let plan = Plan { n, pos0: self.tokens.len() as u32, kv_row0: self.kv_row0(self.slot), per_token, fused: r.fuses_block(n) && active.is_empty() };
         // x = embed(ids) (· sqrt(n_embd) for Gemma)                         [n][n_embd]
         match c.embed_scale() {
             Some(scale) => {
@@ -289,24 +490,25 @@ impl<'m> Session<'m> {
             let h = self.attention_block(&mut r, &plan, &lora, i, layer).await?; // h = x + attention
             self.ffn_block(&mut r, &plan, &lora, layer, h).await?; //               x = h + ffn(h)
         }
-        self.output_head(&mut r, &lora, n).await?; //                           [n_out][n_vocab]
-        let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
-        self.finish(r, n_last, then).await
+        self.output_head(&mut r, &lora, n, per_token.is_some()).await?; //     [n_out][n_vocab]
+        Ok(r)
     }
 
     /// h = x + out(W_o · attention(RoPE(q), RoPE(k), v)), [q; k; v] = W_qkv · rms_norm(x), with
     /// k and v appended to layer i's cache; returns the buffer holding h (x itself where the
     /// branch adds in place).
-    async fn attention_block(&self, r: &mut Recorder<'_>, p: &Plan, lora: &Lora<'_>, i: usize, l: &Layer) -> Result<&wgpu::Buffer, GpuError> {
+    async fn attention_block(&self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, i: usize, l: &Layer) -> Result<&wgpu::Buffer, GpuError> {
         let (c, s) = (&self.model.config, &self.s);
         let input = self.branch_input(r, p, &s.x, &l.attn_norm).await?; //     [n][n_embd]
         let rope = self.rope_args(p, i);
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
         // the fused product turns q and k without frequency factors
         let plain_qk = c.spec().qk == QkPrep::Plain && self.model.rope_factors.is_none();
-        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
+        // (the fused product writes consecutive positions of one sequence)
+        let q = if p.fused && plain_qk && p.per_token.is_none() && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
             // the product turns q and k and writes k and v to the cache itself
-            r.product(&l.wqkv[0], input, ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope }, p.n).await?;
+            let out = ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope, kv_row0: p.kv_row0 };
+            r.product(&l.wqkv[0], input, out, p.n).await?;
             &s.q
         } else {
             lora.project(r, &l.wqkv, input, &s.xn, &[&s.q, &s.k, &s.v], p.n).await?; // q [n][q_dim], k, v [n][kv_dim]
@@ -317,15 +519,15 @@ impl<'m> Session<'m> {
             };
             // (per-head norms,) RoPE: q turned in place, k turned into the cache, v copied there
             let factors = self.model.rope_factors.as_ref();
-            r.rope_kv_normed(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm, factors).await?;
+            r.rope_kv_at(q, k, v, k_cache, v_cache, c.n_kv_head as u32, self.kv, rope, norm, factors, p.places()).await?;
             q
         };
-        r.attention(q, k_cache, v_cache, &s.attn, self.attention_args(p, i)).await?; // [n][q_dim]
+        r.attention_at(q, k_cache, v_cache, &s.attn, self.attention_args(p, i), p.places()).await?; // [n][q_dim]
         self.branch_out(r, lora, &l.wo, &s.attn, l.post_attn_norm.as_ref(), &s.x, &s.x2, p.n).await
     }
 
     /// x = h + out(W_down · act(gate) ⊙ up), [gate; up] = W_gate_up · rms_norm(h).
-    async fn ffn_block(&self, r: &mut Recorder<'_>, p: &Plan, lora: &Lora<'_>, l: &Layer, h: &wgpu::Buffer) -> Result<(), GpuError> {
+    async fn ffn_block(&self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, l: &Layer, h: &wgpu::Buffer) -> Result<(), GpuError> {
         let (c, s) = (&self.model.config, &self.s);
         let gelu = c.spec().activation == Activation::GeluTanh;
         let input = self.branch_input(r, p, h, &l.ffn_norm).await?; //          [n][n_embd]
@@ -347,7 +549,7 @@ impl<'m> Session<'m> {
 
     /// What a block's product reads: rms_norm(x) · weight, fused into the product where the
     /// plan says so, else normalised into xn first.
-    async fn branch_input<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan, x: &'b wgpu::Buffer, weight: &'b wgpu::Buffer) -> Result<ProductIn<'b>, GpuError> {
+    async fn branch_input<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan<'_>, x: &'b wgpu::Buffer, weight: &'b wgpu::Buffer) -> Result<ProductIn<'b>, GpuError> {
         let c = &self.model.config;
         if p.fused {
             return Ok(ProductIn::RmsNorm { x, weight, eps: c.norm_eps });
@@ -397,17 +599,19 @@ impl<'m> Session<'m> {
 
     /// logits = W_out · rms_norm(x) for every token, or for the last one only, soft-capped
     /// where the model says so.
-    async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32) -> Result<(), GpuError> {
+    async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32, every_row: bool) -> Result<(), GpuError> {
         let (m, s) = (self.model, &self.s);
         let c = &m.config;
         let (d, vocab, eps) = (c.n_embd as u32, c.n_vocab as u32, c.norm_eps);
-        let (x_out, n_out) = if self.all_logits {
+        let (x_out, n_out) = if self.all_logits || every_row {
             (&s.x, n)
         } else {
             r.encoder().copy_buffer_to_buffer(&s.x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
             (&s.last, 1)
         };
-        let input = if n_out == 1 && lora.adapters.is_empty() {
+        // fused for one token, and for a step of several sequences where the block fuses
+        let fuse = n_out == 1 || (every_row && r.fuses_block(n_out));
+        let input = if fuse && lora.adapters.is_empty() {
             ProductIn::RmsNorm { x: x_out, weight: &m.output_norm, eps }
         } else {
             r.rms_norm(x_out, &m.output_norm, &s.xn, d, n_out, eps).await?;
@@ -422,7 +626,7 @@ impl<'m> Session<'m> {
     }
 
     /// RoPE of layer i for this batch: its base, and no rotation on layers without it.
-    fn rope_args(&self, p: &Plan, i: usize) -> RopeArgs {
+    fn rope_args(&self, p: &Plan<'_>, i: usize) -> RopeArgs {
         let c = &self.model.config;
         RopeArgs {
             n_tokens: p.n,
@@ -436,7 +640,7 @@ impl<'m> Session<'m> {
         }
     }
 
-    fn attention_args(&self, p: &Plan, i: usize) -> AttentionArgs {
+    fn attention_args(&self, p: &Plan<'_>, i: usize) -> AttentionArgs {
         let c = &self.model.config;
         AttentionArgs {
             n_q: p.n,
@@ -484,6 +688,11 @@ impl<'m> Session<'m> {
             let logits: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
             return crate::reference::top_k(&logits, k as usize).into_iter().map(|(i, v)| (i as u32, v)).collect();
         }
+        Self::best_of(bytes, k)
+    }
+
+    /// The (id, value) pairs of a GPU selection read back as k ids then k values.
+    fn best_of(bytes: &[u8], k: u32) -> Vec<(u32, f32)> {
         let (ids, values) = bytes.split_at(k as usize * 4);
         let ids: Vec<u32> = bytemuck::pod_collect_to_vec(ids);
         let values: Vec<f32> = bytemuck::pod_collect_to_vec(values);

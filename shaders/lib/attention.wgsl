@@ -9,6 +9,10 @@ struct Params {
     pos0: u32,
     window: u32,   // 0: no window
     scale: f32,
+    kv_row0: u32,  // the cache row of position 0 (a sequence's slot of a shared cache)
+    // SEQ_ROWS: each query its own sequence's, two a vector: (position, cache row of its
+    // position 0) of query t in seqs[t / 2].xy (t even) or .zw (t odd)
+    seqs: array<vec4<u32>, 8>,
 }
 
 const MAX_HEAD_DIM: u32 = 256u;
@@ -20,4 +24,16 @@ fn first_key(pos: u32) -> u32 {
         return pos + 1u - p.window;
     }
     return 0u;
+}
+
+// query t's position and the cache row its sequence's position 0 sits at: consecutive
+// positions from pos0 of one sequence, or under SEQ_ROWS (a decode step of several sequences)
+// each query its own
+fn query_place(t: u32) -> vec2<u32> {
+#if SEQ_ROWS
+    let pair = p.seqs[t / 2u];
+    return select(pair.xy, pair.zw, t % 2u == 1u);
+#else
+    return vec2<u32>(p.pos0 + t, p.kv_row0);
+#endif
 }

@@ -12,7 +12,8 @@
 //   OUT_QKV_ROPE  the rows are stacked q (n0), k (n1) and v projections of tokens at positions
 //                 pos0.. (matvec only, rows in pairs (2i, 2i+1) held by one invocation): q and k
 //                 turned by RoPE in adjacent-pair mode, q into y [m][n0], k and v straight into
-//                 the KV cache (the rope_kv dispatch, fused away for decode)
+//                 the KV cache at rows kv_row0 + pos (the rope_kv dispatch, fused away for
+//                 decode)
 #include "lib/activation.wgsl"
 #if OUT_QKV_ROPE
 #include "lib/kv_write.wgsl"
@@ -21,9 +22,10 @@
 // rows r, r + 1 (r even, both of one part) of token t
 fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {
     let pos = p.pos0 + t;
+    let row = p.kv_row0 + pos;
     let n2 = p.n_total - p.n0 - p.n1;
     if (r >= p.n0 + p.n1) {
-        put_v(pos * n2 + r - p.n0 - p.n1, a, b);
+        put_v(row * n2 + r - p.n0 - p.n1, a, b);
         return;
     }
     let i = select(r - p.n0, r, r < p.n0);   // row within q or k
@@ -36,7 +38,7 @@ fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {
         y[t * p.n0 + i] = turned.x;
         y[t * p.n0 + i + 1u] = turned.y;
     } else {
-        put_k(pos * p.n1 + i, turned.x, turned.y);
+        put_k(row * p.n1 + i, turned.x, turned.y);
     }
 }
 #endif

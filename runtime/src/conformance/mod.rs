@@ -19,7 +19,7 @@
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
-use crate::ops::{self, supports, AttentionArgs, GpuMatrix, KvType, Op, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
+use crate::ops::{self, supports, AttentionArgs, GpuMatrix, KvType, Op, Place, Places, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 mod training;
@@ -578,7 +578,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 if !rec.fuses_qkv_rope(&w, &rope, m as u32) {
                     return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
                 }
-                let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope };
+                let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, kv_row0: 0 };
                 rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
                 rec.submit()?;
                 let at = pos0 as u64 * row as u64 * kv.bytes();
@@ -661,6 +661,70 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
                 // f16 rounds to 2^-11 of the value: 1e-3 of the largest (at least 1) is twice that
                 KvType::F16 => (bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64)), to_f16_and_back(&v)),
             };
+            checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
+            checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));
+        }
+    }
+    checks.extend(rope_kv_seq_rows(gpu).await?);
+    Ok(checks)
+}
+
+/// Slots of SEQ_CTX rows in a cache shared by several sequences (`Places`), and the positions
+/// the SEQ_ROWS cases put one token of each at: 0, a slot's last row, and between.
+const SEQ_CTX: u32 = 64;
+const SEQ_POSITIONS: [u32; 5] = [37, 0, 12, 63, 5];
+
+/// SEQ_ROWS (a decode step of several sequences): token t turned for its own position and
+/// written at its own slot's row; and a block of consecutive tokens into a slot past row 0.
+async fn rope_kv_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
+    use reference::{RopeMode, RopeParams};
+    let mut checks = Vec::new();
+    for (kv, with_norm, mode) in [(KvType::F32, false, RopeMode::Normal), (KvType::F16, true, RopeMode::Neox)] {
+        let (n_head, n_kv_head, head_dim, n_rot) = (4u32, 2u32, 32u32, 32u32);
+        let row = (n_kv_head * head_dim) as usize;
+        let qd = (n_head * head_dim) as usize;
+        // one token of each of five slots (slot i at position SEQ_POSITIONS[i]), or four
+        // consecutive tokens at positions 9.. of slot 3
+        let per_token: Vec<Place> = SEQ_POSITIONS.iter().enumerate().map(|(i, &pos)| Place { pos, kv_row0: i as u32 * SEQ_CTX }).collect();
+        let consecutive: Vec<Place> = (0..4).map(|t| Place { pos: 9 + t, kv_row0: 3 * SEQ_CTX }).collect();
+        for (label, places) in [("SEQ_ROWS", &per_token), ("slot 3", &consecutive)] {
+            let n = places.len();
+            let mut rng = Rng::new(5600 + n as u64);
+            let (q, k, v) = (rng.fill(n * qd, 1.0), rng.fill(n * row, 1.0), rng.fill(n * row, 1.0));
+            let (qb, kb, vb) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
+            let cache_bytes = (SEQ_POSITIONS.len() as u32 * SEQ_CTX) as u64 * row as u64 * kv.bytes();
+            let (kc, vc) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let qw: Vec<f32> = (0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
+            let kw: Vec<f32> = (0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
+            let (qwb, kwb) = (gpu.upload_f32("q norm", &qw).await?, gpu.upload_f32("k norm", &kw).await?);
+            let norm = with_norm.then_some(QkNorm { q_weight: &qwb, k_weight: &kwb, eps: 1e-6 });
+            let args =
+                RopeArgs { n_tokens: n as u32, n_heads: n_head, head_dim, n_rot, pos0: places[0].pos, neox: mode == RopeMode::Neox, freq_base: 10000.0, freq_scale: 1.0 };
+            let at = if label == "SEQ_ROWS" { Places::PerToken(places) } else { Places::Consecutive { kv_row0: places[0].kv_row0 } };
+            let mut rec = Recorder::new(gpu);
+            rec.rope_kv_at(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm, None, at).await?;
+            rec.submit()?;
+            let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: 10000.0, freq_scale: 1.0 };
+            let hd = head_dim as usize;
+            let (mut q_want, mut k_want) =
+                if with_norm { (reference::rms_norm(&q, &qw, hd, 1e-6), reference::rms_norm(&k, &kw, hd, 1e-6)) } else { (q.clone(), k.clone()) };
+            let (got_q, k_all, v_all) =
+                (gpu.read_f32(&qb, 0, q.len()).await?, cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?));
+            let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
+            for (t, p) in places.iter().enumerate() {
+                reference::rope(&mut q_want[t * qd..(t + 1) * qd], n_head as usize, hd, p.pos, params);
+                reference::rope(&mut k_want[t * row..(t + 1) * row], n_kv_head as usize, hd, p.pos, params);
+                let r = (p.kv_row0 + p.pos) as usize * row;
+                got_k.extend_from_slice(&k_all[r..r + row]);
+                got_v.extend_from_slice(&v_all[r..r + row]);
+            }
+            let bound = 1e-5 * if with_norm { 2.0 } else { 1.0 };
+            let (k_bound, v_want) = match kv {
+                KvType::F32 => (bound, v.clone()),
+                KvType::F16 => (bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64)), to_f16_and_back(&v)),
+            };
+            let name = format!("rope_kv {label}{} {mode:?} {kv:?}", if with_norm { " qk-norm" } else { "" });
+            checks.push(Check::max_abs(format!("{name} q"), &got_q, &q_want, bound));
             checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
             checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));
         }
@@ -775,6 +839,69 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;
                 checks.push(Check::max_abs(format!("attention {kernel} {kv:?} case {ci} q={} pos0={} window={}", c.n_q, c.pos0, c.window), &got, &want, 1e-5));
+            }
+        }
+    }
+    checks.extend(attention_seq_rows(gpu).await?);
+    Ok(checks)
+}
+
+/// SEQ_ROWS: one query of each of several sequences, each over its own slot of a shared cache
+/// up to its own position (0, a slot's last row, between), against the reference per sequence;
+/// on both kernel families, and for 5 queries (key lanes / shared heads) and 8 (per query).
+async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    // (heads, kv heads, head_dim, window): shared heads, a window, 8 heads a kv head, key lanes
+    for (ci, (n_head, n_kv_head, head_dim, window)) in [(9u32, 3u32, 64u32, 0u32), (4, 1, 256, 16), (16, 2, 32, 0), (4, 4, 64, 0)].into_iter().enumerate() {
+        for kv in [KvType::F32, KvType::F16] {
+            let row = (n_kv_head * head_dim) as usize;
+            let n_rows = SEQ_CTX as usize * 8;
+            let mut rng = Rng::new(9700 + ci as u64);
+            let (k, v) = (rng.fill(n_rows * row, 1.0), rng.fill(n_rows * row, 1.0));
+            let cache_bytes = (n_rows * row) as u64 * kv.bytes();
+            let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let (kb, vb) = (gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.kv_store(&kb, &vb, &k_cache, &v_cache, n_kv_head, head_dim, kv, n_rows as u32, 0).await?;
+            rec.submit()?;
+            let (k, v) = if kv == KvType::F16 { (to_f16_and_back(&k), to_f16_and_back(&v)) } else { (k, v) };
+            for n_seqs in [5usize, 8] {
+                // sequence i in slot (3 i) mod 8 (not in slot order), at SEQ_POSITIONS or further ones
+                let places: Vec<Place> =
+                    (0..n_seqs).map(|i| Place { pos: SEQ_POSITIONS.get(i).copied().unwrap_or(20 + 7 * i as u32), kv_row0: (3 * i as u32 % 8) * SEQ_CTX }).collect();
+                let qd = (n_head * head_dim) as usize;
+                let q = rng.fill(n_seqs * qd, 1.0);
+                let qb = gpu.upload_f32("q", &q).await?;
+                let out = gpu.storage("out", (q.len() * 4) as u64).await?;
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                let mut want = Vec::new();
+                for (i, p) in places.iter().enumerate() {
+                    let (r0, r1) = (p.kv_row0 as usize * row, (p.kv_row0 + p.pos + 1) as usize * row);
+                    let shape = reference::AttentionShape {
+                        n_head: n_head as usize,
+                        n_kv_head: n_kv_head as usize,
+                        head_dim: head_dim as usize,
+                        pos0: p.pos as usize,
+                        window: (window > 0).then_some(window as usize),
+                        scale,
+                    };
+                    want.extend(reference::attention(&q[i * qd..(i + 1) * qd], &k[r0..r1], &v[r0..r1], shape));
+                }
+                let args = AttentionArgs { n_q: n_seqs as u32, n_head, n_kv_head, head_dim, pos0: 0, window, scale, kv };
+                for per_query in [false, true] {
+                    let mut rec = Recorder::new(gpu);
+                    rec.query_per_invocation = Some(per_query);
+                    rec.attention_at(&qb, &k_cache, &v_cache, &out, args, Places::PerToken(&places)).await?;
+                    rec.submit()?;
+                    let got = gpu.read_f32(&out, 0, q.len()).await?;
+                    let family = if per_query { "per query" } else { "PerWorkgroup" };
+                    checks.push(Check::max_abs(
+                        format!("attention SEQ_ROWS {family} {kv:?} {n_seqs} sequences {n_head}/{n_kv_head}x{head_dim} window={window}"),
+                        &got,
+                        &want,
+                        1e-5,
+                    ));
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 //! chosen by [`attention_kernel`].
 
 use super::pipeline::Bind::{self, *};
-use super::rope_kv::KvType;
+use super::rope_kv::{KvType, Places, MAX_SEQ_ROWS};
 use super::support::{supports, Op, MAX_HEAD_DIM};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
@@ -37,7 +37,8 @@ params! {
         pos0: u32,
         window: u32,
         scale: f32,
-        _pad: u32,
+        kv_row0: u32,
+        seqs: [u32; 2 * MAX_SEQ_ROWS],
     }
 }
 
@@ -80,15 +81,16 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
         keys.push(PipelineKey { file: "attention_workgroup.wgsl", entry: "main", defines: kv.defines() });
         // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
         // and the one kernel for larger heads
+        keys.push(PipelineKey { file: "attention_workgroup.wgsl", entry: "main", defines: kv.defines().flag("SEQ_ROWS") });
         for head_dim in [64, 256] {
-            keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim) });
             keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST") });
-            keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KEY_LANES") });
-            keys.push(PipelineKey {
-                file: "attention_query.wgsl",
-                entry: "main",
-                defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST").flag("HEADS_SHARE_KV"),
-            });
+            // every kernel but the broadcast also takes a step of several sequences (SEQ_ROWS)
+            for seq_rows in [false, true] {
+                let d = if seq_rows { query_attention_defines(kv, head_dim).flag("SEQ_ROWS") } else { query_attention_defines(kv, head_dim) };
+                keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.clone() });
+                keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.clone().flag("KEY_LANES") });
+                keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.flag("KV_BROADCAST").flag("HEADS_SHARE_KV") });
+            }
         }
     }
     keys
@@ -102,6 +104,12 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// leaves two workgroups or more, otherwise the keys split over lanes (on lavapipe sharing is
 /// the faster of the two with several workgroups, the slower with one).
 pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>) -> AttentionKernel {
+    attention_kernel_for(t, a, per_query, true)
+}
+
+/// `attention_kernel`, where `shared_keys` says whether the queries are consecutive positions
+/// of one sequence (the broadcast shares their keys; a step of several sequences cannot).
+fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, shared_keys: bool) -> AttentionKernel {
     if !per_query.unwrap_or(t.attention_per_query) || !a.head_dim.is_multiple_of(16) {
         return AttentionKernel::PerWorkgroup;
     }
@@ -109,7 +117,7 @@ pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<
     let per_kv = a.n_head / a.n_kv_head;
     let fits = |kernel| per_query_fits(a, kernel, LLVMPIPE_LOOP_BUDGET);
     [
-        (AttentionKernel::Broadcast, quads_of_8 && a.n_q >= QUERY_WG && t.attention_broadcast),
+        (AttentionKernel::Broadcast, quads_of_8 && shared_keys && a.n_q >= QUERY_WG && t.attention_broadcast),
         (AttentionKernel::HeadsShareKv, quads_of_8 && a.n_q < QUERY_WG && (2..=QUERY_WG).contains(&per_kv) && a.n_kv_head * a.n_q >= 2 && t.attention_heads_share_kv),
         (AttentionKernel::KeyLanes, t.subgroups_of_8 && a.n_q < QUERY_WG && t.attention_key_lanes),
         (AttentionKernel::PerQuery, true),
@@ -149,14 +157,42 @@ impl Recorder<'_> {
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
     pub async fn attention(&mut self, q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, a: AttentionArgs) -> Result<(), GpuError> {
-        let kernel = self.attention_kernel(&a);
-        let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys: a.pos0 + a.n_q, kernel: Some(kernel) };
+        self.attention_at(q, k, v, out, a, Places::Consecutive { kv_row0: 0 }).await
+    }
+
+    /// `attention` with the queries at `places` in the cache (a.pos0 is read only for
+    /// `Places::Consecutive`; `PerToken` takes a.n_q places).
+    pub async fn attention_at(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        a: AttentionArgs,
+        places: Places<'_>,
+    ) -> Result<(), GpuError> {
+        let (kv_row0, seqs, per_token) = places.params()?;
+        // the kernel's choice and the loop budget go by the most keys a query sees
+        let a_keys = match places {
+            Places::Consecutive { .. } => a,
+            Places::PerToken(p) => {
+                if p.len() != a.n_q as usize {
+                    return Err(GpuError::Unsupported(format!("{} places for {} queries", p.len(), a.n_q)));
+                }
+                let most = p.iter().map(|p| p.pos + 1).max().unwrap_or(1);
+                AttentionArgs { pos0: most.saturating_sub(a.n_q), ..a }
+            }
+        };
+        let kernel = attention_kernel_for(&self.gpu.tuning, &a_keys, self.query_per_invocation, !per_token);
+        let keys = a_keys.pos0 + a_keys.n_q;
+        let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys, kernel: Some(kernel) };
         supports(op, Some(self.gpu))?;
         let params =
-            AttentionParams { n_q: a.n_q, n_head: a.n_head, n_kv_head: a.n_kv_head, head_dim: a.head_dim, pos0: a.pos0, window: a.window, scale: a.scale, _pad: 0 };
-        let per_query = query_attention_defines(a.kv, a.head_dim);
+            AttentionParams { n_q: a.n_q, n_head: a.n_head, n_kv_head: a.n_kv_head, head_dim: a.head_dim, pos0: a.pos0, window: a.window, scale: a.scale, kv_row0, seqs };
+        let seq_rows = |d: Defines| if per_token { d.flag("SEQ_ROWS") } else { d };
+        let per_query = seq_rows(query_attention_defines(a.kv, a.head_dim));
         let (defines, groups) = match kernel {
-            AttentionKernel::PerWorkgroup => (a.kv.defines(), (a.n_head, a.n_q, 1)),
+            AttentionKernel::PerWorkgroup => (seq_rows(a.kv.defines()), (a.n_head, a.n_q, 1)),
             AttentionKernel::PerQuery => {
                 let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
                 (per_query, (gx, gy, 1))

@@ -100,7 +100,7 @@ pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLay
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub use product_backward::PRODUCT_BACKWARD_LAYOUT;
 pub use recorder::{DispatchCache, Recorder};
-pub use rope_kv::{KvType, QkNorm, RopeArgs, ROPE_KV_LAYOUT};
+pub use rope_kv::{KvType, Place, Places, QkNorm, RopeArgs, MAX_SEQ_ROWS, ROPE_KV_LAYOUT};
 pub use skinny_product::SKINNY_PRODUCT_LAYOUT;
 pub use softmax::SOFTMAX_LAYOUT;
 pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};

@@ -34,13 +34,14 @@ pub enum ProductOut<'a> {
         gelu: bool,
     },
     /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
-    /// KV cache (see `Recorder::fuses_qkv_rope`).
+    /// KV cache, whose row `kv_row0` holds position 0 (see `Recorder::fuses_qkv_rope`).
     QkvRope {
         q: &'a wgpu::Buffer,
         k_cache: &'a wgpu::Buffer,
         v_cache: &'a wgpu::Buffer,
         kv: KvType,
         rope: RopeArgs,
+        kv_row0: u32,
     },
 }
 
@@ -64,7 +65,8 @@ params! {
         freq_scale: f32,
         /// The first token: a dispatch covers tokens t_begin..m (`Recorder::tokens_per_dispatch`).
         t_begin: u32,
-        _pad: u32,
+        /// OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache).
+        kv_row0: u32,
     }
 }
 
@@ -220,9 +222,9 @@ impl Recorder<'_> {
             return unsupported("a fused input norm on this device's prefill path");
         }
         let spare = &self.gpu.unused_buffers;
-        let (rope, kv_defines) = match out {
-            ProductOut::QkvRope { rope, kv, .. } => (Some(rope), kv.defines()),
-            _ => (None, Defines::new()),
+        let (rope, kv_defines, kv_row0) = match out {
+            ProductOut::QkvRope { rope, kv, kv_row0, .. } => (Some(rope), kv.defines(), kv_row0),
+            _ => (None, Defines::new(), 0),
         };
         // outputs y, y1, y2, rows to y and to y1, and the lib/product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
@@ -275,7 +277,7 @@ impl Recorder<'_> {
                 log2_base: r.freq_base.log2(),
                 freq_scale: r.freq_scale,
                 t_begin: 0,
-                _pad: 0,
+                kv_row0,
             };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {

@@ -33,6 +33,47 @@ impl KvType {
     }
 }
 
+/// Tokens of different sequences one dispatch takes at most (`Places::PerToken`): the
+/// (position, cache row) pairs fill 128 bytes of its parameter slot.
+pub const MAX_SEQ_ROWS: usize = 16;
+
+/// Where one token of a multi-sequence step sits: its position in its sequence, and the cache
+/// row of that sequence's position 0 (its slot of a cache shared by several sequences).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub pos: u32,
+    pub kv_row0: u32,
+}
+
+/// Where a dispatch's tokens sit in the KV cache: consecutive positions (from the args' pos0)
+/// of one sequence whose position 0 is at row `kv_row0`, or each token its own sequence's
+/// (SEQ_ROWS: a decode step of several sequences, at most MAX_SEQ_ROWS).
+#[derive(Clone, Copy, Debug)]
+pub enum Places<'a> {
+    Consecutive { kv_row0: u32 },
+    PerToken(&'a [Place]),
+}
+
+impl Places<'_> {
+    /// The kernels' (kv_row0, seqs) parameters and defines.
+    pub(super) fn params(&self) -> Result<(u32, [u32; 2 * MAX_SEQ_ROWS], bool), GpuError> {
+        let mut seqs = [0u32; 2 * MAX_SEQ_ROWS];
+        match self {
+            Places::Consecutive { kv_row0 } => Ok((*kv_row0, seqs, false)),
+            Places::PerToken(places) => {
+                if places.is_empty() || places.len() > MAX_SEQ_ROWS {
+                    return Err(GpuError::Unsupported(format!("{} sequences in one step (1..={MAX_SEQ_ROWS})", places.len())));
+                }
+                for (i, p) in places.iter().enumerate() {
+                    seqs[2 * i] = p.pos;
+                    seqs[2 * i + 1] = p.kv_row0;
+                }
+                Ok((0, seqs, true))
+            }
+        }
+    }
+}
+
 /// RoPE over `n_tokens` tokens of `n_heads` heads of `head_dim` at positions `pos0..`: the first
 /// `n_rot` dimensions of each head turn, in adjacent pairs or (`neox`) in pairs n_rot / 2 apart.
 #[derive(Clone, Copy, Debug)]
@@ -69,7 +110,9 @@ params! {
         log2_base: f32,
         freq_scale: f32,
         eps: f32,
-        _pad: [u32; 2],
+        kv_row0: u32,
+        _pad: u32,
+        seqs: [u32; 2 * MAX_SEQ_ROWS],
     }
 }
 
@@ -78,8 +121,10 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for kv in [KvType::F32, KvType::F16] {
         for d in [kv.defines(), kv.defines().flag("ROPE_FACTORS")] {
-            keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.clone() });
-            keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.flag("QK_NORM") });
+            for d in [d.clone(), d.flag("SEQ_ROWS")] {
+                keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.clone() });
+                keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.flag("QK_NORM") });
+            }
         }
     }
     keys
@@ -127,6 +172,32 @@ impl Recorder<'_> {
         norm: Option<QkNorm<'_>>,
         factors: Option<&wgpu::Buffer>,
     ) -> Result<(), GpuError> {
+        self.rope_kv_at(q, k, v, k_cache, v_cache, n_kv_head, kv, a, norm, factors, Places::Consecutive { kv_row0: 0 }).await
+    }
+
+    /// rope_kv_normed with the tokens at `places` in the cache (a.pos0 is read only for
+    /// `Places::Consecutive`; `PerToken` takes a.n_tokens places).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rope_kv_at(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        n_kv_head: u32,
+        kv: KvType,
+        a: RopeArgs,
+        norm: Option<QkNorm<'_>>,
+        factors: Option<&wgpu::Buffer>,
+        places: Places<'_>,
+    ) -> Result<(), GpuError> {
+        let (kv_row0, seqs, per_token) = places.params()?;
+        if let Places::PerToken(p) = places {
+            if p.len() != a.n_tokens as usize {
+                return Err(GpuError::Unsupported(format!("{} places for {} tokens", p.len(), a.n_tokens)));
+            }
+        }
         supports(Op::Rope { head_dim: a.head_dim, n_rot: a.n_rot }, None)?;
         let v_pairs = a.n_tokens * n_kv_head * a.head_dim / 2;
         let work = match norm {
@@ -146,12 +217,15 @@ impl Recorder<'_> {
             log2_base: a.freq_base.log2(),
             freq_scale: a.freq_scale,
             eps: norm.map_or(0.0, |n| n.eps),
-            _pad: [0; 2],
+            kv_row0,
+            _pad: 0,
+            seqs,
         };
+        let base = if per_token { kv.defines().flag("SEQ_ROWS") } else { kv.defines() };
         let (defines, qw, kw) = match norm {
-            Some(n) => (kv.defines().flag("QK_NORM"), n.q_weight, n.k_weight),
+            Some(n) => (base.flag("QK_NORM"), n.q_weight, n.k_weight),
             // the weight slots unread: k and v, bound read-only anyway
-            None => (kv.defines(), k, v),
+            None => (base, k, v),
         };
         // likewise the factors' slot: v when there are none
         let (defines, fw) = match factors {
