@@ -20,6 +20,7 @@
 
 mod api;
 mod engine;
+mod parallel;
 mod prompt;
 
 use crate::ModelArgs;
@@ -81,6 +82,10 @@ pub struct ServeArgs {
     /// are answered 503
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Requests decoded together, each in its own slot of the KV cache (1..=16; each slot
+    /// holds --ctx-size tokens); more wait in the queue. Default: $NOMOAT_PARALLEL, else 1.
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Most tokens one request may generate (0 = until the context is full); a larger
     /// max_tokens is lowered to this
     #[arg(long, default_value_t = 0)]
@@ -178,7 +183,20 @@ fn check_args(a: &ServeArgs) -> Result<()> {
     for h in &a.allowed_hosts {
         anyhow::ensure!(!h.is_empty() && !h.contains(['/', ' ', '*']), "--allowed-host {h:?}: give a host name, or NAME:PORT");
     }
+    let most = nomoat_runtime::ops::MAX_SEQ_ROWS;
+    let n = parallel(a)?;
+    anyhow::ensure!((1..=most).contains(&n), "--parallel {n}: give 1 to {most} requests decoded together");
     Ok(())
+}
+
+/// Requests decoded together: --parallel, else $NOMOAT_PARALLEL (which lets the server test
+/// suites run unchanged with several slots), else 1.
+fn parallel(a: &ServeArgs) -> Result<usize> {
+    match (a.parallel, std::env::var("NOMOAT_PARALLEL")) {
+        (Some(n), _) => Ok(n),
+        (None, Ok(v)) => v.trim().parse().map_err(|_| anyhow::anyhow!("NOMOAT_PARALLEL={v:?} is not a number")),
+        (None, Err(_)) => Ok(1),
+    }
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -195,7 +213,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let max_queue = a.max_queue.max(1);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(max_queue);
     let stats = Arc::new(Stats::default());
-    let info = engine::start(a.m.clone(), jobs_rx, stats.clone())?;
+    let info = engine::start(a.m.clone(), jobs_rx, stats.clone(), parallel(&a)?)?;
     let n_ctx = info.n_ctx;
     let device = info.device.clone();
     if let Err(e) = &info.template {

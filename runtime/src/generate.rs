@@ -145,92 +145,164 @@ impl Session<'_> {
         cancelled: &dyn Fn() -> bool,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Generation, ModelError> {
+        let start = Instant::now();
+        let mut sampler = self.prompt_sampler(prompt, opts, guide)?;
+        // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
+        let (reused, first) = self.feed_prompt(prompt, &mut sampler, guide, cancelled).await?;
+        let mut steps = Steps::new(tokenizer, opts, sampler, prompt.len(), reused, start.elapsed().as_secs_f64());
+        let Some(mut next) = first else { return Ok(steps.cancelled()) };
+        while let Some(feed) = steps.advance(tokenizer, next, guide, self.tokens.len(), self.n_ctx, on_text, cancelled, on_step)? {
+            next = self.eval_sample_guided(&feed, &mut steps.sampler, guide).await?;
+        }
+        Ok(steps.finish(guide, on_text))
+    }
+
+    /// The sampler of a generation after `prompt` (which its penalties remember), once the
+    /// options and the guide's logit bias are checked.
+    pub fn prompt_sampler(&self, prompt: &[u32], opts: &GenerateOptions, guide: &Guide) -> Result<Sampler, ModelError> {
         opts.sampler.validate().map_err(ModelError::Invalid)?;
         let n_vocab = self.model.config.n_vocab;
         if let Some(&(id, _)) = guide.logit_bias.iter().find(|(id, _)| *id as usize >= n_vocab) {
             return Err(ModelError::Invalid(format!("logit_bias names token {id}, outside the vocabulary of {n_vocab}")));
         }
-        let start = Instant::now();
         let mut sampler = Sampler::new(opts.sampler.clone());
         for &t in prompt {
             sampler.accept(t);
         }
-        // the first sample comes with the prompt's GPU work, so it belongs to the prompt's time
-        let (reused, first) = self.feed_prompt(prompt, &mut sampler, guide, cancelled).await?;
-        let mut out = Generation {
-            tokens: Vec::new(),
-            text: String::new(),
-            finish: FinishReason::Cancelled,
-            prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            prompt_seconds: start.elapsed().as_secs_f64(),
-            gen_seconds: 0.0,
-            mask_seconds: 0.0,
-        };
-        let Some(mut next) = first else { return Ok(out) };
-        let gen_start = Instant::now();
-        let eog = tokenizer.eot_ids();
-        let mut emitter = Emitter { decoder: StreamDecoder::new(true), stops: StopMatcher::new(opts.stop.clone()) };
-        out.finish = FinishReason::Length;
-        let mut by_stop_string = false;
-        'steps: for step in 1.. {
-            on_step(step);
-            let ends_reply = guide.constraint.as_ref().is_some_and(|c| c.is_end(next));
-            if (opts.stop_at_eog && eog.contains(&next)) || ends_reply {
-                out.finish = FinishReason::Stop;
-                break;
-            }
-            let mut feed = vec![next];
-            if let Some(c) = guide.constraint.as_mut() {
-                c.accept(next).map_err(|e| ModelError::Invalid(format!("constrained generation: {e}")))?;
-                // with log-probabilities, forced tokens are stepped (each needs its logits)
-                if guide.top_logprobs.is_none() {
-                    feed.extend(c.forced());
-                }
-            }
-            for &id in &feed {
-                sampler.accept(id);
-                if let Some(finish) = emitter.push(tokenizer, id, &mut out, on_text) {
-                    out.finish = finish;
-                    by_stop_string = finish == FinishReason::Stop;
-                    break 'steps;
-                }
-                if out.tokens.len() >= opts.max_tokens {
-                    out.finish = FinishReason::Length;
-                    break 'steps;
-                }
-            }
-            if guide.constraint.as_ref().is_some_and(|c| c.is_done()) {
-                out.finish = FinishReason::Stop;
-                break;
-            }
-            if self.tokens.len() + feed.len() > self.n_ctx {
-                out.finish = FinishReason::Length;
-                break;
-            }
-            if cancelled() {
-                out.finish = FinishReason::Cancelled;
-                break;
-            }
-            next = self.eval_sample_guided(&feed, &mut sampler, guide).await?;
+        Ok(sampler)
+    }
+}
+
+/// A generation after its prompt, a step at a time: `generate_guided` runs one alone, the
+/// server's scheduler several together (each step's forward pass then shared). Each step
+/// takes the token sampled after the last and says what to feed next, or that the reply ended.
+pub struct Steps {
+    pub sampler: Sampler,
+    emitter: Emitter,
+    out: Generation,
+    gen_start: Instant,
+    by_stop_string: bool,
+    step: usize,
+    eog: Vec<u32>,
+    opts: GenerateOptions,
+}
+
+impl Steps {
+    pub fn new(tokenizer: &Tokenizer, opts: &GenerateOptions, sampler: Sampler, prompt_tokens: usize, reused_tokens: usize, prompt_seconds: f64) -> Steps {
+        Steps {
+            sampler,
+            emitter: Emitter { decoder: StreamDecoder::new(true), stops: StopMatcher::new(opts.stop.clone()) },
+            out: Generation {
+                tokens: Vec::new(),
+                text: String::new(),
+                finish: FinishReason::Length,
+                prompt_tokens,
+                reused_tokens,
+                prompt_seconds,
+                gen_seconds: 0.0,
+                mask_seconds: 0.0,
+            },
+            gen_start: Instant::now(),
+            by_stop_string: false,
+            step: 0,
+            eog: tokenizer.eot_ids(),
+            opts: opts.clone(),
         }
-        if out.finish == FinishReason::Length || (out.finish == FinishReason::Stop && guide.constraint.is_some() && !by_stop_string) {
+    }
+
+    /// The generation, cancelled before its first token.
+    pub fn cancelled(mut self) -> Generation {
+        self.out.finish = FinishReason::Cancelled;
+        self.out
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out.tokens
+    }
+
+    /// Take `next`, the token sampled after the last feed (under `guide`): emit its text and
+    /// return what to feed next (it, and the tokens the grammar forces after it), or None when
+    /// the reply has ended (`finish` then gives it). `cache_len` is what the sequence's cache
+    /// holds, `n_ctx` what it can.
+    #[allow(clippy::too_many_arguments)]
+    pub fn advance(
+        &mut self,
+        tokenizer: &Tokenizer,
+        next: u32,
+        guide: &mut Guide,
+        cache_len: usize,
+        n_ctx: usize,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        cancelled: &dyn Fn() -> bool,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Option<Vec<u32>>, ModelError> {
+        self.step += 1;
+        on_step(self.step);
+        let out = &mut self.out;
+        let ends_reply = guide.constraint.as_ref().is_some_and(|c| c.is_end(next));
+        if (self.opts.stop_at_eog && self.eog.contains(&next)) || ends_reply {
+            out.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        let mut feed = vec![next];
+        if let Some(c) = guide.constraint.as_mut() {
+            c.accept(next).map_err(|e| ModelError::Invalid(format!("constrained generation: {e}")))?;
+            // with log-probabilities, forced tokens are stepped (each needs its logits)
+            if guide.top_logprobs.is_none() {
+                feed.extend(c.forced());
+            }
+        }
+        for &id in &feed {
+            self.sampler.accept(id);
+            if let Some(finish) = self.emitter.push(tokenizer, id, out, on_text) {
+                out.finish = finish;
+                self.by_stop_string = finish == FinishReason::Stop;
+                return Ok(None);
+            }
+            if out.tokens.len() >= self.opts.max_tokens {
+                out.finish = FinishReason::Length;
+                return Ok(None);
+            }
+        }
+        if guide.constraint.as_ref().is_some_and(|c| c.is_done()) {
+            out.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        if cache_len + feed.len() > n_ctx {
+            out.finish = FinishReason::Length;
+            return Ok(None);
+        }
+        if cancelled() {
+            out.finish = FinishReason::Cancelled;
+            return Ok(None);
+        }
+        Ok(Some(feed))
+    }
+
+    /// The finished generation: text still held back where the reply ended by length or by its
+    /// grammar, the time taken, the guide's log-probabilities cut to the reply.
+    pub fn finish(mut self, guide: &mut Guide, on_text: &mut dyn FnMut(&str) -> bool) -> Generation {
+        let out = &mut self.out;
+        if out.finish == FinishReason::Length || (out.finish == FinishReason::Stop && guide.constraint.is_some() && !self.by_stop_string) {
             // a constrained reply's last characters may still be held back (as the start of a
             // stop string that never came): they belong to the reply
-            let (tail, _) = emitter.stops.push(&emitter.decoder.finish());
-            let rest = tail + &emitter.stops.finish();
+            let (tail, _) = self.emitter.stops.push(&self.emitter.decoder.finish());
+            let rest = tail + &self.emitter.stops.finish();
             if !rest.is_empty() {
                 out.text.push_str(&rest);
                 on_text(&rest);
             }
         }
-        out.gen_seconds = gen_start.elapsed().as_secs_f64();
+        out.gen_seconds = self.gen_start.elapsed().as_secs_f64();
         out.mask_seconds = guide.mask_seconds;
         // the end token's entry (not part of the reply) goes
         guide.logprobs.truncate(out.tokens.len());
-        Ok(out)
+        self.out
     }
+}
 
+impl Session<'_> {
     /// Feed `ids` and sample the token after them, reading back only what the sampler needs
     /// (the GPU's argmax or top-k where that is enough, Sampler::best_logits_needed; the
     /// whole logits otherwise) in the same submission as the forward pass (one submission a

@@ -12,7 +12,7 @@ use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
-use nomoat_runtime::session::Session;
+use nomoat_runtime::session::{Session, SlotStep, Want};
 use nomoat_runtime::tokenizer::Tokenizer;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
@@ -117,7 +117,8 @@ fn gpu_layer_panic(file: &str) -> bool {
 /// the request that met it with an error; the engine then opens the device again, reloads the
 /// model and goes on with the queue. A panic elsewhere ends its request with an error and
 /// only resets the conversation state (`NOMOAT_FAULT_PANIC_AT=N` panics in the N-th request).
-pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> Result<ModelInfo> {
+/// With `parallel` over 1, up to that many requests are decoded together (`parallel.rs`).
+pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>, parallel: usize) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
     let fault_at = Faults { lose_device_at: env("NOMOAT_FAULT_LOSE_DEVICE_AT"), panic_at: env("NOMOAT_FAULT_PANIC_AT") };
@@ -125,7 +126,7 @@ pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>) -> 
     std::thread::Builder::new().name("nomoat-engine".into()).spawn(move || {
         let mut ready = Some(ready_tx);
         loop {
-            match load_and_serve(&m, &mut jobs, &stats, &mut ready, fault_at) {
+            match load_and_serve(&m, &mut jobs, &stats, &mut ready, fault_at, parallel) {
                 Ended::Stopped => return,
                 Ended::DeviceLost(e) => eprintln!("nomoat serve: {e}; opening the device again and reloading the model"),
                 Ended::LoadFailed(e) => {
@@ -161,13 +162,14 @@ fn load_and_serve(
     stats: &Stats,
     ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>,
     fault_at: Faults,
+    parallel: usize,
 ) -> Ended {
     let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(m, true) {
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
     let n_ctx = m.ctx_size.unwrap_or(crate::DEFAULT_CTX).min(model.config.n_ctx_train);
-    let mut session = match pollster::block_on(Session::new(&model, &gpu, n_ctx, kv_type(m), false)) {
+    let mut session = match pollster::block_on(Session::with_slots(&model, &gpu, n_ctx, kv_type(m), parallel.max(1))) {
         Ok(s) => s,
         Err(e) => return Ended::LoadFailed(anyhow!(e)),
     };
@@ -178,7 +180,16 @@ fn load_and_serve(
         session.eval(&[1, 2]).await?;
         session.eval(&[3]).await?;
         session.top_k(1).await?;
-        session.logits().await.map(|_| ())
+        session.logits().await?;
+        if session.n_slots() > 1 {
+            // a step of two sequences: the SEQ_ROWS kernels
+            session.select_slot(1);
+            session.eval(&[1]).await?;
+            session.step_slots(&[SlotStep { slot: 0, token: 4, want: Want::TopK(1) }, SlotStep { slot: 1, token: 2, want: Want::Logits }]).await?;
+            session.reset();
+            session.select_slot(0);
+        }
+        Ok::<(), ModelError>(())
     });
     session.reset();
     if let Err(e) = warm {
@@ -226,7 +237,12 @@ fn load_and_serve(
             let _ = gpu.device.poll(wgpu::PollType::Poll);
         }
     };
-    match run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at) {
+    let ended = if session.n_slots() > 1 {
+        super::parallel::run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at)
+    } else {
+        run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at)
+    };
+    match ended {
         None => Ended::Stopped,
         Some(e) => Ended::DeviceLost(e),
     }
@@ -326,8 +342,13 @@ fn run(
     None
 }
 
+/// Whether the engine thread's last panic came from the GPU layer: Some(where) if so.
+pub(super) fn gpu_layer_panic_now() -> Option<String> {
+    PANIC_FILE.with(|f| f.borrow_mut().take()).filter(|file| gpu_layer_panic(file))
+}
+
 /// One token through the model, to tell whether the GPU state still works.
-fn probe(session: &mut Session<'_>) -> Result<(), String> {
+pub(super) fn probe(session: &mut Session<'_>) -> Result<(), String> {
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(session.eval_top_k(&[0], 1))));
     session.reset();
     match r {

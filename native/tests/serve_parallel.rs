@@ -1,0 +1,120 @@
+//! `nomoat serve --parallel N`: requests decoded together give the replies they get one at a
+//! time, and a client that leaves mid-stream frees its slot while the others go on.
+
+#[allow(dead_code)] // the other server tests use the rest
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn start(parallel: usize) -> common::Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
+    cmd.args(["serve", "--port", "0", "-c", "512", "--parallel", &parallel.to_string(), "-m"])
+        .arg(common::smollm2())
+        .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let (child, addr, log) = common::spawn_listening(cmd);
+    common::Server { child, addr, log }
+}
+
+fn complete(addr: &str, prompt: &str, max_tokens: usize) -> String {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    let resp = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .post(&format!("http://{addr}/v1/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap_or_else(|e| panic!("{prompt:?}: {e}"));
+    let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Eight prompts: different lengths (one over a 64-token prefill chunk), two sharing a long
+/// prefix, one repeated.
+fn prompts() -> Vec<String> {
+    let long = "The history of the printing press begins with movable type in East Asia, then Gutenberg's press in Mainz around 1440, which spread across Europe within decades and changed how books, pamphlets and newspapers were made and read. In summary,".to_string();
+    vec![
+        "Once upon a time".into(),
+        "The capital of France is".into(),
+        long.clone(),
+        format!("{long} the most important consequence was"),
+        "def fibonacci(n):".into(),
+        "1, 2, 3, 4, 5,".into(),
+        "Water boils at".into(),
+        "Once upon a time".into(),
+    ]
+}
+
+#[test]
+fn eight_requests_together_reply_as_one_at_a_time() {
+    let server = start(4);
+    let prompts = prompts();
+    let max_tokens = [12, 8, 10, 12, 6, 12, 9, 12];
+    // one at a time: each request alone in the engine
+    let alone: Vec<String> = prompts.iter().zip(max_tokens).map(|(p, n)| complete(&server.addr, p, n)).collect();
+    // all at once: up to 4 decoded together, the rest joining as slots free
+    let t = Instant::now();
+    let addr = server.addr.as_str();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().zip(max_tokens).map(|(p, n)| s.spawn(move || complete(addr, p, n))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("8 concurrent requests in {:.1} s", t.elapsed().as_secs_f64());
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "request {i} ({:?}): alone {a:?}, together {b:?}", prompts[i]);
+        assert!(!a.is_empty(), "request {i} generated nothing");
+    }
+    // they did run together: some step decoded several
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("slot 3:"), "four slots in use:\n{log}");
+}
+
+/// A streaming client that disconnects mid-reply frees its slot at once: the request is logged
+/// as cancelled long before its token budget, and the others finish.
+#[test]
+fn a_client_leaving_mid_stream_frees_its_slot() {
+    let server = start(2);
+    let addr = server.addr.clone();
+    let other = std::thread::spawn(move || complete(&addr, "The capital of France is", 24));
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true}).to_string();
+    let mut sock = TcpStream::connect(&server.addr).unwrap();
+    write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", server.addr, body.len()).unwrap();
+    let mut reader = BufReader::new(sock.try_clone().unwrap());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 3 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended early");
+        if line.starts_with("data: {") {
+            chunks += 1;
+        }
+    }
+    drop(reader);
+    sock.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(sock);
+    let text = other.join().unwrap();
+    assert!(!text.is_empty());
+    // the next request is served in its slot
+    let t = Instant::now();
+    let again = complete(&server.addr, "Water boils at", 4);
+    assert!(!again.is_empty());
+    let log = server.log.lock().unwrap().clone();
+    let cancelled = log.lines().find(|l| l.contains("cancelled")).unwrap_or_else(|| panic!("no cancelled request in the log:\n{log}"));
+    let generated: usize = cancelled.split(" generated").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(generated < 100, "the cancelled request went on for {generated} tokens:\n{log}");
+    eprintln!("cancelled after {generated} tokens; the next request took {:.1} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn parallel_out_of_range_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nomoat")).args(["serve", "--parallel", "17", "-m"]).arg(common::smollm2()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--parallel 17"), "{err}");
+}
