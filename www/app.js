@@ -1,14 +1,22 @@
-// The chat page: model picker (URL or file), progress, streaming replies, stop, tokens/s,
-// sampling settings, system prompt, new chat, cached models, LoRA adapters (add, toggle, scale,
-// download), and training an adapter on the loaded model (loss chart, stop, resume; the result
-// is kept in the page's storage and re-added when its model loads again).
+// The chat page: conversations (kept in IndexedDB: list, open, rename, delete, new), streaming
+// replies rendered as sanitised Markdown, stop, regenerate and edit the last message, tokens/s;
+// in the drawer (a sidebar on wide screens): model picker (URL or file), progress, sampling
+// settings, system prompt, stored models with the storage they take, LoRA adapters (add,
+// toggle, scale, download), and training an adapter on the loaded model (loss chart, stop,
+// resume; the result is kept in the page's storage and re-added when its model loads again).
 import { Nomoat } from './nomoat.js';
+import { renderMarkdown, copyButton } from './render.js';
+import * as store from './store.js';
 
 const ADAPTER_CACHE = 'nomoat-adapters-v1';
+const CURRENT_KEY = 'nomoat-current-conversation';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  device: $('device'), noWebgpu: $('no-webgpu'), error: $('error'),
+  device: $('device'), deviceToggle: $('device-toggle'), deviceDetail: $('device-detail'),
+  noWebgpu: $('no-webgpu'), error: $('error'), notice: $('notice'),
+  menuToggle: $('menu-toggle'), menuClose: $('menu-close'), side: $('side'), backdrop: $('drawer-backdrop'),
+  conversations: $('conversations'), welcome: $('welcome'), announce: $('announce'), storage: $('storage'),
   url: $('model-url'), loadUrl: $('load-url'), file: $('model-file'), nCtx: $('n-ctx'),
   progressBox: $('progress-box'), progressLabel: $('progress-label'), progress: $('progress'),
   modelInfo: $('model-info'), unload: $('unload'), cached: $('cached'),
@@ -23,7 +31,7 @@ const ui = {
 let engine = null;
 let loaded = false;
 let busy = false;
-let history = []; // [{role, content}] without the system prompt
+let conv = freshConversation(); // the open conversation; its messages exclude the system prompt
 let abort = null;
 let modelName = null;
 let training = null; // the run while its loop goes
@@ -31,6 +39,10 @@ let resumable = null; // the name of a stopped run that can go on
 let losses = []; // [{step, loss, valLoss}] of the run on the chart
 
 const mib = (b) => `${(b / (1 << 20)).toFixed(1)} MiB`;
+const size = (b) =>
+  b >= 1 << 30 ? `${(b / (1 << 30)).toFixed(1)} GiB` : b >= 1 << 20 ? `${Math.round(b / (1 << 20))} MiB` : `${Math.round(b / 1024)} KiB`;
+// f32 values from the engine (0.949999988) as people write them (0.95)
+const plain = (x) => (x == null || Number.isNaN(Number(x)) ? '' : String(Number(Number(x).toPrecision(4))));
 // a stored name with a bad %-escape (anything can be put in the cache) is shown as it is
 const decoded = (s) => {
   try {
@@ -39,10 +51,29 @@ const decoded = (s) => {
     return s;
   }
 };
+const phoneLayout = matchMedia('(max-width: 720px)');
 
 function showError(e) {
   ui.error.textContent = e ? `${e.name && e.name !== 'Error' ? e.name + ': ' : ''}${e.message || e}` : '';
   ui.error.hidden = !e;
+}
+
+/** A message that is not an error (storage full, kept in memory...), with optional buttons. */
+function showNotice(text, actions = []) {
+  ui.notice.replaceChildren(text);
+  for (const [label, onclick] of actions) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = label;
+    b.onclick = onclick;
+    ui.notice.append(' ', b);
+  }
+  const close = document.createElement('button');
+  close.type = 'button';
+  close.textContent = 'Dismiss';
+  close.onclick = () => (ui.notice.hidden = true);
+  ui.notice.append(' ', close);
+  ui.notice.hidden = false;
 }
 
 function setState() {
@@ -59,23 +90,227 @@ function setState() {
   ui.trainStart.disabled = !ready;
   ui.trainStop.disabled = !training;
   ui.trainResume.disabled = !ready || !resumable;
+  for (const el of ui.messages.querySelectorAll('.needs-model')) el.disabled = !ready;
+  for (const el of ui.conversations.querySelectorAll('button')) el.disabled = busy;
+  ui.newChat.disabled = busy;
 }
 
-function addMessage(role, text) {
-  const div = document.createElement('div');
-  div.className = `msg ${role}`;
-  div.textContent = text;
-  ui.messages.append(div);
+// ---- the conversation on the page ----
+
+function freshConversation() {
+  const id = globalThis.crypto?.randomUUID?.() ?? `${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  return { id, title: 'New chat', messages: [], model: null, updated: 0 };
+}
+
+const nearBottom = () => ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
+
+/** Shows `text` in a message body: a reply as sanitised Markdown, the user's words as typed. */
+function setBody(body, role, text) {
+  body.dataset.source = text; // the text itself (the rendering drops Markdown's marks)
+  if (role === 'assistant') body.replaceChildren(renderMarkdown(text));
+  else body.textContent = text;
+}
+
+function addTurn(role, text) {
+  ui.welcome.hidden = true;
+  const follow = nearBottom();
+  const turn = document.createElement('article');
+  turn.className = `turn ${role}`;
+  const who = document.createElement('h3');
+  who.className = 'sr-only';
+  who.textContent = role === 'user' ? 'You said:' : 'The model replied:';
+  const body = document.createElement('div');
+  body.className = `msg ${role}`;
+  setBody(body, role, text);
+  const actions = document.createElement('div');
+  actions.className = 'actions';
+  turn.append(who, body, actions);
+  ui.messages.append(turn);
+  if (follow || role === 'user') ui.messages.scrollTop = ui.messages.scrollHeight;
+  return body;
+}
+
+function actionButton(label, onclick, { needsModel = true, aria } = {}) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.textContent = label;
+  if (aria) b.setAttribute('aria-label', aria);
+  if (needsModel) b.classList.add('needs-model');
+  b.onclick = onclick;
+  return b;
+}
+
+/** Copy on every reply; Edit on the last question; Regenerate (or Retry) on the last turn. */
+function updateTurnActions() {
+  const turns = [...ui.messages.querySelectorAll('.turn')];
+  const lastUser = turns.findLastIndex((t) => t.classList.contains('user'));
+  turns.forEach((turn, i) => {
+    const actions = turn.querySelector('.actions');
+    actions.replaceChildren();
+    const body = turn.querySelector('.msg');
+    if (turn.classList.contains('assistant') && !body.classList.contains('streaming')) {
+      const copy = copyButton('Copy the reply', () => body.dataset.source);
+      copy.classList.add('copy-reply');
+      actions.append(copy);
+    }
+    if (busy) return;
+    // editing needs no model: the question waits in the composer until one is loaded
+    if (i === lastUser) actions.append(actionButton('Edit', editLast, { needsModel: false, aria: 'Edit your last message' }));
+    if (i === turns.length - 1) {
+      const retry = turn.classList.contains('user');
+      actions.append(actionButton(retry ? 'Retry' : 'Regenerate', regenerate, { aria: retry ? 'Retry the reply' : 'Regenerate the reply' }));
+    }
+  });
+  setState();
+}
+
+function renderConversation() {
+  for (const t of ui.messages.querySelectorAll('.turn')) t.remove();
+  ui.welcome.hidden = conv.messages.length > 0;
+  for (const m of conv.messages) addTurn(m.role, m.content);
   ui.messages.scrollTop = ui.messages.scrollHeight;
-  return div;
+  ui.stats.textContent = '';
+  updateTurnActions();
 }
 
-function onProgress({ phase, done, total, cached }) {
+async function persist() {
+  if (!conv.messages.length && !conv.updated) return; // an empty new chat is not kept
+  if (conv.title === 'New chat') {
+    const first = conv.messages.find((m) => m.role === 'user');
+    if (first) conv.title = store.titleFrom(first.content);
+  }
+  try {
+    await store.saveConversation(conv);
+    localStorage.setItem(CURRENT_KEY, conv.id);
+  } catch (e) {
+    showNotice(`This conversation could not be saved (${e.name === 'QuotaExceededError' ? 'the browser has no more room for this site' : e.message}): it stays on the page until you leave it.`, [['Manage stored models', showStoredModels]]);
+  }
+  await refreshConversations();
+}
+
+async function openConversation(id) {
+  if (busy) return;
+  const c = await store.getConversation(id);
+  if (!c) return refreshConversations();
+  conv = c;
+  localStorage.setItem(CURRENT_KEY, c.id);
+  renderConversation();
+  await refreshConversations();
+  if (phoneLayout.matches) setDrawer(false);
+}
+
+function newChat() {
+  if (abort) abort.abort();
+  conv = freshConversation();
+  localStorage.removeItem(CURRENT_KEY);
+  renderConversation();
+  refreshConversations();
+}
+
+function startRename(li, c) {
+  const input = document.createElement('input');
+  input.type = 'text';
+  input.value = c.title;
+  input.className = 'rename';
+  input.setAttribute('aria-label', 'New name for the conversation');
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== c.title) {
+      c.title = title;
+      if (conv.id === c.id) conv.title = title;
+      await store.saveConversation(c, { touch: false });
+    }
+    await refreshConversations();
+    ui.conversations.querySelector(`li[data-id="${CSS.escape(c.id)}"] .conv-rename`)?.focus();
+  };
+  input.onkeydown = (ev) => {
+    if (ev.key === 'Enter') finish(true);
+    else if (ev.key === 'Escape') finish(false);
+  };
+  input.onblur = () => finish(true);
+  li.querySelector('.conv-open').replaceWith(input);
+  input.focus();
+  input.select();
+}
+
+async function refreshConversations() {
+  const list = await store.listConversations().catch(() => []);
+  ui.conversations.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = store.persistent ? 'none yet: conversations are kept in this browser' : 'none yet (this browser keeps no storage for the page: they last until you leave)';
+    ui.conversations.append(li);
+  }
+  for (const c of list) {
+    const li = document.createElement('li');
+    li.dataset.id = c.id;
+    const open = document.createElement('button');
+    open.type = 'button';
+    open.className = 'conv-open';
+    open.textContent = c.title;
+    open.title = `${c.messages.length} messages, ${new Date(c.updated).toLocaleString()}${c.model ? ', ' + c.model : ''}`;
+    if (c.id === conv.id) open.setAttribute('aria-current', 'true');
+    open.onclick = () => openConversation(c.id);
+    const rename = actionButton('✎', () => startRename(li, c), { needsModel: false, aria: `Rename “${c.title}”` });
+    rename.className = 'conv-rename icon-button';
+    const del = actionButton('✕', async () => {
+      await store.deleteConversation(c.id);
+      if (c.id === conv.id) newChat();
+      else await refreshConversations();
+    }, { needsModel: false, aria: `Delete “${c.title}”` });
+    del.className = 'conv-delete icon-button';
+    li.append(open, rename, del);
+    ui.conversations.append(li);
+  }
+  setState();
+}
+
+/** The conversation the page showed last (or the latest one), back on the page after a reload. */
+async function restoreConversation() {
+  const id = localStorage.getItem(CURRENT_KEY);
+  const c = (id && (await store.getConversation(id).catch(() => null))) || null;
+  if (c) conv = c;
+  renderConversation();
+  await refreshConversations();
+}
+
+// ---- models and storage ----
+
+function onProgress({ phase, done, total, cached, bytes }) {
+  if (phase === 'cache') {
+    // the copy into the Cache API ran out of room: the model is loaded all the same
+    showNotice(`No room to store this model on this device (it takes ${size(bytes)}): it stays loaded until you leave the page, and downloads again next time. Delete stored models to make room.`, [['Manage stored models', showStoredModels]]);
+    refreshStorage();
+    return;
+  }
   ui.progressBox.hidden = false;
   const what = phase === 'download' ? (cached ? 'from the cache' : 'downloading') : 'uploading to the GPU';
   ui.progressLabel.textContent = `${what}: ${mib(done)}${total ? ' of ' + mib(total) : ''}`;
   if (total) ui.progress.value = done / total;
   else ui.progress.removeAttribute('value');
+}
+
+function showStoredModels() {
+  setDrawer(true);
+  ui.cached.closest('section').scrollIntoView({ block: 'start' });
+  (ui.cached.querySelector('button') || ui.menuClose).focus();
+}
+
+async function refreshStorage() {
+  if (!navigator.storage?.estimate) {
+    ui.storage.textContent = '';
+    return;
+  }
+  try {
+    const { usage = 0, quota = 0 } = await navigator.storage.estimate();
+    ui.storage.textContent = `${size(usage)} used of the ${size(quota)} this browser lets the page keep`;
+  } catch {
+    ui.storage.textContent = '';
+  }
 }
 
 async function refreshCached() {
@@ -84,14 +319,15 @@ async function refreshCached() {
   if (!list.length) {
     const li = document.createElement('li');
     li.className = 'muted';
-    li.textContent = 'none yet (URL loads are cached)';
+    li.textContent = 'none yet (URL loads are stored)';
     ui.cached.append(li);
   }
   for (const m of list) {
     const li = document.createElement('li');
     const name = document.createElement('a');
     name.href = '#';
-    name.textContent = `${decoded(m.url.split('/').pop())}${m.bytes ? ' (' + mib(m.bytes) + ')' : ''}`;
+    const file = decoded(m.url.split('/').pop());
+    name.textContent = `${file}${m.bytes ? ' (' + mib(m.bytes) + ')' : ''}`;
     name.title = `load ${m.url}`;
     name.onclick = (ev) => {
       ev.preventDefault();
@@ -101,6 +337,7 @@ async function refreshCached() {
     const del = document.createElement('button');
     del.textContent = 'Delete';
     del.className = 'delete-cached';
+    del.setAttribute('aria-label', `Delete ${file}`);
     del.onclick = async () => {
       await Nomoat.deleteCached(m.url);
       refreshCached();
@@ -108,6 +345,7 @@ async function refreshCached() {
     li.append(name, del);
     ui.cached.append(li);
   }
+  refreshStorage();
 }
 
 // Adapters: each row has a toggle, a scale and a remove button. A change applies from the next
@@ -311,33 +549,29 @@ async function load(start) {
     resumable = null;
     await restoreAdapters(info.name);
     renderAdapters(await engine.adapters());
-    newChat();
+    // the conversation on the page goes on with this model; New chat starts another
+    if (phoneLayout.matches) setDrawer(false);
   } catch (e) {
     showError(e);
     ui.progressBox.hidden = true;
   } finally {
     busy = false;
     setState();
+    updateTurnActions();
     refreshCached();
+    if (loaded && !ui.side.contains(document.activeElement)) ui.input.focus();
   }
-}
-
-function newChat() {
-  if (abort) abort.abort();
-  history = [];
-  ui.messages.replaceChildren();
-  ui.stats.textContent = '';
 }
 
 // A model's own recommendation (its GGUF's general.sampling.*) replaces whatever the fields held:
 // the fields always show what the next reply will use.
 function showSampling(s) {
   if (!s) return;
-  $('temperature').value = s.temperature;
-  $('top-k').value = s.top_k;
-  $('top-p').value = s.top_p;
-  $('min-p').value = s.min_p;
-  $('repeat-penalty').value = s.repeat_penalty;
+  $('temperature').value = plain(s.temperature);
+  $('top-k').value = plain(s.top_k);
+  $('top-p').value = plain(s.top_p);
+  $('min-p').value = plain(s.min_p);
+  $('repeat-penalty').value = plain(s.repeat_penalty);
   if (s.from_model) ui.modelInfo.textContent += `; sampling from the model: ${s.from_model}`;
   for (const note of s.ignored) console.warn(note);
 }
@@ -360,37 +594,120 @@ async function send() {
   if (!text || busy || !loaded) return;
   ui.input.value = '';
   showError(null);
-  history.push({ role: 'user', content: text });
-  addMessage('user', text);
-  const out = addMessage('assistant', '');
+  conv.messages.push({ role: 'user', content: text });
+  addTurn('user', text);
+  await persist();
+  await reply();
+}
+
+/** Writes the model's reply to the conversation as it stands (its last message is the user's). */
+async function reply() {
+  const out = addTurn('assistant', '');
   out.classList.add('streaming');
+  out.setAttribute('aria-busy', 'true');
   const system = ui.system.value.trim();
-  const messages = system ? [{ role: 'system', content: system }, ...history] : history;
+  const messages = system ? [{ role: 'system', content: system }, ...conv.messages] : [...conv.messages];
   busy = true;
   abort = new AbortController();
-  setState();
+  updateTurnActions();
   ui.stats.textContent = 'reading the prompt…';
+  ui.announce.textContent = 'The model is writing…';
+  let text = '';
+  let paintTimer = null;
+  // Markdown is rendered at most every 50 ms while pieces stream in, not once per token
+  const paint = () => {
+    paintTimer = null;
+    const follow = nearBottom();
+    setBody(out, 'assistant', text);
+    if (follow) ui.messages.scrollTop = ui.messages.scrollHeight;
+  };
   try {
-    const reply = engine.chat(messages, { ...sampling(), signal: abort.signal });
-    for await (const piece of reply) {
-      out.textContent += piece;
-      ui.messages.scrollTop = ui.messages.scrollHeight;
+    const r = engine.chat(messages, { ...sampling(), signal: abort.signal });
+    for await (const piece of r) {
+      text += piece;
+      out.dataset.source = text;
+      paintTimer ??= setTimeout(paint, 50);
       ui.stats.textContent = 'writing…';
     }
-    const r = await reply.result;
-    history.push({ role: 'assistant', content: r.text });
-    ui.stats.textContent = `${r.prompt_tokens} prompt tokens (${r.reused_tokens} reused) at ${r.prompt_tps.toFixed(1)} tok/s · ${r.tokens} tokens at ${r.gen_tps.toFixed(1)} tok/s · ${r.finish_reason}`;
+    const result = await r.result;
+    clearTimeout(paintTimer);
+    setBody(out, 'assistant', result.text);
+    conv.messages.push({ role: 'assistant', content: result.text });
+    conv.model = modelName;
+    ui.stats.textContent = `${result.prompt_tokens} prompt tokens (${result.reused_tokens} reused) at ${result.prompt_tps.toFixed(1)} tok/s · ${result.tokens} tokens at ${result.gen_tps.toFixed(1)} tok/s · ${result.finish_reason}`;
+    // the live region reads the finished reply once, not every piece as it streams
+    ui.announce.textContent = out.textContent;
+    await persist();
   } catch (e) {
-    history.pop();
+    clearTimeout(paintTimer);
+    out.closest('.turn').remove();
     showError(e);
     ui.stats.textContent = '';
+    ui.announce.textContent = '';
   } finally {
     out.classList.remove('streaming');
+    out.removeAttribute('aria-busy');
     busy = false;
     abort = null;
-    setState();
+    updateTurnActions();
     ui.input.focus();
   }
+}
+
+/** Replaces the last reply (or answers a question whose reply failed). */
+async function regenerate() {
+  if (busy || !loaded || !conv.messages.length) return;
+  showError(null);
+  if (conv.messages.at(-1).role === 'assistant') {
+    conv.messages.pop();
+    [...ui.messages.querySelectorAll('.turn')].at(-1)?.remove();
+  }
+  await reply();
+}
+
+/** Takes the last question (and its reply) back into the composer to change and send again. */
+async function editLast() {
+  if (busy) return;
+  const i = conv.messages.findLastIndex((m) => m.role === 'user');
+  if (i < 0) return;
+  ui.input.value = conv.messages[i].content;
+  conv.messages.splice(i);
+  renderConversation();
+  await persist();
+  ui.input.focus();
+  ui.input.setSelectionRange(ui.input.value.length, ui.input.value.length);
+}
+
+// ---- the drawer (phones) and the device line ----
+
+function setDrawer(open) {
+  const wasOpen = document.body.classList.contains('drawer-open');
+  document.body.classList.toggle('drawer-open', open);
+  ui.menuToggle.setAttribute('aria-expanded', String(open));
+  ui.backdrop.hidden = !open;
+  if (open && !wasOpen && phoneLayout.matches) ui.menuClose.focus();
+  if (!open && wasOpen && ui.side.contains(document.activeElement)) ui.menuToggle.focus();
+}
+
+const VENDORS = { nvidia: 'NVIDIA', amd: 'AMD', intel: 'Intel', apple: 'Apple', qualcomm: 'Qualcomm', arm: 'Arm', google: 'Google', microsoft: 'Microsoft' };
+
+/** The GPU in plain words, with what it means for speed; the engine's own line is the detail. */
+async function describeDevice(technical) {
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' }).catch(() => null);
+  const i = adapter?.info || {};
+  const all = `${i.vendor || ''} ${i.architecture || ''} ${i.description || ''} ${technical}`;
+  if (/swiftshader/i.test(all)) return 'Software GPU (SwiftShader): slow — use a browser with hardware WebGPU';
+  if (i.isFallbackAdapter || adapter?.isFallbackAdapter || /llvmpipe|lavapipe|basic render|software/i.test(all)) {
+    return 'Software GPU: slow — use a browser with hardware WebGPU';
+  }
+  const vendor = VENDORS[(i.vendor || '').toLowerCase()] || i.vendor || '';
+  const name = [vendor, i.architecture].filter(Boolean).join(' ');
+  return name ? `GPU: ${name}` : 'GPU ready (WebGPU)';
+}
+
+function showDeviceDetail(show) {
+  ui.deviceDetail.hidden = !show;
+  ui.deviceToggle.setAttribute('aria-expanded', String(show));
 }
 
 ui.loadUrl.onclick = () => {
@@ -432,29 +749,56 @@ ui.composer.onsubmit = (ev) => {
   send();
 };
 ui.input.onkeydown = (ev) => {
-  if (ev.key === 'Enter' && !ev.shiftKey) {
+  if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
     send();
   }
 };
 ui.stop.onclick = () => abort?.abort();
-ui.newChat.onclick = newChat;
+ui.newChat.onclick = () => {
+  newChat();
+  if (!ui.input.disabled) ui.input.focus();
+};
+ui.menuToggle.onclick = () => setDrawer(!document.body.classList.contains('drawer-open'));
+ui.menuClose.onclick = () => setDrawer(false);
+ui.backdrop.onclick = () => setDrawer(false);
+ui.deviceToggle.onclick = () => showDeviceDetail(ui.deviceDetail.hidden);
+for (const b of document.querySelectorAll('[data-open-drawer]')) {
+  b.onclick = () => {
+    setDrawer(true);
+    ui.url.focus();
+  };
+}
+document.addEventListener('keydown', (ev) => {
+  if (ev.key !== 'Escape') return;
+  if (!ui.deviceDetail.hidden) showDeviceDetail(false);
+  else if (document.body.classList.contains('drawer-open')) setDrawer(false);
+});
+phoneLayout.addEventListener('change', () => setDrawer(false));
 
 async function main() {
   setState();
   refreshCached();
   renderAdapters([]);
+  // the page works offline once it has been loaded, and can be installed
+  if ('serviceWorker' in navigator && window.isSecureContext) {
+    navigator.serviceWorker.register('sw.js').catch((e) => console.warn(`no offline copy of the page: ${e.message}`));
+  }
+  await restoreConversation().catch((e) => showError(e));
   if (!Nomoat.hasWebGPU()) {
     ui.noWebgpu.hidden = false;
-    ui.device.textContent = 'no WebGPU';
+    ui.device.textContent = 'No WebGPU in this browser: models cannot run here';
+    ui.deviceDetail.textContent = 'navigator.gpu is missing';
     return;
   }
   try {
     engine = await Nomoat.create();
-    ui.device.textContent = engine.device;
+    ui.deviceDetail.textContent = engine.device;
+    ui.device.textContent = await describeDevice(engine.device);
   } catch (e) {
     if (e.name === 'NoWebGPU') ui.noWebgpu.hidden = false;
-    ui.device.textContent = 'no GPU device';
+    ui.device.textContent = 'No GPU device: models cannot run here';
+    ui.deviceDetail.textContent = `${e.name}: ${e.message}`;
     showError(e);
   }
   setState();

@@ -13,7 +13,9 @@
 //
 // loadFile(file) takes a File from an <input type=file>. Downloads are kept in the Cache API
 // (bucket 'nomoat-models-v1'), and a cached URL loads with no network request:
-// Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one.
+// Nomoat.cachedModels() lists them and Nomoat.deleteCached(url) removes one. When the browser
+// has no room for the copy, the model loads all the same and onProgress gets {phase: 'cache',
+// stored: false, error: 'QuotaExceededError', bytes}.
 //
 // Structured output: chat(messages, { responseFormat }) with OpenAI's shapes, {type:
 // 'json_object'} or {type: 'json_schema', json_schema: {name, schema, strict}}: the reply is

@@ -50,6 +50,7 @@ async function openPage(ctx = context) {
   page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
   await page.goto(`${server.url}/`);
   await page.waitForFunction(() => window.nomoat?.ready, null, { timeout: 60_000 });
+  await page.click('#new-chat'); // the page reopens the last conversation: each test starts its own
   return page;
 }
 
@@ -89,7 +90,8 @@ async function waitForReply(page) {
   );
   const err = await page.$eval('#error', (e) => (e.hidden ? '' : e.textContent));
   assert.equal(err, '', 'the reply failed');
-  const replies = await page.$$eval('.msg.assistant', (els) => els.map((e) => e.textContent));
+  // the reply's own text (the page shows it rendered as Markdown)
+  const replies = await page.$$eval('.msg.assistant', (els) => els.map((e) => e.dataset.source));
   return { text: replies[replies.length - 1], stats: await page.textContent('#stats') };
 }
 

@@ -42,7 +42,7 @@ async function replyTo(page) {
     { timeout: LONG },
   );
   assert.equal(await page.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '', 'the reply failed');
-  return page.$eval('.msg.assistant', (e) => e.textContent);
+  return page.$eval('.msg.assistant', (e) => e.dataset.source); // the reply's text, not its Markdown rendering
 }
 
 /** What the engine says is active: [[name, scale]] */

@@ -24,6 +24,9 @@ const TYPES = {
   '.wasm': 'application/wasm',
   '.json': 'application/json',
   '.gguf': 'application/octet-stream',
+  '.svg': 'image/svg+xml',
+  '.png': 'image/png',
+  '.webmanifest': 'application/manifest+json',
 };
 
 export async function startServer({ root, models }) {

@@ -7,7 +7,9 @@
 // - plan(ranges): flat [start, end, ...] byte ranges the engine will read, each once, after the
 //   header; a streaming reader frees each downloaded chunk as soon as every planned byte in it
 //   has been read, so the file never sits whole in memory (JS or wasm) while it loads;
-// - finish() resolves once the whole download, and its copy in the Cache API, is complete;
+// - finish() resolves once the whole download, and its copy in the Cache API, is complete (a
+//   copy refused for want of room is reported as progress {phase: 'cache', stored: false,
+//   error: 'QuotaExceededError', bytes}, and the load goes on);
 // - close() aborts a download in progress (its partial cache entry is never written).
 
 /** Cache API bucket holding downloaded models, keyed by URL. */
@@ -160,7 +162,15 @@ export class StreamSource {
     await this.pumping;
     if (this.error) throw this.error;
     this.chunks = [];
-    if (this.cachePut) await this.cachePut;
+    if (!this.cachePut) return;
+    try {
+      await this.cachePut;
+    } catch (e) {
+      if (e?.name !== 'QuotaExceededError') throw e;
+      // no room to keep a copy: the model loads all the same, for this visit, and the page
+      // hears why it will download again next time
+      if (typeof this.onProgress === 'function') this.onProgress({ phase: 'cache', stored: false, error: e.name, bytes: this.size ?? this.received });
+    }
   }
 
   close() {
