@@ -10,6 +10,7 @@ import * as store from './store.js';
 
 const ADAPTER_CACHE = 'nomoat-adapters-v1';
 const CURRENT_KEY = 'nomoat-current-conversation';
+const MODEL_URL_KEY = 'nomoat-last-model-url';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -93,6 +94,9 @@ function setState() {
   for (const el of ui.messages.querySelectorAll('.needs-model')) el.disabled = !ready;
   for (const el of ui.conversations.querySelectorAll('button')) el.disabled = busy;
   ui.newChat.disabled = busy;
+  $('welcome-load').hidden = loaded;
+  $('welcome-ready').hidden = !loaded;
+  ui.input.placeholder = loaded ? `Message ${modelName} (Enter sends, Shift+Enter for a new line)` : 'Load a model, then type a message (Enter sends, Shift+Enter for a new line)';
 }
 
 // ---- the conversation on the page ----
@@ -712,7 +716,9 @@ function showDeviceDetail(show) {
 
 ui.loadUrl.onclick = () => {
   const url = ui.url.value.trim();
-  if (url) load(() => engine.loadUrl(url, loadOpts()));
+  if (!url) return;
+  localStorage.setItem(MODEL_URL_KEY, url); // the field offers it again after a reload
+  load(() => engine.loadUrl(url, loadOpts()));
 };
 ui.file.onchange = () => {
   const f = ui.file.files[0];
@@ -777,6 +783,7 @@ document.addEventListener('keydown', (ev) => {
 phoneLayout.addEventListener('change', () => setDrawer(false));
 
 async function main() {
+  ui.url.value = localStorage.getItem(MODEL_URL_KEY) || ui.url.value;
   setState();
   refreshCached();
   renderAdapters([]);

@@ -15,7 +15,7 @@ const SCOPE = new URL('./', self.location.href);
 function passThrough(url, request) {
   if (request.method !== 'GET' || url.origin !== SCOPE.origin || !url.pathname.startsWith(SCOPE.pathname)) return true;
   const path = url.pathname.slice(SCOPE.pathname.length);
-  return /^(models\/|v1\/|health$|chat\/|completions$)/.test(path) || /\.gguf$/i.test(path);
+  return /^(models(\/|$)|v1\/|health$|chat\/|completions$)/.test(path) || /\.gguf$/i.test(path);
 }
 
 async function precache() {

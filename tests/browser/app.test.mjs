@@ -218,7 +218,11 @@ test('a real reply streams in rendered, is kept, and survives a reload; regenera
   await page.fill('#temperature', '0');
   await page.fill('#max-tokens', '28'); // the code block SmolLM2 writes closes within 24
   await page.fill('#seed', '1');
+  // while the reply streams, its Markdown is already rendered: the code block shows before the end
+  const streamed = page.waitForSelector('.msg.assistant.streaming .code-block pre code', { timeout: LONG });
+  streamed.catch(() => {}); // awaited below; this only keeps a failed ask() from leaving it unhandled
   const first = await ask(page, 'Write a Python function that adds two numbers.');
+  await streamed;
   console.log(`reply: ${JSON.stringify(first.source)}\n  ${first.stats}`);
   assert.ok(first.source.length > 0);
   // what the engine wrote is what the page keeps and renders (Markdown's marks aside)
