@@ -119,11 +119,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
     }
     let n_ctx = a.m.n_ctx(&l);
     let mut session = crate::new_session(&l, &a.m, n_ctx, false)?;
-    let opts = GenerateOptions { max_tokens: a.n_predict, sampler: a.sampling.config(&l.gguf, false), stop: Vec::new(), stop_at_eog: true };
+    let opts = GenerateOptions { max_tokens: a.n_predict, sampler: a.sampling.config(&l.sampling, false), stop: Vec::new(), stop_at_eog: true };
     opts.sampler.validate().map_err(anyhow::Error::msg)?;
     let system: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
     let mut history: Vec<Message> = Vec::new();
-    eprintln!("{} on {}", a.m.model.clone().unwrap_or_else(crate::default_model).display(), l.gpu.describe());
+    eprintln!("{} on {}", l.path.display(), l.gpu.describe());
     eprintln!("Chat away. Ctrl-C stops a reply; /reset starts over; /exit or Ctrl-D quits; end a line with \\ or use \"\"\" for several lines.");
     let mut stdin = std::io::stdin().lock();
     loop {

@@ -101,7 +101,7 @@ fn save(trainer: &Trainer, path: &Path) -> Result<()> {
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    let path = a.model.clone().unwrap_or_else(crate::default_model);
+    let path = crate::pull::resolve(a.model.as_deref(), false)?;
     let (gguf, mut file) = open_gguf(&path)?;
     let tok = Tokenizer::from_gguf(&gguf).context("building the tokenizer")?;
     let template = ChatTemplate::from_gguf(&gguf).ok().flatten();

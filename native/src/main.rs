@@ -25,6 +25,7 @@ struct Cli {
 
 mod chat;
 mod finetune;
+mod pull;
 mod serve;
 
 #[derive(Subcommand)]
@@ -118,6 +119,19 @@ enum Command {
         #[command(flatten)]
         constraint: ConstraintArgs,
     },
+    /// Download a model into the cache: a catalog name (`nomoat pull --list`) or an http(s)
+    /// URL; resumes a cut download, checks size and sha256
+    Pull {
+        /// Catalog name or URL
+        #[arg(required_unless_present = "list")]
+        model: Option<String>,
+        /// List the catalog: names, sizes, licences, and which are in the cache
+        #[arg(long)]
+        list: bool,
+        /// For a URL: the file's sha256 (hex), checked before the download is kept
+        #[arg(long)]
+        sha256: Option<String>,
+    },
     /// Describe a GGUF file and the device
     Info {
         #[command(flatten)]
@@ -206,8 +220,8 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The flags given, over the model's recommendation, over llama.cpp's defaults; says on
     /// stderr (unless `quiet`) which of the model's values are in use and which it had to skip.
-    pub fn config(&self, gguf: &Gguf, quiet: bool) -> SamplerConfig {
-        let model = SamplingOverrides::from_gguf(gguf);
+    pub fn config(&self, model: &SamplingOverrides, quiet: bool) -> SamplerConfig {
+        let model = model.clone();
         let flags = SamplingOverrides {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -230,7 +244,7 @@ impl SamplingArgs {
                 ..model.clone()
             };
             if let Some(used) = own.describe() {
-                eprintln!("sampling: the model's own {used} (general.sampling.*; flags override)");
+                eprintln!("sampling: the model's recommended {used} (flags override)");
             }
         }
         SamplerConfig { presence_penalty: self.presence_penalty, frequency_penalty: self.frequency_penalty, seed: self.seed, ..flags.over(&model.defaults()) }
@@ -239,7 +253,8 @@ impl SamplingArgs {
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF model file (default: the SmolLM2 135M Instruct test model fetched by set-up)
+    /// GGUF model file, catalog name (`nomoat pull --list`) or http(s) URL, fetched into the
+    /// cache when missing [default: the catalog's default, Qwen2.5-Coder 0.5B Instruct]
     #[arg(short, long)]
     pub model: Option<PathBuf>,
     /// Context size in tokens [default: 2048, or the model's training context if shorter]
@@ -260,12 +275,29 @@ pub struct ModelArgs {
     pub max_gpu_memory: Option<u64>,
 }
 
-pub fn default_model() -> PathBuf {
-    let cache = std::env::var_os("NOMOAT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nomoat"));
-    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+impl ModelArgs {
+    /// The model file: `-m` as a file, or fetched by catalog name or URL, or the default model.
+    pub fn path(&self, quiet: bool) -> Result<PathBuf> {
+        pull::resolve(self.model.as_deref(), quiet)
+    }
+}
+
+/// The sampling a model recommends: its file's `general.sampling.*` values, and its catalog
+/// entry's (told by file name and size) where the file sets none.
+pub fn model_sampling(gguf: &Gguf, path: &std::path::Path) -> SamplingOverrides {
+    let own = SamplingOverrides::from_gguf(gguf);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    match nomoat_runtime::catalog::for_file(&name, size) {
+        Some(entry) => own.or(&entry.sampling_overrides()),
+        None => own,
+    }
 }
 
 pub struct Loaded {
+    pub path: PathBuf,
+    /// What the model recommends ([`model_sampling`]), under the user's flags.
+    pub sampling: SamplingOverrides,
     pub adapters: Vec<(Arc<LoraAdapter>, f32)>,
     pub tokenizer: Tokenizer,
     pub gguf: Gguf,
@@ -286,10 +318,7 @@ pub fn load(a: &ModelArgs, quiet: bool) -> Result<Loaded> {
 
 /// `load`, with every dispatch timed when `profile` (see `GpuOptions::profile`).
 pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded> {
-    let path = a.model.clone().unwrap_or_else(default_model);
-    if !path.exists() {
-        bail!("model file {} not found (run scripts/setup.sh to fetch the test models, or pass -m)", path.display());
-    }
+    let path = a.path(quiet)?;
     let (gguf, mut file) = open_gguf(&path)?;
     let tokenizer = Tokenizer::from_gguf(&gguf).context("building the tokenizer from the GGUF metadata")?;
     let gpu = pollster::block_on(Gpu::new(GpuOptions {
@@ -320,7 +349,8 @@ pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded
         let adapter = pollster::block_on(LoraAdapter::load(&name, &ag, &mut af, &gpu, &model.config, &gguf))?;
         adapters.push((Arc::new(adapter), scale));
     }
-    Ok(Loaded { adapters, tokenizer, gguf, gpu, model })
+    let sampling = model_sampling(&gguf, &path);
+    Ok(Loaded { path, sampling, adapters, tokenizer, gguf, gpu, model })
 }
 
 /// `PATH[:SCALE]`, the scale defaulting to 1.
@@ -403,6 +433,32 @@ fn run(cli: Cli) -> Result<()> {
         None => chat::run(chat::ChatArgs::default_model_chat()),
         Some(Command::Chat(a)) => chat::run(a),
         Some(Command::Serve(a)) => serve::run(a),
+        Some(Command::Pull { model, list, sha256 }) => {
+            if list {
+                for e in nomoat_runtime::catalog::entries() {
+                    let cached = std::fs::metadata(pull::cached_path(&e.file)).is_ok_and(|m| m.len() == e.size);
+                    let mark = if e.default { " (default)" } else { "" };
+                    println!(
+                        "{:<30} {:>7.0} MB  {:<8} {:<20} {}{mark}",
+                        e.name,
+                        e.size as f64 / 1e6,
+                        e.architecture,
+                        e.license,
+                        if cached { "in the cache" } else { "" }
+                    );
+                    println!("    {} {}", e.title, e.about);
+                }
+                return Ok(());
+            }
+            let model = model.unwrap_or_default();
+            let path = match sha256 {
+                Some(h) if model.starts_with("http://") || model.starts_with("https://") => pull::fetch_url(&model, None, Some(&h), false)?,
+                Some(_) => bail!("--sha256 is for URLs: catalog models carry their own"),
+                None => pull::resolve(Some(std::path::Path::new(&model)), false)?,
+            };
+            println!("{}", path.display());
+            Ok(())
+        }
         Some(Command::Info { m }) => {
             let l = load(&m, false)?;
             let c = &l.model.config;
@@ -418,8 +474,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Tokenize { m, prompt, no_special }) => {
-            let path = m.model.clone().unwrap_or_else(default_model);
-            let (gguf, _) = open_gguf(&path)?;
+            let (gguf, _) = open_gguf(&m.path(false)?)?;
             let tok = Tokenizer::from_gguf(&gguf)?;
             println!("{}", serde_json::json!(tok.encode(&prompt, !no_special, true)?));
             Ok(())
@@ -433,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = l.tokenizer.encode(&prompt, true, true)?;
             let n_ctx = m.n_ctx(&l);
             let mut s = new_session(&l, &m, n_ctx, false)?;
-            let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(&l.gguf, json), stop, stop_at_eog: true };
+            let opts = GenerateOptions { max_tokens: n_predict, sampler: sampling.config(&l.sampling, json), stop, stop_at_eog: true };
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
@@ -685,8 +740,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
             }
         }
     }
-    let name = m.model.clone().unwrap_or_else(default_model);
-    let name = name.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let name = l.path.file_name().unwrap_or_default().to_string_lossy().to_string();
     let size_mib = l.model.weight_bytes as f64 / (1 << 20) as f64;
     let backend = format!("{} ({:?}, {})", l.gpu.info.name, l.gpu.info.backend, l.gpu.variant.label());
     if json {

@@ -199,10 +199,12 @@ fn parallel(a: &ServeArgs) -> Result<usize> {
     }
 }
 
-pub fn run(a: ServeArgs) -> Result<()> {
+pub fn run(mut a: ServeArgs) -> Result<()> {
     check_args(&a)?;
     let api_key = api_key(&a)?;
-    let path = a.m.model.clone().unwrap_or_else(crate::default_model);
+    // a catalog name or URL is fetched once, before the port is bound
+    let path = a.m.path(false)?;
+    a.m.model = Some(path.clone());
     let model_id = a.alias.clone().unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().to_string());
     let model_created =
         std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or_else(unix_now);

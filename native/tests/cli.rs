@@ -12,6 +12,11 @@ fn models_dir() -> std::path::PathBuf {
     cache.join("models")
 }
 
+/// SmolLM2's path: the tests name the model (the default is the larger chat model).
+fn smollm2() -> String {
+    models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf").to_string_lossy().into_owned()
+}
+
 fn nomoat(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_nomoat")).args(args).env("XDG_RUNTIME_DIR", "/tmp").output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -67,6 +72,7 @@ fn run_logits_tokenize_gemma3() {
 
 #[test]
 fn bad_input_gives_clear_errors() {
+    let smol = &smollm2();
     let (ok, _, err) = nomoat(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
     assert!(!ok && err.contains("not found"), "{err}");
     let dir = std::env::temp_dir().join(format!("nomoat-cli-{}", std::process::id()));
@@ -81,14 +87,14 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
     let (ok, _, err) = nomoat(&["run", "-m", cut.to_str().unwrap(), "-p", "hi"]);
     assert!(!ok && err.contains("file is"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--temp=-1"]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "hi", "--temp=-1"]);
     assert!(!ok && err.to_lowercase().contains("temperature"), "{err}");
-    let (ok, _, err) = nomoat(&["logits", "--ids", "999999"]);
+    let (ok, _, err) = nomoat(&["logits", "-m", smol, "--ids", "999999"]);
     assert!(!ok && err.contains("vocabulary"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "hi", "-c", "0"]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "hi", "-c", "0"]);
     assert!(!ok && err.contains("context"), "{err}");
     // a GPU too small for the model: refused part-way with what the model needs
-    let (ok, _, err) = nomoat(&["run", "-p", "hi", "--max-gpu-memory", "40"]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "hi", "--max-gpu-memory", "40"]);
     assert!(!ok && err.contains("out of GPU memory loading the model: it needs") && err.contains("(92 MiB)") && err.contains("freed"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
@@ -140,7 +146,7 @@ fn the_models_own_sampling_values_are_defaults_that_flags_override() {
     assert_eq!(hinted_flag, sampled, "--temp does not override the model's value");
     // without --json the status line says where the temperature came from
     let (ok, _, err) = nomoat(&["run", "-m", hinted, "-p", "Once", "-n", "2"]);
-    assert!(ok && err.contains("model's own temp 0"), "{err}");
+    assert!(ok && err.contains("model's recommended temp 0"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -186,13 +192,14 @@ fn bench_prints_its_table_and_measures_at_a_depth() {
 /// a grammar that cannot be used is refused with the reason, two at once are refused.
 #[test]
 fn run_and_chat_follow_a_grammar() {
+    let smol = &smollm2();
     let dir = std::env::temp_dir().join(format!("nomoat-cli-grammar-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let schema = dir.join("person.json");
     std::fs::write(&schema, r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": false}"#).unwrap();
     let schema = schema.to_str().unwrap();
     for seed in ["1", "2"] {
-        let (ok, out, err) = nomoat(&["run", "-p", "A person as JSON:", "--json-schema", schema, "-n", "60", "--temp", "1", "--seed", seed, "--json"]);
+        let (ok, out, err) = nomoat(&["run", "-m", smol, "-p", "A person as JSON:", "--json-schema", schema, "-n", "60", "--temp", "1", "--seed", seed, "--json"]);
         assert!(ok, "{err}");
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["finish_reason"], "stop", "{out}");
@@ -200,7 +207,7 @@ fn run_and_chat_follow_a_grammar() {
         let o = person.as_object().unwrap();
         assert!(o.len() == 2 && o["name"].as_str().is_some_and(|n| n.chars().count() <= 16) && o["age"].as_u64().is_some_and(|a| a <= 120), "{person}");
     }
-    let (ok, out, err) = nomoat(&["run", "-p", "Today's date is", "--regex", " [0-9]{4}-[0-9]{2}-[0-9]{2}", "-n", "20", "--temp", "1", "--json"]);
+    let (ok, out, err) = nomoat(&["run", "-m", smol, "-p", "Today's date is", "--regex", " [0-9]{4}-[0-9]{2}-[0-9]{2}", "-n", "20", "--temp", "1", "--json"]);
     assert!(ok, "{err}");
     let text = serde_json::from_str::<Value>(&out).unwrap()["text"].as_str().unwrap().to_string();
     let b = text.as_bytes();
@@ -208,14 +215,14 @@ fn run_and_chat_follow_a_grammar() {
     // llama.cpp's GBNF too
     let gbnf = dir.join("answer.gbnf");
     std::fs::write(&gbnf, "root ::= (\"yes\" | \"no\") \".\"\n").unwrap();
-    let (ok, out, err) = nomoat(&["run", "-p", "Is water wet?", "--grammar", gbnf.to_str().unwrap(), "-n", "8", "--json"]);
+    let (ok, out, err) = nomoat(&["run", "-m", smol, "-p", "Is water wet?", "--grammar", gbnf.to_str().unwrap(), "-n", "8", "--json"]);
     assert!(ok, "{err}");
     let text = serde_json::from_str::<Value>(&out).unwrap()["text"].as_str().unwrap().to_string();
     assert!(text == "yes." || text == "no.", "{text:?}");
     let lark = dir.join("answer.lark");
     std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
-        .args(["chat", "--grammar", lark.to_str().unwrap(), "-n", "8"])
+        .args(["chat", "-m", smol, "--grammar", lark.to_str().unwrap(), "-n", "8"])
         .env("XDG_RUNTIME_DIR", "/tmp")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -230,11 +237,11 @@ fn run_and_chat_follow_a_grammar() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let replies: Vec<&str> = stdout.split("> ").skip(1).map(str::trim).filter(|r| !r.is_empty()).collect();
     assert!(out.status.success() && replies.len() == 2 && replies.iter().all(|r| *r == "yes" || *r == "no"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let (ok, _, err) = nomoat(&["run", "-p", "x", "--regex", "("]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "x", "--regex", "("]);
     assert!(!ok && err.contains("cannot be used") && err.contains("unclosed group"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "x", "--regex", "a", "--json-schema", schema]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "x", "--regex", "a", "--json-schema", schema]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
-    let (ok, _, err) = nomoat(&["run", "-p", "x", "--json-schema", "/nonexistent/schema.json"]);
+    let (ok, _, err) = nomoat(&["run", "-m", smol, "-p", "x", "--json-schema", "/nonexistent/schema.json"]);
     assert!(!ok && err.contains("/nonexistent/schema.json"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();

@@ -44,8 +44,12 @@ impl Server {
     fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let t = Instant::now();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
-        cmd.args(["serve", "--port", "0", "-c", &N_CTX.to_string()])
-            .args(args)
+        cmd.args(["serve", "--port", "0", "-c", &N_CTX.to_string()]);
+        // SmolLM2 unless a test names its model (the default model is the larger chat model)
+        if !args.contains(&"-m") {
+            cmd.arg("-m").arg(common::smollm2());
+        }
+        cmd.args(args)
             .envs(env.iter().copied())
             .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
             .stdin(Stdio::null())

@@ -17,7 +17,7 @@
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
 //!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters; `rng`: seeded
-//!   random numbers.
+//!   random numbers; `catalog`: the models known by name.
 //!
 //! Hidden from these docs, public only for nomoat's own crates and tests, and not a stable API:
 //! `ops` (the Rust side of every WGSL kernel), `shaders` (WGSL sources and their preprocessor),
@@ -26,6 +26,7 @@
 //! (that test suite, run natively and in the browser).
 
 pub mod arch;
+pub mod catalog;
 pub mod chat;
 #[doc(hidden)]
 pub mod conformance;

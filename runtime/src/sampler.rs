@@ -187,6 +187,20 @@ impl SamplingOverrides {
         }
     }
 
+    /// These values, and `fallback`'s where these are not set (a model file's own values over
+    /// its catalog entry's recommendation).
+    pub fn or(&self, fallback: &SamplingOverrides) -> SamplingOverrides {
+        SamplingOverrides {
+            temperature: self.temperature.or(fallback.temperature),
+            top_k: self.top_k.or(fallback.top_k),
+            top_p: self.top_p.or(fallback.top_p),
+            min_p: self.min_p.or(fallback.min_p),
+            repeat_penalty: self.repeat_penalty.or(fallback.repeat_penalty),
+            penalty_last_n: self.penalty_last_n.or(fallback.penalty_last_n),
+            ignored: self.ignored.iter().chain(&fallback.ignored).cloned().collect(),
+        }
+    }
+
     /// `base` with the values set here in place of its own.
     pub fn over(&self, base: &SamplerConfig) -> SamplerConfig {
         SamplerConfig {

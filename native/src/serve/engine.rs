@@ -11,7 +11,7 @@ use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
+use nomoat_runtime::sampler::SamplerConfig;
 use nomoat_runtime::session::{Session, SlotStep, Want};
 use nomoat_runtime::tokenizer::Tokenizer;
 use std::cell::RefCell;
@@ -164,7 +164,7 @@ fn load_and_serve(
     fault_at: Faults,
     parallel: usize,
 ) -> Ended {
-    let Loaded { tokenizer, gguf, gpu, model, adapters } = match load(m, true) {
+    let Loaded { tokenizer, gguf, gpu, model, adapters, sampling: model_sampling, .. } = match load(m, true) {
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
@@ -207,12 +207,11 @@ fn load_and_serve(
             Err(e) => Err(format!("the model's chat template cannot be used: {e}")),
         };
         let adapter_info = adapters.iter().map(|(a, s)| (a.name.clone(), *s, a.pairs.values().next().map(|p| p.rank).unwrap_or(0), a.bytes)).collect();
-        let model_sampling = SamplingOverrides::from_gguf(&gguf);
         for note in &model_sampling.ignored {
             eprintln!("nomoat serve: warning: {note}");
         }
         if let Some(used) = model_sampling.describe() {
-            eprintln!("nomoat serve: requests default to the model's own {used} (general.sampling.*)");
+            eprintln!("nomoat serve: requests default to the model's recommended {used}");
         }
         let sampling = model_sampling.defaults();
         let info = ModelInfo {
