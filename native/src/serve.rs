@@ -20,6 +20,7 @@
 
 mod api;
 mod engine;
+mod metrics;
 mod parallel;
 mod prompt;
 
@@ -405,6 +406,7 @@ fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
         .route("/models", get(models))
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
+        .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let mut app = Router::new().route("/health", get(health)).route("/v1/health", get(health)).merge(api);
@@ -501,6 +503,18 @@ async fn health(State(s): State<Shared>) -> Json<Value> {
         "served": s.stats.served.load(Ordering::Relaxed),
         "gpu_buffer_bytes": s.stats.gpu_bytes.load(Ordering::Relaxed),
     }))
+}
+
+/// Prometheus' text format (behind the key, like the API: it tells how busy the server is).
+async fn metrics(State(s): State<Shared>) -> Response {
+    let snapshot = metrics::Snapshot {
+        counters: &s.stats.counters,
+        requests: s.stats.served.load(Ordering::Relaxed),
+        queued: s.max_queue - s.jobs.capacity(),
+        busy: s.stats.busy.load(Ordering::Relaxed),
+        gpu_bytes: s.stats.gpu_bytes.load(Ordering::Relaxed),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics::render(&snapshot)).into_response()
 }
 
 fn model_object(s: &AppState) -> Value {
@@ -799,12 +813,13 @@ async fn collect_response(
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
-            Event::Done(Outcome { completion_tokens, finish, logprobs: entries }) => {
+            Event::Done(Outcome { completion_tokens, cached_tokens, finish, logprobs: entries }) => {
                 let lp = logprobs.as_ref().map_or(Value::Null, |tok| api::logprobs_json(tok, &entries));
+                let usage = api::Usage { prompt: prompt_tokens, cached: cached_tokens, completion: completion_tokens };
                 if let Some((content, calls)) = calls.as_ref().and_then(|c| c.read(&text)) {
-                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, prompt_tokens, completion_tokens, lp)).into_response());
+                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, usage, lp)).into_response());
                 }
-                return Ok(Json(meta.response(&text, finish_str(finish), prompt_tokens, completion_tokens, lp)).into_response());
+                return Ok(Json(meta.response(&text, finish_str(finish), usage, lp)).into_response());
             }
             Event::Error(e) => return Err(ApiError::server(e)),
         }
@@ -891,7 +906,8 @@ fn stream_response(
                     }
                     st.pending.push_back(data(&c));
                     if st.include_usage {
-                        st.pending.push_back(data(&st.meta.usage_chunk(st.prompt_tokens, o.completion_tokens)));
+                        let usage = api::Usage { prompt: st.prompt_tokens, cached: o.cached_tokens, completion: o.completion_tokens };
+                        st.pending.push_back(data(&st.meta.usage_chunk(usage)));
                     }
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;

@@ -22,7 +22,13 @@ fn start(parallel: usize) -> common::Server {
     common::Server { child, addr, log }
 }
 
+/// A greedy completion: its text.
 fn complete(addr: &str, prompt: &str, max_tokens: usize) -> String {
+    complete_json(addr, prompt, max_tokens)["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// A greedy completion: the whole response.
+fn complete_json(addr: &str, prompt: &str, max_tokens: usize) -> Value {
     let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
     let resp = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(600))
@@ -31,8 +37,24 @@ fn complete(addr: &str, prompt: &str, max_tokens: usize) -> String {
         .set("Content-Type", "application/json")
         .send_string(&body.to_string())
         .unwrap_or_else(|e| panic!("{prompt:?}: {e}"));
-    let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    serde_json::from_str(&resp.into_string().unwrap()).unwrap()
+}
+
+/// `/metrics`' samples, by name.
+fn metrics(addr: &str) -> std::collections::HashMap<String, f64> {
+    let text = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
+    text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split_once(' ').map(|(n, v)| (n.to_string(), v.parse().unwrap())).unwrap()).collect()
+}
+
+fn text_of(v: &Value) -> String {
     v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+fn usage_of(v: &Value, field: &str) -> u64 {
+    match field {
+        "cached_tokens" => v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+        f => v["usage"][f].as_u64().unwrap(),
+    }
 }
 
 /// Eight prompts: different lengths (one over a 64-token prefill chunk), two sharing a long
@@ -57,19 +79,35 @@ fn eight_requests_together_reply_as_one_at_a_time() {
     let prompts = prompts();
     let max_tokens = [12, 8, 10, 12, 6, 12, 9, 12];
     // one at a time: each request alone in the engine
-    let alone: Vec<String> = prompts.iter().zip(max_tokens).map(|(p, n)| complete(&server.addr, p, n)).collect();
+    let alone: Vec<Value> = prompts.iter().zip(max_tokens).map(|(p, n)| complete_json(&server.addr, p, n)).collect();
     // all at once: up to 4 decoded together, the rest joining as slots free
     let t = Instant::now();
     let addr = server.addr.as_str();
-    let together: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts.iter().zip(max_tokens).map(|(p, n)| s.spawn(move || complete(addr, p, n))).collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().zip(max_tokens).map(|(p, n)| s.spawn(move || complete_json(addr, p, n))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     eprintln!("8 concurrent requests in {:.1} s", t.elapsed().as_secs_f64());
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let (a, b) = (text_of(a), text_of(b));
         assert_eq!(a, b, "request {i} ({:?}): alone {a:?}, together {b:?}", prompts[i]);
         assert!(!a.is_empty(), "request {i} generated nothing");
     }
+    // prefix reuse: the first request found nothing cached; the one continuing the long prompt,
+    // sent after it, was given its slot and evaluated only the rest
+    assert_eq!(usage_of(&alone[0], "cached_tokens"), 0);
+    let (cached, prompt) = (usage_of(&alone[3], "cached_tokens"), usage_of(&alone[3], "prompt_tokens"));
+    assert!(cached >= 40 && cached < prompt, "the long prompt's continuation: {cached} of {prompt} prompt tokens cached");
+    // /metrics adds up what the responses said
+    let m = metrics(&server.addr);
+    let all: Vec<&Value> = alone.iter().chain(&together).collect();
+    let sum = |f: &str| all.iter().map(|v| usage_of(v, f)).sum::<u64>() as f64;
+    assert_eq!(m["nomoat_requests_total"], 16.0);
+    assert_eq!(m["nomoat_generated_tokens_total"], sum("completion_tokens"));
+    assert_eq!(m["nomoat_prompt_tokens_total"], sum("prompt_tokens"));
+    assert_eq!(m["nomoat_prompt_tokens_cached_total"], sum("cached_tokens"));
+    assert_eq!((m["nomoat_slots"], m["nomoat_kv_cache_capacity_tokens"], m["nomoat_requests_running"]), (4.0, 4.0 * 512.0, 0.0));
+    assert!(m["nomoat_kv_cache_tokens"] > 0.0 && m["nomoat_generation_tokens_per_second"] > 0.0, "{m:?}");
     // they did run together: some step decoded several
     let log = server.log.lock().unwrap().clone();
     assert!(log.contains("slot 3:"), "four slots in use:\n{log}");

@@ -545,8 +545,24 @@ pub fn logprobs_json(tok: &nomoat_runtime::tokenizer::Tokenizer, entries: &[nomo
     json!({"content": content, "refusal": null})
 }
 
-pub fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// A request's token counts: its prompt's (and of those, the ones found in the KV cache) and
+/// its reply's.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub prompt: usize,
+    pub cached: usize,
+    pub completion: usize,
+}
+
+impl Usage {
+    fn json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
+    }
 }
 
 /// Which endpoint a response belongs to.
@@ -580,7 +596,7 @@ impl Meta {
     }
 
     /// The non-streaming response (`logprobs`: chat's `{"content": [...]}`, or null).
-    pub fn response(&self, text: &str, finish: &str, prompt_tokens: usize, completion_tokens: usize, logprobs: Value) -> Value {
+    pub fn response(&self, text: &str, finish: &str, usage: Usage, logprobs: Value) -> Value {
         let mut v = match self.kind {
             Kind::Chat => self.base(
                 "chat.completion",
@@ -588,17 +604,17 @@ impl Meta {
             ),
             Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}])),
         };
-        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v["usage"] = usage.json();
         v
     }
 
     /// The non-streaming chat response of a reply with tool calls: content null unless text
     /// came before the calls, finish_reason "tool_calls".
-    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], prompt_tokens: usize, completion_tokens: usize, logprobs: Value) -> Value {
+    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], usage: Usage, logprobs: Value) -> Value {
         let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
         let message = json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls});
         let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}]));
-        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v["usage"] = usage.json();
         v
     }
 
@@ -644,10 +660,10 @@ impl Meta {
     }
 
     /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
-    pub fn usage_chunk(&self, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
         let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
         let mut v = self.base(object, json!([]));
-        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v["usage"] = usage.json();
         v
     }
 }
@@ -841,10 +857,11 @@ mod tests {
         let c = m.chunk(None, false, Some("stop"), true);
         assert_eq!(c["choices"][0]["delta"], json!({}));
         assert!(c["usage"].is_null());
-        let u = m.usage_chunk(3, 4);
+        let u = m.usage_chunk(Usage { prompt: 3, cached: 2, completion: 4 });
         assert_eq!(u["usage"]["total_tokens"], 7);
+        assert_eq!(u["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
         assert_eq!(u["choices"], json!([]));
-        let r = Meta { kind: Kind::Completion, ..m }.response("t", "length", 1, 2, Value::Null);
+        let r = Meta { kind: Kind::Completion, ..m }.response("t", "length", Usage { prompt: 1, cached: 0, completion: 2 }, Value::Null);
         assert_eq!(r["object"], "text_completion");
         assert_eq!(r["choices"][0]["text"], "t");
     }

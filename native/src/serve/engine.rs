@@ -45,6 +45,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub completion_tokens: usize,
+    /// Prompt tokens found in the KV cache (a shared prefix), not evaluated again.
+    pub cached_tokens: usize,
     pub finish: FinishReason,
     /// Each generated token's log-probability, when the request asked for them.
     pub logprobs: Vec<TokenLogprob>,
@@ -74,6 +76,18 @@ pub struct Stats {
     pub served: AtomicU64,
     /// Bytes of GPU buffers alive after the last request (-1 where the driver does not say).
     pub gpu_bytes: AtomicI64,
+    /// What /metrics reports besides.
+    pub counters: super::metrics::Counters,
+}
+
+impl Stats {
+    /// A finished generation's tokens into the counters.
+    pub(super) fn count(&self, g: &nomoat_runtime::generate::Generation) {
+        let c = &self.counters;
+        c.prompt_tokens.fetch_add(g.prompt_tokens as u64, Ordering::Relaxed);
+        c.cached_tokens.fetch_add(g.reused_tokens as u64, Ordering::Relaxed);
+        c.generated_tokens.fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Faults the tests inject, from hidden environment variables.
@@ -196,6 +210,9 @@ fn load_and_serve(
         return Ended::LoadFailed(anyhow!(e).context("warming up the model"));
     }
     eprintln!("nomoat serve: warmed up in {:.1} s", t.elapsed().as_secs_f64());
+    stats.counters.slots.store(session.n_slots(), Ordering::Relaxed);
+    stats.counters.kv_capacity.store(session.n_slots() * n_ctx, Ordering::Relaxed);
+    stats.counters.kv_tokens.store(0, Ordering::Relaxed);
     stats.gpu_bytes.store(gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
     let tokenizer = Arc::new(tokenizer);
     // the HTTP side keeps what the first load told it; a reload after a device loss only
@@ -275,6 +292,7 @@ fn run(
             let cancelled = || job.cancel.load(Ordering::SeqCst) || job.events.is_closed();
             let mut on_text = |piece: &str| -> bool { !cancelled() && job.events.send(Event::Text(piece.to_string())).is_ok() };
             let mut on_step = |step: usize| {
+                stats.counters.rate.add(1);
                 if panic_at == Some(nth) && step == 2 {
                     panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
                 }
@@ -313,7 +331,13 @@ fn run(
                     g.gen_tps(),
                     g.finish.as_str()
                 );
-                Event::Done(Outcome { completion_tokens: g.tokens.len(), finish: g.finish, logprobs: std::mem::take(&mut job.guide.logprobs) })
+                stats.count(&g);
+                Event::Done(Outcome {
+                    completion_tokens: g.tokens.len(),
+                    cached_tokens: g.reused_tokens,
+                    finish: g.finish,
+                    logprobs: std::mem::take(&mut job.guide.logprobs),
+                })
             }
             Ok(Err(e)) => {
                 eprintln!("[#{}] generation failed: {e}", job.id);
@@ -337,6 +361,7 @@ fn run(
             return lost;
         }
         stats.gpu_bytes.store(session.gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
+        stats.counters.kv_tokens.store(session.tokens.len(), Ordering::Relaxed);
     }
     None
 }

@@ -42,6 +42,10 @@ struct Seq {
 }
 
 impl Seq {
+    fn generated(&self) -> usize {
+        self.steps.as_ref().map_or(0, |s| s.tokens().len())
+    }
+
     fn cancelled(&self) -> bool {
         self.job.cancel.load(Ordering::SeqCst) || self.job.events.is_closed()
     }
@@ -127,7 +131,11 @@ pub(super) fn run(
             continue;
         }
         stats.busy.store(true, Ordering::SeqCst);
+        stats.counters.running.store(active.len(), Ordering::Relaxed);
+        let sampled_before: usize = active.iter().map(Seq::generated).sum();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| step(session, tokenizer, &mut active, panic_at)));
+        // tokens sampled this round (a request that ended took its steps with it: not counted)
+        stats.counters.rate.add(active.iter().map(Seq::generated).sum::<usize>().saturating_sub(sampled_before) as u32);
         let turns = match result {
             Ok(turns) => turns,
             Err(panic) => {
@@ -175,7 +183,9 @@ pub(super) fn run(
                         g.finish.as_str()
                     );
                     let logprobs = std::mem::take(&mut seq.job.guide.logprobs);
-                    let _ = seq.job.events.send(Event::Done(Outcome { completion_tokens: g.tokens.len(), finish: g.finish, logprobs }));
+                    stats.count(&g);
+                    let outcome = Outcome { completion_tokens: g.tokens.len(), cached_tokens: g.reused_tokens, finish: g.finish, logprobs };
+                    let _ = seq.job.events.send(Event::Done(outcome));
                 }
                 Turn::Failed(e) => {
                     let seq = active.remove(i);
@@ -199,6 +209,9 @@ pub(super) fn run(
             }
             return Some(why);
         }
+        let counters = &stats.counters;
+        counters.running.store(active.len(), Ordering::Relaxed);
+        counters.kv_tokens.store((0..session.n_slots()).map(|s| session.slot_tokens(s).len()).sum(), Ordering::Relaxed);
         if active.is_empty() {
             stats.busy.store(false, Ordering::SeqCst);
             stats.gpu_bytes.store(session.gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
