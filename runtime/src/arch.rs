@@ -10,17 +10,25 @@ use crate::ops::{supports, KvType, Op};
 /// The architectures nomoat runs, by their GGUF `general.architecture` name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
+    /// `llama`: Llama 1 to 3.x and models that share its layer, such as SmolLM2.
     Llama,
+    /// `qwen2`: Qwen2 and Qwen2.5.
     Qwen2,
+    /// `qwen3`: Qwen3.
     Qwen3,
+    /// `gemma3`: Gemma 3.
     Gemma3,
+    /// `phi3`: Phi-3 (fused projections).
     Phi3,
+    /// `smollm3`: SmolLM3 (no RoPE on every fourth layer).
     SmolLm3,
 }
 
+/// The families by name, for messages about unsupported ones.
 pub const SUPPORTED: &str = "llama, qwen2, qwen3, gemma3, phi3 and smollm3";
 
 impl Family {
+    /// The family of a `general.architecture` name, or None when nomoat does not run it.
     pub fn from_name(name: &str) -> Option<Family> {
         Some(match name {
             "llama" => Family::Llama,
@@ -67,11 +75,17 @@ impl Family {
 /// What makes one family's layer differ from another's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spec {
+    /// Which tensors hold the projections.
     pub projections: Projections,
+    /// What q and k go through before RoPE.
     pub qk: QkPrep,
+    /// How attention's and the feed-forward's outputs return to the residual stream.
     pub branch_out: BranchOut,
+    /// The feed-forward's gated activation.
     pub activation: Activation,
+    /// Which dimensions RoPE turns together.
     pub rope: RopeType,
+    /// Which layers apply RoPE.
     pub rope_layers: RopeLayers,
     /// Embeddings scaled by sqrt(n_embd) (Gemma).
     pub scaled_embeddings: bool,
@@ -92,6 +106,7 @@ pub enum Projections {
 /// What happens to q and k between their projection and RoPE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QkPrep {
+    /// Straight from the projection.
     Plain,
     /// q, k and v biases (Qwen2).
     Bias,
@@ -102,6 +117,7 @@ pub enum QkPrep {
 /// How a branch's output returns to the residual stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BranchOut {
+    /// Added as it is.
     Add,
     /// RMS-normalised first (Gemma 3's post-attention and post-FFN norms).
     NormThenAdd,
@@ -110,7 +126,9 @@ pub enum BranchOut {
 /// The gated activation of the feed-forward branch: act(gate) · up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// SiLU (x · sigmoid(x)): Llama, Qwen, Phi-3, SmolLM3.
     Silu,
+    /// GELU, tanh approximation: Gemma 3.
     GeluTanh,
 }
 
@@ -126,6 +144,7 @@ pub enum RopeType {
 /// Which layers apply RoPE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeLayers {
+    /// Every layer.
     All,
     /// Layer i has no positional encoding where (i + 1) % n == 0 (SmolLM3: NoPE every 4th).
     NoneEvery(u32),
@@ -134,6 +153,7 @@ pub enum RopeLayers {
 /// How RoPE's frequencies are scaled for contexts longer than training's.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
+    /// Trained positions only: no scaling.
     None,
     /// Positions multiplied by this factor (1 / the `linear` scaling factor).
     Linear(f32),
@@ -145,11 +165,14 @@ pub enum RopeScaling {
 /// Which layers attend only to a window of recent positions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SlidingWindow {
+    /// Every layer attends to all positions.
     None,
     /// The last `window` positions (a query at p sees keys p - window + 1 ..= p) on the layers
     /// marked true.
     Layers {
+        /// Positions a query sees, its own included.
         window: u32,
+        /// Per layer: whether it slides.
         sliding: Vec<bool>,
     },
 }
@@ -161,30 +184,51 @@ pub const MAX_DIM: u64 = 1 << 24;
 /// The most layers a model may have (the largest models have about 130).
 pub const MAX_LAYERS: u64 = 1 << 12;
 
+/// A model's hyperparameters, from its GGUF metadata (`<arch>.*` keys), checked against
+/// [`MAX_DIM`] and [`MAX_LAYERS`].
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Its family.
     pub family: Family,
+    /// `general.architecture` as the file has it.
     pub arch_name: String,
+    /// Transformer blocks.
     pub n_layer: usize,
+    /// Width of the residual stream.
     pub n_embd: usize,
+    /// Width of the feed-forward's hidden layer.
     pub n_ff: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// Key and value heads (fewer than n_head with grouped-query attention).
     pub n_kv_head: usize,
+    /// Size of one head (`attention.key_length`, else n_embd / n_head).
     pub head_dim: usize,
+    /// Vocabulary size: rows of the embedding and output matrices.
     pub n_vocab: usize,
+    /// The context length the model was trained with.
     pub n_ctx_train: usize,
+    /// RMS norm epsilon.
     pub norm_eps: f32,
+    /// RoPE frequency base.
     pub rope_base: f32,
     /// RoPE base of the sliding-window layers (Gemma 3 uses 10,000 there).
     pub rope_base_local: f32,
+    /// How RoPE's frequencies are scaled.
     pub rope_scaling: RopeScaling,
+    /// Dimensions of each head RoPE turns (the rest pass through).
     pub n_rot: usize,
+    /// What q·k is multiplied by before softmax (1/sqrt(head_dim) unless the model says).
     pub attn_scale: f32,
+    /// Which layers use a sliding window, and its size.
     pub window: SlidingWindow,
+    /// Logits capped softly at ± this (tanh), when the model asks for it.
     pub final_softcap: Option<f32>,
 }
 
 impl Config {
+    /// Reads and checks the hyperparameters of a model file's header; an architecture nomoat does
+    /// not run is `ModelError::UnsupportedArchitecture`.
     pub fn from_gguf(g: &Gguf) -> Result<Config, ModelError> {
         let name = g.architecture()?.to_string();
         let family = Family::from_name(&name).ok_or_else(|| ModelError::UnsupportedArchitecture(name.clone()))?;

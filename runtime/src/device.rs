@@ -17,7 +17,9 @@ use crate::tuning::Tuning;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// What a GPU operation can fail with.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[allow(missing_docs)] // each variant's #[error] message says what it means and names its fields
 pub enum GpuError {
     #[error("no GPU adapter found{0}")]
     NoAdapter(String),
@@ -38,7 +40,9 @@ pub enum GpuError {
 /// What the caller wants from the device. Tests turn features off to exercise every variant.
 #[derive(Clone, Debug)]
 pub struct GpuOptions {
+    /// Use shader-f16 where the device has it (off: no kernel uses f16 arithmetic).
     pub allow_f16: bool,
+    /// Use subgroup operations where the device has them (off: the kernels without them).
     pub allow_subgroups: bool,
     /// Substring of the adapter name to pick; `WGPU_ADAPTER_NAME` also works.
     pub adapter_name: Option<String>,
@@ -64,8 +68,11 @@ impl Default for GpuOptions {
 /// GPU time spent in one kernel (file, entry point and weight type) since the last take.
 #[derive(Clone, Debug)]
 pub struct KernelTime {
+    /// The kernel: WGSL file, entry point unless `main`, weight type.
     pub kernel: String,
+    /// Dispatches of it.
     pub calls: u64,
+    /// GPU time they took, in seconds.
     pub seconds: f64,
 }
 
@@ -73,8 +80,11 @@ pub struct KernelTime {
 /// file is generated with (on the device's [`Variant`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
+    /// The WGSL file under `shaders/`.
     pub file: &'static str,
+    /// Its entry point.
     pub entry: &'static str,
+    /// The flags and values the file is generated with.
     pub defines: Defines,
 }
 
@@ -94,7 +104,9 @@ impl PipelineKey {
 
 /// A compiled pipeline and its bind-group layout.
 pub struct Pipeline {
+    /// The compiled pipeline.
     pub pipeline: wgpu::ComputePipeline,
+    /// Its bind-group layout, for making bind groups.
     pub layout: wgpu::BindGroupLayout,
 }
 
@@ -114,11 +126,18 @@ impl PipelineCache {
     }
 }
 
+/// An open GPU device: its queue, limits and kernel choices, the pipelines compiled on it, and
+/// how its memory is accounted. Every model, session and adapter lives on one.
 pub struct Gpu {
+    /// The wgpu device.
     pub device: wgpu::Device,
+    /// Its queue.
     pub queue: wgpu::Queue,
+    /// What the adapter says about itself (name, backend, driver).
     pub info: wgpu::AdapterInfo,
+    /// The limits the device was opened with.
     pub limits: wgpu::Limits,
+    /// Which kernel code paths it runs (f16, subgroups, browser).
     pub variant: Variant,
     lost: Arc<Mutex<Option<String>>>,
     memory_budget: Option<u64>,
@@ -135,6 +154,9 @@ pub struct Gpu {
 }
 
 impl Gpu {
+    /// Opens a device: the adapter named like `opts.adapter_name` or `WGPU_ADAPTER_NAME`, else the
+    /// high-performance one wgpu offers (`WGPU_BACKEND` picks the backends; OpenGL is left out
+    /// otherwise), with the features it has and `opts` allow.
     pub async fn new(opts: GpuOptions) -> Result<Gpu, GpuError> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         // WGPU_BACKEND picks a backend; otherwise leave out OpenGL, whose compute support is
@@ -254,6 +276,8 @@ impl Gpu {
         (v > 0).then_some(v as i64)
     }
 
+    /// `GpuError::DeviceLost` once the device is lost (a driver reset, or the browser took it
+    /// back).
     pub fn check_lost(&self) -> Result<(), GpuError> {
         match self.lost.lock().unwrap().as_ref() {
             Some(m) => Err(GpuError::DeviceLost(m.clone())),
@@ -261,6 +285,7 @@ impl Gpu {
         }
     }
 
+    /// Adapter name, backend, driver, kernel variant and largest storage binding, in one line.
     pub fn describe(&self) -> String {
         format!("{} ({:?}, {}), kernels {}, max binding {} MiB", self.info.name, self.info.backend, self.info.driver, self.variant.label(), self.max_binding() >> 20)
     }
@@ -315,10 +340,12 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// A storage buffer holding `data` (see [`Gpu::upload`]).
     pub async fn upload_f32(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer, GpuError> {
         self.upload(label, bytemuck::cast_slice(data), 0).await
     }
 
+    /// A storage buffer holding `data` (see [`Gpu::upload`]).
     pub async fn upload_u32(&self, label: &str, data: &[u32]) -> Result<wgpu::Buffer, GpuError> {
         self.upload(label, bytemuck::cast_slice(data), 0).await
     }
@@ -384,11 +411,13 @@ impl Gpu {
         Ok(data)
     }
 
+    /// `n` f32 values of `src` from element `offset_elems` on.
     pub async fn read_f32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<f32>, GpuError> {
         let b = self.read(src, offset_elems * 4, n as u64 * 4).await?;
         Ok(bytemuck::cast_slice(&b).to_vec())
     }
 
+    /// `n` u32 values of `src` from element `offset_elems` on.
     pub async fn read_u32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<u32>, GpuError> {
         let b = self.read(src, offset_elems * 4, n as u64 * 4).await?;
         Ok(bytemuck::cast_slice(&b).to_vec())

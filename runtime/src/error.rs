@@ -4,7 +4,9 @@ use crate::device::GpuError;
 use crate::ggml_type::GgmlType;
 use crate::gguf::GgufError;
 
+/// What loading a model or an adapter, generating or training can fail with.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message says what it means and names its fields
 pub enum ModelError {
     #[error("unsupported architecture '{0}' (nomoat runs {supported})", supported = crate::arch::SUPPORTED)]
     UnsupportedArchitecture(String),
@@ -38,6 +40,7 @@ pub enum ModelError {
 /// Where model bytes come from: a file natively, a `File` or a download in the browser.
 #[allow(async_fn_in_trait)]
 pub trait ByteSource {
+    /// Fills `buf` with the bytes at `offset`; an error says why they could not be read.
     async fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 

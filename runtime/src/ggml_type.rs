@@ -6,7 +6,9 @@
 
 use std::fmt;
 
+/// A tensor element type, as GGUF stores it by id: plain numbers or blocks of quantized values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // each variant is llama.cpp's type of that name (`name()` spells it)
 pub enum GgmlType {
     F32,
     F16,
@@ -99,6 +101,7 @@ impl GgmlType {
         })
     }
 
+    /// Its id in GGUF files (llama.cpp's `ggml_type` value).
     pub fn id(self) -> u32 {
         use GgmlType::*;
         match self {
@@ -174,10 +177,12 @@ impl GgmlType {
         }
     }
 
+    /// Elements in one block (1 for plain types).
     pub fn block_elems(self) -> usize {
         self.block_layout().0
     }
 
+    /// Bytes one block takes.
     pub fn block_bytes(self) -> usize {
         self.block_layout().1
     }
@@ -192,10 +197,12 @@ impl GgmlType {
         (n / be as u64).checked_mul(bb as u64)
     }
 
+    /// Whether nomoat's kernels read weights of this type.
     pub fn is_supported_by_kernels(self) -> bool {
         KERNEL_TYPES.contains(&self)
     }
 
+    /// llama.cpp's name of the type (`Q4_K`, `BF16`, ...).
     pub fn name(self) -> &'static str {
         use GgmlType::*;
         match self {
@@ -234,6 +241,7 @@ impl GgmlType {
         }
     }
 
+    /// The type called `name` (any case), or None.
     pub fn from_name(name: &str) -> Option<GgmlType> {
         (0..40).filter_map(GgmlType::from_id).find(|t| t.name().eq_ignore_ascii_case(name))
     }

@@ -6,8 +6,10 @@ use thiserror::Error;
 use super::MAX_HEADER_BYTES;
 use crate::ggml_type::GgmlType;
 
+/// What is wrong with a GGUF file, with the key or tensor and the byte offset involved.
 #[derive(Debug, Error)]
 #[non_exhaustive]
+#[allow(missing_docs)] // each variant's #[error] message says what it means and names its fields
 pub enum GgufError {
     #[error("not a GGUF file: expected the magic bytes \"GGUF\" at byte 0 but found {}", show_magic(.found))]
     BadMagic { found: [u8; 4] },

@@ -43,17 +43,22 @@ pub const MAX_ARRAY_ELEMENTS: u64 = 1 << 23;
 /// Far beyond real files (a few thousand tensors, a few dozen keys); bounds the memory a
 /// forged count can make the parser use.
 pub const MAX_TENSORS: u64 = 1 << 20;
+/// The most metadata keys a header may declare (real files have a few dozen).
 pub const MAX_METADATA_KVS: u64 = 1 << 20;
+/// Data alignment when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// First chunk `read_from` reads: enough for the headers of small models in one go.
 const FIRST_CHUNK: u64 = 1 << 20;
 
+/// A tensor's entry in the header: name, shape, type and where its data is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// Its name (`blk.0.attn_q.weight`).
     pub name: String,
     /// `dims[0]` is the innermost dimension (ggml's ne[0], the row length).
     pub dims: Vec<u64>,
+    /// Its element type.
     pub ty: GgmlType,
     /// Relative to the data section; see [`Gguf::tensor_data_range`].
     pub offset: u64,
@@ -65,26 +70,33 @@ impl TensorInfo {
         self.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d))
     }
 
+    /// Elements in a row (`dims[0]`).
     pub fn row_len(&self) -> u64 {
         self.dims.first().copied().unwrap_or(0)
     }
 
+    /// Rows: the product of the outer dimensions (saturating).
     pub fn n_rows(&self) -> u64 {
         self.dims.iter().skip(1).fold(1u64, |n, &d| n.saturating_mul(d))
     }
 
+    /// Bytes of its data (`u64::MAX` when rows are not whole blocks or the size overflows).
     pub fn size_bytes(&self) -> u64 {
         self.ty.row_bytes(self.row_len()).map_or(u64::MAX, |row| row.saturating_mul(self.n_rows()))
     }
 }
 
+/// A parsed GGUF header: metadata, tensor table and where the data starts. The data itself is
+/// not read; [`Gguf::tensor_data_range`] says where each tensor's bytes are.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gguf {
+    /// GGUF version (2 or 3).
     pub version: u32,
     /// In file order.
     pub metadata: Vec<(String, MetadataValue)>,
     /// In file order (not necessarily data order).
     pub tensors: Vec<TensorInfo>,
+    /// Alignment of tensor data, from `general.alignment` (default [`DEFAULT_ALIGNMENT`]).
     pub alignment: u64,
     /// Absolute byte offset of the data section.
     pub data_offset: u64,
@@ -93,10 +105,12 @@ pub struct Gguf {
 /// The answer to a prefix of a file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Parse {
+    /// The whole header was in the prefix.
     Complete(Gguf),
     /// Call again with a prefix of at least this many bytes. It only grows as the prefix
     /// does, and never exceeds [`MAX_HEADER_BYTES`].
     NeedMore {
+        /// Bytes of prefix needed.
         at_least: usize,
     },
 }
@@ -142,10 +156,12 @@ impl Gguf {
         start..start.saturating_add(t.size_bytes())
     }
 
+    /// The tensor named `name`.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// The value of metadata `key`.
     pub fn get(&self, key: &str) -> Option<&MetadataValue> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -155,23 +171,30 @@ impl Gguf {
         self.get_str("general.architecture")
     }
 
+    /// An integer key as a u32: `MissingKey` when absent, an error when of another type or out of
+    /// range.
     pub fn get_u32(&self, key: &str) -> Result<u32, GgufError> {
         required(key, self.get_u32_opt(key))
     }
+    /// [`Gguf::get_u32`], None when the key is absent.
     pub fn get_u32_opt(&self, key: &str) -> Result<Option<u32>, GgufError> {
         self.get(key).map(|v| integer(key, v, "u32")).transpose()
     }
 
+    /// An integer key as a u64 (see [`Gguf::get_u32`]).
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         required(key, self.get_u64_opt(key))
     }
+    /// [`Gguf::get_u64`], None when the key is absent.
     pub fn get_u64_opt(&self, key: &str) -> Result<Option<u64>, GgufError> {
         self.get(key).map(|v| integer(key, v, "u64")).transpose()
     }
 
+    /// An integer key as an i64 (see [`Gguf::get_u32`]).
     pub fn get_i64(&self, key: &str) -> Result<i64, GgufError> {
         required(key, self.get_i64_opt(key))
     }
+    /// [`Gguf::get_i64`], None when the key is absent.
     pub fn get_i64_opt(&self, key: &str) -> Result<Option<i64>, GgufError> {
         self.get(key).map(|v| integer(key, v, "i64")).transpose()
     }
@@ -180,20 +203,25 @@ impl Gguf {
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
         required(key, self.get_f32_opt(key))
     }
+    /// [`Gguf::get_f32`], None when the key is absent.
     pub fn get_f32_opt(&self, key: &str) -> Result<Option<f32>, GgufError> {
         self.get(key).map(|v| float(key, v)).transpose()
     }
 
+    /// A string key: `MissingKey` when absent, `WrongMetadataType` when not a string.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
         required(key, self.get_str_opt(key))
     }
+    /// [`Gguf::get_str`], None when the key is absent.
     pub fn get_str_opt(&self, key: &str) -> Result<Option<&str>, GgufError> {
         self.get(key).map(|v| v.as_str().ok_or_else(|| wrong_type(key, "a string", v))).transpose()
     }
 
+    /// A bool key: `MissingKey` when absent, `WrongMetadataType` when not a bool.
     pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
         required(key, self.get_bool_opt(key))
     }
+    /// [`Gguf::get_bool`], None when the key is absent.
     pub fn get_bool_opt(&self, key: &str) -> Result<Option<bool>, GgufError> {
         self.get(key).map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "a bool", v))).transpose()
     }
@@ -202,13 +230,16 @@ impl Gguf {
     pub fn get_array(&self, key: &str) -> Result<&[MetadataValue], GgufError> {
         required(key, self.get_array_opt(key))
     }
+    /// [`Gguf::get_array`], None when the key is absent.
     pub fn get_array_opt(&self, key: &str) -> Result<Option<&[MetadataValue]>, GgufError> {
         self.get(key).map(|v| v.as_array().ok_or_else(|| wrong_type(key, "an array", v))).transpose()
     }
 
+    /// An array of strings (token texts, merges).
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         required(key, self.get_str_array_opt(key))
     }
+    /// [`Gguf::get_str_array`], None when the key is absent.
     pub fn get_str_array_opt(&self, key: &str) -> Result<Option<Vec<&str>>, GgufError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
@@ -221,6 +252,7 @@ impl Gguf {
     pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
         required(key, self.get_f32_array_opt(key))
     }
+    /// [`Gguf::get_f32_array`], None when the key is absent.
     pub fn get_f32_array_opt(&self, key: &str) -> Result<Option<Vec<f32>>, GgufError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
@@ -233,6 +265,7 @@ impl Gguf {
     pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>, GgufError> {
         required(key, self.get_i32_array_opt(key))
     }
+    /// [`Gguf::get_i32_array`], None when the key is absent.
     pub fn get_i32_array_opt(&self, key: &str) -> Result<Option<Vec<i32>>, GgufError> {
         let Some(v) = self.get(key) else {
             return Ok(None);

@@ -4,6 +4,7 @@ use std::fmt;
 
 /// The type tag GGUF stores before each metadata value and each array's elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // each variant is the value type its name says, in GGUF's id order
 pub enum ValueType {
     U8,
     I8,
@@ -37,14 +38,17 @@ impl ValueType {
         ValueType::F64,
     ];
 
+    /// The type of a tag in the file, or None for an unknown tag.
     pub fn from_id(id: u32) -> Option<ValueType> {
         Self::ALL.get(id as usize).copied()
     }
 
+    /// Its tag in the file.
     pub fn id(self) -> u32 {
         self as u32
     }
 
+    /// Its name in messages (`u32`, `string`, ...).
     pub fn name(self) -> &'static str {
         use ValueType::*;
         match self {
@@ -86,6 +90,7 @@ impl ValueType {
         }
     }
 
+    /// Whether it is one of the eight integer types.
     pub fn is_integer(self) -> bool {
         use ValueType::*;
         matches!(self, U8 | I8 | U16 | I16 | U32 | I32 | U64 | I64)
@@ -98,7 +103,9 @@ impl fmt::Display for ValueType {
     }
 }
 
+/// A metadata value as the file stores it.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(missing_docs)] // each variant holds a value of the GGUF type its name says
 pub enum MetadataValue {
     U8(u8),
     I8(i8),
@@ -121,6 +128,7 @@ pub enum MetadataValue {
 }
 
 impl MetadataValue {
+    /// Its GGUF type.
     pub fn value_type(&self) -> ValueType {
         use MetadataValue as V;
         match self {
@@ -183,6 +191,7 @@ impl MetadataValue {
         }
     }
 
+    /// The text of a string value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetadataValue::String(s) => Some(s),
@@ -190,6 +199,7 @@ impl MetadataValue {
         }
     }
 
+    /// The value of a bool.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             MetadataValue::Bool(b) => Some(b),
@@ -197,6 +207,7 @@ impl MetadataValue {
         }
     }
 
+    /// The items of an array.
     pub fn as_array(&self) -> Option<&[MetadataValue]> {
         match self {
             MetadataValue::Array { items, .. } => Some(items),
@@ -204,6 +215,7 @@ impl MetadataValue {
         }
     }
 
+    /// An array of strings.
     pub fn str_array<I, S>(items: I) -> MetadataValue
     where
         I: IntoIterator<Item = S>,
@@ -213,16 +225,19 @@ impl MetadataValue {
         MetadataValue::Array { elem_type: ValueType::String, items }
     }
 
+    /// An array of f32s.
     pub fn f32_array(items: impl IntoIterator<Item = f32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::F32).collect();
         MetadataValue::Array { elem_type: ValueType::F32, items }
     }
 
+    /// An array of i32s.
     pub fn i32_array(items: impl IntoIterator<Item = i32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::I32).collect();
         MetadataValue::Array { elem_type: ValueType::I32, items }
     }
 
+    /// An array of u32s.
     pub fn u32_array(items: impl IntoIterator<Item = u32>) -> MetadataValue {
         let items = items.into_iter().map(MetadataValue::U32).collect();
         MetadataValue::Array { elem_type: ValueType::U32, items }

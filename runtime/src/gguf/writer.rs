@@ -9,6 +9,7 @@
 use super::{MetadataValue, DEFAULT_ALIGNMENT};
 use crate::ggml_type::GgmlType;
 
+/// A GGUF file under construction: metadata and tensors in the order added (see the module doc).
 #[derive(Clone, Debug)]
 pub struct GgufWriter {
     version: u32,
@@ -32,6 +33,7 @@ impl Default for GgufWriter {
 }
 
 impl GgufWriter {
+    /// An empty version-3 file with the default alignment.
     pub fn new() -> GgufWriter {
         GgufWriter { version: 3, alignment: DEFAULT_ALIGNMENT, metadata: Vec::new(), tensors: Vec::new() }
     }
@@ -66,6 +68,7 @@ impl GgufWriter {
         self
     }
 
+    /// The whole file.
     pub fn to_bytes(&self) -> Vec<u8> {
         let align = self.alignment.max(1);
         let mut out = Vec::new();

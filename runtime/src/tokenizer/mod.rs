@@ -61,6 +61,7 @@ use special::{Fragment, SpecialIds};
 use spm::read_scores;
 
 /// Metadata keys read here.
+#[allow(missing_docs)] // each constant's value is the GGUF key it stands for
 pub mod keys {
     pub const MODEL: &str = "tokenizer.ggml.model";
     pub const PRE: &str = "tokenizer.ggml.pre";
@@ -90,6 +91,7 @@ pub mod keys {
 }
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+#[allow(missing_docs)] // the values are llama.cpp's, named as there
 pub mod token_type {
     pub const UNDEFINED: i32 = 0;
     pub const NORMAL: i32 = 1;
@@ -123,6 +125,7 @@ fn attr_of_type(t: i32) -> u16 {
 /// Why a tokenizer could not be built, or a text not encoded.
 #[derive(Debug, Error)]
 #[non_exhaustive]
+#[allow(missing_docs)] // each variant's #[error] message says what it means and names its fields
 pub enum TokenizerError {
     #[error("the GGUF file has no usable tokenizer: metadata key '{key}' is missing")]
     MissingKey { key: String },
@@ -492,22 +495,27 @@ impl Tokenizer {
         self.piece(id, true).into_owned()
     }
 
+    /// The number of tokens in the vocabulary (ids are 0 to this, exclusive).
     pub fn vocab_size(&self) -> usize {
         self.texts.len()
     }
 
+    /// The beginning-of-sequence token, if the model has one.
     pub fn bos(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence token, if the model has one.
     pub fn eos(&self) -> Option<u32> {
         self.eos
     }
 
+    /// The token that stands for text the vocabulary cannot spell, if the model has one.
     pub fn unk(&self) -> Option<u32> {
         self.unk
     }
 
+    /// The padding token, if the model names one.
     pub fn pad(&self) -> Option<u32> {
         self.pad
     }
@@ -523,6 +531,7 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// Whether `encode(.., add_special = true, ..)` ends with EOS.
     pub fn add_eos(&self) -> bool {
         self.add_eos
     }
@@ -534,6 +543,7 @@ impl Tokenizer {
         self.eog.clone()
     }
 
+    /// Whether `id` ends a turn or a generation (one of [`Tokenizer::eot_ids`]).
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.binary_search(&id).is_ok()
     }
