@@ -11,10 +11,14 @@ use crate::session::{Session, MAX_BATCH};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use web_time::Instant;
 
+/// How a generation samples and when it ends.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
+    /// The most tokens to generate (the context's end also stops it).
     pub max_tokens: usize,
+    /// Sampling settings.
     pub sampler: SamplerConfig,
+    /// Strings that end the reply where they appear (left out of the text).
     pub stop: Vec<String>,
     /// Stop at the model's end-of-generation tokens (EOS, end of turn).
     pub stop_at_eog: bool,
@@ -26,6 +30,7 @@ impl Default for GenerateOptions {
     }
 }
 
+/// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.
@@ -37,6 +42,7 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// OpenAI's name for it: `stop`, `length` or `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
@@ -46,24 +52,33 @@ impl FinishReason {
     }
 }
 
+/// A finished generation: its tokens, text, why it ended, and timings.
 #[derive(Clone, Debug)]
 pub struct Generation {
+    /// The generated token ids (the prompt's not included).
     pub tokens: Vec<u32>,
+    /// Their text, stop string left out.
     pub text: String,
+    /// Why it ended.
     pub finish: FinishReason,
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
     /// Prompt tokens found already in the KV cache (shared prefix), not evaluated again.
     pub reused_tokens: usize,
+    /// Time spent on the prompt, in seconds.
     pub prompt_seconds: f64,
+    /// Time spent generating after the prompt, in seconds.
     pub gen_seconds: f64,
     /// Of gen_seconds, the time spent computing constraint masks.
     pub mask_seconds: f64,
 }
 
 impl Generation {
+    /// Prompt tokens evaluated (reused ones left out) per second.
     pub fn prompt_tps(&self) -> f64 {
         (self.prompt_tokens - self.reused_tokens) as f64 / self.prompt_seconds.max(1e-9)
     }
+    /// Generated tokens per second.
     pub fn gen_tps(&self) -> f64 {
         self.tokens.len() as f64 / self.gen_seconds.max(1e-9)
     }
@@ -177,6 +192,7 @@ impl Session<'_> {
 /// server's scheduler several together (each step's forward pass then shared). Each step
 /// takes the token sampled after the last and says what to feed next, or that the reply ended.
 pub struct Steps {
+    /// Samples each token; it has seen the prompt and every token so far (penalties).
     pub sampler: Sampler,
     emitter: Emitter,
     out: Generation,
@@ -188,6 +204,8 @@ pub struct Steps {
 }
 
 impl Steps {
+    /// A generation about to start, the prompt (`prompt_tokens` of them, `reused_tokens` found
+    /// in the cache) done in `prompt_seconds`.
     pub fn new(tokenizer: &Tokenizer, opts: &GenerateOptions, sampler: Sampler, prompt_tokens: usize, reused_tokens: usize, prompt_seconds: f64) -> Steps {
         Steps {
             sampler,
@@ -397,10 +415,14 @@ impl Emitter {
     }
 }
 
+/// The result of [`perplexity`].
 #[derive(Clone, Debug)]
 pub struct Perplexity {
+    /// exp of the mean negative log-likelihood of the scored tokens.
     pub value: f64,
+    /// Windows evaluated.
     pub windows: usize,
+    /// Tokens scored: the second half of each window.
     pub scored_tokens: usize,
 }
 

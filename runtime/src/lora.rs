@@ -19,16 +19,24 @@ use std::sync::Arc;
 
 /// One adapted projection: A [rank][n_in], B [n_out][rank].
 pub struct LoraPair {
+    /// A: [rank][n_in].
     pub a: GpuMatrix,
+    /// B: [n_out][rank].
     pub b: GpuMatrix,
+    /// The rank: rows of A, columns of B.
     pub rank: u32,
 }
 
+/// A LoRA adapter on the GPU (llama.cpp's GGUF adapter format), checked against its base
+/// model's tensors; a session applies it unmerged, scaled.
 pub struct LoraAdapter {
+    /// Its name (the file's stem natively).
     pub name: String,
+    /// LoRA alpha: a pair's output is scaled by alpha / rank (0: not scaled), see [`LoraAdapter::factor`].
     pub alpha: f32,
     /// Keyed by the base tensor's name, e.g. "blk.0.attn_q.weight".
     pub pairs: BTreeMap<String, LoraPair>,
+    /// Bytes of its factors on the GPU.
     pub bytes: u64,
 }
 

@@ -10,36 +10,55 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::ops::{supports, GpuMatrix, KvType, Op, Unsupported};
 use crate::quant;
 
+/// One transformer block's weights on the GPU (the `blk.N.*` tensors); vectors are f32.
 pub struct Layer {
+    /// RMS norm weight before attention.
     pub attn_norm: wgpu::Buffer, // [n_embd]
     /// q [n_head * head_dim][n_embd], k and v [n_kv_head * head_dim][n_embd], stacked into one
     /// matrix (parts q, k, v) when their types match, else consecutive runs of one type (a
     /// fused attn_qkv tensor is one matrix of those three parts).
     pub wqkv: Vec<GpuMatrix>,
+    /// q bias (Qwen2).
     pub bq: Option<wgpu::Buffer>,             // [n_head * head_dim]
+    /// k bias (Qwen2).
     pub bk: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    /// v bias (Qwen2).
     pub bv: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    /// RMS norm weight over each head of q (Qwen3, Gemma 3).
     pub q_norm: Option<wgpu::Buffer>,         // [head_dim]
+    /// RMS norm weight over each head of k (Qwen3, Gemma 3).
     pub k_norm: Option<wgpu::Buffer>,         // [head_dim]
+    /// Attention's output projection.
     pub wo: GpuMatrix,                        // [n_embd][n_head * head_dim]
+    /// RMS norm weight on attention's output before it is added (Gemma 3).
     pub post_attn_norm: Option<wgpu::Buffer>, // [n_embd]
+    /// RMS norm weight before the feed-forward.
     pub ffn_norm: wgpu::Buffer,               // [n_embd]
     /// gate and up [n_ff][n_embd], stacked (parts gate, up) when their types match (a fused
     /// ffn_up tensor holds both, gate first).
     pub w_gate_up: Vec<GpuMatrix>,
+    /// The feed-forward's down projection.
     pub w_down: GpuMatrix,                   // [n_embd][n_ff]
+    /// RMS norm weight on the feed-forward's output before it is added (Gemma 3).
     pub post_ffn_norm: Option<wgpu::Buffer>, // [n_embd]
 }
 
+/// A model's weights on the GPU, as [`Model::load`] uploads them from a GGUF file; sessions
+/// borrow it to run the forward pass.
 pub struct Model {
+    /// Its hyperparameters.
     pub config: Config,
+    /// Token embeddings, one row a token.
     pub token_embd: GpuMatrix, // [n_vocab][n_embd]
+    /// The transformer blocks, in order.
     pub layers: Vec<Layer>,
+    /// RMS norm weight before the output head.
     pub output_norm: wgpu::Buffer, // [n_embd]
     /// None when the output head is tied to token_embd.
     pub output: Option<GpuMatrix>, // [n_vocab][n_embd]
     /// RoPE's per-dimension frequency divisors, [n_rot / 2] (RopeScaling::Factors).
     pub rope_factors: Option<wgpu::Buffer>,
+    /// Bytes of weights uploaded.
     pub weight_bytes: u64,
 }
 
@@ -254,6 +273,7 @@ impl Model {
         Ok(Model { config: c, token_embd, layers, output_norm, output, rope_factors, weight_bytes })
     }
 
+    /// The matrix that turns the last hidden state into logits (`output`, or the tied embeddings).
     pub fn output_head(&self) -> &GpuMatrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
     }
