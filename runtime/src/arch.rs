@@ -41,7 +41,7 @@ impl Family {
         })
     }
 
-    /// How a layer of this family is built (llama.cpp's src/models/<arch>.cpp).
+    /// How a layer of this family is built (llama.cpp's `src/models/<arch>.cpp`).
     pub fn spec(self) -> Spec {
         let llama = Spec {
             projections: Projections::Separate,

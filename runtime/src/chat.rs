@@ -39,25 +39,32 @@ use std::fmt;
 /// One chat turn. `role` is usually "system", "user" or "assistant".
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Message {
+    /// Who speaks: the template decides which roles it knows.
     pub role: String,
+    /// What they say.
     pub content: String,
 }
 
 impl Message {
+    /// A turn of `role`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Message { role: role.into(), content: content.into() }
     }
+    /// A system turn.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// An assistant turn.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
 }
 
+/// Why a chat template could not be loaded or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     /// The template does not parse.
@@ -79,6 +86,7 @@ pub enum ChatError {
     Gguf(#[from] GgufError),
     /// A special-token id that is not in `tokenizer.ggml.tokens`.
     #[error("{key} = {id} is outside the vocabulary ({vocab} tokens)")]
+    #[allow(missing_docs)] // the message names the key, the id and the vocabulary size
     TokenId { key: &'static str, id: u64, vocab: usize },
 }
 
@@ -164,12 +172,15 @@ impl ChatTemplate {
         self
     }
 
+    /// The template's Jinja source.
     pub fn source(&self) -> &str {
         &self.source
     }
+    /// The text it renders as `bos_token`.
     pub fn bos_token(&self) -> &str {
         &self.bos_token
     }
+    /// The text it renders as `eos_token`.
     pub fn eos_token(&self) -> &str {
         &self.eos_token
     }
@@ -694,6 +705,7 @@ impl StopMatcher {
         &self.held
     }
 
+    /// Feeds the next decoded piece: the text safe to show now, and whether a stop string matched.
     pub fn push(&mut self, piece: &str) -> (String, bool) {
         if self.stopped {
             return (String::new(), true);

@@ -65,7 +65,9 @@ impl Grammar {
 /// A request field that cannot be used: which one (its dotted path) and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
+    /// The field, as a dotted path (`response_format.json_schema.schema`).
     pub param: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
@@ -198,6 +200,8 @@ impl std::fmt::Display for ConstraintError {
 impl std::error::Error for ConstraintError {}
 
 impl Constrainer {
+    /// Prepares structured output over `tokenizer`'s vocabulary (a trie of every token's bytes: it
+    /// takes a moment, so build one per model and keep it).
     pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Constrainer, ConstraintError> {
         let n = tokenizer.vocab_size();
         let end =
@@ -263,6 +267,7 @@ impl Constrainer {
 /// deep overflows a 2 MB thread stack, which aborts the process. Lark grammars have their own
 /// limit in llguidance.
 pub const MAX_SCHEMA_DEPTH: usize = 128;
+/// How deeply a regular expression's groups may nest (see [`MAX_SCHEMA_DEPTH`]).
 pub const MAX_REGEX_DEPTH: usize = 100;
 
 fn check_nesting(grammar: &Grammar) -> Result<(), ConstraintError> {
@@ -328,10 +333,12 @@ impl std::fmt::Debug for Constraint {
 /// allowed (a model's vocabulary can be padded past its tokenizer's).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenMask {
+    /// The bits, 32 tokens a word.
     pub words: Vec<u32>,
 }
 
 impl TokenMask {
+    /// Whether token `id` is allowed.
     pub fn allows(&self, id: u32) -> bool {
         self.words.get(id as usize / 32).is_some_and(|w| w >> (id % 32) & 1 == 1)
     }
@@ -422,13 +429,16 @@ impl Constraint {
 /// log-probabilities.
 #[derive(Debug, Default)]
 pub struct Guide {
+    /// The grammar the reply must fit, if any.
     pub constraint: Option<Constraint>,
+    /// (token id, bias) pairs added to those tokens' logits before sampling.
     pub logit_bias: Vec<(u32, f32)>,
     /// Some(n): record each generated token's log-probability and the n most likely tokens'
     /// (OpenAI's `logprobs` / `top_logprobs`) into `logprobs`. The model's distribution, logit
     /// bias included and grammar left out; every logit is read back, and forced tokens are
     /// stepped one by one so that each has its own.
     pub top_logprobs: Option<usize>,
+    /// Filled with each generated token's log-probabilities when `top_logprobs` is set.
     pub logprobs: Vec<TokenLogprob>,
     /// Time spent computing masks (seconds), for the benchmark and the server's log.
     pub mask_seconds: f64,
@@ -437,13 +447,16 @@ pub struct Guide {
 /// A generated token's log-probability, with the most likely tokens' at that step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenLogprob {
+    /// The token generated.
     pub id: u32,
+    /// Its log-probability.
     pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, highest first.
     pub top: Vec<(u32, f32)>,
 }
 
 impl TokenLogprob {
-    /// log Σ exp(logits) (NaN left out): log p(i) = logits[i] - this.
+    /// log Σ exp(logits) (NaN left out): `log p(i) = logits[i] - this`.
     pub fn log_sum_exp(logits: &[f32]) -> f64 {
         let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
         if max == f64::NEG_INFINITY {
@@ -459,10 +472,12 @@ impl TokenLogprob {
 }
 
 impl Guide {
+    /// Whether it steers nothing (no grammar, no bias, no log-probabilities): plain sampling.
     pub fn is_empty(&self) -> bool {
         self.constraint.is_none() && self.logit_bias.is_empty() && self.top_logprobs.is_none()
     }
 
+    /// A guide with only `constraint`.
     pub fn with_constraint(constraint: Constraint) -> Guide {
         Guide { constraint: Some(constraint), ..Guide::default() }
     }

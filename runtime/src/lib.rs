@@ -25,10 +25,13 @@
 //! dequantization and ops, the yardstick the kernels are tested against) and `conformance`
 //! (that test suite, run natively and in the browser).
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod catalog;
 pub mod chat;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod conformance;
 pub mod constrain;
 pub mod device;
@@ -39,20 +42,25 @@ pub mod gguf;
 pub mod lora;
 pub mod model;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod ops;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod quant;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod reference;
 pub mod rng;
 pub mod sampler;
 pub mod session;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod shaders;
 pub mod tokenizer;
 pub mod tools;
 pub mod train;
 #[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod tuning;
 
 /// The element type of a session's KV cache.

@@ -17,11 +17,11 @@ use crate::ops::{GpuMatrix, ProductIn, ProductOut, Recorder};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// One adapted projection: A [rank][n_in], B [n_out][rank].
+/// One adapted projection: A `[rank][n_in]`, B `[n_out][rank]`.
 pub struct LoraPair {
-    /// A: [rank][n_in].
+    /// A: `[rank][n_in]`.
     pub a: GpuMatrix,
-    /// B: [n_out][rank].
+    /// B: `[n_out][rank]`.
     pub b: GpuMatrix,
     /// The rank: rows of A, columns of B.
     pub rank: u32,

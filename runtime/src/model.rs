@@ -14,31 +14,31 @@ use crate::quant;
 pub struct Layer {
     /// RMS norm weight before attention.
     pub attn_norm: wgpu::Buffer, // [n_embd]
-    /// q [n_head * head_dim][n_embd], k and v [n_kv_head * head_dim][n_embd], stacked into one
+    /// q `[n_head * head_dim][n_embd]`, k and v `[n_kv_head * head_dim][n_embd]`, stacked into one
     /// matrix (parts q, k, v) when their types match, else consecutive runs of one type (a
     /// fused attn_qkv tensor is one matrix of those three parts).
     pub wqkv: Vec<GpuMatrix>,
     /// q bias (Qwen2).
-    pub bq: Option<wgpu::Buffer>,             // [n_head * head_dim]
+    pub bq: Option<wgpu::Buffer>, // [n_head * head_dim]
     /// k bias (Qwen2).
-    pub bk: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    pub bk: Option<wgpu::Buffer>, // [n_kv_head * head_dim]
     /// v bias (Qwen2).
-    pub bv: Option<wgpu::Buffer>,             // [n_kv_head * head_dim]
+    pub bv: Option<wgpu::Buffer>, // [n_kv_head * head_dim]
     /// RMS norm weight over each head of q (Qwen3, Gemma 3).
-    pub q_norm: Option<wgpu::Buffer>,         // [head_dim]
+    pub q_norm: Option<wgpu::Buffer>, // [head_dim]
     /// RMS norm weight over each head of k (Qwen3, Gemma 3).
-    pub k_norm: Option<wgpu::Buffer>,         // [head_dim]
+    pub k_norm: Option<wgpu::Buffer>, // [head_dim]
     /// Attention's output projection.
-    pub wo: GpuMatrix,                        // [n_embd][n_head * head_dim]
+    pub wo: GpuMatrix, // [n_embd][n_head * head_dim]
     /// RMS norm weight on attention's output before it is added (Gemma 3).
     pub post_attn_norm: Option<wgpu::Buffer>, // [n_embd]
     /// RMS norm weight before the feed-forward.
-    pub ffn_norm: wgpu::Buffer,               // [n_embd]
-    /// gate and up [n_ff][n_embd], stacked (parts gate, up) when their types match (a fused
+    pub ffn_norm: wgpu::Buffer, // [n_embd]
+    /// gate and up `[n_ff][n_embd]`, stacked (parts gate, up) when their types match (a fused
     /// ffn_up tensor holds both, gate first).
     pub w_gate_up: Vec<GpuMatrix>,
     /// The feed-forward's down projection.
-    pub w_down: GpuMatrix,                   // [n_embd][n_ff]
+    pub w_down: GpuMatrix, // [n_embd][n_ff]
     /// RMS norm weight on the feed-forward's output before it is added (Gemma 3).
     pub post_ffn_norm: Option<wgpu::Buffer>, // [n_embd]
 }

@@ -141,17 +141,24 @@ impl Default for SamplerConfig {
 /// never a failed load: a bad hint must not make a good model unusable.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplingOverrides {
+    /// `temp`.
     pub temperature: Option<f32>,
+    /// `top_k` (0: off).
     pub top_k: Option<usize>,
+    /// `top_p`.
     pub top_p: Option<f32>,
+    /// `min_p`.
     pub min_p: Option<f32>,
+    /// `penalty_repeat`.
     pub repeat_penalty: Option<f32>,
+    /// `penalty_last_n`: how many recent tokens the penalties look at.
     pub penalty_last_n: Option<usize>,
     /// One line per skipped key, saying why.
     pub ignored: Vec<String>,
 }
 
 impl SamplingOverrides {
+    /// A model's own values, from its `general.sampling.*` keys.
     pub fn from_gguf(gguf: &crate::gguf::Gguf) -> SamplingOverrides {
         let mut ignored = Vec::new();
         let mut number = |key: &str, ok: &dyn Fn(f64) -> bool, range: &str| -> Option<f64> {
@@ -358,6 +365,7 @@ impl Sampler {
         Sampler { rng: Xoshiro256::new(cfg.seed), history: VecDeque::with_capacity(cfg.penalty_last_n.min(4096)), cfg, logits: Vec::new(), cand: Vec::new() }
     }
 
+    /// The config it samples with.
     pub fn config(&self) -> &SamplerConfig {
         &self.cfg
     }

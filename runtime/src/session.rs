@@ -1,7 +1,7 @@
 //! A session: a model plus its KV cache, the state of one conversation, and the forward pass
 //! that extends it (`eval_batch`: one dispatch list per batch of tokens, submitted once).
 //!
-//! One layer, as the papers write it (x: [n_tokens][n_embd]):
+//! One layer, as the papers write it (x: `[n_tokens][n_embd]`):
 //!   h   = x + out(Wo · Attn(RoPE(Wq · norm(x)), RoPE(Wk · norm(x)), Wv · norm(x)))
 //!   x'  = h + out(Wdown · (act(Wgate · norm(h)) ⊙ Wup · norm(h)))
 //! where out() is nothing, or Gemma 3's norm of the branch's output. Decode (and prefill where
@@ -48,8 +48,11 @@ impl Plan<'_> {
 /// after what the slot holds, and what to read back of the logits after it.
 #[derive(Clone, Copy, Debug)]
 pub struct SlotStep {
+    /// The slot (sequence) it extends.
     pub slot: usize,
+    /// The token fed.
     pub token: u32,
+    /// What to read back of the logits after it.
     pub want: Want,
 }
 
@@ -57,14 +60,18 @@ pub struct SlotStep {
 /// logit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Want {
+    /// The k best (id, logit), best first.
     TopK(u32),
+    /// Every logit.
     Logits,
 }
 
 /// A sequence's read-back after a step of several.
 #[derive(Clone, Debug)]
 pub enum RowOut {
+    /// The k best (id, logit), best first.
     Best(Vec<(u32, f32)>),
+    /// Every logit, in id order.
     Logits(Vec<f32>),
 }
 
@@ -114,10 +121,13 @@ struct Scratch {
 /// its own part of the cache, which `step_slots` extends together: one pass over the weights
 /// for a token of each.
 pub struct Session<'m> {
+    /// The model it runs.
     pub model: &'m Model,
+    /// The device the model and cache live on.
     pub gpu: &'m Gpu,
     /// Context size of each slot.
     pub n_ctx: usize,
+    /// The element type of the KV cache.
     pub kv: KvType,
     /// Tokens whose keys and values are in the current slot's cache, in order.
     pub tokens: Vec<u32>,
@@ -281,6 +291,7 @@ impl<'m> Session<'m> {
         shared
     }
 
+    /// Forgets the current slot's cache (the next prompt is evaluated whole).
     pub fn reset(&mut self) {
         self.tokens.clear();
     }
@@ -311,6 +322,7 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
+    /// The active adapters with their scales.
     pub fn adapters(&self) -> &[(Arc<LoraAdapter>, f32)] {
         &self.adapters
     }
@@ -344,7 +356,7 @@ impl<'m> Session<'m> {
         Ok(self.top_k_of(&bytes, k))
     }
 
-    /// Feed `ids` (there must be some) and return the last token's logits, [n_vocab], read
+    /// Feed `ids` (there must be some) and return the last token's logits, `[n_vocab]`, read
     /// back in the same submission.
     pub async fn eval_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
         let bytes = self.eval_then(ids, Readback::Logits).await?;
@@ -709,14 +721,14 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Logits of the last evaluated token, [n_vocab].
+    /// Logits of the last evaluated token, `[n_vocab]`.
     pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
         let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
         let bytes = self.finish(r, self.last_row(), Readback::Logits).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// Logits of every token of the last batch, [n][n_vocab] (needs all_logits).
+    /// Logits of every token of the last batch, `[n][n_vocab]` (needs all_logits).
     pub async fn batch_logits(&self, n: usize) -> Result<Vec<f32>, ModelError> {
         assert!(self.all_logits && n <= MAX_BATCH);
         Ok(self.gpu.read_f32(&self.s.logits, 0, n * self.model.config.n_vocab).await?)

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 pub struct Tool {
     /// 1 to 64 of `[A-Za-z0-9_-]` (OpenAI's rule; the grammar writes it as a literal).
     pub name: String,
+    /// What the function does, for the model's prompt.
     pub description: Option<String>,
     /// A JSON schema for the arguments object.
     pub parameters: Value,
@@ -62,6 +63,7 @@ pub enum ToolChoice {
 /// A call read out of a reply.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ToolCall {
+    /// The tool called.
     pub name: String,
     /// The arguments object as JSON text, as the model wrote it.
     pub arguments: String,

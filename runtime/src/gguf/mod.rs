@@ -56,7 +56,7 @@ const FIRST_CHUNK: u64 = 1 << 20;
 pub struct TensorInfo {
     /// Its name (`blk.0.attn_q.weight`).
     pub name: String,
-    /// `dims[0]` is the innermost dimension (ggml's ne[0], the row length).
+    /// `dims[0]` is the innermost dimension (ggml's `ne[0]`, the row length).
     pub dims: Vec<u64>,
     /// Its element type.
     pub ty: GgmlType,

@@ -34,7 +34,7 @@
 //! of the same text is refused.
 //!
 //! Not covered: llama.cpp's other vocabulary types (`bert`, `t5`, `rwkv`, `plamo2`, `gemma4`),
-//! pre-tokenizers outside [`PRE_TYPES`] (an error names the ones known), and the strip-space
+//! pre-tokenizers outside `PRE_TYPES` (an error names the ones known), and the strip-space
 //! attributes llama.cpp gives special tokens of a few models by name (Phi-3, Jina, ModernBERT).
 //! The regexes run on fancy-regex, which is pure Rust, so all of this builds for wasm32.
 

@@ -16,7 +16,9 @@ use crate::tokenizer::Tokenizer;
 /// that token from the ones before it (never the first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
+    /// The token ids, template and special tokens included.
     pub ids: Vec<u32>,
+    /// Per position: whether the loss includes predicting that token.
     pub trained: Vec<bool>,
     /// The line of the file it came from (1-based).
     pub line: usize,
@@ -32,12 +34,17 @@ impl Example {
 /// Which of the three formats a line is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// `{"messages": [...]}`: a conversation, rendered with the chat template; the loss is on the
+    /// assistant turns.
     Messages,
+    /// `{"prompt", "completion"}`: the loss is on the completion.
     PromptCompletion,
+    /// `{"text"}`: the loss is on all of it.
     Text,
 }
 
 impl Format {
+    /// The format as messages show it.
     pub fn name(self) -> &'static str {
         match self {
             Format::Messages => "{\"messages\": [...]}",
@@ -51,7 +58,9 @@ impl Format {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", if *line > 0 { format!("line {line}: ") } else { String::new() })]
 pub struct DataError {
+    /// The line (1-based; 0: the file as a whole).
     pub line: usize,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -71,7 +80,9 @@ pub struct DataOptions {
 /// A data file read: its examples, its format, and what was left out.
 #[derive(Clone, Debug)]
 pub struct DataSet {
+    /// The examples, in file order.
     pub examples: Vec<Example>,
+    /// The format of its lines (one format a file).
     pub format: Format,
     /// Examples longer than the context, left out (none with `strict`).
     pub skipped_too_long: usize,
@@ -80,9 +91,11 @@ pub struct DataSet {
 }
 
 impl DataSet {
+    /// Tokens in all the examples.
     pub fn n_tokens(&self) -> usize {
         self.examples.iter().map(|e| e.ids.len()).sum()
     }
+    /// Tokens the loss is computed on.
     pub fn n_trained(&self) -> usize {
         self.examples.iter().map(|e| e.n_trained()).sum()
     }

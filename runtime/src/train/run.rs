@@ -16,8 +16,11 @@ use crate::train::step::Trainer;
 /// What a run trains and for how long (the names are `nomoat finetune`'s flags).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// Which projections get adapters: names from q, k, v, o, gate, up, down.
     pub targets: Vec<String>,
+    /// The adapters' rank.
     pub rank: u32,
+    /// LoRA alpha (the adapters' output is scaled by alpha / rank).
     pub alpha: f32,
     /// Peak learning rate.
     pub lr: f32,
@@ -27,6 +30,7 @@ pub struct RunOptions {
     pub steps: Option<u32>,
     /// Tokens a step's gradient is accumulated over (whole examples, at least one).
     pub batch_tokens: usize,
+    /// Seeds the factors' initial values and the order of the examples.
     pub seed: u64,
     /// Validation loss every this many steps, and after the last (0: only after the last).
     pub valid_every: u32,
@@ -53,11 +57,13 @@ impl Default for RunOptions {
 pub struct Progress {
     /// Steps taken so far (1 after the first).
     pub step: u32,
+    /// Steps in the whole run.
     pub steps: u32,
     /// The step's mean loss per trained token.
     pub loss: f64,
     /// The validation set's mean loss, on the steps it is measured.
     pub val_loss: Option<f64>,
+    /// The learning rate this step used (warm-up, then cosine decay).
     pub lr: f32,
     /// The mean loss's gradient norm before clipping.
     pub grad_norm: f64,
@@ -66,6 +72,8 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// The report as JSON with snake_case keys (`nomoat finetune --json` prints it, the browser
+    /// engine sends it).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({"step": self.step, "steps": self.steps, "loss": self.loss, "val_loss": self.val_loss, "lr": self.lr, "grad_norm": self.grad_norm, "tokens": self.tokens})
     }
@@ -73,12 +81,14 @@ impl Progress {
 
 /// A run in progress: the trainer, the data and where in it the run is.
 pub struct Run<'m> {
+    /// The model with the factors being trained.
     pub trainer: Trainer<'m>,
     train: Vec<Example>,
     valid: Vec<Example>,
     opts: RunOptions,
     /// Steps taken, and in all.
     pub step: u32,
+    /// Steps in the whole run.
     pub total: u32,
     warmup: u32,
     order: Vec<usize>,
@@ -131,6 +141,7 @@ impl<'m> Run<'m> {
         self.batch
     }
 
+    /// Whether every step has been taken.
     pub fn done(&self) -> bool {
         self.step >= self.total
     }

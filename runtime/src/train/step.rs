@@ -3,7 +3,7 @@
 //! they hold (a batch accumulates sequences; the optimizer step reads and clears them).
 //!
 //! The base model is frozen and stays as stored (quantized). Per layer only the residual
-//! stream's input is kept ([n_layer][T][n_embd]); the backward pass recomputes each layer's
+//! stream's input is kept (`[n_layer][T][n_embd]`); the backward pass recomputes each layer's
 //! forward from it, then walks back through it (gradient checkpointing per layer):
 //!   ffn:       x' = h + out(W_down · (act(W_gate·n2) ⊙ W_up·n2)),  n2 = rms_norm(h)
 //!   attention: h  = x + out(W_o · attention(RoPE(qn(W_q·n1)), RoPE(kn(W_k·n1)), W_v·n1)),
@@ -31,15 +31,20 @@ pub const TARGETS: [(&str, &str); 7] =
 /// Rows of the output head's logits computed at a time (their gradient is as large).
 const HEAD_ROWS: u32 = 64;
 
-/// One trained factor pair of a projection W: [n_out][k]: A [rank][k], B [n_out][rank] (f32,
+/// One trained factor pair of a projection W: `[n_out][k]`: A `[rank][k]`, B `[n_out][rank]` (f32,
 /// each one GPU buffer, the matrix the forward pass multiplies), and their gradients.
 pub struct TrainPair {
+    /// A: `[rank][k]`.
     pub a: GpuMatrix,
+    /// B: `[n_out][rank]`.
     pub b: GpuMatrix,
+    /// The gradient of A, accumulated over a step's sequences.
     pub grad_a: wgpu::Buffer,
+    /// The gradient of B, accumulated over a step's sequences.
     pub grad_b: wgpu::Buffer,
     /// AdamW's first and second moments of A and of B.
     moments: [wgpu::Buffer; 4],
+    /// The rank.
     pub rank: u32,
 }
 
@@ -94,10 +99,15 @@ struct Scratch {
 /// A model with LoRA factors being trained on it, and the buffers one sequence of up to `ctx`
 /// tokens needs.
 pub struct Trainer<'m> {
+    /// The frozen base model.
     pub model: &'m Model,
+    /// The device everything lives on.
     pub gpu: &'m Gpu,
+    /// The factors' rank.
     pub rank: u32,
+    /// LoRA alpha.
     pub alpha: f32,
+    /// The longest sequence its buffers hold, in tokens.
     pub ctx: u32,
     /// Keyed by the base tensor's name, e.g. "blk.0.attn_q.weight".
     pub pairs: BTreeMap<String, TrainPair>,
@@ -321,7 +331,7 @@ impl<'m> Trainer<'m> {
         Ok(losses.iter().map(|v| *v as f64).sum())
     }
 
-    /// The gradients as they stand: base tensor name → (dA [rank][k], dB [n_out][rank]).
+    /// The gradients as they stand: base tensor name → (dA `[rank][k]`, dB `[n_out][rank]`).
     pub async fn gradients(&self) -> Result<BTreeMap<String, (Vec<f32>, Vec<f32>)>, GpuError> {
         let mut out = BTreeMap::new();
         for (name, p) in &self.pairs {
@@ -373,7 +383,7 @@ impl<'m> Trainer<'m> {
         Ok(w.to_bytes())
     }
 
-    /// Sets a pair's factors (tests start from nonzero B), A: [rank][k], B: [n_out][rank].
+    /// Sets a pair's factors (tests start from nonzero B), A: `[rank][k]`, B: `[n_out][rank]`.
     pub fn set_factors(&self, name: &str, a: &[f32], b: &[f32]) -> Result<(), ModelError> {
         let p = self.pairs.get(name).ok_or_else(|| ModelError::Invalid(format!("no trained pair for '{name}'")))?;
         if a.len() != (p.a.n_rows * p.a.k) as usize || b.len() != (p.b.n_rows * p.b.k) as usize {
