@@ -35,13 +35,25 @@ export interface ChatMessage {
 }
 
 /** Progress of a load: bytes downloaded (`total` 0 while unknown), then bytes put on the GPU. */
-export interface LoadProgress {
+export interface TransferProgress {
   phase: 'download' | 'upload';
   done: number;
   total: number;
   /** Set on the one 'download' report of a model that came from the Cache API. */
   cached?: boolean;
 }
+
+/** The browser had no room to keep a copy in the Cache API: the model loads all the same. */
+export interface CacheRefused {
+  phase: 'cache';
+  stored: false;
+  /** 'QuotaExceededError'. */
+  error: string;
+  /** The copy's size. */
+  bytes: number;
+}
+
+export type LoadProgress = TransferProgress | CacheRefused;
 
 export interface LoadOptions {
   onProgress?: (progress: LoadProgress) => void;

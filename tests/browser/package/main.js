@@ -5,7 +5,8 @@ const status = document.querySelector('#status');
 try {
   const engine = await Nomoat.create();
   await engine.loadUrl('models/SmolLM2-135M-Instruct.Q4_1.gguf', {
-    onProgress: ({ phase, done, total }) => (status.textContent = `${phase} ${Math.round((100 * done) / total)}%`),
+    // 'download' then 'upload' (to the GPU); 'cache' if the browser has no room to keep a copy
+    onProgress: (p) => (status.textContent = p.phase === 'cache' ? 'not cached' : `${p.phase} ${Math.round((100 * p.done) / p.total)}%`),
   });
   status.textContent = 'writing…';
   const answer = engine.chat([{ role: 'user', content: 'What is the capital of France?' }], { temperature: 0, maxTokens: 64 });

@@ -28,7 +28,7 @@ export async function everything(file: File, adapterFile: File, log: (line: stri
 
   const engine = await same.create({ workerUrl: new URL('./worker.js', import.meta.url) });
   const device: string | null = engine.device;
-  const onProgress = ({ phase, done, total }: LoadProgress) => log(`${phase} ${done}/${total}`);
+  const onProgress = (p: LoadProgress) => log(p.phase === 'cache' ? `not cached: ${p.error}, ${p.bytes} bytes` : `${p.phase} ${p.done}/${p.total}`);
   let info: ModelInfo = await engine.loadUrl('models/SmolLM2-135M-Instruct.Q4_1.gguf', { onProgress, nCtx: 1024, kv: 'f16', cache: true, maxGpuMemory: 512 });
   info = await engine.loadFile(file, { onProgress, kv: 'f32' });
   info = await engine.info();
@@ -84,6 +84,8 @@ export async function everything(file: File, adapterFile: File, log: (line: stri
   engine.chat(messages, { responseFormat: { type: 'xml' } });
   // @ts-expect-error: options are camelCase, as in nomoat.js
   engine.chat(messages, { max_tokens: 5 });
+  // @ts-expect-error: a cache report has no byte counts
+  engine.loadUrl('m.gguf', { onProgress: ({ done }: LoadProgress) => log(String(done)) });
   // @ts-expect-error: kv is f16 or f32
   await engine.loadUrl('m.gguf', { kv: 'q8' });
   // @ts-expect-error: not a fine-tuning target
