@@ -16,4 +16,6 @@ if [ -x node_modules/.bin/wasm-opt ]; then
 else
   echo "build-web: node_modules/.bin/wasm-opt missing (npm install): leaving the module unoptimised" >&2
 fi
+# the model catalog the CLI compiles in, for the page's model list
+cp runtime/src/catalog.json www/pkg/catalog.json
 echo "built www/pkg ($(du -h www/pkg/nomoat_web_bg.wasm | cut -f1) wasm)"

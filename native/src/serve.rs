@@ -11,7 +11,8 @@
 //! sets its request's cancel flag, and the engine stops generating for it at the next token.
 //! Every error is an OpenAI-style `{"error": {"message", "type", "param", "code"}}`.
 //!
-//! The chat page (www/) is served at `/` and the loaded model file at `/models/<its name>`, so
+//! The chat page (www/) is served at `/` and the loaded model file at `/models/<its name>` (the
+//! catalog's models in the cache too, for the page's model list), so
 //! the page can run the same model in the browser; `--no-www` turns both off. Connections are
 //! capped, headers must arrive within `--header-timeout`, whole bodies within `--body-timeout`;
 //! cross-origin requests get no CORS headers unless `--cors-origin` names the origin; request
@@ -413,19 +414,28 @@ fn router(state: Shared, o: &RouterOptions) -> Result<Router> {
     app = match &o.www {
         // tower-http's ServeDir refuses `..` and absolute components: nothing outside www/
         Some(dir) => {
-            // the model file, behind the key when there is one; its name is compared, never
-            // made part of a route (where `{` or `}` would mean something)
+            // the model file, and the catalog's models already in the cache (the page lists
+            // them), behind the key when there is one; names are compared, never made part of
+            // a route (where `{` or `}` would mean something) or of a path
             let name = o.model_file.file_name().unwrap_or_default().to_string_lossy().to_string();
-            let file = o.model_file.clone();
+            let loaded = o.model_file.clone();
             let model = Router::new()
                 .route(
                     "/models/{*file}",
                     get(move |Path(asked): Path<String>, req: Request| {
-                        let (name, file) = (name.clone(), file.clone());
+                        let (name, loaded) = (name.clone(), loaded.clone());
                         async move {
-                            if asked != name {
+                            let file = if asked == name {
+                                loaded
+                            } else if let Some(e) = nomoat_runtime::catalog::entries().iter().find(|e| e.file == asked) {
+                                let cached = crate::pull::cached_path(&e.file);
+                                if !std::fs::metadata(&cached).is_ok_and(|m| m.len() == e.size) {
+                                    return not_found(req.method().clone(), req.uri().clone()).await.into_response();
+                                }
+                                cached
+                            } else {
                                 return not_found(req.method().clone(), req.uri().clone()).await.into_response();
-                            }
+                            };
                             match tower_http::services::ServeFile::new(&file).try_call(req).await {
                                 Ok(r) => r.into_response(),
                                 Err(e) => ApiError::server(format!("reading the model file: {e}")).into_response(),

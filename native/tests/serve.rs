@@ -634,7 +634,16 @@ fn serve_static_files_cors_timeouts_and_limits() {
     );
     assert_eq!(status_of(&head), 206, "{head}");
     assert!(head.ends_with("GGUF"), "{head}");
-    // nothing outside www/ and that one file, however the path is spelled
+    // a catalog model in the cache (set-up fetched Gemma), for the page's model list: behind the
+    // key like the loaded one
+    let gemma = "/models/gemma-3-270m-q4_k_m.gguf";
+    let ask = |key: &str| {
+        raw_http(&s.addr, format!("GET {gemma} HTTP/1.1\r\nHost: localhost\r\n{key}Range: bytes=0-3\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(10))
+    };
+    let r = ask(&format!("Authorization: Bearer {KEY}\r\n"));
+    assert!(status_of(&r) == 206 && r.ends_with("GGUF"), "{r}");
+    assert_eq!(status_of(&ask("")), 401);
+    // nothing outside www/ and those files, however the path is spelled
     for path in [
         "/../Cargo.toml",
         "/%2e%2e/Cargo.toml",
