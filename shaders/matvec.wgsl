@@ -40,6 +40,9 @@ struct Params {
     freq_scale: f32,
     t_begin: u32,     // TOKEN_RANGE: the first token (llvmpipe's loop budget splits long rows)
     kv_row0: u32,     // OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache)
+    // OUT_QKV_ROPE with SEQ_ROWS (a decode step of several sequences): token t's (position,
+    // cache row of its position 0) in seqs[t / 2].xy (t even) or .zw (t odd)
+    seqs: array<vec4<u32>, 8>,
 }
 
 #if X_VEC4

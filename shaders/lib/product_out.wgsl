@@ -13,16 +13,27 @@
 //                 pos0.. (matvec only, rows in pairs (2i, 2i+1) held by one invocation): q and k
 //                 turned by RoPE in adjacent-pair mode, q into y [m][n0], k and v straight into
 //                 the KV cache at rows kv_row0 + pos (the rope_kv dispatch, fused away for
-//                 decode)
+//                 decode); with SEQ_ROWS each token at its own sequence's position and rows
 #include "lib/activation.wgsl"
 #if OUT_QKV_ROPE
 #include "lib/kv_write.wgsl"
 #include "lib/rotary.wgsl"
 
+// token t's position and the cache row its sequence's position 0 sits at
+fn qkv_place(t: u32) -> vec2<u32> {
+#if SEQ_ROWS
+    let pair = p.seqs[t / 2u];
+    return select(pair.xy, pair.zw, t % 2u == 1u);
+#else
+    return vec2<u32>(p.pos0 + t, p.kv_row0);
+#endif
+}
+
 // rows r, r + 1 (r even, both of one part) of token t
 fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {
-    let pos = p.pos0 + t;
-    let row = p.kv_row0 + pos;
+    let place = qkv_place(t);
+    let pos = place.x;
+    let row = place.y + pos;
     let n2 = p.n_total - p.n0 - p.n1;
     if (r >= p.n0 + p.n1) {
         put_v(row * n2 + r - p.n0 - p.n1, a, b);

@@ -578,7 +578,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 if !rec.fuses_qkv_rope(&w, &rope, m as u32) {
                     return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
                 }
-                let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, kv_row0: 0 };
+                let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::Consecutive { kv_row0: 0 } };
                 rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
                 rec.submit()?;
                 let at = pos0 as u64 * row as u64 * kv.bytes();
@@ -589,6 +589,55 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?), &k_want, cache_bound));
                 checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?), &v_want, cache_bound));
             }
+        }
+        // SEQ_ROWS: one token of each of five sequences, each turned for its own position and
+        // written at its own slot's row
+        let n = SEQ_POSITIONS.len();
+        let x = rng.fill(n * k, 2.0);
+        let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &vec![1.0; k]).await?);
+        let xn = reference::rms_norm(&x, &vec![1.0; k], k, 1e-5);
+        let places: Vec<Place> = SEQ_POSITIONS.iter().enumerate().map(|(i, &pos)| Place { pos, kv_row0: i as u32 * SEQ_CTX }).collect();
+        let rope = RopeArgs {
+            n_tokens: n as u32,
+            n_heads: n_head as u32,
+            head_dim: head_dim as u32,
+            n_rot: n_rot as u32,
+            pos0: 0,
+            neox: false,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+        };
+        let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
+        let (mut q_want, mut k_want) = (reference::matmul(values[0], &xn, rows[0], k, n), reference::matmul(values[1], &xn, rows[1], k, n));
+        let v_want = reference::matmul(values[2], &xn, rows[2], k, n);
+        for (t, p) in places.iter().enumerate() {
+            reference::rope(&mut q_want[t * rows[0]..(t + 1) * rows[0]], n_head, head_dim, p.pos, params);
+            reference::rope(&mut k_want[t * rows[1]..(t + 1) * rows[1]], n_kv_head, head_dim, p.pos, params);
+        }
+        let token_tile = if ty.block_elems() > 1 { Some(true) } else { Some(false) };
+        for kv in [KvType::F32, KvType::F16] {
+            let row = rows[1];
+            let cache_bytes = (n as u64 * SEQ_CTX as u64) * row as u64 * kv.bytes();
+            let (qb, kc, vc) =
+                (gpu.storage("q", (n * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.tiled_matmul = Some(false);
+            rec.token_tile = token_tile;
+            let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::PerToken(&places) };
+            rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, n as u32).await?;
+            rec.submit()?;
+            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?));
+            let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
+            for p in &places {
+                let r = (p.kv_row0 + p.pos) as usize * row;
+                got_k.extend_from_slice(&k_all[r..r + row]);
+                got_v.extend_from_slice(&v_all[r..r + row]);
+            }
+            let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
+            let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} SEQ_ROWS m={n}");
+            checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, n * rows[0]).await?, &q_want, MATMUL_NMSE));
+            checks.push(Check::nmse(format!("{name}: k"), &got_k, &k_want, cache_bound));
+            checks.push(Check::nmse(format!("{name}: v"), &got_v, &v_want, cache_bound));
         }
     }
     Ok(checks)

@@ -4,7 +4,7 @@
 
 use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
-use super::rope_kv::{KvType, RopeArgs};
+use super::rope_kv::{KvType, Places, RopeArgs, MAX_SEQ_ROWS};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
 use crate::ggml_type::GgmlType;
@@ -34,14 +34,14 @@ pub enum ProductOut<'a> {
         gelu: bool,
     },
     /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
-    /// KV cache, whose row `kv_row0` holds position 0 (see `Recorder::fuses_qkv_rope`).
+    /// KV cache at the tokens' `places` (see `Recorder::fuses_qkv_rope`).
     QkvRope {
         q: &'a wgpu::Buffer,
         k_cache: &'a wgpu::Buffer,
         v_cache: &'a wgpu::Buffer,
         kv: KvType,
         rope: RopeArgs,
-        kv_row0: u32,
+        places: Places<'a>,
     },
 }
 
@@ -67,6 +67,8 @@ params! {
         t_begin: u32,
         /// OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache).
         kv_row0: u32,
+        /// OUT_QKV_ROPE with SEQ_ROWS: each token's (position, cache row of its position 0).
+        seqs: [u32; 2 * MAX_SEQ_ROWS],
     }
 }
 
@@ -100,13 +102,15 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
         }
         // the fused modes, on the CPU and GPU shapes; CPU prefill's four-token tiles (quantized
         // types) take every mode, the plain one too
-        let fused: [&[&str]; 6] = [
+        let fused: [&[&str]; 8] = [
             &["NORM_IN"],
             &["OUT_RESIDUAL"],
             &["NORM_IN", "OUT_GLU"],
             &["NORM_IN", "OUT_GLU", "GLU_GELU"],
             &["NORM_IN", "OUT_QKV_ROPE"],
             &["NORM_IN", "OUT_QKV_ROPE", "KV_F16"],
+            &["NORM_IN", "OUT_QKV_ROPE", "SEQ_ROWS"],
+            &["NORM_IN", "OUT_QKV_ROPE", "KV_F16", "SEQ_ROWS"],
         ];
         for (tpr, rpi, wg, x_broadcast) in [(1, 8, 8, false), (1, 8, 8, true), (32, 2, 64, false)] {
             let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast });
@@ -222,9 +226,18 @@ impl Recorder<'_> {
             return unsupported("a fused input norm on this device's prefill path");
         }
         let spare = &self.gpu.unused_buffers;
-        let (rope, kv_defines, kv_row0) = match out {
-            ProductOut::QkvRope { rope, kv, kv_row0, .. } => (Some(rope), kv.defines(), kv_row0),
-            _ => (None, Defines::new(), 0),
+        let (rope, kv_defines, (kv_row0, seqs, _)) = match out {
+            ProductOut::QkvRope { rope, kv, places, .. } => {
+                if let Places::PerToken(p) = places {
+                    if p.len() != m as usize {
+                        return unsupported(&format!("{} places for {m} tokens", p.len()));
+                    }
+                }
+                let d = kv.defines();
+                let place_params = places.params()?;
+                (Some(rope), if place_params.2 { d.flag("SEQ_ROWS") } else { d }, place_params)
+            }
+            _ => (None, Defines::new(), (0, [0; 2 * MAX_SEQ_ROWS], false)),
         };
         // outputs y, y1, y2, rows to y and to y1, and the lib/product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
@@ -278,6 +291,7 @@ impl Recorder<'_> {
                 freq_scale: r.freq_scale,
                 t_begin: 0,
                 kv_row0,
+                seqs,
             };
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
             if runs_matvec {
