@@ -20,14 +20,15 @@ function openDb() {
   return dbPromise;
 }
 
-async function withStore(mode, fn) {
+/** Runs `onDb(objectStore)` (an IDB request: its result) or, without IndexedDB, `inMemory()`. */
+async function withStore(mode, onDb, inMemory) {
   if (persistent) {
     try {
       const db = await openDb();
       return await new Promise((resolve, reject) => {
         const tx = db.transaction(STORE, mode);
-        const req = fn(tx.objectStore(STORE));
-        tx.oncomplete = () => resolve(req?.result);
+        const req = onDb(tx.objectStore(STORE));
+        tx.oncomplete = () => resolve(req.result);
         tx.onerror = () => reject(tx.error);
         tx.onabort = () => reject(tx.error || new Error('the conversation store refused the change'));
       });
@@ -38,18 +39,17 @@ async function withStore(mode, fn) {
       persistent = false;
     }
   }
-  return fn(null);
+  return inMemory();
 }
 
 /** All conversations, the most recently updated first. */
-export function listConversations() {
-  return withStore('readonly', (s) => s?.getAll() ?? { result: [...memory.values()] }).then((list) =>
-    (list || []).sort((a, b) => b.updated - a.updated),
-  );
+export async function listConversations() {
+  const list = await withStore('readonly', (s) => s.getAll(), () => [...memory.values()]);
+  return (list || []).sort((a, b) => b.updated - a.updated);
 }
 
 export function getConversation(id) {
-  return withStore('readonly', (s) => s?.get(id) ?? { result: memory.get(id) });
+  return withStore('readonly', (s) => s.get(id), () => memory.get(id));
 }
 
 /** Stores `c` (stamping `updated` unless asked not to); resolves to it. */
@@ -57,12 +57,12 @@ export async function saveConversation(c, { touch = true } = {}) {
   if (touch) c.updated = Date.now();
   // a plain copy: IndexedDB clones it, and the page keeps changing its own
   const record = { id: c.id, title: c.title, model: c.model ?? null, updated: c.updated, messages: c.messages.map((m) => ({ role: m.role, content: m.content })) };
-  await withStore('readwrite', (s) => (s ? s.put(record) : (memory.set(c.id, record), null)));
+  await withStore('readwrite', (s) => s.put(record), () => memory.set(c.id, record));
   return c;
 }
 
 export function deleteConversation(id) {
-  return withStore('readwrite', (s) => (s ? s.delete(id) : (memory.delete(id), null)));
+  return withStore('readwrite', (s) => s.delete(id), () => memory.delete(id));
 }
 
 /** A title from the first user message: its first line, cut at a word near 48 characters. */

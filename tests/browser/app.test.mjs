@@ -3,6 +3,7 @@
 //   drawer (open, Escape closes);
 // - a stored reply renders its Markdown: a code block with a copy button that copies the code;
 //   raw HTML (<img onerror>, <script>, <iframe>), javascript: links and images stay inert text;
+// - without IndexedDB the conversations are kept in memory, and the list says so;
 // - a real reply (SmolLM2, greedy) streams into a rendered message, is kept in IndexedDB and
 //   comes back after a reload; regenerate gives the same greedy reply; edit takes the question
 //   back; rename and delete change the stored list; numbers read 0.8, not 0.800000;
@@ -203,6 +204,26 @@ test('a reply renders its Markdown; HTML, scripts and javascript: links stay ine
   await shot(page, 'markdown-phone-dark');
   await page.emulateMedia({ colorScheme: 'light' });
   await shot(page, 'markdown-phone-light');
+  await page.close();
+});
+
+test('without IndexedDB, conversations last the visit and the page says so', async () => {
+  const page = await ctx.newPage();
+  await page.addInitScript(() => delete window.indexedDB);
+  await page.goto(`${server.url}/`);
+  await page.waitForSelector('#conversations li');
+  assert.match(await page.textContent('#conversations'), /this browser keeps no storage for the page/);
+  const list = await page.evaluate(async () => {
+    const store = await import('./store.js');
+    await store.saveConversation({ id: 'm1', title: 'In memory', messages: [{ role: 'user', content: 'hi' }] });
+    const got = await store.getConversation('m1');
+    await store.saveConversation({ id: 'm2', title: 'Later', messages: [] });
+    await store.deleteConversation('m2');
+    return { got, all: await store.listConversations(), persistent: store.persistent };
+  });
+  assert.equal(list.persistent, false);
+  assert.deepEqual(list.got.messages, [{ role: 'user', content: 'hi' }]);
+  assert.deepEqual(list.all.map((c) => c.title), ['In memory']);
   await page.close();
 });
 
