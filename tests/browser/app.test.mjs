@@ -11,7 +11,8 @@
 //   says why, and stores nothing;
 // - axe-core finds no serious or critical accessibility violation (desktop, phone with the
 //   drawer open, dark);
-// - with the server gone, a reload opens the page from the Service Worker's copy, the
+// - Chromium finds the page installable (its manifest and Service Worker); with the server
+//   gone, a reload opens the page from the Service Worker's copy, the
 //   conversation is there, the model loads from the Cache API and replies.
 // Screenshots (light and dark, both sizes) go to target/browser-artifacts/app-*.png.
 // Run: node --test tests/browser/app.test.mjs   (after scripts/build-web.sh)
@@ -363,6 +364,13 @@ test('offline: with the server gone the page reopens, keeps its conversation, an
   await page.evaluate(() => navigator.serviceWorker.ready);
   await page.waitForFunction(() => !!navigator.serviceWorker.controller, null, { timeout: 30_000 });
   await storeConversation(page, { id: 'offline-check', title: 'Offline check', model: MODEL, messages: [{ role: 'user', content: 'Kept offline?' }, { role: 'assistant', content: 'Yes: **kept**.' }] });
+  // installable: Chromium reads the manifest with no error and names nothing missing
+  const cdp = await ctx.newCDPSession(page);
+  const manifest = await cdp.send('Page.getAppManifest');
+  assert.deepEqual(manifest.errors, [], 'the web app manifest has errors');
+  assert.match(manifest.url, /manifest\.webmanifest$/);
+  const { installabilityErrors } = await cdp.send('Page.getInstallabilityErrors');
+  assert.deepEqual(installabilityErrors, []);
   await page.close();
   await server.close();
   page = await openPage();
