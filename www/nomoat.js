@@ -194,11 +194,12 @@ export class Nomoat {
 
   /**
    * Streams a GGUF from a URL (or the cache). Options: {onProgress, nCtx, kv, cache,
-   * maxGpuMemory (MiB: a larger model is refused before upload)}. Resolves to model info.
+   * maxGpuMemory (MiB: a larger model is refused before upload), maxBufferedBytes (downloaded
+   * bytes held in memory before the network is paused, default 64 MiB)}. Resolves to model info.
    */
-  loadUrl(url, { onProgress, nCtx, kv, cache, maxGpuMemory } = {}) {
+  loadUrl(url, { onProgress, nCtx, kv, cache, maxGpuMemory, maxBufferedBytes } = {}) {
     const absolute = new URL(url, location.href).href;
-    return this.#call('loadUrl', { url: absolute, options: loadOptions({ nCtx, kv, cache, maxGpuMemory }) }, { onProgress });
+    return this.#call('loadUrl', { url: absolute, options: loadOptions({ nCtx, kv, cache, maxGpuMemory, maxBufferedBytes }) }, { onProgress });
   }
 
   /** Loads a GGUF from a File / Blob. Options: {onProgress, nCtx, kv, maxGpuMemory}. */
@@ -346,8 +347,9 @@ export class Nomoat {
   }
 }
 
-function loadOptions({ nCtx, kv, cache, maxGpuMemory }) {
+function loadOptions({ nCtx, kv, cache, maxGpuMemory, maxBufferedBytes }) {
   const o = {};
+  if (maxBufferedBytes != null) o.max_buffered_bytes = maxBufferedBytes;
   if (maxGpuMemory != null) o.max_gpu_memory = maxGpuMemory;
   if (nCtx != null) o.n_ctx = nCtx;
   if (kv != null) o.kv = kv;

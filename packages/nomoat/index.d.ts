@@ -39,6 +39,8 @@ export interface TransferProgress {
   phase: 'download' | 'upload';
   done: number;
   total: number;
+  /** Downloaded bytes held in memory, waiting for the engine ('download' reports of a network load). */
+  buffered?: number;
   /** Set on the one 'download' report of a model that came from the Cache API. */
   cached?: boolean;
 }
@@ -68,6 +70,8 @@ export interface LoadOptions {
 export interface LoadUrlOptions extends LoadOptions {
   /** Keep the download in the Cache API and load from it next time (default true). */
   cache?: boolean;
+  /** Downloaded bytes held in memory before the network is paused (default 64 MiB). */
+  maxBufferedBytes?: number;
 }
 
 /** The sampling a chat gets when it sets none, and which of it the model's GGUF chose. */

@@ -74,6 +74,22 @@ struct Loader<'a, S: ByteSource> {
     progress: Progress<'a>,
 }
 
+/// Layer indices in the order their tensors sit in the file. Reading in that order lets a
+/// streamed download be consumed as it arrives: converters often store blk.10 to blk.19 before
+/// blk.2, and reading by index would hold those ten layers in memory meanwhile.
+fn layers_in_file_order(gguf: &Gguf, n_layer: usize) -> Vec<usize> {
+    let mut first = vec![u64::MAX; n_layer];
+    for t in &gguf.tensors {
+        let layer = t.name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+        if let Some(i) = layer.filter(|&i| i < n_layer) {
+            first[i] = first[i].min(gguf.tensor_data_range(t).start);
+        }
+    }
+    let mut order: Vec<usize> = (0..n_layer).collect();
+    order.sort_by_key(|&i| (first[i], i));
+    order
+}
+
 impl<S: ByteSource> Loader<'_, S> {
     fn info(&self, name: &str) -> Result<TensorInfo, ModelError> {
         self.gguf.tensor(name).cloned().ok_or_else(|| ModelError::MissingTensor(name.into()))
@@ -230,8 +246,8 @@ impl Model {
         let spec = c.spec();
         let norms_after = spec.branch_out == BranchOut::NormThenAdd;
         let token_embd = l.matrix("token_embd.weight", d, c.n_vocab).await?;
-        let mut layers = Vec::with_capacity(c.n_layer);
-        for i in 0..c.n_layer {
+        let mut layers: Vec<Option<Layer>> = (0..c.n_layer).map(|_| None).collect();
+        for i in layers_in_file_order(gguf, c.n_layer) {
             let n = |s: &str| format!("blk.{i}.{s}");
             let fused = spec.projections == Projections::Fused;
             let attn_norm = l.vector(&n("attn_norm.weight"), d).await?;
@@ -261,8 +277,9 @@ impl Model {
                 w_down: l.matrix(&n("ffn_down.weight"), c.n_ff, d).await?,
                 post_ffn_norm: if norms_after { Some(l.vector(&n("post_ffw_norm.weight"), d).await?) } else { None },
             };
-            layers.push(layer);
+            layers[i] = Some(layer);
         }
+        let layers: Vec<Layer> = layers.into_iter().flatten().collect();
         let output_norm = l.vector("output_norm.weight", d).await?;
         let output = if gguf.tensor("output.weight").is_some() { Some(l.matrix("output.weight", d, c.n_vocab).await?) } else { None };
         let rope_factors = match &c.rope_scaling {

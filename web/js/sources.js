@@ -11,9 +11,17 @@
 //   copy refused for want of room is reported as progress {phase: 'cache', stored: false,
 //   error: 'QuotaExceededError', bytes}, and the load goes on);
 // - close() aborts a download in progress (its partial cache entry is never written).
+//
+// A download reads the network only while fewer than `maxBuffered` downloaded bytes wait in JS
+// memory for the engine (default 64 MiB), or while the engine waits for bytes not yet here: a
+// fast server (nomoat serve on localhost) then goes at the GPU upload's pace instead of piling
+// the whole model up in memory.
 
 /** Cache API bucket holding downloaded models, keyed by URL. */
 export const MODEL_CACHE = 'nomoat-models-v1';
+
+/** Downloaded bytes a load may hold in JS memory before it pauses reading the network. */
+export const DEFAULT_MAX_BUFFERED = 64 << 20;
 
 export function hasWebGPU() {
   return typeof navigator !== 'undefined' && !!navigator.gpu;
@@ -56,35 +64,57 @@ export async function openFile(file) {
 
 /** A download in progress: chunks kept in JS memory until the engine has read them. */
 export class StreamSource {
-  constructor(url, response, size, onProgress, cachePut, controller) {
+  constructor(url, body, size, onProgress, cachePut, cacheSink, controller, maxBuffered) {
     this.key = url;
     this.name = url.split('/').pop().split('?')[0] || url;
     this.size = size;
     this.fromCache = false;
     this.onProgress = onProgress;
     this.cachePut = cachePut;
+    this.cacheSink = cacheSink; // the cache copy's stream controller: fed each chunk as it is read
     this.controller = controller;
+    this.maxBuffered = maxBuffered > 0 ? maxBuffered : DEFAULT_MAX_BUFFERED;
     this.chunks = []; // {start, end, bytes (null once freed), need, got}
     this.received = 0;
+    this.held = 0; // bytes of chunks not yet freed
+    this.peakHeld = 0;
+    this.draining = false; // finish() was called: read to the end whatever is held
     this.ended = false;
     this.error = null;
     this.waiters = [];
+    this.roomWaiters = [];
     this.ranges = null; // sorted planned ranges
-    this.reader = response.body.getReader();
+    this.reader = body.getReader();
     this.pumping = this.pump();
   }
 
   async pump() {
     try {
       for (;;) {
+        // back-pressure: pause while enough is held and nobody waits for more
+        while (this.held >= this.maxBuffered && this.waiters.length === 0 && !this.draining && !this.error) {
+          await new Promise((resolve) => this.roomWaiters.push(resolve));
+        }
+        if (this.error) break;
         const { done, value } = await this.reader.read();
         if (done) break;
+        if (this.cacheSink) {
+          try {
+            this.cacheSink.enqueue(value);
+          } catch {
+            this.cacheSink = null; // the copy failed (no room): finish() reports it, the load goes on
+          }
+        }
         const c = { start: this.received, end: this.received + value.length, bytes: value, need: 0, got: 0 };
-        if (this.ranges) c.need = this.planned(c.start, c.end);
+        if (this.ranges) {
+          c.need = this.planned(c.start, c.end);
+          if (c.need === 0) c.bytes = null; // past the planned ranges: never read
+        }
+        if (c.bytes) this.hold(c.end - c.start);
         this.chunks.push(c);
         this.received = c.end;
         if (typeof this.onProgress === 'function') {
-          this.onProgress({ phase: 'download', done: this.received, total: this.size ?? 0 });
+          this.onProgress({ phase: 'download', done: this.received, total: this.size ?? 0, buffered: this.held });
         }
         this.wake();
       }
@@ -94,7 +124,30 @@ export class StreamSource {
     } catch (e) {
       this.error = e;
     }
+    if (this.cacheSink) {
+      try {
+        if (this.error) this.cacheSink.error(this.error); else this.cacheSink.close();
+      } catch {}
+    }
     this.wake();
+  }
+
+  hold(n) {
+    this.held += n;
+    if (this.held > this.peakHeld) this.peakHeld = this.held;
+  }
+
+  release(c) {
+    if (!c.bytes) return;
+    this.held -= c.end - c.start;
+    c.bytes = null;
+    if (this.held < this.maxBuffered) this.wakeRoom();
+  }
+
+  wakeRoom() {
+    const w = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const f of w) f();
   }
 
   wake() {
@@ -121,7 +174,7 @@ export class StreamSource {
     for (const c of this.chunks) {
       c.need = this.planned(c.start, c.end);
       c.got = 0;
-      if (c.need === 0) c.bytes = null; // header, padding: never read again
+      if (c.need === 0) this.release(c); // header, padding: never read again
     }
   }
 
@@ -137,7 +190,9 @@ export class StreamSource {
   async read(offset, length) {
     const end = offset + length;
     while (this.received < end && !this.ended && !this.error) {
-      await new Promise((resolve) => this.waiters.push(resolve));
+      const arrived = new Promise((resolve) => this.waiters.push(resolve));
+      this.wakeRoom(); // the engine is waiting: read on whatever is held
+      await arrived;
     }
     if (this.error) throw this.error;
     const stop = Math.min(end, this.received);
@@ -152,13 +207,15 @@ export class StreamSource {
       out.set(c.bytes.subarray(a - c.start, b - c.start), a - offset);
       if (this.ranges) {
         c.got += b - a;
-        if (c.got >= c.need) c.bytes = null;
+        if (c.got >= c.need) this.release(c);
       }
     }
     return out;
   }
 
   async finish() {
+    this.draining = true;
+    this.wakeRoom();
     await this.pumping;
     if (this.error) throw this.error;
     this.chunks = [];
@@ -175,7 +232,10 @@ export class StreamSource {
 
   close() {
     this.controller.abort();
+    this.error ??= new Error('the download was closed');
+    this.wakeRoom();
     this.chunks = [];
+    this.held = 0;
     // a download that finished before the failure (a small non-GGUF file) must not stay cached
     if (this.cachePut) {
       this.cachePut.then(() => caches.open(MODEL_CACHE)).then((c) => c.delete(this.key)).catch(() => {});
@@ -187,7 +247,7 @@ export class StreamSource {
  * Opens `url`: from the Cache API when it holds a copy (no network request), otherwise a
  * streaming download that is copied into the cache as it arrives.
  */
-export async function openUrl(url, onProgress, useCache = true) {
+export async function openUrl(url, onProgress, useCache = true, maxBuffered = DEFAULT_MAX_BUFFERED) {
   const key = new URL(url, self.location.href).href;
   const cache = useCache && typeof caches !== 'undefined' ? await caches.open(MODEL_CACHE) : null;
   if (cache) {
@@ -205,14 +265,15 @@ export async function openUrl(url, onProgress, useCache = true) {
   const len = Number(response.headers.get('content-length'));
   const size = !encoded && len > 0 ? len : null;
   let cachePut = null;
-  let body = response;
+  let cacheSink = null;
   if (cache) {
-    const [a, b] = response.body.tee();
-    body = new Response(a);
+    // the cache copy gets each chunk as the load reads it (a tee would read on for it at the
+    // network's pace and queue the load's branch in memory, whatever the back-pressure)
+    const copy = new ReadableStream({ start(c) { cacheSink = c; } });
     const headers = { 'content-type': 'application/octet-stream', 'x-nomoat-cached': new Date().toISOString() };
     if (size != null) headers['content-length'] = String(size);
-    cachePut = cache.put(key, new Response(b, { headers }));
+    cachePut = cache.put(key, new Response(copy, { headers }));
     cachePut.catch(() => {}); // reported through finish()
   }
-  return new StreamSource(key, body, size, onProgress, cachePut, controller);
+  return new StreamSource(key, response.body, size, onProgress, cachePut, cacheSink, controller, maxBuffered);
 }

@@ -68,7 +68,7 @@ extern "C" {
     fn close(this: &Reader);
 
     #[wasm_bindgen(js_name = openUrl)]
-    fn open_url(url: &str, on_progress: &JsValue, use_cache: bool) -> Promise;
+    fn open_url(url: &str, on_progress: &JsValue, use_cache: bool, max_buffered: f64) -> Promise;
     #[wasm_bindgen(js_name = openFile)]
     fn open_file(file: &JsValue) -> Promise;
     #[wasm_bindgen(js_name = hasWebGPU)]
@@ -225,6 +225,9 @@ struct LoadOptions {
     /// GPU memory the model may take, in MiB (weights + KV cache): a larger model is refused
     /// before anything is uploaded. Browsers do not say how much memory a GPU has.
     max_gpu_memory: Option<u64>,
+    /// Downloaded bytes a URL load may hold in memory before it pauses the network (default
+    /// 64 MiB, sources.js).
+    max_buffered_bytes: Option<f64>,
 }
 
 /// Sampling options left out take the model's `general.sampling.*` values, else llama.cpp's
@@ -402,7 +405,7 @@ impl Engine {
         future_to_promise(async move {
             let opts: LoadOptions = parse_options("load options", options_json.as_deref())?;
             let cb = progress_cb.map(JsValue::from).unwrap_or(JsValue::UNDEFINED);
-            let reader: Reader = JsFuture::from(open_url(&url, &cb, opts.cache.unwrap_or(true)))
+            let reader: Reader = JsFuture::from(open_url(&url, &cb, opts.cache.unwrap_or(true), opts.max_buffered_bytes.unwrap_or(0.0)))
                 .await
                 .map_err(|e| js_error("ReadError", format!("downloading {url}: {}", js_message(&e))))?
                 .unchecked_into();
