@@ -96,7 +96,9 @@ function setState() {
   ui.newChat.disabled = busy;
   $('welcome-load').hidden = loaded;
   $('welcome-ready').hidden = !loaded;
-  ui.input.placeholder = loaded ? `Message ${modelName} (Enter sends, Shift+Enter for a new line)` : 'Load a model, then type a message (Enter sends, Shift+Enter for a new line)';
+  // a phone has no Shift+Enter to speak of, and little room
+  const keys = phoneLayout.matches ? '' : ' (Enter sends, Shift+Enter for a new line)';
+  ui.input.placeholder = loaded ? `Message ${modelName}${keys}` : `Load a model, then type a message${keys}`;
 }
 
 // ---- the conversation on the page ----
@@ -780,7 +782,10 @@ document.addEventListener('keydown', (ev) => {
   if (!ui.deviceDetail.hidden) showDeviceDetail(false);
   else if (document.body.classList.contains('drawer-open')) setDrawer(false);
 });
-phoneLayout.addEventListener('change', () => setDrawer(false));
+phoneLayout.addEventListener('change', () => {
+  setDrawer(false);
+  setState();
+});
 
 async function main() {
   ui.url.value = localStorage.getItem(MODEL_URL_KEY) || ui.url.value;

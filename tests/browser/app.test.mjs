@@ -260,6 +260,11 @@ test('a real reply streams in rendered, is kept, and survives a reload; regenera
   assert.ok(first.html.includes('<div class="code-block" data-lang="python">'), 'the fenced block in the reply did not render as one');
   assert.equal(await page.textContent('#announce'), first.text, 'the live region did not get the reply');
   await shot(page, 'reply-desktop-light');
+  await page.setViewportSize(PHONE);
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await page.waitForFunction(() => getComputedStyle(document.querySelector('#side')).visibility === 'hidden');
+  await shot(page, 'reply-phone-dark');
+  await page.setViewportSize(DESKTOP);
   // regenerate: greedy again, the same reply, still one reply on the page
   await page.getByRole('button', { name: 'Regenerate the reply' }).click();
   await page.waitForFunction(() => document.querySelector('#stats').textContent.includes('tok/s'), null, { timeout: LONG });
