@@ -75,6 +75,9 @@ async function handle(id, op, args) {
     case 'stopFinetune':
       if (training) training.stop = true;
       return true;
+    case 'simulateDeviceLoss': // tests only: the page's handling of a lost GPU
+      need().simulate_device_loss();
+      return true;
     case 'endFinetune':
       if (engine) engine.finetune_end();
       return true;

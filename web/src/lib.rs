@@ -198,7 +198,7 @@ struct Loaded {
     model: Box<Model>,
     /// The model's header: adapters are checked against its tensor names and shapes.
     gguf: Gguf,
-    /// The model's own sampling values (its header's general.sampling.*).
+    /// The model's recommended sampling values (its header's general.sampling.*, else its catalog entry's).
     sampling: SamplingOverrides,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
@@ -395,6 +395,14 @@ impl Engine {
             Ok(i) => i.gpu.describe(),
             Err(_) => "(busy)".into(),
         }
+    }
+
+    /// Destroys the GPU device as a driver reset or the browser would: what every later call
+    /// then rejects with (`DeviceLost`) is what a real loss gives. For tests of the page.
+    pub fn simulate_device_loss(&self) -> Result<(), JsValue> {
+        let inner = self.inner.try_borrow().map_err(|_| busy())?;
+        inner.gpu.device.destroy();
+        Ok(())
     }
 
     /// Streams a model from `url` (fetch; the Cache API keeps a copy, and a cached copy is read
@@ -902,7 +910,7 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         constrainer: None,
         adapters: Vec::new(),
         model,
-        sampling: SamplingOverrides::from_gguf(&gguf),
+        sampling: model_sampling(&gguf, reader),
         gguf,
         tokenizer: Arc::new(tokenizer),
         template,
@@ -913,6 +921,18 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let info = info_json(&inner.gpu, &loaded);
     inner.loaded = Some(loaded);
     Ok(JsValue::from_str(&info.to_string()))
+}
+
+/// The sampling a model recommends: its GGUF's `general.sampling.*`, and its catalog entry's
+/// (told by file name and size, as the CLI tells it) where the file sets none.
+fn model_sampling(gguf: &Gguf, reader: &Reader) -> SamplingOverrides {
+    let own = SamplingOverrides::from_gguf(gguf);
+    let name = reader.name();
+    let file = name.rsplit('/').next().unwrap_or(&name).split(['?', '#']).next().unwrap_or("");
+    match reader.size().and_then(|s| nomoat_runtime::catalog::for_file(file, s as u64)) {
+        Some(entry) => own.or(&entry.sampling_overrides()),
+        None => own,
+    }
 }
 
 fn adapter_json(a: &LoraAdapter, scale: Option<f32>) -> serde_json::Value {
