@@ -319,6 +319,54 @@ async function refreshStorage() {
   }
 }
 
+// The catalog (pkg/catalog.json, the CLI's runtime/src/catalog.json): each model with its size,
+// licence and what it is for; whether this server has it (nomoat serve serves the catalog's
+// models in its cache at models/<file>) and whether it fits the GPU memory limit and the
+// storage left, with a button that loads it.
+async function renderCatalog() {
+  const list = $('catalog');
+  let models = [];
+  try {
+    models = (await (await fetch('pkg/catalog.json')).json()).models;
+  } catch {
+    list.replaceChildren(Object.assign(document.createElement('li'), { className: 'muted', textContent: 'no catalog (pkg/ is not built)' }));
+    return;
+  }
+  let room = Infinity;
+  try {
+    const { usage = 0, quota = 0 } = await navigator.storage.estimate();
+    if (quota) room = quota - usage;
+  } catch {}
+  const limit = Number($('max-gpu-memory').value) || Infinity;
+  const rows = await Promise.all(models.map(async (m) => {
+    const url = `models/${m.file}`;
+    const here = await fetch(url, { method: 'HEAD' }).then((r) => r.ok, () => false);
+    const li = document.createElement('li');
+    const title = document.createElement('strong');
+    title.textContent = m.title;
+    const facts = document.createElement('div');
+    facts.className = 'muted';
+    const notes = [mib(m.size), m.license, `context ${m.context.toLocaleString('en')}`, m.chat ? 'chat' : 'base model (no chat)'];
+    if (m.size > limit * (1 << 20)) notes.push('over your GPU memory limit');
+    if (m.size > room) notes.push('no room to store it: loads for this visit only');
+    facts.textContent = `${notes.join(' · ')} — ${m.about}`;
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.textContent = here ? 'Load' : 'Not on this server';
+    button.disabled = !here;
+    button.setAttribute('aria-label', here ? `Load ${m.title}` : `${m.title} is not on this server: nomoat pull ${m.name}, then nomoat serve`);
+    if (!here) button.title = `nomoat pull ${m.name}, then nomoat serve`;
+    button.onclick = () => {
+      ui.url.value = url;
+      load(() => engine.loadUrl(url, loadOpts()));
+    };
+    li.append(title, ' ', button, facts);
+    li.dataset.model = m.name;
+    return li;
+  }));
+  list.replaceChildren(...rows);
+}
+
 async function refreshCached() {
   const list = await Nomoat.cachedModels().catch(() => []);
   ui.cached.replaceChildren();
@@ -791,6 +839,8 @@ async function main() {
   ui.url.value = localStorage.getItem(MODEL_URL_KEY) || ui.url.value;
   setState();
   refreshCached();
+  renderCatalog();
+  $('max-gpu-memory').addEventListener('input', renderCatalog);
   renderAdapters([]);
   // the page works offline once it has been loaded, and can be installed
   if ('serviceWorker' in navigator && window.isSecureContext) {

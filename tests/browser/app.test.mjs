@@ -332,6 +332,30 @@ test('with no room to store the model, it loads all the same and the page says w
   }
 });
 
+test('the catalog lists the models by name with their sizes; one loads with its recommended sampling', { timeout: LONG }, async () => {
+  const page = await openPage();
+  await page.waitForSelector('#catalog li[data-model]', { timeout: 60_000 });
+  const rows = await page.$$eval('#catalog li[data-model]', (els) => els.map((e) => ({ name: e.dataset.model, text: e.textContent, here: !e.querySelector('button').disabled })));
+  assert.deepEqual(rows.map((r) => r.name).sort(), ['gemma-3-270m', 'qwen2.5-coder-0.5b-instruct', 'smollm2-135m-instruct']);
+  // this test server has the cache's models: every one can be loaded from it
+  assert.ok(rows.every((r) => r.here), JSON.stringify(rows));
+  assert.match(rows.find((r) => r.name === 'qwen2.5-coder-0.5b-instruct').text, /468\.6 MiB · Apache-2\.0 · context 32,768 · chat/);
+  // a GPU memory limit marks what is over it
+  await page.fill('#max-gpu-memory', '200');
+  await page.waitForFunction(() => document.querySelector('#catalog li[data-model="gemma-3-270m"]')?.textContent.includes('over your GPU memory limit'));
+  assert.ok(!(await page.textContent('#catalog li[data-model="smollm2-135m-instruct"]')).includes('over your'));
+  await page.fill('#max-gpu-memory', '');
+  await page.waitForFunction(() => !document.querySelector('#catalog').textContent.includes('over your GPU memory limit'));
+  await page.click('#catalog li[data-model="smollm2-135m-instruct"] button');
+  await page.waitForFunction(() => document.querySelector('#model-info').textContent.includes('layers') || !document.querySelector('#error').hidden, null, { timeout: LONG });
+  assert.equal(await page.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '');
+  // the catalog's recommendation for SmolLM2 (temperature 0.2, top-p 0.9), as the CLI uses it
+  assert.equal(await page.inputValue('#temperature'), '0.2');
+  assert.equal(await page.inputValue('#top-p'), '0.9');
+  await shot(page, 'catalog');
+  await page.close();
+});
+
 test('axe-core finds no serious accessibility violation', { timeout: LONG }, async () => {
   const report = [];
   // a conversation on the page: the turns, their buttons and a rendered reply are scanned too
