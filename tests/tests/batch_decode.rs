@@ -14,7 +14,7 @@ use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
 use nomoat_runtime::session::{RowOut, Session, SlotStep, Want};
 use nomoat_tests::gpu::variants;
-use nomoat_tests::support::{model_path, SMOLLM2};
+use nomoat_tests::support::{model_path, GEMMA3, SMOLLM2};
 use std::path::{Path, PathBuf};
 
 /// One sequence of a run: its prompt, the tokens it generates, and the step of the batched run
@@ -180,4 +180,19 @@ fn bad_steps_are_refused() {
     assert!(err(&mut s, &[step(0, 1), step(1, 1)]).contains("context"));
     // nothing was fed where a step was refused
     assert_eq!(s.slot_tokens(0).len(), 0);
+}
+
+/// Gemma 3 270M (Q4_K_M: head size 256, one kv head, sliding-window layers, soft-capped
+/// logits over 262,144 tokens): 4 sequences, one joining mid-way.
+#[test]
+fn gemma3_sequences_together_decode_as_alone() {
+    let gpu = variants().last().unwrap();
+    let model = load(&model_path(GEMMA3), gpu);
+    let p = prompts(&[6, 70, 3, 20], model.config.n_vocab, 13);
+    let plan = [(10, 0), (8, 0), (10, 3), (6, 0)];
+    let seqs: Vec<Seq> = p.into_iter().zip(plan).map(|(prompt, (n_gen, joins_at))| Seq { prompt, n_gen, joins_at }).collect();
+    let a: Vec<Trace> = seqs.iter().map(|q| alone(&model, gpu, KvType::F16, 256, q)).collect();
+    let t = together(&model, gpu, KvType::F16, 256, &seqs);
+    let failures = compare("Gemma 3", &a, &t, 0.5);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
