@@ -234,11 +234,6 @@ impl Steps {
         self.out
     }
 
-    /// The tokens generated so far.
-    pub fn tokens(&self) -> &[u32] {
-        &self.out.tokens
-    }
-
     /// Take `next`, the token sampled after the last feed (under `guide`): emit its text and
     /// return what to feed next (it, and the tokens the grammar forces after it), or None when
     /// the reply has ended (`finish` then gives it). `cache_len` is what the sequence's cache

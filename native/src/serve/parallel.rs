@@ -42,10 +42,6 @@ struct Seq {
 }
 
 impl Seq {
-    fn generated(&self) -> usize {
-        self.steps.as_ref().map_or(0, |s| s.tokens().len())
-    }
-
     fn cancelled(&self) -> bool {
         self.job.cancel.load(Ordering::SeqCst) || self.job.events.is_closed()
     }
@@ -132,10 +128,9 @@ pub(super) fn run(
         }
         stats.busy.store(true, Ordering::SeqCst);
         stats.counters.running.store(active.len(), Ordering::Relaxed);
-        let sampled_before: usize = active.iter().map(Seq::generated).sum();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| step(session, tokenizer, &mut active, panic_at)));
-        // tokens sampled this round (a request that ended took its steps with it: not counted)
-        stats.counters.rate.add(active.iter().map(Seq::generated).sum::<usize>().saturating_sub(sampled_before) as u32);
+        let mut sampled = 0;
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| step(session, tokenizer, &mut active, panic_at, &mut sampled)));
+        stats.counters.rate.add(sampled);
         let turns = match result {
             Ok(turns) => turns,
             Err(panic) => {
@@ -240,8 +235,8 @@ fn pick_slot(session: &Session<'_>, active: &[Seq], last_used: &[u64], prompt: &
 
 /// One round: a prompt chunk of one request still prefilling, then a step of every request
 /// decoding (the plain one-token ones together, the others alone). Returns each request's turn,
-/// in order.
-fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], panic_at: Option<u64>) -> Vec<Turn> {
+/// in order; `sampled` counts the tokens sampled.
+fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], panic_at: Option<u64>, sampled: &mut u32) -> Vec<Turn> {
     let mut turns: Vec<Turn> = active.iter().map(|_| Turn::Continue).collect();
     // cancelled requests end at once, freeing their slots
     for (seq, turn) in active.iter_mut().zip(turns.iter_mut()) {
@@ -251,7 +246,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
     }
     // one prompt chunk, for the request that has waited longest
     if let Some(i) = (0..active.len()).filter(|&i| matches!(turns[i], Turn::Continue) && active[i].steps.is_none()).min_by_key(|&i| active[i].start) {
-        if let Err(e) = pollster::block_on(prefill_chunk(session, tokenizer, &mut active[i], &mut turns[i])) {
+        if let Err(e) = pollster::block_on(prefill_chunk(session, tokenizer, &mut active[i], &mut turns[i], sampled)) {
             turns[i] = Turn::Failed(e);
         }
     }
@@ -278,7 +273,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
                         RowOut::Best(best) => sampler.sample_top(&best),
                         RowOut::Logits(logits) => sampler.sample(&logits),
                     };
-                    turns[i] = take(session, tokenizer, &mut active[i], next, panic_at);
+                    turns[i] = take(session, tokenizer, &mut active[i], next, panic_at, sampled);
                 }
             }
             Err(e) => {
@@ -296,7 +291,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
         let feed = std::mem::take(&mut seq.feed);
         let steps = seq.steps.as_mut().unwrap();
         turns[i] = match pollster::block_on(session.eval_sample_guided(&feed, &mut steps.sampler, &mut seq.job.guide)) {
-            Ok(next) => take(session, tokenizer, seq, next, panic_at),
+            Ok(next) => take(session, tokenizer, seq, next, panic_at, sampled),
             Err(e) => Turn::Failed(e),
         };
     }
@@ -305,7 +300,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
 
 /// The next MAX_BATCH tokens of `seq`'s prompt into its slot, or the last ones with the first
 /// token sampled after them.
-async fn prefill_chunk(session: &mut Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, turn: &mut Turn) -> Result<(), ModelError> {
+async fn prefill_chunk(session: &mut Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, turn: &mut Turn, sampled: &mut u32) -> Result<(), ModelError> {
     session.select_slot(seq.slot);
     let prompt = &seq.job.prompt;
     if seq.prefill.is_none() {
@@ -328,15 +323,16 @@ async fn prefill_chunk(session: &mut Session<'_>, tokenizer: &Tokenizer, seq: &m
     let steps = Steps::new(tokenizer, &seq.job.opts, sampler, prompt.len(), seq.reused, seq.start.elapsed().as_secs_f64());
     seq.steps = Some(steps);
     *turn = match first {
-        Some(next) => take(session, tokenizer, seq, next, None),
+        Some(next) => take(session, tokenizer, seq, next, None, sampled),
         None => Turn::Done(cancelled(seq, tokenizer)),
     };
     Ok(())
 }
 
-/// `next`, sampled after `seq`'s last feed, into its generation: streams its text and sets the
-/// next feed, or ends the request.
-fn take(session: &Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, next: u32, panic_at: Option<u64>) -> Turn {
+/// `next`, sampled after `seq`'s last feed, into its generation (counted in `sampled`): streams
+/// its text and sets the next feed, or ends the request.
+fn take(session: &Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, next: u32, panic_at: Option<u64>, sampled: &mut u32) -> Turn {
+    *sampled += 1;
     let job = &mut seq.job;
     let steps = seq.steps.as_mut().unwrap();
     let (cancel, events) = (job.cancel.clone(), job.events.clone());
