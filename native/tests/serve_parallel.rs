@@ -57,10 +57,10 @@ fn usage_of(v: &Value, field: &str) -> u64 {
     }
 }
 
-/// Eight prompts: different lengths (one over a 64-token prefill chunk), two sharing a long
-/// prefix, one repeated.
+/// Eight prompts: different lengths (two over a 64-token prefill chunk, so fed in chunks between
+/// the others' steps), two sharing a long prefix, one repeated.
 fn prompts() -> Vec<String> {
-    let long = "The history of the printing press begins with movable type in East Asia, then Gutenberg's press in Mainz around 1440, which spread across Europe within decades and changed how books, pamphlets and newspapers were made and read. In summary,".to_string();
+    let long = "The history of the printing press begins with movable type in East Asia, then Gutenberg's press in Mainz around 1440, which spread across Europe within decades and changed how books, pamphlets and newspapers were made and read. Printers became publishers, cities competed for presses, and the cost of a book fell so far that reading spread beyond the clergy and the rich to merchants, craftsmen and their children. In summary,".to_string();
     vec![
         "Once upon a time".into(),
         "The capital of France is".into(),
@@ -97,7 +97,8 @@ fn eight_requests_together_reply_as_one_at_a_time() {
     // sent after it, was given its slot and evaluated only the rest
     assert_eq!(usage_of(&alone[0], "cached_tokens"), 0);
     let (cached, prompt) = (usage_of(&alone[3], "cached_tokens"), usage_of(&alone[3], "prompt_tokens"));
-    assert!(cached >= 40 && cached < prompt, "the long prompt's continuation: {cached} of {prompt} prompt tokens cached");
+    assert!(cached >= 80 && cached < prompt, "the long prompt's continuation: {cached} of {prompt} prompt tokens cached");
+    assert!(usage_of(&alone[2], "prompt_tokens") > 64, "the long prompt fits one chunk");
     // /metrics adds up what the responses said
     let m = metrics(&server.addr);
     let all: Vec<&Value> = alone.iter().chain(&together).collect();
