@@ -11,9 +11,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn start(parallel: usize) -> common::Server {
+    start_with(parallel, &[])
+}
+
+fn start_with(parallel: usize, args: &[&str]) -> common::Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
     cmd.args(["serve", "--port", "0", "-c", "512", "--parallel", &parallel.to_string(), "-m"])
         .arg(common::smollm2())
+        .args(args)
         .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -151,6 +156,18 @@ fn a_client_leaving_mid_stream_frees_its_slot() {
     let generated: usize = cancelled.split(" generated").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(generated < 100, "the cancelled request went on for {generated} tokens:\n{log}");
     eprintln!("cancelled after {generated} tokens; the next request took {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// The official openai Python client's checks (tests/server/openai_client_test.py: chat and
+/// completions, streamed or not, errors) against a server of 4 slots.
+#[test]
+fn openai_client_with_four_slots() {
+    let server = start_with(4, &["--api-key", "k-123"]);
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/server/openai_client_test.py");
+    let url = format!("http://{}/v1", server.addr);
+    let out = Command::new("python3").arg(&script).arg(&url).arg("k-123").arg("SmolLM2-135M-Instruct.Q4_1").output().expect("running python3");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client test failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}", server.log.lock().unwrap());
 }
 
 #[test]
