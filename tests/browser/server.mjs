@@ -34,7 +34,8 @@ export async function startServer({ root, models }) {
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, 'http://x');
     const p = decodeURIComponent(url.pathname);
-    counts.set(p, (counts.get(p) || 0) + 1);
+    // downloads are counted: the page's HEAD requests (is this model here?) are not
+    if (req.method !== 'HEAD') counts.set(p, (counts.get(p) || 0) + 1);
     let file;
     if (p.startsWith('/models/')) file = path.join(models, path.basename(p));
     else file = path.join(root, path.normalize(p === '/' ? '/index.html' : p));
@@ -52,7 +53,8 @@ export async function startServer({ root, models }) {
         'content-length': st.size,
         'cache-control': 'no-store',
       });
-      fs.createReadStream(file).pipe(res);
+      if (req.method === 'HEAD') res.end();
+      else fs.createReadStream(file).pipe(res);
     });
   });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
