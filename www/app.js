@@ -595,7 +595,9 @@ async function load(start) {
   try {
     const info = await start();
     loaded = true;
-    ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
+    const asked = nCtx();
+    const lowered = asked > info.n_ctx ? ` (${asked} asked for: the model was trained on ${info.n_ctx_train})` : '';
+    ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${lowered}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
     ui.progressLabel.textContent = 'loaded';
     showSampling(info.sampling);
     modelName = info.name;

@@ -385,7 +385,13 @@ impl ModelArgs {
     /// `-c`, else 2048, within the model's training context: a larger `-c` is lowered to it, with
     /// a note on stderr (as `nomoat serve` and the page lower theirs).
     pub fn n_ctx(&self, l: &Loaded) -> usize {
-        let max = l.model.config.n_ctx_train.max(1);
+        self.n_ctx_for(l.model.config.n_ctx_train)
+    }
+
+    /// `-c`, or the default, for a model trained on `n_ctx_train` tokens: one longer than that
+    /// is lowered to it with a note (the CLI, the server and the page all lower it).
+    pub fn n_ctx_for(&self, n_ctx_train: usize) -> usize {
+        let max = n_ctx_train.max(1);
         match self.ctx_size {
             Some(c) if c > max => {
                 eprintln!("note: -c {c} is over the model's training context; using {max}");

@@ -363,6 +363,20 @@ fn body_deadline_and_connection_limit() {
     drop(held);
 }
 
+/// A context longer than the model's training context is lowered to it with a note, as the CLI
+/// and the page lower it, and /v1/models says which context is in use.
+#[test]
+fn a_context_over_the_training_context_is_lowered_with_a_note() {
+    let _serial = serial();
+    let s = Server::start(&["-m", &tiny("llama-tiny.gguf"), "-c", "4096"], &[]);
+    let (status, text) = s.request("GET", "/v1/models", &[], "");
+    assert_eq!(status, 200, "{text}");
+    let meta = &serde_json::from_str::<Value>(&text).unwrap()["data"][0]["meta"];
+    assert_eq!((meta["n_ctx"].as_u64(), meta["n_ctx_train"].as_u64()), (Some(256), Some(256)), "{text}");
+    let log = s.log();
+    assert!(log.contains("-c 4096 is over the model's training context; using 256"), "{log}");
+}
+
 /// Item 3: a body that is not declared application/json is a 415 (a page on another origin
 /// can send text/plain without a CORS preflight), before it reaches the model.
 #[test]

@@ -94,8 +94,11 @@ test('a model of an unknown architecture, or with a weight type nomoat does not 
   console.log(`unsupported type: ${tyErr}`);
   assert.match(tyErr, /^UnsupportedModel: .*I32/);
   await page.screenshot({ path: path.join(ARTIFACTS, 'unsupported.png') });
-  // the page goes on: the real model loads
+  // the page goes on: the real model loads; a context over its training context is lowered to
+  // it and the page says so (as the CLI and the server do)
+  await page.fill('#n-ctx', '4096');
   assert.equal(await loadUrl(page, 'models/llama-tiny.gguf'), '');
+  assert.match(await page.textContent('#model-info'), /context 256 \(4096 asked for: the model was trained on 256\)/);
   await page.close();
 });
 

@@ -182,7 +182,7 @@ fn load_and_serve(
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
-    let n_ctx = m.ctx_size.unwrap_or(crate::DEFAULT_CTX).min(model.config.n_ctx_train);
+    let n_ctx = m.n_ctx_for(model.config.n_ctx_train);
     let mut session = match pollster::block_on(Session::with_slots(&model, &gpu, n_ctx, kv_type(m), parallel.max(1))) {
         Ok(s) => s,
         Err(e) => return Ended::LoadFailed(anyhow!(e)),
