@@ -146,8 +146,8 @@ pub(super) fn run(
                 for seq in active.drain(..) {
                     session.select_slot(seq.slot);
                     session.reset();
+                    ended(stats, 0);
                     let _ = seq.job.events.send(Event::Error(format!("internal error during generation: {msg}")));
-                    stats.served.fetch_add(1, Ordering::Relaxed);
                 }
                 if lost.is_some() {
                     return lost;
@@ -179,11 +179,13 @@ pub(super) fn run(
                     );
                     let logprobs = std::mem::take(&mut seq.job.guide.logprobs);
                     stats.count(&g);
+                    ended(stats, active.len());
                     let outcome = Outcome { completion_tokens: g.tokens.len(), cached_tokens: g.reused_tokens, finish: g.finish, logprobs };
                     let _ = seq.job.events.send(Event::Done(outcome));
                 }
                 Turn::Failed(e) => {
                     let seq = active.remove(i);
+                    ended(stats, active.len());
                     let why = lost_device(session, &e);
                     eprintln!("[#{}] generation failed: {e}", seq.job.id);
                     session.select_slot(seq.slot);
@@ -196,7 +198,6 @@ pub(super) fn run(
                     lost = lost.or(why);
                 }
             }
-            stats.served.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(why) = lost {
             for seq in active.drain(..) {
@@ -212,6 +213,13 @@ pub(super) fn run(
             stats.gpu_bytes.store(session.gpu.buffer_memory().unwrap_or(-1), Ordering::Relaxed);
         }
     }
+}
+
+/// A request ended, `running` remain: counted before its client hears, so that what the client
+/// reads from /metrics next includes it.
+fn ended(stats: &Stats, running: usize) {
+    stats.served.fetch_add(1, Ordering::Relaxed);
+    stats.counters.running.store(running, Ordering::Relaxed);
 }
 
 /// Why the device is gone, where it is.
