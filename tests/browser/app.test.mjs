@@ -309,6 +309,8 @@ test('with no room to store the model, it loads all the same and the page says w
     await cdp.send('Storage.overrideQuotaForOrigin', { origin: tiny.url, quotaSize: 64 * 1024 });
     await page.goto(`${tiny.url}/`);
     await page.waitForFunction(() => window.nomoat?.ready, null, { timeout: 60_000 });
+    // (once, in a full suite run, the Load button stayed disabled here: say why if it happens)
+    assert.ok(await page.evaluate(() => !!window.nomoat.engine), `no engine: ${await page.textContent('#error')} / ${await page.textContent('#device')}`);
     await page.fill('#model-url', `models/${TINY}`);
     await page.click('#load-url');
     await page.waitForFunction(() => document.querySelector('#model-info').textContent.includes('layers') || !document.querySelector('#error').hidden, null, { timeout: LONG });
