@@ -180,7 +180,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     g.prompt_tps(),
                     g.tokens.len(),
                     g.gen_tps(),
-                    if g.finish == nomoat_runtime::generate::FinishReason::Cancelled { ", stopped" } else { "" }
+                    match g.finish {
+                        nomoat_runtime::generate::FinishReason::Cancelled => ", stopped".to_string(),
+                        // a reply that ran to the limit (a loop, or just long) is said to be cut
+                        nomoat_runtime::generate::FinishReason::Length => format!(", cut at the {}-token limit (-n)", a.n_predict),
+                        _ => String::new(),
+                    }
                 );
                 history.push(Message { role: "assistant".into(), content: g.text });
             }

@@ -246,3 +246,23 @@ fn run_and_chat_follow_a_grammar() {
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A chat reply that runs to `-n` says so (a loop would otherwise fill the limit unnoticed).
+#[test]
+fn a_chat_reply_cut_at_the_limit_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
+        .args(["chat", "-m", &smollm2(), "-n", "3", "--temp", "0"])
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"Tell me a long story about a dragon.\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("3 generated") && err.contains("cut at the 3-token limit (-n)"), "{err}");
+}

@@ -5,7 +5,6 @@
 use crate::chat::StopMatcher;
 use crate::constrain::{Guide, TokenLogprob};
 use crate::error::ModelError;
-use crate::ops::MAX_TOP_K;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::{Session, MAX_BATCH};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -321,7 +320,7 @@ impl Session<'_> {
     /// whole logits otherwise) in the same submission as the forward pass (one submission a
     /// generated token).
     pub async fn eval_sample(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32, ModelError> {
-        match sampler.best_logits_needed(MAX_TOP_K as usize) {
+        match sampler.best_logits_needed(self.gpu.tuning.sample_top_k_max as usize) {
             Some(k) => Ok(sampler.sample_top(&self.eval_top_k(ids, k as u32).await?)),
             None => Ok(sampler.sample(&self.eval_logits(ids).await?)),
         }
@@ -343,7 +342,7 @@ impl Session<'_> {
             None => None,
         };
         let plain = guide.logit_bias.is_empty() && guide.top_logprobs.is_none();
-        if let (Some(mask), true, Some(k)) = (&mask, plain, sampler.best_logits_needed(MAX_TOP_K as usize)) {
+        if let (Some(mask), true, Some(k)) = (&mask, plain, sampler.best_logits_needed(self.gpu.tuning.sample_top_k_max as usize)) {
             // the GPU selects the k best among the allowed tokens: k values read back
             let best = self.eval_top_k_masked(ids, k as u32, &mask.words).await?;
             if best.is_empty() {

@@ -35,6 +35,8 @@ pub struct KernelOverrides {
     pub attention_key_lanes: Option<bool>,
     /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
     pub attention_heads_share_kv: Option<bool>,
+    /// `NOMOAT_SAMPLE_TOPK=gpu` / `readback`: sampling reads the GPU's top-k, or every logit.
+    pub sample_top_k: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -56,6 +58,7 @@ impl KernelOverrides {
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
             attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
             attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
+            sample_top_k: choice("NOMOAT_SAMPLE_TOPK", "gpu", "readback"),
         }
     }
 }
@@ -108,6 +111,10 @@ pub struct Tuning {
     pub attention_broadcast: bool,
     pub attention_key_lanes: bool,
     pub attention_heads_share_kv: bool,
+    /// The most best logits sampling takes from the GPU's top-k kernel instead of reading every
+    /// logit back: MAX_TOP_K on GPUs; 1 (the argmax only) on CPU devices, where the kernel for
+    /// k > 1 costs more than the read-back (bench/README.md, "Sampling's read-back").
+    pub sample_top_k_max: u32,
 }
 
 impl Tuning {
@@ -136,6 +143,7 @@ impl Tuning {
             attention_broadcast: o.attention_broadcast != Some(false),
             attention_key_lanes: o.attention_key_lanes != Some(false),
             attention_heads_share_kv: o.attention_heads_share_kv != Some(false),
+            sample_top_k_max: if o.sample_top_k.unwrap_or(!cpu) { crate::ops::MAX_TOP_K } else { 1 },
         }
     }
 
@@ -172,6 +180,11 @@ mod tests {
         let sg = Variant { f16: true, subgroups: true, web: false };
         let lavapipe = Tuning::for_device(&adapter("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides::default());
         assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention_per_query && !lavapipe.tiled_matmul);
+        assert_eq!(lavapipe.sample_top_k_max, 1);
+        let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { sample_top_k: Some(true), ..Default::default() });
+        assert_eq!(forced.sample_top_k_max, crate::ops::MAX_TOP_K);
+        let gpu = Tuning::for_device(&adapter("NVIDIA H100", wgpu::DeviceType::DiscreteGpu, 32), sg, &KernelOverrides::default());
+        assert_eq!(gpu.sample_top_k_max, crate::ops::MAX_TOP_K);
         assert_eq!(lavapipe.loop_budget, Some(LLVMPIPE_LOOP_BUDGET));
         assert!(lavapipe.matvec.x_broadcast && lavapipe.paired_matvec().rpi == 8);
         let swiftshader =

@@ -16,7 +16,7 @@ use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{Generation, Steps};
 use nomoat_runtime::lora::LoraAdapter;
-use nomoat_runtime::ops::{MAX_SEQ_ROWS, MAX_TOP_K};
+use nomoat_runtime::ops::MAX_SEQ_ROWS;
 use nomoat_runtime::session::{RowOut, Session, SlotStep, Want, MAX_BATCH};
 use nomoat_runtime::tokenizer::Tokenizer;
 use std::panic::AssertUnwindSafe;
@@ -261,12 +261,13 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
     // the decode step
     let decoding: Vec<usize> = (0..active.len()).filter(|&i| matches!(turns[i], Turn::Continue) && active[i].steps.is_some() && !active[i].feed.is_empty()).collect();
     let (plain, alone): (Vec<usize>, Vec<usize>) = decoding.into_iter().partition(|&i| active[i].feed.len() == 1 && active[i].job.guide.is_empty());
+    let top_k_max = session.gpu.tuning.sample_top_k_max as usize;
     for group in plain.chunks(MAX_SEQ_ROWS) {
         let steps: Vec<SlotStep> = group
             .iter()
             .map(|&i| {
                 let s = &active[i];
-                let want = match s.steps.as_ref().unwrap().sampler.best_logits_needed(MAX_TOP_K as usize) {
+                let want = match s.steps.as_ref().unwrap().sampler.best_logits_needed(top_k_max) {
                     Some(k) => Want::TopK(k as u32),
                     None => Want::Logits,
                 };
