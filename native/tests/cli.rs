@@ -22,6 +22,23 @@ fn nomoat(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `nomoat chat ARGS` with `input` typed in.
+fn chat(args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nomoat"))
+        .arg("chat")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn reference(stem: &str) -> Value {
     let p = format!("{}/../tests/data/models/{stem}.json", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -221,19 +238,7 @@ fn run_and_chat_follow_a_grammar() {
     assert!(text == "yes." || text == "no.", "{text:?}");
     let lark = dir.join("answer.lark");
     std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
-        .args(["chat", "-m", smol, "--grammar", lark.to_str().unwrap(), "-n", "8"])
-        .env("XDG_RUNTIME_DIR", "/tmp")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(b"Is the sky blue?\nIs fire cold?\n/exit\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let out = chat(&["-m", smol, "--grammar", lark.to_str().unwrap(), "-n", "8"], b"Is the sky blue?\nIs fire cold?\n/exit\n");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let replies: Vec<&str> = stdout.split("> ").skip(1).map(str::trim).filter(|r| !r.is_empty()).collect();
     assert!(out.status.success() && replies.len() == 2 && replies.iter().all(|r| *r == "yes" || *r == "no"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -250,19 +255,7 @@ fn run_and_chat_follow_a_grammar() {
 /// A chat reply that runs to `-n` says so (a loop would otherwise fill the limit unnoticed).
 #[test]
 fn a_chat_reply_cut_at_the_limit_says_so() {
-    let out = Command::new(env!("CARGO_BIN_EXE_nomoat"))
-        .args(["chat", "-m", &smollm2(), "-n", "3", "--temp", "0"])
-        .env("XDG_RUNTIME_DIR", "/tmp")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(b"Tell me a long story about a dragon.\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let out = chat(&["-m", &smollm2(), "-n", "3", "--temp", "0"], b"Tell me a long story about a dragon.\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("3 generated") && err.contains("cut at the 3-token limit (-n)"), "{err}");
 }
