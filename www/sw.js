@@ -53,7 +53,8 @@ self.addEventListener('fetch', (ev) => {
       const cache = await caches.open(PAGE_CACHE);
       try {
         const res = await fetch(ev.request);
-        if (res.ok && res.type === 'basic') await cache.put(ev.request, res.clone());
+        // no room for the copy (a full quota) must not cost the page the file itself
+        if (res.ok && res.type === 'basic') ev.waitUntil(cache.put(ev.request, res.clone()).catch(() => {}));
         return res;
       } catch (e) {
         const copy = (await cache.match(ev.request, { ignoreSearch: true })) || (ev.request.mode === 'navigate' && (await cache.match('index.html')));
