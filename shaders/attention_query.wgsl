@@ -3,7 +3,7 @@
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
 // 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
-// own sequence's position and cache rows (lib/attention.wgsl's query_place; never with
+// own sequence's position and cache rows (lib/seq_place.wgsl; never with
 // KV_BROADCAST's shared keys, HEADS_SHARE_KV aside).
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
@@ -54,7 +54,7 @@ struct QueryAt { pos: u32, base: u32, kv_offset: u32, kv_stride: u32 }
 
 // query t of head h's place, its query loaded into qv
 fn start_query(h: u32, t: u32) -> QueryAt {
-    let place = query_place(t);
+    let place = seq_place(t);
     let kv_stride = p.n_kv_head * HEAD_DIM;
     let at = QueryAt(place.x, (t * p.n_head + h) * HEAD_DIM, place.y * kv_stride + h / (p.n_head / p.n_kv_head) * HEAD_DIM, kv_stride);
     for (var d = 0u; d < HEAD_DIM / 4u; d++) {

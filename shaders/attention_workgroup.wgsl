@@ -3,7 +3,7 @@
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
 // 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
-// own sequence's position and cache rows (lib/attention.wgsl's query_place).
+// own sequence's position and cache rows (lib/seq_place.wgsl).
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
 // Invocation j scores key k0 + j of each tile of WG keys, the tile's softmax weights go through
@@ -32,7 +32,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let t = wid.y;
     let lane = Lane(lid, SG_SIZE, SG_LANE);
     let hd = p.head_dim;
-    let place = query_place(t);
+    let place = seq_place(t);
     let pos = place.x;
     let kvh = h / (p.n_head / p.n_kv_head);
     let kv_stride = p.n_kv_head * hd;

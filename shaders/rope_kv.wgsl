@@ -4,7 +4,7 @@
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see kv.wgsl), written at positions
 // pos0..pos0+n_tokens, position 0 at row kv_row0 (a sequence's slot of a shared cache). Token t
 // sits at position pos0 + t, or under SEQ_ROWS (a decode step of several sequences) at its own
-// sequence's position and rows (token_place); the first n_rot dimensions of each
+// sequence's position and rows (seq_place); the first n_rot dimensions of each
 // head turn in adjacent pairs (2i, 2i+1), or halves (i, i + n_rot/2) in NeoX mode; n_rot = 0
 // stores k as it is.
 // Invocations: one per rotated pair of q (in place, so a pair's two elements are read before
@@ -55,19 +55,11 @@ fn pair_sin_cos(pos: u32, i: u32) -> vec2<f32> {
 #endif
 }
 
-// token t's position and the cache row its sequence's position 0 sits at
-fn token_place(t: u32) -> vec2<u32> {
-#if SEQ_ROWS
-    let pair = p.seqs[t / 2u];
-    return select(pair.xy, pair.zw, t % 2u == 1u);
-#else
-    return vec2<u32>(p.pos0 + t, p.kv_row0);
-#endif
-}
+#include "lib/seq_place.wgsl"
 
 // where element e0 of token t's k (or v) row, [n_tokens][kv_row], goes in the cache
 fn cache_index(t: u32, e0: u32, kv_row: u32) -> u32 {
-    let place = token_place(t);
+    let place = seq_place(t);
     return (place.y + place.x) * kv_row + e0 - t * kv_row;
 }
 
@@ -124,7 +116,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let n_k_heads = p.n_tokens * p.n_kv_head;
     if (idx < n_q_heads) {
         let base = idx * p.head_dim;
-        let pos = token_place(idx / p.n_head).x;
+        let pos = seq_place(idx / p.n_head).x;
         let inv = q_inv_rms(base);
         for (var i = 0u; i < half; i++) {
             let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
@@ -140,7 +132,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let head = idx - n_q_heads;   // token * n_kv_head + kv head
         let base = head * p.head_dim;
         let t = head / p.n_kv_head;
-        let pos = token_place(t).x;
+        let pos = seq_place(t).x;
         let inv = k_inv_rms(base);
         for (var e = 0u; e < p.head_dim; e += 2u) {
             put_k(cache_index(t, base + e, kv_row), rotated_k(base, e, pos, inv), rotated_k(base, e + 1u, pos, inv));
@@ -154,7 +146,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (idx < n_q_pairs) {
         let i = idx % half;
         let head = idx / half;            // token * n_head + head
-        let pos = token_place(head / p.n_head).x;
+        let pos = seq_place(head / p.n_head).x;
         let base = head * p.head_dim;
         let sc = pair_sin_cos(pos, i);
         let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
@@ -165,7 +157,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let e0 = 2u * (idx - n_q_pairs);  // first of the two elements in [n_tokens][kv_row]
         let t = e0 / kv_row;
         let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
-        let pos = token_place(t).x;
+        let pos = seq_place(t).x;
         put_k(cache_index(t, e0, kv_row), rotated_k(base, e0 - base, pos, 1.0), rotated_k(base, e0 + 1u - base, pos, 1.0));
     } else if (idx < n_q_pairs + 2u * n_kv_pairs) {
         let e0 = 2u * (idx - n_q_pairs - n_kv_pairs);

@@ -49,6 +49,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("rope_kv.wgsl", include_str!("../shaders/rope_kv.wgsl")),
     ("lib/kv_write.wgsl", include_str!("../shaders/lib/kv_write.wgsl")),
     ("lib/rotary.wgsl", include_str!("../shaders/lib/rotary.wgsl")),
+    ("lib/seq_place.wgsl", include_str!("../shaders/lib/seq_place.wgsl")),
     ("lib/activation.wgsl", include_str!("../shaders/lib/activation.wgsl")),
     ("lib/product_out.wgsl", include_str!("../shaders/lib/product_out.wgsl")),
     ("lib/attention.wgsl", include_str!("../shaders/lib/attention.wgsl")),

@@ -26,14 +26,4 @@ fn first_key(pos: u32) -> u32 {
     return 0u;
 }
 
-// query t's position and the cache row its sequence's position 0 sits at: consecutive
-// positions from pos0 of one sequence, or under SEQ_ROWS (a decode step of several sequences)
-// each query its own
-fn query_place(t: u32) -> vec2<u32> {
-#if SEQ_ROWS
-    let pair = p.seqs[t / 2u];
-    return select(pair.xy, pair.zw, t % 2u == 1u);
-#else
-    return vec2<u32>(p.pos0 + t, p.kv_row0);
-#endif
-}
+#include "lib/seq_place.wgsl"

@@ -19,19 +19,11 @@
 #include "lib/kv_write.wgsl"
 #include "lib/rotary.wgsl"
 
-// token t's position and the cache row its sequence's position 0 sits at
-fn qkv_place(t: u32) -> vec2<u32> {
-#if SEQ_ROWS
-    let pair = p.seqs[t / 2u];
-    return select(pair.xy, pair.zw, t % 2u == 1u);
-#else
-    return vec2<u32>(p.pos0 + t, p.kv_row0);
-#endif
-}
+#include "lib/seq_place.wgsl"
 
 // rows r, r + 1 (r even, both of one part) of token t
 fn store_qkv_pair(t: u32, r: u32, a: f32, b: f32) {
-    let place = qkv_place(t);
+    let place = seq_place(t);
     let pos = place.x;
     let row = place.y + pos;
     let n2 = p.n_total - p.n0 - p.n1;
