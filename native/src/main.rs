@@ -296,21 +296,9 @@ impl ModelArgs {
     }
 }
 
-/// The sampling a model recommends: its file's `general.sampling.*` values, and its catalog
-/// entry's (told by file name and size) where the file sets none.
-pub fn model_sampling(gguf: &Gguf, path: &std::path::Path) -> SamplingOverrides {
-    let own = SamplingOverrides::from_gguf(gguf);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    match nomoat_runtime::catalog::for_file(&name, size) {
-        Some(entry) => own.or(&entry.sampling_overrides()),
-        None => own,
-    }
-}
-
 pub struct Loaded {
     pub path: PathBuf,
-    /// What the model recommends ([`model_sampling`]), under the user's flags.
+    /// What the model recommends (`catalog::recommended_sampling`), under the user's flags.
     pub sampling: SamplingOverrides,
     pub adapters: Vec<(Arc<LoraAdapter>, f32)>,
     pub tokenizer: Tokenizer,
@@ -363,7 +351,8 @@ pub fn load_profiled(a: &ModelArgs, quiet: bool, profile: bool) -> Result<Loaded
         let adapter = pollster::block_on(LoraAdapter::load(&name, &ag, &mut af, &gpu, &model.config, &gguf))?;
         adapters.push((Arc::new(adapter), scale));
     }
-    let sampling = model_sampling(&gguf, &path);
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let sampling = nomoat_runtime::catalog::recommended_sampling(&gguf, &file_name, file.metadata()?.len());
     Ok(Loaded { path, sampling, adapters, tokenizer, gguf, gpu, model })
 }
 

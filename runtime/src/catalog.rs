@@ -100,6 +100,17 @@ pub fn for_file(file_name: &str, size: u64) -> Option<&'static Entry> {
     entries().iter().find(|e| e.file == file_name && e.size == size)
 }
 
+/// The sampling a model recommends: its GGUF's `general.sampling.*` values, and where it sets
+/// none, those of the catalog entry it is a copy of (told by `file_name` and `size`). What the
+/// CLI, the server and the browser engine default to.
+pub fn recommended_sampling(gguf: &crate::gguf::Gguf, file_name: &str, size: u64) -> SamplingOverrides {
+    let own = SamplingOverrides::from_gguf(gguf);
+    match for_file(file_name, size) {
+        Some(entry) => own.or(&entry.sampling_overrides()),
+        None => own,
+    }
+}
+
 impl Entry {
     /// The recommended sampling as overrides, for values the model file does not set itself.
     pub fn sampling_overrides(&self) -> SamplingOverrides {

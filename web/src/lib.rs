@@ -923,16 +923,12 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     Ok(JsValue::from_str(&info.to_string()))
 }
 
-/// The sampling a model recommends: its GGUF's `general.sampling.*`, and its catalog entry's
-/// (told by file name and size, as the CLI tells it) where the file sets none.
+/// The model's recommended sampling (`catalog::recommended_sampling`), told by the file name at
+/// the end of the reader's URL or name.
 fn model_sampling(gguf: &Gguf, reader: &Reader) -> SamplingOverrides {
-    let own = SamplingOverrides::from_gguf(gguf);
     let name = reader.name();
     let file = name.rsplit('/').next().unwrap_or(&name).split(['?', '#']).next().unwrap_or("");
-    match reader.size().and_then(|s| nomoat_runtime::catalog::for_file(file, s as u64)) {
-        Some(entry) => own.or(&entry.sampling_overrides()),
-        None => own,
-    }
+    nomoat_runtime::catalog::recommended_sampling(gguf, file, reader.size().map_or(0, |s| s as u64))
 }
 
 fn adapter_json(a: &LoraAdapter, scale: Option<f32>) -> serde_json::Value {
