@@ -30,7 +30,8 @@ if grep -q '^name = "wasm-bindgen"$' Cargo.lock 2>/dev/null; then
 fi
 
 # browser test tooling (playwright-core drives Debian's chromium; binaryen gives wasm-opt)
-if [ -f package.json ] && [ ! -d node_modules/playwright-core ]; then
+# (again whenever package-lock.json is newer than the install: a checkout that added a package)
+if [ -f package.json ] && { [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; }; then
   npm install --no-audit --no-fund --silent
 fi
 
