@@ -1,7 +1,7 @@
 // Causal attention with an online softmax, one query per invocation, for CPU implementations
 // of WebGPU (and its subgroup modes: KEY_LANES, KV_BROADCAST, HEADS_SHARE_KV).
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
-// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
+// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32, f16 or q8_0, see lib/kv.wgsl), holding positions
 // 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
 // own sequence's position and cache rows (lib/seq_place.wgsl; never with
 // KV_BROADCAST's shared keys, HEADS_SHARE_KV aside).
@@ -38,6 +38,24 @@ fn k_quad(i: u32) -> vec4<f32> {
 }
 fn v_quad(i: u32) -> vec4<f32> {
     return quad_value(v_cache4[i / 4u]);
+}
+
+// the scale of the q8_0 block holding element i, by which k_quad's (v_quad's) values are to be
+// multiplied (a block is 32 elements from a multiple of 32: the loops below take it once per 16
+// or 32 elements); 1 for the float caches
+fn k_scale(i: u32) -> f32 {
+#if KV_Q8
+    return q8_scale(k_cache4[q8_scale_word(i)], i);
+#else
+    return 1.0;
+#endif
+}
+fn v_scale(i: u32) -> f32 {
+#if KV_Q8
+    return q8_scale(v_cache4[q8_scale_word(i)], i);
+#else
+    return 1.0;
+#endif
 }
 
 // this invocation's query (scaled), and its online softmax: run_max the largest score so far,
@@ -160,27 +178,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 8u) {
             let mine = k_quad(kb + 4u * (d + lid));
-            s4 = fma(qv[d], subgroupBroadcast(mine, 0u), s4);
-            s4 = fma(qv[d + 1u], subgroupBroadcast(mine, 1u), s4);
-            s4 = fma(qv[d + 2u], subgroupBroadcast(mine, 2u), s4);
-            s4 = fma(qv[d + 3u], subgroupBroadcast(mine, 3u), s4);
-            s4 = fma(qv[d + 4u], subgroupBroadcast(mine, 4u), s4);
-            s4 = fma(qv[d + 5u], subgroupBroadcast(mine, 5u), s4);
-            s4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), s4);
-            s4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), s4);
+#if KV_Q8
+            // the 8 quads are one q8_0 block: its sum, then times its scale
+            var t4 = qv[d] * subgroupBroadcast(mine, 0u);
+#else
+            var t4 = fma(qv[d], subgroupBroadcast(mine, 0u), s4);
+#endif
+            t4 = fma(qv[d + 1u], subgroupBroadcast(mine, 1u), t4);
+            t4 = fma(qv[d + 2u], subgroupBroadcast(mine, 2u), t4);
+            t4 = fma(qv[d + 3u], subgroupBroadcast(mine, 3u), t4);
+            t4 = fma(qv[d + 4u], subgroupBroadcast(mine, 4u), t4);
+            t4 = fma(qv[d + 5u], subgroupBroadcast(mine, 5u), t4);
+            t4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), t4);
+            t4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), t4);
+#if KV_Q8
+            s4 = fma(t4, vec4<f32>(k_scale(kb + 4u * d)), s4);
+#else
+            s4 = t4;
+#endif
         }
         let rw = take_key(s4.x + s4.y + s4.z + s4.w, j >= k_start && j <= at.pos);
         let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 8u) {
             let mine = v_quad(kb + 4u * (d + lid));
-            acc[d] = fma(acc[d], rescale, rw.y * subgroupBroadcast(mine, 0u));
-            acc[d + 1u] = fma(acc[d + 1u], rescale, rw.y * subgroupBroadcast(mine, 1u));
-            acc[d + 2u] = fma(acc[d + 2u], rescale, rw.y * subgroupBroadcast(mine, 2u));
-            acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * subgroupBroadcast(mine, 3u));
-            acc[d + 4u] = fma(acc[d + 4u], rescale, rw.y * subgroupBroadcast(mine, 4u));
-            acc[d + 5u] = fma(acc[d + 5u], rescale, rw.y * subgroupBroadcast(mine, 5u));
-            acc[d + 6u] = fma(acc[d + 6u], rescale, rw.y * subgroupBroadcast(mine, 6u));
-            acc[d + 7u] = fma(acc[d + 7u], rescale, rw.y * subgroupBroadcast(mine, 7u));
+            let w = rw.y * v_scale(kb + 4u * d);
+            acc[d] = fma(acc[d], rescale, w * subgroupBroadcast(mine, 0u));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, w * subgroupBroadcast(mine, 1u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, w * subgroupBroadcast(mine, 2u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, w * subgroupBroadcast(mine, 3u));
+            acc[d + 4u] = fma(acc[d + 4u], rescale, w * subgroupBroadcast(mine, 4u));
+            acc[d + 5u] = fma(acc[d + 5u], rescale, w * subgroupBroadcast(mine, 5u));
+            acc[d + 6u] = fma(acc[d + 6u], rescale, w * subgroupBroadcast(mine, 6u));
+            acc[d + 7u] = fma(acc[d + 7u], rescale, w * subgroupBroadcast(mine, 7u));
         }
     }
     if (writes) {
@@ -208,18 +237,29 @@ fn walk_keys(at: QueryAt, first: u32, step: u32) {
         let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 4u) {
-            s4 = fma(qv[d], k_quad(kb + 4u * d), s4);
-            s4 = fma(qv[d + 1u], k_quad(kb + 4u * d + 4u), s4);
-            s4 = fma(qv[d + 2u], k_quad(kb + 4u * d + 8u), s4);
-            s4 = fma(qv[d + 3u], k_quad(kb + 4u * d + 12u), s4);
+#if KV_Q8
+            // 16 elements of one q8_0 block: their sum, then times its scale
+            var t4 = qv[d] * k_quad(kb + 4u * d);
+#else
+            var t4 = fma(qv[d], k_quad(kb + 4u * d), s4);
+#endif
+            t4 = fma(qv[d + 1u], k_quad(kb + 4u * d + 4u), t4);
+            t4 = fma(qv[d + 2u], k_quad(kb + 4u * d + 8u), t4);
+            t4 = fma(qv[d + 3u], k_quad(kb + 4u * d + 12u), t4);
+#if KV_Q8
+            s4 = fma(t4, vec4<f32>(k_scale(kb + 4u * d)), s4);
+#else
+            s4 = t4;
+#endif
         }
         let rw = take_key(s4.x + s4.y + s4.z + s4.w, true);
         let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 4u) {
-            acc[d] = fma(acc[d], rescale, rw.y * v_quad(kb + 4u * d));
-            acc[d + 1u] = fma(acc[d + 1u], rescale, rw.y * v_quad(kb + 4u * d + 4u));
-            acc[d + 2u] = fma(acc[d + 2u], rescale, rw.y * v_quad(kb + 4u * d + 8u));
-            acc[d + 3u] = fma(acc[d + 3u], rescale, rw.y * v_quad(kb + 4u * d + 12u));
+            let w = rw.y * v_scale(kb + 4u * d);
+            acc[d] = fma(acc[d], rescale, w * v_quad(kb + 4u * d));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, w * v_quad(kb + 4u * d + 4u));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, w * v_quad(kb + 4u * d + 8u));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, w * v_quad(kb + 4u * d + 12u));
         }
     }
 }

@@ -1,7 +1,7 @@
 // Fused causal attention with an online softmax (flash-attention style), for a block of prompt
 // tokens or a single new token alike: one workgroup per (head, query), for GPUs.
 // q: [n_q][n_head][head_dim] f32, query t at position pos0 + t;
-// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32 or f16, see lib/kv.wgsl), holding positions
+// k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32, f16 or q8_0, see lib/kv.wgsl), holding positions
 // 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
 // own sequence's position and cache rows (lib/seq_place.wgsl).
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
@@ -21,6 +21,15 @@
 #include "lib/reduce.wgsl"
 
 const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
+
+// element i of the v cache (times its q8_0 block's scale)
+fn v_value(i: u32) -> f32 {
+#if KV_Q8
+    return kv_value(v_cache[kv_word(i)], i) * q8_scale(v_cache[q8_scale_word(i)], i);
+#else
+    return kv_value(v_cache[kv_word(i)], i);
+#endif
+}
 
 var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
 var<workgroup> w_sh: array<f32, WG>;
@@ -56,9 +65,20 @@ fn main(@builtin(local_invocation_index) lid: u32,
         if (j < k_end) {
             let kb = kv_base + j * kv_stride;
             var s = 0.0;
+#if KV_Q8
+            // a q8_0 block at a time: its int8s' sum, then times its scale
+            for (var d0 = 0u; d0 < hd; d0 += 32u) {
+                var sb = 0.0;
+                for (var d = d0; d < d0 + 32u; d += 4u) {
+                    sb += dot(vec4<f32>(q_sh[d], q_sh[d + 1u], q_sh[d + 2u], q_sh[d + 3u]), quad_value(k_cache[kv_word(kb + d)]));
+                }
+                s += sb * q8_scale(k_cache[q8_scale_word(kb + d0)], kb + d0);
+            }
+#else
             for (var d = 0u; d < hd; d++) {
                 s += q_sh[d] * kv_value(k_cache[kv_word(kb + d)], kb + d);
             }
+#endif
             score = s;
         }
         let new_max = max(run_max, wg_max(score, lane));
@@ -78,7 +98,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
                 var a = acc[c] * rescale;
                 for (var jj = 0u; jj < n_keys; jj++) {
                     let vi = kv_base + (k0 + jj) * kv_stride + d;
-                    a += w_sh[jj] * kv_value(v_cache[kv_word(vi)], vi);
+                    a += w_sh[jj] * v_value(vi);
                 }
                 acc[c] = a;
             }

@@ -15,6 +15,8 @@
 // per k head then takes the place of those per pair (a head is a few hundred elements, and
 // this spares the two norm dispatches a layer that cost more than the work on CPU devices).
 // ROPE_FACTORS (Llama 3.1, Phi-3): pair i's frequency divided by rope_factors[i] ([n_rot/2]).
+// KV_Q8 (a q8_0 cache, lib/kv.wgsl): after q's invocations, one per two blocks (64 elements)
+// of k, then of v, each quantizing its blocks whole (a block's scale needs all 32 values).
 
 struct Params {
     n_tokens: u32,
@@ -31,6 +33,7 @@ struct Params {
     // SEQ_ROWS: (position, cache row of its position 0) of token t in seqs[t / 2].xy (t even)
     // or .zw (t odd)
     seqs: array<vec4<u32>, 8>,
+    kv_scales: u32,  // KV_Q8: the word at which the caches' scales start (lib/kv.wgsl)
 }
 
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
@@ -80,6 +83,23 @@ fn k_inv_rms(base: u32) -> f32 {
     }
     return inverseSqrt(ss / f32(p.head_dim) + p.eps);
 }
+// QK_NORM: q head idx (token * n_head + head) normalised and turned in place
+fn turn_q_head(idx: u32) {
+    let half = p.n_rot / 2u;
+    let base = idx * p.head_dim;
+    let pos = seq_place(idx / p.n_head).x;
+    let inv = q_inv_rms(base);
+    for (var i = 0u; i < half; i++) {
+        let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
+        let sc = pair_sin_cos(pos, i);
+        let turned = rotate(q[ab.x] * inv * q_norm_w[ab.x - base], q[ab.y] * inv * q_norm_w[ab.y - base], sc);
+        q[ab.x] = turned.x;
+        q[ab.y] = turned.y;
+    }
+    for (var e = p.n_rot; e < p.head_dim; e++) {
+        q[base + e] *= inv * q_norm_w[e];
+    }
+}
 #endif
 
 // element e of the k head starting at `base`, before rotation
@@ -104,64 +124,107 @@ fn rotated_k(base: u32, e: u32, pos: u32, inv: f32) -> f32 {
     return select(turned.x, turned.y, base + e == ab.y);
 }
 
+// rotated pair idx (of n_rot / 2 a head) of q turned in place
+fn turn_q_pair(idx: u32) {
+    let half = p.n_rot / 2u;
+    let i = idx % half;
+    let head = idx / half;            // token * n_head + head
+    let pos = seq_place(head / p.n_head).x;
+    let base = head * p.head_dim;
+    let sc = pair_sin_cos(pos, i);
+    let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
+    let turned = rotate(q[ab.x], q[ab.y], sc);
+    q[ab.x] = turned.x;
+    q[ab.y] = turned.y;
+}
+
+#if KV_Q8
+// the q8_0 block of the 32 elements from e0 of k (rotated, normalised) or of v, in
+// [n_tokens][kv_row] (a block lies within one head)
+fn kv_block(is_v: bool, e0: u32, kv_row: u32) -> Q8Block {
+    var x: array<f32, 32>;
+    if (is_v) {
+        for (var i = 0u; i < 32u; i++) {
+            x[i] = v[e0 + i];
+        }
+    } else {
+        let t = e0 / kv_row;
+        let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
+        let pos = seq_place(t).x;
+#if QK_NORM
+        let inv = k_inv_rms(base);
+#else
+        let inv = 1.0;
+#endif
+        for (var i = 0u; i < 32u; i++) {
+            x[i] = rotated_k(base, e0 + i - base, pos, inv);
+        }
+    }
+    return q8_block(x);
+}
+#endif
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.x + gid.y * nwg.x * 256u;
-    let half = p.n_rot / 2u;
     let kv_row = p.n_kv_head * p.head_dim;
+#if QK_NORM
+    let n_q_work = p.n_tokens * p.n_head;
+#else
+    let n_q_work = p.n_tokens * p.n_head * (p.n_rot / 2u);
+#endif
+    if (idx < n_q_work) {
+#if QK_NORM
+        turn_q_head(idx);
+#else
+        turn_q_pair(idx);
+#endif
+        return;
+    }
+    let i = idx - n_q_work;
+#if KV_Q8
+    let n_units = p.n_tokens * kv_row / 64u;
+    if (i < 2u * n_units) {
+        let is_v = i >= n_units;
+        let e0 = 64u * select(i, i - n_units, is_v);
+        let at = cache_index(e0 / kv_row, e0, kv_row);
+        let a = kv_block(is_v, e0, kv_row);
+        let b = kv_block(is_v, e0 + 32u, kv_row);
+        if (is_v) {
+            put_v_q8(at, a, b);
+        } else {
+            put_k_q8(at, a, b);
+        }
+    }
+#else
     let n_kv_pairs = p.n_tokens * kv_row / 2u;
 #if QK_NORM
-    // one invocation per q head, then per k head, then per pair of v elements
-    let n_q_heads = p.n_tokens * p.n_head;
+    // one invocation per k head, then per pair of v elements
     let n_k_heads = p.n_tokens * p.n_kv_head;
-    if (idx < n_q_heads) {
-        let base = idx * p.head_dim;
-        let pos = seq_place(idx / p.n_head).x;
-        let inv = q_inv_rms(base);
-        for (var i = 0u; i < half; i++) {
-            let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
-            let sc = pair_sin_cos(pos, i);
-            let turned = rotate(q[ab.x] * inv * q_norm_w[ab.x - base], q[ab.y] * inv * q_norm_w[ab.y - base], sc);
-            q[ab.x] = turned.x;
-            q[ab.y] = turned.y;
-        }
-        for (var e = p.n_rot; e < p.head_dim; e++) {
-            q[base + e] *= inv * q_norm_w[e];
-        }
-    } else if (idx < n_q_heads + n_k_heads) {
-        let head = idx - n_q_heads;   // token * n_kv_head + kv head
-        let base = head * p.head_dim;
-        let t = head / p.n_kv_head;
+    if (i < n_k_heads) {
+        let base = i * p.head_dim;    // token * n_kv_head + kv head, times head_dim
+        let t = i / p.n_kv_head;
         let pos = seq_place(t).x;
         let inv = k_inv_rms(base);
         for (var e = 0u; e < p.head_dim; e += 2u) {
             put_k(cache_index(t, base + e, kv_row), rotated_k(base, e, pos, inv), rotated_k(base, e + 1u, pos, inv));
         }
-    } else if (idx < n_q_heads + n_k_heads + n_kv_pairs) {
-        let e0 = 2u * (idx - n_q_heads - n_k_heads);
+    } else if (i < n_k_heads + n_kv_pairs) {
+        let e0 = 2u * (i - n_k_heads);
         put_v(cache_index(e0 / kv_row, e0, kv_row), v[e0], v[e0 + 1u]);
     }
 #else
-    let n_q_pairs = p.n_tokens * p.n_head * half;
-    if (idx < n_q_pairs) {
-        let i = idx % half;
-        let head = idx / half;            // token * n_head + head
-        let pos = seq_place(head / p.n_head).x;
-        let base = head * p.head_dim;
-        let sc = pair_sin_cos(pos, i);
-        let ab = rope_pair(base, i, p.n_rot, p.neox != 0u);
-        let turned = rotate(q[ab.x], q[ab.y], sc);
-        q[ab.x] = turned.x;
-        q[ab.y] = turned.y;
-    } else if (idx < n_q_pairs + n_kv_pairs) {
-        let e0 = 2u * (idx - n_q_pairs);  // first of the two elements in [n_tokens][kv_row]
+    // one invocation per pair of k elements, then of v
+    if (i < n_kv_pairs) {
+        let e0 = 2u * i;  // first of the two elements in [n_tokens][kv_row]
         let t = e0 / kv_row;
         let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
         let pos = seq_place(t).x;
         put_k(cache_index(t, e0, kv_row), rotated_k(base, e0 - base, pos, 1.0), rotated_k(base, e0 + 1u - base, pos, 1.0));
-    } else if (idx < n_q_pairs + 2u * n_kv_pairs) {
-        let e0 = 2u * (idx - n_q_pairs - n_kv_pairs);
+    } else if (i < 2u * n_kv_pairs) {
+        let e0 = 2u * (i - n_kv_pairs);
         put_v(cache_index(e0 / kv_row, e0, kv_row), v[e0], v[e0 + 1u]);
     }
+#endif
 #endif
 }

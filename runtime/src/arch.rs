@@ -366,7 +366,8 @@ impl Config {
 
     /// KV cache bytes per token of context (saturating: u64::MAX when it does not fit).
     pub fn kv_bytes_per_token(&self, kv: KvType) -> u64 {
-        [self.n_layer as u64, self.n_kv_head as u64, self.head_dim as u64, kv.bytes()].into_iter().fold(2u64, u64::saturating_mul)
+        let row = (self.n_kv_head as u64).saturating_mul(self.head_dim as u64);
+        kv.row_bytes(row).saturating_mul(self.n_layer as u64).saturating_mul(2)
     }
 }
 

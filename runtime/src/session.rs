@@ -174,7 +174,8 @@ impl<'m> Session<'m> {
         if n_slots == 0 || n_slots > u32::MAX as usize / n_ctx {
             return Err(ModelError::Invalid(format!("{n_slots} sequences of {n_ctx} tokens: the count must be at least 1")));
         }
-        let per_layer = (n_slots * n_ctx) as u64 * (c.n_kv_head * c.head_dim) as u64 * kv.bytes();
+        kv.check_row(c.n_kv_head as u32, c.head_dim as u32).map_err(ModelError::Invalid)?;
+        let per_layer = (n_slots * n_ctx) as u64 * kv.row_bytes((c.n_kv_head * c.head_dim) as u64);
         if per_layer > gpu.max_binding() {
             let what = if n_slots > 1 { format!("{n_slots} sequences of {n_ctx} tokens") } else { format!("a {n_ctx}-token KV cache") };
             return Err(ModelError::Invalid(format!("{what} needs {per_layer} bytes per layer, over this device's {}-byte binding limit", gpu.max_binding())));
@@ -516,7 +517,7 @@ impl<'m> Session<'m> {
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
         // the fused product turns q and k without frequency factors
         let plain_qk = c.spec().qk == QkPrep::Plain && self.model.rope_factors.is_none();
-        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
+        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && self.kv.written_in_pairs() && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
             // the product turns q and k and writes k and v to the cache itself
             let out = ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope, places: p.places() };
             r.product(&l.wqkv[0], input, out, p.n).await?;

@@ -13,6 +13,7 @@ struct Params {
     // SEQ_ROWS: each query its own sequence's, two a vector: (position, cache row of its
     // position 0) of query t in seqs[t / 2].xy (t even) or .zw (t odd)
     seqs: array<vec4<u32>, 8>,
+    kv_scales: u32,  // KV_Q8: the word at which the caches' scales start (lib/kv.wgsl)
 }
 
 const MAX_HEAD_DIM: u32 = 256u;

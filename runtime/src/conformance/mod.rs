@@ -11,7 +11,11 @@
 //! - norms, elementwise: max-abs ≤ 1e-5 on O(1) values; softmax 1e-6.
 //! - RoPE: 1e-5 + 3e-7·position: the angle is an f32 product, as in llama.cpp.
 //! - attention: max-abs ≤ 1e-5; the f16 cache is compared against a reference fed the same
-//!   f16-rounded keys and values.
+//!   f16-rounded keys and values, the q8_0 cache against one fed the values its bytes hold.
+//! - a q8_0 KV cache (kv_store, rope_kv): each value within one step (its block's scale) of the
+//!   reference quantization (a tie can round the other way), and an error against the exact
+//!   values at most 1.05 times the reference quantization's (truncating would make it 4 times).
+//!   Rows it does not take (heads of 48) are refused.
 //! - top-k / argmax: exact ids and values, ties broken toward the lower id.
 //! - fused products (input RMS norm, stacked parts, residual add, gated activation): the
 //!   matmul bound against the unfused reference ops composed; rope_kv: RoPE's bound, plus half
@@ -114,9 +118,9 @@ pub const CASES: &[Case] = &[
     case!("elementwise", "elementwise.wgsl", "max-abs 1e-5", elementwise, large),
     case!("copy", "copy.wgsl", "exact", copy),
     case!("rope", "rope_kv.wgsl", "max-abs 1e-5 + 3e-7·position", rope),
-    case!("rope_kv", "rope_kv.wgsl", "RoPE's, plus half an f16 step for an f16 cache", rope_kv),
-    case!("kv_store", "rope_kv.wgsl", "exact (after f16 rounding for an f16 cache)", kv_store),
-    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl", "max-abs 1e-5", attention),
+    case!("rope_kv", "rope_kv.wgsl", "RoPE's, plus half an f16 step for an f16 cache; q8_0 within a step of the reference's", rope_kv),
+    case!("kv_store", "rope_kv.wgsl", "exact (after f16 rounding for an f16 cache); q8_0 within a step of the reference's", kv_store),
+    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl", "max-abs 1e-5 (over the values the cache holds)", attention),
     case!("top_k", "topk.wgsl", "exact ids and values", top_k),
     case!("fused_product", "matvec.wgsl, matmul.wgsl (lib/product_out.wgsl)", "nmse 1e-10 against the unfused ops", fused_product),
     case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache", qkv_rope),
@@ -569,7 +573,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
             for kv in [KvType::F32, KvType::F16] {
                 let row = rows[1];
-                let cache_bytes = (pos0 as u64 + m as u64) * row as u64 * kv.bytes();
+                let cache_bytes = (pos0 as u64 + m as u64) * kv.row_bytes(row as u64);
                 let (qb, kc, vc) =
                     (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
                 let mut rec = Recorder::new(gpu);
@@ -581,14 +585,21 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::Consecutive { kv_row0: 0 } };
                 rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
                 rec.submit()?;
-                let at = pos0 as u64 * row as u64 * kv.bytes();
+                let at = pos0 as u64 * kv.row_bytes(row as u64);
                 let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
                 let tiles = if token_tile == Some(true) { " (token tiles)" } else { "" };
                 let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} m={m}{tiles}");
                 checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
-                checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?), &k_want, cache_bound));
-                checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?), &v_want, cache_bound));
+                checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?, row), &k_want, cache_bound));
+                checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?, row), &v_want, cache_bound));
             }
+            // a q8_0 cache takes whole blocks, which only rope_kv writes: the fused product refuses it
+            let (qb, kc) = (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", KvType::Q8_0.row_bytes(64) * 64).await?);
+            let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &kc, kv: KvType::Q8_0, rope, places: Places::Consecutive { kv_row0: 0 } };
+            let mut rec = Recorder::new(gpu);
+            rec.token_tile = token_tile;
+            let refusal = rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await;
+            checks.push(refused(format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} m={m}"), refusal));
         }
         // SEQ_ROWS: one token of each of five sequences, each turned for its own position and
         // written at its own slot's row
@@ -617,7 +628,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
         let token_tile = if ty.block_elems() > 1 { Some(true) } else { Some(false) };
         for kv in [KvType::F32, KvType::F16] {
             let row = rows[1];
-            let cache_bytes = (n as u64 * SEQ_CTX as u64) * row as u64 * kv.bytes();
+            let cache_bytes = (n as u64 * SEQ_CTX as u64) * kv.row_bytes(row as u64);
             let (qb, kc, vc) =
                 (gpu.storage("q", (n * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
             let mut rec = Recorder::new(gpu);
@@ -626,7 +637,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::PerToken(&places) };
             rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, n as u32).await?;
             rec.submit()?;
-            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?));
+            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row));
             let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
             for p in &places {
                 let r = (p.kv_row0 + p.pos) as usize * row;
@@ -656,6 +667,9 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
         (KvType::F16, true, false),
         (KvType::F32, false, true),
         (KvType::F16, true, true),
+        (KvType::Q8_0, false, false),
+        (KvType::Q8_0, true, false),
+        (KvType::Q8_0, true, true),
     ];
     for (kv, with_norm, with_factors) in kinds {
         for (i, (mode, n_tokens, n_head, n_kv_head, head_dim, n_rot, pos0)) in [
@@ -674,7 +688,7 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             let k = rng.fill(n_tokens as usize * row, 1.0);
             let v = rng.fill(n_tokens as usize * row, 1.0);
             let (qb, kb, vb) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
-            let cache_bytes = (pos0 + n_tokens) as u64 * row as u64 * kv.bytes();
+            let cache_bytes = (pos0 + n_tokens) as u64 * kv.row_bytes(row as u64);
             let (kc, vc) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
             let args = RopeArgs { n_tokens, n_heads: n_head, head_dim, n_rot, pos0, neox: mode == RopeMode::Neox, freq_base: base, freq_scale: fscale };
             // norm weights around 1, as trained ones are
@@ -686,7 +700,17 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             let factors: Vec<f32> = if with_factors { (0..n_rot / 2).map(|i| 1.0 + 7.0 * i as f32 / (n_rot / 2) as f32).collect() } else { Vec::new() };
             let fb = if with_factors { Some(gpu.upload_f32("rope factors", &factors).await?) } else { None };
             let mut rec = Recorder::new(gpu);
-            rec.rope_kv_normed(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm, fb.as_ref()).await?;
+            let written = rec.rope_kv_normed(&qb, &kb, &vb, &kc, &vc, n_kv_head, kv, args, norm, fb.as_ref()).await;
+            let name = format!(
+                "rope_kv{}{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}",
+                if with_norm { " qk-norm" } else { "" },
+                if with_factors { " factors" } else { "" }
+            );
+            if kv.check_row(n_kv_head, head_dim).is_err() {
+                checks.push(refused(format!("{name} ({n_kv_head} kv heads of {head_dim})"), written));
+                continue;
+            }
+            written?;
             rec.submit()?;
             let params = RopeParams { mode, n_rot: n_rot as usize, freq_base: base, freq_scale: fscale };
             let hd = head_dim as usize;
@@ -696,22 +720,11 @@ async fn rope_kv(gpu: &Gpu) -> Result<Vec<Check>> {
             reference::rope_with_factors(&mut k_want, n_kv_head as usize, hd, pos0, params, &factors);
             // normalised values reach ~1.5 · (unit-variance values), rounded ~2^-24 on the way
             let bound = (1e-5 + (pos0 + n_tokens) as f64 * 3e-7) * if with_norm { 2.0 } else { 1.0 };
-            let name = format!(
-                "rope_kv{}{} {mode:?} {kv:?} pos0={pos0} rot={n_rot}/{head_dim}",
-                if with_norm { " qk-norm" } else { "" },
-                if with_factors { " factors" } else { "" }
-            );
             checks.push(Check::max_abs(format!("{name} q"), &gpu.read_f32(&qb, 0, q.len()).await?, &q_want, bound));
-            let at = pos0 as u64 * row as u64 * kv.bytes();
-            let got_k = cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?);
-            let got_v = cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?);
-            let (k_bound, v_want) = match kv {
-                KvType::F32 => (bound, v.clone()),
-                // f16 rounds to 2^-11 of the value: 1e-3 of the largest (at least 1) is twice that
-                KvType::F16 => (bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64)), to_f16_and_back(&v)),
-            };
-            checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
-            checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));
+            let at = pos0 as usize * row;
+            let got_k = cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row).split_off(at);
+            let got_v = cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row).split_off(at);
+            checks.extend(cache_checks(&name, kv, &got_k, &got_v, &k_want, &v, bound));
         }
     }
     checks.extend(rope_kv_seq_rows(gpu).await?);
@@ -728,7 +741,9 @@ const SEQ_POSITIONS: [u32; 5] = [37, 0, 12, 63, 5];
 async fn rope_kv_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
     use reference::{RopeMode, RopeParams};
     let mut checks = Vec::new();
-    for (kv, with_norm, mode) in [(KvType::F32, false, RopeMode::Normal), (KvType::F16, true, RopeMode::Neox)] {
+    for (kv, with_norm, mode) in
+        [(KvType::F32, false, RopeMode::Normal), (KvType::F16, true, RopeMode::Neox), (KvType::Q8_0, false, RopeMode::Normal), (KvType::Q8_0, true, RopeMode::Neox)]
+    {
         let (n_head, n_kv_head, head_dim, n_rot) = (4u32, 2u32, 32u32, 32u32);
         let row = (n_kv_head * head_dim) as usize;
         let qd = (n_head * head_dim) as usize;
@@ -741,7 +756,7 @@ async fn rope_kv_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
             let mut rng = Rng::new(5600 + n as u64);
             let (q, k, v) = (rng.fill(n * qd, 1.0), rng.fill(n * row, 1.0), rng.fill(n * row, 1.0));
             let (qb, kb, vb) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
-            let cache_bytes = (SEQ_POSITIONS.len() as u32 * SEQ_CTX) as u64 * row as u64 * kv.bytes();
+            let cache_bytes = (SEQ_POSITIONS.len() as u32 * SEQ_CTX) as u64 * kv.row_bytes(row as u64);
             let (kc, vc) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
             let qw: Vec<f32> = (0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
             let kw: Vec<f32> = (0..head_dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
@@ -757,8 +772,11 @@ async fn rope_kv_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
             let hd = head_dim as usize;
             let (mut q_want, mut k_want) =
                 if with_norm { (reference::rms_norm(&q, &qw, hd, 1e-6), reference::rms_norm(&k, &kw, hd, 1e-6)) } else { (q.clone(), k.clone()) };
-            let (got_q, k_all, v_all) =
-                (gpu.read_f32(&qb, 0, q.len()).await?, cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?));
+            let (got_q, k_all, v_all) = (
+                gpu.read_f32(&qb, 0, q.len()).await?,
+                cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row),
+                cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row),
+            );
             let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
             for (t, p) in places.iter().enumerate() {
                 reference::rope(&mut q_want[t * qd..(t + 1) * qd], n_head as usize, hd, p.pos, params);
@@ -768,25 +786,71 @@ async fn rope_kv_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
                 got_v.extend_from_slice(&v_all[r..r + row]);
             }
             let bound = 1e-5 * if with_norm { 2.0 } else { 1.0 };
-            let (k_bound, v_want) = match kv {
-                KvType::F32 => (bound, v.clone()),
-                KvType::F16 => (bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64)), to_f16_and_back(&v)),
-            };
             let name = format!("rope_kv {label}{} {mode:?} {kv:?}", if with_norm { " qk-norm" } else { "" });
             checks.push(Check::max_abs(format!("{name} q"), &got_q, &q_want, bound));
-            checks.push(Check::max_abs(format!("{name} k cache"), &got_k, &k_want, k_bound));
-            checks.push(Check::max_abs(format!("{name} v cache"), &got_v, &v_want, 0.0));
+            checks.extend(cache_checks(&name, kv, &got_k, &got_v, &k_want, &v, bound));
         }
     }
     Ok(checks)
 }
 
-/// The elements of KV-cache bytes read back.
-fn cache_values(kv: KvType, raw: Vec<u8>) -> Vec<f32> {
+/// The elements of KV-cache bytes read back, rows of `row` elements: any run of rows of a float
+/// cache; a q8_0 cache read whole (its int8s, then its scales: lib/kv.wgsl), dequantized.
+fn cache_values(kv: KvType, raw: Vec<u8>, row: usize) -> Vec<f32> {
     match kv {
         KvType::F32 => raw.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         KvType::F16 => raw.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        KvType::Q8_0 => {
+            let n = raw.len() / kv.row_bytes(row as u64).max(1) as usize * row;
+            let (q, scales) = raw.split_at(n);
+            (0..n).map(|i| q[i] as i8 as f32 * half::f16::from_le_bytes([scales[i / 32 * 2], scales[i / 32 * 2 + 1]]).to_f32()).collect()
+        }
     }
+}
+
+/// A cache's keys and values (`got_k`, `got_v`) against the keys the reference computed
+/// (`k_want`, within `bound` of the kernel's before storing) and the values written (`v`):
+/// f32 to `bound` and exactly; f16 with half an f16 step more for the keys (1e-3 of the largest,
+/// at least 1, is twice that) and exactly after f16 rounding; q8_0 by `q8_checks`.
+fn cache_checks(name: &str, kv: KvType, got_k: &[f32], got_v: &[f32], k_want: &[f32], v: &[f32], bound: f64) -> Vec<Check> {
+    match kv {
+        KvType::F32 => vec![Check::max_abs(format!("{name} k cache"), got_k, k_want, bound), Check::max_abs(format!("{name} v cache"), got_v, v, 0.0)],
+        KvType::F16 => vec![
+            Check::max_abs(format!("{name} k cache"), got_k, k_want, bound + 1e-3 * k_want.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64))),
+            Check::max_abs(format!("{name} v cache"), got_v, &to_f16_and_back(v), 0.0),
+        ],
+        KvType::Q8_0 => [q8_checks(&format!("{name} k cache"), got_k, k_want, bound), q8_checks(&format!("{name} v cache"), got_v, v, 0.0)].concat(),
+    }
+}
+
+/// A q8_0 cache's values `got` against `exact`, what was written (within `slack` of what the
+/// kernel quantized): each within one step (its block's scale) of the reference's quantization
+/// of `exact` — a rounding that falls the other way (f32 division, or the kernel's input off by
+/// `slack`) moves a value one step; a wrong scale or int8 moves it further unless the block is
+/// tiny — and its error against `exact` (NMSE) at most 1.05 times the reference quantization's,
+/// which a rounding bias (truncation would make it 4 times) or a misplaced block would exceed.
+fn q8_checks(name: &str, got: &[f32], exact: &[f32], slack: f64) -> Vec<Check> {
+    let (want, scales) = reference::kv_q8_0(exact);
+    let steps = if got.len() != want.len() {
+        f64::INFINITY
+    } else {
+        got.iter()
+            .zip(&want)
+            .enumerate()
+            .map(|(i, (g, w))| if g.is_nan() { f64::INFINITY } else { ((*g as f64 - *w as f64).abs() - slack).max(0.0) / (scales[i / 32] as f64).max(1e-30) })
+            .fold(0.0, f64::max)
+    };
+    let ratio = nmse(got, exact) / nmse(&want, exact).max(1e-30);
+    vec![
+        Check { case: format!("{name}: q8_0 steps from the reference's quantization"), metric: "max steps", error: steps, bound: 1.0 },
+        Check { case: format!("{name}: q8_0 error against the reference's"), metric: "nmse ratio", error: ratio, bound: 1.05 },
+    ]
+}
+
+/// A check that `result` is an Unsupported error (an op that refuses a case it does not run).
+fn refused<T>(case: String, result: std::result::Result<T, GpuError>) -> Check {
+    let ok = matches!(result, Err(GpuError::Unsupported(_)));
+    Check { case: format!("{case}: refused"), metric: "not refused", error: if ok { 0.0 } else { 1.0 }, bound: 0.0 }
 }
 
 fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
@@ -816,9 +880,13 @@ struct FilledCache {
     q: Vec<f32>,
     k_cache: wgpu::Buffer,
     v_cache: wgpu::Buffer,
-    /// k and v as the cache should hold them (rounded through f16 for an f16 cache)
+    /// k and v as the cache should hold them (rounded through f16 for an f16 cache), or for a
+    /// q8_0 cache as it holds them (its bytes dequantized: `kv_store` checks its quantization)
     k_want: Vec<f32>,
     v_want: Vec<f32>,
+    /// k and v as written
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 async fn fill_cache(gpu: &Gpu, ci: usize, kv: KvType) -> Result<FilledCache> {
@@ -830,7 +898,7 @@ async fn fill_cache(gpu: &Gpu, ci: usize, kv: KvType) -> Result<FilledCache> {
     let q = rng.fill(n_q as usize * (n_head * head_dim) as usize, 1.0);
     let k = rng.fill(n_kv * row, 1.0);
     let v = rng.fill(n_kv * row, 1.0);
-    let cache_bytes = n_kv as u64 * row as u64 * kv.bytes();
+    let cache_bytes = n_kv as u64 * kv.row_bytes(row as u64);
     let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
     let split = pos0.max(1).min(n_kv as u32) as usize;
     let (k1, k2) = (gpu.upload_f32("k", &k[..split * row]).await?, gpu.upload_f32("k2", &k[split * row..]).await?);
@@ -842,22 +910,103 @@ async fn fill_cache(gpu: &Gpu, ci: usize, kv: KvType) -> Result<FilledCache> {
     }
     rec.submit()?;
     let (k_want, v_want) = match kv {
-        KvType::F32 => (k, v),
+        KvType::F32 => (k.clone(), v.clone()),
         KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
+        KvType::Q8_0 => (cache_values(kv, gpu.read(&k_cache, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&v_cache, 0, cache_bytes).await?, row)),
     };
-    Ok(FilledCache { args, q, k_cache, v_cache, k_want, v_want })
+    Ok(FilledCache { args, q, k_cache, v_cache, k_want, v_want, k, v })
+}
+
+/// Whether the q8_0 cache takes ATTENTION_CASES[ci]'s rows.
+fn q8_takes(ci: usize) -> bool {
+    let (_, _, n_kv_head, head_dim, _, _) = ATTENTION_CASES[ci];
+    KvType::Q8_0.check_row(n_kv_head, head_dim).is_ok()
 }
 
 async fn kv_store(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for kv in [KvType::F32, KvType::F16] {
-        for ci in 0..ATTENTION_CASES.len() {
+    for kv in KvType::ALL {
+        for (ci, &(_, _, n_kv_head, head_dim, _, _)) in ATTENTION_CASES.iter().enumerate() {
+            if kv == KvType::Q8_0 && !q8_takes(ci) {
+                // rows the q8_0 cache does not take (heads of 48 or 6): refused, not written
+                let (x, cache) = (gpu.upload_f32("k", &vec![0.5; (n_kv_head * head_dim) as usize]).await?, gpu.storage("cache", 4096).await?);
+                let mut rec = Recorder::new(gpu);
+                let r = rec.kv_store(&x, &x, &cache, &cache, n_kv_head, head_dim, kv, 1, 0).await;
+                checks.push(refused(format!("kv_store {kv:?} case {ci} ({n_kv_head} kv heads of {head_dim})"), r));
+                continue;
+            }
             let c = fill_cache(gpu, ci, kv).await?;
-            let bytes = c.k_want.len() as u64 * kv.bytes();
-            let (k, v) = (cache_values(kv, gpu.read(&c.k_cache, 0, bytes).await?), cache_values(kv, gpu.read(&c.v_cache, 0, bytes).await?));
-            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}: k"), &k, &c.k_want, 0.0));
-            checks.push(Check::max_abs(format!("kv_store {kv:?} case {ci}: v"), &v, &c.v_want, 0.0));
+            let name = format!("kv_store {kv:?} case {ci}");
+            if kv == KvType::Q8_0 {
+                checks.extend(q8_checks(&format!("{name}: k"), &c.k_want, &c.k, 0.0));
+                checks.extend(q8_checks(&format!("{name}: v"), &c.v_want, &c.v, 0.0));
+                continue;
+            }
+            let bytes = c.k_want.len() as u64 / c.args.n_kv_head as u64 / c.args.head_dim as u64 * kv.row_bytes((c.args.n_kv_head * c.args.head_dim) as u64);
+            let row = (c.args.n_kv_head * c.args.head_dim) as usize;
+            let (k, v) = (cache_values(kv, gpu.read(&c.k_cache, 0, bytes).await?, row), cache_values(kv, gpu.read(&c.v_cache, 0, bytes).await?, row));
+            checks.push(Check::max_abs(format!("{name}: k"), &k, &c.k_want, 0.0));
+            checks.push(Check::max_abs(format!("{name}: v"), &v, &c.v_want, 0.0));
         }
+    }
+    checks.extend(kv_store_outliers(gpu).await?);
+    Ok(checks)
+}
+
+/// Keys as real models' are: a few channels of each head tens of times larger than the rest
+/// (the blocks holding them get coarse steps), values of mixed scale from block to block, and
+/// a row of zeros (scale 0); stored as q8_0 and read by attention, against the reference over
+/// the values the cache holds and within q8_0's error of the reference over the exact ones.
+async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let (n_head, n_kv_head, head_dim, n_kv) = (9u32, 3u32, 64u32, 40usize);
+    let row = (n_kv_head * head_dim) as usize;
+    let mut rng = Rng::new(4242);
+    let mut k = rng.fill(n_kv * row, 1.0);
+    let mut v = rng.fill(n_kv * row, 1.0);
+    for (i, x) in k.iter_mut().enumerate() {
+        let d = i % head_dim as usize;
+        if d == 3 || d == 37 {
+            *x *= 40.0;
+        }
+    }
+    for (b, block) in v.chunks_mut(32).enumerate() {
+        let s = [0.01f32, 1.0, 8.0][b % 3];
+        block.iter_mut().for_each(|x| *x *= s);
+    }
+    k[5 * row..6 * row].fill(0.0);
+    v[5 * row..6 * row].fill(0.0);
+    let kv = KvType::Q8_0;
+    let cache_bytes = n_kv as u64 * kv.row_bytes(row as u64);
+    let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+    let (kb, vb) = (gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
+    let mut rec = Recorder::new(gpu);
+    rec.kv_store(&kb, &vb, &k_cache, &v_cache, n_kv_head, head_dim, kv, n_kv as u32, 0).await?;
+    rec.submit()?;
+    let (k_held, v_held) = (cache_values(kv, gpu.read(&k_cache, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&v_cache, 0, cache_bytes).await?, row));
+    checks.extend(q8_checks("kv_store Q8_0 outlier channels: k", &k_held, &k, 0.0));
+    checks.extend(q8_checks("kv_store Q8_0 mixed scales: v", &v_held, &v, 0.0));
+    let n_q = 4u32;
+    let q = rng.fill((n_q * n_head * head_dim) as usize, 1.0);
+    let qb = gpu.upload_f32("q", &q).await?;
+    let out = gpu.storage("out", (q.len() * 4) as u64).await?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let pos0 = (n_kv - n_q as usize) as u32;
+    let shape =
+        reference::AttentionShape { n_head: n_head as usize, n_kv_head: n_kv_head as usize, head_dim: head_dim as usize, pos0: pos0 as usize, window: None, scale };
+    let (want_held, want_exact) = (reference::attention(&q, &k_held, &v_held, shape), reference::attention(&q, &k, &v, shape));
+    for per_query in [false, true] {
+        let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window: 0, scale, kv };
+        let mut rec = Recorder::new(gpu);
+        rec.query_per_invocation = Some(per_query);
+        let kernel = format!("{:?}", rec.attention_kernel(&a));
+        rec.attention(&qb, &k_cache, &v_cache, &out, a).await?;
+        rec.submit()?;
+        let got = gpu.read_f32(&out, 0, q.len()).await?;
+        checks.push(Check::max_abs(format!("attention {kernel} Q8_0 outlier keys"), &got, &want_held, 1e-5));
+        // against exact keys and values, q8_0's own error: the outputs' NMSE measured 7.9e-4 on
+        // lavapipe (the outlier channels' blocks have steps of 0.3)
+        checks.push(Check::nmse(format!("attention {kernel} Q8_0 outlier keys, against exact k and v"), &got, &want_exact, 2e-3));
     }
     Ok(checks)
 }
@@ -866,9 +1015,16 @@ async fn kv_store(gpu: &Gpu) -> Result<Vec<Check>> {
 /// the cache holds.
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for kv in [KvType::F32, KvType::F16] {
-        for ci in 0..ATTENTION_CASES.len() {
-            let FilledCache { args: c, q, k_cache, v_cache, k_want, v_want } = fill_cache(gpu, ci, kv).await?;
+    for kv in KvType::ALL {
+        for (ci, &(n_q, n_head, n_kv_head, head_dim, pos0, window)) in ATTENTION_CASES.iter().enumerate() {
+            if kv == KvType::Q8_0 && !q8_takes(ci) {
+                let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale: 1.0, kv };
+                let (x, cache) = (gpu.storage("q", 4096).await?, gpu.storage("cache", 4096).await?);
+                let r = Recorder::new(gpu).attention(&x, &cache, &cache, &x, a).await;
+                checks.push(refused(format!("attention {kv:?} case {ci} ({n_kv_head} kv heads of {head_dim})"), r));
+                continue;
+            }
+            let FilledCache { args: c, q, k_cache, v_cache, k_want, v_want, .. } = fill_cache(gpu, ci, kv).await?;
             let qb = gpu.upload_f32("q", &q).await?;
             let out = gpu.storage("out", (q.len() * 4) as u64).await?;
             let shape = reference::AttentionShape {
@@ -902,18 +1058,23 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // (heads, kv heads, head_dim, window): shared heads, a window, 8 heads a kv head, key lanes
     for (ci, (n_head, n_kv_head, head_dim, window)) in [(9u32, 3u32, 64u32, 0u32), (4, 1, 256, 16), (16, 2, 32, 0), (4, 4, 64, 0)].into_iter().enumerate() {
-        for kv in [KvType::F32, KvType::F16] {
+        for kv in KvType::ALL {
             let row = (n_kv_head * head_dim) as usize;
             let n_rows = SEQ_CTX as usize * 8;
             let mut rng = Rng::new(9700 + ci as u64);
             let (k, v) = (rng.fill(n_rows * row, 1.0), rng.fill(n_rows * row, 1.0));
-            let cache_bytes = (n_rows * row) as u64 * kv.bytes();
+            let cache_bytes = n_rows as u64 * kv.row_bytes(row as u64);
             let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
             let (kb, vb) = (gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?);
             let mut rec = Recorder::new(gpu);
             rec.kv_store(&kb, &vb, &k_cache, &v_cache, n_kv_head, head_dim, kv, n_rows as u32, 0).await?;
             rec.submit()?;
-            let (k, v) = if kv == KvType::F16 { (to_f16_and_back(&k), to_f16_and_back(&v)) } else { (k, v) };
+            let (k, v) = match kv {
+                KvType::F32 => (k, v),
+                KvType::F16 => (to_f16_and_back(&k), to_f16_and_back(&v)),
+                // the values the cache holds (kv_store checks its quantization)
+                KvType::Q8_0 => (cache_values(kv, gpu.read(&k_cache, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&v_cache, 0, cache_bytes).await?, row)),
+            };
             for n_seqs in [5usize, 8] {
                 // sequence i in slot (3 i) mod 8 (not in slot order), at SEQ_POSITIONS or further ones
                 let places: Vec<Place> =

@@ -39,6 +39,7 @@ params! {
         scale: f32,
         kv_row0: u32,
         seqs: [u32; 2 * MAX_SEQ_ROWS],
+        kv_scales: u32,
     }
 }
 
@@ -74,10 +75,10 @@ fn query_attention_defines(kv: KvType, head_dim: u32) -> Defines {
     }
 }
 
-/// Both attention kernels for both cache types: the per-workgroup kernel and every per-query mode.
+/// Both attention kernels for every cache type: the per-workgroup kernel and every per-query mode.
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
-    for kv in [KvType::F32, KvType::F16] {
+    for kv in KvType::ALL {
         keys.push(PipelineKey { file: "attention_workgroup.wgsl", entry: "main", defines: kv.defines() });
         // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
         // and the one kernel for larger heads
@@ -187,8 +188,18 @@ impl Recorder<'_> {
         let keys = a_keys.pos0 + a_keys.n_q;
         let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys, kernel: Some(kernel) };
         supports(op, Some(self.gpu))?;
-        let params =
-            AttentionParams { n_q: a.n_q, n_head: a.n_head, n_kv_head: a.n_kv_head, head_dim: a.head_dim, pos0: a.pos0, window: a.window, scale: a.scale, kv_row0, seqs };
+        let params = AttentionParams {
+            n_q: a.n_q,
+            n_head: a.n_head,
+            n_kv_head: a.n_kv_head,
+            head_dim: a.head_dim,
+            pos0: a.pos0,
+            window: a.window,
+            scale: a.scale,
+            kv_row0,
+            seqs,
+            kv_scales: a.kv.scales_word(k, a.n_kv_head * a.head_dim),
+        };
         let seq_rows = |d: Defines| if per_token { d.flag("SEQ_ROWS") } else { d };
         let per_query = seq_rows(query_attention_defines(a.kv, a.head_dim));
         let (defines, groups) = match kernel {

@@ -233,6 +233,9 @@ impl Recorder<'_> {
                         return unsupported(&format!("{} places for {m} tokens", p.len()));
                     }
                 }
+                if !kv.written_in_pairs() {
+                    return unsupported(&format!("a fused write into a {kv} KV cache (rope_kv writes it)"));
+                }
                 let d = kv.defines();
                 let place_params = places.params()?;
                 (Some(rope), if place_params.2 { d.flag("SEQ_ROWS") } else { d }, place_params)

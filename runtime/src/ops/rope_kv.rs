@@ -14,22 +14,85 @@ pub const ROPE_KV_LAYOUT: &[Bind] = &[ReadWrite, Read, Read, ReadWrite, ReadWrit
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvType {
+    /// 4 bytes an element.
     F32,
+    /// 2 bytes an element.
     F16,
+    /// ggml's q8_0: blocks of 32 elements along a cache row, 32 int8s and an f16 scale each
+    /// (34 bytes a block, 1.0625 an element). Rows of the cache must hold a multiple of 64
+    /// elements (n_kv_head · head_dim; head_dim a multiple of 32): see lib/kv.wgsl.
+    Q8_0,
 }
 
 impl KvType {
+    /// The types, as `--kv` and the page's `kv` option name them (`name`).
+    pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8_0];
+
+    /// The type's name: "f32", "f16" or "q8_0" (llama.cpp's `-ctk` names).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The type named `name` ("f32", "f16", "q8_0"), or an error that lists them.
+    pub fn parse(name: &str) -> Result<KvType, String> {
+        KvType::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| format!("unknown KV cache type {name:?} (f32, f16 or q8_0)"))
+    }
+
     pub(super) fn defines(self) -> Defines {
         match self {
             KvType::F32 => Defines::new(),
             KvType::F16 => Defines::new().flag("KV_F16"),
+            KvType::Q8_0 => Defines::new().flag("KV_Q8"),
         }
     }
-    pub fn bytes(self) -> u64 {
+
+    /// Bytes one cache row of `elems` elements (n_kv_head · head_dim) takes; for q8_0 a row of
+    /// a multiple of 64 elements (`check_row`).
+    pub fn row_bytes(self, elems: u64) -> u64 {
         match self {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
+            KvType::F32 => elems.saturating_mul(4),
+            KvType::F16 => elems.saturating_mul(2),
+            KvType::Q8_0 => elems.saturating_add(elems / 32 * 2),
         }
+    }
+
+    /// Whether the cache takes rows of `n_kv_head` heads of `head_dim`: q8_0's blocks of 32
+    /// must not straddle heads, and a row's scales must fill whole 4-byte words (two a word).
+    pub fn check_row(self, n_kv_head: u32, head_dim: u32) -> Result<(), String> {
+        if self == KvType::Q8_0 && (!head_dim.is_multiple_of(32) || !(n_kv_head as u64 * head_dim as u64).is_multiple_of(64)) {
+            return Err(format!(
+                "a q8_0 KV cache needs head_dim a multiple of 32 and n_kv_head · head_dim a multiple of 64 (this model: {n_kv_head} kv heads of {head_dim}); use --kv f16"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether kernels that store two elements at a time can write the cache (f32, f16; q8_0
+    /// needs a whole block of 32 for its scale: only rope_kv.wgsl writes it).
+    pub fn written_in_pairs(self) -> bool {
+        self != KvType::Q8_0
+    }
+
+    /// q8_0: the 4-byte word at which `cache`'s scales start, after the int8s of all its rows
+    /// of `row` elements (lib/kv.wgsl's `p.kv_scales`); 0 for the float types.
+    pub(super) fn scales_word(self, cache: &wgpu::Buffer, row: u32) -> u32 {
+        match self {
+            KvType::Q8_0 => {
+                let rows = cache.size() / self.row_bytes(row as u64).max(1);
+                (rows * row as u64 / 4) as u32
+            }
+            _ => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -113,13 +176,15 @@ params! {
         kv_row0: u32,
         _pad: u32,
         seqs: [u32; 2 * MAX_SEQ_ROWS],
+        /// KV_Q8: the word at which the caches' scales start (`KvType::scales_word`).
+        kv_scales: u32,
     }
 }
 
-/// rope_kv.wgsl for both cache types, with and without the q/k norms.
+/// rope_kv.wgsl for every cache type, with and without the q/k norms.
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
-    for kv in [KvType::F32, KvType::F16] {
+    for kv in KvType::ALL {
         for d in [kv.defines(), kv.defines().flag("ROPE_FACTORS")] {
             for d in [d.clone(), d.flag("SEQ_ROWS")] {
                 keys.push(PipelineKey { file: "rope_kv.wgsl", entry: "main", defines: d.clone() });
@@ -199,11 +264,20 @@ impl Recorder<'_> {
             }
         }
         supports(Op::Rope { head_dim: a.head_dim, n_rot: a.n_rot }, None)?;
+        kv.check_row(n_kv_head, a.head_dim).map_err(GpuError::Unsupported)?;
         let v_pairs = a.n_tokens * n_kv_head * a.head_dim / 2;
-        let work = match norm {
-            // an invocation per q head and per k head, then per pair of v
-            Some(_) => a.n_tokens * (a.n_heads + n_kv_head) + v_pairs,
-            None => a.n_tokens * a.n_heads * (a.n_rot / 2) + 2 * v_pairs,
+        let q_work = match norm {
+            // an invocation per q head, or per rotated pair of q
+            Some(_) => a.n_tokens * a.n_heads,
+            None => a.n_tokens * a.n_heads * (a.n_rot / 2),
+        };
+        let work = match (kv, norm) {
+            // q8_0: then per two blocks (64 elements) of k, then of v
+            (KvType::Q8_0, _) => q_work + 2 * (v_pairs / 32),
+            // per k head, then per pair of v
+            (_, Some(_)) => q_work + a.n_tokens * n_kv_head + v_pairs,
+            // per pair of k, then of v
+            (_, None) => q_work + 2 * v_pairs,
         };
         let (gx, gy) = grid(work.div_ceil(256));
         let params = RopeKvParams {
@@ -220,6 +294,7 @@ impl Recorder<'_> {
             kv_row0,
             _pad: 0,
             seqs,
+            kv_scales: kv.scales_word(k_cache, n_kv_head * a.head_dim),
         };
         let base = if per_token { kv.defines().flag("SEQ_ROWS") } else { kv.defines() };
         let (defines, qw, kw) = match norm {

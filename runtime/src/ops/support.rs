@@ -70,6 +70,7 @@ pub fn supports(op: Op, device: Option<&Gpu>) -> Result<(), Unsupported> {
             if head_dim > MAX_HEAD_DIM || head_dim == 0 || !head_dim.is_multiple_of(2) || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
                 return shape(format!("attention with head size {head_dim} and {n_head} query heads over {n_kv_head} kv heads"));
             }
+            kv.check_row(n_kv_head, head_dim).map_err(Unsupported::Shape)?;
             if let Some(gpu) = device {
                 let a = AttentionArgs { n_q: 1, n_head, n_kv_head, head_dim, pos0: keys.saturating_sub(1), window: 0, scale: 1.0, kv };
                 let kernel = kernel.unwrap_or_else(|| attention_kernel(&gpu.tuning, &a, None));

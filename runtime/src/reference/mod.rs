@@ -191,6 +191,23 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32>
     out
 }
 
+/// A q8_0 KV cache's quantization (ggml's quantize_row_q8_0, as rope_kv.wgsl stores it): each
+/// block of 32 values from the start of `x` becomes int8s q = round(x / d) (ties to even, as
+/// WGSL's round; ggml rounds them away from zero) with d = amax / 127 computed in f32 and stored
+/// as f16. Returns the values the cache then holds, q · f16(d), and each block's f16(d).
+pub fn kv_q8_0(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut values, mut scales) = (Vec::with_capacity(x.len()), Vec::new());
+    for block in x.chunks(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let stored = half::f16::from_f32(d).to_f32();
+        values.extend(block.iter().map(|v| (v * id).round_ties_even() * stored));
+        scales.push(stored);
+    }
+    (values, scales)
+}
+
 /// Index of the largest value; the lowest index wins a tie (the GPU kernel breaks ties the same way).
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
