@@ -13,6 +13,8 @@ need_apt=()
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# native/tests/deploy.rs puts nginx in front of two servers (Debian keeps it in /usr/sbin)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} ..."
   $SUDO apt-get update -q
@@ -46,4 +48,6 @@ python3 -c "import openai" 2>/dev/null || pip install -q openai
 python3 -c "import autograd" 2>/dev/null || pip install -q autograd
 # structured output and tool tests: jsonschema validates replies, jinja2 renders templates as HF does
 python3 -c "import jsonschema, jinja2, pydantic" 2>/dev/null || pip install -q jsonschema jinja2 pydantic
+# native/tests/deploy.rs parses docs/deploy.md's Kubernetes manifest
+python3 -c "import yaml" 2>/dev/null || pip install -q pyyaml
 scripts/fetch-models.sh
