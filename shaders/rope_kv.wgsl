@@ -139,28 +139,62 @@ fn turn_q_pair(idx: u32) {
 }
 
 #if KV_Q8
-// the q8_0 block of the 32 elements from e0 of k (rotated, normalised) or of v, in
-// [n_tokens][kv_row] (a block lies within one head)
-fn kv_block(is_v: bool, e0: u32, kv_row: u32) -> Q8Block {
-    var x: array<f32, 32>;
+// element e of k (rotated for pos, inv: QK_NORM's factor) or of v, [n_tokens][kv_row], in the
+// head starting at base
+fn kv_source(is_v: bool, base: u32, e: u32, pos: u32, inv: f32) -> f32 {
     if (is_v) {
-        for (var i = 0u; i < 32u; i++) {
-            x[i] = v[e0 + i];
-        }
-    } else {
-        let t = e0 / kv_row;
-        let base = t * kv_row + ((e0 % kv_row) / p.head_dim) * p.head_dim;
-        let pos = seq_place(t).x;
-#if QK_NORM
-        let inv = k_inv_rms(base);
-#else
-        let inv = 1.0;
-#endif
-        for (var i = 0u; i < 32u; i++) {
-            x[i] = rotated_k(base, e0 + i - base, pos, inv);
-        }
+        return v[e];
     }
-    return q8_block(x);
+    return rotated_k(base, e - base, pos, inv);
+}
+
+fn kv_source4(is_v: bool, base: u32, e: u32, pos: u32, inv: f32) -> vec4<f32> {
+    return vec4<f32>(kv_source(is_v, base, e, pos, inv), kv_source(is_v, base, e + 1u, pos, inv), kv_source(is_v, base, e + 2u, pos, inv),
+                     kv_source(is_v, base, e + 3u, pos, inv));
+}
+
+// the q8_0 block of k or v at elements eb.. eb + 31 of [n_tokens][kv_row] (token t's, at
+// position pos) quantized into cache words w0.. w0 + 7; its scale. The 32 values are held in
+// eight named vectors, not an array (see q8_pack), and computed once.
+fn store_q8_block(is_v: bool, t: u32, pos: u32, eb: u32, kv_row: u32, w0: u32) -> f32 {
+    let base = t * kv_row + ((eb % kv_row) / p.head_dim) * p.head_dim;
+    var inv = 1.0;
+#if QK_NORM
+    if (!is_v) {
+        inv = k_inv_rms(base);
+    }
+#endif
+    let x0 = kv_source4(is_v, base, eb, pos, inv);
+    let x1 = kv_source4(is_v, base, eb + 4u, pos, inv);
+    let x2 = kv_source4(is_v, base, eb + 8u, pos, inv);
+    let x3 = kv_source4(is_v, base, eb + 12u, pos, inv);
+    let x4 = kv_source4(is_v, base, eb + 16u, pos, inv);
+    let x5 = kv_source4(is_v, base, eb + 20u, pos, inv);
+    let x6 = kv_source4(is_v, base, eb + 24u, pos, inv);
+    let x7 = kv_source4(is_v, base, eb + 28u, pos, inv);
+    let m = max(max(max(abs(x0), abs(x1)), max(abs(x2), abs(x3))), max(max(abs(x4), abs(x5)), max(abs(x6), abs(x7))));
+    let d = max(max(m.x, m.y), max(m.z, m.w)) / 127.0;
+    let id = select(0.0, 1.0 / d, d > 0.0);
+    put_q8_word(is_v, w0, q8_pack(x0, id));
+    put_q8_word(is_v, w0 + 1u, q8_pack(x1, id));
+    put_q8_word(is_v, w0 + 2u, q8_pack(x2, id));
+    put_q8_word(is_v, w0 + 3u, q8_pack(x3, id));
+    put_q8_word(is_v, w0 + 4u, q8_pack(x4, id));
+    put_q8_word(is_v, w0 + 5u, q8_pack(x5, id));
+    put_q8_word(is_v, w0 + 6u, q8_pack(x6, id));
+    put_q8_word(is_v, w0 + 7u, q8_pack(x7, id));
+    return d;
+}
+
+// the two q8_0 blocks of k or v at elements e0.. e0 + 63 of [n_tokens][kv_row] (e0 a multiple
+// of 64) into the cache, and their scales' word
+fn store_q8_blocks(is_v: bool, e0: u32, kv_row: u32) {
+    let t = e0 / kv_row;
+    let pos = seq_place(t).x;
+    let at = cache_index(t, e0, kv_row);
+    let da = store_q8_block(is_v, t, pos, e0, kv_row, at / 4u);
+    let db = store_q8_block(is_v, t, pos, e0 + 32u, kv_row, at / 4u + 8u);
+    put_q8_word(is_v, q8_scale_word(at), pack2x16float(vec2<f32>(da, db)));
 }
 #endif
 
@@ -186,15 +220,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let n_units = p.n_tokens * kv_row / 64u;
     if (i < 2u * n_units) {
         let is_v = i >= n_units;
-        let e0 = 64u * select(i, i - n_units, is_v);
-        let at = cache_index(e0 / kv_row, e0, kv_row);
-        let a = kv_block(is_v, e0, kv_row);
-        let b = kv_block(is_v, e0 + 32u, kv_row);
-        if (is_v) {
-            put_v_q8(at, a, b);
-        } else {
-            put_k_q8(at, a, b);
-        }
+        store_q8_blocks(is_v, 64u * select(i, i - n_units, is_v), kv_row);
     }
 #else
     let n_kv_pairs = p.n_tokens * kv_row / 2u;

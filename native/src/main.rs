@@ -274,8 +274,9 @@ pub struct ModelArgs {
     /// Context size in tokens [default: 2048, or the model's training context if shorter]
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
-    /// KV cache element type
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    /// KV cache element type: f16, f32, or q8_0 (llama.cpp's blocks of 32 int8s and a scale,
+    /// about half of f16's memory per token)
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32", "q8_0"])]
     pub kv: String,
     /// Disable shader-f16 and subgroups (the portable kernels every WebGPU device runs)
     #[arg(long)]
@@ -401,11 +402,8 @@ pub fn new_session<'m>(l: &'m Loaded, m: &ModelArgs, n_ctx: usize, all_logits: b
 }
 
 pub fn kv_type(a: &ModelArgs) -> KvType {
-    if a.kv == "f32" {
-        KvType::F32
-    } else {
-        KvType::F16
-    }
+    // clap takes only the names KvType::parse knows
+    KvType::parse(&a.kv).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn main() {
@@ -777,6 +775,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
                 "load_s": load_s, "ttft32_ms": ttft_ms, "n_vocab": c.n_vocab,
                 "constrained": constrained.as_ref().map(|b| serde_json::json!({"mask_ms_per_token": b.mask_ms_per_token, "compile_ms": b.compile_ms, "forced_share": b.forced_share})),
                 "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
+                "kv_bytes_per_token": c.kv_bytes_per_token(kv_type(m)),
                 "profile": profiles.iter().map(|(test, tokens, kernels)| serde_json::json!({
                     "test": test, "tokens": tokens,
                     "kernels": kernels.iter().map(|k| serde_json::json!({"kernel": k.kernel, "calls": k.calls, "seconds": k.seconds})).collect::<Vec<_>>(),
@@ -792,6 +791,7 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         }
         println!();
         println!("load {load_s:.2} s · time to first token (32-token prompt) {ttft_ms:.0} ms");
+        println!("KV cache ({}): {} bytes per token of context", m.kv, c.kv_bytes_per_token(kv_type(m)));
         println!("decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)", bytes_per_token as f64 / 1e6);
         if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
             println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
