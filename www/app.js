@@ -1,7 +1,7 @@
 // The chat page: conversations (kept in IndexedDB: list, open, rename, delete, new), streaming
 // replies rendered as sanitised Markdown, stop, regenerate and edit the last message, tokens/s;
 // in the drawer (a sidebar on wide screens): model picker (URL or file), progress, sampling
-// settings, system prompt, stored models with the storage they take, LoRA adapters (add,
+// settings, system prompt, tools (calls shown as calls, results typed in), stored models with the storage they take, LoRA adapters (add,
 // toggle, scale, download), and training an adapter on the loaded model (loss chart, stop,
 // resume; the result is kept in the page's storage and re-added when its model loads again).
 import { Nomoat } from './nomoat.js';
@@ -22,7 +22,7 @@ const ui = {
   progressBox: $('progress-box'), progressLabel: $('progress-label'), progress: $('progress'),
   modelInfo: $('model-info'), unload: $('unload'), cached: $('cached'),
   messages: $('messages'), stats: $('stats'), composer: $('composer'), input: $('input'),
-  send: $('send'), stop: $('stop'), newChat: $('new-chat'), system: $('system'),
+  send: $('send'), stop: $('stop'), newChat: $('new-chat'), system: $('system'), tools: $('tools'), toolChoice: $('tool-choice'),
   adapterFile: $('adapter-file'), adapters: $('adapters'),
   trainFile: $('train-file'), trainData: $('train-data'), trainName: $('train-name'), trainRank: $('train-rank'),
   trainEpochs: $('train-epochs'), trainLr: $('train-lr'), trainStart: $('train-start'), trainStop: $('train-stop'),
@@ -124,7 +124,7 @@ function addTurn(role, text) {
   turn.className = `turn ${role}`;
   const who = document.createElement('h3');
   who.className = 'sr-only';
-  who.textContent = role === 'user' ? 'You said:' : 'The model replied:';
+  who.textContent = { user: 'You said:', tool: 'The tool returned:' }[role] ?? 'The model replied:';
   const body = document.createElement('div');
   body.className = `msg ${role}`;
   setBody(body, role, text);
@@ -163,17 +163,92 @@ function updateTurnActions() {
     // editing needs no model: the question waits in the composer until one is loaded
     if (i === lastUser) actions.append(actionButton('Edit', editLast, { needsModel: false, aria: 'Edit your last message' }));
     if (i === turns.length - 1) {
-      const retry = turn.classList.contains('user');
+      const retry = !turn.classList.contains('assistant');
       actions.append(actionButton(retry ? 'Retry' : 'Regenerate', regenerate, { aria: retry ? 'Retry the reply' : 'Regenerate the reply' }));
     }
   });
   setState();
 }
 
+/** A message of the conversation on the page: text, or a reply's tool calls, or a tool's result. */
+function addMessage(m) {
+  const body = addTurn(m.role, m.content ?? '');
+  if (m.tool_calls?.length) showCalls(body, m.tool_calls);
+  if (m.role === 'tool') {
+    const call = conv.messages.flatMap((x) => x.tool_calls ?? []).find((c) => c.id === m.tool_call_id);
+    const label = document.createElement('div');
+    label.className = 'tool-label';
+    label.textContent = `result of ${call?.function.name ?? 'a call'}`;
+    body.before(label);
+  }
+  return body;
+}
+
+/** The calls a reply made, under its text: each function's name and arguments. */
+function showCalls(body, calls) {
+  for (const c of calls) {
+    const box = document.createElement('div');
+    box.className = 'tool-call';
+    const name = document.createElement('div');
+    name.className = 'tool-label';
+    name.textContent = `calls ${c.function.name}`;
+    const args = document.createElement('pre');
+    try {
+      args.textContent = JSON.stringify(JSON.parse(c.function.arguments), null, 2);
+    } catch {
+      args.textContent = c.function.arguments;
+    }
+    box.append(name, args);
+    body.append(box);
+  }
+}
+
+/** The calls of the last reply that have no result yet. */
+function pendingCalls() {
+  const i = conv.messages.findLastIndex((m) => m.tool_calls?.length);
+  if (i < 0) return [];
+  const answered = new Set(conv.messages.slice(i + 1).filter((m) => m.role === 'tool').map((m) => m.tool_call_id));
+  return conv.messages.slice(i + 1).some((m) => m.role === 'user') ? [] : conv.messages[i].tool_calls.filter((c) => !answered.has(c.id));
+}
+
+/** A form under the conversation for the first pending call's result. */
+function askForResult() {
+  ui.messages.querySelector('.tool-result-form')?.remove();
+  const [call] = pendingCalls();
+  if (!call) return;
+  const form = document.createElement('form');
+  form.className = 'tool-result-form';
+  const label = document.createElement('label');
+  label.textContent = `Result of ${call.function.name}`;
+  const input = document.createElement('textarea');
+  input.rows = 2;
+  input.name = 'result';
+  label.append(input);
+  const button = document.createElement('button');
+  button.type = 'submit';
+  button.textContent = 'Send result';
+  button.classList.add('needs-model');
+  form.append(label, button);
+  form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    if (busy || !loaded) return;
+    const m = { role: 'tool', tool_call_id: call.id, content: input.value.trim() };
+    conv.messages.push(m);
+    form.remove();
+    addMessage(m);
+    await persist();
+    if (pendingCalls().length) askForResult();
+    else await reply();
+  };
+  ui.messages.append(form);
+  setState();
+}
+
 function renderConversation() {
-  for (const t of ui.messages.querySelectorAll('.turn')) t.remove();
+  for (const t of ui.messages.querySelectorAll('.turn, .tool-result-form')) t.remove();
   ui.welcome.hidden = conv.messages.length > 0;
-  for (const m of conv.messages) addTurn(m.role, m.content);
+  for (const m of conv.messages) addMessage(m);
+  askForResult();
   ui.messages.scrollTop = ui.messages.scrollHeight;
   ui.stats.textContent = '';
   updateTurnActions();
@@ -632,6 +707,20 @@ function showSampling(s) {
   for (const note of s.ignored) console.warn(note);
 }
 
+/** The chat options for tools, from the drawer's Tools section ({} when it is empty). */
+function toolOptions() {
+  const text = ui.tools.value.trim();
+  if (!text) return {};
+  let tools;
+  try {
+    tools = JSON.parse(text);
+  } catch (e) {
+    throw Object.assign(new Error(`the Tools list is not JSON: ${e.message}`), { name: 'BadRequest' });
+  }
+  if (!Array.isArray(tools)) throw Object.assign(new Error('Tools must be a JSON list of {"type": "function", "function": {...}}'), { name: 'BadRequest' });
+  return { tools, toolChoice: ui.toolChoice.value };
+}
+
 function sampling() {
   const num = (el) => (el.value === '' ? undefined : Number(el.value));
   return {
@@ -650,6 +739,7 @@ async function send() {
   if (!text || busy || !loaded) return;
   ui.input.value = '';
   showError(null);
+  ui.messages.querySelector('.tool-result-form')?.remove(); // a question instead of a result
   conv.messages.push({ role: 'user', content: text });
   addTurn('user', text);
   await persist();
@@ -678,7 +768,7 @@ async function reply() {
     if (follow) ui.messages.scrollTop = ui.messages.scrollHeight;
   };
   try {
-    const r = engine.chat(messages, { ...sampling(), signal: abort.signal });
+    const r = engine.chat(messages, { ...sampling(), ...toolOptions(), signal: abort.signal });
     for await (const piece of r) {
       text += piece;
       out.dataset.source = text;
@@ -688,7 +778,13 @@ async function reply() {
     const result = await r.result;
     clearTimeout(paintTimer);
     setBody(out, 'assistant', result.text);
-    conv.messages.push({ role: 'assistant', content: result.text });
+    const m = { role: 'assistant', content: result.text };
+    if (result.tool_calls) {
+      m.content = result.text || null;
+      m.tool_calls = result.tool_calls;
+      showCalls(out, result.tool_calls);
+    }
+    conv.messages.push(m);
     conv.model = modelName;
     ui.stats.textContent = `${result.prompt_tokens} prompt tokens (${result.reused_tokens} reused) at ${result.prompt_tps.toFixed(1)} tok/s · ${result.tokens} tokens at ${result.gen_tps.toFixed(1)} tok/s · ${result.finish_reason}`;
     // the live region reads the finished reply once, not every piece as it streams
@@ -706,7 +802,8 @@ async function reply() {
     busy = false;
     abort = null;
     updateTurnActions();
-    ui.input.focus();
+    askForResult();
+    (ui.messages.querySelector('.tool-result-form textarea') ?? ui.input).focus();
   }
 }
 
@@ -714,6 +811,7 @@ async function reply() {
 async function regenerate() {
   if (busy || !loaded || !conv.messages.length) return;
   showError(null);
+  ui.messages.querySelector('.tool-result-form')?.remove();
   if (conv.messages.at(-1).role === 'assistant') {
     conv.messages.pop();
     [...ui.messages.querySelectorAll('.turn')].at(-1)?.remove();

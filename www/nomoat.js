@@ -21,6 +21,12 @@
 // 'json_object'} or {type: 'json_schema', json_schema: {name, schema, strict}}: the reply is
 // constrained on the GPU to fit (the same engine as `nomoat serve`'s response_format).
 //
+// Tool calling: chat(messages, { tools, toolChoice, parallelToolCalls }) with OpenAI's shapes.
+// A reply of calls is not streamed as text: its result has finish_reason 'tool_calls' and
+// tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}]. Send the
+// results back as {role: 'tool', tool_call_id, content} after the assistant turn
+// {role: 'assistant', content: null, tool_calls}, as with OpenAI's API.
+//
 // Raw token ids: logits(ids) resolves to the last position's logits (a Float32Array).
 //
 // LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
@@ -210,7 +216,8 @@ export class Nomoat {
   /**
    * Replies to `messages` ([{role: 'system' | 'user' | 'assistant', content}]) with the model's
    * chat template. Options: {temperature, topK, topP, minP, repeatPenalty, presencePenalty,
-   * frequencyPenalty, seed, maxTokens, stop, responseFormat, signal}; a sampling option left out takes the
+   * frequencyPenalty, seed, maxTokens, stop, responseFormat, tools, toolChoice, parallelToolCalls,
+   * signal}; a sampling option left out takes the
    * model's own value (its GGUF's general.sampling.*, listed in the load result's `sampling`),
    * else llama.cpp's default. Returns an async iterable of text pieces with a `result` promise.
    */
@@ -400,6 +407,9 @@ function chatOptions(o) {
     maxTokens: 'max_tokens',
     stop: 'stop',
     responseFormat: 'response_format',
+    tools: 'tools',
+    toolChoice: 'tool_choice',
+    parallelToolCalls: 'parallel_tool_calls',
   };
   const out = {};
   for (const [k, v] of Object.entries(map)) if (o[k] != null) out[v] = o[k];

@@ -1,5 +1,5 @@
 // Conversations kept in the browser (IndexedDB 'nomoat', store 'conversations'):
-// {id, title, messages: [{role, content}], model, updated (ms since 1970)}. When IndexedDB is
+// {id, title, messages: [{role, content, tool_calls?, tool_call_id?}], model, updated (ms since 1970)}. When IndexedDB is
 // not there (some private windows), they live in memory for the visit and `persistent` says so.
 
 const DB_NAME = 'nomoat';
@@ -56,7 +56,7 @@ export function getConversation(id) {
 export async function saveConversation(c, { touch = true } = {}) {
   if (touch) c.updated = Date.now();
   // a plain copy: IndexedDB clones it, and the page keeps changing its own
-  const record = { id: c.id, title: c.title, model: c.model ?? null, updated: c.updated, messages: c.messages.map((m) => ({ role: m.role, content: m.content })) };
+  const record = { id: c.id, title: c.title, model: c.model ?? null, updated: c.updated, messages: c.messages.map(({ role, content, tool_calls, tool_call_id }) => ({ role, content, ...(tool_calls && { tool_calls }), ...(tool_call_id && { tool_call_id }) })) };
   await withStore('readwrite', (s) => s.put(record), () => memory.set(c.id, record));
   return c;
 }

@@ -23,7 +23,6 @@ mod api;
 mod engine;
 mod metrics;
 mod parallel;
-mod prompt;
 
 use crate::ModelArgs;
 use anyhow::{Context, Result};
@@ -38,11 +37,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use engine::{Event, Job, ModelInfo, Outcome, Stats};
-use nomoat_runtime::chat::Message;
 use nomoat_runtime::constrain::{Constrainer, Guide};
 use nomoat_runtime::generate::{FinishReason, GenerateOptions};
+use nomoat_runtime::prompt;
 use nomoat_runtime::tokenizer::Tokenizer;
-use nomoat_runtime::tools::{self, ToolCall, ToolChoice};
+use nomoat_runtime::tools::{self, ToolCall};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -730,8 +729,8 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
             .map_err(|e| ApiError::param(param, format!("the schema cannot be used: {e}")).with_code("invalid_schema"))?;
         guide.constraint = Some(constraint);
     }
-    let (tools, choice, parallel) = api::parse_tools(&o)?;
-    let tools_active = !tools.is_empty() && choice != ToolChoice::None;
+    let tools = api::parse_tools(&o)?;
+    let tools_active = tools.active();
     if tools_active && kind == Kind::Completion {
         return Err(ApiError::param("tools", "tools are for /v1/chat/completions"));
     }
@@ -745,28 +744,22 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
             Some(constrainer("grammar")?.compile(g).map_err(|e| ApiError::param("grammar", format!("the grammar cannot be used: {e}")).with_code("invalid_grammar"))?);
     }
     // with tools, the reply is calls, or (auto) text that fits response_format
-    if let Some(grammar) = tools::grammar_with_format(&tools, &choice, parallel, format.as_ref()) {
+    if let Some(grammar) = tools::grammar_with_format(&tools.tools, &tools.choice, tools.parallel, format.as_ref()) {
         let constraint = constrainer("tools")?
             .compile(&grammar)
             .map_err(|e| ApiError::param("tools", format!("a tool's parameters or the response_format schema cannot be used: {e}")).with_code("invalid_schema"))?;
         guide.constraint = Some(constraint);
     }
     let tok = &s.info.tokenizer;
-    let prompt_error = |e| match e {
-        prompt::PromptError::Template(e) => ApiError::param("messages", e.to_string()),
-        prompt::PromptError::Tokenizer(e) => ApiError::invalid(format!("tokenizing the prompt: {e}")),
-    };
     let prompt = match kind {
         Kind::Chat => {
             let messages = api::parse_chat_messages(&o)?;
             let template = s.info.template.as_ref().map_err(|e| ApiError::invalid(e.clone()).with_code("no_chat_template"))?;
             // the messages' text never becomes a control token (role injection)
-            if tools.is_empty() && messages.iter().all(|m| m.tool_calls.is_empty() && m.role != "tool") {
-                let plain: Vec<Message> = messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
-                prompt::chat_prompt(tok, &s.guard, template, &plain).map_err(prompt_error)?
-            } else {
-                prompt::chat_prompt_with_tools(tok, &s.guard, template, s.template_tools, &messages, &tools).map_err(prompt_error)?
-            }
+            prompt::request_prompt(tok, &s.guard, template, s.template_tools, &messages, &tools.tools).map_err(|e| match e {
+                prompt::PromptError::Template(e) => ApiError::param("messages", e.to_string()),
+                e @ prompt::PromptError::Tokenizer(_) => ApiError::invalid(e.to_string()),
+            })?
         }
         Kind::Completion => {
             api::check_completion_extras(&o)?;
@@ -789,13 +782,7 @@ impl CallIds {
     /// The calls of a reply with tools, with their ids, and the text before them; None when the
     /// reply is text (it did not start with a call, or its calls do not parse).
     fn read(&self, text: &str) -> Option<ReadCalls> {
-        if !text.starts_with('<') {
-            return None;
-        }
-        let (content, calls) = tools::parse_reply(text);
-        if calls.is_empty() {
-            return None;
-        }
+        let (content, calls) = tools::read_calls(text)?;
         let ids =
             calls.into_iter().enumerate().map(|(i, c)| (format!("call_{:016x}{:08x}", mix(self.0 ^ i as u64), mix(self.0.wrapping_add(i as u64)) as u32), c)).collect();
         Some((content, ids))

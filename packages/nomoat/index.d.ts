@@ -29,10 +29,38 @@ export interface NomoatError extends Error {
 }
 
 export interface ChatMessage {
-  /** Roles the model's chat template knows; usually 'system', 'user' and 'assistant'. */
-  role: 'system' | 'user' | 'assistant' | (string & {});
-  content: string;
+  /** Roles the model's chat template knows; usually 'system', 'user', 'assistant' and 'tool'. */
+  role: 'system' | 'user' | 'assistant' | 'tool' | (string & {});
+  /** May be null (or left out) on an assistant turn of tool calls only. */
+  content: string | null;
+  /** An assistant turn's calls, as a reply's `tool_calls` gave them. */
+  tool_calls?: ToolCall[];
+  /** A 'tool' turn: the id of the call whose result `content` is. */
+  tool_call_id?: string;
 }
+
+/** A function the model may call (OpenAI's shape). */
+export interface Tool {
+  type: 'function';
+  function: {
+    /** 1 to 64 letters, digits, '_' or '-'. */
+    name: string;
+    description?: string;
+    /** A JSON schema for the arguments object. */
+    parameters?: Record<string, unknown>;
+    strict?: boolean;
+  };
+}
+
+/** A call the model made: `arguments` is JSON text that fits the tool's parameters. */
+export interface ToolCall {
+  id: string;
+  type: 'function';
+  function: { name: string; arguments: string };
+}
+
+/** OpenAI's `tool_choice`. */
+export type ToolChoice = 'none' | 'auto' | 'required' | { type: 'function'; function: { name: string } };
 
 /** Progress of a load: bytes downloaded (`total` 0 while unknown), then bytes put on the GPU. */
 export interface TransferProgress {
@@ -61,9 +89,8 @@ export interface LoadOptions {
   onProgress?: (progress: LoadProgress) => void;
   /** Context size in tokens (default 2048, at most the model's training context). */
   nCtx?: number;
-  /** The KV cache's element type (default 'f16'); 'q8_0' takes 1.0625 bytes an element, about
-   * half of f16's, for models whose kv heads fill rows of a multiple of 64. */
-  kv?: 'f16' | 'f32' | 'q8_0';
+  /** The KV cache's element type (default 'f16'). */
+  kv?: 'f16' | 'f32';
   /** GPU memory the model may take in MiB (weights + KV cache); a larger one is refused first. */
   maxGpuMemory?: number;
 }
@@ -126,13 +153,22 @@ export interface ChatOptions {
   maxTokens?: number;
   stop?: string[];
   responseFormat?: ResponseFormat;
+  /** Functions the model may call (chat() only): a reply of calls comes back in `tool_calls`. */
+  tools?: Tool[];
+  /** 'auto' (the default with tools), 'none', 'required' or one named function. */
+  toolChoice?: ToolChoice;
+  /** Whether one reply may hold several calls (default true). */
+  parallelToolCalls?: boolean;
   /** Aborting it stops the reply; it then resolves with finish_reason 'cancelled'. */
   signal?: AbortSignal;
 }
 
 /** The summary a reply's `result` resolves to. */
 export interface ReplyResult {
+  /** The reply's text; with tool calls, any text the model wrote before them ('' if none). */
   text: string;
+  /** The calls of a reply with tools (finish_reason 'tool_calls'), else null. */
+  tool_calls: ToolCall[] | null;
   tokens: number;
   token_ids: number[];
   prompt_tokens: number;
@@ -142,7 +178,7 @@ export interface ReplyResult {
   gen_seconds: number;
   prompt_tps: number;
   gen_tps: number;
-  finish_reason: 'stop' | 'length' | 'cancelled';
+  finish_reason: 'stop' | 'length' | 'cancelled' | 'tool_calls';
 }
 
 /** A reply being written: iterate it for text pieces as they come; `result` is the summary. */

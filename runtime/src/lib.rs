@@ -13,7 +13,9 @@
 //! - `gguf`: the file format (parse from bytes or in chunks, typed errors).
 //! - `ggml_type`: block layouts of GGML tensor types.
 //! - `device`: the GPU, its buffers and limits.
-//! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates.
+//! - `tokenizer`, `sampler`, `chat`: text to tokens and back, sampling, chat templates;
+//!   `prompt`: chat requests (OpenAI's messages) to prompt tokens, message text never control
+//!   tokens; `tools`: tool calling; `constrain`: structured output.
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
 //!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters; `rng`: seeded
@@ -44,6 +46,7 @@ pub mod model;
 #[doc(hidden)]
 #[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod ops;
+pub mod prompt;
 #[doc(hidden)]
 #[allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)] // internals: shapes like [rows][cols], private links
 pub mod quant;

@@ -14,7 +14,7 @@
 //! parameter schema. With [`ToolChoice::Auto`] a reply is either plain text that does not start
 //! with `<`, or calls only; the first character tells which, so a streamed reply knows at once.
 
-use crate::constrain::Grammar;
+use crate::constrain::{json_type_name, FieldError, Grammar};
 use serde_json::{json, Value};
 
 /// A function the model may call: OpenAI's `{"type": "function", "function": {...}}`.
@@ -58,6 +58,106 @@ pub enum ToolChoice {
     Required,
     /// One call of this tool.
     Named(String),
+}
+
+/// Most tools a request may offer.
+pub const MAX_TOOLS: usize = 128;
+
+/// A request's tools: the server's and the browser's, in OpenAI's shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolRequest {
+    /// The functions offered.
+    pub tools: Vec<Tool>,
+    /// What the reply must be.
+    pub choice: ToolChoice,
+    /// Whether more than one call may come (`parallel_tool_calls`).
+    pub parallel: bool,
+}
+
+impl ToolRequest {
+    /// Whether the reply is to be read for calls: there are tools and `tool_choice` is not "none".
+    pub fn active(&self) -> bool {
+        !self.tools.is_empty() && self.choice != ToolChoice::None
+    }
+
+    /// `tools` ([{"type": "function", "function": {"name", "description", "parameters",
+    /// "strict"}}]), `tool_choice` ("none", "auto", "required" or {"type": "function",
+    /// "function": {"name"}}; "auto" by default when there are tools) and
+    /// `parallel_tool_calls` (default true); absent and null are the same.
+    pub fn parse(tools: Option<&Value>, tool_choice: Option<&Value>, parallel_tool_calls: Option<&Value>) -> Result<ToolRequest, FieldError> {
+        let bad = |param: &str, message: String| FieldError { param: param.to_string(), message };
+        let given = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+        let mut list = Vec::new();
+        match given(tools) {
+            None => {}
+            Some(Value::Array(ts)) => {
+                if ts.len() > MAX_TOOLS {
+                    return Err(bad("tools", format!("at most {MAX_TOOLS} tools, got {}", ts.len())));
+                }
+                for (i, t) in ts.iter().enumerate() {
+                    let p = format!("tools[{i}]");
+                    if t.get("type").and_then(Value::as_str) != Some("function") {
+                        return Err(bad(&p, format!("{p} must be {{\"type\": \"function\", \"function\": {{...}}}}")));
+                    }
+                    let Some(Value::Object(f)) = t.get("function") else {
+                        return Err(bad(&format!("{p}.function"), format!("{p}.function must be an object")));
+                    };
+                    let name = match f.get("name") {
+                        Some(Value::String(n)) if valid_name(n) => n.clone(),
+                        _ => return Err(bad(&format!("{p}.function.name"), format!("{p}.function.name must be 1 to 64 letters, digits, '_' or '-'"))),
+                    };
+                    if list.iter().any(|t: &Tool| t.name == name) {
+                        return Err(bad(&format!("{p}.function.name"), format!("two tools are named '{name}'")));
+                    }
+                    let description = match given(f.get("description")) {
+                        None => None,
+                        Some(Value::String(d)) => Some(d),
+                        Some(v) => {
+                            return Err(bad(&format!("{p}.function.description"), format!("{p}.function.description must be a string, got {}", json_type_name(&v))))
+                        }
+                    };
+                    let parameters = match given(f.get("parameters")) {
+                        None => json!({"type": "object", "properties": {}}),
+                        Some(v @ Value::Object(_)) => v,
+                        Some(v) => {
+                            return Err(bad(
+                                &format!("{p}.function.parameters"),
+                                format!("{p}.function.parameters must be a JSON schema object, got {}", json_type_name(&v)),
+                            ))
+                        }
+                    };
+                    if let Some(v) = given(f.get("strict")).filter(|v| !v.is_boolean()) {
+                        return Err(bad(&format!("{p}.function.strict"), format!("'strict' must be a boolean, got {}", json_type_name(&v))));
+                    }
+                    list.push(Tool { name, description, parameters });
+                }
+            }
+            Some(v) => return Err(bad("tools", format!("'tools' must be a list, got {}", json_type_name(&v)))),
+        }
+        const SHAPES: &str = "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}";
+        let choice = match given(tool_choice) {
+            None if list.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+            Some(Value::String(c)) if c == "none" => ToolChoice::None,
+            Some(Value::String(c)) if c == "auto" => ToolChoice::Auto,
+            Some(Value::String(c)) if c == "required" => ToolChoice::Required,
+            Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(n) if list.iter().any(|t| t.name == n) => ToolChoice::Named(n.to_string()),
+                Some(n) => return Err(bad("tool_choice", format!("tool_choice names '{n}', which is not one of the tools"))),
+                None => return Err(bad("tool_choice", SHAPES.into())),
+            },
+            Some(v) => return Err(bad("tool_choice", format!("{SHAPES}, got {v}"))),
+        };
+        if list.is_empty() && matches!(choice, ToolChoice::Auto | ToolChoice::Required) {
+            return Err(bad("tool_choice", "tool_choice asks for tool calls, but the request has no tools".into()));
+        }
+        let parallel = match given(parallel_tool_calls) {
+            None => true,
+            Some(Value::Bool(b)) => b,
+            Some(v) => return Err(bad("parallel_tool_calls", format!("'parallel_tool_calls' must be a boolean, got {}", json_type_name(&v)))),
+        };
+        Ok(ToolRequest { tools: list, choice, parallel })
+    }
 }
 
 /// A call read out of a reply.
@@ -117,6 +217,17 @@ fn with_layout(schema: &Value) -> Value {
         o.insert("x-guidance".into(), json!({"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false}));
     }
     schema
+}
+
+/// A reply under a tool grammar read as calls: the text before them (None when empty) and the
+/// calls; None when it is text (it did not start with a call, or no call parses). The grammar
+/// makes the first character tell: a call starts with `<`, text cannot.
+pub fn read_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+    if !text.starts_with('<') {
+        return None;
+    }
+    let (content, calls) = parse_reply(text);
+    (!calls.is_empty()).then_some((content, calls))
 }
 
 /// The text before the first call (trimmed; None when empty) and the calls, from a reply

@@ -17,7 +17,7 @@
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use nomoat_runtime::arch::Config;
 use nomoat_runtime::chat::{ChatTemplate, Message};
-use nomoat_runtime::constrain::{Constrainer, Grammar, Guide};
+use nomoat_runtime::constrain::{Constrainer, FieldError, Grammar, Guide};
 use nomoat_runtime::device::{Gpu, GpuError, GpuOptions};
 use nomoat_runtime::error::{ByteSource, ModelError};
 use nomoat_runtime::generate::{self, GenerateOptions};
@@ -25,9 +25,11 @@ use nomoat_runtime::gguf::{Gguf, GgufError, Parse};
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
+use nomoat_runtime::prompt::{self, Guard};
 use nomoat_runtime::sampler::{SamplerConfig, SamplingOverrides};
 use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
+use nomoat_runtime::tools::{self, ToolRequest};
 use nomoat_runtime::train::data::{read_jsonl, DataOptions};
 use nomoat_runtime::train::run::{Run, RunOptions};
 use serde::Deserialize;
@@ -202,6 +204,12 @@ struct Loaded {
     sampling: SamplingOverrides,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    /// What chat messages' text is marked with, so that none of it becomes a control token.
+    guard: Guard,
+    /// Whether the chat template shows tools itself (else the generic tool prompt is used).
+    template_tools: bool,
+    /// Tool calls made so far: their ids are "call_" and this count with a random part.
+    calls_made: u64,
     name: String,
     from_cache: bool,
     load_seconds: f64,
@@ -248,6 +256,10 @@ struct ChatOptions {
     /// OpenAI's `response_format` (json_object, or json_schema {name, schema, strict}): the
     /// reply is constrained to it, as the server's are.
     response_format: Option<serde_json::Value>,
+    /// OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, as the server takes them.
+    tools: Option<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+    parallel_tool_calls: Option<serde_json::Value>,
 }
 
 impl Default for ChatOptions {
@@ -264,6 +276,9 @@ impl Default for ChatOptions {
             max_tokens: 512,
             stop: Vec::new(),
             response_format: None,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
         }
     }
 }
@@ -327,10 +342,8 @@ impl Default for FinetuneOptions {
     }
 }
 
-#[derive(Deserialize)]
-struct JsMessage {
-    role: String,
-    content: String,
+fn field_error(e: FieldError) -> JsValue {
+    js_error("BadRequest", format!("{}: {}", e.param, e.message))
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(what: &str, s: &'a str) -> Result<T, JsValue> {
@@ -747,25 +760,33 @@ impl Engine {
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options(&l.sampling.defaults());
             gen.sampler.validate().map_err(|e| js_error("BadRequest", e))?;
-            let mut guide =
-                match Grammar::from_response_format(opts.response_format.as_ref()).map_err(|e| js_error("BadRequest", format!("{}: {}", e.param, e.message)))? {
-                    Some(g) => {
-                        let tokenizer = l.tokenizer.clone();
-                        let c = l.constrainer.get_or_insert_with(|| Constrainer::new(tokenizer).map_err(|e| e.to_string()));
-                        let c = c.as_ref().map_err(|e| js_error("UnsupportedModel", format!("structured output is unavailable for this model: {e}")))?;
-                        Guide::with_constraint(c.compile(&g).map_err(|e| js_error("BadRequest", format!("response_format: {e}")))?)
-                    }
-                    None => Guide::default(),
-                };
+            let format = Grammar::from_response_format(opts.response_format.as_ref()).map_err(field_error)?;
+            let tools = ToolRequest::parse(opts.tools.as_ref(), opts.tool_choice.as_ref(), opts.parallel_tool_calls.as_ref()).map_err(field_error)?;
+            if raw.is_some() && !tools.tools.is_empty() {
+                return Err(js_error("BadRequest", "tools: tools are for chat(), not complete()"));
+            }
+            // with tools, the reply is calls, or (auto) text that fits response_format
+            let grammar = tools::grammar_with_format(&tools.tools, &tools.choice, tools.parallel, format.as_ref()).or(format);
+            let mut guide = match grammar {
+                Some(g) => {
+                    let tokenizer = l.tokenizer.clone();
+                    let c = l.constrainer.get_or_insert_with(|| Constrainer::new(tokenizer).map_err(|e| e.to_string()));
+                    let c = c.as_ref().map_err(|e| js_error("UnsupportedModel", format!("structured output is unavailable for this model: {e}")))?;
+                    let what = if tools.active() { "tools" } else { "response_format" };
+                    Guide::with_constraint(c.compile(&g).map_err(|e| js_error("BadRequest", format!("{what}: {e}")))?)
+                }
+                None => Guide::default(),
+            };
             let ids = match (&messages_json, &raw) {
                 (Some(m), _) => {
-                    let text = render(l, m)?;
-                    l.tokenizer.encode(&text, false, true)
+                    let turns = prompt::parse_messages(Some(&parse_json::<serde_json::Value>("messages", m)?)).map_err(field_error)?;
+                    let t = l.template.as_ref().ok_or_else(no_template)?;
+                    // the messages' text never becomes a control token (role injection)
+                    prompt::request_prompt(&l.tokenizer, &l.guard, t, l.template_tools, &turns, &tools.tools).map_err(|e| js_error("BadRequest", e.to_string()))?
                 }
-                (None, Some(p)) => l.tokenizer.encode(p, true, true),
+                (None, Some(p)) => l.tokenizer.encode(p, true, true).map_err(|e| js_error("BadRequest", format!("tokenizing the prompt: {e}")))?,
                 (None, None) => unreachable!(),
-            }
-            .map_err(|e| js_error("BadRequest", format!("tokenizing the prompt: {e}")))?;
+            };
             let n_ctx = l.session.n_ctx;
             if ids.len() >= n_ctx {
                 return Err(js_error(
@@ -774,17 +795,55 @@ impl Engine {
                 ));
             }
             abort.set(false);
-            let mut on_text = |piece: &str| {
+            let emit = |piece: &str| {
                 if let Some(f) = &on_piece {
                     if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(piece)) {
                         console_error(&format!("on_piece threw: {}", js_message(&e)));
                     }
                 }
+            };
+            // with tools, a reply that starts with '<' is calls (the grammar says so): it is held
+            // back, not streamed as text
+            let mut held: Option<String> = tools.active().then(String::new);
+            let mut on_text = |piece: &str| {
+                match &mut held {
+                    Some(h) => {
+                        h.push_str(piece);
+                        if !h.is_empty() && !h.starts_with('<') {
+                            emit(h);
+                            held = None;
+                        }
+                    }
+                    None => emit(piece),
+                }
                 !abort.get()
             };
             let g = l.session.generate_guided(&l.tokenizer, &ids, &gen, &mut guide, &mut on_text, &|| false, &mut |_| {}).await.map_err(|e| model_error(&e))?;
+            let calls = held.as_deref().and_then(tools::read_calls);
+            if calls.is_none() {
+                // held text that is not calls after all (cut short, or stopped) is text
+                if let Some(h) = held.filter(|h| !h.is_empty()) {
+                    emit(&h);
+                }
+            }
+            let (text, finish, tool_calls) = match calls {
+                Some((content, calls)) => {
+                    let random = (js_sys::Math::random() * 4294967296.0) as u64;
+                    let list: Vec<serde_json::Value> = calls
+                        .into_iter()
+                        .map(|c| {
+                            l.calls_made += 1;
+                            let id = format!("call_{:08x}{:016x}", random, l.calls_made);
+                            serde_json::json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                        })
+                        .collect();
+                    (content.unwrap_or_default(), "tool_calls", serde_json::Value::Array(list))
+                }
+                None => (g.text.clone(), g.finish.as_str(), serde_json::Value::Null),
+            };
             let summary = serde_json::json!({
-                "text": g.text,
+                "text": text,
+                "tool_calls": tool_calls,
                 "tokens": g.tokens.len(),
                 "token_ids": g.tokens,
                 "prompt_tokens": g.prompt_tokens,
@@ -793,17 +852,22 @@ impl Engine {
                 "gen_seconds": g.gen_seconds,
                 "prompt_tps": g.prompt_tps(),
                 "gen_tps": g.gen_tps(),
-                "finish_reason": g.finish.as_str(),
+                "finish_reason": finish,
             });
             Ok(JsValue::from_str(&summary.to_string()))
         })
     }
 }
 
+fn no_template() -> JsValue {
+    js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt")
+}
+
+/// The text the chat template makes of plain messages (tool parts are not shown).
 fn render(l: &Loaded, messages_json: &str) -> Result<String, JsValue> {
-    let msgs: Vec<JsMessage> = parse_json("messages", messages_json)?;
-    let msgs: Vec<Message> = msgs.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
-    let t = l.template.as_ref().ok_or_else(|| js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt"))?;
+    let turns = prompt::parse_messages(Some(&parse_json::<serde_json::Value>("messages", messages_json)?)).map_err(field_error)?;
+    let msgs: Vec<Message> = turns.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+    let t = l.template.as_ref().ok_or_else(no_template)?;
     t.render(&msgs, true).map_err(|e| js_error("BadRequest", format!("chat template: {e}")))
 }
 
@@ -865,8 +929,9 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let inner = &mut *guard;
     inner.loaded = None; // free the previous model first
     let kv = match opts.kv.as_deref() {
-        None => KvType::F16,
-        Some(name) => KvType::parse(name).map_err(|e| js_error("BadRequest", format!("kv: {e}")))?,
+        None | Some("f16") => KvType::F16,
+        Some("f32") => KvType::F32,
+        Some(o) => return Err(js_error("BadRequest", format!("kv must be \"f16\" or \"f32\", not {o:?}"))),
     };
     let gguf = read_header(reader).await?;
     let mut ranges = Vec::with_capacity(gguf.tensors.len() * 2);
@@ -911,6 +976,9 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         model,
         sampling: model_sampling(&gguf, reader),
         gguf,
+        guard: Guard::new(&tokenizer),
+        template_tools: template.as_ref().is_some_and(|t| t.supports_tools()),
+        calls_made: 0,
         tokenizer: Arc::new(tokenizer),
         template,
         name: reader.name(),

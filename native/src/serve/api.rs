@@ -3,9 +3,10 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use nomoat_runtime::constrain::{json_type_name as type_name, Grammar};
+use nomoat_runtime::constrain::{json_type_name as type_name, FieldError, Grammar};
+use nomoat_runtime::prompt::{self, ChatTurn};
 use nomoat_runtime::sampler::SamplerConfig;
-use nomoat_runtime::tools::{self, Tool, ToolCall, ToolChoice};
+use nomoat_runtime::tools::{ToolCall, ToolRequest};
 use serde_json::{json, Map, Value};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -268,7 +269,7 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
 /// `response_format` as a grammar (`Grammar::from_response_format`, which the browser engine
 /// reads it with too).
 pub fn parse_response_format(o: &Map<String, Value>) -> Result<Option<Grammar>, ApiError> {
-    Grammar::from_response_format(o.get("response_format")).map_err(|e| ApiError::param(&e.param, e.message))
+    Ok(Grammar::from_response_format(o.get("response_format"))?)
 }
 
 /// llama.cpp's `grammar` extension: a GBNF grammar (rules with `::=`) or a Lark one.
@@ -309,179 +310,20 @@ pub fn parse_logit_bias(o: &Map<String, Value>, n_vocab: usize) -> Result<Vec<(u
     Ok(out)
 }
 
-/// One turn of a chat request: its role and text, an assistant turn's tool calls (id, call),
-/// a tool turn's `tool_call_id`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-    pub tool_calls: Vec<(String, ToolCall)>,
-    pub tool_call_id: Option<String>,
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> ApiError {
+        ApiError::param(&e.param, e.message)
+    }
 }
 
-/// The `messages` of a chat request, as the template takes them (text content only; a list of
-/// `{"type": "text", "text"}` parts is joined; the "developer" role is the "system" one), with
-/// the tool parts: an assistant turn's `tool_calls` ([{"id", "type": "function", "function":
-/// {"name", "arguments": JSON text}}], its content then optional) and a tool turn's
-/// `tool_call_id`.
-pub fn parse_chat_messages(o: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
-    let msgs = match field(o, "messages") {
-        None => return Err(ApiError::param("messages", "'messages' is required: a list of {\"role\", \"content\"} objects")),
-        Some(Value::Array(a)) => a,
-        Some(v) => return Err(ApiError::param("messages", format!("'messages' must be a list, got {}", type_name(v)))),
-    };
-    if msgs.is_empty() {
-        return Err(ApiError::param("messages", "'messages' must not be empty"));
-    }
-    let mut out = Vec::with_capacity(msgs.len());
-    for (i, m) in msgs.iter().enumerate() {
-        let p = format!("messages[{i}]");
-        let Value::Object(m) = m else {
-            return Err(ApiError::param(&p, format!("{p} must be an object, got {}", type_name(m))));
-        };
-        let role = match m.get("role") {
-            Some(Value::String(r)) if !r.is_empty() => r.clone(),
-            Some(v) if !v.is_null() => return Err(ApiError::param(&format!("{p}.role"), format!("{p}.role must be a non-empty string, got {}", type_name(v)))),
-            _ => return Err(ApiError::param(&format!("{p}.role"), format!("{p} has no 'role'"))),
-        };
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            None | Some(Value::Null) if role == "assistant" => String::new(),
-            None | Some(Value::Null) => return Err(ApiError::param(&format!("{p}.content"), format!("{p} has no 'content'"))),
-            Some(Value::Array(parts)) => {
-                let mut s = String::new();
-                for (j, part) in parts.iter().enumerate() {
-                    let pp = format!("{p}.content[{j}]");
-                    match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                        (Some("text"), Some(Value::String(t))) => s.push_str(t),
-                        (Some("text"), _) => return Err(ApiError::param(&pp, format!("{pp} is a text part without a string 'text'"))),
-                        (Some(ty), _) => return Err(ApiError::param(&pp, format!("{pp} has type '{ty}'; only text content is supported"))),
-                        (None, _) => return Err(ApiError::param(&pp, format!("{pp} must be an object with a 'type'"))),
-                    }
-                }
-                s
-            }
-            Some(v) => return Err(ApiError::param(&format!("{p}.content"), format!("{p}.content must be a string or a list of text parts, got {}", type_name(v)))),
-        };
-        let mut tool_calls = Vec::new();
-        match field(m, "tool_calls") {
-            None => {}
-            Some(Value::Array(calls)) if role == "assistant" => {
-                for (j, c) in calls.iter().enumerate() {
-                    let pp = format!("{p}.tool_calls[{j}]");
-                    let bad = || {
-                        ApiError::param(
-                            &pp,
-                            format!("{pp} must be {{\"id\": string, \"type\": \"function\", \"function\": {{\"name\": string, \"arguments\": JSON text}}}}"),
-                        )
-                    };
-                    let id = c.get("id").and_then(Value::as_str).ok_or_else(bad)?;
-                    let f = c.get("function").ok_or_else(bad)?;
-                    let name = f.get("name").and_then(Value::as_str).ok_or_else(bad)?;
-                    let arguments = match f.get("arguments") {
-                        Some(Value::String(a)) if serde_json::from_str::<Value>(a).is_ok() => a.clone(),
-                        Some(Value::String(_)) => return Err(ApiError::param(&format!("{pp}.function.arguments"), format!("{pp}.function.arguments must be JSON text"))),
-                        // an object as some clients send it
-                        Some(v @ Value::Object(_)) => v.to_string(),
-                        _ => return Err(bad()),
-                    };
-                    tool_calls.push((id.to_string(), ToolCall { name: name.to_string(), arguments }));
-                }
-            }
-            Some(_) if role != "assistant" => {
-                return Err(ApiError::param(&format!("{p}.tool_calls"), format!("only assistant messages have tool_calls ({p} is '{role}')")))
-            }
-            Some(v) => return Err(ApiError::param(&format!("{p}.tool_calls"), format!("{p}.tool_calls must be a list, got {}", type_name(v)))),
-        }
-        let tool_call_id = match field(m, "tool_call_id") {
-            None if role == "tool" => return Err(ApiError::param(&format!("{p}.tool_call_id"), format!("{p} is a tool result without 'tool_call_id'"))),
-            None => None,
-            Some(Value::String(id)) => Some(id.clone()),
-            Some(v) => return Err(ApiError::param(&format!("{p}.tool_call_id"), format!("{p}.tool_call_id must be a string, got {}", type_name(v)))),
-        };
-        let role = if role == "developer" { "system".to_string() } else { role };
-        out.push(ChatMessage { role, content, tool_calls, tool_call_id });
-    }
-    Ok(out)
+/// The `messages` of a chat request (`prompt::parse_messages`, which the browser engine uses too).
+pub fn parse_chat_messages(o: &Map<String, Value>) -> Result<Vec<ChatTurn>, ApiError> {
+    Ok(prompt::parse_messages(o.get("messages"))?)
 }
 
-/// Most tools a request may offer.
-pub const MAX_TOOLS: usize = 128;
-
-/// `tools` ([{"type": "function", "function": {"name", "description", "parameters", "strict"}}]),
-/// `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}};
-/// "auto" by default when there are tools) and `parallel_tool_calls` (default true).
-pub fn parse_tools(o: &Map<String, Value>) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
-    let mut tools = Vec::new();
-    match field(o, "tools") {
-        None => {}
-        Some(Value::Array(list)) => {
-            if list.len() > MAX_TOOLS {
-                return Err(ApiError::param("tools", format!("at most {MAX_TOOLS} tools, got {}", list.len())));
-            }
-            for (i, t) in list.iter().enumerate() {
-                let p = format!("tools[{i}]");
-                if t.get("type").and_then(Value::as_str) != Some("function") {
-                    return Err(ApiError::param(&p, format!("{p} must be {{\"type\": \"function\", \"function\": {{...}}}}")));
-                }
-                let Some(Value::Object(f)) = t.get("function") else {
-                    return Err(ApiError::param(&format!("{p}.function"), format!("{p}.function must be an object")));
-                };
-                let name = match f.get("name") {
-                    Some(Value::String(n)) if tools::valid_name(n) => n.clone(),
-                    _ => return Err(ApiError::param(&format!("{p}.function.name"), format!("{p}.function.name must be 1 to 64 letters, digits, '_' or '-'"))),
-                };
-                if tools.iter().any(|t: &Tool| t.name == name) {
-                    return Err(ApiError::param(&format!("{p}.function.name"), format!("two tools are named '{name}'")));
-                }
-                let description = match field(f, "description") {
-                    None => None,
-                    Some(Value::String(d)) => Some(d.clone()),
-                    Some(v) => {
-                        return Err(ApiError::param(&format!("{p}.function.description"), format!("{p}.function.description must be a string, got {}", type_name(v))))
-                    }
-                };
-                let parameters = match field(f, "parameters") {
-                    None => json!({"type": "object", "properties": {}}),
-                    Some(v @ Value::Object(_)) => v.clone(),
-                    Some(v) => {
-                        return Err(ApiError::param(
-                            &format!("{p}.function.parameters"),
-                            format!("{p}.function.parameters must be a JSON schema object, got {}", type_name(v)),
-                        ))
-                    }
-                };
-                opt_bool(f, "strict").map_err(|e| e.with_param(&format!("{p}.function.strict")))?;
-                tools.push(Tool { name, description, parameters });
-            }
-        }
-        Some(v) => return Err(ApiError::param("tools", format!("'tools' must be a list, got {}", type_name(v)))),
-    }
-    let choice = match field(o, "tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-        Some(Value::String(c)) if c == "none" => ToolChoice::None,
-        Some(Value::String(c)) if c == "auto" => ToolChoice::Auto,
-        Some(Value::String(c)) if c == "required" => ToolChoice::Required,
-        Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
-            Some(n) if tools.iter().any(|t| t.name == n) => ToolChoice::Named(n.to_string()),
-            Some(n) => return Err(ApiError::param("tool_choice", format!("tool_choice names '{n}', which is not one of the tools"))),
-            None => {
-                return Err(ApiError::param(
-                    "tool_choice",
-                    "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                ))
-            }
-        },
-        Some(v) => {
-            return Err(ApiError::param("tool_choice", format!("tool_choice must be \"none\", \"auto\", \"required\" or a named function, got {v}")));
-        }
-    };
-    if tools.is_empty() && matches!(choice, ToolChoice::Auto | ToolChoice::Required) {
-        return Err(ApiError::param("tool_choice", "tool_choice asks for tool calls, but the request has no tools"));
-    }
-    let parallel = opt_bool(o, "parallel_tool_calls")?.unwrap_or(true);
-    Ok((tools, choice, parallel))
+/// `tools`, `tool_choice` and `parallel_tool_calls` (`ToolRequest::parse`, the browser's too).
+pub fn parse_tools(o: &Map<String, Value>) -> Result<ToolRequest, ApiError> {
+    Ok(ToolRequest::parse(o.get("tools"), o.get("tool_choice"), o.get("parallel_tool_calls"))?)
 }
 
 /// The `prompt` of a completions request.
@@ -683,6 +525,7 @@ pub fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
 mod tests {
     use super::*;
     use nomoat_runtime::chat::Message;
+    use nomoat_runtime::tools::ToolChoice;
 
     fn obj(s: &str) -> Map<String, Value> {
         parse_body(s.as_bytes()).unwrap()
@@ -756,12 +599,11 @@ mod tests {
             assert_eq!(parse_chat_messages(&obj(body)).unwrap_err().param.as_deref(), Some(param), "{body}");
         }
         let tool = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}"#;
-        let (tools, choice, parallel) = parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "parallel_tool_calls": false}}"#))).unwrap();
-        assert_eq!((tools.len(), choice, parallel), (1, ToolChoice::Auto, false));
-        let (_, choice, _) =
-            parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "get_weather"}}}}}}"#))).unwrap();
-        assert_eq!(choice, ToolChoice::Named("get_weather".into()));
-        assert_eq!(parse_tools(&obj("{}")).unwrap().1, ToolChoice::None);
+        let r = parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "parallel_tool_calls": false}}"#))).unwrap();
+        assert_eq!((r.tools.len(), r.choice, r.parallel), (1, ToolChoice::Auto, false));
+        let r = parse_tools(&obj(&format!(r#"{{"tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "get_weather"}}}}}}"#))).unwrap();
+        assert_eq!(r.choice, ToolChoice::Named("get_weather".into()));
+        assert_eq!(parse_tools(&obj("{}")).unwrap().choice, ToolChoice::None);
         for (body, needle) in [
             (format!(r#"{{"tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "nope"}}}}}}"#), "not one of the tools"),
             (r#"{"tool_choice": "required"}"#.to_string(), "no tools"),

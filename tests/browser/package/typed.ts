@@ -10,6 +10,8 @@ import type {
   FinetuneResult,
   LoadProgress,
   ModelInfo,
+  Tool,
+  ToolCall,
   NomoatError,
   NomoatErrorName,
   ReplyResult,
@@ -46,6 +48,12 @@ export async function everything(file: File, adapterFile: File, log: (line: stri
   const completion = engine.complete('Once upon a time', { maxTokens: 8, responseFormat: { type: 'json_object' } });
   await engine.stop();
   log(`${city.name} ${(await completion.result).text}`);
+
+  const tools: Tool[] = [{ type: 'function', function: { name: 'get_weather', description: 'Weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } } }];
+  const asked = await engine.chat(messages, { tools, toolChoice: { type: 'function', function: { name: 'get_weather' } }, parallelToolCalls: false }).result;
+  const calls: ToolCall[] = asked.tool_calls ?? [];
+  const answered: ChatMessage[] = [...messages, { role: 'assistant', content: null, tool_calls: calls }, ...calls.map((c): ChatMessage => ({ role: 'tool', tool_call_id: c.id, content: `sunny in ${JSON.parse(c.function.arguments).city}` }))];
+  log((await engine.chat(answered, { tools, toolChoice: 'none' }).result).text);
 
   const logits: Float32Array = await engine.logits([1, 2, 3], { reusePrefix: true });
   const prompt: string = await engine.render(messages);
@@ -84,6 +92,8 @@ export async function everything(file: File, adapterFile: File, log: (line: stri
   engine.chat(messages, { responseFormat: { type: 'xml' } });
   // @ts-expect-error: options are camelCase, as in nomoat.js
   engine.chat(messages, { max_tokens: 5 });
+  // @ts-expect-error: a tool is {type: 'function', function: {...}}
+  engine.chat(messages, { tools: [{ name: 'get_weather' }] });
   // @ts-expect-error: a cache report has no byte counts
   engine.loadUrl('m.gguf', { onProgress: ({ done }: LoadProgress) => log(String(done)) });
   // @ts-expect-error: kv is f16 or f32
