@@ -163,6 +163,34 @@ fn smollm2_eight_sequences_together_decode_as_alone() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The same with a q8_0 cache (`--kv q8_0`): every attention kernel reads the int8 blocks of
+/// real keys and values, each sequence in its own slot; a row quantizes the same whether its
+/// token came alone or with others, so the tokens agree as the f16 cache's do.
+#[test]
+fn smollm2_q8_0_cache_sequences_together_decode_as_alone() {
+    let gpu = variants().last().unwrap();
+    let model = load(&model_path(SMOLLM2), gpu);
+    let mut p = prompts(&[5, 40, 17, 90, 2, 33, 9], model.config.n_vocab, 17);
+    p.push(p[1].clone());
+    let plan = [(16, 0), (12, 0), (16, 0), (10, 0), (16, 4), (8, 0), (14, 0), (12, 2)];
+    let seqs: Vec<Seq> = p.into_iter().zip(plan).map(|(prompt, (n_gen, joins_at))| Seq { prompt, n_gen, joins_at }).collect();
+    let a: Vec<Trace> = seqs.iter().map(|q| alone(&model, gpu, KvType::Q8_0, 256, q)).collect();
+    let t = together(&model, gpu, KvType::Q8_0, 256, &seqs);
+    let failures = compare("SmolLM2 q8_0", &a, &t, 0.5);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A q8_0 cache needs heads of a multiple of 32 (the tiny models' are 16): refused with the
+/// reason and the way out, not run.
+#[test]
+fn q8_0_cache_refuses_heads_it_cannot_hold() {
+    let gpu = variants().last().unwrap();
+    let model = load(&tiny("llama-tiny.gguf"), gpu);
+    let err = pollster::block_on(Session::new(&model, gpu, 64, KvType::Q8_0, false)).err().expect("a q8_0 cache of 16-wide heads").to_string();
+    assert!(err.contains("q8_0") && err.contains("--kv f16"), "{err}");
+    assert!(pollster::block_on(Session::new(&model, gpu, 64, KvType::F16, false)).is_ok());
+}
+
 /// Bad steps are refused with a reason, not run.
 #[test]
 fn bad_steps_are_refused() {
