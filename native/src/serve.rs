@@ -719,6 +719,9 @@ async fn complete(s: Shared, kind: Kind, headers: &HeaderMap, body: Body) -> Res
 fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(Common, Vec<u32>, Guide, bool), ApiError> {
     let o = api::parse_body(body)?;
     let common = api::parse_common(&o, &s.info.sampling, random_seed)?;
+    if kind == Kind::Chat && common.logprobs_count {
+        return Err(ApiError::param("logprobs", "'logprobs' must be a boolean on /v1/chat/completions (with top_logprobs for the count)"));
+    }
     let mut guide = Guide { logit_bias: api::parse_logit_bias(&o, s.info.n_vocab)?, top_logprobs: common.logprobs, ..Guide::default() };
     let constrainer = |param: &str| s.constrainer.as_ref().map_err(|e| ApiError::param(param, e.clone()));
     let format = api::parse_response_format(&o)?;
@@ -811,7 +814,7 @@ async fn collect_response(
         match ev {
             Event::Text(t) => text.push_str(&t),
             Event::Done(Outcome { completion_tokens, cached_tokens, finish, logprobs: entries }) => {
-                let lp = logprobs.as_ref().map_or(Value::Null, |tok| api::logprobs_json(tok, &entries));
+                let lp = logprobs.as_ref().map_or(Value::Null, |tok| api::logprobs_json(meta.kind, tok, &entries));
                 let usage = api::Usage { prompt: prompt_tokens, cached: cached_tokens, completion: completion_tokens };
                 if let Some((content, calls)) = calls.as_ref().and_then(|c| c.read(&text)) {
                     return Ok(Json(meta.tool_response(content.as_deref(), &calls, usage, lp)).into_response());
@@ -899,7 +902,7 @@ fn stream_response(
                     }
                     let mut c = st.meta.chunk(None, false, Some(finish), st.include_usage);
                     if let Some(tok) = &st.logprobs {
-                        c["choices"][0]["logprobs"] = api::logprobs_json(tok, &o.logprobs);
+                        c["choices"][0]["logprobs"] = api::logprobs_json(st.meta.kind, tok, &o.logprobs);
                     }
                     st.pending.push_back(data(&c));
                     if st.include_usage {

@@ -1,9 +1,8 @@
 //! Structured output through `nomoat serve` (issue #18): `response_format` json_object and
 //! json_schema sampled at temperature 1.0, every reply validated by Python's `jsonschema`;
-//! `seed` reproducible under a schema; `logit_bias`; `logprobs`; OpenAI-style 400s for schemas
-//! that cannot be used; tools through the generic prompt; then `client.chat.completions.parse`
-//! with a pydantic model
-//! (tests/server/structured_test.py). One server (SmolLM2 135M) serves every step.
+//! `seed` reproducible under a schema; `logit_bias`; `logprobs` (chat's and /v1/completions');
+//! OpenAI-style 400s for schemas that cannot be used; tools through the generic prompt; then
+//! `client.chat.completions.parse` with a pydantic model (tests/server/structured_test.py). One server (SmolLM2 135M) serves every step.
 
 #[allow(dead_code)] // the other server tests use the rest
 mod common;
@@ -36,8 +35,12 @@ impl Server {
     }
 
     fn post_raw(&self, body: &Value) -> (u16, String) {
+        self.post_to("/v1/chat/completions", body)
+    }
+
+    fn post_to(&self, path: &str, body: &Value) -> (u16, String) {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(240)).build();
-        match agent.post(&self.url("/v1/chat/completions")).set("Content-Type", "application/json").send_string(&body.to_string()) {
+        match agent.post(&self.url(path)).set("Content-Type", "application/json").send_string(&body.to_string()) {
             Ok(r) => (r.status(), r.into_string().unwrap()),
             Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
             Err(e) => panic!("request failed: {e}\nserver log:\n{}", self.log.lock().unwrap()),
@@ -266,6 +269,32 @@ fn structured_output_through_the_server() {
         assert_eq!(&last["choices"][0]["logprobs"]["content"], &r["choices"][0]["logprobs"]["content"], "streamed logprobs differ");
     }
     s.refused(&ask("Hi", json!({"type": "text"}), json!({"top_logprobs": 2})), "top_logprobs", "logprobs");
+    s.refused(&ask("Hi", json!({"type": "text"}), json!({"logprobs": 2})), "logprobs", "boolean");
+    // /v1/completions' form: a count; parallel lists; greedy picks its own best; streamed, the same
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3});
+    let (status, text) = s.post_to("/v1/completions", &body);
+    assert_eq!(status, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap_or_else(|| panic!("{r}")).iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap(), "{r}");
+    assert_eq!(tokens.concat(), r["choices"][0]["text"].as_str().unwrap(), "{r}");
+    let mut at = 0;
+    for (i, token) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][i].as_u64(), Some(at), "{r}");
+        at += token.len() as u64;
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3 && chosen <= 0.0, "{r}");
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!((best - chosen).abs() < 1e-5 && top.get(*token).is_some(), "greedy: the best of {top:?} is {token:?} at {chosen}");
+    }
+    let (status, sse) = s.post_to("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3, "stream": true}));
+    assert_eq!(status, 200);
+    let last = sse.lines().filter_map(|l| l.strip_prefix("data: ")).rfind(|d| *d != "[DONE]").unwrap();
+    assert_eq!(&serde_json::from_str::<Value>(last).unwrap()["choices"][0]["logprobs"], lp, "streamed logprobs differ");
+    let (status, text) = s.post_to("/v1/completions", &json!({"prompt": "Hi", "logprobs": 21}));
+    assert!(status == 400 && text.contains("0 to 20"), "{text}");
     step("logprobs", t);
 
     // ---- tools on a template without tool support (SmolLM2's): the generic tool prompt, calls

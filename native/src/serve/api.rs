@@ -138,6 +138,8 @@ pub struct Common {
     pub adapters: Option<Vec<(String, f32)>>,
     /// `logprobs` asked for, with this many `top_logprobs`.
     pub logprobs: Option<usize>,
+    /// `logprobs` came as a count (the completions form), not a boolean (chat's).
+    pub logprobs_count: bool,
 }
 
 pub const MAX_STOPS: usize = 16;
@@ -174,21 +176,23 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
             return Err(ApiError::param("best_of", format!("only best_of = 1 is supported, got {n}")));
         }
     }
-    // chat's logprobs (a boolean) with top_logprobs; the completions form (a count) is not
-    // supported
-    let logprobs = match field(o, "logprobs") {
-        None | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) => true,
-        Some(Value::Number(n)) if n.as_u64() == Some(0) => false,
-        Some(Value::Number(_)) => return Err(ApiError::param("logprobs", "logprobs on /v1/completions are not supported; /v1/chat/completions has them")),
+    // chat's logprobs (a boolean) with top_logprobs, or the completions form: a count of the
+    // most likely tokens to list (0 to 20; OpenAI allows 5, llama.cpp more)
+    let (logprobs, logprobs_count) = match field(o, "logprobs") {
+        None | Some(Value::Bool(false)) => (None, false),
+        Some(Value::Bool(true)) => (Some(0), false),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(k @ 0..=20) => (Some(k as usize), true),
+            _ => return Err(ApiError::param("logprobs", format!("'logprobs' must be true or false, or on /v1/completions a count from 0 to 20; got {n}"))),
+        },
         Some(v) => return Err(ApiError::param("logprobs", format!("'logprobs' must be a boolean, got {}", type_name(v)))),
     };
-    let top_logprobs = match opt_int(o, "top_logprobs")? {
+    let logprobs = match opt_int(o, "top_logprobs")? {
         Some(n) if !(0..=20).contains(&n) => return Err(ApiError::param("top_logprobs", format!("'top_logprobs' must be from 0 to 20, got {n}"))),
-        Some(_) if !logprobs => return Err(ApiError::param("top_logprobs", "'top_logprobs' needs 'logprobs': true")),
-        n => n.unwrap_or(0) as usize,
+        Some(_) if logprobs.is_none() || logprobs_count => return Err(ApiError::param("top_logprobs", "'top_logprobs' needs 'logprobs': true")),
+        Some(n) => Some(n as usize),
+        None => logprobs,
     };
-    let logprobs = logprobs.then_some(top_logprobs);
     let mut sampler = SamplerConfig { seed: random_seed, ..defaults.clone() };
     if let Some(t) = opt_f32(o, "temperature")? {
         sampler.temperature = t;
@@ -263,7 +267,7 @@ pub fn parse_common(o: &Map<String, Value>, defaults: &SamplerConfig, random_see
         }
         Some(v) => return Err(ApiError::param("adapters", format!("'adapters' must be a list, got {}", type_name(v)))),
     };
-    Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters, logprobs })
+    Ok(Common { max_tokens, max_tokens_param, sampler, stop, stream, include_usage, adapters, logprobs, logprobs_count })
 }
 
 /// `response_format` as a grammar (`Grammar::from_response_format`, which the browser engine
@@ -371,10 +375,28 @@ pub fn check_completion_extras(o: &Map<String, Value>) -> Result<(), ApiError> {
 
 /// Chat's `logprobs` object: per token its text, log-probability, UTF-8 bytes and the most
 /// likely tokens'.
-pub fn logprobs_json(tok: &nomoat_runtime::tokenizer::Tokenizer, entries: &[nomoat_runtime::constrain::TokenLogprob]) -> Value {
+pub fn logprobs_json(kind: Kind, tok: &nomoat_runtime::tokenizer::Tokenizer, entries: &[nomoat_runtime::constrain::TokenLogprob]) -> Value {
+    let finite = |lp: f32| if lp.is_finite() { json!(lp) } else { json!(-9999.0) };
+    if kind == Kind::Completion {
+        // the completions form: parallel lists; text_offset in UTF-8 bytes from the completion's start
+        let text = |id: u32| String::from_utf8_lossy(&tok.token_bytes(id)).into_owned();
+        let mut offset = 0;
+        let mut offsets = Vec::with_capacity(entries.len());
+        for e in entries {
+            offsets.push(offset);
+            offset += tok.token_bytes(e.id).len();
+        }
+        let top: Vec<Value> = entries.iter().map(|e| Value::Object(e.top.iter().map(|&(id, lp)| (text(id), finite(lp))).collect())).collect();
+        return json!({
+            "tokens": entries.iter().map(|e| text(e.id)).collect::<Vec<_>>(),
+            "token_logprobs": entries.iter().map(|e| finite(e.logprob)).collect::<Vec<_>>(),
+            "top_logprobs": if entries.iter().all(|e| e.top.is_empty()) { Value::Null } else { Value::Array(top) },
+            "text_offset": offsets,
+        });
+    }
     let one = |id: u32, lp: f32| {
         let bytes = tok.token_bytes(id);
-        json!({"token": String::from_utf8_lossy(&bytes), "logprob": if lp.is_finite() { json!(lp) } else { json!(-9999.0) }, "bytes": bytes})
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": finite(lp), "bytes": bytes})
     };
     let content: Vec<Value> = entries
         .iter()
@@ -444,7 +466,7 @@ impl Meta {
                 "chat.completion",
                 json!([{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": logprobs, "finish_reason": finish}]),
             ),
-            Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}])),
+            Kind::Completion => self.base("text_completion", json!([{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}])),
         };
         v["usage"] = usage.json();
         v
@@ -563,7 +585,7 @@ mod tests {
             (r#"{"stream": "yes"}"#, "stream"),
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"temperature": -1}"#, "temperature"),
-            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"logprobs": 21}"#, "logprobs"),
             (r#"{"top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
             (r#"{"seed": "x"}"#, "seed"),
