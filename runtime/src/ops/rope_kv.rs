@@ -331,3 +331,23 @@ impl Recorder<'_> {
         self.rope_kv(q, k, v, k_cache, v_cache, n_kv_head, kv, a).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KvType;
+
+    #[test]
+    fn kv_types_by_name_size_and_rows() {
+        for t in KvType::ALL {
+            assert_eq!(KvType::parse(t.name()), Ok(t));
+        }
+        let err = KvType::parse("q8").unwrap_err();
+        assert!(err.contains("\"q8\"") && err.contains("q8_0"), "{err}");
+        // SmolLM2's row (3 kv heads of 64): q8_0 is 34 bytes a block of 32, 53% of f16
+        assert_eq!((KvType::F32.row_bytes(192), KvType::F16.row_bytes(192), KvType::Q8_0.row_bytes(192)), (768, 384, 204));
+        assert!(KvType::Q8_0.check_row(3, 64).is_ok() && KvType::Q8_0.check_row(1, 256).is_ok() && KvType::Q8_0.check_row(2, 32).is_ok());
+        // a block straddling heads (48), a scale word shared by two rows (one head of 32)
+        assert!(KvType::Q8_0.check_row(4, 48).is_err() && KvType::Q8_0.check_row(1, 32).is_err());
+        assert!(KvType::F16.check_row(3, 6).is_ok());
+    }
+}
