@@ -10,8 +10,8 @@ use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::model::Model;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::train::data::{read_jsonl, DataOptions, Example};
-use nomoat_runtime::train::run::{context_of, memory_needed, Run, RunOptions};
-use nomoat_runtime::train::step::{Trainer, TARGETS};
+use nomoat_runtime::train::run::{context_of, memory_needed, Resumed, Run, RunOptions};
+use nomoat_runtime::train::step::TARGETS;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -90,14 +90,27 @@ fn read_data(path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>, opts
     Ok(set.examples)
 }
 
-fn save(trainer: &Trainer, path: &Path) -> Result<()> {
-    let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-    let bytes = pollster::block_on(trainer.adapter_gguf(&name))?;
-    // written beside and renamed, so an interrupted write never leaves a broken adapter
-    let tmp = path.with_extension("gguf.partial");
+/// Where a checkpoint's training state goes: beside the adapter, `NAME.state.gguf`.
+fn state_path(adapter: &Path) -> PathBuf {
+    adapter.with_extension("state.gguf")
+}
+
+/// Writes `bytes` to `path` through a file beside it, renamed: an interrupted write never
+/// leaves a broken file.
+fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// A checkpoint: the adapter, and beside it the run's state (the optimizer's moments, the
+/// step) for `--resume` to go on exactly; the state names the factors it belongs with.
+fn save(run: &Run, path: &Path) -> Result<()> {
+    let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+    write_whole(path, &pollster::block_on(run.trainer.adapter_gguf(&name))?)?;
+    write_whole(&state_path(path), &pollster::block_on(run.state_gguf())?)
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
@@ -157,6 +170,17 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if let Some(r) = &a.resume {
         let (g, mut f) = open_gguf(r)?;
         pollster::block_on(run.trainer.load_factors(&g, &mut f)).with_context(|| format!("resuming from {}", r.display()))?;
+        let state = state_path(r);
+        if state.exists() {
+            let (g, mut f) = open_gguf(&state)?;
+            match pollster::block_on(run.resume_state(&g, &mut f)) {
+                Ok(Resumed::Exactly { step }) => eprintln!("resuming at step {step} of {} with the optimizer's state ({})", run.total, state.display()),
+                Ok(Resumed::NewSchedule { why }) => eprintln!("resuming with the optimizer's state on a new schedule from step 0 ({why})"),
+                Err(e) => eprintln!("note: {} is not used ({e}): resuming from the adapter's factors alone", state.display()),
+            }
+        } else {
+            eprintln!("note: no {} beside the adapter: resuming from its factors with a new optimizer state", state.display());
+        }
     }
     eprintln!(
         "training {} adapters of rank {} (alpha {}) on {}: {} steps of ~{} tokens",
@@ -201,13 +225,13 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             }
         }
         if a.save_every.is_some_and(|n| n > 0 && p.step.is_multiple_of(n)) {
-            save(&run.trainer, &a.output)?;
+            save(&run, &a.output)?;
         }
     }
     if !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
-    save(&run.trainer, &a.output)?;
+    save(&run, &a.output)?;
     for k in gpu.take_profile().iter().take(15) {
         eprintln!("{:>8.3} s {:>7} calls  {}", k.seconds, k.calls, k.kernel);
     }

@@ -192,3 +192,98 @@ fn finetune_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint() {
     continuation(&model, "The capital of Zorbia is", Some(out_s));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Ctrl-C saves a checkpoint with the run's state (AdamW's moments, the step) beside the
+/// adapter; `--resume` goes on from it with the losses and the final adapter of the run that
+/// was never stopped. Without the state (or with another checkpoint's) it says so and starts
+/// a new schedule from the factors.
+#[test]
+fn an_interrupted_run_resumes_exactly_where_it_stopped() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("resume");
+    let model = tiny("llama-tiny.gguf");
+    let data = write(
+        &dir,
+        "train.jsonl",
+        &"{\"prompt\": \"The secret word is\", \"completion\": \" pineapple pineapple\"}\n{\"prompt\": \"Zorbia's capital is\", \"completion\": \" Quxville.\"}\n"
+            .repeat(3),
+    );
+    let args = |out: &Path| -> Vec<String> {
+        ["finetune", "-m", &model, "--data", &data, "-o", out.to_str().unwrap(), "--steps", "14", "--lr", "5e-3", "--batch-tokens", "24", "--seed", "3", "--json"]
+            .map(String::from)
+            .to_vec()
+    };
+    let losses = |stdout: &str| -> Vec<(u64, f64)> {
+        stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())).collect()
+    };
+    // the run never stopped
+    let whole = dir.join("whole.gguf");
+    let (ok, stdout, err) = nomoat(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let straight = losses(&stdout);
+    assert_eq!(straight.len(), 14);
+    // the same run, Ctrl-C after step 5 is reported (it stops after the step in flight)
+    let cut = dir.join("cut.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nomoat"))
+        .args(args(&cut))
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut before = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        before.push(line.clone());
+        if before.len() == 5 {
+            Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("interrupted: saving"), "{err}");
+    let stopped = losses(&before.join("\n"));
+    let at = stopped.len();
+    assert!((5..14).contains(&at), "stopped after {at} steps");
+    assert_eq!(stopped, straight[..at], "the same seed, the same first steps");
+    assert!(dir.join("cut.state.gguf").exists());
+    // --resume: the steps after the cut are the uninterrupted run's
+    let resumed_out = dir.join("resumed.gguf");
+    let mut resume = args(&resumed_out);
+    resume.extend(["--resume".into(), cut.to_str().unwrap().into()]);
+    let (ok, stdout, err) = nomoat(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && err.contains(&format!("resuming at step {at} of 14 with the optimizer's state")), "{err}");
+    let rest = losses(&stdout);
+    assert_eq!(rest.iter().map(|r| r.0).collect::<Vec<_>>(), (at as u64 + 1..=14).collect::<Vec<_>>());
+    for ((step, got), (_, want)) in rest.iter().zip(&straight[at..]) {
+        assert!((got - want).abs() <= 1e-5 * want.abs(), "step {step}: {got} resumed, {want} uninterrupted");
+    }
+    let tensors = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let g = nomoat_runtime::gguf::Gguf::parse(&bytes).unwrap();
+        g.tensors
+            .iter()
+            .map(|t| {
+                let r = g.tensor_data_range(t);
+                (t.name.clone(), bytes[r.start as usize..r.end as usize].to_vec())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (tensors(&whole), tensors(&resumed_out));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let f32s = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>();
+        let (x, y) = (f32s(x), f32s(y));
+        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: the resumed adapter differs by {worst}");
+    }
+    // another checkpoint's state is not used; no state: a new optimizer state
+    std::fs::copy(dir.join("whole.state.gguf"), dir.join("cut.state.gguf")).unwrap();
+    let (ok, _, err) = nomoat(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && err.contains("is not used") && err.contains("another checkpoint"), "{err}");
+    std::fs::remove_file(dir.join("cut.state.gguf")).unwrap();
+    let (ok, stdout, err) = nomoat(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && err.contains("no ") && err.contains("new optimizer state"), "{err}");
+    assert_eq!(losses(&stdout).len(), 14, "a new schedule: all its steps");
+    std::fs::remove_dir_all(&dir).ok();
+}

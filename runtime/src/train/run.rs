@@ -5,8 +5,9 @@
 //! peak). Examples come in a new seeded order each pass. Timing is the caller's: this module
 //! has no clock, so it runs the same in a tab.
 
-use crate::device::Gpu;
-use crate::error::ModelError;
+use crate::device::{Gpu, GpuError};
+use crate::error::{ByteSource, ModelError};
+use crate::gguf::{Gguf, GgufWriter};
 use crate::model::Model;
 use crate::reference::AdamW;
 use crate::rng::Rng;
@@ -98,6 +99,29 @@ pub struct Run<'m> {
     /// A step's tokens: `batch_tokens`, or one pass over a smaller data set (so an epoch of
     /// a few examples is one step, not many passes).
     batch: usize,
+    /// AdamW steps the factors had taken before this run's first (a resumed optimizer state
+    /// under a new schedule): the moments' bias correction counts them.
+    adam_before: u32,
+}
+
+/// `general.type` of a run's state file.
+pub const STATE_TYPE: &str = "nomoat.lora_training_state";
+
+/// How [`Run::resume_state`] went on from a saved state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resumed {
+    /// At this step of the same schedule and data order with the optimizer's moments: the
+    /// steps that follow are those the run would have taken had it not stopped.
+    Exactly {
+        /// Steps already taken.
+        step: u32,
+    },
+    /// The optimizer's moments kept, a new schedule from step 0: the run's steps, seed, data
+    /// or step size differ from the saved one's (which, said here).
+    NewSchedule {
+        /// What differs.
+        why: String,
+    },
 }
 
 impl<'m> Run<'m> {
@@ -133,7 +157,104 @@ impl<'m> Run<'m> {
             opts,
             tokens: 0,
             batch,
+            adam_before: 0,
         })
+    }
+
+    /// What identifies the run's schedule and data order: its steps, seed, examples, their
+    /// tokens and a step's tokens.
+    fn schedule_keys(&self) -> [(&'static str, u64); 5] {
+        [
+            ("training.total", self.total as u64),
+            ("training.seed", self.opts.seed),
+            ("training.examples", self.train.len() as u64),
+            ("training.example_tokens", self.train.iter().map(|e| e.ids.len() as u64).sum()),
+            ("training.batch_tokens", self.batch as u64),
+        ]
+    }
+
+    /// A digest of the factors as they are on the GPU (FNV-1a over their f32 bytes, pairs in
+    /// name order): tells a state file from another checkpoint's.
+    async fn factors_digest(&self) -> Result<u64, GpuError> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for p in self.trainer.pairs.values() {
+            for m in [&p.a, &p.b] {
+                for x in self.trainer.gpu.read_f32(&m.chunks[0].buffer, 0, (m.n_rows * m.k) as usize).await? {
+                    for b in x.to_le_bytes() {
+                        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+                    }
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// The run's state, kept beside its adapter so that [`Run::resume_state`] can go on where
+    /// it stopped: a GGUF (`general.type` [`STATE_TYPE`]) with the step, what identifies the
+    /// schedule and data order, a digest of the factors it belongs with, and AdamW's moments.
+    /// (llama.cpp refuses unknown tensors in an adapter, hence a file of its own.)
+    pub async fn state_gguf(&self) -> Result<Vec<u8>, GpuError> {
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.type", STATE_TYPE);
+        w.add_metadata("general.architecture", self.trainer.model.config.arch_name.as_str());
+        w.add_metadata("training.step", self.step);
+        w.add_metadata("training.adam_step", self.adam_before + self.step);
+        w.add_metadata("training.rank", self.opts.rank);
+        w.add_metadata("training.factors_digest", self.factors_digest().await?);
+        for (k, v) in self.schedule_keys() {
+            w.add_metadata(k, v);
+        }
+        self.trainer.write_moments(&mut w).await?;
+        Ok(w.to_bytes())
+    }
+
+    /// Goes on from a state [`Run::state_gguf`] wrote, after the factors it belongs with were
+    /// loaded (`Trainer::load_factors`). The same schedule and data: exactly where it stopped;
+    /// otherwise the moments under a new schedule. A state of another model, rank or targets,
+    /// or of other factors (another checkpoint's), is an error and changes nothing.
+    pub async fn resume_state<S: ByteSource>(&mut self, g: &Gguf, src: &mut S) -> Result<Resumed, ModelError> {
+        let arch = self.trainer.model.config.arch_name.as_str();
+        if g.get_str_opt("general.type")? != Some(STATE_TYPE) || g.get_str_opt("general.architecture")? != Some(arch) {
+            return Err(ModelError::Invalid(format!("not the training state of a LoRA run on a {arch} model")));
+        }
+        let rank = g.get_u32("training.rank")?;
+        if rank != self.opts.rank {
+            return Err(ModelError::Invalid(format!("a state of rank {rank}, not {}", self.opts.rank)));
+        }
+        if g.get_u64("training.factors_digest")? != self.factors_digest().await? {
+            return Err(ModelError::Invalid("a state saved with other factors than the adapter's (another checkpoint's)".into()));
+        }
+        let (step, adam_step) = (g.get_u32("training.step")?, g.get_u32("training.adam_step")?);
+        if step > adam_step {
+            return Err(ModelError::Invalid(format!("a state at step {step} of {adam_step} optimizer steps")));
+        }
+        self.trainer.load_moments(g, src).await?;
+        let mut differ = Vec::new();
+        for (k, v) in self.schedule_keys() {
+            let saved = g.get_u64(k)?;
+            if saved != v {
+                differ.push(format!("{} {saved} → {v}", k.trim_start_matches("training.")));
+            }
+        }
+        if step > self.total {
+            differ.push(format!("step {step} is past the run's {}", self.total));
+        }
+        if !differ.is_empty() {
+            self.adam_before = adam_step;
+            return Ok(Resumed::NewSchedule { why: differ.join(", ") });
+        }
+        // the data order and token count of the steps taken, replayed without running them
+        for _ in 0..step {
+            let mut tokens = 0;
+            while tokens < self.batch {
+                let i = self.next_example();
+                tokens += self.train[i].ids.len();
+            }
+            self.tokens += tokens;
+        }
+        self.step = step;
+        self.adam_before = adam_step - step;
+        Ok(Resumed::Exactly { step })
     }
 
     /// Tokens a step accumulates its gradient over (about: whole examples).
@@ -182,7 +303,7 @@ impl<'m> Run<'m> {
         let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
         let lr = learning_rate(self.step, self.total, self.warmup, self.opts.lr);
         self.step += 1;
-        let h = AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: self.step };
+        let h = AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: self.adam_before + self.step };
         self.trainer.optimizer_step(h, (clip * per_token) as f32).await?;
         self.tokens += tokens;
         let every = self.opts.valid_every;

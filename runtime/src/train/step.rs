@@ -31,6 +31,9 @@ pub const TARGETS: [(&str, &str); 7] =
 /// Rows of the output head's logits computed at a time (their gradient is as large).
 const HEAD_ROWS: u32 = 64;
 
+/// The names of a pair's moment tensors, in the order of `TrainPair::moments`.
+const MOMENTS: [&str; 4] = ["adam_m_a", "adam_v_a", "adam_m_b", "adam_v_b"];
+
 /// One trained factor pair of a projection W: `[n_out][k]`: A `[rank][k]`, B `[n_out][rank]` (f32,
 /// each one GPU buffer, the matrix the forward pass multiplies), and their gradients.
 pub struct TrainPair {
@@ -381,6 +384,46 @@ impl<'m> Trainer<'m> {
             w.add_tensor(format!("{base}.lora_b"), &[p.rank as u64, p.b.n_rows as u64], GgmlType::F32, bytemuck::cast_slice(&b).to_vec());
         }
         Ok(w.to_bytes())
+    }
+
+    /// AdamW's moments of every pair as f32 tensors `<base>.adam_m_a`, `.adam_v_a`,
+    /// `.adam_m_b` and `.adam_v_b` (A's shape, then B's), added to `w`.
+    pub async fn write_moments(&self, w: &mut crate::gguf::GgufWriter) -> Result<(), GpuError> {
+        for (base, p) in &self.pairs {
+            let sizes = [p.a.n_rows * p.a.k, p.a.n_rows * p.a.k, p.b.n_rows * p.b.k, p.b.n_rows * p.b.k];
+            for ((buffer, n), suffix) in p.moments.iter().zip(sizes).zip(MOMENTS) {
+                let values = self.gpu.read_f32(buffer, 0, n as usize).await?;
+                w.add_tensor(format!("{base}.{suffix}"), &[n as u64], GgmlType::F32, bytemuck::cast_slice(&values).to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes AdamW's moments back from what [`Trainer::write_moments`] wrote for a run of the
+    /// same targets and rank; a tensor missing or of another size is an error naming it.
+    pub async fn load_moments<S: ByteSource>(&self, g: &Gguf, src: &mut S) -> Result<(), ModelError> {
+        let mut values = Vec::with_capacity(4 * self.pairs.len());
+        for (base, p) in &self.pairs {
+            let sizes = [p.a.n_rows * p.a.k, p.a.n_rows * p.a.k, p.b.n_rows * p.b.k, p.b.n_rows * p.b.k];
+            for (n, suffix) in sizes.into_iter().zip(MOMENTS) {
+                let name = format!("{base}.{suffix}");
+                let t = g.tensor(&name).ok_or_else(|| ModelError::Invalid(format!("no tensor {name} (other targets?)")))?;
+                if t.ty != GgmlType::F32 || t.dims.iter().product::<u64>() != n as u64 {
+                    return Err(ModelError::Invalid(format!("{name} is {} {:?}, not {n} f32 values (another rank?)", t.ty, t.dims)));
+                }
+                let bytes = read_tensor(g, src, t).await.map_err(ModelError::Io)?;
+                let v: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(ModelError::Invalid(format!("{name} holds values that are not finite")));
+                }
+                values.push(v);
+            }
+        }
+        // only once every tensor is read and checked: an error changes nothing
+        for (buffer, v) in self.pairs.values().flat_map(|p| &p.moments).zip(&values) {
+            self.gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(v));
+        }
+        Ok(())
     }
 
     /// Sets a pair's factors (tests start from nonzero B), A: `[rank][k]`, B: `[n_out][rank]`.
