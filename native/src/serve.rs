@@ -23,6 +23,7 @@ mod api;
 mod engine;
 mod metrics;
 mod parallel;
+mod slots;
 
 use crate::ModelArgs;
 use anyhow::{Context, Result};
@@ -84,7 +85,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// Requests decoded together, each in its own slot of the KV cache (1..=16; each slot
-    /// holds --ctx-size tokens); more wait in the queue. Default: $NOMOAT_PARALLEL, else 1.
+    /// holds --ctx-size tokens); more wait in the queue. Default: $NOMOAT_PARALLEL, else as
+    /// many as pay on the device (4 on lavapipe, 8 on a GPU) whose KV caches fit the memory
+    /// (printed at start)
     #[arg(long)]
     pub parallel: Option<usize>,
     /// Most tokens one request may generate (0 = until the context is full); a larger
@@ -185,18 +188,19 @@ fn check_args(a: &ServeArgs) -> Result<()> {
         anyhow::ensure!(!h.is_empty() && !h.contains(['/', ' ', '*']), "--allowed-host {h:?}: give a host name, or NAME:PORT");
     }
     let most = nomoat_runtime::ops::MAX_SEQ_ROWS;
-    let n = parallel(a)?;
-    anyhow::ensure!((1..=most).contains(&n), "--parallel {n}: give 1 to {most} requests decoded together");
+    if let Some(n) = parallel(a)? {
+        anyhow::ensure!((1..=most).contains(&n), "--parallel {n}: give 1 to {most} requests decoded together");
+    }
     Ok(())
 }
 
 /// Requests decoded together: --parallel, else $NOMOAT_PARALLEL (which lets the server test
-/// suites run unchanged with several slots), else 1.
-fn parallel(a: &ServeArgs) -> Result<usize> {
+/// suites run with a given number of slots), else None: the engine chooses from the device.
+fn parallel(a: &ServeArgs) -> Result<Option<usize>> {
     match (a.parallel, std::env::var("NOMOAT_PARALLEL")) {
-        (Some(n), _) => Ok(n),
-        (None, Ok(v)) => v.trim().parse().map_err(|_| anyhow::anyhow!("NOMOAT_PARALLEL={v:?} is not a number")),
-        (None, Err(_)) => Ok(1),
+        (Some(n), _) => Ok(Some(n)),
+        (None, Ok(v)) => v.trim().parse().map(Some).map_err(|_| anyhow::anyhow!("NOMOAT_PARALLEL={v:?} is not a number")),
+        (None, Err(_)) => Ok(None),
     }
 }
 
@@ -249,6 +253,10 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         eprintln!("nomoat serve: {model_id} on {device}, context {n_ctx} tokens");
+        match &state.info.slots_why {
+            Some(why) => eprintln!("nomoat serve: decoding up to {} requests together (--parallel {0}: {why})", state.info.slots),
+            None => eprintln!("nomoat serve: decoding up to {} requests together", state.info.slots),
+        }
         eprintln!("nomoat serve: listening on http://{addr}{}", if state.api_key.is_some() { " (API key required)" } else { "" });
         let www = if a.no_www { None } else { www_dir(a.www.clone())? };
         match &www {

@@ -177,3 +177,44 @@ fn parallel_out_of_range_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--parallel 17"), "{err}");
 }
+
+/// Without --parallel (or NOMOAT_PARALLEL) the server chooses: as many slots as pay on the
+/// device (4 on lavapipe, where these tests run), fewer when their KV caches do not fit a
+/// quarter of what --max-gpu-memory leaves; it says so at start, and /metrics agrees.
+#[test]
+fn the_default_slot_count_is_chosen_from_the_device_and_memory() {
+    let start = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nomoat"));
+        cmd.args(["serve", "--port", "0", "-c", "512", "--no-www", "-m"])
+            .arg(common::smollm2())
+            .args(args)
+            .env_remove("NOMOAT_PARALLEL")
+            .env("XDG_RUNTIME_DIR", std::env::var_os("XDG_RUNTIME_DIR").unwrap_or_else(|| "/tmp".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let (child, addr, log) = common::spawn_listening(cmd);
+        common::Server { child, addr, log }
+    };
+    // the line before "listening on", which spawn_listening waited for
+    let chosen = |s: &common::Server| {
+        let log = s.log.lock().unwrap().clone();
+        let line = log.lines().find(|l| l.contains("requests together")).unwrap_or_else(|| panic!("no slot count at start:\n{log}")).to_string();
+        let n: usize = line.split("decoding up to ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+        (n, line)
+    };
+    let server = start(&[]);
+    let (n, line) = chosen(&server);
+    let device = server.log.lock().unwrap().clone();
+    if device.contains("llvmpipe") {
+        assert_eq!(n, 4, "{line}");
+    }
+    assert!(line.contains("what pays on this device"), "{line}");
+    assert_eq!(metrics(&server.addr)["nomoat_slots"], n as f64);
+    drop(server);
+    // SmolLM2's 512-token cache is 12 MiB a slot; 160 MiB leaves about 70 MiB after the weights
+    let server = start(&["--max-gpu-memory", "160"]);
+    let (n, line) = chosen(&server);
+    assert!(n == 1 && line.contains("--max-gpu-memory"), "{line}");
+    assert_eq!(metrics(&server.addr)["nomoat_slots"], 1.0);
+}

@@ -115,6 +115,14 @@ pub struct Tuning {
     /// logit back: MAX_TOP_K on GPUs; 1 (the argmax only) on CPU devices, where the kernel for
     /// k > 1 costs more than the read-back (bench/README.md, "Sampling's read-back").
     pub sample_top_k_max: u32,
+    /// Sequences worth decoding together in one step (`nomoat serve`'s default `--parallel`,
+    /// before memory limits). lavapipe (CPU, TOKEN_TILE): one step of 4 sequences took about
+    /// twice the time of 1, so 4 clients got 2.1 to 2.2x one client's tok/s, and 8 no more
+    /// than 4 (two passes over the weights); 4. Other CPU devices share no weight loads
+    /// between a step's sequences (no TOKEN_TILE): 1. GPUs: 8, since a step's products read
+    /// the weights once for all rows (not measured: no GPU here). bench/README.md has the
+    /// numbers.
+    pub decode_slots: usize,
 }
 
 impl Tuning {
@@ -132,18 +140,24 @@ impl Tuning {
         matvec.wg = o.matvec_wg.unwrap_or(matvec.wg).max(matvec.tpr);
         // one x load per subgroup instead of one per lane where the workgroup is one subgroup
         matvec.x_broadcast = subgroups_of_8 && matvec.tpr == 1 && matvec.wg == 8 && o.matvec_x_broadcast != Some(false);
+        let token_tile = o.token_tile.unwrap_or(cpu && subgroups_of_8);
         Tuning {
             cpu,
             subgroups_of_8,
             loop_budget: info.name.contains("llvmpipe").then_some(LLVMPIPE_LOOP_BUDGET),
             matvec,
             tiled_matmul: o.tiled_matmul.unwrap_or(!cpu),
-            token_tile: o.token_tile.unwrap_or(cpu && subgroups_of_8),
+            token_tile,
             attention_per_query: o.attention_per_query.unwrap_or(cpu),
             attention_broadcast: o.attention_broadcast != Some(false),
             attention_key_lanes: o.attention_key_lanes != Some(false),
             attention_heads_share_kv: o.attention_heads_share_kv != Some(false),
             sample_top_k_max: if o.sample_top_k.unwrap_or(!cpu) { crate::ops::MAX_TOP_K } else { 1 },
+            decode_slots: match (cpu, token_tile) {
+                (false, _) => 8,
+                (true, true) => 4,
+                (true, false) => 1,
+            },
         }
     }
 
@@ -181,6 +195,7 @@ mod tests {
         let lavapipe = Tuning::for_device(&adapter("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides::default());
         assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention_per_query && !lavapipe.tiled_matmul);
         assert_eq!(lavapipe.sample_top_k_max, 1);
+        assert_eq!(lavapipe.decode_slots, 4);
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { sample_top_k: Some(true), ..Default::default() });
         assert_eq!(forced.sample_top_k_max, crate::ops::MAX_TOP_K);
         let gpu = Tuning::for_device(&adapter("NVIDIA H100", wgpu::DeviceType::DiscreteGpu, 32), sg, &KernelOverrides::default());
@@ -190,9 +205,11 @@ mod tests {
         let swiftshader =
             Tuning::for_device(&adapter("google swiftshader", wgpu::DeviceType::Cpu, 4), Variant { f16: false, subgroups: false, web: true }, &Default::default());
         assert!(swiftshader.cpu && !swiftshader.token_tile && swiftshader.loop_budget.is_none() && !swiftshader.matvec.x_broadcast);
+        assert_eq!(swiftshader.decode_slots, 1);
         let gpu = Tuning::for_device(&adapter("NVIDIA H200", wgpu::DeviceType::DiscreteGpu, 32), sg, &Default::default());
         assert!(!gpu.cpu && gpu.tiled_matmul && !gpu.attention_per_query && !gpu.token_tile && gpu.loop_budget.is_none());
         assert_eq!((gpu.matvec.tpr, gpu.matvec.rpi, gpu.matvec.wg), (32, 1, 64));
+        assert_eq!(gpu.decode_slots, 8);
         let o = KernelOverrides { matvec_tpr: Some(4), matvec_rpi: Some(3), matvec_wg: Some(2), tiled_matmul: Some(true), token_tile: Some(false), ..Default::default() };
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &o);
         assert_eq!((forced.matvec.tpr, forced.matvec.rpi, forced.matvec.wg), (4, 3, 4));

@@ -67,6 +67,9 @@ pub struct ModelInfo {
     /// What a request that sets no sampling option gets: llama.cpp's defaults under the
     /// model's own `general.sampling.*` values.
     pub sampling: SamplerConfig,
+    /// Requests decoded together, and why that many when it was not given.
+    pub slots: usize,
+    pub slots_why: Option<String>,
 }
 
 /// Counters /health reports.
@@ -131,8 +134,9 @@ fn gpu_layer_panic(file: &str) -> bool {
 /// the request that met it with an error; the engine then opens the device again, reloads the
 /// model and goes on with the queue. A panic elsewhere ends its request with an error and
 /// only resets the conversation state (`NOMOAT_FAULT_PANIC_AT=N` panics in the N-th request).
-/// With `parallel` over 1, up to that many requests are decoded together (`parallel.rs`).
-pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>, parallel: usize) -> Result<ModelInfo> {
+/// With `parallel` over 1, up to that many requests are decoded together (`parallel.rs`); None:
+/// as many as pay on the device and fit its memory (`slots.rs`), chosen at the first load.
+pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>, mut parallel: Option<usize>) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
     let fault_at = Faults { lose_device_at: env("NOMOAT_FAULT_LOSE_DEVICE_AT"), panic_at: env("NOMOAT_FAULT_PANIC_AT") };
@@ -140,7 +144,7 @@ pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>, par
     std::thread::Builder::new().name("nomoat-engine".into()).spawn(move || {
         let mut ready = Some(ready_tx);
         loop {
-            match load_and_serve(&m, &mut jobs, &stats, &mut ready, fault_at, parallel) {
+            match load_and_serve(&m, &mut jobs, &stats, &mut ready, fault_at, &mut parallel) {
                 Ended::Stopped => return,
                 Ended::DeviceLost(e) => eprintln!("nomoat serve: {e}; opening the device again and reloading the model"),
                 Ended::LoadFailed(e) => {
@@ -176,14 +180,17 @@ fn load_and_serve(
     stats: &Stats,
     ready: &mut Option<std::sync::mpsc::Sender<Result<ModelInfo>>>,
     fault_at: Faults,
-    parallel: usize,
+    parallel: &mut Option<usize>,
 ) -> Ended {
     let Loaded { tokenizer, gguf, gpu, model, adapters, sampling: model_sampling, .. } = match load(m, true) {
         Ok(l) => l,
         Err(e) => return Ended::LoadFailed(e),
     };
     let n_ctx = m.n_ctx_for(model.config.n_ctx_train);
-    let mut session = match pollster::block_on(Session::with_slots(&model, &gpu, n_ctx, kv_type(m), parallel.max(1))) {
+    // the first load chooses; a reload after a device loss keeps the count
+    let chosen = parallel.is_none().then(|| super::slots::choose_for(&gpu, &model.config, n_ctx, kv_type(m), m.max_gpu_memory.map(|m| m << 20)));
+    let n_slots = *parallel.get_or_insert_with(|| chosen.as_ref().map_or(1, |c| c.n));
+    let mut session = match pollster::block_on(Session::with_slots(&model, &gpu, n_ctx, kv_type(m), n_slots.max(1))) {
         Ok(s) => s,
         Err(e) => return Ended::LoadFailed(anyhow!(e)),
     };
@@ -240,6 +247,8 @@ fn load_and_serve(
             device: gpu.describe(),
             adapters: adapter_info,
             sampling,
+            slots: session.n_slots(),
+            slots_why: chosen.map(|c| c.why),
         };
         if tx.send(Ok(info)).is_err() {
             return Ended::Stopped;
