@@ -237,6 +237,12 @@ fn a_replica_stopping_mid_stream_leaves_the_other_serving() {
     // round robin: both replicas answer
     let seen: std::collections::BTreeSet<String> = (0..4).map(|_| health_model(&addr)).collect();
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["replica-a", "replica-b"], "/health through nginx reached both replicas");
+    // nginx passes the client's Host on, so the replicas still refuse a name that is not theirs
+    // (DNS rebinding); two requests, one to each
+    for _ in 0..2 {
+        let resp = common::raw_http(&addr, b"GET /health HTTP/1.1\r\nHost: rebound.example\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
+        assert_eq!(common::status_of(&resp), 403, "{resp}");
+    }
 
     // Round robin alternates, and the four /health requests left replica A next: a stream on
     // A, one on B (each sent once the one before has its first token), then a non-streaming
