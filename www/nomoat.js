@@ -31,6 +31,10 @@
 //
 // LoRA adapters: addAdapter(file), setAdapters([{name, scale}]), removeAdapter(name), adapters().
 //
+// Several conversations over one loaded model (a chat and an agent): chat(messages, {session:
+// 'agent'}) keeps each name's KV cache apart (no second copy of the weights); sessions() lists
+// them, closeSession(name) frees one. Replies asked at once run in turn, never interleaved.
+//
 // Fine-tuning a LoRA adapter on the loaded model:
 //   const run = e.finetune(examples, { rank: 8, epochs: 3, lr: 2e-4, name: 'facts' });
 //   for await (const p of run) console.log(p.step, p.steps, p.loss, p.valLoss, p.tokensPerSecond);
@@ -217,7 +221,7 @@ export class Nomoat {
    * Replies to `messages` ([{role: 'system' | 'user' | 'assistant', content}]) with the model's
    * chat template. Options: {temperature, topK, topP, minP, repeatPenalty, presencePenalty,
    * frequencyPenalty, seed, maxTokens, stop, responseFormat, tools, toolChoice, parallelToolCalls,
-   * signal}; a sampling option left out takes the
+   * session (which conversation's KV cache: see sessions()), signal}; a sampling option left out takes the
    * model's own value (its GGUF's general.sampling.*, listed in the load result's `sampling`),
    * else llama.cpp's default. Returns an async iterable of text pieces with a `result` promise.
    */
@@ -233,7 +237,9 @@ export class Nomoat {
   #stream(op, args, options) {
     const reply = new Reply();
     const { signal } = options;
-    const onAbort = () => this.stop();
+    const id = this.nextId; // the id #call gives this request
+    // stops this request alone: another conversation's may be running
+    const onAbort = () => this.#call('stop', { id });
     if (signal) {
       if (signal.aborted) queueMicrotask(onAbort);
       signal.addEventListener('abort', onAbort, { once: true });
@@ -262,6 +268,20 @@ export class Nomoat {
 
   info() {
     return this.#call('info');
+  }
+
+  /**
+   * The conversations over the loaded model: [{name, tokens, n_ctx}], 'default' first. chat()
+   * with {session: NAME} makes one (its own KV cache over the same weights, the active
+   * adapters; at most 8); replies to several conversations asked at once run one after another.
+   */
+  sessions() {
+    return this.#call('sessions');
+  }
+
+  /** Frees a conversation's KV cache ('default' is emptied); resolves to the remaining list. */
+  closeSession(name) {
+    return this.#call('closeSession', { name });
   }
 
   /** Stops the reply being written; it resolves with finish_reason 'cancelled'. */
@@ -410,6 +430,7 @@ function chatOptions(o) {
     tools: 'tools',
     toolChoice: 'tool_choice',
     parallelToolCalls: 'parallel_tool_calls',
+    session: 'session',
   };
   const out = {};
   for (const [k, v] of Object.entries(map)) if (o[k] != null) out[v] = o[k];

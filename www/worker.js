@@ -3,19 +3,29 @@
 //   page → worker  {id, op, args}
 //     op: create | loadUrl {url, options} | loadFile {file, options} | chat {messages, options}
 //         | complete {prompt, options} | logits {ids, reusePrefix} | render {messages} | info
-//         | stop | unload
+//         | stop {id?} | unload | sessions | closeSession {name}
 //         | addAdapter {file} | setAdapters {active: [{name, scale}]} | removeAdapter {name} | adapters
 //         | finetune {data, options, name, activate, resume} | stopFinetune | endFinetune
 //   worker → page  {id, type: 'progress', progress} | {id, type: 'piece', piece}
 //                | {id, type: 'result', result} | {id, type: 'error', error: {name, message}}
 // `stop` is answered at once, even while a chat is running (the chat then resolves with
 // finish_reason "cancelled"); `stopFinetune` likewise ends a run's loop after the step in flight.
+// chat, complete and logits wait their turn (one at a time, in order): several conversations
+// (chat's `session` option) can be asked at once. `stop` with an id stops that request alone:
+// running, it ends; waiting, it resolves cancelled without running.
 import init, { Engine } from './pkg/nomoat_web.js';
 
 let engine = null;
 let initialized = null;
 let training = null; // {stop} while a finetune loop runs
 let runAt = null; // {step, tokens} where the engine's run stands
+let turn = Promise.resolve(); // the queue of generation requests
+let running = null; // the id of the generation request running
+const cancelled = new Set(); // ids of waiting requests stopped before their turn
+const GENERATION = new Set(['chat', 'complete', 'logits']);
+
+// A waiting request's result when it is stopped before it runs.
+const CANCELLED = { text: '', tool_calls: null, tokens: 0, token_ids: [], prompt_tokens: 0, reused_tokens: 0, prompt_seconds: 0, gen_seconds: 0, prompt_tps: 0, gen_tps: 0, finish_reason: 'cancelled' };
 
 function post(msg) {
   self.postMessage(msg);
@@ -82,8 +92,16 @@ async function handle(id, op, args) {
       if (engine) engine.finetune_end();
       return true;
     case 'stop':
-      if (engine) engine.stop();
+      if (args.id == null || args.id === running) {
+        if (engine) engine.stop();
+      } else {
+        cancelled.add(args.id);
+      }
       return true;
+    case 'sessions':
+      return JSON.parse(need().sessions());
+    case 'closeSession':
+      return JSON.parse(need().close_session(args.name));
     case 'unload':
       if (engine) engine.unload();
       return true;
@@ -150,12 +168,22 @@ async function finetune({ data, options = {}, name = 'adapter', activate = true,
   }
 }
 
-self.onmessage = async (ev) => {
-  const { id, op, args = {} } = ev.data;
+async function answer(id, op, args) {
   try {
     const result = await handle(id, op, args);
     post({ id, type: 'result', result });
   } catch (e) {
     post({ id, type: 'error', error: errorOf(e) });
   }
+}
+
+self.onmessage = (ev) => {
+  const { id, op, args = {} } = ev.data;
+  if (!GENERATION.has(op)) return answer(id, op, args);
+  turn = turn.then(async () => {
+    if (cancelled.delete(id)) return post({ id, type: 'result', result: op === 'logits' ? new Float32Array(0) : CANCELLED });
+    running = id;
+    await answer(id, op, args);
+    running = null;
+  });
 };

@@ -126,6 +126,8 @@ export interface ModelInfo {
   n_vocab: number;
   n_ctx: number;
   n_ctx_train: number;
+  /** The conversations over the model ('default' at load). */
+  sessions: SessionState[];
   weight_bytes: number;
   has_chat_template: boolean;
   from_cache: boolean;
@@ -159,6 +161,8 @@ export interface ChatOptions {
   toolChoice?: ToolChoice;
   /** Whether one reply may hold several calls (default true). */
   parallelToolCalls?: boolean;
+  /** Which conversation's KV cache (default 'default'): a new name makes one (at most 8). */
+  session?: string;
   /** Aborting it stops the reply; it then resolves with finish_reason 'cancelled'. */
   signal?: AbortSignal;
 }
@@ -184,6 +188,14 @@ export interface ReplyResult {
 /** A reply being written: iterate it for text pieces as they come; `result` is the summary. */
 export interface Reply extends AsyncIterable<string> {
   readonly result: Promise<ReplyResult>;
+}
+
+/** A conversation over the loaded model: its own KV cache, the same weights. */
+export interface SessionState {
+  name: string;
+  /** Tokens its KV cache holds. */
+  tokens: number;
+  n_ctx: number;
 }
 
 /** An added LoRA adapter. */
@@ -326,6 +338,10 @@ export declare class Nomoat {
   setAdapters(active: Array<{ name: string; scale: number }>): Promise<AdapterState[]>;
   removeAdapter(name: string): Promise<AdapterState[]>;
   adapters(): Promise<AdapterState[]>;
+  /** The conversations over the loaded model, 'default' first; chat's `session` makes others. */
+  sessions(): Promise<SessionState[]>;
+  /** Frees a conversation's KV cache ('default' is emptied); resolves to the remaining list. */
+  closeSession(name: string): Promise<SessionState[]>;
 
   /** Fine-tunes a LoRA adapter on the loaded model. */
   finetune(examples: TrainingData, options?: FinetuneOptions): Training;

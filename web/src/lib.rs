@@ -186,9 +186,12 @@ async fn read_header(reader: &Reader) -> Result<Gguf, JsValue> {
 // The engine.
 
 struct Loaded {
-    // Field order is drop order: the session and a fine-tuning run borrow `model` (boxed, so it
+    // Field order is drop order: the sessions and a fine-tuning run borrow `model` (boxed, so it
     // does not move) and the engine's boxed `Gpu`, and go first.
+    /// The "default" conversation's session (KV cache), made at load.
     session: Session<'static>,
+    /// Conversations chat() named, each with a KV cache of its own over the same weights.
+    others: Vec<(String, Session<'static>)>,
     /// A fine-tuning run started with `finetune_start`, until `finetune_end` (or unload).
     training: Option<Run<'static>>,
     /// Compiles response formats over this model's vocabulary: built at the first request for
@@ -208,6 +211,9 @@ struct Loaded {
     guard: Guard,
     /// Whether the chat template shows tools itself (else the generic tool prompt is used).
     template_tools: bool,
+    /// The KV cache type and the memory limit of the load, for sessions made later.
+    kv: KvType,
+    max_gpu_memory: Option<u64>,
     /// Tool calls made so far: their ids are "call_" and this count with a random part.
     calls_made: u64,
     name: String,
@@ -256,6 +262,9 @@ struct ChatOptions {
     /// OpenAI's `response_format` (json_object, or json_schema {name, schema, strict}): the
     /// reply is constrained to it, as the server's are.
     response_format: Option<serde_json::Value>,
+    /// Which conversation: each name has its own KV cache over the one model (default
+    /// "default"), made at its first use.
+    session: Option<String>,
     /// OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, as the server takes them.
     tools: Option<serde_json::Value>,
     tool_choice: Option<serde_json::Value>,
@@ -276,6 +285,7 @@ impl Default for ChatOptions {
             max_tokens: 512,
             stop: Vec::new(),
             response_format: None,
+            session: None,
             tools: None,
             tool_choice: None,
             parallel_tool_calls: None,
@@ -569,7 +579,7 @@ impl Engine {
                 let adapter = l.adapters.iter().find(|x| x.name == a.name).ok_or_else(|| js_error("BadRequest", format!("no adapter named '{}' is added", a.name)))?;
                 set.push((adapter.clone(), a.scale));
             }
-            l.session.set_adapters(set).await.map_err(|e| model_error(&e))?;
+            l.set_active(set).await.map_err(|e| model_error(&e))?;
             Ok(JsValue::from_str(&adapters_json(l).to_string()))
         })
     }
@@ -582,7 +592,7 @@ impl Engine {
             let l = guard.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let i = l.adapters.iter().position(|a| a.name == name).ok_or_else(|| js_error("BadRequest", format!("no adapter named '{name}' is added")))?;
             let keep: Vec<_> = l.session.adapters().iter().filter(|(a, _)| a.name != name).cloned().collect();
-            l.session.set_adapters(keep).await.map_err(|e| model_error(&e))?;
+            l.set_active(keep).await.map_err(|e| model_error(&e))?;
             l.adapters.remove(i);
             Ok(JsValue::from_str(&adapters_json(l).to_string()))
         })
@@ -593,6 +603,28 @@ impl Engine {
         let inner = self.inner.try_borrow().map_err(|_| busy())?;
         let l = inner.loaded.as_ref().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
         Ok(adapters_json(l).to_string())
+    }
+
+    /// JSON [{name, tokens, n_ctx}] of the conversations over the loaded model ("default"
+    /// first; chat's `session` option makes others).
+    pub fn sessions(&self) -> Result<String, JsValue> {
+        let inner = self.inner.try_borrow().map_err(|_| busy())?;
+        let l = inner.loaded.as_ref().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+        Ok(l.sessions_json().to_string())
+    }
+
+    /// Frees a conversation's KV cache ("default" is emptied, not removed); resolves to the
+    /// remaining list.
+    pub fn close_session(&self, name: String) -> Result<String, JsValue> {
+        let mut inner = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
+        if name == DEFAULT_SESSION {
+            l.session.reset();
+        } else {
+            let i = l.others.iter().position(|(n, _)| *n == name).ok_or_else(|| js_error("BadRequest", format!("no conversation named '{name}'")))?;
+            l.others.remove(i);
+        }
+        Ok(l.sessions_json().to_string())
     }
 
     /// llama-bench's pp / tg on the loaded model, the same routine `nomoat bench` runs
@@ -725,7 +757,7 @@ impl Engine {
             if activate {
                 active = vec![(adapter.clone(), 1.0)];
             }
-            l.session.set_adapters(active).await.map_err(|e| model_error(&e))?;
+            l.set_active(active).await.map_err(|e| model_error(&e))?;
             l.adapters.retain(|a| a.name != name);
             l.adapters.push(adapter);
             Ok(Uint8Array::from(bytes.as_slice()).into())
@@ -756,6 +788,8 @@ impl Engine {
         future_to_promise(async move {
             let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
             let inner = &mut *guard;
+            // SAFETY: as in `load`: the engine drops `loaded`, and every session in it, before the Gpu
+            let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
             let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options(&l.sampling.defaults());
@@ -787,7 +821,15 @@ impl Engine {
                 (None, Some(p)) => l.tokenizer.encode(p, true, true).map_err(|e| js_error("BadRequest", format!("tokenizing the prompt: {e}")))?,
                 (None, None) => unreachable!(),
             };
-            let n_ctx = l.session.n_ctx;
+            let at = match opts.session.as_deref() {
+                None | Some(DEFAULT_SESSION) => None,
+                Some(name) => Some(open_session(gpu, l, name).await?),
+            };
+            let session = match at {
+                None => &mut l.session,
+                Some(i) => &mut l.others[i].1,
+            };
+            let n_ctx = session.n_ctx;
             if ids.len() >= n_ctx {
                 return Err(js_error(
                     "ContextFull",
@@ -818,7 +860,7 @@ impl Engine {
                 }
                 !abort.get()
             };
-            let g = l.session.generate_guided(&l.tokenizer, &ids, &gen, &mut guide, &mut on_text, &|| false, &mut |_| {}).await.map_err(|e| model_error(&e))?;
+            let g = session.generate_guided(&l.tokenizer, &ids, &gen, &mut guide, &mut on_text, &|| false, &mut |_| {}).await.map_err(|e| model_error(&e))?;
             let calls = held.as_deref().and_then(tools::read_calls);
             if calls.is_none() {
                 // held text that is not calls after all (cut short, or stopped) is text
@@ -859,6 +901,62 @@ impl Engine {
     }
 }
 
+/// The conversation made at load, which chat() uses unless told another.
+const DEFAULT_SESSION: &str = "default";
+
+/// Most conversations one model holds at once (each has a KV cache of the load's context).
+const MAX_SESSIONS: usize = 8;
+
+impl Loaded {
+    /// Makes `set` the active adapters of every conversation.
+    async fn set_active(&mut self, set: Vec<(Arc<LoraAdapter>, f32)>) -> Result<(), ModelError> {
+        self.session.set_adapters(set.clone()).await?;
+        for (_, s) in &mut self.others {
+            s.set_adapters(set.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// The conversations' names and the tokens each one's cache holds.
+    fn sessions_json(&self) -> serde_json::Value {
+        let one = |name: &str, s: &Session| serde_json::json!({"name": name, "tokens": s.tokens.len(), "n_ctx": s.n_ctx});
+        let list: Vec<_> = std::iter::once(one(DEFAULT_SESSION, &self.session)).chain(self.others.iter().map(|(n, s)| one(n, s))).collect();
+        serde_json::Value::Array(list)
+    }
+}
+
+/// The index in `l.others` of the conversation `name`, made (with the active adapters) if it is
+/// new: refused past [`MAX_SESSIONS`], or past the load's GPU memory limit.
+async fn open_session(gpu: &'static Gpu, l: &mut Loaded, name: &str) -> Result<usize, JsValue> {
+    if let Some(i) = l.others.iter().position(|(n, _)| n == name) {
+        return Ok(i);
+    }
+    if name.is_empty() || name.len() > 64 {
+        return Err(js_error("BadRequest", "session: a conversation's name is 1 to 64 bytes"));
+    }
+    if l.others.len() + 1 >= MAX_SESSIONS {
+        return Err(js_error("BadRequest", format!("session: {MAX_SESSIONS} conversations are open; close one (closeSession) first")));
+    }
+    let n_ctx = l.session.n_ctx;
+    if let Some(mib) = l.max_gpu_memory {
+        let (weights, kv_bytes) = Model::memory_needed(&l.gguf, &l.model.config, n_ctx, l.kv);
+        let total = weights + kv_bytes * (l.others.len() as u64 + 2);
+        if total > mib << 20 {
+            return Err(js_error(
+                "OutOfMemory",
+                format!("another conversation needs {} MiB more of GPU memory (a {n_ctx}-token KV cache), over the {mib} MiB allowed: close one first", kv_bytes >> 20),
+            ));
+        }
+    }
+    // SAFETY: as the default session's in `load`: `Loaded` drops `others` before the boxed
+    // model, and the engine drops `loaded` before the Gpu.
+    let model: &'static Model = unsafe { &*(&*l.model as *const Model) };
+    let mut session = Session::new(model, gpu, n_ctx, l.kv, false).await.map_err(|e| model_error(&e))?;
+    session.set_adapters(l.session.adapters().to_vec()).await.map_err(|e| model_error(&e))?;
+    l.others.push((name.to_string(), session));
+    Ok(l.others.len() - 1)
+}
+
 fn no_template() -> JsValue {
     js_error("UnsupportedModel", "this model has no chat template (a base model?): use complete() with a raw prompt")
 }
@@ -882,6 +980,7 @@ fn info_json(gpu: &Gpu, l: &Loaded) -> serde_json::Value {
         "n_kv_head": c.n_kv_head,
         "n_vocab": c.n_vocab,
         "n_ctx": l.session.n_ctx,
+        "sessions": l.sessions_json(),
         "n_ctx_train": c.n_ctx_train,
         "weight_bytes": l.model.weight_bytes,
         "has_chat_template": l.template.is_some(),
@@ -970,6 +1069,9 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     JsFuture::from(reader.finish()).await.map_err(|e| js_error("ReadError", js_message(&e)))?;
     let loaded = Loaded {
         session,
+        others: Vec::new(),
+        kv,
+        max_gpu_memory: opts.max_gpu_memory,
         training: None,
         constrainer: None,
         adapters: Vec::new(),

@@ -10,6 +10,7 @@ import type {
   FinetuneResult,
   LoadProgress,
   ModelInfo,
+  SessionState,
   Tool,
   ToolCall,
   NomoatError,
@@ -54,6 +55,10 @@ export async function everything(file: File, adapterFile: File, log: (line: stri
   const calls: ToolCall[] = asked.tool_calls ?? [];
   const answered: ChatMessage[] = [...messages, { role: 'assistant', content: null, tool_calls: calls }, ...calls.map((c): ChatMessage => ({ role: 'tool', tool_call_id: c.id, content: `sunny in ${JSON.parse(c.function.arguments).city}` }))];
   log((await engine.chat(answered, { tools, toolChoice: 'none' }).result).text);
+  const agent = engine.chat(messages, { session: 'agent' });
+  let open: SessionState[] = await engine.sessions();
+  open = await engine.closeSession('agent');
+  log(`${(await agent.result).text} ${open.map((s) => `${s.name} ${s.tokens}/${s.n_ctx}`).join(', ')}`);
 
   const logits: Float32Array = await engine.logits([1, 2, 3], { reusePrefix: true });
   const prompt: string = await engine.render(messages);
