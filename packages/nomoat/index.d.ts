@@ -89,8 +89,9 @@ export interface LoadOptions {
   onProgress?: (progress: LoadProgress) => void;
   /** Context size in tokens (default 2048, at most the model's training context). */
   nCtx?: number;
-  /** The KV cache's element type (default 'f16'). */
-  kv?: 'f16' | 'f32';
+  /** The KV cache's element type (default 'f16'); 'q8_0' takes 1.0625 bytes an element, about
+   * half of f16's, for models whose kv heads fill rows of a multiple of 64. */
+  kv?: 'f16' | 'f32' | 'q8_0';
   /** GPU memory the model may take in MiB (weights + KV cache); a larger one is refused first. */
   maxGpuMemory?: number;
 }

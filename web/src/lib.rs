@@ -1028,9 +1028,8 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     let inner = &mut *guard;
     inner.loaded = None; // free the previous model first
     let kv = match opts.kv.as_deref() {
-        None | Some("f16") => KvType::F16,
-        Some("f32") => KvType::F32,
-        Some(o) => return Err(js_error("BadRequest", format!("kv must be \"f16\" or \"f32\", not {o:?}"))),
+        None => KvType::F16,
+        Some(name) => KvType::parse(name).map_err(|e| js_error("BadRequest", format!("kv: {e}")))?,
     };
     let gguf = read_header(reader).await?;
     let mut ranges = Vec::with_capacity(gguf.tensors.len() * 2);
