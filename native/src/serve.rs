@@ -253,10 +253,9 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         eprintln!("nomoat serve: {model_id} on {device}, context {n_ctx} tokens");
-        match &state.info.slots_why {
-            Some(why) => eprintln!("nomoat serve: decoding up to {} requests together (--parallel {0}: {why})", state.info.slots),
-            None => eprintln!("nomoat serve: decoding up to {} requests together", state.info.slots),
-        }
+        let n = state.info.slots;
+        let (s, why) = (if n == 1 { "" } else { "s" }, state.info.slots_why.as_ref().map(|w| format!(" (--parallel {n}: {w})")).unwrap_or_default());
+        eprintln!("nomoat serve: decoding up to {n} request{s} together{why}");
         eprintln!("nomoat serve: listening on http://{addr}{}", if state.api_key.is_some() { " (API key required)" } else { "" });
         let www = if a.no_www { None } else { www_dir(a.www.clone())? };
         match &www {

@@ -199,7 +199,7 @@ fn the_default_slot_count_is_chosen_from_the_device_and_memory() {
     // the line before "listening on", which spawn_listening waited for
     let chosen = |s: &common::Server| {
         let log = s.log.lock().unwrap().clone();
-        let line = log.lines().find(|l| l.contains("requests together")).unwrap_or_else(|| panic!("no slot count at start:\n{log}")).to_string();
+        let line = log.lines().find(|l| l.contains(" together")).unwrap_or_else(|| panic!("no slot count at start:\n{log}")).to_string();
         let n: usize = line.split("decoding up to ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"));
         (n, line)
     };
