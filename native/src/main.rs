@@ -6,6 +6,7 @@ use nomoat_runtime::constrain::{Constrainer, Grammar, Guide};
 use nomoat_runtime::device::{Gpu, GpuOptions};
 use nomoat_runtime::generate::{self, perplexity, GenerateOptions};
 use nomoat_runtime::gguf::Gguf;
+use nomoat_runtime::lookup::{Lookup, LookupStats};
 use nomoat_runtime::lora::LoraAdapter;
 use nomoat_runtime::model::Model;
 use nomoat_runtime::ops::KvType;
@@ -119,6 +120,12 @@ enum Command {
         /// row, with the mask time per token and the compile time
         #[command(flatten)]
         constraint: ConstraintArgs,
+        /// Instead of the table: prompt-lookup decoding (--lookup N, else the device's default)
+        /// against plain greedy decoding on a code-editing prompt (bench/code-edit.py, a
+        /// 300-token function, rewritten with one change), -n tokens each, interleaved over -r
+        /// repetitions, the tokens compared
+        #[arg(long)]
+        code_edit: bool,
     },
     /// Download a model into the cache: a catalog name (`nomoat pull --list`) or an http(s)
     /// URL; resumes a cut download, checks size and sha256
@@ -288,12 +295,28 @@ pub struct ModelArgs {
     /// cleanly beyond it
     #[arg(long, value_name = "MIB")]
     pub max_gpu_memory: Option<u64>,
+    /// Prompt-lookup decoding in greedy generation: drafts of up to N tokens copied from the
+    /// prompt and reply so far, verified in one pass (0: off) [default: the device's choice]
+    #[arg(long, value_name = "N", conflicts_with = "no_lookup")]
+    pub lookup: Option<usize>,
+    /// No prompt-lookup decoding (--lookup 0)
+    #[arg(long)]
+    pub no_lookup: bool,
 }
 
 impl ModelArgs {
     /// The model file: `-m` as a file, or fetched by catalog name or URL, or the default model.
     pub fn path(&self, quiet: bool) -> Result<PathBuf> {
         pull::resolve(self.model.as_deref(), quiet)
+    }
+
+    /// Prompt-lookup decoding as `--lookup` / `--no-lookup` ask, else the device's default.
+    pub fn lookup(&self, gpu: &Gpu) -> Lookup {
+        match (self.no_lookup, self.lookup) {
+            (true, _) => Lookup::OFF,
+            (false, Some(n)) => Lookup::with_draft(n),
+            (false, None) => Lookup::default_for(gpu),
+        }
     }
 }
 
@@ -395,9 +418,18 @@ impl ModelArgs {
 
 pub const DEFAULT_CTX: usize = 2048;
 
+/// ", lookup: A of D drafted tokens accepted in P passes" where prompt-lookup drafted, else "".
+pub fn lookup_note(l: &LookupStats) -> String {
+    if l.passes == 0 {
+        return String::new();
+    }
+    format!(", lookup: {} of {} drafted tokens accepted in {} passes", l.accepted, l.drafted, l.passes)
+}
+
 pub fn new_session<'m>(l: &'m Loaded, m: &ModelArgs, n_ctx: usize, all_logits: bool) -> Result<Session<'m>> {
     let mut s = pollster::block_on(Session::new(&l.model, &l.gpu, n_ctx, kv_type(m), all_logits))?;
     pollster::block_on(s.set_adapters(l.adapters.clone()))?;
+    s.lookup = m.lookup(&l.gpu);
     Ok(s)
 }
 
@@ -519,12 +551,13 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!();
                 eprintln!(
-                    "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, {}]",
+                    "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, {}{}]",
                     g.prompt_tokens,
                     g.prompt_tps(),
                     g.tokens.len(),
                     g.gen_tps(),
-                    g.finish.as_str()
+                    g.finish.as_str(),
+                    lookup_note(&g.lookup)
                 );
             }
             Ok(())
@@ -543,7 +576,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Finetune(a)) => finetune::run(a),
-        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile, train, constraint }) => {
+        Some(Command::Bench { m, n_prompt, n_gen, n_depth, reps, json, profile, train, constraint, code_edit }) => {
+            if code_edit {
+                return bench_code_edit(&m, n_gen, reps, json);
+            }
             bench(&m, n_prompt, n_gen, n_depth, reps, json, profile, train, &constraint)
         }
         Some(Command::Logits { m, prompt, ids, top }) => {
@@ -668,6 +704,76 @@ fn bench_constrained(l: &Loaded, s: &mut Session<'_>, constraint: &ConstraintArg
         tok_s.push(n_gen as f64 / t.elapsed().as_secs_f64());
     }
     Ok(Some(ConstrainedBench { tok_s, mask_ms_per_token: mask_s * 1e3 / masks.max(1) as f64, compile_ms, forced_share: forced as f64 / all.max(1) as f64 }))
+}
+
+/// The code-editing prompt of `nomoat bench --code-edit`.
+const CODE_EDIT: &str = include_str!("../../bench/code-edit.py");
+
+/// `nomoat bench --code-edit`: greedy generation after the code-editing prompt (the model's
+/// chat template around it), plain and with prompt lookup (`--lookup N`, else the default)
+/// in turn, `reps` times each; tok/s of each, their ratio, the acceptance, and whether the
+/// tokens are the same.
+fn bench_code_edit(m: &ModelArgs, n_gen: usize, reps: usize, json: bool) -> Result<()> {
+    let l = load(m, json)?;
+    let template = nomoat_runtime::chat::ChatTemplate::from_gguf(&l.gguf)?.context("--code-edit needs a model with a chat template")?;
+    let ask = format!(
+        "Rewrite this function so that the tax is computed after the discount only for customers whose name starts with \"vip\", otherwise before the discount. Output only the complete function.\n\n```python\n{CODE_EDIT}```"
+    );
+    let text = template.render(&[nomoat_runtime::chat::Message::new("user", &ask)], true)?;
+    let prompt = l.tokenizer.encode(&text, false, true)?;
+    let n_ctx = (prompt.len() + n_gen + 1).min(l.model.config.n_ctx_train);
+    let mut s = new_session(&l, m, n_ctx, false)?;
+    let lookup = match m.lookup {
+        Some(n) if n > 0 => Lookup::with_draft(n),
+        _ => Lookup::default_for(&l.gpu),
+    };
+    let opts = GenerateOptions { max_tokens: n_gen, sampler: SamplerConfig::greedy(), stop: Vec::new(), stop_at_eog: false };
+    let run = |s: &mut Session<'_>, lk: Lookup| -> Result<generate::Generation> {
+        s.reset();
+        s.lookup = lk;
+        Ok(pollster::block_on(s.generate(&l.tokenizer, &prompt, &opts, &mut |_| true))?)
+    };
+    // untimed: every pipeline both build
+    run(&mut s, lookup)?;
+    let (mut plain, mut fast) = (Vec::new(), Vec::new());
+    let mut same = true;
+    let mut last = None;
+    for _ in 0..reps.max(1) {
+        let a = run(&mut s, Lookup::OFF)?;
+        let b = run(&mut s, lookup)?;
+        same &= a.tokens == b.tokens;
+        plain.push(a.gen_tps());
+        fast.push(b.gen_tps());
+        last = Some((a, b));
+    }
+    let (a, b) = last.expect("one repetition at least");
+    let (p, ps) = mean_std(&plain);
+    let (f, fs) = mean_std(&fast);
+    let st = b.lookup;
+    let name = l.path.file_name().unwrap_or_default().to_string_lossy().to_string();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": name, "device": l.gpu.describe(), "prompt_tokens": prompt.len(), "generated": a.tokens.len(), "max_draft": lookup.max_draft,
+                "plain_tok_s": plain, "lookup_tok_s": fast, "speedup": f / p, "passes": st.passes, "drafted": st.drafted, "accepted": st.accepted, "identical": same})
+        );
+    } else {
+        println!("{name} on {}: {} prompt tokens, {} generated (greedy), {} repetitions", l.gpu.describe(), prompt.len(), a.tokens.len(), reps.max(1));
+        println!("plain decoding      {p:8.2} ± {ps:.2} tok/s");
+        println!("prompt lookup ({:2})  {f:8.2} ± {fs:.2} tok/s   {:.2}x", lookup.max_draft, f / p);
+        println!(
+            "lookup: {} of {} drafted tokens accepted ({:.0}%) in {} passes; tokens identical to plain: {}",
+            st.accepted,
+            st.drafted,
+            st.acceptance() * 100.0,
+            st.passes,
+            if same { "yes" } else { "NO" }
+        );
+    }
+    if !same {
+        bail!("prompt lookup's tokens differ from plain greedy decoding's");
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

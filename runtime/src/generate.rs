@@ -5,6 +5,7 @@
 use crate::chat::StopMatcher;
 use crate::constrain::{Guide, TokenLogprob};
 use crate::error::ModelError;
+use crate::lookup::LookupStats;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::{Session, MAX_BATCH};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -70,6 +71,8 @@ pub struct Generation {
     pub gen_seconds: f64,
     /// Of gen_seconds, the time spent computing constraint masks.
     pub mask_seconds: f64,
+    /// Prompt-lookup decoding's passes, drafted and accepted tokens (all 0 where it was off).
+    pub lookup: LookupStats,
 }
 
 impl Generation {
@@ -165,7 +168,54 @@ impl Session<'_> {
         let (reused, first) = self.feed_prompt(prompt, &mut sampler, guide, cancelled).await?;
         let mut steps = Steps::new(tokenizer, opts, sampler, prompt.len(), reused, start.elapsed().as_secs_f64());
         let Some(mut next) = first else { return Ok(steps.cancelled()) };
-        while let Some(feed) = steps.advance(tokenizer, next, guide, self.tokens.len(), self.n_ctx, on_text, cancelled, on_step)? {
+        // prompt-lookup drafts: greedy and unguided only (see crate::lookup)
+        let lookup = self.lookup.is_on() && guide.is_empty() && steps.sampler.config().is_greedy();
+        let mut history = if lookup { prompt.to_vec() } else { Vec::new() };
+        // after a pass that keeps under half its draft, no drafts for 2, 4, .. 32 steps (the
+        // reply is not copying: a pass costs several steps on devices without spare compute)
+        let (mut misses, mut cooldown) = (0u32, 0usize);
+        'steps: while let Some(feed) = steps.advance(tokenizer, next, guide, self.tokens.len(), self.n_ctx, on_text, cancelled, on_step)? {
+            if lookup {
+                history.extend_from_slice(&feed);
+            }
+            if lookup && cooldown > 0 {
+                cooldown -= 1;
+            } else if lookup {
+                // no draft past the context or the token budget
+                let room = self.n_ctx.saturating_sub(self.tokens.len() + feed.len());
+                let budget = steps.opts.max_tokens.saturating_sub(steps.out.tokens.len());
+                let draft = self.lookup.draft(&history, room.min(budget));
+                if !draft.is_empty() {
+                    let base = self.tokens.len() + feed.len();
+                    let ids = [feed.as_slice(), &draft].concat();
+                    let want = crate::lookup::want(&steps.sampler, &draft, self.gpu.tuning.sample_top_k_max as usize);
+                    let rows = self.eval_each(&ids, want).await?;
+                    let (n_ok, pick) = crate::lookup::accept(&steps.sampler, &draft, &rows[feed.len() - 1..]);
+                    steps.out.lookup.passes += 1;
+                    steps.out.lookup.drafted += draft.len();
+                    steps.out.lookup.accepted += n_ok;
+                    if 2 * n_ok < draft.len() {
+                        misses = (misses + 1).min(5);
+                        cooldown = 1 << misses;
+                    } else {
+                        misses = 0;
+                    }
+                    self.truncate(base + n_ok);
+                    for (j, &d) in draft[..n_ok].iter().enumerate() {
+                        // each accepted token as plain decoding takes it, the cache then
+                        // holding what it held there
+                        match steps.advance(tokenizer, d, guide, base + j, self.n_ctx, on_text, cancelled, on_step)? {
+                            Some(f) => history.extend_from_slice(&f),
+                            None => {
+                                self.truncate(base + j);
+                                break 'steps;
+                            }
+                        }
+                    }
+                    next = pick;
+                    continue;
+                }
+            }
             next = self.eval_sample_guided(&feed, &mut steps.sampler, guide).await?;
         }
         Ok(steps.finish(guide, on_text))
@@ -218,6 +268,7 @@ impl Steps {
                 prompt_seconds,
                 gen_seconds: 0.0,
                 mask_seconds: 0.0,
+                lookup: LookupStats::default(),
             },
             gen_start: Instant::now(),
             by_stop_string: false,

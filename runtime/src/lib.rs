@@ -18,6 +18,7 @@
 //!   tokens; `tools`: tool calling; `constrain`: structured output.
 //! - `arch`: each architecture as data; `model`: its weights on the GPU; `session`: the KV cache
 //!   and the forward pass; `generate`, `lora`: generation and perplexity, LoRA adapters;
+//!   `lookup`: prompt-lookup (speculative) decoding;
 //!   `error`: what loading can fail with; `train`: fine-tuning LoRA adapters; `rng`: seeded
 //!   random numbers; `catalog`: the models known by name.
 //!
@@ -41,6 +42,7 @@ pub mod error;
 pub mod generate;
 pub mod ggml_type;
 pub mod gguf;
+pub mod lookup;
 pub mod lora;
 pub mod model;
 #[doc(hidden)]

@@ -15,6 +15,7 @@
 use crate::arch::{Activation, QkPrep, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::ModelError;
+use crate::lookup::Lookup;
 use crate::lora::{Lora, LoraAdapter};
 use crate::model::{Layer, Model};
 use crate::ops::{
@@ -152,7 +153,16 @@ pub struct Session<'m> {
     top_k: TopKScratch,
     /// Where a step's read-back lands: [max(n_vocab, 2 · MAX_TOP_K)] of 4 bytes.
     readback: wgpu::Buffer,
+    /// Prompt-lookup decoding in this session's greedy generations (`Lookup::OFF`: none).
+    pub lookup: Lookup,
+    /// Rows of logits the logits buffers hold outside all_logits mode (grown by
+    /// `eval_each` on first use).
+    logit_rows: usize,
 }
+
+/// The most draft tokens one [`Session::eval_each`] pass checks (after the token they
+/// follow): prompt-lookup decoding's longest draft.
+pub const MAX_DRAFT: usize = 15;
 
 impl<'m> Session<'m> {
     /// `all_logits` keeps logits of every position of the last batch (perplexity needs them).
@@ -234,6 +244,8 @@ impl<'m> Session<'m> {
             dispatch: Arc::new(DispatchCache::new(gpu, SESSION_PARAM_SLOTS)),
             top_k: TopKScratch::new(gpu, c.n_vocab as u32).await?,
             readback: gpu.readback_buffer(step_rows * c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
+            lookup: Lookup::OFF,
+            logit_rows: if all_logits { MAX_BATCH } else { step_rows as usize },
         })
     }
 
@@ -406,7 +418,7 @@ impl<'m> Session<'m> {
         }
         let places: Vec<Place> = steps.iter().map(|st| Place { pos: self.slot_tokens(st.slot).len() as u32, kv_row0: self.kv_row0(st.slot) }).collect();
         let ids: Vec<u32> = steps.iter().map(|st| st.token).collect();
-        let mut r = self.forward(&ids, Some(&places)).await?;
+        let mut r = self.forward(&ids, Some(&places), true).await?;
         // each row's read-back after the last: the k best ids then values, or the logits
         let v = c.n_vocab as u64;
         let mut at = 0u64;
@@ -447,6 +459,93 @@ impl<'m> Session<'m> {
             .collect())
     }
 
+    /// Feed `ids` (1 to MAX_DRAFT + 1 tokens) in one forward pass and return, for each of
+    /// them, what `want` asks of the logits after it: the k best (id, logit), best first,
+    /// selected on the GPU (k ≤ MAX_TOP_K), or every logit; read back in the same submission.
+    /// The verification of a speculative draft, where `ids` is the last accepted token then the
+    /// draft. The cache then holds all of `ids`; `truncate` drops the rows of rejected tokens.
+    /// The logits `logits()` reads afterwards are not the last token's.
+    pub async fn eval_each(&mut self, ids: &[u32], want: Want) -> Result<Vec<RowOut>, ModelError> {
+        let c = &self.model.config;
+        let n = ids.len();
+        if n == 0 || n > MAX_DRAFT + 1 {
+            return Err(ModelError::Invalid(format!("{n} tokens in one verification (1..={})", MAX_DRAFT + 1)));
+        }
+        if let Want::TopK(k) = want {
+            if k == 0 || k > MAX_TOP_K {
+                return Err(ModelError::Invalid(format!("top-k with k = {k} (1..={MAX_TOP_K})")));
+            }
+        }
+        let needed = self.tokens.len() + n;
+        if needed > self.n_ctx {
+            return Err(ModelError::ContextFull { needed, n_ctx: self.n_ctx, max: c.n_ctx_train });
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
+        }
+        let v = c.n_vocab as u64;
+        if self.all_logits {
+            self.eval(ids).await?;
+            let logits = self.batch_logits(n).await?;
+            return Ok(logits
+                .chunks(v as usize)
+                .map(|row| match want {
+                    Want::TopK(k) => RowOut::Best(crate::reference::top_k(row, k as usize).into_iter().map(|(i, x)| (i as u32, x)).collect()),
+                    Want::Logits => RowOut::Logits(row.to_vec()),
+                })
+                .collect());
+        }
+        let row_bytes = match want {
+            Want::TopK(k) => 2 * k as u64 * 4,
+            Want::Logits => v * 4,
+        };
+        self.grow_logit_rows(n, n as u64 * row_bytes).await?;
+        let mut r = self.forward(ids, None, true).await?;
+        match want {
+            Want::TopK(k) => {
+                let half = k as u64 * 4;
+                for j in 0..n as u64 {
+                    r.encoder().copy_buffer_to_buffer(&self.s.logits, j * v * 4, &self.s.logits_row, 0, v * 4);
+                    let (values, best) = ops::record_top_k(&mut r, &self.top_k, &self.s.logits_row, v as u32, k).await?;
+                    r.encoder().copy_buffer_to_buffer(best, 0, &self.readback, j * row_bytes, half);
+                    r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, j * row_bytes + half, half);
+                }
+            }
+            Want::Logits => r.encoder().copy_buffer_to_buffer(&self.s.logits, 0, &self.readback, 0, n as u64 * row_bytes),
+        }
+        r.submit()?;
+        let bytes = self.gpu.read_mapped(&self.readback, n as u64 * row_bytes).await?;
+        self.tokens.extend_from_slice(ids);
+        self.last_batch = n;
+        Ok(bytes
+            .chunks(row_bytes as usize)
+            .map(|row| match want {
+                Want::TopK(k) => RowOut::Best(Self::best_of(row, k)),
+                Want::Logits => RowOut::Logits(bytemuck::pod_collect_to_vec(row)),
+            })
+            .collect())
+    }
+
+    /// Makes the logits buffers hold `rows` rows, the row copy the vocabulary and the read-back
+    /// `readback` bytes, reallocating them (and so forgetting the cached bind groups) where
+    /// they are smaller: on first need only.
+    async fn grow_logit_rows(&mut self, rows: usize, readback: u64) -> Result<(), ModelError> {
+        let v = self.model.config.n_vocab as u64 * 4;
+        if readback > self.readback.size() {
+            self.readback = self.gpu.readback_buffer(readback.max((MAX_DRAFT as u64 + 1) * 2 * MAX_TOP_K as u64 * 4));
+        }
+        if rows <= self.logit_rows && self.s.logits_row.size() >= v {
+            return Ok(());
+        }
+        let rows = rows.max(MAX_DRAFT + 1).max(self.logit_rows);
+        self.s.logits = self.gpu.storage("logits", rows as u64 * v).await?;
+        self.s.logits2 = self.gpu.storage("logits2", rows as u64 * v).await?;
+        self.s.logits_row = self.gpu.storage("logits row", v).await?;
+        self.logit_rows = rows;
+        self.dispatch.clear();
+        Ok(())
+    }
+
     /// Feed `ids`; the last batch's submission also reads back `then`, whose bytes it returns.
     async fn eval_then(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
         let c = &self.model.config;
@@ -473,14 +572,15 @@ impl<'m> Session<'m> {
     /// The forward pass over one batch of at most MAX_BATCH tokens, as llama2.c's forward():
     /// embed, each layer's attention and feed-forward blocks, the output head.
     async fn eval_batch(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
-        let r = self.forward(ids, None).await?;
+        let r = self.forward(ids, None, false).await?;
         let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
         self.finish(r, n_last, then).await
     }
 
     /// Record the forward pass over `ids`: consecutive tokens of the current slot, or with
-    /// `per_token` one token of each of several slots (their logits then in rows 0..n).
-    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>) -> Result<Recorder<'m>, ModelError> {
+    /// `per_token` one token of each of several slots; with `every_row` the logits of every
+    /// token in rows 0..n (else only the last token's, or every one with all_logits).
+    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>, every_row: bool) -> Result<Recorder<'m>, ModelError> {
         let (m, s) = (self.model, &self.s);
         let c = &m.config;
         let n = ids.len() as u32;
@@ -503,7 +603,7 @@ impl<'m> Session<'m> {
             let h = self.attention_block(&mut r, &plan, &lora, i, layer).await?; // h = x + attention
             self.ffn_block(&mut r, &plan, &lora, layer, h).await?; //               x = h + ffn(h)
         }
-        self.output_head(&mut r, &lora, n, per_token.is_some()).await?; //     [n_out][n_vocab]
+        self.output_head(&mut r, &lora, n, every_row).await?; //               [n_out][n_vocab]
         Ok(r)
     }
 

@@ -194,6 +194,8 @@ fn load_and_serve(
         Ok(s) => s,
         Err(e) => return Ended::LoadFailed(anyhow!(e)),
     };
+    // prompt lookup on the one-sequence path (generate_guided); steps of several never draft
+    session.lookup = m.lookup(&gpu);
     // Warm-up: builds every pipeline a request uses (prompt batch, single-token step, GPU
     // argmax, logits read-back) so that the first client does not wait for it.
     let t = std::time::Instant::now();
