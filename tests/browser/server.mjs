@@ -14,7 +14,9 @@ export const CHROMIUM_ARGS = [
 
 import http from 'node:http';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { chromium } from 'playwright-core';
 
 const TYPES = {
   '.html': 'text/html; charset=utf-8',
@@ -82,4 +84,20 @@ export async function enginePage(ctx, server) {
     return window.engine.device;
   });
   return { page, device };
+}
+
+/**
+ * Headless Chromium (the CHROMIUM env var, else Debian's) in a fresh profile: {ctx, close};
+ * close() also removes the profile.
+ */
+export async function launchChromium() {
+  const userDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nomoat-chromium-'));
+  const ctx = await chromium.launchPersistentContext(userDir, { executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+  return {
+    ctx,
+    close: async () => {
+      await ctx.close();
+      fs.rmSync(userDir, { recursive: true, force: true });
+    },
+  };
 }

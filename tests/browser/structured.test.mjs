@@ -10,12 +10,9 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-import { startServer, enginePage, CHROMIUM_ARGS } from './server.mjs';
+import { startServer, enginePage, launchChromium } from './server.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const TINY = path.join(ROOT, 'tests/data/tiny');
@@ -65,21 +62,20 @@ const SCHEMAS = {
 let server;
 let ctx;
 let page;
-let userDir;
+let browser;
 
 before(async () => {
   server = await startServer({ root: path.join(ROOT, 'www'), models: TINY });
-  userDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nomoat-chromium-'));
-  ctx = await chromium.launchPersistentContext(userDir, { executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+  browser = await launchChromium();
+  ctx = browser.ctx;
   ({ page } = await enginePage(ctx, server));
   await page.evaluate(() => window.engine.loadUrl('models/llama-tiny.gguf', { nCtx: 256, cache: false }));
 });
 
 after(async () => {
   await page?.evaluate(() => window.engine?.terminate()).catch(() => {});
-  await ctx?.close();
+  await browser?.close();
   await server?.close();
-  if (userDir) fs.rmSync(userDir, { recursive: true, force: true });
 });
 
 /** Python's jsonschema on each reply: [{ok, error}] */

@@ -21,8 +21,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-import { startServer, enginePage, CHROMIUM_ARGS } from './server.mjs';
+import { startServer, enginePage, launchChromium } from './server.mjs';
 import { nativeBinary } from './native.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -64,7 +63,7 @@ let dir;
 let server;
 let ctx;
 let page;
-let userDir;
+let browser;
 const natives = [];
 
 /** A copy of the tiny model with `template` as its chat template and a 4096-token context
@@ -111,17 +110,16 @@ before(async () => {
   withTemplate('tiny-qwen.gguf', qwenTemplate);
   withTemplate('tiny-chatml.gguf', CHATML);
   server = await startServer({ root: path.join(ROOT, 'www'), models: dir });
-  userDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nomoat-chromium-'));
-  ctx = await chromium.launchPersistentContext(userDir, { executablePath: process.env.CHROMIUM || '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+  browser = await launchChromium();
+  ctx = browser.ctx;
   ({ page } = await enginePage(ctx, server));
 });
 
 after(async () => {
   for (const c of natives) c.kill();
   await page?.evaluate(() => window.engine?.terminate()).catch(() => {});
-  await ctx?.close();
+  await browser?.close();
   await server?.close();
-  if (userDir) fs.rmSync(userDir, { recursive: true, force: true });
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
