@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// after)
     #[arg(long, default_value_t = 30)]
     pub body_timeout: u64,
+    /// On SIGTERM, stop accepting connections and give the requests in progress up to this many
+    /// seconds to finish (0: stop at once, as Ctrl-C and a second signal do)
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub drain_timeout: u64,
 }
 
 /// Largest request body accepted (413 beyond).
@@ -270,19 +274,49 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         }
         let opts = RouterOptions { www, model_file: path.clone(), cors_origins: a.cors_origins.clone(), hosts };
         let app = router(state, &opts)?;
-        let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
+        // Ctrl-C stops at once; SIGTERM (a service manager's, Kubernetes') drains first
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let signal = async {
             #[cfg(unix)]
             {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                tokio::select! { _ = tokio::signal::ctrl_c() => false, _ = term.recv() => true }
             }
             #[cfg(not(unix))]
-            ctrl_c.await.ok();
+            {
+                tokio::signal::ctrl_c().await.ok();
+                false
+            }
         };
-        tokio::select! {
-            _ = accept_loop(listener, app, a.max_connections.max(1), Duration::from_secs(a.header_timeout.max(1))) => {}
-            _ = shutdown => eprintln!("nomoat serve: shutting down"),
+        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        let drain = tokio::select! {
+            _ = accept_loop(listener, app, a.max_connections.max(1), Duration::from_secs(a.header_timeout.max(1)), &connections) => false,
+            term = signal => term && a.drain_timeout > 0,
+        };
+        // the listener is closed: new connections are refused (a balancer tries another replica)
+        if drain {
+            let n = connections.count();
+            eprintln!(
+                "nomoat serve: SIGTERM: no new connections; {n} open connection{} may finish their requests (up to {} s)",
+                if n == 1 { "" } else { "s" },
+                a.drain_timeout
+            );
+            let t = std::time::Instant::now();
+            let again = async {
+                #[cfg(unix)]
+                tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+                #[cfg(not(unix))]
+                tokio::signal::ctrl_c().await.ok();
+            };
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(a.drain_timeout), connections.shutdown()) => match r {
+                    Ok(()) => eprintln!("nomoat serve: every connection finished in {:.1} s; shutting down", t.elapsed().as_secs_f64()),
+                    Err(_) => eprintln!("nomoat serve: --drain-timeout passed; shutting down with requests in progress"),
+                },
+                _ = again => eprintln!("nomoat serve: shutting down with requests in progress"),
+            }
+        } else {
+            eprintln!("nomoat serve: shutting down");
         }
         Ok::<_, anyhow::Error>(())
     })?;
@@ -304,7 +338,13 @@ fn www_dir(given: Option<PathBuf>) -> Result<Option<PathBuf>> {
 /// Serves connections until the task is dropped: HTTP/1.1 through hyper with a header-read
 /// timeout (slow or idle clients cannot hold a connection open), at most `max_connections`
 /// at once (the rest are closed on accept rather than queued in memory).
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router, max_connections: usize, header_timeout: Duration) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    max_connections: usize,
+    header_timeout: Duration,
+    connections: &hyper_util::server::graceful::GracefulShutdown,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
@@ -323,10 +363,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, max_connect
         };
         let _ = sock.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // on SIGTERM: the request in progress finishes, then the connection closes
+        let watcher = connections.watcher();
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
-            let _ = http.serve_connection(TokioIo::new(sock), service).await;
+            let _ = watcher.watch(http.serve_connection(TokioIo::new(sock), service)).await;
             drop(slot);
         });
     }

@@ -322,6 +322,31 @@ fn a_replica_stopping_mid_stream_leaves_the_other_serving() {
     });
     let statuses: Vec<u16> = (0..2).map(|i| complete(&bare.addr(), prompts[i], 4, false, None).status).collect();
     assert!(statuses.contains(&502), "without proxy_next_upstream a request should have failed on the dead replica: {statuses:?}\n{}", bare.log());
+
+    // SIGTERM (what Kubernetes sends): replica B refuses new connections at once, finishes the
+    // stream it is running, and exits by itself
+    let mut b = b;
+    let (tx, rx) = mpsc::channel();
+    let b_addr = b.addr.clone();
+    let stream = std::thread::spawn(move || complete(&b_addr, "Once upon a time", 24, true, Some(tx)));
+    rx.recv_timeout(Duration::from_secs(60)).expect("no first token from replica B within 60 s");
+    let term = Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let t = Instant::now();
+    while TcpStream::connect(&b.addr).is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(5), "replica B still accepts connections 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = stream.join().unwrap();
+    assert!(r.status == 200 && r.done && !r.hung, "the stream replica B was running at SIGTERM: {r:?}\n{}", b.log.lock().unwrap());
+    let exit = loop {
+        if let Some(status) = b.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "replica B did not exit after SIGTERM:\n{}", b.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "replica B exited with {exit:?}:\n{}", b.log.lock().unwrap());
     eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
