@@ -12,7 +12,7 @@
 //! - RoPE: 1e-5 + 3e-7·position: the angle is an f32 product, as in llama.cpp.
 //! - attention: max-abs ≤ 1e-5; the f16 cache is compared against a reference fed the same
 //!   f16-rounded keys and values, the q8_0 cache against one fed the values its bytes hold.
-//! - a q8_0 KV cache (kv_store, rope_kv): each value within one step (its block's scale) of the
+//! - a q8_0 KV cache (kv_store, rope_kv): each value within 1.1 steps (its block's scale) of the
 //!   reference quantization (a tie can round the other way), and an error against the exact
 //!   values at most 1.05 times the reference quantization's (truncating would make it 4 times).
 //!   Rows it does not take (heads of 48) are refused.
@@ -824,11 +824,13 @@ fn cache_checks(name: &str, kv: KvType, got_k: &[f32], got_v: &[f32], k_want: &[
 }
 
 /// A q8_0 cache's values `got` against `exact`, what was written (within `slack` of what the
-/// kernel quantized): each within one step (its block's scale) of the reference's quantization
+/// kernel quantized): each within 1.1 steps (its block's scale) of the reference's quantization
 /// of `exact` — a rounding that falls the other way (f32 division, or the kernel's input off by
-/// `slack`) moves a value one step; a wrong scale or int8 moves it further unless the block is
-/// tiny — and its error against `exact` (NMSE) at most 1.05 times the reference quantization's,
-/// which a rounding bias (truncation would make it 4 times) or a misplaced block would exceed.
+/// `slack`) moves a value one step (SwiftShader in Chromium reached 1.00 of a 1-step bound),
+/// a scale one f16 step apart moves an int8 of 127 by 0.06 steps; a wrong scale or int8 moves
+/// it further unless the block is tiny — and its error against `exact` (NMSE) at most 1.05
+/// times the reference quantization's, which a rounding bias (truncation makes it 4 times,
+/// measured) or a misplaced block would exceed.
 fn q8_checks(name: &str, got: &[f32], exact: &[f32], slack: f64) -> Vec<Check> {
     let (want, scales) = reference::kv_q8_0(exact);
     let steps = if got.len() != want.len() {
@@ -842,7 +844,7 @@ fn q8_checks(name: &str, got: &[f32], exact: &[f32], slack: f64) -> Vec<Check> {
     };
     let ratio = nmse(got, exact) / nmse(&want, exact).max(1e-30);
     vec![
-        Check { case: format!("{name}: q8_0 steps from the reference's quantization"), metric: "max steps", error: steps, bound: 1.0 },
+        Check { case: format!("{name}: q8_0 steps from the reference's quantization"), metric: "max steps", error: steps, bound: 1.1 },
         Check { case: format!("{name}: q8_0 error against the reference's"), metric: "nmse ratio", error: ratio, bound: 1.05 },
     ]
 }
