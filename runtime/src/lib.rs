@@ -42,6 +42,7 @@ pub mod error;
 pub mod generate;
 pub mod ggml_type;
 pub mod gguf;
+pub mod held;
 pub mod lookup;
 pub mod lora;
 pub mod model;

@@ -15,6 +15,7 @@
 use crate::arch::{Activation, QkPrep, RopeType};
 use crate::device::{Gpu, GpuError};
 use crate::error::ModelError;
+use crate::held::Held;
 use crate::lookup::Lookup;
 use crate::lora::{Lora, LoraAdapter};
 use crate::model::{Layer, Model};
@@ -123,9 +124,9 @@ struct Scratch {
 /// for a token of each.
 pub struct Session<'m> {
     /// The model it runs.
-    pub model: &'m Model,
+    pub model: Held<'m, Model>,
     /// The device the model and cache live on.
-    pub gpu: &'m Gpu,
+    pub gpu: Held<'m, Gpu>,
     /// Context size of each slot.
     pub n_ctx: usize,
     /// The element type of the KV cache.
@@ -166,17 +167,25 @@ pub const MAX_DRAFT: usize = 15;
 
 impl<'m> Session<'m> {
     /// `all_logits` keeps logits of every position of the last batch (perplexity needs them).
-    pub async fn new(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool) -> Result<Session<'m>, ModelError> {
-        Self::build(model, gpu, n_ctx, kv, all_logits, 1).await
+    /// The model and device are borrowed (`&model`) or shared (an `Arc`, for a session kept
+    /// beside them).
+    pub async fn new(model: impl Into<Held<'m, Model>>, gpu: impl Into<Held<'m, Gpu>>, n_ctx: usize, kv: KvType, all_logits: bool) -> Result<Session<'m>, ModelError> {
+        Self::build(model.into(), gpu.into(), n_ctx, kv, all_logits, 1).await
     }
 
     /// A session of `n_slots` sequences of up to `n_ctx` tokens each, which `step_slots` decodes
     /// together (slot 0 is current).
-    pub async fn with_slots(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, n_slots: usize) -> Result<Session<'m>, ModelError> {
-        Self::build(model, gpu, n_ctx, kv, false, n_slots).await
+    pub async fn with_slots(
+        model: impl Into<Held<'m, Model>>,
+        gpu: impl Into<Held<'m, Gpu>>,
+        n_ctx: usize,
+        kv: KvType,
+        n_slots: usize,
+    ) -> Result<Session<'m>, ModelError> {
+        Self::build(model.into(), gpu.into(), n_ctx, kv, false, n_slots).await
     }
 
-    async fn build(model: &'m Model, gpu: &'m Gpu, n_ctx: usize, kv: KvType, all_logits: bool, n_slots: usize) -> Result<Session<'m>, ModelError> {
+    async fn build(model: Held<'m, Model>, gpu: Held<'m, Gpu>, n_ctx: usize, kv: KvType, all_logits: bool, n_slots: usize) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         if n_ctx == 0 || n_ctx > c.n_ctx_train.max(1) {
             return Err(ModelError::Invalid(format!("context size {n_ctx} must be between 1 and the model's {}", c.n_ctx_train)));
@@ -225,6 +234,9 @@ impl<'m> Session<'m> {
             logits2: gpu.storage("logits2", logits_len).await?,
             logits_row: gpu.storage("logits row", if n_slots > 1 { c.n_vocab as u64 * 4 } else { 4 }).await?,
         };
+        let dispatch = Arc::new(DispatchCache::new(&gpu, SESSION_PARAM_SLOTS));
+        let top_k = TopKScratch::new(&gpu, c.n_vocab as u32).await?;
+        let readback = gpu.readback_buffer(step_rows * c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4);
         Ok(Session {
             model,
             gpu,
@@ -241,9 +253,9 @@ impl<'m> Session<'m> {
             adapters: Vec::new(),
             lora_t: None,
             lora_u: None,
-            dispatch: Arc::new(DispatchCache::new(gpu, SESSION_PARAM_SLOTS)),
-            top_k: TopKScratch::new(gpu, c.n_vocab as u32).await?,
-            readback: gpu.readback_buffer(step_rows * c.n_vocab.max(2 * MAX_TOP_K as usize) as u64 * 4),
+            dispatch,
+            top_k,
+            readback,
             lookup: Lookup::OFF,
             logit_rows: if all_logits { MAX_BATCH } else { step_rows as usize },
         })
@@ -364,7 +376,7 @@ impl<'m> Session<'m> {
             let best = crate::reference::top_k(&logits, k as usize);
             return Ok(best.into_iter().filter(|(i, _)| allows(*i)).map(|(i, v)| (i as u32, v)).collect());
         }
-        self.top_k.set_mask(self.gpu, mask);
+        self.top_k.set_mask(&self.gpu, mask);
         let bytes = self.eval_then(ids, Readback::MaskedTopK(k)).await?;
         Ok(self.top_k_of(&bytes, k))
     }
@@ -580,12 +592,12 @@ impl<'m> Session<'m> {
     /// Record the forward pass over `ids`: consecutive tokens of the current slot, or with
     /// `per_token` one token of each of several slots; with `every_row` the logits of every
     /// token in rows 0..n (else only the last token's, or every one with all_logits).
-    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>, every_row: bool) -> Result<Recorder<'m>, ModelError> {
-        let (m, s) = (self.model, &self.s);
+    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>, every_row: bool) -> Result<Recorder<'_>, ModelError> {
+        let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let n = ids.len() as u32;
         self.gpu.queue.write_buffer(&s.ids, 0, bytemuck::cast_slice(ids));
-        let mut r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let mut r = Recorder::with_cache(&self.gpu, self.dispatch.clone());
         // an adapter at scale 0 adds nothing: leaving it out keeps the fused path (and the base
         // model's logits bit for bit)
         let active: Vec<(Arc<LoraAdapter>, f32)> = self.adapters.iter().filter(|(_, scale)| *scale != 0.0).cloned().collect();
@@ -712,7 +724,7 @@ impl<'m> Session<'m> {
     /// logits = W_out · rms_norm(x) for every token, or for the last one only, soft-capped
     /// where the model says so.
     async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32, every_row: bool) -> Result<(), GpuError> {
-        let (m, s) = (self.model, &self.s);
+        let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let (d, vocab, eps) = (c.n_embd as u32, c.n_vocab as u32, c.norm_eps);
         let (x_out, n_out) = if self.all_logits || every_row {
@@ -823,7 +835,7 @@ impl<'m> Session<'m> {
 
     /// Logits of the last evaluated token, `[n_vocab]`.
     pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
-        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let r = Recorder::with_cache(&self.gpu, self.dispatch.clone());
         let bytes = self.finish(r, self.last_row(), Readback::Logits).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
@@ -836,7 +848,7 @@ impl<'m> Session<'m> {
 
     /// The k best (id, logit) of the last token, selected on the GPU (k ≤ MAX_TOP_K).
     pub async fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
-        let r = Recorder::with_cache(self.gpu, self.dispatch.clone());
+        let r = Recorder::with_cache(&self.gpu, self.dispatch.clone());
         let bytes = self.finish(r, self.last_row(), Readback::TopK(k)).await?;
         Ok(self.top_k_of(&bytes, k))
     }

@@ -186,8 +186,8 @@ async fn read_header(reader: &Reader) -> Result<Gguf, JsValue> {
 // The engine.
 
 struct Loaded {
-    // Field order is drop order: the sessions and a fine-tuning run borrow `model` (boxed, so it
-    // does not move) and the engine's boxed `Gpu`, and go first.
+    // The sessions and a fine-tuning run share `model` and the engine's `Gpu` (Arc): no borrow
+    // ties them together, so they are 'static.
     /// The "default" conversation's session (KV cache), made at load.
     session: Session<'static>,
     /// Conversations chat() named, each with a KV cache of its own over the same weights.
@@ -200,7 +200,7 @@ struct Loaded {
     /// LoRA adapters added for this model, active or not (the session holds the active ones
     /// with their scales).
     adapters: Vec<Arc<LoraAdapter>>,
-    model: Box<Model>,
+    model: Arc<Model>,
     /// The model's header: adapters are checked against its tensor names and shapes.
     gguf: Gguf,
     /// The model's recommended sampling values (its header's general.sampling.*, else its catalog entry's).
@@ -222,9 +222,9 @@ struct Loaded {
 }
 
 struct Inner {
-    // dropped before `gpu`, which every session and model buffer belongs to
+    // every session and model buffer belongs to `gpu`; the sessions hold it too
     loaded: Option<Loaded>,
-    gpu: Box<Gpu>,
+    gpu: Arc<Gpu>,
 }
 
 #[derive(Deserialize, Default)]
@@ -409,7 +409,7 @@ impl Engine {
             }
             gpu.set_adapter_info(info);
         }
-        Ok(Engine { inner: Rc::new(RefCell::new(Inner { loaded: None, gpu: Box::new(gpu) })), abort: Rc::new(Cell::new(false)) })
+        Ok(Engine { inner: Rc::new(RefCell::new(Inner { loaded: None, gpu: Arc::new(gpu) })), abort: Rc::new(Cell::new(false)) })
     }
 
     /// The device: adapter name, backend, kernel variant, largest binding.
@@ -705,11 +705,7 @@ impl Engine {
                 seed: o.seed,
                 valid_every: o.valid_every,
             };
-            let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
-            // SAFETY: as the session's borrow in `load`: `Loaded` drops `training` before the
-            // boxed model, and the engine drops `loaded` before the Gpu.
-            let model: &'static Model = unsafe { &*(&*l.model as *const Model) };
-            let run = Run::new(model, gpu, set.examples, valid, opts).await.map_err(|e| match e {
+            let run = Run::new(l.model.clone(), inner.gpu.clone(), set.examples, valid, opts).await.map_err(|e| match e {
                 ModelError::Training(m) => js_error("BadRequest", m),
                 e => model_error(&e),
             })?;
@@ -788,8 +784,7 @@ impl Engine {
         future_to_promise(async move {
             let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
             let inner = &mut *guard;
-            // SAFETY: as in `load`: the engine drops `loaded`, and every session in it, before the Gpu
-            let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
+            let gpu = inner.gpu.clone();
             let l = inner.loaded.as_mut().ok_or_else(|| js_error("NoModel", "no model is loaded"))?;
             let opts: ChatOptions = parse_options("chat options", options_json.as_deref())?;
             let gen = opts.generate_options(&l.sampling.defaults());
@@ -927,7 +922,7 @@ impl Loaded {
 
 /// The index in `l.others` of the conversation `name`, made (with the active adapters) if it is
 /// new: refused past [`MAX_SESSIONS`], or past the load's GPU memory limit.
-async fn open_session(gpu: &'static Gpu, l: &mut Loaded, name: &str) -> Result<usize, JsValue> {
+async fn open_session(gpu: Arc<Gpu>, l: &mut Loaded, name: &str) -> Result<usize, JsValue> {
     if let Some(i) = l.others.iter().position(|(n, _)| n == name) {
         return Ok(i);
     }
@@ -948,10 +943,7 @@ async fn open_session(gpu: &'static Gpu, l: &mut Loaded, name: &str) -> Result<u
             ));
         }
     }
-    // SAFETY: as the default session's in `load`: `Loaded` drops `others` before the boxed
-    // model, and the engine drops `loaded` before the Gpu.
-    let model: &'static Model = unsafe { &*(&*l.model as *const Model) };
-    let mut session = Session::new(model, gpu, n_ctx, l.kv, false).await.map_err(|e| model_error(&e))?;
+    let mut session = Session::new(l.model.clone(), gpu, n_ctx, l.kv, false).await.map_err(|e| model_error(&e))?;
     session.set_adapters(l.session.adapters().to_vec()).await.map_err(|e| model_error(&e))?;
     l.others.push((name.to_string(), session));
     Ok(l.others.len() - 1)
@@ -1057,13 +1049,9 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
     }
     let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("building the tokenizer: {e}")))?;
     let template = ChatTemplate::from_gguf(&gguf).map_err(|e| js_error("UnsupportedModel", format!("the chat template: {e}")))?;
-    let gpu: &'static Gpu = unsafe { &*(&*inner.gpu as *const Gpu) };
     let mut progress = |done: u64, total: u64| report(cb, "upload", done, total);
-    let model = Box::new(Model::load(&gguf, gpu, &mut JsSource(reader), &mut progress).await.map_err(|e| model_error(&e))?);
-    // SAFETY: the session borrows the boxed model and the boxed Gpu; `Loaded` drops the session
-    // before the model, and `Inner` drops `loaded` before the Gpu, which is never replaced.
-    let model_ref: &'static Model = unsafe { &*(&*model as *const Model) };
-    let session = Session::new(model_ref, gpu, n_ctx, kv, false).await.map_err(|e| model_error(&e))?;
+    let model = Arc::new(Model::load(&gguf, &inner.gpu, &mut JsSource(reader), &mut progress).await.map_err(|e| model_error(&e))?);
+    let session = Session::new(model.clone(), inner.gpu.clone(), n_ctx, kv, false).await.map_err(|e| model_error(&e))?;
     // the download must be complete (and cached) before we call the load done
     JsFuture::from(reader.finish()).await.map_err(|e| js_error("ReadError", js_message(&e)))?;
     let loaded = Loaded {

@@ -8,6 +8,7 @@
 use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::gguf::{Gguf, GgufWriter};
+use crate::held::Held;
 use crate::model::Model;
 use crate::reference::AdamW;
 use crate::rng::Rng;
@@ -126,7 +127,14 @@ pub enum Resumed {
 
 impl<'m> Run<'m> {
     /// The trainer's context is the longest example's length.
-    pub async fn new(model: &'m Model, gpu: &'m Gpu, train: Vec<Example>, valid: Vec<Example>, opts: RunOptions) -> Result<Run<'m>, ModelError> {
+    /// The model and device are borrowed or shared ([`Held`]).
+    pub async fn new(
+        model: impl Into<Held<'m, Model>>,
+        gpu: impl Into<Held<'m, Gpu>>,
+        train: Vec<Example>,
+        valid: Vec<Example>,
+        opts: RunOptions,
+    ) -> Result<Run<'m>, ModelError> {
         if train.is_empty() {
             return Err(ModelError::Training("the training data has no examples".into()));
         }

@@ -19,6 +19,7 @@ use crate::device::{Gpu, GpuError};
 use crate::error::{ByteSource, ModelError};
 use crate::ggml_type::GgmlType;
 use crate::gguf::Gguf;
+use crate::held::Held;
 use crate::lora::read_tensor;
 use crate::model::{Layer, Model};
 use crate::ops::{AttentionArgs, AttentionGrads, GpuMatrix, KvType, ProductIn, ProductOut, Recorder, RopeArgs};
@@ -103,9 +104,9 @@ struct Scratch {
 /// tokens needs.
 pub struct Trainer<'m> {
     /// The frozen base model.
-    pub model: &'m Model,
+    pub model: Held<'m, Model>,
     /// The device everything lives on.
-    pub gpu: &'m Gpu,
+    pub gpu: Held<'m, Gpu>,
     /// The factors' rank.
     pub rank: u32,
     /// LoRA alpha.
@@ -167,7 +168,18 @@ pub fn unsupported(model: &Model) -> Option<String> {
 impl<'m> Trainer<'m> {
     /// LoRA factors of `rank` on the projections named in `targets` (see [`TARGETS`]) of every
     /// layer: A uniform in ±1/sqrt(k) from `seed`, B zero (so training starts at the base model).
-    pub async fn new(model: &'m Model, gpu: &'m Gpu, targets: &[&str], rank: u32, alpha: f32, ctx: u32, seed: u64) -> Result<Trainer<'m>, ModelError> {
+    /// The model and device are borrowed or shared, as a session's ([`Held`]).
+    pub async fn new(
+        model: impl Into<Held<'m, Model>>,
+        gpu: impl Into<Held<'m, Gpu>>,
+        targets: &[&str],
+        rank: u32,
+        alpha: f32,
+        ctx: u32,
+        seed: u64,
+    ) -> Result<Trainer<'m>, ModelError> {
+        let (held_model, held_gpu) = (model.into(), gpu.into());
+        let (model, gpu): (&Model, &Gpu) = (&held_model, &held_gpu);
         if let Some(why) = unsupported(model) {
             return Err(ModelError::Training(why));
         }
@@ -264,7 +276,8 @@ impl<'m> Trainer<'m> {
             head_loss: st("head loss", hr * 4).await?,
         };
         let adapters = pairs.values().map(|p| 6 * 4 * p.rank as u64 * (p.a.k as u64 + p.b.n_rows as u64)).sum();
-        let trainer = Trainer { model, gpu, rank, alpha, ctx, pairs, xs, s, bytes: (adapters, activations.get()) };
+        let bytes = (adapters, activations.get());
+        let trainer = Trainer { model: held_model, gpu: held_gpu, rank, alpha, ctx, pairs, xs, s, bytes };
         trainer.zero_grads()?;
         Ok(trainer)
     }
@@ -310,8 +323,8 @@ impl<'m> Trainer<'m> {
         q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(&ids[..n as usize]));
         q.write_buffer(&self.s.targets, 0, bytemuck::cast_slice(&ids[1..]));
         q.write_buffer(&self.s.weights, 0, bytemuck::cast_slice(&weights[1..]));
-        let mut r = Recorder::new(self.gpu);
-        let m = self.model;
+        let mut r = Recorder::new(&self.gpu);
+        let m = &*self.model;
         match c.embed_scale() {
             Some(scale) => {
                 r.gather(&m.token_embd, &self.s.ids, &self.s.out, n).await?;
@@ -357,7 +370,7 @@ impl<'m> Trainer<'m> {
     /// One AdamW step `h` on every factor from its gradient times `grad_scale` (1 / the
     /// batch's trained tokens, times the clipping factor), then the gradients cleared.
     pub async fn optimizer_step(&mut self, h: crate::reference::AdamW, grad_scale: f32) -> Result<(), GpuError> {
-        let mut r = Recorder::new(self.gpu);
+        let mut r = Recorder::new(&self.gpu);
         for p in self.pairs.values() {
             let [ma, va, mb, vb] = &p.moments;
             r.adamw(&p.a.chunks[0].buffer, &p.grad_a, ma, va, p.a.n_rows * p.a.k, h, grad_scale).await?;
@@ -584,7 +597,7 @@ impl<'m> Trainer<'m> {
     /// The output head and the loss over n positions, in blocks of HEAD_ROWS: logits =
     /// W_out · rms_norm(x), their cross-entropy's gradient back to s.dx (dL/d(last output)).
     async fn head(&self, r: &mut Recorder<'_>, n: u32, backward: bool) -> Result<(), GpuError> {
-        let (m, s) = (self.model, &self.s);
+        let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let (d, v) = (c.n_embd as u32, c.n_vocab as u32);
         let x = &self.xs[c.n_layer];
