@@ -656,7 +656,7 @@ async function train(resume) {
 const nCtx = () => Number(ui.nCtx.value) || 2048;
 const loadOpts = () => {
   const limit = Number($('max-gpu-memory').value);
-  return { onProgress, nCtx: nCtx(), maxGpuMemory: limit > 0 ? limit : undefined };
+  return { onProgress, nCtx: nCtx(), kv: $('kv').value, maxGpuMemory: limit > 0 ? limit : undefined };
 };
 
 async function load(start) {
@@ -672,7 +672,7 @@ async function load(start) {
     loaded = true;
     const asked = nCtx();
     const lowered = asked > info.n_ctx ? ` (${asked} asked for: the model was trained on ${info.n_ctx_train})` : '';
-    ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${lowered}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
+    ui.modelInfo.textContent = `${info.name}: ${info.architecture}, ${info.n_layer} layers, ${mib(info.weight_bytes)} on the GPU, context ${info.n_ctx}${lowered}, KV cache ${info.kv}${info.from_cache ? ', from the cache' : ''} (${info.load_seconds.toFixed(1)} s)`;
     ui.progressLabel.textContent = 'loaded';
     showSampling(info.sampling);
     modelName = info.name;

@@ -127,6 +127,8 @@ export interface ModelInfo {
   n_vocab: number;
   n_ctx: number;
   n_ctx_train: number;
+  /** The KV cache's element type. */
+  kv: 'f16' | 'f32' | 'q8_0';
   /** The conversations over the model ('default' at load). */
   sessions: SessionState[];
   weight_bytes: number;

@@ -96,8 +96,16 @@ test('a model of an unknown architecture, or with a weight type nomoat does not 
   await page.screenshot({ path: path.join(ARTIFACTS, 'unsupported.png') });
   // the page goes on: the real model loads; a context over its training context is lowered to
   // it and the page says so (as the CLI and the server do)
+  // the KV cache type chosen on the page reaches the engine: q8_0 refuses the tiny model's
+  // 16-wide heads with the reason, and the page goes on with f16
+  await page.selectOption('#kv', 'q8_0');
+  const kvErr = await loadUrl(page, 'models/llama-tiny.gguf');
+  console.log(`q8_0 on 16-wide heads: ${kvErr}`);
+  assert.match(kvErr, /q8_0/);
+  await page.selectOption('#kv', 'f16');
   await page.fill('#n-ctx', '4096');
   assert.equal(await loadUrl(page, 'models/llama-tiny.gguf'), '');
+  assert.match(await page.textContent('#model-info'), /KV cache f16/);
   assert.match(await page.textContent('#model-info'), /context 256 \(4096 asked for: the model was trained on 256\)/);
   await page.close();
 });
@@ -115,10 +123,12 @@ test('a lost GPU device is named on the page, and a reload brings the model back
   assert.match(err, /DeviceLost: .*reload the page/);
   await page.screenshot({ path: path.join(ARTIFACTS, 'device-lost.png') });
   await page.close();
-  // a reload: a new device, the model from the cache, a reply
+  // a reload: a new device, the model from the cache (with a q8_0 KV cache), a reply
   page = await openPage(smolServer);
   await page.click('#new-chat');
+  await page.selectOption('#kv', 'q8_0');
   assert.equal(await loadUrl(page, `models/${SMOL}`), '');
+  assert.match(await page.textContent('#model-info'), /KV cache q8_0/);
   await page.fill('#max-tokens', '8');
   await page.fill('#input', 'What is the capital of France?');
   await page.press('#input', 'Enter');

@@ -972,6 +972,7 @@ fn info_json(gpu: &Gpu, l: &Loaded) -> serde_json::Value {
         "n_kv_head": c.n_kv_head,
         "n_vocab": c.n_vocab,
         "n_ctx": l.session.n_ctx,
+        "kv": l.kv.name(),
         "sessions": l.sessions_json(),
         "n_ctx_train": c.n_ctx_train,
         "weight_bytes": l.model.weight_bytes,
