@@ -835,9 +835,7 @@ impl CallIds {
     /// reply is text (it did not start with a call, or its calls do not parse).
     fn read(&self, text: &str) -> Option<ReadCalls> {
         let (content, calls) = tools::read_calls(text)?;
-        let ids =
-            calls.into_iter().enumerate().map(|(i, c)| (format!("call_{:016x}{:08x}", mix(self.0 ^ i as u64), mix(self.0.wrapping_add(i as u64)) as u32), c)).collect();
-        Some((content, ids))
+        Some((content, tools::with_ids(self.0, calls)))
     }
 }
 

@@ -219,6 +219,13 @@ fn with_layout(schema: &Value) -> Value {
     schema
 }
 
+/// A reply's calls with their ids, "call_" and 24 hex digits drawn from `seed` (random for each
+/// reply: the ids are unique within it and unguessable across replies).
+pub fn with_ids(seed: u64, calls: Vec<ToolCall>) -> Vec<(String, ToolCall)> {
+    let mut rng = crate::rng::Rng::new(seed);
+    calls.into_iter().map(|c| (format!("call_{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32), c)).collect()
+}
+
 /// A reply under a tool grammar read as calls: the text before them (None when empty) and the
 /// calls; None when it is text (it did not start with a call, or no call parses). The grammar
 /// makes the first character tell: a call starts with `<`, text cannot.

@@ -214,8 +214,6 @@ struct Loaded {
     /// The KV cache type and the memory limit of the load, for sessions made later.
     kv: KvType,
     max_gpu_memory: Option<u64>,
-    /// Tool calls made so far: their ids are "call_" and this count with a random part.
-    calls_made: u64,
     name: String,
     from_cache: bool,
     load_seconds: f64,
@@ -865,14 +863,10 @@ impl Engine {
             }
             let (text, finish, tool_calls) = match calls {
                 Some((content, calls)) => {
-                    let random = (js_sys::Math::random() * 4294967296.0) as u64;
-                    let list: Vec<serde_json::Value> = calls
+                    let seed = (js_sys::Math::random() * 9007199254740992.0) as u64; // 53 random bits
+                    let list: Vec<serde_json::Value> = tools::with_ids(seed, calls)
                         .into_iter()
-                        .map(|c| {
-                            l.calls_made += 1;
-                            let id = format!("call_{:08x}{:016x}", random, l.calls_made);
-                            serde_json::json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
-                        })
+                        .map(|(id, c)| serde_json::json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
                         .collect();
                     (content.unwrap_or_default(), "tool_calls", serde_json::Value::Array(list))
                 }
@@ -1068,7 +1062,6 @@ async fn load_inner(inner: &Rc<RefCell<Inner>>, reader: &Reader, cb: &JsValue, o
         gguf,
         guard: Guard::new(&tokenizer),
         template_tools: template.as_ref().is_some_and(|t| t.supports_tools()),
-        calls_made: 0,
         tokenizer: Arc::new(tokenizer),
         template,
         name: reader.name(),
