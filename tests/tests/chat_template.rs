@@ -302,7 +302,7 @@ fn render_hostile(src: &str) -> (Result<String, ChatError>, std::time::Duration)
         .unwrap()
 }
 
-/// Loops nested to 10^10 steps, a string doubled 64 times, a 100 MB string, 100 MB of output,
+/// Loops nested to 10^10 steps, a string doubled 64 times, a list doubled 40 times, a 100 MB string, 100 MB of output,
 /// `tojson` indented by 10^12 spaces (which aborted the process: the allocation failed), a huge
 /// `strftime_now` format: each is a `ChatError::Limit` within seconds, and a macro calling itself
 /// endlessly is an error, not a stack overflow.
@@ -314,6 +314,12 @@ fn hostile_templates_stop_at_their_limits() {
         "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
         "{% set ns = namespace(s=['ab']) %}{% for i in range(30) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | tojson }}",
         "{% set ns = namespace(s=['ab']) %}{% for i in range(30) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ''.join(ns.s) | length }}",
+        // minijinja materializes a concatenation of lists nested over 32 deep at once: 2^33
+        // items and more, priced in fuel by vendor/minijinja's patch before it allocates (the
+        // second, an iterable of no length, is flattened lazily and charged as it goes)
+        "{% set ns = namespace(s=['ab']) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
+        "{% set ns = namespace(s=range(99999) | list) %}{% for i in range(1000) %}{% for j in range(1000) %}{% set ns.s = ns.s + [j] %}{% endfor %}{% endfor %}{{ ns.s | length }}",
+        "{% set ns = namespace(s={'a': 1} | items) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
         "{% for i in range(10) %}{{ ('x' * 90000000) | length }}{% endfor %}",
         "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
         "{{ messages | tojson(indent=1000000000000) }}",
