@@ -319,7 +319,7 @@ impl Gpu {
     pub async fn upload(&self, label: &str, data: &[u8], pad: usize) -> Result<wgpu::Buffer, GpuError> {
         let size = ((data.len() + pad).max(4) + 3) & !3;
         let buf = self
-            .scoped(label, size as u64, || {
+            .scoped(&format!("uploading {label}"), size as u64, || {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
                     size: size as u64,
@@ -353,7 +353,7 @@ impl Gpu {
     /// An uninitialised storage buffer of `bytes` (rounded up to 4).
     pub async fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
         let size = (bytes.max(4) + 3) & !3;
-        self.scoped(label, size, || {
+        self.scoped(&format!("allocating {label}"), size, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,

@@ -110,6 +110,33 @@ test('a model of an unknown architecture, or with a weight type nomoat does not 
   await page.close();
 });
 
+test('the WebGPU implementation running out of memory is named on the page; the page goes on', { timeout: LONG }, async () => {
+  // A real out-of-memory from the implementation, not the page's own limit: SwiftShader cannot
+  // allocate a buffer of its whole 1 GiB limit (vkAllocateMemory: VK_ERROR_OUT_OF_DEVICE_MEMORY),
+  // and an f32 KV cache of 2^23 tokens gives the tiny model (2 kv heads of 16) layers of exactly
+  // 1 GiB. No limit is set on the page, so nothing refuses it before the device does.
+  const page = await openPage(tinyServer);
+  const long = patched((b) => {
+    const at = b.indexOf('llama.context_length') + 'llama.context_length'.length + 4;
+    assert.equal(b.readUInt32LE(at), 256);
+    b.writeUInt32LE(1 << 23, at);
+  });
+  await page.selectOption('#kv', 'f32');
+  await page.fill('#n-ctx', String(1 << 23));
+  const err = await loadBytes(page, 'long-context.gguf', long);
+  console.log(`out of GPU memory: ${err}`);
+  assert.match(err, /^OutOfMemory: out of GPU memory while allocating k cache \(1073741824 bytes requested\) — try a smaller model or a smaller context$/);
+  await page.screenshot({ path: path.join(ARTIFACTS, 'out-of-memory.png') });
+  // the page goes on: the same model with a context that fits loads (the tiny model has no chat
+  // template to reply with; the lost-device test below has the page reply after a failure)
+  await page.fill('#n-ctx', '256');
+  await page.setInputFiles('#model-file', { name: 'long-context.gguf', mimeType: 'application/octet-stream', buffer: long });
+  await page.waitForFunction(() => document.querySelector('#model-info').textContent.includes('context 256') || !document.querySelector('#error').hidden, null, { timeout: LONG });
+  assert.equal(await page.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '');
+  assert.match(await page.textContent('#model-info'), /KV cache f32/);
+  await page.close();
+});
+
 test('a lost GPU device is named on the page, and a reload brings the model back', { timeout: LONG }, async () => {
   let page = await openPage(smolServer);
   await page.click('#new-chat');
