@@ -491,6 +491,27 @@ fn a_panic_is_a_500_and_the_model_stays_loaded() {
     assert_eq!(log.matches("warmed up in").count(), 1, "the model was reloaded:\n{log}");
 }
 
+/// Item 6, the other side: a panic inside the GPU layer (wgpu made to panic from device.rs, as a
+/// bug there would) may leave the device unusable, so its request fails with a retryable error,
+/// the server opens the device again and reloads the model, and the next request is served as
+/// before. Run both ways: one request at a time, and batched.
+#[test]
+fn a_panic_in_the_gpu_layer_reloads_the_model() {
+    let _serial = serial();
+    for parallel in ["1", "4"] {
+        let s = Server::start(&["-m", &tiny("llama-tiny.gguf"), "--parallel", parallel], &[("NOMOAT_FAULT_GPU_PANIC_AT", "2")]);
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+        let first = s.post_ok("/v1/completions", &body);
+        let (status, text) = s.post("/v1/completions", &body, None);
+        assert!(status >= 500, "--parallel {parallel}: {status} {text}");
+        assert!(text.contains("the GPU layer panicked") && text.contains("device.rs"), "--parallel {parallel}: {text}");
+        let third = s.post_ok("/v1/completions", &body);
+        assert_eq!(third["choices"][0]["text"], first["choices"][0]["text"], "--parallel {parallel}: after the reload");
+        let log = s.log();
+        assert_eq!(log.matches("warmed up in").count(), 2, "--parallel {parallel}: the model was not reloaded once:\n{log}");
+    }
+}
+
 /// Item 7: text in a message (content or role) never becomes a control token: the prompt has
 /// the template's `<|im_start|>`/`<|im_end|>` and the message's as plain text.
 #[test]

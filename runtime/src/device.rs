@@ -37,6 +37,14 @@ pub enum GpuError {
     Unsupported(String),
 }
 
+/// Makes wgpu panic here, as a bug in this file would (a buffer sliced past its end): how the
+/// server's tests put a panic inside the GPU layer (`NOMOAT_FAULT_GPU_PANIC_AT`).
+#[doc(hidden)]
+pub fn provoke_wgpu_panic(device: &wgpu::Device) {
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor { label: Some("fault"), size: 4, usage: wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+    let _ = buffer.slice(..8);
+}
+
 /// What the caller wants from the device. Tests turn features off to exercise every variant.
 #[derive(Clone, Debug)]
 pub struct GpuOptions {

@@ -95,12 +95,29 @@ impl Stats {
 
 /// Faults the tests inject, from hidden environment variables.
 #[derive(Clone, Copy, Default)]
-struct Faults {
+pub(super) struct Faults {
     /// `NOMOAT_FAULT_LOSE_DEVICE_AT=N`: destroy the device before the N-th request.
     lose_device_at: Option<u64>,
     /// `NOMOAT_FAULT_PANIC_AT=N`: panic (outside the GPU layer) in the N-th request's second
     /// decoding step.
     panic_at: Option<u64>,
+    /// `NOMOAT_FAULT_GPU_PANIC_AT=N`: make wgpu panic in the N-th request's second step.
+    gpu_panic_at: Option<u64>,
+}
+
+impl Faults {
+    /// The panics asked for, in the `nth` request's decoding `step`.
+    pub(super) fn in_step(&self, device: &wgpu::Device, nth: u64, step: usize) {
+        if step != 2 {
+            return;
+        }
+        if self.panic_at == Some(nth) {
+            panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
+        }
+        if self.gpu_panic_at == Some(nth) {
+            nomoat_runtime::device::provoke_wgpu_panic(device);
+        }
+    }
 }
 
 thread_local! {
@@ -139,7 +156,7 @@ fn gpu_layer_panic(file: &str) -> bool {
 pub fn start(m: ModelArgs, mut jobs: mpsc::Receiver<Job>, stats: Arc<Stats>, mut parallel: Option<usize>) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let fault_at = Faults { lose_device_at: env("NOMOAT_FAULT_LOSE_DEVICE_AT"), panic_at: env("NOMOAT_FAULT_PANIC_AT") };
+    let fault_at = Faults { lose_device_at: env("NOMOAT_FAULT_LOSE_DEVICE_AT"), panic_at: env("NOMOAT_FAULT_PANIC_AT"), gpu_panic_at: env("NOMOAT_FAULT_GPU_PANIC_AT") };
     install_panic_hook();
     std::thread::Builder::new().name("nomoat-engine".into()).spawn(move || {
         let mut ready = Some(ready_tx);
@@ -265,9 +282,9 @@ fn load_and_serve(
         }
     };
     let ended = if session.n_slots() > 1 {
-        super::parallel::run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at)
+        super::parallel::run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at)
     } else {
-        run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at.panic_at)
+        run(&mut session, &tokenizer, &adapters, jobs, stats, &fault, fault_at)
     };
     match ended {
         None => Ended::Stopped,
@@ -283,7 +300,7 @@ fn run(
     jobs: &mut mpsc::Receiver<Job>,
     stats: &Stats,
     fault: &dyn Fn(u64),
-    panic_at: Option<u64>,
+    faults: Faults,
 ) -> Option<String> {
     while let Some(mut job) = jobs.blocking_recv() {
         if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
@@ -302,11 +319,10 @@ fn run(
             pollster::block_on(session.set_adapters(wanted))?;
             let cancelled = || job.cancel.load(Ordering::SeqCst) || job.events.is_closed();
             let mut on_text = |piece: &str| -> bool { !cancelled() && job.events.send(Event::Text(piece.to_string())).is_ok() };
+            let device = session.gpu.device.clone();
             let mut on_step = |step: usize| {
                 stats.counters.rate.add(1);
-                if panic_at == Some(nth) && step == 2 {
-                    panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
-                }
+                faults.in_step(&device, nth, step);
             };
             pollster::block_on(session.generate_guided(tokenizer, &job.prompt, &job.opts, &mut job.guide, &mut on_text, &cancelled, &mut on_step))
         }));

@@ -11,7 +11,7 @@
 //! bias, log-probabilities, forced tokens) take their step alone on their slot, between the
 //! batched ones.
 
-use super::engine::{gpu_layer_panic_now, probe, Event, Job, Outcome, Stats};
+use super::engine::{gpu_layer_panic_now, probe, Event, Faults, Job, Outcome, Stats};
 use nomoat_runtime::device::GpuError;
 use nomoat_runtime::error::ModelError;
 use nomoat_runtime::generate::{Generation, Steps};
@@ -63,7 +63,7 @@ pub(super) fn run(
     jobs: &mut mpsc::Receiver<Job>,
     stats: &Stats,
     fault: &dyn Fn(u64),
-    panic_at: Option<u64>,
+    faults: Faults,
 ) -> Option<String> {
     let mut active: Vec<Seq> = Vec::new();
     // a request waiting for the running ones to finish, to change the adapter set
@@ -129,7 +129,7 @@ pub(super) fn run(
         stats.busy.store(true, Ordering::SeqCst);
         stats.counters.running.store(active.len(), Ordering::Relaxed);
         let mut sampled = 0;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| step(session, tokenizer, &mut active, panic_at, &mut sampled)));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| step(session, tokenizer, &mut active, faults, &mut sampled)));
         stats.counters.rate.add(sampled);
         let turns = match result {
             Ok(turns) => turns,
@@ -143,11 +143,16 @@ pub(super) fn run(
                 } else {
                     probe(session).err().map(|why| format!("the GPU no longer answers after a panic ({why})"))
                 };
+                // as one request at a time says it (engine.rs): a retry is served once reloaded
+                let error = match &lost {
+                    Some(why) => format!("{why}; the server is opening the device again: retry the request"),
+                    None => format!("internal error during generation: {msg}"),
+                };
                 for seq in active.drain(..) {
                     session.select_slot(seq.slot);
                     session.reset();
                     ended(stats, 0);
-                    let _ = seq.job.events.send(Event::Error(format!("internal error during generation: {msg}")));
+                    let _ = seq.job.events.send(Event::Error(error.clone()));
                 }
                 if lost.is_some() {
                     return lost;
@@ -244,7 +249,7 @@ fn pick_slot(session: &Session<'_>, active: &[Seq], last_used: &[u64], prompt: &
 /// One round: a prompt chunk of one request still prefilling, then a step of every request
 /// decoding (the plain one-token ones together, the others alone). Returns each request's turn,
 /// in order; `sampled` counts the tokens sampled.
-fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], panic_at: Option<u64>, sampled: &mut u32) -> Vec<Turn> {
+fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], faults: Faults, sampled: &mut u32) -> Vec<Turn> {
     let mut turns: Vec<Turn> = active.iter().map(|_| Turn::Continue).collect();
     // cancelled requests end at once, freeing their slots
     for (seq, turn) in active.iter_mut().zip(turns.iter_mut()) {
@@ -282,7 +287,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
                         RowOut::Best(best) => sampler.sample_top(&best),
                         RowOut::Logits(logits) => sampler.sample(&logits),
                     };
-                    turns[i] = take(session, tokenizer, &mut active[i], next, panic_at, sampled);
+                    turns[i] = take(session, tokenizer, &mut active[i], next, faults, sampled);
                 }
             }
             Err(e) => {
@@ -300,7 +305,7 @@ fn step(session: &mut Session<'_>, tokenizer: &Tokenizer, active: &mut [Seq], pa
         let feed = std::mem::take(&mut seq.feed);
         let steps = seq.steps.as_mut().unwrap();
         turns[i] = match pollster::block_on(session.eval_sample_guided(&feed, &mut steps.sampler, &mut seq.job.guide)) {
-            Ok(next) => take(session, tokenizer, seq, next, panic_at, sampled),
+            Ok(next) => take(session, tokenizer, seq, next, faults, sampled),
             Err(e) => Turn::Failed(e),
         };
     }
@@ -332,7 +337,7 @@ async fn prefill_chunk(session: &mut Session<'_>, tokenizer: &Tokenizer, seq: &m
     let steps = Steps::new(tokenizer, &seq.job.opts, sampler, prompt.len(), seq.reused, seq.start.elapsed().as_secs_f64());
     seq.steps = Some(steps);
     *turn = match first {
-        Some(next) => take(session, tokenizer, seq, next, None, sampled),
+        Some(next) => take(session, tokenizer, seq, next, Faults::default(), sampled),
         None => Turn::Done(cancelled(seq, tokenizer)),
     };
     Ok(())
@@ -340,7 +345,7 @@ async fn prefill_chunk(session: &mut Session<'_>, tokenizer: &Tokenizer, seq: &m
 
 /// `next`, sampled after `seq`'s last feed, into its generation (counted in `sampled`): streams
 /// its text and sets the next feed, or ends the request.
-fn take(session: &Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, next: u32, panic_at: Option<u64>, sampled: &mut u32) -> Turn {
+fn take(session: &Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, next: u32, faults: Faults, sampled: &mut u32) -> Turn {
     *sampled += 1;
     let job = &mut seq.job;
     let steps = seq.steps.as_mut().unwrap();
@@ -348,11 +353,7 @@ fn take(session: &Session<'_>, tokenizer: &Tokenizer, seq: &mut Seq, next: u32, 
     let cancelled = || cancel.load(Ordering::SeqCst) || events.is_closed();
     let mut on_text = |piece: &str| -> bool { !cancelled() && events.send(Event::Text(piece.to_string())).is_ok() };
     let nth = seq.nth;
-    let mut on_step = |step: usize| {
-        if panic_at == Some(nth) && step == 2 {
-            panic!("NOMOAT_FAULT_PANIC_AT={nth}: a panic outside the GPU layer, on purpose");
-        }
-    };
+    let mut on_step = |step: usize| faults.in_step(&session.gpu.device, nth, step);
     let cache_len = session.slot_tokens(seq.slot).len();
     match steps.advance(tokenizer, next, &mut job.guide, cache_len, session.n_ctx, &mut on_text, &cancelled, &mut on_step) {
         Ok(Some(feed)) => {
