@@ -183,10 +183,66 @@ impl Tokenizer {
         self.attrs[id as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0
     }
 
-    /// llama.cpp's tokenizer_st_partition: cuts special tokens out of the text. A token that
-    /// `parse_special` governs is not cut out where its text would cover a byte offset of
-    /// `literal` (sorted): that character is plain text.
+    /// llama.cpp's tokenizer_st_partition: cuts special tokens out of the text, longest first
+    /// (ties by id), each where it stands whole in text no longer token cut out before it, from
+    /// the left. A token that `parse_special` governs is not cut out where its text would cover a
+    /// byte offset of `literal` (sorted): that character is plain text.
+    ///
+    /// Each occurrence is found once (one pass of the matcher over the text) and taken or left
+    /// by rank; where a text holds more overlapping occurrences than [`MAX_OCCURRENCES_PER_BYTE`]
+    /// a byte (tokens that contain one another, over and over), it cuts token by token instead.
     pub(super) fn partition(&self, text: &str, parse_special: bool, literal: &[usize]) -> Vec<Fragment> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let Some(finder) = &self.special_finder else {
+            return vec![Fragment::Text(0..text.len())];
+        };
+        let most = text.len().saturating_mul(MAX_OCCURRENCES_PER_BYTE).max(4096);
+        // (rank in `special`, start) of every occurrence of a token that may be cut out
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for m in finder.find_overlapping_iter(text) {
+            let k = m.pattern().as_usize();
+            if (parse_special || !self.parse_special_governs(self.special[k])) && !m.is_empty() {
+                found.push((k, m.start()));
+                if found.len() > most {
+                    return self.partition_by_passes(text, parse_special, literal);
+                }
+            }
+        }
+        found.sort_unstable();
+        // what is cut out so far: start -> (end, token)
+        let mut cut: std::collections::BTreeMap<usize, (usize, u32)> = std::collections::BTreeMap::new();
+        for (k, at) in found {
+            let id = self.special[k];
+            let end = at + self.texts[id as usize].len();
+            if self.parse_special_governs(id) && literal.get(literal.partition_point(|&p| p < at)).is_some_and(|&p| p < end) {
+                continue;
+            }
+            if cut.range(..end).next_back().is_some_and(|(_, &(cut_end, _))| cut_end > at) {
+                continue;
+            }
+            cut.insert(at, (end, id));
+        }
+        let mut fragments = Vec::with_capacity(2 * cut.len() + 1);
+        let mut start = 0;
+        for (at, (end, id)) in cut {
+            if at > start {
+                fragments.push(Fragment::Text(start..at));
+            }
+            fragments.push(Fragment::Token(id));
+            start = end;
+        }
+        if start < text.len() {
+            fragments.push(Fragment::Text(start..text.len()));
+        }
+        fragments
+    }
+
+    /// [`Tokenizer::partition`] as llama.cpp writes it: a pass over the text's fragments for
+    /// each token present, cutting it out where it stands whole. For texts whose occurrences are
+    /// too many to list; [`Tokenizer::partition`] gives the same fragments (a test compares them).
+    pub(super) fn partition_by_passes(&self, text: &str, parse_special: bool, literal: &[usize]) -> Vec<Fragment> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -200,14 +256,14 @@ impl Tokenizer {
             present[m.pattern().as_usize()] = true;
         }
         for (k, &id) in self.special.iter().enumerate() {
-            if !present[k] {
+            let pattern = self.texts[id as usize].as_str();
+            if !present[k] || pattern.is_empty() {
                 continue;
             }
             let governed = self.parse_special_governs(id);
             if !parse_special && governed {
                 continue;
             }
-            let pattern = self.texts[id as usize].as_str();
             let covers_literal = |at: usize| governed && literal.get(literal.partition_point(|&p| p < at)).is_some_and(|&p| p < at + pattern.len());
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for f in fragments {
@@ -239,4 +295,21 @@ impl Tokenizer {
         }
         fragments
     }
+
+    /// The fragments special tokens cut `text` into (`Ok(token)` or `Err(text)`), one pass
+    /// over the text or (`by_passes`) llama.cpp's pass per token: for tests.
+    #[doc(hidden)]
+    pub fn fragments(&self, text: &str, parse_special: bool, literal: &[usize], by_passes: bool) -> Vec<Result<u32, std::ops::Range<usize>>> {
+        let f = if by_passes { self.partition_by_passes(text, parse_special, literal) } else { self.partition(text, parse_special, literal) };
+        f.into_iter()
+            .map(|f| match f {
+                Fragment::Token(id) => Ok(id),
+                Fragment::Text(r) => Err(r),
+            })
+            .collect()
+    }
 }
+
+/// How many overlapping special-token occurrences a byte of text may hold before
+/// [`Tokenizer::partition`] stops listing them (16 bytes each) and cuts token by token.
+const MAX_OCCURRENCES_PER_BYTE: usize = 4;
