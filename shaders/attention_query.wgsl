@@ -4,7 +4,9 @@
 // k_cache, v_cache: [ctx][n_kv_head][head_dim] (f32, f16 or q8_0, see lib/kv.wgsl), holding positions
 // 0..pos0+n_q at rows kv_row0..; out: [n_q][n_head][head_dim] f32. SEQ_ROWS: each query its
 // own sequence's position and cache rows (lib/seq_place.wgsl; never with
-// KV_BROADCAST's shared keys, HEADS_SHARE_KV aside).
+// KV_BROADCAST's shared keys, HEADS_SHARE_KV aside). SPLIT_K (every mode): workgroup_id.z
+// takes one chunk of the keys (lib/attention.wgsl's split_keys) and out is the partials
+// buffer, which attention_merge.wgsl turns into the output.
 // Query head h reads kv head h / (n_head / n_kv_head) (grouped-query attention). Query position
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
 
@@ -93,10 +95,25 @@ fn take_key(score: f32, seen: bool) -> vec2<f32> {
     return vec2<f32>(rescale, w);
 }
 
-fn store_output(q_base: u32) {
+// the output of the query at q_base in q; SPLIT_K: chunk c's partial (acc unnormalised, then
+// the softmax's maximum and sum)
+fn store_output(q_base: u32, c: u32) {
+#if SPLIT_K
+    let row = q_base / HEAD_DIM;
+    let stats = partial_stats(c, row, HEAD_DIM);
+    out[stats] = run_max;
+    out[stats + 1u] = run_sum;
+    let o_base = partial_out(c, row, HEAD_DIM);
+#else
+    let o_base = q_base;
+#endif
     for (var d = 0u; d < HEAD_DIM / 4u; d++) {
+#if SPLIT_K
+        let o = acc[d];
+#else
         let o = acc[d] / run_sum;
-        let e = q_base + 4u * d;
+#endif
+        let e = o_base + 4u * d;
         out[e] = o.x;
         out[e + 1u] = o.y;
         out[e + 2u] = o.z;
@@ -104,6 +121,103 @@ fn store_output(q_base: u32) {
     }
 }
 
+#if DIM_LANES
+// DIM_LANES (decode; subgroups of exactly the workgroup's 8 lanes, HEAD_DIM a fixed multiple
+// of 32): one workgroup per (kv head, query) takes all GROUP query heads of the kv head, and its
+// 8 lanes split each row's dimensions: lane l holds quads l, l + 8, ... of every head's query
+// and output, so that a K or V row is one load per lane for all GROUP heads (a q8_0 block per
+// step of 8 quads), a score is a subgroupAdd of the lanes' partial dot products, and every
+// lane does useful multiplications (the query heads or keys of the other modes leave lanes idle
+// or load a row per lane). The softmax is the same on every lane.
+const LANE_QUADS: u32 = HEAD_DIM / 32u;
+var<private> q_lane: array<vec4<f32>, GROUP * LANE_QUADS>;
+var<private> acc_lane: array<vec4<f32>, GROUP * LANE_QUADS>;
+var<private> max_h: array<f32, GROUP>;
+var<private> sum_h: array<f32, GROUP>;
+
+@compute @workgroup_size(8)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * nwg.x;
+    if (group >= p.n_kv_head * p.n_q) {
+        return;
+    }
+    let t = group % p.n_q;
+    let kvh = group / p.n_q;
+    let place = seq_place(t);
+    let kv_stride = p.n_kv_head * HEAD_DIM;
+    let kv_offset = place.y * kv_stride + kvh * HEAD_DIM;
+    // row (query t, head kvh · GROUP + g) of q and out
+    let row0 = t * p.n_head + kvh * GROUP;
+    for (var g = 0u; g < GROUP; g++) {
+        for (var d = 0u; d < LANE_QUADS; d++) {
+            let e = (row0 + g) * HEAD_DIM + 4u * (8u * d + lid);
+            q_lane[g * LANE_QUADS + d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
+            acc_lane[g * LANE_QUADS + d] = vec4<f32>(0.0);
+        }
+        max_h[g] = NEG_BIG;
+        sum_h[g] = 0.0;
+    }
+    let keys = split_keys(first_key(place.x), place.x + 1u, wid.z);
+    for (var j = keys.x; j < keys.y; j++) {
+        let kb = j * kv_stride + kv_offset;
+        var kq: array<vec4<f32>, LANE_QUADS>;
+        for (var d = 0u; d < LANE_QUADS; d++) {
+            kq[d] = k_quad(kb + 4u * (8u * d + lid)) * k_scale(kb + 32u * d);
+        }
+        // the lanes' partial dot products, four heads to a vector: one subgroupAdd for four
+        var part: array<vec4<f32>, (GROUP + 3u) / 4u>;
+        for (var g = 0u; g < GROUP; g++) {
+            var s4 = vec4<f32>(0.0);
+            for (var d = 0u; d < LANE_QUADS; d++) {
+                s4 = fma(q_lane[g * LANE_QUADS + d], kq[d], s4);
+            }
+            part[g / 4u][g % 4u] = s4.x + s4.y + s4.z + s4.w;
+        }
+        for (var i = 0u; i < (GROUP + 3u) / 4u; i++) {
+            part[i] = subgroupAdd(part[i]);
+        }
+        var rescale: array<f32, GROUP>;
+        var w: array<f32, GROUP>;
+        for (var g = 0u; g < GROUP; g++) {
+            let score = part[g / 4u][g % 4u];
+            let new_max = max(max_h[g], score);
+            rescale[g] = exp(max_h[g] - new_max);
+            w[g] = exp(score - new_max);
+            sum_h[g] = sum_h[g] * rescale[g] + w[g];
+            max_h[g] = new_max;
+        }
+        for (var d = 0u; d < LANE_QUADS; d++) {
+            let vq = v_quad(kb + 4u * (8u * d + lid)) * v_scale(kb + 32u * d);
+            for (var g = 0u; g < GROUP; g++) {
+                acc_lane[g * LANE_QUADS + d] = fma(acc_lane[g * LANE_QUADS + d], vec4<f32>(rescale[g]), w[g] * vq);
+            }
+        }
+    }
+    for (var g = 0u; g < GROUP; g++) {
+#if SPLIT_K
+        let o_base = partial_out(wid.z, row0 + g, HEAD_DIM);
+        if (lid == 0u) {
+            let stats = partial_stats(wid.z, row0 + g, HEAD_DIM);
+            out[stats] = max_h[g];
+            out[stats + 1u] = sum_h[g];
+        }
+        let norm = 1.0;
+#else
+        let o_base = (row0 + g) * HEAD_DIM;
+        let norm = 1.0 / sum_h[g];
+#endif
+        for (var d = 0u; d < LANE_QUADS; d++) {
+            let o = acc_lane[g * LANE_QUADS + d] * norm;
+            let e = o_base + 4u * (8u * d + lid);
+            out[e] = o.x;
+            out[e + 1u] = o.y;
+            out[e + 2u] = o.z;
+            out[e + 3u] = o.w;
+        }
+    }
+}
+#else
 #if KEY_LANES
 // KEY_LANES (decode; subgroups of exactly the workgroup's 8 lanes): one workgroup per (head,
 // query), whose lanes split the keys (lane l takes keys l, l + 8, ...), each lane with its own
@@ -118,17 +232,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let at = start_query(group / p.n_q, group % p.n_q);
-    walk_keys(at, first_key(at.pos) + lid, 8u);
+    let keys = split_keys(first_key(at.pos), at.pos + 1u, wid.z);
+    walk_keys(at, keys.x + lid, keys.y, 8u);
     // every query sees at least its own key, so some lane's maximum is a score; a lane that
     // took no key (run_max NEG_BIG) scales to 0
     let m = subgroupMax(run_max);
     let scale = exp(run_max - m);
+    run_max = m;
     run_sum = subgroupAdd(run_sum * scale);
     for (var d = 0u; d < HEAD_DIM / 4u; d++) {
         acc[d] = subgroupAdd(acc[d] * scale);
     }
     if (lid == 0u) {
-        store_output(at.base);
+        store_output(at.base, wid.z);
     }
 }
 #else
@@ -173,7 +289,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let k_hi = p.pos0 + min(t_first + 7u, p.n_q - 1u);
 #endif
     let n_quads = HEAD_DIM / 4u;
-    for (var j = k_lo; j <= k_hi; j++) {
+    let keys = split_keys(k_lo, k_hi + 1u, wid.z);
+    for (var j = keys.x; j < keys.y; j++) {
         let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 8u) {
@@ -213,27 +330,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
     }
     if (writes) {
-        store_output(at.base);
+        store_output(at.base, wid.z);
     }
 }
 #else
 @compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(workgroup_id) wid: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
     if (i >= p.n_head * p.n_q) {
         return;
     }
     let at = start_query(i / p.n_q, i % p.n_q);
-    walk_keys(at, first_key(at.pos), 1u);
-    store_output(at.base);
+    let keys = split_keys(first_key(at.pos), at.pos + 1u, wid.z);
+    walk_keys(at, keys.x, keys.y, 1u);
+    store_output(at.base, wid.z);
 }
 #endif
 #endif
+#endif
 
-// keys first, first + step, ... up to the query's own into this invocation's softmax
-fn walk_keys(at: QueryAt, first: u32, step: u32) {
+// keys first, first + step, ... before end into this invocation's softmax
+fn walk_keys(at: QueryAt, first: u32, end: u32, step: u32) {
     let n_quads = HEAD_DIM / 4u;
-    for (var j = first; j <= at.pos; j += step) {
+    for (var j = first; j < end; j += step) {
         let kb = j * at.kv_stride + at.kv_offset;
         var s4 = vec4<f32>(0.0);
         for (var d = 0u; d < n_quads; d += 4u) {

@@ -8,7 +8,10 @@
 // p sees keys j ≤ p, and with a sliding window only those with p − j < window.
 // Invocation j scores key k0 + j of each tile of WG keys, the tile's softmax weights go through
 // shared memory, and each invocation keeps the running output for head dimensions lid,
-// lid + WG, ... rescaled whenever the running maximum grows.
+// lid + WG, ... rescaled whenever the running maximum grows. SPLIT_K: workgroup_id.z takes one
+// chunk of the keys (lib/attention.wgsl's split_keys) and out is the partials buffer, which
+// attention_merge.wgsl turns into the output (flash-decoding, for few (head, query) pairs over
+// a long cache).
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k_cache: array<KvStore>;
@@ -53,8 +56,9 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
     workgroupBarrier();
 
-    let k_start = first_key(pos);
-    let k_end = pos + 1u;
+    let keys = split_keys(first_key(pos), pos + 1u, wid.z);
+    let k_start = keys.x;
+    let k_end = keys.y;
     var run_max = NEG_BIG;
     var run_sum = 0.0;
     var acc = array<f32, DIMS_PER_LANE>();
@@ -105,10 +109,23 @@ fn main(@builtin(local_invocation_index) lid: u32,
         }
         workgroupBarrier();
     }
+#if SPLIT_K
+    let row = t * p.n_head + h;
+    let o_base = partial_out(wid.z, row, hd);
+    if (lid == 0u) {
+        let stats = partial_stats(wid.z, row, hd);
+        out[stats] = run_max;
+        out[stats + 1u] = run_sum;
+    }
+#endif
     for (var c = 0u; c < DIMS_PER_LANE; c++) {
         let d = lid + c * WG;
         if (d < hd) {
+#if SPLIT_K
+            out[o_base + d] = acc[c];
+#else
             out[q_base + d] = acc[c] / run_sum;
+#endif
         }
     }
 }

@@ -55,6 +55,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("lib/attention.wgsl", include_str!("../shaders/lib/attention.wgsl")),
     ("attention_workgroup.wgsl", include_str!("../shaders/attention_workgroup.wgsl")),
     ("attention_query.wgsl", include_str!("../shaders/attention_query.wgsl")),
+    ("attention_merge.wgsl", include_str!("../shaders/attention_merge.wgsl")),
     ("topk.wgsl", include_str!("../shaders/topk.wgsl")),
     ("copy.wgsl", include_str!("../shaders/copy.wgsl")),
     ("product_backward.wgsl", include_str!("../shaders/product_backward.wgsl")),
@@ -90,9 +91,9 @@ impl Defines {
 }
 
 /// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention_query.wgsl's
-/// KV_BROADCAST, HEADS_SHARE_KV and KEY_LANES): dropped for variants without them, so every
+/// KV_BROADCAST, HEADS_SHARE_KV, KEY_LANES and DIM_LANES): dropped for variants without them, so every
 /// key builds on every variant.
-const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES"];
+const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES", "DIM_LANES"];
 
 /// The full WGSL text of `file` for `variant`.
 pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<String, String> {

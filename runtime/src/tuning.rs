@@ -35,6 +35,10 @@ pub struct KernelOverrides {
     pub attention_key_lanes: Option<bool>,
     /// `NOMOAT_ATTENTION_HEADS_SHARE_KV=0`: no HEADS_SHARE_KV.
     pub attention_heads_share_kv: Option<bool>,
+    /// `NOMOAT_ATTENTION_DIM_LANES=0`: no DIM_LANES.
+    pub attention_dim_lanes: Option<bool>,
+    /// `NOMOAT_ATTENTION_SPLIT=0` / `1`: split-K attention never / wherever it can.
+    pub attention_split: Option<bool>,
     /// `NOMOAT_SAMPLE_TOPK=gpu` / `readback`: sampling reads the GPU's top-k, or every logit.
     pub sample_top_k: Option<bool>,
 }
@@ -58,6 +62,8 @@ impl KernelOverrides {
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
             attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
             attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
+            attention_dim_lanes: off("NOMOAT_ATTENTION_DIM_LANES"),
+            attention_split: choice("NOMOAT_ATTENTION_SPLIT", "1", "0"),
             sample_top_k: choice("NOMOAT_SAMPLE_TOPK", "gpu", "readback"),
         }
     }
@@ -111,6 +117,11 @@ pub struct Tuning {
     pub attention_broadcast: bool,
     pub attention_key_lanes: bool,
     pub attention_heads_share_kv: bool,
+    pub attention_dim_lanes: bool,
+    /// Split-K attention (flash-decoding): a dispatch of fewer workgroups than
+    /// `attention_split.groups` cuts each query's keys into chunks of at least
+    /// `attention_split.keys`, one workgroup each, merged by a second pass.
+    pub attention_split: AttentionSplit,
     /// The most best logits sampling takes from the GPU's top-k kernel instead of reading every
     /// logit back: MAX_TOP_K on GPUs; 1 (the argmax only) on CPU devices, where the kernel for
     /// k > 1 costs more than the read-back (bench/README.md, "Sampling's read-back").
@@ -123,6 +134,19 @@ pub struct Tuning {
     /// the weights once for all rows (not measured: no GPU here). bench/README.md has the
     /// numbers.
     pub decode_slots: usize,
+}
+
+/// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionSplit {
+    pub groups: u32,
+    pub keys: u32,
+}
+
+impl AttentionSplit {
+    pub const NEVER: AttentionSplit = AttentionSplit { groups: 0, keys: u32::MAX };
+    /// Wherever there are two chunks of 8 keys (what tests force).
+    pub const ALWAYS: AttentionSplit = AttentionSplit { groups: u32::MAX, keys: 8 };
 }
 
 impl Tuning {
@@ -152,6 +176,16 @@ impl Tuning {
             attention_broadcast: o.attention_broadcast != Some(false),
             attention_key_lanes: o.attention_key_lanes != Some(false),
             attention_heads_share_kv: o.attention_heads_share_kv != Some(false),
+            attention_dim_lanes: o.attention_dim_lanes != Some(false),
+            attention_split: match o.attention_split {
+                Some(true) => AttentionSplit::ALWAYS,
+                Some(false) => AttentionSplit::NEVER,
+                // CPU devices: never (lavapipe on 2 loaded cores: 1.5 to 2x slower split in 2 to
+                // 8 than whole, bench/README.md); GPUs: a few workgroups per compute unit (not
+                // measured: no GPU here)
+                None if cpu => AttentionSplit::NEVER,
+                None => AttentionSplit { groups: 256, keys: 256 },
+            },
             sample_top_k_max: if o.sample_top_k.unwrap_or(!cpu) { crate::ops::MAX_TOP_K } else { 1 },
             decode_slots: match (cpu, token_tile) {
                 (false, _) => 8,
@@ -210,6 +244,9 @@ mod tests {
         assert!(!gpu.cpu && gpu.tiled_matmul && !gpu.attention_per_query && !gpu.token_tile && gpu.loop_budget.is_none());
         assert_eq!((gpu.matvec.tpr, gpu.matvec.rpi, gpu.matvec.wg), (32, 1, 64));
         assert_eq!(gpu.decode_slots, 8);
+        assert!(gpu.attention_split.groups > 0 && lavapipe.attention_split == AttentionSplit::NEVER && lavapipe.attention_dim_lanes);
+        let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { attention_split: Some(true), ..Default::default() });
+        assert_eq!(forced.attention_split, AttentionSplit::ALWAYS);
         let o = KernelOverrides { matvec_tpr: Some(4), matvec_rpi: Some(3), matvec_wg: Some(2), tiled_matmul: Some(true), token_tile: Some(false), ..Default::default() };
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &o);
         assert_eq!((forced.matvec.tpr, forced.matvec.rpi, forced.matvec.wg), (4, 3, 4));

@@ -861,7 +861,7 @@ fn to_f16_and_back(v: &[f32]) -> Vec<f32> {
 
 /// Attention cases: (queries, heads, kv heads, head_dim, position of the first query, sliding
 /// window).
-const ATTENTION_CASES: [(u32, u32, u32, u32, u32, u32); 11] = [
+const ATTENTION_CASES: [(u32, u32, u32, u32, u32, u32); 12] = [
     (1, 9, 3, 64, 37, 0),     // decode, GQA
     (20, 4, 1, 256, 0, 0),    // prefill
     (12, 4, 2, 32, 5, 0),     // prefill, a small head: per-query kernels built for it
@@ -873,6 +873,7 @@ const ATTENTION_CASES: [(u32, u32, u32, u32, u32, u32); 11] = [
     (2, 4, 1, 256, 4000, 0),  // past the per-query kernel's loop budget (llvmpipe)
     (1, 8, 2, 64, 300, 128),  // decode, GQA, sliding window
     (1, 16, 2, 32, 50, 0),    // decode, 8 query heads to a kv head
+    (1, 4, 1, 256, 3400, 0),  // decode deep, unsplit just within the loop budget (llvmpipe)
 ];
 
 /// One attention case's inputs: its arguments, q, k and v, and the caches filled by kv_store
@@ -997,11 +998,12 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
     let shape =
         reference::AttentionShape { n_head: n_head as usize, n_kv_head: n_kv_head as usize, head_dim: head_dim as usize, pos0: pos0 as usize, window: None, scale };
     let (want_held, want_exact) = (reference::attention(&q, &k_held, &v_held, shape), reference::attention(&q, &k, &v, shape));
-    for per_query in [false, true] {
+    for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
         let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window: 0, scale, kv };
         let mut rec = Recorder::new(gpu);
         rec.query_per_invocation = Some(per_query);
-        let kernel = format!("{:?}", rec.attention_kernel(&a));
+        rec.split_k = Some(if split_k { u32::MAX } else { 1 });
+        let kernel = attention_name(&rec, &a);
         rec.attention(&qb, &k_cache, &v_cache, &out, a).await?;
         rec.submit()?;
         let got = gpu.read_f32(&out, 0, q.len()).await?;
@@ -1013,8 +1015,16 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// Every attention kernel the device has for each case, against the reference over the values
-/// the cache holds.
+/// The attention kernel a recorder runs for `a`, and its split-K chunks where it splits.
+fn attention_name(rec: &Recorder, a: &AttentionArgs) -> String {
+    match rec.attention_split(a) {
+        1 => format!("{:?}", rec.attention_kernel(a)),
+        n => format!("{:?} split {n}", rec.attention_kernel(a)),
+    }
+}
+
+/// Every attention kernel the device has for each case, each also split-K (forced: a chunk
+/// every 8 keys, up to MAX_SPLIT), against the reference over the values the cache holds.
 async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for kv in KvType::ALL {
@@ -1038,10 +1048,14 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 scale: c.scale,
             };
             let want = reference::attention(&q, &k_want, &v_want, shape);
-            for per_query in [false, true] {
+            for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut rec = Recorder::new(gpu);
                 rec.query_per_invocation = Some(per_query);
-                let kernel = format!("{:?}", rec.attention_kernel(&c));
+                rec.split_k = Some(if split_k { u32::MAX } else { 1 });
+                if split_k && rec.attention_split(&c) == 1 {
+                    continue; // too few keys to split: the case above
+                }
+                let kernel = attention_name(&rec, &c);
                 rec.attention(&qb, &k_cache, &v_cache, &out, c).await?;
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;
@@ -1100,15 +1114,17 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
                     want.extend(reference::attention(&q[i * qd..(i + 1) * qd], &k[r0..r1], &v[r0..r1], shape));
                 }
                 let args = AttentionArgs { n_q: n_seqs as u32, n_head, n_kv_head, head_dim, pos0: 0, window, scale, kv };
-                for per_query in [false, true] {
+                for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
                     let mut rec = Recorder::new(gpu);
                     rec.query_per_invocation = Some(per_query);
+                    rec.split_k = Some(if split_k { u32::MAX } else { 1 });
                     rec.attention_at(&qb, &k_cache, &v_cache, &out, args, Places::PerToken(&places)).await?;
                     rec.submit()?;
                     let got = gpu.read_f32(&out, 0, q.len()).await?;
                     let family = if per_query { "per query" } else { "PerWorkgroup" };
+                    let split = if split_k { " split-K" } else { "" };
                     checks.push(Check::max_abs(
-                        format!("attention SEQ_ROWS {family} {kv:?} {n_seqs} sequences {n_head}/{n_kv_head}x{head_dim} window={window}"),
+                        format!("attention SEQ_ROWS {family}{split} {kv:?} {n_seqs} sequences {n_head}/{n_kv_head}x{head_dim} window={window}"),
                         &got,
                         &want,
                         1e-5,

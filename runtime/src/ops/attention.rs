@@ -1,6 +1,7 @@
 //! Causal attention over the KV cache: one workgroup per (head, query) (attention_workgroup.wgsl,
 //! GPUs) or one query per invocation (attention_query.wgsl and its subgroup modes, CPU devices),
-//! chosen by [`attention_kernel`].
+//! chosen by [`attention_kernel`]; either split-K (flash-decoding: chunks of the keys in
+//! separate workgroups, merged by attention_merge.wgsl) where [`attention_split`] says.
 
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::{KvType, Places, MAX_SEQ_ROWS};
@@ -12,6 +13,15 @@ use crate::tuning::{Tuning, LLVMPIPE_LOOP_BUDGET};
 
 /// Both attention kernels' bindings, in order: q, k, v, out, params.
 pub const ATTENTION_LAYOUT: &[Bind] = &[Read, Read, Read, ReadWrite, Uniform];
+
+/// attention_merge.wgsl's bindings: the partials, out, params.
+pub const ATTENTION_MERGE_LAYOUT: &[Bind] = &[Read, ReadWrite, Uniform];
+
+/// Invocations per workgroup of attention_merge.wgsl.
+const MERGE_WG: u32 = 64;
+
+/// The most chunks split-K cuts a query's keys into.
+const MAX_SPLIT: u32 = 64;
 
 /// Attention of `n_q` queries at positions `pos0..` in `n_head` heads over the cache's
 /// `n_kv_head` heads (of type `kv`), `head_dim` each; `window` 0 for no sliding window.
@@ -40,6 +50,7 @@ params! {
         kv_row0: u32,
         seqs: [u32; 2 * MAX_SEQ_ROWS],
         kv_scales: u32,
+        n_split: u32,
     }
 }
 
@@ -56,15 +67,32 @@ pub enum AttentionKernel {
     HeadsShareKv,
     /// KEY_LANES: one query's keys split over 8 lanes.
     KeyLanes,
+    /// DIM_LANES: all query heads of a kv head, each row's dimensions split over 8 lanes.
+    DimLanes,
 }
 
 /// Invocations per workgroup of the one-query-per-invocation attention: one 256-bit register
 /// of f32 lanes on lavapipe.
 const QUERY_WG: u32 = 8;
 
+/// DIM_LANES for heads of this size or more: for smaller ones its per-key subgroup reduction
+/// costs more than the multiplications it spreads over the lanes (lavapipe, SmolLM2's 64: 20%
+/// slower than HEADS_SHARE_KV; Gemma 3's 256: 1.5 to 3x faster than KEY_LANES).
+const DIM_LANES_MIN_HEAD_DIM: u32 = 128;
+
 /// Heads up to this size get per-query kernels built for their head_dim (attention_query.wgsl says
 /// why); larger ones share one that reads it from the parameters.
 const QUERY_FIXED_HEAD_DIM_MAX: u32 = 64;
+
+/// DIM_LANES's kernel: built for the head size and the query heads a kv head has (`group`).
+fn dim_lanes_defines(kv: KvType, head_dim: u32, group: u32) -> Defines {
+    kv.defines()
+        .value("WG", format!("{QUERY_WG}u"))
+        .value("HEAD_DIM", format!("{head_dim}u"))
+        .value("HEAD_QUADS", format!("{}u", head_dim / 4))
+        .value("GROUP", format!("{group}u"))
+        .flag("DIM_LANES")
+}
 
 fn query_attention_defines(kv: KvType, head_dim: u32) -> Defines {
     let d = kv.defines().value("WG", format!("{QUERY_WG}u"));
@@ -77,7 +105,7 @@ fn query_attention_defines(kv: KvType, head_dim: u32) -> Defines {
 
 /// Both attention kernels for every cache type: the per-workgroup kernel and every per-query mode.
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
-    let mut keys = Vec::new();
+    let mut keys = vec![PipelineKey { file: "attention_merge.wgsl", entry: "main", defines: Defines::default().value("WG", format!("{MERGE_WG}u")) }];
     for kv in KvType::ALL {
         keys.push(PipelineKey { file: "attention_workgroup.wgsl", entry: "main", defines: kv.defines() });
         // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
@@ -91,9 +119,16 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
                 keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.clone() });
                 keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.clone().flag("KEY_LANES") });
                 keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: d.flag("KV_BROADCAST").flag("HEADS_SHARE_KV") });
+                for group in [1, 3, 4, 8] {
+                    let d = dim_lanes_defines(kv, head_dim, group);
+                    keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: if seq_rows { d.flag("SEQ_ROWS") } else { d } });
+                }
             }
         }
     }
+    // each of them split-K too
+    let split: Vec<PipelineKey> = keys.iter().skip(1).map(|k| PipelineKey { defines: k.defines.clone().flag("SPLIT_K"), ..k.clone() }).collect();
+    keys.extend(split);
     keys
 }
 
@@ -102,24 +137,27 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// where the head fits their loops and the keys a lane walks fit llvmpipe's loop budget; among
 /// them, on subgroups of exactly the workgroup's 8 lanes, the broadcast for 8 queries or more
 /// (prefill), for fewer (decode) the query heads of a kv head sharing its rows where that
-/// leaves two workgroups or more, otherwise the keys split over lanes (on lavapipe sharing is
-/// the faster of the two with several workgroups, the slower with one).
-pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>) -> AttentionKernel {
-    attention_kernel_for(t, a, per_query, true)
+/// leaves two workgroups or more (split-K's chunks counted, `split` forcing them as in
+/// [`attention_split`]), otherwise the keys split over lanes (on lavapipe sharing is the
+/// faster of the two with several workgroups, the slower with one).
+pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, split: Option<u32>) -> AttentionKernel {
+    attention_kernel_for(t, a, per_query, split, true)
 }
 
 /// `attention_kernel`, where `shared_keys` says whether the queries are consecutive positions
 /// of one sequence (the broadcast shares their keys; a step of several sequences cannot).
-fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, shared_keys: bool) -> AttentionKernel {
+fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, split: Option<u32>, shared_keys: bool) -> AttentionKernel {
     if !per_query.unwrap_or(t.attention_per_query) || !a.head_dim.is_multiple_of(16) {
         return AttentionKernel::PerWorkgroup;
     }
     let quads_of_8 = t.subgroups_of_8 && a.head_dim.is_multiple_of(32);
     let per_kv = a.n_head / a.n_kv_head;
-    let fits = |kernel| per_query_fits(a, kernel, LLVMPIPE_LOOP_BUDGET);
+    let fits = |kernel| per_query_fits(a, kernel, attention_split(t, a, kernel, split), LLVMPIPE_LOOP_BUDGET);
+    let share_groups = a.n_kv_head * a.n_q * attention_split(t, a, AttentionKernel::HeadsShareKv, split);
     [
         (AttentionKernel::Broadcast, quads_of_8 && shared_keys && a.n_q >= QUERY_WG && t.attention_broadcast),
-        (AttentionKernel::HeadsShareKv, quads_of_8 && a.n_q < QUERY_WG && (2..=QUERY_WG).contains(&per_kv) && a.n_kv_head * a.n_q >= 2 && t.attention_heads_share_kv),
+        (AttentionKernel::DimLanes, quads_of_8 && a.n_q < QUERY_WG && a.head_dim >= DIM_LANES_MIN_HEAD_DIM && (1..=QUERY_WG).contains(&per_kv) && t.attention_dim_lanes),
+        (AttentionKernel::HeadsShareKv, quads_of_8 && a.n_q < QUERY_WG && (2..=QUERY_WG).contains(&per_kv) && share_groups >= 2 && t.attention_heads_share_kv),
         (AttentionKernel::KeyLanes, t.subgroups_of_8 && a.n_q < QUERY_WG && t.attention_key_lanes),
         (AttentionKernel::PerQuery, true),
     ]
@@ -129,10 +167,62 @@ fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, 
 }
 
 /// Whether a per-query kernel's lanes stay within `budget` loop iterations: each walks all the
-/// keys (an eighth of them with KEY_LANES), 1 + head_dim / 16 iterations a key.
-fn per_query_fits(a: &AttentionArgs, kernel: AttentionKernel, budget: u64) -> bool {
+/// keys of its chunk (one of `n_split`; an eighth of them with KEY_LANES), 1 + head_dim / 16
+/// iterations a key where the head size is fixed (its loops unroll), and where it is a
+/// parameter (heads over 64) those of its two loops over the head, of 16 elements a step (32
+/// with the 8-lane broadcast): 1 + head_dim / 8 (head_dim 256 gave wrong outputs at 3,401 keys
+/// by the first count).
+fn per_query_fits(a: &AttentionArgs, kernel: AttentionKernel, n_split: u32, budget: u64) -> bool {
     let lanes_per_query = if kernel == AttentionKernel::KeyLanes { QUERY_WG } else { 1 };
-    (a.pos0 + a.n_q).div_ceil(lanes_per_query) as u64 * (1 + a.head_dim as u64 / 16) <= budget
+    let per_key = match kernel {
+        _ if a.head_dim <= QUERY_FIXED_HEAD_DIM_MAX || kernel == AttentionKernel::DimLanes => 1 + a.head_dim / 16,
+        AttentionKernel::Broadcast | AttentionKernel::HeadsShareKv => 1 + a.head_dim / 16,
+        _ => 1 + a.head_dim / 8,
+    };
+    chunk_keys(a.pos0 + a.n_q, n_split).div_ceil(lanes_per_query) as u64 * per_key as u64 <= budget
+}
+
+/// The most keys one of `n_split` chunks of `keys` holds (lib/attention.wgsl's split_keys:
+/// equal chunks, rounded up to a multiple of 8).
+fn chunk_keys(keys: u32, n_split: u32) -> u32 {
+    if n_split <= 1 {
+        keys
+    } else {
+        keys.div_ceil(n_split).next_multiple_of(8).min(keys)
+    }
+}
+
+/// Workgroups `kernel` dispatches for `a` without a split.
+fn kernel_groups(a: &AttentionArgs, kernel: AttentionKernel) -> u32 {
+    match kernel {
+        AttentionKernel::PerWorkgroup | AttentionKernel::KeyLanes => a.n_head * a.n_q,
+        AttentionKernel::PerQuery => (a.n_head * a.n_q).div_ceil(QUERY_WG),
+        AttentionKernel::Broadcast => a.n_head * a.n_q.div_ceil(QUERY_WG),
+        AttentionKernel::HeadsShareKv | AttentionKernel::DimLanes => a.n_kv_head * a.n_q,
+    }
+}
+
+/// The chunks split-K cuts each query's keys into for `kernel` on a device tuned as `t`
+/// (`force`: Some(n) n chunks, None the device's choice): 1 (no split) where the dispatch has
+/// `t.attention_split.groups` workgroups or more, else enough chunks to have them, each of
+/// `t.attention_split.keys` keys at least (of the keys a query sees: its window's at most);
+/// never more than one per 8 keys or MAX_SPLIT.
+pub(super) fn attention_split(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel, force: Option<u32>) -> u32 {
+    let mut keys = a.pos0 + a.n_q;
+    if a.window > 0 {
+        // a query's window, and for several queries of a workgroup (the broadcast) theirs
+        keys = keys.min(a.window + a.n_q.min(QUERY_WG));
+    }
+    let most = (keys / 8).clamp(1, MAX_SPLIT);
+    if let Some(n) = force {
+        return n.clamp(1, most);
+    }
+    let s = t.attention_split;
+    let groups = kernel_groups(a, kernel).max(1);
+    if groups >= s.groups || s.keys == 0 {
+        return 1;
+    }
+    s.groups.div_ceil(groups).min(keys / s.keys).clamp(1, most)
 }
 
 /// Whether `kernel` runs `a` within the device's loop budget (llvmpipe ends an invocation
@@ -140,11 +230,12 @@ fn per_query_fits(a: &AttentionArgs, kernel: AttentionKernel, budget: u64) -> bo
 /// one-workgroup-per-query kernel takes about (head_dim + 4·64 + 16) / 64 of them a key (its
 /// score loop, its 4 x 64 weighted-sum loop and its reductions, per tile of 64 keys; head_dim
 /// 256 gave wrong outputs at 16,000 keys and right ones at 4,000).
-pub(super) fn attention_within_loop_budget(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel) -> bool {
+/// `n_split`: the chunks of a split-K dispatch, each walking its own part of the keys.
+pub(super) fn attention_within_loop_budget(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel, n_split: u32) -> bool {
     let Some(budget) = t.loop_budget else { return true };
     match kernel {
-        AttentionKernel::PerWorkgroup => (a.pos0 + a.n_q) as u64 * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= budget,
-        _ => per_query_fits(a, kernel, budget),
+        AttentionKernel::PerWorkgroup => chunk_keys(a.pos0 + a.n_q, n_split) as u64 * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= budget,
+        _ => per_query_fits(a, kernel, n_split, budget),
     }
 }
 
@@ -153,7 +244,13 @@ impl Recorder<'_> {
     /// `NOMOAT_ATTENTION=query` / `workgroup`, `NOMOAT_ATTENTION_BROADCAST=0`,
     /// `_HEADS_SHARE_KV=0`, `_KEY_LANES=0` steer it through the device's tuning.
     pub fn attention_kernel(&self, a: &AttentionArgs) -> AttentionKernel {
-        attention_kernel(&self.gpu.tuning, a, self.query_per_invocation)
+        attention_kernel(&self.gpu.tuning, a, self.query_per_invocation, self.split_k)
+    }
+
+    /// The chunks `attention` cuts each query's keys into for `a` (1: no split; see
+    /// [`attention_split`]); `NOMOAT_ATTENTION_SPLIT=0` / `1` or `split_k` steer it.
+    pub fn attention_split(&self, a: &AttentionArgs) -> u32 {
+        attention_split(&self.gpu.tuning, a, self.attention_kernel(a), self.split_k)
     }
 
     /// Causal attention of q: [n_q][n_head][head_dim] over the cache into out.
@@ -184,9 +281,10 @@ impl Recorder<'_> {
                 AttentionArgs { pos0: most.saturating_sub(a.n_q), ..a }
             }
         };
-        let kernel = attention_kernel_for(&self.gpu.tuning, &a_keys, self.query_per_invocation, !per_token);
+        let kernel = attention_kernel_for(&self.gpu.tuning, &a_keys, self.query_per_invocation, self.split_k, !per_token);
+        let n_split = attention_split(&self.gpu.tuning, &a_keys, kernel, self.split_k);
         let keys = a_keys.pos0 + a_keys.n_q;
-        let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys, kernel: Some(kernel) };
+        let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys, kernel: Some((kernel, n_split)) };
         supports(op, Some(self.gpu))?;
         let params = AttentionParams {
             n_q: a.n_q,
@@ -199,8 +297,16 @@ impl Recorder<'_> {
             kv_row0,
             seqs,
             kv_scales: a.kv.scales_word(k, a.n_kv_head * a.head_dim),
+            n_split,
         };
-        let seq_rows = |d: Defines| if per_token { d.flag("SEQ_ROWS") } else { d };
+        let seq_rows = |d: Defines| {
+            let d = if per_token { d.flag("SEQ_ROWS") } else { d };
+            if n_split > 1 {
+                d.flag("SPLIT_K")
+            } else {
+                d
+            }
+        };
         let per_query = seq_rows(query_attention_defines(a.kv, a.head_dim));
         let (defines, groups) = match kernel {
             AttentionKernel::PerWorkgroup => (seq_rows(a.kv.defines()), (a.n_head, a.n_q, 1)),
@@ -221,8 +327,21 @@ impl Recorder<'_> {
                 let (gx, gy) = grid(a.n_head * a.n_q);
                 (per_query.flag("KEY_LANES"), (gx, gy, 1))
             }
+            AttentionKernel::DimLanes => {
+                let (gx, gy) = grid(a.n_kv_head * a.n_q);
+                (seq_rows(dim_lanes_defines(a.kv, a.head_dim, a.n_head / a.n_kv_head)), (gx, gy, 1))
+            }
         };
         let file = if kernel == AttentionKernel::PerWorkgroup { "attention_workgroup.wgsl" } else { "attention_query.wgsl" };
-        self.dispatch(PipelineKey { file, entry: "main", defines }, &[q, k, v, out], &params, groups).await
+        if n_split <= 1 {
+            return self.dispatch(PipelineKey { file, entry: "main", defines }, &[q, k, v, out], &params, groups).await;
+        }
+        // split-K: each chunk's partial into the partials buffer, then their merge into out
+        let rows = (a.n_q * a.n_head) as u64;
+        let partials = self.attention_partials(4 * n_split as u64 * rows * (a.head_dim as u64 + 2)).await?;
+        self.dispatch(PipelineKey { file, entry: "main", defines }, &[q, k, v, &partials], &params, (groups.0, groups.1, n_split)).await?;
+        let (gx, gy) = grid((rows as u32 * a.head_dim).div_ceil(MERGE_WG));
+        let merge = PipelineKey { file: "attention_merge.wgsl", entry: "main", defines: Defines::default().value("WG", format!("{MERGE_WG}u")) };
+        self.dispatch(merge, &[&partials, out], &params, (gx, gy, 1)).await
     }
 }

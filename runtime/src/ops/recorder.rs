@@ -28,6 +28,9 @@ pub struct DispatchCache {
     params: wgpu::Buffer,
     slots: u32,
     bind_groups: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+    /// Split-K attention's partial results (`Recorder::attention_partials`), grown on demand:
+    /// one buffer for every layer, whose dispatches run in order.
+    partials: Mutex<Option<wgpu::Buffer>>,
 }
 
 #[derive(PartialEq, Eq, Hash)]
@@ -45,7 +48,7 @@ impl DispatchCache {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        DispatchCache { params, slots: slots.max(1), bind_groups: Mutex::new(HashMap::new()) }
+        DispatchCache { params, slots: slots.max(1), bind_groups: Mutex::new(HashMap::new()), partials: Mutex::new(None) }
     }
 
     /// Forget the bind groups, and with them the buffers they hold.
@@ -101,6 +104,10 @@ pub struct Recorder<'g> {
     /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
     /// per (head, query), None what suits the device (tests run both everywhere).
     pub query_per_invocation: Option<bool>,
+    /// Attention's split-K (flash-decoding): Some(n) cuts each query's keys into n chunks (at
+    /// most one per 8 keys; Some(1): no split), None where it pays on the device (tests and
+    /// benchmarks force both).
+    pub split_k: Option<u32>,
 }
 
 /// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
@@ -132,6 +139,7 @@ impl<'g> Recorder<'g> {
             tiled_matmul: None,
             token_tile: None,
             query_per_invocation: None,
+            split_k: None,
         }
     }
 
@@ -184,6 +192,17 @@ impl<'g> Recorder<'g> {
             t.1 += ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
         }
         Ok(())
+    }
+
+    /// A buffer of at least `bytes` for split-K attention's partial results, the cache's own
+    /// (kept for the next dispatches and recordings, replaced by a larger one when short).
+    pub(super) async fn attention_partials(&mut self, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+        if let Some(b) = self.cache.partials.lock().unwrap().as_ref().filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = self.gpu.storage("attention partials", bytes.next_power_of_two()).await?;
+        *self.cache.partials.lock().unwrap() = Some(b.clone());
+        Ok(b)
     }
 
     /// The encoder, for copies between dispatches (ends the open compute pass).

@@ -3,7 +3,7 @@
 //! (as ggml backends' `supports_op`). `device` None asks about any device (the rules of the
 //! kernels themselves); a device adds its binding limit and its loop budget.
 
-use super::attention::{attention_kernel, attention_within_loop_budget, AttentionArgs, AttentionKernel};
+use super::attention::{attention_kernel, attention_split, attention_within_loop_budget, AttentionArgs, AttentionKernel};
 use super::rope_kv::KvType;
 use super::top_k::MAX_TOP_K;
 use super::WEIGHT_PAD;
@@ -19,8 +19,9 @@ pub enum Op {
     /// A weight matrix of rows of `k` elements of type `ty`, read by matvec, matmul and gather.
     Matrix { ty: GgmlType, k: u64 },
     /// Attention of `n_head` query heads over `n_kv_head` cached heads of `head_dim`, with up
-    /// to `keys` keys a query, through `kernel` (None: the one the device would pick).
-    Attention { kv: KvType, head_dim: u32, n_head: u32, n_kv_head: u32, keys: u32, kernel: Option<AttentionKernel> },
+    /// to `keys` keys a query, through `kernel` cutting them into that many chunks (split-K; 1:
+    /// none) (None: what the device would pick).
+    Attention { kv: KvType, head_dim: u32, n_head: u32, n_kv_head: u32, keys: u32, kernel: Option<(AttentionKernel, u32)> },
     /// RoPE over the first `n_rot` of each head's `head_dim` dimensions (rope, rope_kv, the
     /// fused q/k/v product).
     Rope { head_dim: u32, n_rot: u32 },
@@ -73,8 +74,11 @@ pub fn supports(op: Op, device: Option<&Gpu>) -> Result<(), Unsupported> {
             kv.check_row(n_kv_head, head_dim).map_err(Unsupported::Shape)?;
             if let Some(gpu) = device {
                 let a = AttentionArgs { n_q: 1, n_head, n_kv_head, head_dim, pos0: keys.saturating_sub(1), window: 0, scale: 1.0, kv };
-                let kernel = kernel.unwrap_or_else(|| attention_kernel(&gpu.tuning, &a, None));
-                if !attention_within_loop_budget(&gpu.tuning, &a, kernel) {
+                let (kernel, n_split) = kernel.unwrap_or_else(|| {
+                    let kernel = attention_kernel(&gpu.tuning, &a, None, None);
+                    (kernel, attention_split(&gpu.tuning, &a, kernel, None))
+                });
+                if !attention_within_loop_budget(&gpu.tuning, &a, kernel, n_split) {
                     return Err(Unsupported::Device(format!(
                         "attention over {keys} keys with head size {head_dim} on llvmpipe (its shaders stop after 65,535 loop iterations): use a smaller context size"
                     )));
