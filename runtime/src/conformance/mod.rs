@@ -120,7 +120,7 @@ pub const CASES: &[Case] = &[
     case!("rope", "rope_kv.wgsl", "max-abs 1e-5 + 3e-7·position", rope),
     case!("rope_kv", "rope_kv.wgsl", "RoPE's, plus half an f16 step for an f16 cache; q8_0 within a step of the reference's", rope_kv),
     case!("kv_store", "rope_kv.wgsl", "exact (after f16 rounding for an f16 cache); q8_0 within a step of the reference's", kv_store),
-    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl", "max-abs 1e-5 (over the values the cache holds)", attention),
+    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl, attention_merge.wgsl", "max-abs 1e-5 (over the values the cache holds)", attention),
     case!("top_k", "topk.wgsl", "exact ids and values", top_k),
     case!("fused_product", "matvec.wgsl, matmul.wgsl (lib/product_out.wgsl)", "nmse 1e-10 against the unfused ops", fused_product),
     case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache", qkv_rope),
