@@ -487,6 +487,11 @@ impl Sampler {
         id
     }
 
+    /// Continues with `other`'s random draws (a clone that judged a draft drew for this one).
+    pub fn continue_draws_from(&mut self, other: &Sampler) {
+        self.rng = other.rng.clone();
+    }
+
     /// llama.cpp's chain after the penalties over the candidates (logit, id), none of them -inf.
     fn draw(&mut self, cand: &mut Vec<(f32, u32)>) -> u32 {
         let cfg = &self.cfg;

@@ -3,7 +3,8 @@
 //! cache dropped. On a code-editing prompt (most drafts accepted), on prose whose repeated
 //! words draft continuations the model does not take (most rejected), with a repetition
 //! penalty (the verifier must apply it to each draft position with the tokens before it), and
-//! a deliberately wrong draft through the verifier on its own.
+//! a deliberately wrong draft through the verifier on its own. Sampled decoding takes drafts
+//! too, with the same seed giving the same reply.
 //!
 //! Near-ties: the batched pass sums in another order than a one-token step, so the two may
 //! differ only where plain decoding's top-2 margin is under `NEAR_TIE`; there the histories may
@@ -135,6 +136,24 @@ fn lookup_decodes_as_plain_greedy() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Sampling at a temperature takes drafts too (lookup::accept keeps a draft token where the
+/// sampler draws it, so tokens come out as plain sampling gives them: the distribution is
+/// checked in runtime/src/lookup.rs's unit tests): on the code edit most of the function is
+/// copied in passes, and the same seed gives the same reply.
+#[test]
+fn sampled_decoding_takes_drafts() {
+    let gpu = &variants()[variants().len() - 1];
+    let l = load(gpu);
+    let code = l.tok.encode(&code_edit_prompt(), false, true).unwrap();
+    let sampler = SamplerConfig { temperature: 0.7, top_k: 20, top_p: 0.8, seed: 7, ..SamplerConfig::default() };
+    let a = generate(&l, gpu, Lookup::with_draft(8), &code, &sampler, 60);
+    let b = generate(&l, gpu, Lookup::with_draft(8), &code, &sampler, 60);
+    eprintln!("sampled: {:?} {:?}", a.lookup, a.text);
+    assert_eq!(a.tokens, b.tokens, "the same seed");
+    assert!(a.lookup.passes >= 2 && a.lookup.accepted >= 10, "{:?}", a.lookup);
+    assert!(a.text.contains("for order in orders"), "{:?}", a.text);
+}
+
 /// A draft that is right for three tokens then wrong: the verifier keeps the three, picks plain
 /// decoding's fourth, and the cache cut back to them continues as plain decoding does. A
 /// verifier that read the wrong rows, or a cache not cut back, fails this.
@@ -144,7 +163,7 @@ fn a_wrong_draft_is_cut_where_it_goes_wrong() {
     let l = load(gpu);
     let prompt = l.tok.encode(&code_edit_prompt(), false, true).unwrap();
     let plain = generate(&l, gpu, Lookup::OFF, &prompt, &SamplerConfig::greedy(), 12).tokens;
-    let greedy = Sampler::new(SamplerConfig::greedy());
+    let mut greedy = Sampler::new(SamplerConfig::greedy());
     let mut s = pollster::block_on(Session::new(&l.model, gpu, 1024, KvType::F16, false)).unwrap();
     let first = pollster::block_on(s.eval_top_k(&prompt, 1)).unwrap()[0].0;
     assert_eq!(first, plain[0]);
@@ -158,9 +177,9 @@ fn a_wrong_draft_is_cut_where_it_goes_wrong() {
         if let (Want::TopK(k), RowOut::Best(b)) = (want, &rows[0]) {
             assert_eq!(b.len(), k as usize);
         }
-        assert_eq!(lookup::accept(&greedy, &draft, &rows), (3, plain[4]), "{want:?}");
+        assert_eq!(lookup::accept(&mut greedy, &draft, &rows), (3, plain[4]), "{want:?}");
         // a draft wrong at its first token keeps nothing
-        assert_eq!(lookup::accept(&greedy, &[wrong], &rows[..2]), (0, plain[1]), "{want:?}");
+        assert_eq!(lookup::accept(&mut greedy, &[wrong], &rows[..2]), (0, plain[1]), "{want:?}");
         s.truncate(base + 1 + 3);
         // plain decoding from the cut cache
         let mut next = plain[4];
