@@ -6,7 +6,11 @@
 // row range after the first).
 // One invocation per (8 tokens, 4 columns), walking the rows: each dq4 decodes four columns
 // of a row once for eight tokens (written out: a loop over the tokens would count against
-// llvmpipe's loop budget once per row and token).
+// llvmpipe's loop budget once per row and token; 16 tokens measured slower on lavapipe).
+// DY_BROADCAST (with DY_QUADS; subgroups of exactly 8 lanes, workgroups of 8, k a multiple of
+// 32 so that a workgroup's lanes share their tokens): CPU devices pay a per-lane load for every
+// component of dy, the same for all lanes; instead lane j loads token j's four gradients and
+// subgroupBroadcast hands them to the others.
 
 struct Params {
     n_rows: u32,
@@ -48,7 +52,24 @@ fn dy_at(t0: u32, j: u32, r: u32) -> f32 {
     return dy[e / 4u][e % 4u];
 }
 
-fn add_quad(t0: u32, r: u32, c: u32) {
+#if DY_BROADCAST
+fn add_quad(t0: u32, r: u32, c: u32, lane: u32) {
+    let w0 = dq4(r * p.row_bytes, c);
+    let w1 = dq4((r + 1u) * p.row_bytes, c);
+    let w2 = dq4((r + 2u) * p.row_bytes, c);
+    let w3 = dq4((r + 3u) * p.row_bytes, c);
+    let d = dy[dy_index(t0, lane, r) / 4u];
+    acc[0] = add4(subgroupBroadcast(d, 0u), w0, w1, w2, w3, acc[0]);
+    acc[1] = add4(subgroupBroadcast(d, 1u), w0, w1, w2, w3, acc[1]);
+    acc[2] = add4(subgroupBroadcast(d, 2u), w0, w1, w2, w3, acc[2]);
+    acc[3] = add4(subgroupBroadcast(d, 3u), w0, w1, w2, w3, acc[3]);
+    acc[4] = add4(subgroupBroadcast(d, 4u), w0, w1, w2, w3, acc[4]);
+    acc[5] = add4(subgroupBroadcast(d, 5u), w0, w1, w2, w3, acc[5]);
+    acc[6] = add4(subgroupBroadcast(d, 6u), w0, w1, w2, w3, acc[6]);
+    acc[7] = add4(subgroupBroadcast(d, 7u), w0, w1, w2, w3, acc[7]);
+}
+#else
+fn add_quad(t0: u32, r: u32, c: u32, lane: u32) {
     let w0 = dq4(r * p.row_bytes, c);
     let w1 = dq4((r + 1u) * p.row_bytes, c);
     let w2 = dq4((r + 2u) * p.row_bytes, c);
@@ -62,6 +83,7 @@ fn add_quad(t0: u32, r: u32, c: u32) {
     acc[6] = add4(dy[dy_index(t0, 6u, r) / 4u], w0, w1, w2, w3, acc[6]);
     acc[7] = add4(dy[dy_index(t0, 7u, r) / 4u], w0, w1, w2, w3, acc[7]);
 }
+#endif
 
 // a + d.x·w0 + d.y·w1 + d.z·w2 + d.w·w3: four rows' columns weighted by one token's gradients
 fn add4(d: vec4<f32>, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>, a: vec4<f32>) -> vec4<f32> {
@@ -84,21 +106,25 @@ fn add_row(t0: u32, r: u32, w: vec4<f32>) {
     acc[7] = fma(vec4<f32>(dy_at(t0, 7u, r)), w, acc[7]);
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let quads = (p.k + 3u) / 4u;
-    let i = gid.x + gid.y * nwg.x * 64u;
     let tiles = (p.m + TOKENS - 1u) / TOKENS;
-    if (i >= tiles * quads) {
+    // whole workgroups past the end leave (a uniform branch: DY_BROADCAST's lanes all reach
+    // the broadcasts); a partial one's extra lanes work on repeats and write nothing
+    let first = (wid.x + wid.y * nwg.x) * WG;
+    if (first >= tiles * quads) {
         return;
     }
+    let live = first + lid < tiles * quads;
+    let i = min(first + lid, tiles * quads - 1u);
     let t0 = (i / quads) * TOKENS;
     let c = (i % quads) * 4u;
     if (c + 4u <= p.k) {
         var r = p.r_begin;
 #if DY_QUADS
         for (; r + 4u <= p.r_end; r += 4u) {
-            add_quad(t0, r, c);
+            add_quad(t0, r, c, lid);
         }
 #endif
         for (; r < p.r_end; r++) {
@@ -116,7 +142,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     for (var j = 0u; j < TOKENS; j++) {
         let t = t0 + j;
-        if (t >= p.m) {
+        if (t >= p.m || !live) {
             break;
         }
         let out = t * p.k + c;

@@ -41,6 +41,8 @@ pub struct KernelOverrides {
     pub attention_split: Option<bool>,
     /// `NOMOAT_SAMPLE_TOPK=gpu` / `readback`: sampling reads the GPU's top-k, or every logit.
     pub sample_top_k: Option<bool>,
+    /// `NOMOAT_BACKWARD_BROADCAST=0`: no DY_BROADCAST in product_backward.wgsl.
+    pub backward_broadcast: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -65,6 +67,7 @@ impl KernelOverrides {
             attention_dim_lanes: off("NOMOAT_ATTENTION_DIM_LANES"),
             attention_split: choice("NOMOAT_ATTENTION_SPLIT", "1", "0"),
             sample_top_k: choice("NOMOAT_SAMPLE_TOPK", "gpu", "readback"),
+            backward_broadcast: off("NOMOAT_BACKWARD_BROADCAST"),
         }
     }
 }
@@ -134,6 +137,9 @@ pub struct Tuning {
     /// the weights once for all rows (not measured: no GPU here). bench/README.md has the
     /// numbers.
     pub decode_slots: usize,
+    /// product_backward.wgsl loads dy once per 8-lane subgroup and broadcasts it (DY_BROADCAST;
+    /// on lavapipe the base weights' transposed products took half the time).
+    pub backward_broadcast: bool,
 }
 
 /// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
@@ -192,6 +198,7 @@ impl Tuning {
                 (true, true) => 4,
                 (true, false) => 1,
             },
+            backward_broadcast: subgroups_of_8 && o.backward_broadcast != Some(false),
         }
     }
 

@@ -31,6 +31,20 @@ pub(super) async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
                     &want_acc,
                     MATMUL_NMSE,
                 ));
+                // dy broadcast over a subgroup (where the device and rows allow) forced on and off,
+                // whatever the rows' count chose above
+                for broadcast in [true, false].into_iter().filter(|_| m == 11) {
+                    let mut rec = Recorder::new(gpu);
+                    rec.backward_broadcast = Some(broadcast);
+                    rec.product_backward(&wm, &dyb, &dx, m as u32, false).await?;
+                    rec.submit()?;
+                    checks.push(Check::nmse(
+                        format!("product_backward {ty} {n_rows}x{k} m={m} broadcast {broadcast}"),
+                        &gpu.read_f32(&dx, 0, m * k).await?,
+                        &want,
+                        MATMUL_NMSE,
+                    ));
+                }
             }
         }
         // each part of a stacked matrix (q/k/v-like) on its own

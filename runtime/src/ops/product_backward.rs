@@ -29,27 +29,52 @@ params! {
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for ty in crate::ggml_type::KERNEL_TYPES {
-        for (accumulate, quads) in [(false, false), (true, false), (false, true), (true, true)] {
-            let mut d = Defines::new().flag(&type_define(ty));
-            if accumulate {
-                d = d.flag("ACCUMULATE");
+        for accumulate in [false, true] {
+            // (DY_QUADS, DY_BROADCAST)
+            for (quads, broadcast) in [(false, false), (true, false), (true, true)] {
+                keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: defines(ty, accumulate, quads, broadcast) });
             }
-            if quads {
-                d = d.flag("DY_QUADS");
-            }
-            keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: d });
         }
     }
     keys
 }
 
+/// product_backward.wgsl's defines: weights of type `ty`, dx added to, dy read four rows a load
+/// (and broadcast over a workgroup of one 8-lane subgroup).
+fn defines(ty: crate::ggml_type::GgmlType, accumulate: bool, quads: bool, broadcast: bool) -> Defines {
+    let mut d = Defines::new().flag(&type_define(ty)).value("WG", format!("{}u", wg(broadcast)));
+    if accumulate {
+        d = d.flag("ACCUMULATE");
+    }
+    if quads {
+        d = d.flag("DY_QUADS");
+    }
+    if broadcast {
+        d = d.flag("DY_BROADCAST");
+    }
+    d
+}
+
+/// Invocations a workgroup: one 8-lane subgroup for DY_BROADCAST, else 64.
+fn wg(broadcast: bool) -> u32 {
+    if broadcast {
+        8
+    } else {
+        64
+    }
+}
+
+/// Rows a dispatch needs before DY_BROADCAST's 8-lane workgroups pay for themselves: a LoRA
+/// factor's A (rank rows) took twice as long with them on lavapipe, the base weights half.
+const BROADCAST_MIN_ROWS: u32 = 64;
+
+/// Tokens one invocation takes (product_backward.wgsl's TOKENS).
+const TOKENS: u32 = 8;
+
 /// Rows one invocation walks in a dispatch: llvmpipe stops an invocation after 65,535 loop
 /// iterations (four a row in the tail of a row no multiple of 4 long), so a long column (the
 /// output head's vocabulary) is split over dispatches.
 const ROWS_PER_DISPATCH: u32 = 12_288;
-
-/// Tokens one invocation takes (product_backward.wgsl's TOKENS).
-const TOKENS: u32 = 8;
 
 impl Recorder<'_> {
     /// dx (+)= dy · W for dy: [m][w.n_rows], dx: [m][w.k]; `accumulate` adds to what dx holds.
@@ -74,7 +99,9 @@ impl Recorder<'_> {
         m: u32,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let (gx, gy) = grid((m.div_ceil(TOKENS) * w.k.div_ceil(4)).div_ceil(64));
+        let tuning = &self.gpu.tuning;
+        // a workgroup of 8 lanes shares its tokens where the rows are whole blocks of 32
+        let can_broadcast = tuning.subgroups_of_8 && w.k.is_multiple_of(32);
         let mut first = !accumulate;
         for c in &w.chunks {
             // this chunk's rows within `rows`, chunk-local
@@ -84,6 +111,7 @@ impl Recorder<'_> {
             }
             let (lo, hi) = (start - c.first_row, end - c.first_row);
             for r_begin in (lo..hi).step_by(ROWS_PER_DISPATCH as usize) {
+                let r_end = (r_begin + ROWS_PER_DISPATCH).min(hi);
                 let params = ProductBackwardParams {
                     n_rows: c.n_rows,
                     k: w.k,
@@ -93,15 +121,15 @@ impl Recorder<'_> {
                     dy_stride: rows.len() as u32,
                     dy_first_row: rows.start,
                     r_begin,
-                    r_end: (r_begin + ROWS_PER_DISPATCH).min(hi),
+                    r_end,
                     _pad: [0; 3],
                 };
-                let mut defines = if first { w.defines() } else { w.defines().flag("ACCUMULATE") };
                 // dy read four rows at a time where its rows and this range start on a quad
-                if rows.len().is_multiple_of(4) && (c.first_row + r_begin - rows.start).is_multiple_of(4) {
-                    defines = defines.flag("DY_QUADS");
-                }
+                let quads = rows.len().is_multiple_of(4) && (c.first_row + r_begin - rows.start).is_multiple_of(4);
+                let broadcast = quads && can_broadcast && self.backward_broadcast.unwrap_or(tuning.backward_broadcast && r_end - r_begin >= BROADCAST_MIN_ROWS);
+                let defines = defines(w.ty, !first, quads, broadcast);
                 first = false;
+                let (gx, gy) = grid((m.div_ceil(TOKENS) * w.k.div_ceil(4)).div_ceil(wg(broadcast)));
                 self.dispatch(PipelineKey { file: "product_backward.wgsl", entry: "main", defines }, &[&c.buffer, dy, dx], &params, (gx, gy, 1)).await?;
             }
         }

@@ -108,6 +108,9 @@ pub struct Recorder<'g> {
     /// most one per 8 keys; Some(1): no split), None where it pays on the device (tests and
     /// benchmarks force both).
     pub split_k: Option<u32>,
+    /// product_backward.wgsl: Some forces DY_BROADCAST on (where the device and shape allow
+    /// it) or off, None leaves it to the device's `Tuning` and the rows.
+    pub backward_broadcast: Option<bool>,
 }
 
 /// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
@@ -140,6 +143,7 @@ impl<'g> Recorder<'g> {
             token_tile: None,
             query_per_invocation: None,
             split_k: None,
+            backward_broadcast: None,
         }
     }
 
