@@ -2,9 +2,10 @@
 //! token from the ones before it, and the gradients of every trained LoRA factor, added to what
 //! they hold (a batch accumulates sequences; the optimizer step reads and clears them).
 //!
-//! The base model is frozen and stays as stored (quantized). Per layer only the residual
-//! stream's input is kept (`[n_layer][T][n_embd]`); the backward pass recomputes each layer's
-//! forward from it, then walks back through it (gradient checkpointing per layer):
+//! The base model is frozen and stays as stored (quantized). Every layer's forward activations
+//! are kept for the backward pass where they take at most KEEP_BUDGET; beyond it only the
+//! residual stream's input is kept (`[n_layer][T][n_embd]`) and the backward pass recomputes
+//! each layer's forward from it, then walks back through it (gradient checkpointing per layer):
 //!   ffn:       x' = h + out(W_down · (act(W_gate·n2) ⊙ W_up·n2)),  n2 = rms_norm(h)
 //!   attention: h  = x + out(W_o · attention(RoPE(qn(W_q·n1)), RoPE(kn(W_k·n1)), W_v·n1)),
 //!              n1 = rms_norm(x)
@@ -52,8 +53,8 @@ pub struct TrainPair {
     pub rank: u32,
 }
 
-/// Activations of one layer's forward pass, for T tokens, and the backward pass's scratch.
-struct Scratch {
+/// Activations of one layer's forward pass, for T tokens, that its backward pass reads.
+struct Acts {
     n1: wgpu::Buffer,          // [T][n_embd] rms_norm(x)
     q: wgpu::Buffer,           // [T][n_head][head_dim], turned by RoPE in place
     k: wgpu::Buffer,           // [T][n_kv_head][head_dim] before RoPE
@@ -63,41 +64,45 @@ struct Scratch {
     qkv_b: [wgpu::Buffer; 3],  // q, k, v with their biases (Qwen2)
     qn: wgpu::Buffer,          // [T][n_head][head_dim] per-head normed q (Qwen3, Gemma 3)
     kn: wgpu::Buffer,          // [T][n_kv_head][head_dim] per-head normed k
-    dq_in: wgpu::Buffer,       // [T][n_head][head_dim] the gradient before the q norm
-    dk_in: wgpu::Buffer,       // [T][n_kv_head][head_dim] the gradient before the k norm
     branch: [wgpu::Buffer; 2], // [T][n_embd] W_o·attn and W_down·act before their post-norms (Gemma 3)
-    d_branch: wgpu::Buffer,    // [T][n_embd] the gradient before a post-norm
     attn: wgpu::Buffer,        // [T][n_head][head_dim]
     h: wgpu::Buffer,           // [T][n_embd] after attention
     n2: wgpu::Buffer,          // [T][n_embd] rms_norm(h)
     gate: wgpu::Buffer,        // [T][n_ff]
     up: wgpu::Buffer,          // [T][n_ff]
     act: wgpu::Buffer,         // [T][n_ff]
-    out: wgpu::Buffer,         // [T][n_embd] the layer's output
-    dx: wgpu::Buffer,          // [T][n_embd] the gradient of the residual stream
-    dn: wgpu::Buffer,          // [T][n_embd] the gradient of a norm's output
-    d_attn: wgpu::Buffer,      // [T][n_head][head_dim]
-    dq: wgpu::Buffer,          // [T][n_head][head_dim]
-    dk: wgpu::Buffer,          // [T][n_kv_head][head_dim]
-    dv: wgpu::Buffer,          // [T][n_kv_head][head_dim]
-    stats: wgpu::Buffer,       // [T][n_head][4]
-    d_act: wgpu::Buffer,       // [T][n_ff]
-    d_gate: wgpu::Buffer,      // [T][n_ff]
-    d_up: wgpu::Buffer,        // [T][n_ff]
-    lora_u: wgpu::Buffer,      // [T][rank] A·x
-    lora_g: wgpu::Buffer,      // [T][rank] dy·B
-    lora_gs: wgpu::Buffer,     // [T][rank] s · dy·B
-    ids: wgpu::Buffer,         // [T] u32 inputs
-    targets: wgpu::Buffer,     // [T] u32 next tokens
-    weights: wgpu::Buffer,     // [T] f32 the loss's weight per position
-    loss: wgpu::Buffer,        // [T] f32
-    head_x: wgpu::Buffer,      // [HEAD_ROWS][n_embd]
-    head_dx: wgpu::Buffer,     // [HEAD_ROWS][n_embd]
-    logits: wgpu::Buffer,      // [HEAD_ROWS][n_vocab]
-    d_logits: wgpu::Buffer,    // [HEAD_ROWS][n_vocab]
-    head_t: wgpu::Buffer,      // [HEAD_ROWS] u32
-    head_w: wgpu::Buffer,      // [HEAD_ROWS] f32
-    head_loss: wgpu::Buffer,   // [HEAD_ROWS] f32
+}
+
+/// The backward pass's scratch, and what the output head works in.
+struct Scratch {
+    dq_in: wgpu::Buffer,     // [T][n_head][head_dim] the gradient before the q norm
+    dk_in: wgpu::Buffer,     // [T][n_kv_head][head_dim] the gradient before the k norm
+    d_branch: wgpu::Buffer,  // [T][n_embd] the gradient before a post-norm
+    out: wgpu::Buffer,       // [T][n_embd] the layer's output; rms_norm of the last one (head)
+    dx: wgpu::Buffer,        // [T][n_embd] the gradient of the residual stream
+    dn: wgpu::Buffer,        // [T][n_embd] the gradient of a norm's output
+    d_attn: wgpu::Buffer,    // [T][n_head][head_dim]
+    dq: wgpu::Buffer,        // [T][n_head][head_dim]
+    dk: wgpu::Buffer,        // [T][n_kv_head][head_dim]
+    dv: wgpu::Buffer,        // [T][n_kv_head][head_dim]
+    stats: wgpu::Buffer,     // [T][n_head][4]
+    d_act: wgpu::Buffer,     // [T][n_ff]
+    d_gate: wgpu::Buffer,    // [T][n_ff]
+    d_up: wgpu::Buffer,      // [T][n_ff]
+    lora_u: wgpu::Buffer,    // [T][rank] A·x
+    lora_g: wgpu::Buffer,    // [T][rank] dy·B
+    lora_gs: wgpu::Buffer,   // [T][rank] s · dy·B
+    ids: wgpu::Buffer,       // [T] u32 inputs
+    targets: wgpu::Buffer,   // [T] u32 next tokens
+    weights: wgpu::Buffer,   // [T] f32 the loss's weight per position
+    loss: wgpu::Buffer,      // [T] f32
+    head_x: wgpu::Buffer,    // [HEAD_ROWS][n_embd]
+    head_dx: wgpu::Buffer,   // [HEAD_ROWS][n_embd]
+    logits: wgpu::Buffer,    // [HEAD_ROWS][n_vocab]
+    d_logits: wgpu::Buffer,  // [HEAD_ROWS][n_vocab]
+    head_t: wgpu::Buffer,    // [HEAD_ROWS] u32
+    head_w: wgpu::Buffer,    // [HEAD_ROWS] f32
+    head_loss: wgpu::Buffer, // [HEAD_ROWS] f32
 }
 
 /// A model with LoRA factors being trained on it, and the buffers one sequence of up to `ctx`
@@ -117,6 +122,9 @@ pub struct Trainer<'m> {
     pub pairs: BTreeMap<String, TrainPair>,
     /// The residual stream's input to each layer, and the last layer's output: [T][n_embd].
     xs: Vec<wgpu::Buffer>,
+    /// Each layer's forward activations (one shared set, recomputed layer by layer in the
+    /// backward pass, where all of them would take more than KEEP_BUDGET).
+    acts: Vec<Acts>,
     s: Scratch,
     /// GPU bytes allocated: (the factors with their gradients and AdamW moments, the
     /// activations and scratch); `memory_needed` computes the same from the configuration.
@@ -138,16 +146,43 @@ pub fn memory_needed(c: &Config, targets: &[&str], rank: u32, ctx: u32) -> (u64,
         _ => (d, ff),
     };
     let adapters: u64 = targets.iter().map(|n| shape(n)).map(|(n_out, k)| 6 * 4 * r * (k + n_out)).sum::<u64>() * c.n_layer as u64;
+    let (acts, copies) = (layer_activations(c, ctx), activation_copies(c, ctx));
     let spec = c.spec();
     let (head_norm, post_norm) = (spec.qk == crate::arch::QkPrep::HeadNorm, spec.branch_out == crate::arch::BranchOut::NormThenAdd);
     let when = |yes: bool, n: u64| if yes { n } else { 0 };
     // per token, in f32 values: the residual stream per layer, then Scratch's [T][..] buffers
-    let per_token =
-        (c.n_layer as u64 + 1) * d + 6 * d + 5 * qd + 8 * kvd + 6 * ff + 3 * r + 4 * c.n_head as u64 + 4 + when(head_norm, 2 * qd + 2 * kvd) + when(post_norm, 3 * d);
+    let per_token = (c.n_layer as u64 + 1) * d + 3 * d + 2 * qd + 2 * kvd + 3 * ff + 3 * r + 4 * c.n_head as u64 + 4 + when(head_norm, qd + kvd) + when(post_norm, d);
     // scratch a model without head norms or post-norms allocates as one word each
-    let placeholders = 4 * (when(!head_norm, 4) + when(!post_norm, 3));
+    let placeholders = 4 * (when(!head_norm, 2) + when(!post_norm, 1));
     let head = 4 * hr * (2 * d + 2 * v + 3);
-    (adapters, 4 * t * per_token + placeholders + head)
+    (adapters, copies * acts + 4 * t * per_token + placeholders + head)
+}
+
+/// GPU bytes of every layer's forward activations kept (`Acts`) beyond which the backward pass
+/// recomputes them layer by layer instead: each kept layer saves a second pass through its
+/// products (SmolLM2 and Gemma 3 keep theirs up to 512-token sequences, ~480 MiB).
+pub const KEEP_BUDGET: u64 = 512 << 20;
+
+/// Bytes of one layer's `Acts` for sequences of up to `ctx` tokens.
+fn layer_activations(c: &Config, ctx: u32) -> u64 {
+    let (d, qd, kvd, ff, t) = (c.n_embd as u64, (c.n_head * c.head_dim) as u64, (c.n_kv_head * c.head_dim) as u64, c.n_ff as u64, ctx as u64);
+    let spec = c.spec();
+    let (bias, head_norm, post_norm) =
+        (spec.qk == crate::arch::QkPrep::Bias, spec.qk == crate::arch::QkPrep::HeadNorm, spec.branch_out == crate::arch::BranchOut::NormThenAdd);
+    let when = |yes: bool, n: u64| if yes { n } else { 0 };
+    let per_token = 3 * d + 2 * qd + 4 * kvd + 3 * ff + when(bias, qd + 2 * kvd) + when(head_norm, qd + kvd) + when(post_norm, 2 * d);
+    // buffers a model without them allocates as one word each
+    4 * t * per_token + 4 * (when(!bias, 3) + when(!head_norm, 2) + when(!post_norm, 2))
+}
+
+/// How many layers' activations a trainer holds: all of them where they fit KEEP_BUDGET, else one.
+fn activation_copies(c: &Config, ctx: u32) -> u64 {
+    let all = c.n_layer as u64 * layer_activations(c, ctx);
+    if all <= KEEP_BUDGET {
+        c.n_layer as u64
+    } else {
+        1
+    }
 }
 
 /// Why a model cannot be trained yet, or None.
@@ -229,26 +264,33 @@ impl<'m> Trainer<'m> {
         let hr = HEAD_ROWS as u64;
         let spec = c.spec();
         let (head_norm, post_norm) = (spec.qk == crate::arch::QkPrep::HeadNorm, spec.branch_out == crate::arch::BranchOut::NormThenAdd);
+        let bias = spec.qk == crate::arch::QkPrep::Bias;
+        let or_word = |yes: bool, bytes: u64| if yes { bytes } else { 4 };
+        let mut acts = Vec::new();
+        for _ in 0..activation_copies(c, ctx) {
+            acts.push(Acts {
+                n1: st("n1", f(d)).await?,
+                q: st("q", f(qd)).await?,
+                k: st("k", f(kvd)).await?,
+                v: st("v", f(kvd)).await?,
+                k_rot: st("k rot", f(kvd)).await?,
+                v_att: st("v att", f(kvd)).await?,
+                qkv_b: [st("q b", or_word(bias, f(qd))).await?, st("k b", or_word(bias, f(kvd))).await?, st("v b", or_word(bias, f(kvd))).await?],
+                qn: st("qn", or_word(head_norm, f(qd))).await?,
+                kn: st("kn", or_word(head_norm, f(kvd))).await?,
+                branch: [st("attn branch", or_word(post_norm, f(d))).await?, st("ffn branch", or_word(post_norm, f(d))).await?],
+                attn: st("attn", f(qd)).await?,
+                h: st("h", f(d)).await?,
+                n2: st("n2", f(d)).await?,
+                gate: st("gate", f(ff)).await?,
+                up: st("up", f(ff)).await?,
+                act: st("act", f(ff)).await?,
+            });
+        }
         let s = Scratch {
-            n1: st("n1", f(d)).await?,
-            q: st("q", f(qd)).await?,
-            k: st("k", f(kvd)).await?,
-            v: st("v", f(kvd)).await?,
-            k_rot: st("k rot", f(kvd)).await?,
-            v_att: st("v att", f(kvd)).await?,
-            qkv_b: [st("q b", f(qd)).await?, st("k b", f(kvd)).await?, st("v b", f(kvd)).await?],
-            qn: st("qn", if head_norm { f(qd) } else { 4 }).await?,
-            kn: st("kn", if head_norm { f(kvd) } else { 4 }).await?,
-            dq_in: st("dq in", if head_norm { f(qd) } else { 4 }).await?,
-            dk_in: st("dk in", if head_norm { f(kvd) } else { 4 }).await?,
-            branch: [st("attn branch", if post_norm { f(d) } else { 4 }).await?, st("ffn branch", if post_norm { f(d) } else { 4 }).await?],
-            d_branch: st("d branch", if post_norm { f(d) } else { 4 }).await?,
-            attn: st("attn", f(qd)).await?,
-            h: st("h", f(d)).await?,
-            n2: st("n2", f(d)).await?,
-            gate: st("gate", f(ff)).await?,
-            up: st("up", f(ff)).await?,
-            act: st("act", f(ff)).await?,
+            dq_in: st("dq in", or_word(head_norm, f(qd))).await?,
+            dk_in: st("dk in", or_word(head_norm, f(kvd))).await?,
+            d_branch: st("d branch", or_word(post_norm, f(d))).await?,
             out: st("out", f(d)).await?,
             dx: st("dx", f(d)).await?,
             dn: st("dn", f(d)).await?,
@@ -277,9 +319,14 @@ impl<'m> Trainer<'m> {
         };
         let adapters = pairs.values().map(|p| 6 * 4 * p.rank as u64 * (p.a.k as u64 + p.b.n_rows as u64)).sum();
         let bytes = (adapters, activations.get());
-        let trainer = Trainer { model: held_model, gpu: held_gpu, rank, alpha, ctx, pairs, xs, s, bytes };
+        let trainer = Trainer { model: held_model, gpu: held_gpu, rank, alpha, ctx, pairs, xs, acts, s, bytes };
         trainer.zero_grads()?;
         Ok(trainer)
+    }
+
+    /// Layer l's forward activations: its own, or the one set all layers share.
+    fn acts(&self, l: usize) -> &Acts {
+        &self.acts[l.min(self.acts.len() - 1)]
     }
 
     /// alpha / rank: the factor each adapter's term B·(A·x) is scaled by.
@@ -319,10 +366,23 @@ impl<'m> Trainer<'m> {
             return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.n_vocab)));
         }
         let n = ids.len() as u32 - 1;
+        // only the positions with a loss go through the output head, their targets and
+        // weights packed in order: runs of (first position, length)
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for t in (0..n).filter(|&t| weights[t as usize + 1] != 0.0) {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == t => *len += 1,
+                _ => runs.push((t, 1)),
+            }
+        }
+        let packed = |v: &[u32]| -> Vec<u32> { runs.iter().flat_map(|&(t, len)| v[t as usize + 1..][..len as usize].to_vec()).collect() };
+        let (targets, loss_weights) = (packed(ids), packed(bytemuck::cast_slice(weights)));
         let q = &self.gpu.queue;
         q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(&ids[..n as usize]));
-        q.write_buffer(&self.s.targets, 0, bytemuck::cast_slice(&ids[1..]));
-        q.write_buffer(&self.s.weights, 0, bytemuck::cast_slice(&weights[1..]));
+        if !targets.is_empty() {
+            q.write_buffer(&self.s.targets, 0, bytemuck::cast_slice(&targets));
+            q.write_buffer(&self.s.weights, 0, bytemuck::cast_slice(&loss_weights));
+        }
         let mut r = Recorder::new(&self.gpu);
         let m = &*self.model;
         match c.embed_scale() {
@@ -337,13 +397,18 @@ impl<'m> Trainer<'m> {
             let bytes = n as u64 * c.n_embd as u64 * 4;
             r.encoder().copy_buffer_to_buffer(&self.s.out, 0, &self.xs[l + 1], 0, bytes);
         }
-        self.head(&mut r, n, backward).await?;
+        self.head(&mut r, n, &runs, backward).await?;
         for l in (0..c.n_layer).rev().filter(|_| backward) {
-            self.layer_forward(&mut r, l, n).await?;
+            if self.acts.len() < c.n_layer {
+                self.layer_forward(&mut r, l, n).await?;
+            }
             self.layer_backward(&mut r, l, n).await?;
         }
         r.submit()?;
-        let losses = self.gpu.read_f32(&self.s.loss, 0, n as usize).await?;
+        if targets.is_empty() {
+            return Ok(0.0);
+        }
+        let losses = self.gpu.read_f32(&self.s.loss, 0, targets.len()).await?;
         Ok(losses.iter().map(|v| *v as f64).sum())
     }
 
@@ -477,27 +542,27 @@ impl<'m> Trainer<'m> {
 
     /// Layer l's forward pass from xs[l] into s.out, keeping its activations in the scratch.
     async fn layer_forward(&self, r: &mut Recorder<'_>, l: usize, n: u32) -> Result<(), GpuError> {
-        let (c, s, ly) = (&self.model.config, &self.s, &self.model.layers[l]);
+        let (c, s, a, ly) = (&self.model.config, &self.s, self.acts(l), &self.model.layers[l]);
         let (d, eps) = (c.n_embd as u32, c.norm_eps);
         let x = &self.xs[l];
-        r.rms_norm(x, &ly.attn_norm, &s.n1, d, n, eps).await?; //                        n1 [n][d]
-        self.project(r, &ly.wqkv, &s.n1, &[&s.q, &s.k, &s.v], n).await?; //              q, k, v
-        let (q, k, v) = self.qkv_bias(r, ly, n).await?;
-        let (q, k) = self.head_norms(r, ly, q, k, n).await?;
+        r.rms_norm(x, &ly.attn_norm, &a.n1, d, n, eps).await?; //                        n1 [n][d]
+        self.project(r, &ly.wqkv, &a.n1, &[&a.q, &a.k, &a.v], n).await?; //              q, k, v
+        let (q, k, v) = self.qkv_bias(r, a, ly, n).await?;
+        let (q, k) = self.head_norms(r, a, ly, q, k, n).await?;
         let rope = self.rope_args(l, n, c.n_head as u32, 1.0);
         // q turned in place; k turned and v copied into the attention's keys and values
         let factors = self.model.rope_factors.as_ref();
-        r.rope_kv_normed(q, k, v, &s.k_rot, &s.v_att, c.n_kv_head as u32, KvType::F32, rope, None, factors).await?;
-        r.attention(q, &s.k_rot, &s.v_att, &s.attn, self.attention_args(l, n)).await?; //   [n][q_dim]
-        self.branch_out(r, &ly.wo, &s.attn, ly.post_attn_norm.as_ref(), &s.branch[0], x, &s.h, n).await?; // h = x + out(W_o·attn)
-        r.rms_norm(&s.h, &ly.ffn_norm, &s.n2, d, n, eps).await?; //                       n2 [n][d]
-        self.project(r, &ly.w_gate_up, &s.n2, &[&s.gate, &s.up], n).await?; //            gate, up [n][n_ff]
+        r.rope_kv_normed(q, k, v, &a.k_rot, &a.v_att, c.n_kv_head as u32, KvType::F32, rope, None, factors).await?;
+        r.attention(q, &a.k_rot, &a.v_att, &a.attn, self.attention_args(l, n)).await?; //   [n][q_dim]
+        self.branch_out(r, &ly.wo, &a.attn, ly.post_attn_norm.as_ref(), &a.branch[0], x, &a.h, n).await?; // h = x + out(W_o·attn)
+        r.rms_norm(&a.h, &ly.ffn_norm, &a.n2, d, n, eps).await?; //                       n2 [n][d]
+        self.project(r, &ly.w_gate_up, &a.n2, &[&a.gate, &a.up], n).await?; //            gate, up [n][n_ff]
         if c.spec().activation == Activation::GeluTanh {
-            r.gelu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?; //            act [n][n_ff]
+            r.gelu_gate(&a.gate, &a.up, &a.act, n * c.n_ff as u32).await?; //            act [n][n_ff]
         } else {
-            r.silu_gate(&s.gate, &s.up, &s.act, n * c.n_ff as u32).await?;
+            r.silu_gate(&a.gate, &a.up, &a.act, n * c.n_ff as u32).await?;
         }
-        self.branch_out(r, &ly.w_down, &s.act, ly.post_ffn_norm.as_ref(), &s.branch[1], &s.h, &s.out, n).await
+        self.branch_out(r, &ly.w_down, &a.act, ly.post_ffn_norm.as_ref(), &a.branch[1], &a.h, &s.out, n).await
         // out = h + out(W_down·act)
     }
 
@@ -529,41 +594,42 @@ impl<'m> Trainer<'m> {
     async fn head_norms<'b>(
         &'b self,
         r: &mut Recorder<'_>,
+        a: &'b Acts,
         ly: &Layer,
         q: &'b wgpu::Buffer,
         k: &'b wgpu::Buffer,
         n: u32,
     ) -> Result<(&'b wgpu::Buffer, &'b wgpu::Buffer), GpuError> {
-        let (c, s) = (&self.model.config, &self.s);
+        let c = &self.model.config;
         let (Some(qn), Some(kn)) = (&ly.q_norm, &ly.k_norm) else { return Ok((q, k)) };
         let hd = c.head_dim as u32;
-        r.rms_norm(q, qn, &s.qn, hd, n * c.n_head as u32, c.norm_eps).await?;
-        r.rms_norm(k, kn, &s.kn, hd, n * c.n_kv_head as u32, c.norm_eps).await?;
-        Ok((&s.qn, &s.kn))
+        r.rms_norm(q, qn, &a.qn, hd, n * c.n_head as u32, c.norm_eps).await?;
+        r.rms_norm(k, kn, &a.kn, hd, n * c.n_kv_head as u32, c.norm_eps).await?;
+        Ok((&a.qn, &a.kn))
     }
 
     /// Layer l's backward pass: s.dx holds dL/d(its output) and afterwards dL/d(its input);
     /// the layer's adapters' gradients are added to.
     async fn layer_backward(&self, r: &mut Recorder<'_>, l: usize, n: u32) -> Result<(), GpuError> {
-        let (c, s, ly) = (&self.model.config, &self.s, &self.model.layers[l]);
+        let (c, s, a, ly) = (&self.model.config, &self.s, self.acts(l), &self.model.layers[l]);
         let (d, eps, ff) = (c.n_embd as u32, c.norm_eps, c.n_ff as u32);
         // out = h + out(W_down·act)
-        let dy = self.branch_out_backward(r, ly.post_ffn_norm.as_ref(), &s.branch[1], n).await?;
+        let dy = self.branch_out_backward(r, ly.post_ffn_norm.as_ref(), &a.branch[1], n).await?;
         r.product_backward(&ly.w_down, dy, &s.d_act, n, false).await?;
-        self.lora_backward(r, &ly.w_down.name, &s.act, dy, &s.d_act, n).await?;
+        self.lora_backward(r, &ly.w_down.name, &a.act, dy, &s.d_act, n).await?;
         let gelu = c.spec().activation == Activation::GeluTanh;
-        r.glu_backward(&s.gate, &s.up, &s.d_act, &s.d_gate, &s.d_up, n * ff, gelu).await?;
-        self.project_backward(r, &ly.w_gate_up, &s.n2, &[&s.d_gate, &s.d_up], &s.dn, n).await?;
-        r.rms_norm_backward(&s.h, &ly.ffn_norm, &s.dn, &s.dx, d, n, eps, true).await?; // dx = dL/dh
+        r.glu_backward(&a.gate, &a.up, &s.d_act, &s.d_gate, &s.d_up, n * ff, gelu).await?;
+        self.project_backward(r, &ly.w_gate_up, &a.n2, &[&s.d_gate, &s.d_up], &s.dn, n).await?;
+        r.rms_norm_backward(&a.h, &ly.ffn_norm, &s.dn, &s.dx, d, n, eps, true).await?; // dx = dL/dh
                                                                                        // h = x + out(W_o·attn)
-        let dy = self.branch_out_backward(r, ly.post_attn_norm.as_ref(), &s.branch[0], n).await?;
+        let dy = self.branch_out_backward(r, ly.post_attn_norm.as_ref(), &a.branch[0], n).await?;
         r.product_backward(&ly.wo, dy, &s.d_attn, n, false).await?;
-        self.lora_backward(r, &ly.wo.name, &s.attn, dy, &s.d_attn, n).await?;
+        self.lora_backward(r, &ly.wo.name, &a.attn, dy, &s.d_attn, n).await?;
         // the q attention read: normed per head, or with its bias, or as projected; turned by
         // RoPE in place
-        let (q_in, k_in) = if ly.bq.is_some() { (&s.qkv_b[0], &s.qkv_b[1]) } else { (&s.q, &s.k) };
-        let q = if ly.q_norm.is_some() { &s.qn } else { q_in };
-        let grads = AttentionGrads { q, k: &s.k_rot, v: &s.v_att, dout: &s.d_attn, dq: &s.dq, dk: &s.dk, dv: &s.dv, stats: &s.stats };
+        let (q_in, k_in) = if ly.bq.is_some() { (&a.qkv_b[0], &a.qkv_b[1]) } else { (&a.q, &a.k) };
+        let q = if ly.q_norm.is_some() { &a.qn } else { q_in };
+        let grads = AttentionGrads { q, k: &a.k_rot, v: &a.v_att, dout: &s.d_attn, dq: &s.dq, dk: &s.dk, dv: &s.dv, stats: &s.stats };
         r.attention_backward(&grads, self.attention_args(l, n)).await?;
         // RoPE is a rotation: its gradient turns back by the same angle
         if c.has_rope(l) {
@@ -580,7 +646,7 @@ impl<'m> Trainer<'m> {
             }
             _ => (&s.dq, &s.dk),
         };
-        self.project_backward(r, &ly.wqkv, &s.n1, &[dq, dk, &s.dv], &s.dn, n).await?;
+        self.project_backward(r, &ly.wqkv, &a.n1, &[dq, dk, &s.dv], &s.dn, n).await?;
         r.rms_norm_backward(&self.xs[l], &ly.attn_norm, &s.dn, &s.dx, d, n, eps, true).await
         // dx = dL/dx
     }
@@ -594,19 +660,40 @@ impl<'m> Trainer<'m> {
         Ok(&s.d_branch)
     }
 
-    /// The output head and the loss over n positions, in blocks of HEAD_ROWS: logits =
-    /// W_out · rms_norm(x), their cross-entropy's gradient back to s.dx (dL/d(last output)).
-    async fn head(&self, r: &mut Recorder<'_>, n: u32, backward: bool) -> Result<(), GpuError> {
+    /// The output head and the loss at the positions of `runs` ((first, length) in order;
+    /// positions without a loss need no logits), in blocks of HEAD_ROWS packed positions:
+    /// logits = W_out · rms_norm(x), their cross-entropy's gradient back to s.dx (dL/d(last
+    /// output), zero elsewhere). s.targets and s.weights hold the packed positions'.
+    async fn head(&self, r: &mut Recorder<'_>, n: u32, runs: &[(u32, u32)], backward: bool) -> Result<(), GpuError> {
         let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let (d, v) = (c.n_embd as u32, c.n_vocab as u32);
         let x = &self.xs[c.n_layer];
-        r.rms_norm(x, &m.output_norm, &s.n1, d, n, c.norm_eps).await?;
+        r.rms_norm(x, &m.output_norm, &s.out, d, n, c.norm_eps).await?;
+        if backward {
+            r.encoder().clear_buffer(&s.dn, 0, Some(n as u64 * d as u64 * 4));
+        }
         let row = d as u64 * 4;
-        for first in (0..n).step_by(HEAD_ROWS as usize) {
-            let rows = HEAD_ROWS.min(n - first);
+        let total: u32 = runs.iter().map(|r| r.1).sum();
+        // (position, packed index, rows) of each piece of a run inside a block
+        let pieces = |first: u32, rows: u32| {
+            let mut out = Vec::new();
+            let mut at = 0;
+            for &(t, len) in runs {
+                let (lo, hi) = (at.max(first), (at + len).min(first + rows));
+                if lo < hi {
+                    out.push((t + lo - at, lo - first, hi - lo));
+                }
+                at += len;
+            }
+            out
+        };
+        for first in (0..total).step_by(HEAD_ROWS as usize) {
+            let rows = HEAD_ROWS.min(total - first);
             let enc = r.encoder();
-            enc.copy_buffer_to_buffer(&s.n1, first as u64 * row, &s.head_x, 0, rows as u64 * row);
+            for &(t, i, len) in &pieces(first, rows) {
+                enc.copy_buffer_to_buffer(&s.out, t as u64 * row, &s.head_x, i as u64 * row, len as u64 * row);
+            }
             enc.copy_buffer_to_buffer(&s.targets, first as u64 * 4, &s.head_t, 0, rows as u64 * 4);
             enc.copy_buffer_to_buffer(&s.weights, first as u64 * 4, &s.head_w, 0, rows as u64 * 4);
             r.product(m.output_head(), ProductIn::X(&s.head_x), ProductOut::Split(&[&s.logits]), rows).await?;
@@ -614,7 +701,10 @@ impl<'m> Trainer<'m> {
             r.encoder().copy_buffer_to_buffer(&s.head_loss, 0, &s.loss, first as u64 * 4, rows as u64 * 4);
             if backward {
                 r.product_backward(m.output_head(), &s.d_logits, &s.head_dx, rows, false).await?;
-                r.encoder().copy_buffer_to_buffer(&s.head_dx, 0, &s.dn, first as u64 * row, rows as u64 * row);
+                let enc = r.encoder();
+                for &(t, i, len) in &pieces(first, rows) {
+                    enc.copy_buffer_to_buffer(&s.head_dx, i as u64 * row, &s.dn, t as u64 * row, len as u64 * row);
+                }
             }
         }
         if !backward {
@@ -690,8 +780,8 @@ impl<'m> Trainer<'m> {
     }
 
     /// q, k, v with their biases added where the layer has them (Qwen2).
-    async fn qkv_bias(&self, r: &mut Recorder<'_>, ly: &Layer, n: u32) -> Result<(&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer), GpuError> {
-        let (c, s) = (&self.model.config, &self.s);
+    async fn qkv_bias<'b>(&self, r: &mut Recorder<'_>, s: &'b Acts, ly: &Layer, n: u32) -> Result<(&'b wgpu::Buffer, &'b wgpu::Buffer, &'b wgpu::Buffer), GpuError> {
+        let c = &self.model.config;
         let (Some(bq), Some(bk), Some(bv)) = (&ly.bq, &ly.bk, &ly.bv) else { return Ok((&s.q, &s.k, &s.v)) };
         let (qd, kvd) = ((c.n_head * c.head_dim) as u32, (c.n_kv_head * c.head_dim) as u32);
         r.add_bias(&s.q, bq, &s.qkv_b[0], n * qd, qd).await?;
