@@ -19,8 +19,9 @@
 // X_BROADCAST (TPR 1, subgroups of exactly WG = 8 lanes): every lane needs all of a unit's x,
 // and llvmpipe pays a per-lane loop for each component of every storage load, uniform address
 // or not; so each lane loads one vec4 in 8 and subgroupBroadcast hands it to the others.
-// TOKEN_TILE (CPU prefill, quantized types, TPR 1): four tokens a pass share each load of the
-// weights (dot.wgsl's load_unit, then dot_loaded per token); every input and output mode.
+// TOKEN_TILE (CPU devices' prefill and batched decode, quantized types, TPR 1): TILE tokens a
+// pass (2 to 4) share each load of the weights (dot.wgsl's load_unit, then dot_loaded per
+// token); every input and output mode.
 
 struct Params {
     n_rows: u32,      // rows in this chunk
@@ -248,10 +249,12 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
 #endif
 #if TOKEN_TILE
-    // CPU prefill (quantized types, TPR 1): four tokens a pass, each unit's weights loaded
-    // once for the four, since on CPU devices a load costs more than the arithmetic; tokens
-    // past the end repeat the last one and are not written
-    for (var t0 = first_token(); t0 < p.m; t0 += 4u) {
+    // CPU devices, several tokens (quantized types, TPR 1): TILE (2 to 4) tokens a pass, each
+    // unit's weights loaded once for them all, since on CPU devices a load costs more than
+    // the arithmetic; tokens past the end repeat the last one and are not written. The
+    // constant `TILE > n` conditions leave a smaller tile without the work of tokens it lacks
+    // (every token's multiply-adds cost about as much again as the loads: bench/README.md).
+    for (var t0 = first_token(); t0 < p.m; t0 += TILE) {
         var acc0 = array<f32, RPI>();
         var acc1 = array<f32, RPI>();
         var acc2 = array<f32, RPI>();
@@ -265,20 +268,22 @@ fn main(@builtin(local_invocation_index) lid: u32,
         for (var u = 0u; u < n_units; u++) {
             let x0 = unit_x(t0, u, lid, &ss0);
             let x1 = unit_x(min(t0 + 1u, p.m - 1u), u, lid, &ss1);
-            let x2 = unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss2);
-            let x3 = unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss3);
+            var x2 = x1;
+            var x3 = x1;
+            if (TILE > 2u) { x2 = unit_x(min(t0 + 2u, p.m - 1u), u, lid, &ss2); }
+            if (TILE > 3u) { x3 = unit_x(min(t0 + 3u, p.m - 1u), u, lid, &ss3); }
             for (var j = 0u; j < RPI; j++) {
                 let w = load_unit(rows[j], u);
                 acc0[j] += dot_with(x0, w);
                 acc1[j] += dot_with(x1, w);
-                acc2[j] += dot_with(x2, w);
-                acc3[j] += dot_with(x3, w);
+                if (TILE > 2u) { acc2[j] += dot_with(x2, w); }
+                if (TILE > 3u) { acc3[j] += dot_with(x3, w); }
             }
         }
         finish_token(t0, acc0, ss0, r0, lid, lane);
         if (t0 + 1u < p.m) { finish_token(t0 + 1u, acc1, ss1, r0, lid, lane); }
-        if (t0 + 2u < p.m) { finish_token(t0 + 2u, acc2, ss2, r0, lid, lane); }
-        if (t0 + 3u < p.m) { finish_token(t0 + 3u, acc3, ss3, r0, lid, lane); }
+        if (TILE > 2u && t0 + 2u < p.m) { finish_token(t0 + 2u, acc2, ss2, r0, lid, lane); }
+        if (TILE > 3u && t0 + 3u < p.m) { finish_token(t0 + 3u, acc3, ss3, r0, lid, lane); }
     }
 #else
     // tokens one after another, so that the rows' blocks stay in cache between tokens

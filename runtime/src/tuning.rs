@@ -25,6 +25,8 @@ pub struct KernelOverrides {
     pub matvec_x_broadcast: Option<bool>,
     /// `NOMOAT_MATVEC_TILE=0` / `1`: TOKEN_TILE off / on.
     pub token_tile: Option<bool>,
+    /// `NOMOAT_MATVEC_TILE_TOKENS=2` .. `4`: TOKEN_TILE's tokens a pass, whatever the batch.
+    pub tile_tokens: Option<u32>,
     /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
     pub tiled_matmul: Option<bool>,
     /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernels.
@@ -59,6 +61,7 @@ impl KernelOverrides {
             matvec_wg: env_u32("NOMOAT_MATVEC_WG").filter(|v| v.is_power_of_two() && (8..=256).contains(v)),
             matvec_x_broadcast: off("NOMOAT_MATVEC_XB"),
             token_tile: choice("NOMOAT_MATVEC_TILE", "1", "0"),
+            tile_tokens: env_u32("NOMOAT_MATVEC_TILE_TOKENS").filter(|v| (2..=4).contains(v)),
             tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
             attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
@@ -114,6 +117,9 @@ pub struct Tuning {
     /// Prefill's quantized products in matvec.wgsl's passes of four tokens (TOKEN_TILE): on
     /// CPU devices with 8-lane subgroups (faster on lavapipe, slower on SwiftShader).
     pub token_tile: bool,
+    /// TOKEN_TILE's tokens a pass: Some(n) always n (an override), None as many as the batch
+    /// has, up to 4 ([`Tuning::tile_for`]).
+    pub tile_tokens: Option<u32>,
     /// Attention through the one-query-per-invocation kernels (CPU devices).
     pub attention_per_query: bool,
     /// Which of the subgroup attention modes may be used (all, unless an override says not).
@@ -130,12 +136,12 @@ pub struct Tuning {
     /// k > 1 costs more than the read-back (bench/README.md, "Sampling's read-back").
     pub sample_top_k_max: u32,
     /// Sequences worth decoding together in one step (`nomoat serve`'s default `--parallel`,
-    /// before memory limits). lavapipe (CPU, TOKEN_TILE): one step of 4 sequences took about
-    /// twice the time of 1, so 4 clients got 2.1 to 2.2x one client's tok/s, and 8 no more
-    /// than 4 (two passes over the weights); 4. Other CPU devices share no weight loads
-    /// between a step's sequences (no TOKEN_TILE): 1. GPUs: 8, since a step's products read
-    /// the weights once for all rows (not measured: no GPU here). bench/README.md has the
-    /// numbers.
+    /// before memory limits). lavapipe (CPU, TOKEN_TILE): a step of 4 sequences gave 2.3 to
+    /// 2.4x one sequence's tok/s, 8 (two passes over the weights) 2.6 to 2.7x for steps
+    /// nearly twice as long as 4's, each sequence's tokens that much slower; 4. Other CPU
+    /// devices share no weight loads between a step's sequences (no TOKEN_TILE): 1. GPUs: 8,
+    /// since a step's products read the weights once for all rows (not measured: no GPU here).
+    /// bench/README.md has the numbers.
     pub decode_slots: usize,
     /// product_backward.wgsl loads dy once per 8-lane subgroup and broadcasts it (DY_BROADCAST;
     /// on lavapipe the base weights' transposed products took half the time).
@@ -178,6 +184,7 @@ impl Tuning {
             matvec,
             tiled_matmul: o.tiled_matmul.unwrap_or(!cpu),
             token_tile,
+            tile_tokens: o.tile_tokens,
             attention_per_query: o.attention_per_query.unwrap_or(cpu),
             attention_broadcast: o.attention_broadcast != Some(false),
             attention_key_lanes: o.attention_key_lanes != Some(false),
@@ -200,6 +207,12 @@ impl Tuning {
             },
             backward_broadcast: subgroups_of_8 && o.backward_broadcast != Some(false),
         }
+    }
+
+    /// TOKEN_TILE's tokens a pass for a batch of m tokens: m, 2 to 4 (a pass of 4 for 2 tokens
+    /// would multiply 2 repeats, which cost as much as real tokens).
+    pub fn tile_for(&self, m: u32) -> u32 {
+        self.tile_tokens.unwrap_or(m.clamp(2, 4))
     }
 
     /// The matvec shape with an even number of rows per invocation, for outputs that need rows
@@ -237,6 +250,9 @@ mod tests {
         assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention_per_query && !lavapipe.tiled_matmul);
         assert_eq!(lavapipe.sample_top_k_max, 1);
         assert_eq!(lavapipe.decode_slots, 4);
+        assert_eq!([2, 3, 4, 5, 64].map(|m| lavapipe.tile_for(m)), [2, 3, 4, 4, 4]);
+        let four = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { tile_tokens: Some(4), ..Default::default() });
+        assert_eq!(four.tile_for(2), 4);
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { sample_top_k: Some(true), ..Default::default() });
         assert_eq!(forced.sample_top_k_max, crate::ops::MAX_TOP_K);
         let gpu = Tuning::for_device(&adapter("NVIDIA H100", wgpu::DeviceType::DiscreteGpu, 32), sg, &KernelOverrides::default());

@@ -224,11 +224,17 @@ pub async fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize) -> Result
 /// `gpu_matmul` with the prompt kernel chosen (see `Recorder::tiled_matmul` and
 /// `Recorder::token_tile`).
 pub async fn gpu_matmul_with(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize, tiled: Option<bool>, token_tile: Option<bool>) -> Result<Vec<f32>> {
+    gpu_matmul_tile(gpu, w, x, m, tiled, token_tile, None).await
+}
+
+/// `gpu_matmul_with`, TOKEN_TILE's tokens a pass forced too (`Recorder::tile_tokens`).
+pub async fn gpu_matmul_tile(gpu: &Gpu, w: &GpuMatrix, x: &[f32], m: usize, tiled: Option<bool>, token_tile: Option<bool>, tile: Option<u32>) -> Result<Vec<f32>> {
     let xb = gpu.upload_f32("x", x).await?;
     let y = gpu.storage("y", (m * w.n_rows as usize) as u64 * 4).await?;
     let mut rec = Recorder::new(gpu);
     rec.tiled_matmul = tiled;
     rec.token_tile = token_tile;
+    rec.tile_tokens = tile;
     if m == 1 {
         rec.matvec(w, &xb, &y).await?;
     } else {
@@ -267,16 +273,20 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         for (i, (n_rows, k)) in shapes(ty).into_iter().enumerate().take(4) {
             let (bytes, w) = random_matrix(ty, n_rows, k, 200 + i as u64)?;
             let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
-            // m = 5, 33, 70 end on a partial four-token pass of the CPU prefill kernel, 8 on a whole one
-            for m in [1usize, 5, 8, 33, 70] {
+            // m = 5, 33, 70 end on a partial four-token pass of the CPU kernel, 8 on a whole one;
+            // 2 and 3 take one pass of as many (a batched decode step), or a partial one of 4
+            for m in [1usize, 2, 3, 5, 8, 33, 70] {
                 let x = Rng::new(9 + m as u64).fill(m * k, 1.0);
                 let want = reference::matmul(&w, &x, n_rows, k, m);
-                // every prompt kernel, whichever this device would pick
-                for (kernel, tiled, token_tile) in [("tiled", true, false), ("token loop", false, false), ("token tiles", false, true)] {
-                    if m == 1 && (tiled || token_tile) {
+                // every prompt kernel, whichever this device would pick; token tiles as many
+                // tokens a pass as the batch has (up to 4), and 4 for fewer
+                let kernels =
+                    [("tiled", true, false, None), ("token loop", false, false, None), ("token tiles", false, true, None), ("tiles of 4", false, true, Some(4))];
+                for (kernel, tiled, token_tile, tile) in kernels {
+                    if (m == 1 && (tiled || token_tile)) || (tile.is_some() && m >= 4) {
                         continue;
                     }
-                    let got = gpu_matmul_with(gpu, &wm, &x, m, Some(tiled), Some(token_tile)).await?;
+                    let got = gpu_matmul_tile(gpu, &wm, &x, m, Some(tiled), Some(token_tile), tile).await?;
                     checks.push(Check::nmse(format!("matmul ({kernel}) {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
                 }
             }
@@ -289,8 +299,8 @@ async fn matmul(gpu: &Gpu) -> Result<Vec<Check>> {
         let wm = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
         let x = Rng::new(251).fill(m * k, 1.0);
         let want = reference::matmul(&w, &x, n_rows, k, m);
-        for (kernel, token_tile) in [("token loop", false), ("token tiles", true)] {
-            let got = gpu_matmul_with(gpu, &wm, &x, m, Some(false), Some(token_tile)).await?;
+        for (kernel, token_tile, tile) in [("token loop", false, None), ("token tiles", true, None), ("tiles of 2", true, Some(2)), ("tiles of 3", true, Some(3))] {
+            let got = gpu_matmul_tile(gpu, &wm, &x, m, Some(false), Some(token_tile), tile).await?;
             checks.push(Check::nmse(format!("matmul ({kernel}) long rows {ty} {n_rows}x{k} m={m}"), &got, &want, MATMUL_NMSE));
         }
     }
@@ -484,7 +494,9 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
         // block where prefill tiles tokens, which quantized weights then do and float weights
         // (no tiles) run through the token loop.
         let quantized = ty.block_elems() > 1;
-        for (m, tiled, token_tile) in [(1usize, None, None), (5, Some(true), None), (5, Some(false), Some(false)), (6, Some(false), Some(true))] {
+        for (m, tiled, token_tile) in
+            [(1usize, None, None), (5, Some(true), None), (5, Some(false), Some(false)), (6, Some(false), Some(true)), (3, Some(false), Some(true))]
+        {
             let mut rec = Recorder::new(gpu);
             rec.tiled_matmul = tiled;
             rec.token_tile = token_tile;

@@ -87,6 +87,14 @@ fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
     d
 }
 
+/// TOKEN_TILE's sizes: tokens a pass (`Tuning::tile_for`).
+pub const TILES: [u32; 3] = [2, 3, 4];
+
+/// `d` with TOKEN_TILE, n tokens a pass.
+fn tiled_defines(d: Defines, n: u32) -> Defines {
+    d.flag("TOKEN_TILE").value("TILE", format!("{n}u"))
+}
+
 /// The products' pipelines for every weight type: matvec.wgsl's shapes (the CPU and GPU
 /// defaults and the ones tuning tries) and fused modes, matmul.wgsl plain and adding into a
 /// residual.
@@ -121,15 +129,16 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
                 }
             };
             with_modes(&d, &fused);
-            if tpr == 1 && ty.block_elems() > 1 {
-                let tile = d.clone().flag("TOKEN_TILE");
+            let tiles = if tpr == 1 && ty.block_elems() > 1 { TILES.as_slice() } else { &[] };
+            for &n in tiles {
+                let tile = tiled_defines(d.clone(), n);
                 with_modes(&tile, &[&[]]);
                 with_modes(&tile, &fused);
             }
             // a batch split over dispatches (llvmpipe's loop budget), token loop and tiles
             with_modes(&d.clone().flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
-            if tpr == 1 && ty.block_elems() > 1 {
-                with_modes(&d.flag("TOKEN_TILE").flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
+            for &n in tiles {
+                with_modes(&tiled_defines(d.clone(), n).flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
             }
         }
         keys.push(PipelineKey { file: "matmul.wgsl", entry: "main", defines: d.clone().flag("OUT_RESIDUAL") });
@@ -180,22 +189,46 @@ impl Recorder<'_> {
         self.token_tile.unwrap_or(self.gpu.tuning.token_tile)
     }
 
+    /// TOKEN_TILE's tokens a pass for m tokens.
+    fn tile_size(&self, m: u32) -> u32 {
+        self.tile_tokens.unwrap_or_else(|| self.gpu.tuning.tile_for(m))
+    }
+
     /// Tokens one matvec.wgsl dispatch of `w` takes, so that an invocation's token loop stays
     /// within the device's loop budget. Iterations a row walk takes per token, measured on
     /// lavapipe at k = 8192 (where 64 tokens overran it) with a margin: about k / 3 for float
     /// weights, k / 2 for quantized ones a token at a time, k / 8 a token in TOKEN_TILE's passes
-    /// of four; split over TPR invocations. Float rows of 4864 over 64 tokens (a LoRA A of
-    /// Qwen2.5 0.5B's ffn_down in a prefill batch) overran it and left later tokens unwritten.
-    fn tokens_per_dispatch(&self, w: &GpuMatrix, shape: MatvecShape, tiled: bool, m: u32) -> u32 {
+    /// of four, k / 2n in passes of n (a pass's iterations hardly depend on its tokens); split
+    /// over TPR invocations. Float rows of 4864 over 64 tokens (a LoRA A of Qwen2.5 0.5B's
+    /// ffn_down in a prefill batch) overran it and left later tokens unwritten.
+    fn tokens_per_dispatch(&self, w: &GpuMatrix, shape: MatvecShape, tile: Option<u32>, m: u32) -> u32 {
         let Some(budget) = self.gpu.tuning.loop_budget else { return m };
-        let divisor = match (w.ty.block_elems() > 1, tiled) {
+        let divisor = match (w.ty.block_elems() > 1, tile) {
             (false, _) => 3,
-            (true, false) => 2,
-            (true, true) => 8,
+            (true, None) => 2,
+            (true, Some(n)) => 2 * n as u64,
         };
         let per_token = (w.k as u64).div_ceil(divisor * shape.tpr as u64) + 4;
-        // whole passes of TOKEN_TILE's four tokens
-        ((budget / per_token) as u32 / 4 * 4).max(4).min(m)
+        // whole passes of TOKEN_TILE's tokens
+        let pass = tile.unwrap_or(4);
+        ((budget / per_token) as u32 / pass * pass).max(pass).min(m)
+    }
+
+    /// The tokens 0..m of a product as (first, end, TOKEN_TILE's tokens a pass, None for the
+    /// token loop). Tiled, a batch that ends on a partial pass of 4 takes its last m % 4 tokens
+    /// in a dispatch of their own with a tile of as many (at least 2): 6 tokens cost 4 + 2
+    /// tokens' multiply-adds rather than 8, at the price of one more dispatch's loads.
+    fn token_spans(&self, m: u32, tiled: bool) -> Vec<(u32, u32, Option<u32>)> {
+        if !tiled {
+            return vec![(0, m, None)];
+        }
+        let tile = self.tile_size(m);
+        let rest = m % tile;
+        let forced = self.tile_tokens.is_some() || self.gpu.tuning.tile_tokens.is_some();
+        if forced || m < tile || rest == 0 {
+            return vec![(0, m, Some(tile))];
+        }
+        vec![(0, m - rest, Some(tile)), (m - rest, m, Some(rest.max(2)))]
     }
 
     /// Whether a forward pass over m tokens should fuse each RMS norm into the product that
@@ -301,21 +334,21 @@ impl Recorder<'_> {
                 let shape = if pairs { self.gpu.tuning.paired_matvec() } else { self.gpu.tuning.matvec };
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
-                let mut defines = add_mode(matvec_defines(w.ty, shape));
+                let defines = add_mode(matvec_defines(w.ty, shape));
                 let tiled = m > 1 && self.tiles_tokens() && shape.tpr == 1 && w.ty.block_elems() > 1;
-                if tiled {
-                    defines = defines.flag("TOKEN_TILE");
-                }
-                let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
-                let per = self.tokens_per_dispatch(w, shape, tiled, m);
-                if per >= m {
-                    self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
-                    continue;
-                }
-                let key = PipelineKey { defines: key.defines.flag("TOKEN_RANGE"), ..key };
-                for t_begin in (0..m).step_by(per as usize) {
-                    let part = ProductParams { t_begin, m: (t_begin + per).min(m), ..params };
-                    self.dispatch(key.clone(), &buffers, &part, (gx, gy, 1)).await?;
+                for (begin, end, tile) in self.token_spans(m, tiled) {
+                    let defines = if let Some(n) = tile { tiled_defines(defines.clone(), n) } else { defines.clone() };
+                    let key = PipelineKey { file: "matvec.wgsl", entry: "main", defines };
+                    let per = self.tokens_per_dispatch(w, shape, tile, end - begin);
+                    if begin == 0 && end == m && per >= m {
+                        self.dispatch(key, &buffers, &params, (gx, gy, 1)).await?;
+                        continue;
+                    }
+                    let key = PipelineKey { defines: key.defines.flag("TOKEN_RANGE"), ..key };
+                    for t_begin in (begin..end).step_by(per as usize) {
+                        let part = ProductParams { t_begin, m: (t_begin + per).min(end), ..params };
+                        self.dispatch(key.clone(), &buffers, &part, (gx, gy, 1)).await?;
+                    }
                 }
             } else {
                 let key = PipelineKey { file: "matmul.wgsl", entry: "main", defines: add_mode(w.defines()) };

@@ -98,9 +98,11 @@ pub struct Recorder<'g> {
     /// Products of several tokens: Some(true) runs the tiled matmul.wgsl, Some(false)
     /// matvec.wgsl's token loop, None what suits the device (tests run both everywhere).
     pub tiled_matmul: Option<bool>,
-    /// matvec.wgsl's token loop: Some(true) four tokens a pass (TOKEN_TILE), Some(false) one,
-    /// None what suits the device (tests run both everywhere).
+    /// matvec.wgsl's token loop: Some(true) several tokens a pass (TOKEN_TILE), Some(false)
+    /// one, None what suits the device (tests run both everywhere).
     pub token_tile: Option<bool>,
+    /// TOKEN_TILE's tokens a pass (2 to 4): Some forces it, None takes `Tuning::tile_for`.
+    pub tile_tokens: Option<u32>,
     /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
     /// per (head, query), None what suits the device (tests run both everywhere).
     pub query_per_invocation: Option<bool>,
@@ -141,6 +143,7 @@ impl<'g> Recorder<'g> {
             params: Vec::new(),
             tiled_matmul: None,
             token_tile: None,
+            tile_tokens: None,
             query_per_invocation: None,
             split_k: None,
             backward_broadcast: None,
