@@ -23,6 +23,10 @@ const MERGE_WG: u32 = 64;
 /// The most chunks split-K cuts a query's keys into.
 const MAX_SPLIT: u32 = 64;
 
+/// The most f32s split-K's partial results take (16 MiB; a forced split of a long prompt
+/// would otherwise take chunks x queries x heads of them).
+const MAX_PARTIALS: u64 = 4 << 20;
+
 /// Attention of `n_q` queries at positions `pos0..` in `n_head` heads over the cache's
 /// `n_kv_head` heads (of type `kv`), `head_dim` each; `window` 0 for no sliding window.
 #[derive(Clone, Copy, Debug)]
@@ -136,8 +140,9 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// between the per-query kernels and the per-workgroup one). The per-query ones on CPU devices,
 /// where the head fits their loops and the keys a lane walks fit llvmpipe's loop budget; among
 /// them, on subgroups of exactly the workgroup's 8 lanes, the broadcast for 8 queries or more
-/// (prefill), for fewer (decode) the query heads of a kv head sharing its rows where that
-/// leaves two workgroups or more (split-K's chunks counted, `split` forcing them as in
+/// (prefill), for fewer (decode) with heads of 128 or more the dimensions split over lanes
+/// (DIM_LANES), else the query heads of a kv head sharing its rows where that leaves two
+/// workgroups or more (split-K's chunks counted, `split` forcing them as in
 /// [`attention_split`]), otherwise the keys split over lanes (on lavapipe sharing is the
 /// faster of the two with several workgroups, the slower with one).
 pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, split: Option<u32>) -> AttentionKernel {
@@ -206,14 +211,16 @@ fn kernel_groups(a: &AttentionArgs, kernel: AttentionKernel) -> u32 {
 /// (`force`: Some(n) n chunks, None the device's choice): 1 (no split) where the dispatch has
 /// `t.attention_split.groups` workgroups or more, else enough chunks to have them, each of
 /// `t.attention_split.keys` keys at least (of the keys a query sees: its window's at most);
-/// never more than one per 8 keys or MAX_SPLIT.
+/// never more than one per 8 keys, MAX_SPLIT, or what keeps the partials within MAX_PARTIALS.
 pub(super) fn attention_split(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel, force: Option<u32>) -> u32 {
     let mut keys = a.pos0 + a.n_q;
     if a.window > 0 {
         // a query's window, and for several queries of a workgroup (the broadcast) theirs
         keys = keys.min(a.window + a.n_q.min(QUERY_WG));
     }
-    let most = (keys / 8).clamp(1, MAX_SPLIT);
+    // and the partials within MAX_PARTIALS floats
+    let partial_rows = (a.n_q * a.n_head) as u64 * (a.head_dim as u64 + 2);
+    let most = (keys / 8).min((MAX_PARTIALS / partial_rows.max(1)) as u32).clamp(1, MAX_SPLIT);
     if let Some(n) = force {
         return n.clamp(1, most);
     }
