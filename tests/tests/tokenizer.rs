@@ -458,6 +458,18 @@ fn inconsistent_vocabularies_are_typed_errors() {
     assert!(matches!(build(&w), Err(TokenizerError::MissingSpecialToken { add_key: keys::ADD_BOS, .. })));
 }
 
+/// A SentencePiece-style vocabulary of `tokens` with their `types` (llama.cpp's token types:
+/// 1 normal, 2 unknown, 3 control, 4 user-defined) and equal scores.
+fn typed_vocab(tokens: &[String], types: Vec<i32>) -> GgufWriter {
+    let scores = vec![0.0f32; tokens.len()];
+    let mut w = GgufWriter::new();
+    w.add_metadata(keys::MODEL, "llama")
+        .add_metadata(keys::TOKENS, MetadataValue::str_array(tokens.iter().map(String::as_str)))
+        .add_metadata(keys::SCORES, MetadataValue::f32_array(scores))
+        .add_metadata(keys::TOKEN_TYPE, MetadataValue::i32_array(types));
+    w
+}
+
 /// Cutting special tokens out of a text lists every occurrence once and takes them by rank;
 /// llama.cpp makes a pass over the text for each token. Both ways give the same fragments, over
 /// random vocabularies of short tokens that overlap and contain one another (control and
@@ -488,13 +500,7 @@ fn special_tokens_are_cut_as_llama_cpp_cuts_them() {
                 types.push(if next(2) == 0 { 3 } else { 4 });
             }
         }
-        let scores = vec![0.0f32; tokens.len()];
-        let mut w = GgufWriter::new();
-        w.add_metadata(keys::MODEL, "llama")
-            .add_metadata(keys::TOKENS, MetadataValue::str_array(tokens.iter().map(String::as_str)))
-            .add_metadata(keys::SCORES, MetadataValue::f32_array(scores))
-            .add_metadata(keys::TOKEN_TYPE, MetadataValue::i32_array(types));
-        let tok = build(&w).unwrap();
+        let tok = build(&typed_vocab(&tokens, types)).unwrap();
         for _ in 0..20 {
             let text: String = (0..next(60)).map(|_| alphabet[next(alphabet.len())]).collect();
             let mut literal: Vec<usize> = text.char_indices().map(|(i, _)| i).filter(|_| next(4) == 0).collect();
@@ -529,13 +535,7 @@ fn hostile_vocabularies_are_capped() {
             tokens.push(control(i, len));
             types.push(3);
         }
-        let scores = vec![0.0f32; tokens.len()];
-        let mut w = GgufWriter::new();
-        w.add_metadata(keys::MODEL, "llama")
-            .add_metadata(keys::TOKENS, MetadataValue::str_array(tokens.iter().map(String::as_str)))
-            .add_metadata(keys::SCORES, MetadataValue::f32_array(scores))
-            .add_metadata(keys::TOKEN_TYPE, MetadataValue::i32_array(types));
-        w
+        typed_vocab(&tokens, types)
     };
     let start = Instant::now();
     assert!(matches!(build(&vocab(100_000, 16)), Err(TokenizerError::TooManySpecialTokens { .. })));
