@@ -85,7 +85,7 @@ async function serveNative(model) {
   return new Promise((resolve, reject) => {
     child.stderr.on('data', (d) => {
       err += d;
-      const m = err.match(/listening on (http:\/\/[\d.:]+)/);
+      const m = err.match(/listening on (http:\/\/[\d.:]+)\s/); // a whole line: stderr comes in pieces
       if (m) resolve(m[1]);
     });
     child.on('exit', (code) => reject(new Error(`nomoat serve exited (${code}): ${err}`)));
