@@ -216,7 +216,7 @@ impl Tokenizer {
         for (k, at) in found {
             let id = self.special[k];
             let end = at + self.texts[id as usize].len();
-            if self.parse_special_governs(id) && literal.get(literal.partition_point(|&p| p < at)).is_some_and(|&p| p < end) {
+            if self.parse_special_governs(id) && covers_literal(literal, at..end) {
                 continue;
             }
             if cut.range(..end).next_back().is_some_and(|(_, &(cut_end, _))| cut_end > at) {
@@ -264,7 +264,7 @@ impl Tokenizer {
             if !parse_special && governed {
                 continue;
             }
-            let covers_literal = |at: usize| governed && literal.get(literal.partition_point(|&p| p < at)).is_some_and(|&p| p < at + pattern.len());
+            let covers_literal = |at: usize| governed && covers_literal(literal, at..at + pattern.len());
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for f in fragments {
                 let Fragment::Text(r) = f else {
@@ -299,7 +299,7 @@ impl Tokenizer {
     /// The fragments special tokens cut `text` into (`Ok(token)` or `Err(text)`), one pass
     /// over the text or (`by_passes`) llama.cpp's pass per token: for tests.
     #[doc(hidden)]
-    pub fn fragments(&self, text: &str, parse_special: bool, literal: &[usize], by_passes: bool) -> Vec<Result<u32, std::ops::Range<usize>>> {
+    pub fn fragments(&self, text: &str, parse_special: bool, literal: &[usize], by_passes: bool) -> Vec<Result<u32, Range<usize>>> {
         let f = if by_passes { self.partition_by_passes(text, parse_special, literal) } else { self.partition(text, parse_special, literal) };
         f.into_iter()
             .map(|f| match f {
@@ -308,6 +308,11 @@ impl Tokenizer {
             })
             .collect()
     }
+}
+
+/// Whether `range` holds one of the byte offsets in `literal` (sorted).
+fn covers_literal(literal: &[usize], range: Range<usize>) -> bool {
+    literal.get(literal.partition_point(|&p| p < range.start)).is_some_and(|&p| p < range.end)
 }
 
 /// How many overlapping special-token occurrences a byte of text may hold before
