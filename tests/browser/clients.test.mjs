@@ -2,8 +2,9 @@
 // `<!-- tested: NAME -->` (the official openai clients for Python and JavaScript) runs against a
 // `nomoat serve` of SmolLM2 135M, with the doc's base URL replaced by the server's, and what it
 // prints is checked: the streamed greedy replies of both clients are the same non-empty text,
-// the structured replies parse and fit the schema, the tool calls name the tool with arguments
-// that fit its parameters. Also: a request naming another model is answered (the doc says so).
+// the structured replies parse and fit the schema, the tool recipes make one call (they set
+// parallel_tool_calls false) of the tool with arguments that fit its parameters and then reply in
+// words. Also: a request naming another model is answered (the doc says so).
 // Run: node --test tests/browser/clients.test.mjs (builds the release CLI if needed)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -110,7 +111,9 @@ test('tools: a call of get_weather with a city, then a reply to its result', () 
       assert.equal(fn, 'get_weather');
       assert.equal(typeof JSON.parse(args).city, 'string', c);
     }
-    assert.ok(out.split('\n').some((l) => l.startsWith('reply ')), out);
+    assert.equal(calls.length, 1, `parallel_tool_calls false asks for one call:\n${out}`);
+    const reply = out.split('\n').find((l) => l.startsWith('reply '));
+    assert.ok(reply && !['', 'None', 'null', 'undefined'].includes(reply.slice(6).trim()), `a reply in words:\n${out}`);
   }
 });
 
