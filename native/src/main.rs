@@ -692,7 +692,7 @@ fn bench_constrained(l: &Loaded, s: &mut Session<'_>, constraint: &ConstraintArg
     let (mut tok_s, mut mask_s, mut masks, mut forced, mut all) = (Vec::new(), 0.0, 0usize, 0usize, 0usize);
     for _ in 0..reps.max(1) {
         s.reset();
-        pollster::block_on(s.eval(depth))?;
+        pollster::block_on(generate::fill_depth(s, depth))?;
         let mut k = compile()?;
         let mut next = 1u32;
         let t = std::time::Instant::now();

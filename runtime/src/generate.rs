@@ -537,6 +537,15 @@ pub async fn bench_warm_up(s: &mut Session<'_>, ids: &[u32]) -> Result<(), Model
     s.eval_top_k(&[1], 1).await.map(|_| ())
 }
 
+/// Feed the depth's tokens and wait for them: `eval` returns once the work is submitted, and a
+/// timer started then would count the depth's tail.
+pub async fn fill_depth(s: &mut Session<'_>, depth: &[u32]) -> Result<(), ModelError> {
+    if !depth.is_empty() {
+        s.eval_top_k(depth, 1).await?;
+    }
+    Ok(())
+}
+
 /// One llama-bench style repetition (pp then tg, each on a cache holding just the `depth`
 /// tokens, evaluated untimed: llama-bench's -d), shared by `nomoat bench` and the browser
 /// engine so both sides time the same work. `on_ready` runs when a timed part starts.
@@ -544,7 +553,7 @@ pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize, depth
     let mut run = BenchRun::default();
     if !prompt.is_empty() {
         s.reset();
-        s.eval(depth).await?;
+        fill_depth(s, depth).await?;
         on_ready();
         let t = Instant::now();
         s.eval_top_k(prompt, 1).await?;
@@ -552,7 +561,7 @@ pub async fn bench_once(s: &mut Session<'_>, prompt: &[u32], n_gen: usize, depth
     }
     if n_gen > 0 {
         s.reset();
-        s.eval(depth).await?;
+        fill_depth(s, depth).await?;
         on_ready();
         let t = Instant::now();
         let mut next = 1u32;
