@@ -193,10 +193,11 @@ impl Tuning {
             attention_split: match o.attention_split {
                 Some(true) => AttentionSplit::ALWAYS,
                 Some(false) => AttentionSplit::NEVER,
-                // CPU devices: never (lavapipe on 2 loaded cores: 1.5 to 2x slower split in 2 to
-                // 8 than whole, bench/README.md); GPUs: a few workgroups per compute unit (not
-                // measured: no GPU here)
-                None if cpu => AttentionSplit::NEVER,
+                // CPU devices: a decode step's one to three workgroups (one per kv head) left
+                // one of lavapipe's threads idle or waiting; in chunks of 256 keys or more, at
+                // least 4 workgroups keep both busy (bench/README.md, "Split-K on CPU
+                // devices"); GPUs: a few workgroups per compute unit (not measured: no GPU here)
+                None if cpu => AttentionSplit::CPU,
                 None => AttentionSplit { groups: 256, keys: 256 },
             },
             sample_top_k_max: if o.sample_top_k.unwrap_or(!cpu) { crate::ops::MAX_TOP_K } else { 1 },
@@ -267,7 +268,7 @@ mod tests {
         assert!(!gpu.cpu && gpu.tiled_matmul && !gpu.attention_per_query && !gpu.token_tile && gpu.loop_budget.is_none());
         assert_eq!((gpu.matvec.tpr, gpu.matvec.rpi, gpu.matvec.wg), (32, 1, 64));
         assert_eq!(gpu.decode_slots, 8);
-        assert!(gpu.attention_split.groups > 0 && lavapipe.attention_split == AttentionSplit::NEVER && lavapipe.attention_dim_lanes);
+        assert!(gpu.attention_split.groups > 0 && lavapipe.attention_split == AttentionSplit::CPU && lavapipe.attention_dim_lanes);
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides { attention_split: Some(true), ..Default::default() });
         assert_eq!(forced.attention_split, AttentionSplit::ALWAYS);
         let o = KernelOverrides { matvec_tpr: Some(4), matvec_rpi: Some(3), matvec_wg: Some(2), tiled_matmul: Some(true), token_tile: Some(false), ..Default::default() };
