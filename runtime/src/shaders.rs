@@ -92,8 +92,9 @@ impl Defines {
 
 /// Flags of kernel modes that need subgroups (matvec.wgsl's X_BROADCAST, attention_query.wgsl's
 /// KV_BROADCAST, HEADS_SHARE_KV, KEY_LANES and DIM_LANES, product_backward.wgsl's
-/// DY_BROADCAST): dropped for variants without them, so every key builds on every variant.
-const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES", "DIM_LANES", "DY_BROADCAST"];
+/// DY_BROADCAST, attention_backward.wgsl's ROW_BROADCAST): dropped for variants without them,
+/// so every key builds on every variant.
+const SUBGROUP_MODES: &[&str] = &["X_BROADCAST", "KV_BROADCAST", "HEADS_SHARE_KV", "KEY_LANES", "DIM_LANES", "DY_BROADCAST", "ROW_BROADCAST"];
 
 /// The full WGSL text of `file` for `variant`.
 pub fn generate(file_name: &str, variant: Variant, defines: &Defines) -> Result<String, String> {

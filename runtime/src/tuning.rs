@@ -45,6 +45,11 @@ pub struct KernelOverrides {
     pub sample_top_k: Option<bool>,
     /// `NOMOAT_BACKWARD_BROADCAST=0`: no DY_BROADCAST in product_backward.wgsl.
     pub backward_broadcast: Option<bool>,
+    /// `NOMOAT_ATTENTION_BACKWARD=scalar` / `blocked`: attention_backward.wgsl without or with
+    /// BLOCKED.
+    pub attention_backward_blocked: Option<bool>,
+    /// `NOMOAT_ATTENTION_BACKWARD_BROADCAST=0`: no ROW_BROADCAST in attention_backward.wgsl.
+    pub attention_backward_broadcast: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -71,6 +76,8 @@ impl KernelOverrides {
             attention_split: choice("NOMOAT_ATTENTION_SPLIT", "1", "0"),
             sample_top_k: choice("NOMOAT_SAMPLE_TOPK", "gpu", "readback"),
             backward_broadcast: off("NOMOAT_BACKWARD_BROADCAST"),
+            attention_backward_blocked: choice("NOMOAT_ATTENTION_BACKWARD", "blocked", "scalar"),
+            attention_backward_broadcast: off("NOMOAT_ATTENTION_BACKWARD_BROADCAST"),
         }
     }
 }
@@ -146,6 +153,11 @@ pub struct Tuning {
     /// product_backward.wgsl loads dy once per 8-lane subgroup and broadcasts it (DY_BROADCAST;
     /// on lavapipe the base weights' transposed products took half the time).
     pub backward_broadcast: bool,
+    /// attention_backward.wgsl by blocks of queries or keys that walk the other side's rows
+    /// together (BLOCKED), rather than one invocation per pair loading both rows.
+    pub attention_backward_blocked: bool,
+    /// BLOCKED hands the walked rows over 8-lane subgroups (ROW_BROADCAST) where it can.
+    pub attention_backward_broadcast: bool,
 }
 
 /// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
@@ -207,6 +219,8 @@ impl Tuning {
                 (true, false) => 1,
             },
             backward_broadcast: subgroups_of_8 && o.backward_broadcast != Some(false),
+            attention_backward_blocked: o.attention_backward_blocked != Some(false),
+            attention_backward_broadcast: o.attention_backward_broadcast != Some(false),
         }
     }
 

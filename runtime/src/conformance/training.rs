@@ -175,12 +175,14 @@ pub(super) async fn adamw(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// dq, dk, dv of attention on the attention cases whose head size the backward pass takes
-/// (multiples of 4), plus a long one that splits every pass over several dispatches on llvmpipe.
+/// (multiples of 4), plus long ones that split every pass over several dispatches on llvmpipe
+/// (for the scalar kernel and for the blocked ones, one with a window reaching back into a
+/// cache), with each kernel the device can run.
 pub(super) async fn attention_backward(gpu: &Gpu) -> Result<Vec<Check>> {
-    use ops::AttentionGrads;
+    use ops::{AttentionBackwardKernel, AttentionGrads};
     let mut checks = Vec::new();
     let mut cases: Vec<(u32, u32, u32, u32, u32, u32)> = ATTENTION_CASES.iter().copied().filter(|c| c.3 % 4 == 0 && c.4 <= 600).collect();
-    cases.push((96, 6, 2, 128, 900, 0));
+    cases.extend([(96, 6, 2, 128, 900, 0), (260, 3, 1, 64, 500, 0), (40, 4, 1, 64, 900, 256)]);
     for (ci, (n_q, n_head, n_kv_head, head_dim, pos0, window)) in cases.into_iter().enumerate() {
         let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale: 1.0 / (head_dim as f32).sqrt(), kv: KvType::F32 };
         let n_kv = (pos0 + n_q) as usize;
@@ -188,11 +190,6 @@ pub(super) async fn attention_backward(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut rng = Rng::new(1800 + ci as u64);
         let (q, k, v, dout) = (rng.fill(qn, 1.0), rng.fill(kn, 1.0), rng.fill(kn, 1.0), rng.fill(qn, 1.0));
         let (qb, kb, vb, db) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?, gpu.upload_f32("dout", &dout).await?);
-        let (dq, dk, dv) = (gpu.storage("dq", qn as u64 * 4).await?, gpu.storage("dk", kn as u64 * 4).await?, gpu.storage("dv", kn as u64 * 4).await?);
-        let stats = gpu.storage("stats", (n_q * n_head) as u64 * 16).await?;
-        let mut rec = Recorder::new(gpu);
-        rec.attention_backward(&AttentionGrads { q: &qb, k: &kb, v: &vb, dout: &db, dq: &dq, dk: &dk, dv: &dv, stats: &stats }, a).await?;
-        rec.submit()?;
         let shape = reference::AttentionShape {
             n_head: n_head as usize,
             n_kv_head: n_kv_head as usize,
@@ -202,10 +199,21 @@ pub(super) async fn attention_backward(gpu: &Gpu) -> Result<Vec<Check>> {
             scale: a.scale,
         };
         let (want_q, want_k, want_v) = reference::attention_backward(&q, &k, &v, &dout, shape);
-        let name = format!("attention_backward q={n_q} heads {n_head}/{n_kv_head}x{head_dim} pos0={pos0} window={window}");
-        checks.push(Check::nmse(format!("{name}: dq"), &gpu.read_f32(&dq, 0, qn).await?, &want_q, MATMUL_NMSE));
-        checks.push(Check::nmse(format!("{name}: dk"), &gpu.read_f32(&dk, 0, kn).await?, &want_k, MATMUL_NMSE));
-        checks.push(Check::nmse(format!("{name}: dv"), &gpu.read_f32(&dv, 0, kn).await?, &want_v, MATMUL_NMSE));
+        for mode in [AttentionBackwardKernel::Scalar, AttentionBackwardKernel::Tiled, AttentionBackwardKernel::Broadcast] {
+            let mut rec = Recorder::new(gpu);
+            rec.attention_backward_mode = Some(mode);
+            if rec.attention_backward_kernel(&a) != mode {
+                continue; // the device or the head size does not take it: another mode's case
+            }
+            let (dq, dk, dv) = (gpu.storage("dq", qn as u64 * 4).await?, gpu.storage("dk", kn as u64 * 4).await?, gpu.storage("dv", kn as u64 * 4).await?);
+            let stats = gpu.storage("stats", (n_q * n_head) as u64 * 16).await?;
+            rec.attention_backward(&AttentionGrads { q: &qb, k: &kb, v: &vb, dout: &db, dq: &dq, dk: &dk, dv: &dv, stats: &stats }, a).await?;
+            rec.submit()?;
+            let name = format!("attention_backward {mode:?} q={n_q} heads {n_head}/{n_kv_head}x{head_dim} pos0={pos0} window={window}");
+            checks.push(Check::nmse(format!("{name}: dq"), &gpu.read_f32(&dq, 0, qn).await?, &want_q, MATMUL_NMSE));
+            checks.push(Check::nmse(format!("{name}: dk"), &gpu.read_f32(&dk, 0, kn).await?, &want_k, MATMUL_NMSE));
+            checks.push(Check::nmse(format!("{name}: dv"), &gpu.read_f32(&dv, 0, kn).await?, &want_v, MATMUL_NMSE));
+        }
     }
     Ok(checks)
 }

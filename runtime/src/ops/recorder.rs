@@ -113,6 +113,9 @@ pub struct Recorder<'g> {
     /// product_backward.wgsl: Some forces DY_BROADCAST on (where the device and shape allow
     /// it) or off, None leaves it to the device's `Tuning` and the rows.
     pub backward_broadcast: Option<bool>,
+    /// attention_backward.wgsl: Some forces a kernel (Broadcast only where the device and head
+    /// size allow it), None leaves it to the device's `Tuning`.
+    pub attention_backward_mode: Option<super::AttentionBackwardKernel>,
 }
 
 /// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
@@ -147,6 +150,7 @@ impl<'g> Recorder<'g> {
             query_per_invocation: None,
             split_k: None,
             backward_broadcast: None,
+            attention_backward_mode: None,
         }
     }
 
