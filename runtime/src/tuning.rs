@@ -169,6 +169,8 @@ pub struct AttentionSplit {
 
 impl AttentionSplit {
     pub const NEVER: AttentionSplit = AttentionSplit { groups: 0, keys: u32::MAX };
+    /// CPU devices: dispatches of fewer than 4 workgroups, in chunks of 256 keys or more.
+    pub const CPU: AttentionSplit = AttentionSplit { groups: 4, keys: 256 };
     /// Wherever there are two chunks of 8 keys (what tests force).
     pub const ALWAYS: AttentionSplit = AttentionSplit { groups: u32::MAX, keys: 8 };
 }
