@@ -301,9 +301,8 @@ pub struct ModelArgs {
     #[arg(long, value_name = "MIB")]
     pub max_gpu_memory: Option<u64>,
     /// Prompt-lookup decoding: drafts of up to N tokens copied from the prompt and reply so
-    /// far, verified in one pass (0: off; not under a grammar, a logit bias or log-probabilities;
-    /// the default drafts in greedy replies, --lookup N in sampled ones too) [default: the
-    /// device's choice]
+    /// far, verified in one pass, in greedy and sampled replies (0: off; not under a grammar, a
+    /// logit bias or log-probabilities) [default: the device's choice]
     #[arg(long, value_name = "N", conflicts_with = "no_lookup")]
     pub lookup: Option<usize>,
     /// No prompt-lookup decoding (--lookup 0)
@@ -732,7 +731,7 @@ fn bench_code_edit(m: &ModelArgs, n_gen: usize, reps: usize, json: bool, temp: f
     let mut s = new_session(&l, m, n_ctx, false)?;
     let lookup = match m.lookup {
         Some(n) if n > 0 => Lookup::with_draft(n),
-        _ => Lookup { sampled: true, ..Lookup::default_for(&l.gpu) },
+        _ => Lookup::default_for(&l.gpu),
     };
     let sampler = if temp > 0.0 { SamplerConfig { temperature: temp, ..SamplerConfig::default() } } else { SamplerConfig::greedy() };
     let greedy = sampler.is_greedy();

@@ -12,7 +12,7 @@
 //!
 //! Greedy decoding (penalties allowed) verifies exactly: each accepted token is the one the
 //! sampler picks from that position's logits, as plain decoding picks it. Sampling at a
-//! temperature (where asked for: [`Lookup::sampled`]) takes speculative sampling's rule for a draft that proposes its tokens for
+//! temperature takes speculative sampling's rule for a draft that proposes its tokens for
 //! certain: a draft token is kept with its probability under the sampling chain, and where it
 //! is not, the token is drawn from the chain's other tokens in proportion; each token then
 //! comes out with the probability plain sampling gives it (the same distribution, not the same
@@ -33,8 +33,7 @@ pub struct Lookup {
     pub ngram_max: usize,
     /// The shortest n-gram looked up.
     pub ngram_min: usize,
-    /// Whether sampled replies draft too (greedy ones always do): asked for with `--lookup N`,
-    /// not the default, as it is not shown to pay (bench/README.md).
+    /// Whether sampled replies draft too (greedy ones always do where drafting is on).
     pub sampled: bool,
 }
 
@@ -48,13 +47,14 @@ impl Lookup {
         Lookup { max_draft: max_draft.min(MAX_DRAFT), ngram_max: 3, ngram_min: 2, sampled: true }
     }
 
-    /// The default on `gpu`. CPU devices (lavapipe): drafts of 7, a pass of 8 tokens, two of
-    /// prefill's four-token tiles (such a pass costs 3 to 4.5 decode steps there, 5 tokens a
-    /// third tile; 1.6x on the code-editing benchmark, bench/README.md). GPUs: 15, a pass within one 32-token tile of the tiled
-    /// matmul, where decode is bound by reading the weights (not measured on a GPU yet). Greedy
-    /// replies only.
+    /// The default on `gpu`, for greedy and sampled replies alike (an idle run measured sampled
+    /// drafting paying as greedy drafting does: bench/README.md, "Sampled replies"). CPU devices
+    /// (lavapipe): drafts of 7, a pass of 8 tokens, two of prefill's four-token tiles (such a
+    /// pass costs 3 to 4.5 decode steps there, 5 tokens a third tile). GPUs: 15, a pass within
+    /// one 32-token tile of the tiled matmul, where decode is bound by reading the weights (not
+    /// measured on a GPU yet).
     pub fn default_for(gpu: &crate::device::Gpu) -> Lookup {
-        Lookup { sampled: false, ..Lookup::with_draft(if gpu.tuning.cpu { 7 } else { MAX_DRAFT }) }
+        Lookup::with_draft(if gpu.tuning.cpu { 7 } else { MAX_DRAFT })
     }
 
     /// Whether drafting is on.
