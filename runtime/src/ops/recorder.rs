@@ -87,8 +87,8 @@ pub struct Recorder<'g> {
     // declared before the encoder so that it is dropped first
     pass: Option<wgpu::ComputePass<'static>>,
     encoder: wgpu::CommandEncoder,
-    /// When profiling: a timestamp before and after every dispatch, and the dispatches' kernels.
-    timer: Option<(wgpu::QuerySet, Vec<String>)>,
+    /// When profiling: a timestamp before and after every dispatch.
+    timer: Option<DispatchTimer>,
     /// Parameter slots and bind groups, the recorder's own or a session's.
     cache: Arc<DispatchCache>,
     /// The parameters of the dispatches recorded since the last submission, slot by slot:
@@ -118,9 +118,46 @@ pub struct Recorder<'g> {
     pub attention_backward_mode: Option<super::AttentionBackwardKernel>,
 }
 
-/// Dispatches timed per submission when profiling (two timestamps each; wgpu's query-set cap
-/// is 4096); later ones in the same submission go untimed.
+/// Dispatches one query set times when profiling (two timestamps each; wgpu's query-set cap
+/// is 4096): a submission of more goes on in a new set.
 const MAX_TIMED_DISPATCHES: u32 = 2048;
+
+/// The profiler's timestamps: the query set being written with the kernels of its dispatches,
+/// and the full sets already resolved into read-back buffers, with theirs.
+struct DispatchTimer {
+    set: wgpu::QuerySet,
+    kernels: Vec<String>,
+    resolved: Vec<(wgpu::Buffer, Vec<String>)>,
+}
+
+impl DispatchTimer {
+    fn new(gpu: &Gpu) -> DispatchTimer {
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("dispatch timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * MAX_TIMED_DISPATCHES,
+        });
+        DispatchTimer { set, kernels: Vec::new(), resolved: Vec::new() }
+    }
+
+    /// Resolves the current set's timestamps into a read-back buffer (recorded in `encoder`,
+    /// outside any pass) and starts a new set.
+    fn resolve(&mut self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder) {
+        let n = 2 * self.kernels.len() as u64;
+        if n == 0 {
+            return;
+        }
+        let usage = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
+        let resolved = gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n, usage, mapped_at_creation: false });
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n, usage, mapped_at_creation: false });
+        encoder.resolve_query_set(&self.set, 0..n as u32, &resolved, 0);
+        encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 8 * n);
+        let full = std::mem::replace(self, DispatchTimer::new(gpu));
+        self.resolved = full.resolved;
+        self.resolved.push((readback, full.kernels));
+    }
+}
 
 impl<'g> Recorder<'g> {
     pub fn new(gpu: &'g Gpu) -> Recorder<'g> {
@@ -129,14 +166,7 @@ impl<'g> Recorder<'g> {
 
     /// A recorder that takes its parameter slots and bind groups from `cache`.
     pub fn with_cache(gpu: &'g Gpu, cache: Arc<DispatchCache>) -> Recorder<'g> {
-        let timer = gpu.profiling().then(|| {
-            let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("dispatch timestamps"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2 * MAX_TIMED_DISPATCHES,
-            });
-            (set, Vec::new())
-        });
+        let timer = gpu.profiling().then(|| DispatchTimer::new(gpu));
         Recorder {
             gpu,
             encoder: gpu.device.create_command_encoder(&Default::default()),
@@ -176,31 +206,27 @@ impl<'g> Recorder<'g> {
         self.gpu.check_lost()?;
         self.pass = None;
         self.write_params();
-        let Some((set, kernels)) = self.timer.take() else {
+        let Some(mut timer) = self.timer.take() else {
             self.gpu.queue.submit([self.encoder.finish()]);
             return Ok(());
         };
         // profiling: resolve the timestamps, wait for them and add them to the device's totals
-        let n = 2 * kernels.len() as u64;
-        let usage = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
-        let resolved = self.gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n.max(1), usage, mapped_at_creation: false });
-        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
-        let readback = self.gpu.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 8 * n.max(1), usage, mapped_at_creation: false });
-        if n > 0 {
-            self.encoder.resolve_query_set(&set, 0..n as u32, &resolved, 0);
-            self.encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 8 * n);
-        }
+        timer.resolve(self.gpu, &mut self.encoder);
         self.gpu.queue.submit([self.encoder.finish()]);
-        readback.slice(..).map_async(wgpu::MapMode::Read, |_| ());
+        for (readback, _) in &timer.resolved {
+            readback.slice(..).map_async(wgpu::MapMode::Read, |_| ());
+        }
         self.gpu.wait()?;
-        let view = readback.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
-        let ticks: Vec<u64> = bytemuck::cast_slice(&view).to_vec();
         let period = self.gpu.queue.get_timestamp_period() as f64 * 1e-9;
         let mut totals = self.gpu.profile.as_ref().unwrap().lock().unwrap();
-        for (i, k) in kernels.into_iter().enumerate() {
-            let t = totals.entry(k).or_default();
-            t.0 += 1;
-            t.1 += ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+        for (readback, kernels) in timer.resolved {
+            let view = readback.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
+            let ticks: Vec<u64> = bytemuck::cast_slice(&view).to_vec();
+            for (i, k) in kernels.into_iter().enumerate() {
+                let t = totals.entry(k).or_default();
+                t.0 += 1;
+                t.1 += ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            }
         }
         Ok(())
     }
@@ -235,17 +261,19 @@ impl<'g> Recorder<'g> {
         self.params.extend_from_slice(bytemuck::bytes_of(params));
         self.params.resize(offset + PARAM_SLOT as usize, 0);
         let bg = self.cache.bind_group(self.gpu, &p.layout, buffers);
+        if let Some(timer) = self.timer.as_mut().filter(|t| t.kernels.len() == MAX_TIMED_DISPATCHES as usize) {
+            // a full query set: resolved between passes, and the next dispatches time into a new one
+            self.pass = None;
+            timer.resolve(self.gpu, &mut self.encoder);
+        }
         let encoder = &mut self.encoder;
         let pass = self.pass.get_or_insert_with(|| encoder.begin_compute_pass(&Default::default()).forget_lifetime());
-        let timed = match &mut self.timer {
-            Some((set, kernels)) if kernels.len() < MAX_TIMED_DISPATCHES as usize => {
-                let i = kernels.len() as u32;
-                kernels.push(kernel.unwrap_or_default());
-                pass.write_timestamp(set, 2 * i);
-                Some((set, 2 * i + 1))
-            }
-            _ => None,
-        };
+        let timed = self.timer.as_mut().map(|t| {
+            let i = t.kernels.len() as u32;
+            t.kernels.push(kernel.unwrap_or_default());
+            pass.write_timestamp(&t.set, 2 * i);
+            (&t.set, 2 * i + 1)
+        });
         pass.set_pipeline(&p.pipeline);
         pass.set_bind_group(0, &bg, &[offset as u32]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
