@@ -54,7 +54,8 @@ fn first_key(pos: u32) -> u32 {
 // CPU devices), and the lanes walk the other side's rows together, a row loaded once for all:
 // ROW_BROADCAST (subgroups of exactly the WG = 8 lanes) has lane l load quads l, l + 8, ... of
 // a row and subgroupBroadcast hand them to the others; otherwise TILE rows at a time go through
-// workgroup memory. Lanes past the last query (key) repeat it and write nothing.
+// workgroup memory. Lanes past the last query (key) repeat it and write nothing. HEAD_DIM a
+// multiple of 16 (the row loops take 4 quads a step), of 32 with ROW_BROADCAST.
 const HQ: u32 = HEAD_DIM / 4u;
 alias Row = array<vec4<f32>, HQ>;
 

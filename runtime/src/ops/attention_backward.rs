@@ -102,7 +102,7 @@ pub struct AttentionGrads<'a> {
 
 impl Recorder<'_> {
     /// The kernel the backward pass of `a` takes: `self.attention_backward_mode` where set (and
-    /// possible), else BLOCKED for heads up to BLOCKED_MAX_HEAD_DIM (any multiple of 4),
+    /// possible), else BLOCKED for heads up to BLOCKED_MAX_HEAD_DIM (multiples of 16),
     /// broadcast on 8-lane subgroups for heads of a multiple of 32.
     pub fn attention_backward_kernel(&self, a: &AttentionArgs) -> AttentionBackwardKernel {
         let t = &self.gpu.tuning;
@@ -113,7 +113,8 @@ impl Recorder<'_> {
             (true, false) => AttentionBackwardKernel::Tiled,
         };
         match self.attention_backward_mode.unwrap_or(default) {
-            _ if a.head_dim > BLOCKED_MAX_HEAD_DIM => AttentionBackwardKernel::Scalar,
+            // BLOCKED's row loops take 4 quads a step
+            _ if a.head_dim > BLOCKED_MAX_HEAD_DIM || !a.head_dim.is_multiple_of(16) => AttentionBackwardKernel::Scalar,
             AttentionBackwardKernel::Broadcast if !broadcast => AttentionBackwardKernel::Tiled,
             kernel => kernel,
         }
