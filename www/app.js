@@ -626,7 +626,8 @@ async function train(resume) {
   try {
     for await (const p of training) {
       if (p.type === 'start') {
-        ui.trainStatus.textContent = `${p.examples} examples (${p.format}${p.skipped_too_long ? `, ${p.skipped_too_long} too long skipped` : ''}), ${p.steps} steps`;
+        const m = p.memory_mib;
+        ui.trainStatus.textContent = `${p.examples} examples (${p.format}${p.skipped_too_long ? `, ${p.skipped_too_long} too long skipped` : ''}), ${p.steps} steps, ${m.adapters + m.activations} MiB of GPU memory beside the model`;
         continue;
       }
       losses.push(p);

@@ -105,8 +105,8 @@ class Reply {
 
 /**
  * A fine-tuning run: async-iterate it for progress objects: first {type: 'start', format,
- * examples, skipped_too_long, tokens, trained_tokens, valid_examples, steps, adapters} (not on
- * resume), then one {type: 'step', step, steps, loss, valLoss, lr, gradNorm, tokens, seconds,
+ * examples, skipped_too_long, tokens, trained_tokens, valid_examples, memory_mib: {weights,
+ * adapters, activations}, steps, adapters} (not on resume), then one {type: 'step', step, steps, loss, valLoss, lr, gradNorm, tokens, seconds,
  * tokensPerSecond, etaSeconds} a step. Await it (or its `result`) for the adapter {name, bytes
  * (null if no step was taken), finished, stopped, error (a step whose loss was not finite:
  * bytes are the last good step's), summary, last}.

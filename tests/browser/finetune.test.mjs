@@ -163,3 +163,34 @@ test('the Train panel trains, stops, resumes and keeps the adapter', { timeout: 
   assert.deepEqual(again.map((a) => [a.name, a.active]).sort(), [['zorbia', false], ['zorbia-long', false]]);
   await page.close();
 });
+
+test('a run over the page\'s GPU memory limit is refused before it allocates; a smaller one then trains', { timeout: LONG }, async () => {
+  const page = await openPage();
+  const got = await page.evaluate(
+    async ({ examples, model }) => {
+      const e = window.nomoat.engine;
+      // the tiny model takes under 1 MiB; rank 64 on every projection takes about 3 MiB more
+      await e.loadUrl(model, { maxGpuMemory: 2, nCtx: 64 });
+      const outcome = async (rank) => {
+        const run = e.finetune(examples, { steps: 1, batchTokens: 16, seed: 1, rank, name: `r${rank}` });
+        let start = null;
+        try {
+          for await (const p of run) if (p.type === 'start') start = p;
+          const r = await run;
+          return { ok: true, start, bytes: r.bytes?.length ?? 0 };
+        } catch (err) {
+          return { ok: false, name: err.name, message: err.message };
+        }
+      };
+      return { big: await outcome(64), small: await outcome(8) };
+    },
+    { examples: EXAMPLES, model: `models/${MODEL}` },
+  );
+  console.log(JSON.stringify(got));
+  assert.equal(got.big.ok, false);
+  assert.equal(got.big.name, 'OutOfMemory');
+  assert.match(got.big.message, /^fine-tuning needs \d+ MiB of GPU memory beside the model .* over the 2 MiB allowed: lower the rank/);
+  assert.ok(got.small.ok, JSON.stringify(got.small));
+  assert.ok(got.small.start.memory_mib.adapters >= 1 && got.small.bytes > 0);
+  await page.close();
+});

@@ -31,7 +31,7 @@ use nomoat_runtime::session::Session;
 use nomoat_runtime::tokenizer::Tokenizer;
 use nomoat_runtime::tools::{self, ToolRequest};
 use nomoat_runtime::train::data::{read_jsonl, DataOptions};
-use nomoat_runtime::train::run::{Run, RunOptions};
+use nomoat_runtime::train::run::{context_of, memory_needed, Run, RunOptions};
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -666,7 +666,9 @@ impl Engine {
     /// loop `nomoat finetune` runs). `data`: JSONL, one {"messages"}, {"prompt", "completion"}
     /// or {"text"} a line. `options_json`: {rank, alpha, targets, lr, epochs | steps,
     /// batch_tokens, ctx, strict, seed, valid (JSONL), valid_every}. Resolves to JSON {format,
-    /// examples, skipped_too_long, tokens, trained_tokens, valid_examples, steps, adapters}.
+    /// examples, skipped_too_long, tokens, trained_tokens, valid_examples, memory_mib: {weights,
+    /// adapters, activations}, steps, adapters}; rejects with OutOfMemory where the model's
+    /// max_gpu_memory leaves too little for the run.
     /// Replaces a run already started.
     pub fn finetune_start(&self, data: String, options_json: Option<String>) -> Promise {
         let inner = self.inner.clone();
@@ -703,11 +705,33 @@ impl Engine {
                 seed: o.seed,
                 valid_every: o.valid_every,
             };
+            // what the run adds to the model and its KV caches, refused before it allocates
+            // where the page set a limit (the CLI's --max-gpu-memory check)
+            let ctx = context_of(&set.examples, &valid);
+            let (weights, adapters, activations) = memory_needed(&l.gguf, &l.model.config, &opts, ctx);
+            let mib = |b: u64| b.div_ceil(1 << 20);
+            if let Some(limit) = l.max_gpu_memory {
+                let (_, kv_bytes) = Model::memory_needed(&l.gguf, &l.model.config, l.session.n_ctx, l.kv);
+                let total = weights + kv_bytes * (l.others.len() as u64 + 1) + adapters + activations;
+                if total > limit << 20 {
+                    return Err(js_error(
+                        "OutOfMemory",
+                        format!(
+                            "fine-tuning needs {} MiB of GPU memory beside the model ({} MiB of adapters and optimizer state, {} MiB of activations for examples of up to {ctx} tokens), {} MiB in all, over the {limit} MiB allowed: lower the rank or the targets, or shorten the examples (ctx)",
+                            mib(adapters + activations),
+                            mib(adapters),
+                            mib(activations),
+                            mib(total)
+                        ),
+                    ));
+                }
+            }
+            let mut summary = summary;
+            summary["memory_mib"] = serde_json::json!({"weights": mib(weights), "adapters": mib(adapters), "activations": mib(activations)});
             let run = Run::new(l.model.clone(), inner.gpu.clone(), set.examples, valid, opts).await.map_err(|e| match e {
                 ModelError::Training(m) => js_error("BadRequest", m),
                 e => model_error(&e),
             })?;
-            let mut summary = summary;
             summary["steps"] = run.total.into();
             summary["adapters"] = run.trainer.pairs.len().into();
             l.training = Some(run);
