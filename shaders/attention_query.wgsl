@@ -249,6 +249,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }
 #else
 #if KV_BROADCAST
+// this lane's query against the row at kb, each lane loading one quad in 8 of it and
+// subgroupBroadcast handing them round
+fn broadcast_score(kb: u32, lid: u32) -> f32 {
+    var s4 = vec4<f32>(0.0);
+    for (var d = 0u; d < HEAD_DIM / 4u; d += 8u) {
+        let mine = k_quad(kb + 4u * (d + lid));
+#if KV_Q8
+        // the 8 quads are one q8_0 block: its sum, then times its scale
+        var t4 = qv[d] * subgroupBroadcast(mine, 0u);
+#else
+        var t4 = fma(qv[d], subgroupBroadcast(mine, 0u), s4);
+#endif
+        t4 = fma(qv[d + 1u], subgroupBroadcast(mine, 1u), t4);
+        t4 = fma(qv[d + 2u], subgroupBroadcast(mine, 2u), t4);
+        t4 = fma(qv[d + 3u], subgroupBroadcast(mine, 3u), t4);
+        t4 = fma(qv[d + 4u], subgroupBroadcast(mine, 4u), t4);
+        t4 = fma(qv[d + 5u], subgroupBroadcast(mine, 5u), t4);
+        t4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), t4);
+        t4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), t4);
+#if KV_Q8
+        s4 = fma(t4, vec4<f32>(k_scale(kb + 4u * d)), s4);
+#else
+        s4 = t4;
+#endif
+    }
+    return s4.x + s4.y + s4.z + s4.w;
+}
+
+// take_key for two keys at once: the factor acc is to be scaled by and the two keys' weights
+fn take_two_keys(s0: f32, seen0: bool, s1: f32, seen1: bool) -> vec3<f32> {
+    let new_max = max(run_max, max(select(NEG_BIG, s0, seen0), select(NEG_BIG, s1, seen1)));
+    let rescale = exp(run_max - new_max);
+    let w0 = select(0.0, exp(s0 - new_max), seen0);
+    let w1 = select(0.0, exp(s1 - new_max), seen1);
+    run_sum = run_sum * rescale + w0 + w1;
+    run_max = new_max;
+    return vec3<f32>(rescale, w0, w1);
+}
+
 // KV_BROADCAST (subgroups of exactly the workgroup's 8 lanes, head_dim a multiple of 32): the
 // queries of each head are padded to a multiple of 8, so a workgroup holds 8 queries of one
 // head (the padding repeats the last query and writes nothing); they walk the keys of all 8
@@ -290,43 +329,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 #endif
     let n_quads = HEAD_DIM / 4u;
     let keys = split_keys(k_lo, k_hi + 1u, wid.z);
-    for (var j = keys.x; j < keys.y; j++) {
-        let kb = j * at.kv_stride + at.kv_offset;
-        var s4 = vec4<f32>(0.0);
-        for (var d = 0u; d < n_quads; d += 8u) {
-            let mine = k_quad(kb + 4u * (d + lid));
-#if KV_Q8
-            // the 8 quads are one q8_0 block: its sum, then times its scale
-            var t4 = qv[d] * subgroupBroadcast(mine, 0u);
-#else
-            var t4 = fma(qv[d], subgroupBroadcast(mine, 0u), s4);
-#endif
-            t4 = fma(qv[d + 1u], subgroupBroadcast(mine, 1u), t4);
-            t4 = fma(qv[d + 2u], subgroupBroadcast(mine, 2u), t4);
-            t4 = fma(qv[d + 3u], subgroupBroadcast(mine, 3u), t4);
-            t4 = fma(qv[d + 4u], subgroupBroadcast(mine, 4u), t4);
-            t4 = fma(qv[d + 5u], subgroupBroadcast(mine, 5u), t4);
-            t4 = fma(qv[d + 6u], subgroupBroadcast(mine, 6u), t4);
-            t4 = fma(qv[d + 7u], subgroupBroadcast(mine, 7u), t4);
-#if KV_Q8
-            s4 = fma(t4, vec4<f32>(k_scale(kb + 4u * d)), s4);
-#else
-            s4 = t4;
-#endif
-        }
-        let rw = take_key(s4.x + s4.y + s4.z + s4.w, j >= k_start && j <= at.pos);
+    // two keys a step, so one rescale of acc (and one exp) serves both
+    for (var j = keys.x; j < keys.y; j += 2u) {
+        let kb0 = j * at.kv_stride + at.kv_offset;
+        let kb1 = min(j + 1u, keys.y - 1u) * at.kv_stride + at.kv_offset;
+        let rw = take_two_keys(broadcast_score(kb0, lid), j >= k_start && j <= at.pos,
+                               broadcast_score(kb1, lid), j + 1u < keys.y && j + 1u >= k_start && j + 1u <= at.pos);
         let rescale = vec4<f32>(rw.x);
         for (var d = 0u; d < n_quads; d += 8u) {
-            let mine = v_quad(kb + 4u * (d + lid));
-            let w = rw.y * v_scale(kb + 4u * d);
-            acc[d] = fma(acc[d], rescale, w * subgroupBroadcast(mine, 0u));
-            acc[d + 1u] = fma(acc[d + 1u], rescale, w * subgroupBroadcast(mine, 1u));
-            acc[d + 2u] = fma(acc[d + 2u], rescale, w * subgroupBroadcast(mine, 2u));
-            acc[d + 3u] = fma(acc[d + 3u], rescale, w * subgroupBroadcast(mine, 3u));
-            acc[d + 4u] = fma(acc[d + 4u], rescale, w * subgroupBroadcast(mine, 4u));
-            acc[d + 5u] = fma(acc[d + 5u], rescale, w * subgroupBroadcast(mine, 5u));
-            acc[d + 6u] = fma(acc[d + 6u], rescale, w * subgroupBroadcast(mine, 6u));
-            acc[d + 7u] = fma(acc[d + 7u], rescale, w * subgroupBroadcast(mine, 7u));
+            let v0 = v_quad(kb0 + 4u * (d + lid));
+            let v1 = v_quad(kb1 + 4u * (d + lid));
+            let w0 = vec4<f32>(rw.y * v_scale(kb0 + 4u * d));
+            let w1 = vec4<f32>(rw.z * v_scale(kb1 + 4u * d));
+            acc[d] = fma(acc[d], rescale, fma(w0, subgroupBroadcast(v0, 0u), w1 * subgroupBroadcast(v1, 0u)));
+            acc[d + 1u] = fma(acc[d + 1u], rescale, fma(w0, subgroupBroadcast(v0, 1u), w1 * subgroupBroadcast(v1, 1u)));
+            acc[d + 2u] = fma(acc[d + 2u], rescale, fma(w0, subgroupBroadcast(v0, 2u), w1 * subgroupBroadcast(v1, 2u)));
+            acc[d + 3u] = fma(acc[d + 3u], rescale, fma(w0, subgroupBroadcast(v0, 3u), w1 * subgroupBroadcast(v1, 3u)));
+            acc[d + 4u] = fma(acc[d + 4u], rescale, fma(w0, subgroupBroadcast(v0, 4u), w1 * subgroupBroadcast(v1, 4u)));
+            acc[d + 5u] = fma(acc[d + 5u], rescale, fma(w0, subgroupBroadcast(v0, 5u), w1 * subgroupBroadcast(v1, 5u)));
+            acc[d + 6u] = fma(acc[d + 6u], rescale, fma(w0, subgroupBroadcast(v0, 6u), w1 * subgroupBroadcast(v1, 6u)));
+            acc[d + 7u] = fma(acc[d + 7u], rescale, fma(w0, subgroupBroadcast(v0, 7u), w1 * subgroupBroadcast(v1, 7u)));
         }
     }
     if (writes) {
