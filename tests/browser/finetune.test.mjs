@@ -165,12 +165,24 @@ test('the Train panel trains, stops, resumes and keeps the adapter', { timeout: 
 });
 
 test('a run over the page\'s GPU memory limit is refused before it allocates; a smaller one then trains', { timeout: LONG }, async () => {
-  const page = await openPage();
+  // the engine loads through the API alone: the page's own load brings back the adapters the
+  // tests before kept in its storage, and the engine is busy meanwhile
+  const page = await ctx.newPage();
+  await page.goto(`${server.url}/`);
+  await page.waitForFunction(() => window.nomoat?.ready, null, { timeout: 60_000 });
   const got = await page.evaluate(
     async ({ examples, model }) => {
       const e = window.nomoat.engine;
       // the tiny model takes under 1 MiB; rank 64 on every projection takes about 3 MiB more
-      await e.loadUrl(model, { maxGpuMemory: 2, nCtx: 64 });
+      for (let t = 0; ; t++) {
+        try {
+          await e.loadUrl(model, { maxGpuMemory: 2, nCtx: 64 });
+          break;
+        } catch (err) {
+          if (err.name !== 'Busy' || t > 300) throw err;
+          await new Promise((r) => setTimeout(r, 200));
+        }
+      }
       const outcome = async (rank) => {
         const run = e.finetune(examples, { steps: 1, batchTokens: 16, seed: 1, rank, name: `r${rank}` });
         let start = null;
