@@ -168,8 +168,8 @@ impl Session<'_> {
         let (reused, first) = self.feed_prompt(prompt, &mut sampler, guide, cancelled).await?;
         let mut steps = Steps::new(tokenizer, opts, sampler, prompt.len(), reused, start.elapsed().as_secs_f64());
         let Some(mut next) = first else { return Ok(steps.cancelled()) };
-        // prompt-lookup drafts: unguided only, sampled where asked for (see crate::lookup)
-        let lookup = self.lookup.is_on() && guide.is_empty() && (self.lookup.sampled || steps.sampler.config().is_greedy());
+        // prompt-lookup drafts: unguided only, greedy or sampled (see crate::lookup)
+        let lookup = self.lookup.is_on() && guide.is_empty();
         let mut history = if lookup { prompt.to_vec() } else { Vec::new() };
         // after a pass that keeps under half its draft, no drafts for 2, 4, .. 32 steps (the
         // reply is not copying: a pass costs several steps on devices without spare compute)

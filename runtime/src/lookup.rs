@@ -33,18 +33,16 @@ pub struct Lookup {
     pub ngram_max: usize,
     /// The shortest n-gram looked up.
     pub ngram_min: usize,
-    /// Whether sampled replies draft too (greedy ones always do where drafting is on).
-    pub sampled: bool,
 }
 
 impl Lookup {
     /// Off: one token a step.
-    pub const OFF: Lookup = Lookup { max_draft: 0, ngram_max: 3, ngram_min: 1, sampled: false };
+    pub const OFF: Lookup = Lookup { max_draft: 0, ngram_max: 3, ngram_min: 1 };
 
     /// Drafts of up to `max_draft` tokens (clamped to [`MAX_DRAFT`]), n-grams 3 down to 2, in
     /// greedy and sampled replies.
     pub fn with_draft(max_draft: usize) -> Lookup {
-        Lookup { max_draft: max_draft.min(MAX_DRAFT), ngram_max: 3, ngram_min: 2, sampled: true }
+        Lookup { max_draft: max_draft.min(MAX_DRAFT), ngram_max: 3, ngram_min: 2 }
     }
 
     /// The default on `gpu`, for greedy and sampled replies alike (an idle run measured sampled
