@@ -56,7 +56,7 @@ function nomoat(model) {
   const out = execFileSync(bin, ['bench', '-m', model, '-p', String(PP), '-n', String(TG), '-r', String(REPS), '--json'], { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
   const r = JSON.parse(out.trim().split('\n').pop());
   const get = (t) => mean(r.tests.find((x) => x.test === t).samples);
-  return { device: r.backend, pp: get(`pp${PP}`), tg: get(`tg${TG}`), load_s: r.load_s, ttft_ms: r.ttft32_ms, ceiling: r.decode_ceiling_tok_s, gbs: r.matvec_f32_gbs, bytes: r.decode_bytes_per_token, n_vocab: r.n_vocab };
+  return { device: r.backend, pp: get(`pp${PP}`), tg: get(`tg${TG}`), load_s: r.load_s, ttft_ms: r.ttft32_ms, ceiling: r.decode_ceiling_tok_s, ceiling_std: r.decode_ceiling_tok_s_std, gbs: r.matvec_f32_gbs, gbs_std: r.matvec_f32_gbs_std, bytes: r.decode_bytes_per_token, n_vocab: r.n_vocab };
 }
 
 async function llamaCpp(lib, model, nVocab) {
@@ -133,9 +133,9 @@ for (const { name, nomoat: a, llama: b } of rows) {
   console.log(`| ${name} | TTFT (32-token prompt) ms | ${f(a.ttft_ms, 0)} | ${f(b.ttft_ms, 0)} | ${f(b.ttft_ms / a.ttft_ms)}× faster |`);
 }
 console.log('');
-console.log('| model | weight MB read per token | plain f32 matvec GB/s | decode ceiling tok/s | nomoat tg | of ceiling |');
+console.log('| model | weight MB read per token | plain f32 matvec GB/s (mean ± sd of 6) | decode ceiling tok/s | nomoat tg | of ceiling (within one sd) |');
 console.log('| --- | ---: | ---: | ---: | ---: | ---: |');
 for (const { name, nomoat: a } of rows) {
-  console.log(`| ${name} | ${f(a.bytes / 1e6, 1)} | ${f(a.gbs)} | ${f(a.ceiling, 1)} | ${f(a.tg)} | ${f((100 * a.tg) / a.ceiling, 0)}% |`);
+  console.log(`| ${name} | ${f(a.bytes / 1e6, 1)} | ${f(a.gbs)} ± ${f(a.gbs_std)} | ${f(a.ceiling, 1)} ± ${f(a.ceiling_std, 1)} | ${f(a.tg)} | ${f((100 * a.tg) / (a.ceiling + a.ceiling_std), 0)} to ${f((100 * a.tg) / (a.ceiling - a.ceiling_std), 0)}% |`);
 }
 if (opt.json) fs.writeFileSync(opt.json, JSON.stringify(rows, null, 2));

@@ -89,8 +89,9 @@ for r in rows:
         decode = t["test"].startswith("tg")
         gbs = tps * per_token / 1e9 if decode else None
         share = f"{100 * gbs / bw:.0f}%" if decode and bw else ""
-        ceil = f"{100 * tps / b['decode_ceiling_tok_s']:.0f}%" if decode else ""
+        c, sd = b["decode_ceiling_tok_s"], b.get("decode_ceiling_tok_s_std", 0)
+        ceil = f"{100 * tps / (c + sd):.0f} to {100 * tps / max(c - sd, 1e-9):.0f}%" if decode else ""
         gbs_s = f"{gbs:.0f}" if gbs else ""
         print(f"| {r['shape']} {r['type']} ({b['size_mib']:.0f} MiB) | {t['test']} | {tps:.1f} ± {t['tok_s_std']:.1f} | {gbs_s} | {share} | {ceil} |")
-print(f"\nbackend: {rows[0]['bench']['backend'] if rows else '?'}; f32 matvec measured {rows[0]['bench']['matvec_f32_gbs']:.0f} GB/s" if rows else "no results")
+print(f"\nbackend: {rows[0]['bench']['backend'] if rows else '?'}; f32 matvec measured {rows[0]['bench']['matvec_f32_gbs']:.0f} ± {rows[0]['bench'].get('matvec_f32_gbs_std', 0):.0f} GB/s (6 samples)" if rows else "no results")
 PY

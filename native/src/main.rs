@@ -616,9 +616,10 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 /// llama-bench's pp / tg: see `generate::bench_once`, which the browser engine runs too.
 /// GB/s of weight bytes the plain f32 matvec kernel streams on this device: a 4096 x 4096
-/// matrix (64 MiB, beyond any cache), `iters` products in one submission after a warm-up.
-/// Weight bytes per token ÷ this = the decode ceiling.
-fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
+/// matrix (64 MiB, beyond any cache). One untimed submission warms it up (pipelines, paging,
+/// clocks), then `reps` submissions of `iters` products give one sample each: their spread is
+/// the ceiling's (one run's number once moved by 2x between runs on the same idle machine).
+fn plain_matvec_gbs(gpu: &Gpu, iters: usize, reps: usize) -> Result<Vec<f64>> {
     use nomoat_runtime::ggml_type::GgmlType;
     use nomoat_runtime::ops::{GpuMatrix, Recorder};
     const N: usize = 4096;
@@ -627,8 +628,9 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
         let m = GpuMatrix::upload(gpu, "ceiling w", GgmlType::F32, N as u64, N as u64, &w).await?;
         let x = gpu.upload_f32("ceiling x", &vec![1.0; N]).await?;
         let y = gpu.storage("ceiling y", (N * 4) as u64).await?;
-        let mut t = None;
-        for n in [1, iters.max(1)] {
+        let mut samples = Vec::new();
+        for rep in 0..=reps.max(1) {
+            let n = iters.max(1);
             let start = std::time::Instant::now();
             let mut rec = Recorder::new(gpu);
             for _ in 0..n {
@@ -636,9 +638,11 @@ fn plain_matvec_gbs(gpu: &Gpu, iters: usize) -> Result<f64> {
             }
             rec.submit()?;
             gpu.wait()?;
-            t = Some(start.elapsed().as_secs_f64() / n as f64);
+            if rep > 0 {
+                samples.push(m.bytes() as f64 * n as f64 / start.elapsed().as_secs_f64() / 1e9);
+            }
         }
-        Ok::<_, nomoat_runtime::device::GpuError>(m.bytes() as f64 / t.unwrap() / 1e9)
+        Ok::<_, nomoat_runtime::device::GpuError>(samples)
     })
     .map_err(Into::into)
 }
@@ -825,9 +829,9 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         pollster::block_on(s.eval_top_k(&prompt, 1))?;
         t.elapsed().as_secs_f64() * 1e3
     };
-    let matvec_gbs = plain_matvec_gbs(&l.gpu, 10)?;
+    // the ceiling is sampled before and after the timed runs, so drift during the run shows in its spread
+    let mut matvec_samples = plain_matvec_gbs(&l.gpu, 10, 3)?;
     let bytes_per_token = l.model.decode_bytes_per_token();
-    let ceiling = matvec_gbs * 1e9 / bytes_per_token as f64;
     // with adapters given, generation is also measured with 0, 1, ... of them active
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let sweep: Vec<usize> = if l.adapters.is_empty() { vec![0] } else { (0..=l.adapters.len()).collect() };
@@ -859,6 +863,11 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
             rows.push((label(format!("tg{n_gen}")), tg));
         }
     }
+    matvec_samples.extend(plain_matvec_gbs(&l.gpu, 10, 3)?);
+    let (matvec_gbs, matvec_std) = mean_std(&matvec_samples);
+    let ceilings: Vec<f64> = matvec_samples.iter().map(|g| g * 1e9 / bytes_per_token as f64).collect();
+    let (ceiling, ceiling_std) = mean_std(&ceilings);
+    let (ceiling_min, ceiling_max) = ceilings.iter().fold((f64::MAX, 0f64), |(lo, hi), &c| (lo.min(c), hi.max(c)));
     if train {
         rows.push((format!("train{n_prompt}"), bench_train(&l, &ids[..n_prompt], reps)?));
     }
@@ -896,7 +905,8 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
                 "model": name, "size_mib": size_mib, "backend": backend, "kv": m.kv, "tests": tests,
                 "load_s": load_s, "ttft32_ms": ttft_ms, "n_vocab": c.n_vocab,
                 "constrained": constrained.as_ref().map(|b| serde_json::json!({"mask_ms_per_token": b.mask_ms_per_token, "compile_ms": b.compile_ms, "forced_share": b.forced_share})),
-                "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "decode_ceiling_tok_s": ceiling,
+                "decode_bytes_per_token": bytes_per_token, "matvec_f32_gbs": matvec_gbs, "matvec_f32_gbs_std": matvec_std,
+                "matvec_f32_gbs_samples": matvec_samples, "decode_ceiling_tok_s": ceiling, "decode_ceiling_tok_s_std": ceiling_std,
                 "kv_bytes_per_token": c.kv_bytes_per_token(kv_type(m)),
                 "profile": profiles.iter().map(|(test, tokens, kernels)| serde_json::json!({
                     "test": test, "tokens": tokens,
@@ -914,13 +924,18 @@ fn bench(m: &ModelArgs, n_prompt: usize, n_gen: usize, n_depth: usize, reps: usi
         println!();
         println!("load {load_s:.2} s · time to first token (32-token prompt) {ttft_ms:.0} ms");
         println!("KV cache ({}): {} bytes per token of context", m.kv, c.kv_bytes_per_token(kv_type(m)));
-        println!("decode ceiling {ceiling:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} GB/s (plain f32 matvec, this run)", bytes_per_token as f64 / 1e6);
+        println!(
+            "decode ceiling {ceiling:.1} ± {ceiling_std:.1} tok/s = {:.1} MB of weights per token ÷ {matvec_gbs:.2} ± {matvec_std:.2} GB/s (plain f32 matvec, {} samples this run, before and after the tests)",
+            bytes_per_token as f64 / 1e6,
+            matvec_samples.len()
+        );
         if let Some((_, tg)) = rows.iter().find(|(t, _)| t.starts_with("tg") && !t.contains("lora")) {
-            println!("tg reaches {:.0}% of the ceiling", 100.0 * mean_std(tg).0 / ceiling);
+            let tg = mean_std(tg).0;
+            println!("tg reaches {:.0}% of the ceiling ({:.0} to {:.0}% across its samples)", 100.0 * tg / ceiling, 100.0 * tg / ceiling_max, 100.0 * tg / ceiling_min);
             if let Some(b) = &constrained {
                 println!(
                     "constrained: {:.0}% of unconstrained tg; mask {:.3} ms per token; compile {:.2} ms; {:.0}% of the steps had one allowed token (fed without sampling in generation)",
-                    100.0 * mean_std(&b.tok_s).0 / mean_std(tg).0,
+                    100.0 * mean_std(&b.tok_s).0 / tg,
                     b.mask_ms_per_token,
                     b.compile_ms,
                     100.0 * b.forced_share

@@ -191,6 +191,10 @@ fn bench_prints_its_table_and_measures_at_a_depth() {
     assert_eq!(names, ["pp16 @ d100", "tg8 @ d100"]);
     assert!(tests.iter().all(|t| t["tok_s_mean"].as_f64().unwrap() > 0.0), "{out}");
     assert!(v["ttft32_ms"].as_f64().unwrap() > 0.0 && v["decode_ceiling_tok_s"].as_f64().unwrap() > 0.0, "{out}");
+    // the ceiling is six samples, three before and three after the timed runs, with their spread
+    let samples = v["matvec_f32_gbs_samples"].as_array().unwrap();
+    assert!(samples.len() == 6 && samples.iter().all(|g| g.as_f64().unwrap() > 0.0), "{out}");
+    assert!(v["decode_ceiling_tok_s_std"].as_f64().unwrap() >= 0.0, "{out}");
     // the tiny model was trained on 256 tokens: a depth past that is refused, naming both
     let (ok, _, err) = nomoat(&["bench", "-m", &tiny, "-p", "16", "-n", "8", "-d", "300", "-r", "1"]);
     assert!(!ok && err.contains("300") && err.contains("256"), "{err}");
