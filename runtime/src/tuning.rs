@@ -50,6 +50,8 @@ pub struct KernelOverrides {
     pub attention_backward_blocked: Option<bool>,
     /// `NOMOAT_ATTENTION_BACKWARD_BROADCAST=0`: no ROW_BROADCAST in attention_backward.wgsl.
     pub attention_backward_broadcast: Option<bool>,
+    /// `NOMOAT_LORA_TILES=0`: weight_gradient.wgsl and skinny_product.wgsl without TILES.
+    pub lora_tiles: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -78,6 +80,7 @@ impl KernelOverrides {
             backward_broadcast: off("NOMOAT_BACKWARD_BROADCAST"),
             attention_backward_blocked: choice("NOMOAT_ATTENTION_BACKWARD", "blocked", "scalar"),
             attention_backward_broadcast: off("NOMOAT_ATTENTION_BACKWARD_BROADCAST"),
+            lora_tiles: off("NOMOAT_LORA_TILES"),
         }
     }
 }
@@ -158,6 +161,12 @@ pub struct Tuning {
     pub attention_backward_blocked: bool,
     /// BLOCKED hands the walked rows over 8-lane subgroups (ROW_BROADCAST) where it can.
     pub attention_backward_broadcast: bool,
+    /// A LoRA factor's products and gradients (skinny_product.wgsl, weight_gradient.wgsl) by
+    /// 4 x 4 blocks (TILES) where the shapes are multiples of 4, in workgroups of `lora_wg`
+    /// (CPU devices: 16, so that a rank-8 factor's few hundred blocks still spread over every
+    /// thread; GPUs: 64).
+    pub lora_tiles: bool,
+    pub lora_wg: u32,
 }
 
 /// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
@@ -223,6 +232,8 @@ impl Tuning {
             backward_broadcast: subgroups_of_8 && o.backward_broadcast != Some(false),
             attention_backward_blocked: o.attention_backward_blocked != Some(false),
             attention_backward_broadcast: o.attention_backward_broadcast != Some(false),
+            lora_tiles: o.lora_tiles != Some(false),
+            lora_wg: if cpu { 16 } else { 64 },
         }
     }
 

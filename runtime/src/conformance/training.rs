@@ -70,17 +70,22 @@ pub(super) async fn weight_gradient(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // (rows, k, tokens, dy's width, the rows' first column in it)
     for (i, (n_rows, k, m, stride, offset)) in
-        [(5usize, 7usize, 3usize, 5usize, 0usize), (8, 64, 33, 20, 6), (576, 8, 70, 1728, 1152), (1, 1, 1, 1, 0)].into_iter().enumerate()
+        [(5usize, 7usize, 3usize, 5usize, 0usize), (8, 64, 33, 20, 6), (8, 64, 33, 24, 8), (576, 8, 70, 1728, 1152), (1, 1, 1, 1, 0)].into_iter().enumerate()
     {
         let mut rng = Rng::new(1300 + i as u64);
         let (dy, x, prior) = (rng.fill(m * stride, 1.0), rng.fill(m * k, 1.0), rng.fill(n_rows * k, 1.0));
-        let (dyb, xb, dw) = (gpu.upload_f32("dy", &dy).await?, gpu.upload_f32("x", &x).await?, gpu.upload_f32("dw", &prior).await?);
-        let mut rec = Recorder::new(gpu);
-        rec.weight_gradient(&dyb, &xb, &dw, n_rows as u32, k as u32, m as u32, stride as u32, offset as u32, 0.5).await?;
-        rec.submit()?;
         let part: Vec<f32> = (0..m).flat_map(|t| dy[t * stride + offset..][..n_rows].to_vec()).collect();
         let want = reference::add(&prior, &reference::scale(&reference::weight_gradient(&part, &x, n_rows, k, m), 0.5));
-        checks.push(Check::nmse(format!("weight_gradient {n_rows}x{k} m={m} of {stride} at {offset}"), &gpu.read_f32(&dw, 0, n_rows * k).await?, &want, MATMUL_NMSE));
+        // the scalar kernel, and TILES where the shape allows it
+        for tiles in [false, true] {
+            let (dyb, xb, dw) = (gpu.upload_f32("dy", &dy).await?, gpu.upload_f32("x", &x).await?, gpu.upload_f32("dw", &prior).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.lora_tiles = Some(tiles);
+            rec.weight_gradient(&dyb, &xb, &dw, n_rows as u32, k as u32, m as u32, stride as u32, offset as u32, 0.5).await?;
+            rec.submit()?;
+            let name = format!("weight_gradient {n_rows}x{k} m={m} of {stride} at {offset}{}", if tiles { " (tiles where aligned)" } else { "" });
+            checks.push(Check::nmse(name, &gpu.read_f32(&dw, 0, n_rows * k).await?, &want, MATMUL_NMSE));
+        }
     }
     Ok(checks)
 }
@@ -224,16 +229,26 @@ pub(super) async fn skinny_product(gpu: &Gpu) -> Result<Vec<Check>> {
     for (i, (n_rows, k, m)) in [(8usize, 576usize, 50usize), (576, 8, 50), (4, 4, 1), (16, 1536, 70), (3, 12, 9)].into_iter().enumerate() {
         let mut rng = Rng::new(1900 + i as u64);
         let (w, x, prior) = (rng.fill(n_rows * k, 1.0), rng.fill(m * k, 1.0), rng.fill(m * n_rows, 1.0));
-        let wm = GpuMatrix::upload(gpu, "w", GgmlType::F32, k as u64, n_rows as u64, bytemuck::cast_slice(&w)).await?;
-        let (xb, y, y_acc) = (gpu.upload_f32("x", &x).await?, gpu.storage("y", (m * n_rows * 4) as u64).await?, gpu.upload_f32("y prior", &prior).await?);
-        let mut rec = Recorder::new(gpu);
-        rec.skinny_product(&wm, &xb, &y, m as u32, 1.0, false).await?;
-        rec.skinny_product(&wm, &xb, &y_acc, m as u32, -0.5, true).await?;
-        rec.submit()?;
         let want = reference::matmul(&w, &x, n_rows, k, m);
-        checks.push(Check::nmse(format!("skinny_product {n_rows}x{k} m={m}"), &gpu.read_f32(&y, 0, m * n_rows).await?, &want, MATMUL_NMSE));
         let want_acc = reference::add(&prior, &reference::scale(&want, -0.5));
-        checks.push(Check::nmse(format!("skinny_product {n_rows}x{k} m={m} added at -0.5"), &gpu.read_f32(&y_acc, 0, m * n_rows).await?, &want_acc, MATMUL_NMSE));
+        // the one-output kernel, and TILES where the rows come in fours
+        for tiles in [false, true] {
+            let wm = GpuMatrix::upload(gpu, "w", GgmlType::F32, k as u64, n_rows as u64, bytemuck::cast_slice(&w)).await?;
+            let (xb, y, y_acc) = (gpu.upload_f32("x", &x).await?, gpu.storage("y", (m * n_rows * 4) as u64).await?, gpu.upload_f32("y prior", &prior).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.lora_tiles = Some(tiles);
+            rec.skinny_product(&wm, &xb, &y, m as u32, 1.0, false).await?;
+            rec.skinny_product(&wm, &xb, &y_acc, m as u32, -0.5, true).await?;
+            rec.submit()?;
+            let how = if tiles { " (tiles where the rows allow)" } else { "" };
+            checks.push(Check::nmse(format!("skinny_product {n_rows}x{k} m={m}{how}"), &gpu.read_f32(&y, 0, m * n_rows).await?, &want, MATMUL_NMSE));
+            checks.push(Check::nmse(
+                format!("skinny_product {n_rows}x{k} m={m} added at -0.5{how}"),
+                &gpu.read_f32(&y_acc, 0, m * n_rows).await?,
+                &want_acc,
+                MATMUL_NMSE,
+            ));
+        }
     }
     Ok(checks)
 }

@@ -116,6 +116,9 @@ pub struct Recorder<'g> {
     /// attention_backward.wgsl: Some forces a kernel (Broadcast only where the device and head
     /// size allow it), None leaves it to the device's `Tuning`.
     pub attention_backward_mode: Option<super::AttentionBackwardKernel>,
+    /// weight_gradient.wgsl and skinny_product.wgsl: Some(false) forces the scalar kernels,
+    /// Some(true) or None TILES where the shapes allow (`Tuning::lora_tiles` aside).
+    pub lora_tiles: Option<bool>,
 }
 
 /// Dispatches one query set times when profiling (two timestamps each; wgpu's query-set cap
@@ -181,6 +184,7 @@ impl<'g> Recorder<'g> {
             split_k: None,
             backward_broadcast: None,
             attention_backward_mode: None,
+            lora_tiles: None,
         }
     }
 

@@ -23,7 +23,9 @@ params! {
 }
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
-    vec![PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new() }]
+    let mut keys = vec![PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new() }];
+    keys.extend([16, 64].map(|wg| PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new().flag("TILES").value("WG", wg) }));
+    keys
 }
 
 impl Recorder<'_> {
@@ -42,8 +44,12 @@ impl Recorder<'_> {
         dy_offset: u32,
         scale: f32,
     ) -> Result<(), GpuError> {
-        let (gx, gy) = grid((n_rows * k).div_ceil(64));
+        let tuning = &self.gpu.tuning;
+        let tiles = self.lora_tiles.unwrap_or(tuning.lora_tiles) && [n_rows, k, dy_stride, dy_offset].iter().all(|v| v.is_multiple_of(4));
+        let (defines, invocations, wg) =
+            if tiles { (Defines::new().flag("TILES").value("WG", tuning.lora_wg), n_rows / 4 * (k / 4), tuning.lora_wg) } else { (Defines::new(), n_rows * k, 64) };
+        let (gx, gy) = grid(invocations.div_ceil(wg));
         let params = WeightGradientParams { n_rows, k, m, dy_stride, dy_offset, scale, _pad: [0; 2] };
-        self.dispatch(PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new() }, &[dy, x, dw], &params, (gx, gy, 1)).await
+        self.dispatch(PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines }, &[dy, x, dw], &params, (gx, gy, 1)).await
     }
 }
