@@ -31,9 +31,9 @@ fn store(t: u32, r: u32, s: vec4<f32>) {
 }
 
 #if TILES
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
+    let i = gid.x + gid.y * nwg.x * 64u;
     let row_tiles = p.n_rows / 4u;
     if (i >= (p.m + 3u) / 4u * row_tiles) {
         return;

@@ -28,9 +28,9 @@ struct Params {
 @group(0) @binding(3) var<uniform> p: Params;
 
 #if TILES
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
+    let i = gid.x + gid.y * nwg.x * 64u;
     let quads = p.k / 4u;
     if (i >= p.n_rows / 4u * quads) {
         return;

@@ -162,11 +162,8 @@ pub struct Tuning {
     /// BLOCKED hands the walked rows over 8-lane subgroups (ROW_BROADCAST) where it can.
     pub attention_backward_broadcast: bool,
     /// A LoRA factor's products and gradients (skinny_product.wgsl, weight_gradient.wgsl) by
-    /// 4 x 4 blocks (TILES) where the shapes are multiples of 4, in workgroups of `lora_wg`
-    /// (CPU devices: 16, so that a rank-8 factor's few hundred blocks still spread over every
-    /// thread; GPUs: 64).
+    /// 4 x 4 blocks (TILES) where the shapes are multiples of 4.
     pub lora_tiles: bool,
-    pub lora_wg: u32,
 }
 
 /// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
@@ -233,7 +230,6 @@ impl Tuning {
             attention_backward_blocked: o.attention_backward_blocked != Some(false),
             attention_backward_broadcast: o.attention_backward_broadcast != Some(false),
             lora_tiles: o.lora_tiles != Some(false),
-            lora_wg: if cpu { 16 } else { 64 },
         }
     }
 

@@ -24,19 +24,19 @@ params! {
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for accumulate in [false, true] {
-        for tiles in [None, Some(16), Some(64)] {
+        for tiles in [false, true] {
             keys.push(PipelineKey { file: "skinny_product.wgsl", entry: "main", defines: defines(accumulate, tiles) });
         }
     }
     keys
 }
 
-/// ACCUMULATE, and TILES with its workgroup size
-fn defines(accumulate: bool, tiles: Option<u32>) -> Defines {
+fn defines(accumulate: bool, tiles: bool) -> Defines {
     let d = if accumulate { Defines::new().flag("ACCUMULATE") } else { Defines::new() };
-    match tiles {
-        Some(wg) => d.flag("TILES").value("WG", wg),
-        None => d,
+    if tiles {
+        d.flag("TILES")
+    } else {
+        d
     }
 }
 
@@ -48,12 +48,9 @@ impl Recorder<'_> {
         if w.ty != GgmlType::F32 || w.chunks.len() != 1 || !w.k.is_multiple_of(4) {
             return Err(GpuError::Unsupported(format!("skinny_product of '{}' ({}, {} chunks, rows of {})", w.name, w.ty, w.chunks.len(), w.k)));
         }
-        let tuning = &self.gpu.tuning;
-        let tiles = (self.lora_tiles.unwrap_or(tuning.lora_tiles) && w.n_rows.is_multiple_of(4)).then_some(tuning.lora_wg);
-        let (gx, gy) = match tiles {
-            Some(wg) => grid((m.div_ceil(4) * (w.n_rows / 4)).div_ceil(wg)),
-            None => grid((m * w.n_rows).div_ceil(64)),
-        };
+        let tiles = self.lora_tiles.unwrap_or(self.gpu.tuning.lora_tiles) && w.n_rows.is_multiple_of(4);
+        let invocations = if tiles { m.div_ceil(4) * (w.n_rows / 4) } else { m * w.n_rows };
+        let (gx, gy) = grid(invocations.div_ceil(64));
         let defines = defines(accumulate, tiles);
         let params = SkinnyProductParams { n_rows: w.n_rows, k: w.k, m, scale };
         self.dispatch(PipelineKey { file: "skinny_product.wgsl", entry: "main", defines }, &[&w.chunks[0].buffer, x, y], &params, (gx, gy, 1)).await

@@ -24,7 +24,7 @@ params! {
 
 pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     let mut keys = vec![PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new() }];
-    keys.extend([16, 64].map(|wg| PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new().flag("TILES").value("WG", wg) }));
+    keys.push(PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines: Defines::new().flag("TILES") });
     keys
 }
 
@@ -44,11 +44,9 @@ impl Recorder<'_> {
         dy_offset: u32,
         scale: f32,
     ) -> Result<(), GpuError> {
-        let tuning = &self.gpu.tuning;
-        let tiles = self.lora_tiles.unwrap_or(tuning.lora_tiles) && [n_rows, k, dy_stride, dy_offset].iter().all(|v| v.is_multiple_of(4));
-        let (defines, invocations, wg) =
-            if tiles { (Defines::new().flag("TILES").value("WG", tuning.lora_wg), n_rows / 4 * (k / 4), tuning.lora_wg) } else { (Defines::new(), n_rows * k, 64) };
-        let (gx, gy) = grid(invocations.div_ceil(wg));
+        let tiles = self.lora_tiles.unwrap_or(self.gpu.tuning.lora_tiles) && [n_rows, k, dy_stride, dy_offset].iter().all(|v| v.is_multiple_of(4));
+        let (defines, invocations) = if tiles { (Defines::new().flag("TILES"), n_rows / 4 * (k / 4)) } else { (Defines::new(), n_rows * k) };
+        let (gx, gy) = grid(invocations.div_ceil(64));
         let params = WeightGradientParams { n_rows, k, m, dy_stride, dy_offset, scale, _pad: [0; 2] };
         self.dispatch(PipelineKey { file: "weight_gradient.wgsl", entry: "main", defines }, &[dy, x, dw], &params, (gx, gy, 1)).await
     }
