@@ -11,6 +11,10 @@
 // 32 so that a workgroup's lanes share their tokens): CPU devices pay a per-lane load for every
 // component of dy, the same for all lanes; instead lane j loads token j's four gradients and
 // subgroupBroadcast hands them to the others.
+// PAIRED (Q4_0, Q4_1, Q5_0, Q5_1): an invocation takes columns c..c+3 and c+16..c+19 of a
+// block, the low and high nibbles of the same quant word, so each word and scale loaded (and
+// each broadcast gradient) serves twice the multiply-adds (with DY_BROADCAST, k a multiple of
+// 64 for the lanes to share their tokens).
 
 struct Params {
     n_rows: u32,
@@ -39,6 +43,76 @@ const TOKENS: u32 = 8u;
 
 var<private> acc: array<vec4<f32>, 8>;
 
+#if PAIRED
+// columns c..c+3 and c+16..c+19 (c % 32 < 16) of a row, from one quant word and one scale
+struct Pair {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+var<private> acc_hi: array<vec4<f32>, 8>;
+const COLUMNS: u32 = 8u;
+const LOW_NIBBLES: u32 = 0x0F0F0F0Fu;
+#if TYPE_Q4_0
+fn dq4_pair(row: u32, c: u32) -> Pair {
+    let b = row / 16u + c / 32u;
+    let d = ld_f16(p.n_rows * p.k / 2u + 2u * b);
+    let w = ld_u32(16u * b + c % 16u);
+    return Pair(d * (vec4<f32>(u8x4(w & LOW_NIBBLES)) - 8.0), d * (vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) - 8.0));
+}
+#endif
+#if TYPE_Q4_1
+fn dq4_pair(row: u32, c: u32) -> Pair {
+    let b = row / 16u + c / 32u;
+    let dm = unpack2x16float(src_q[p.n_rows * p.k / 8u + b]);
+    let w = ld_u32(16u * b + c % 16u);
+    return Pair(dm.x * vec4<f32>(u8x4(w & LOW_NIBBLES)) + dm.y, dm.x * vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) + dm.y);
+}
+#endif
+#if TYPE_Q5_0
+fn dq4_pair(row: u32, c: u32) -> Pair {
+    let b = row / 16u + c / 32u;
+    let qs_bytes = p.n_rows * p.k / 2u;
+    let qh = src_q[qs_bytes / 4u + b];
+    let w = ld_u32(16u * b + c % 16u);
+    let d = ld_f16(qs_bytes + p.n_rows * p.k / 8u + 2u * b);
+    let lo = u8x4(w & LOW_NIBBLES) | fifth_bits4(qh, c % 32u);
+    let hi = u8x4((w >> 4u) & LOW_NIBBLES) | fifth_bits4(qh, c % 32u + 16u);
+    return Pair(d * (vec4<f32>(lo) - 16.0), d * (vec4<f32>(hi) - 16.0));
+}
+#endif
+#if TYPE_Q5_1
+fn dq4_pair(row: u32, c: u32) -> Pair {
+    let b = row / 16u + c / 32u;
+    let qs_words = p.n_rows * p.k / 8u;
+    let qh = src_q[qs_words + b];
+    let dm = unpack2x16float(src_q[qs_words + p.n_rows * p.k / 32u + b]);
+    let w = ld_u32(16u * b + c % 16u);
+    let lo = u8x4(w & LOW_NIBBLES) | fifth_bits4(qh, c % 32u);
+    let hi = u8x4((w >> 4u) & LOW_NIBBLES) | fifth_bits4(qh, c % 32u + 16u);
+    return Pair(dm.x * vec4<f32>(lo) + dm.y, dm.x * vec4<f32>(hi) + dm.y);
+}
+#endif
+
+#if DY_QUADS
+// token j's gradients for four rows into both quads
+fn add_pair(j: u32, d: vec4<f32>, w0: Pair, w1: Pair, w2: Pair, w3: Pair) {
+    acc[j] = add4(d, w0.lo, w1.lo, w2.lo, w3.lo, acc[j]);
+    acc_hi[j] = add4(d, w0.hi, w1.hi, w2.hi, w3.hi, acc_hi[j]);
+}
+#endif
+
+fn add_row_pair(t0: u32, r: u32, w: Pair) {
+    add_row(t0, r, w.lo);
+    let h = acc;
+    acc = acc_hi;
+    add_row(t0, r, w.hi);
+    acc_hi = acc;
+    acc = h;
+}
+#else
+const COLUMNS: u32 = 4u;
+#endif
+
 // this tile's token j (the last token again past the end: read, never written)
 fn dy_index(t0: u32, j: u32, r: u32) -> u32 {
     return min(t0 + j, p.m - 1u) * p.dy_stride + p.row_offset + r - p.dy_first_row;
@@ -51,6 +125,41 @@ fn dy_at(t0: u32, j: u32, r: u32) -> f32 {
     let e = dy_index(t0, j, r);
     return dy[e / 4u][e % 4u];
 }
+
+#if PAIRED
+#if DY_BROADCAST
+fn add_quad_pair(t0: u32, r: u32, c: u32, lane: u32) {
+    let w0 = dq4_pair(r * p.row_bytes, c);
+    let w1 = dq4_pair((r + 1u) * p.row_bytes, c);
+    let w2 = dq4_pair((r + 2u) * p.row_bytes, c);
+    let w3 = dq4_pair((r + 3u) * p.row_bytes, c);
+    let d = dy[dy_index(t0, lane, r) / 4u];
+    add_pair(0u, subgroupBroadcast(d, 0u), w0, w1, w2, w3);
+    add_pair(1u, subgroupBroadcast(d, 1u), w0, w1, w2, w3);
+    add_pair(2u, subgroupBroadcast(d, 2u), w0, w1, w2, w3);
+    add_pair(3u, subgroupBroadcast(d, 3u), w0, w1, w2, w3);
+    add_pair(4u, subgroupBroadcast(d, 4u), w0, w1, w2, w3);
+    add_pair(5u, subgroupBroadcast(d, 5u), w0, w1, w2, w3);
+    add_pair(6u, subgroupBroadcast(d, 6u), w0, w1, w2, w3);
+    add_pair(7u, subgroupBroadcast(d, 7u), w0, w1, w2, w3);
+}
+#else
+fn add_quad_pair(t0: u32, r: u32, c: u32, lane: u32) {
+    let w0 = dq4_pair(r * p.row_bytes, c);
+    let w1 = dq4_pair((r + 1u) * p.row_bytes, c);
+    let w2 = dq4_pair((r + 2u) * p.row_bytes, c);
+    let w3 = dq4_pair((r + 3u) * p.row_bytes, c);
+    add_pair(0u, dy[dy_index(t0, 0u, r) / 4u], w0, w1, w2, w3);
+    add_pair(1u, dy[dy_index(t0, 1u, r) / 4u], w0, w1, w2, w3);
+    add_pair(2u, dy[dy_index(t0, 2u, r) / 4u], w0, w1, w2, w3);
+    add_pair(3u, dy[dy_index(t0, 3u, r) / 4u], w0, w1, w2, w3);
+    add_pair(4u, dy[dy_index(t0, 4u, r) / 4u], w0, w1, w2, w3);
+    add_pair(5u, dy[dy_index(t0, 5u, r) / 4u], w0, w1, w2, w3);
+    add_pair(6u, dy[dy_index(t0, 6u, r) / 4u], w0, w1, w2, w3);
+    add_pair(7u, dy[dy_index(t0, 7u, r) / 4u], w0, w1, w2, w3);
+}
+#endif
+#endif
 
 #if DY_BROADCAST
 fn add_quad(t0: u32, r: u32, c: u32, lane: u32) {
@@ -108,7 +217,8 @@ fn add_row(t0: u32, r: u32, w: vec4<f32>) {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let quads = (p.k + 3u) / 4u;
+    // invocations a tile of tokens takes along a row
+    let quads = (p.k + COLUMNS - 1u) / COLUMNS;
     let tiles = (p.m + TOKENS - 1u) / TOKENS;
     // whole workgroups past the end leave (a uniform branch: DY_BROADCAST's lanes all reach
     // the broadcasts); a partial one's extra lanes work on repeats and write nothing
@@ -119,6 +229,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let live = first + lid < tiles * quads;
     let i = min(first + lid, tiles * quads - 1u);
     let t0 = (i / quads) * TOKENS;
+#if PAIRED
+    // the low quad's first column (c % 32 < 16); the high quad is 16 further
+    let c = (i % quads) / 4u * 32u + (i % quads) % 4u * 4u;
+    var r = p.r_begin;
+#if DY_QUADS
+    for (; r + 4u <= p.r_end; r += 4u) {
+        add_quad_pair(t0, r, c, lid);
+    }
+#endif
+    for (; r < p.r_end; r++) {
+        add_row_pair(t0, r, dq4_pair(r * p.row_bytes, c));
+    }
+#else
     let c = (i % quads) * 4u;
     if (c + 4u <= p.k) {
         var r = p.r_begin;
@@ -140,6 +263,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             add_row(t0, r, w);
         }
     }
+#endif
     for (var j = 0u; j < TOKENS; j++) {
         let t = t0 + j;
         if (t >= p.m || !live) {
@@ -153,5 +277,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             dx[out + e] = acc[j][e];
 #endif
         }
+#if PAIRED
+        for (var e = 0u; e < 4u; e++) {
+#if ACCUMULATE
+            dx[out + 16u + e] += acc_hi[j][e];
+#else
+            dx[out + 16u + e] = acc_hi[j][e];
+#endif
+        }
+#endif
     }
 }

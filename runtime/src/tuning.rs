@@ -50,6 +50,8 @@ pub struct KernelOverrides {
     pub attention_backward_blocked: Option<bool>,
     /// `NOMOAT_ATTENTION_BACKWARD_BROADCAST=0`: no ROW_BROADCAST in attention_backward.wgsl.
     pub attention_backward_broadcast: Option<bool>,
+    /// `NOMOAT_BACKWARD_PAIRED=0`: no PAIRED in product_backward.wgsl.
+    pub backward_paired: Option<bool>,
     /// `NOMOAT_LORA_TILES=0`: weight_gradient.wgsl and skinny_product.wgsl without TILES.
     pub lora_tiles: Option<bool>,
 }
@@ -80,6 +82,7 @@ impl KernelOverrides {
             backward_broadcast: off("NOMOAT_BACKWARD_BROADCAST"),
             attention_backward_blocked: choice("NOMOAT_ATTENTION_BACKWARD", "blocked", "scalar"),
             attention_backward_broadcast: off("NOMOAT_ATTENTION_BACKWARD_BROADCAST"),
+            backward_paired: off("NOMOAT_BACKWARD_PAIRED"),
             lora_tiles: off("NOMOAT_LORA_TILES"),
         }
     }
@@ -161,6 +164,9 @@ pub struct Tuning {
     pub attention_backward_blocked: bool,
     /// BLOCKED hands the walked rows over 8-lane subgroups (ROW_BROADCAST) where it can.
     pub attention_backward_broadcast: bool,
+    /// product_backward.wgsl takes a 4- or 5-bit block's columns c and c + 16 together
+    /// (PAIRED), so each quant word and scale loaded serves both.
+    pub backward_paired: bool,
     /// A LoRA factor's products and gradients (skinny_product.wgsl, weight_gradient.wgsl) by
     /// 4 x 4 blocks (TILES) where the shapes are multiples of 4.
     pub lora_tiles: bool,
@@ -229,6 +235,7 @@ impl Tuning {
             backward_broadcast: subgroups_of_8 && o.backward_broadcast != Some(false),
             attention_backward_blocked: o.attention_backward_blocked != Some(false),
             attention_backward_broadcast: o.attention_backward_broadcast != Some(false),
+            backward_paired: o.backward_paired != Some(false),
             lora_tiles: o.lora_tiles != Some(false),
         }
     }

@@ -33,13 +33,15 @@ pub(super) async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
                 ));
                 // dy broadcast over a subgroup (where the device and rows allow) forced on and off,
                 // whatever the rows' count chose above
-                for broadcast in [true, false].into_iter().filter(|_| m == 11) {
+                // and PAIRED (the types that have it) forced on and off
+                for (broadcast, paired) in [(true, true), (false, true), (true, false), (false, false)].into_iter().filter(|_| m == 11) {
                     let mut rec = Recorder::new(gpu);
                     rec.backward_broadcast = Some(broadcast);
+                    rec.backward_paired = Some(paired);
                     rec.product_backward(&wm, &dyb, &dx, m as u32, false).await?;
                     rec.submit()?;
                     checks.push(Check::nmse(
-                        format!("product_backward {ty} {n_rows}x{k} m={m} broadcast {broadcast}"),
+                        format!("product_backward {ty} {n_rows}x{k} m={m} broadcast {broadcast} paired {paired}"),
                         &gpu.read_f32(&dx, 0, m * k).await?,
                         &want,
                         MATMUL_NMSE,

@@ -5,6 +5,7 @@ use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
 use super::{grid, Recorder};
 use crate::device::{GpuError, PipelineKey};
+use crate::ggml_type::GgmlType;
 use crate::shaders::Defines;
 
 /// product_backward.wgsl's bindings, in order: w, dy, dx, params.
@@ -32,16 +33,24 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
         for accumulate in [false, true] {
             // (DY_QUADS, DY_BROADCAST)
             for (quads, broadcast) in [(false, false), (true, false), (true, true)] {
-                keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: defines(ty, accumulate, quads, broadcast) });
+                for paired in [false, true].into_iter().filter(|&p| !p || pairs(ty)) {
+                    keys.push(PipelineKey { file: "product_backward.wgsl", entry: "main", defines: defines(ty, accumulate, quads, broadcast, paired) });
+                }
             }
         }
     }
     keys
 }
 
+/// Whether product_backward.wgsl has PAIRED for `ty`: the 4- and 5-bit types of 32-element
+/// blocks, whose columns c and c + 16 share a quant word.
+fn pairs(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1)
+}
+
 /// product_backward.wgsl's defines: weights of type `ty`, dx added to, dy read four rows a load
-/// (and broadcast over a workgroup of one 8-lane subgroup).
-fn defines(ty: crate::ggml_type::GgmlType, accumulate: bool, quads: bool, broadcast: bool) -> Defines {
+/// (and broadcast over a workgroup of one 8-lane subgroup), two column quads an invocation.
+fn defines(ty: GgmlType, accumulate: bool, quads: bool, broadcast: bool, paired: bool) -> Defines {
     let mut d = Defines::new().flag(&type_define(ty)).value("WG", format!("{}u", wg(broadcast)));
     if accumulate {
         d = d.flag("ACCUMULATE");
@@ -51,6 +60,9 @@ fn defines(ty: crate::ggml_type::GgmlType, accumulate: bool, quads: bool, broadc
     }
     if broadcast {
         d = d.flag("DY_BROADCAST");
+    }
+    if paired {
+        d = d.flag("PAIRED");
     }
     d
 }
@@ -101,7 +113,9 @@ impl Recorder<'_> {
     ) -> Result<(), GpuError> {
         let tuning = &self.gpu.tuning;
         // a workgroup of 8 lanes shares its tokens where the rows are whole blocks of 32
-        let can_broadcast = tuning.subgroups_of_8 && w.k.is_multiple_of(32);
+        let paired = pairs(w.ty) && self.backward_paired.unwrap_or(tuning.backward_paired);
+        // (PAIRED: 8 columns an invocation, so rows of 64)
+        let can_broadcast = tuning.subgroups_of_8 && w.k.is_multiple_of(if paired { 64 } else { 32 });
         let mut first = !accumulate;
         for c in &w.chunks {
             // this chunk's rows within `rows`, chunk-local
@@ -127,9 +141,10 @@ impl Recorder<'_> {
                 // dy read four rows at a time where its rows and this range start on a quad
                 let quads = rows.len().is_multiple_of(4) && (c.first_row + r_begin - rows.start).is_multiple_of(4);
                 let broadcast = quads && can_broadcast && self.backward_broadcast.unwrap_or(tuning.backward_broadcast && r_end - r_begin >= BROADCAST_MIN_ROWS);
-                let defines = defines(w.ty, !first, quads, broadcast);
+                let defines = defines(w.ty, !first, quads, broadcast, paired);
                 first = false;
-                let (gx, gy) = grid((m.div_ceil(TOKENS) * w.k.div_ceil(4)).div_ceil(wg(broadcast)));
+                let columns = if paired { 8 } else { 4 };
+                let (gx, gy) = grid((m.div_ceil(TOKENS) * w.k.div_ceil(columns)).div_ceil(wg(broadcast)));
                 self.dispatch(PipelineKey { file: "product_backward.wgsl", entry: "main", defines }, &[&c.buffer, dy, dx], &params, (gx, gy, 1)).await?;
             }
         }

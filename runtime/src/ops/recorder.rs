@@ -113,6 +113,9 @@ pub struct Recorder<'g> {
     /// product_backward.wgsl: Some forces DY_BROADCAST on (where the device and shape allow
     /// it) or off, None leaves it to the device's `Tuning` and the rows.
     pub backward_broadcast: Option<bool>,
+    /// product_backward.wgsl: Some forces PAIRED on (for the types that have it) or off, None
+    /// leaves it to the device's `Tuning`.
+    pub backward_paired: Option<bool>,
     /// attention_backward.wgsl: Some forces a kernel (Broadcast only where the device and head
     /// size allow it), None leaves it to the device's `Tuning`.
     pub attention_backward_mode: Option<super::AttentionBackwardKernel>,
@@ -183,6 +186,7 @@ impl<'g> Recorder<'g> {
             query_per_invocation: None,
             split_k: None,
             backward_broadcast: None,
+            backward_paired: None,
             attention_backward_mode: None,
             lora_tiles: None,
         }
