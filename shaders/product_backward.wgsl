@@ -45,7 +45,7 @@ var<private> acc: array<vec4<f32>, 8>;
 
 #if PAIRED
 // columns c..c+3 and c+16..c+19 (c % 32 < 16) of a row, from one quant word and one scale
-struct Pair {
+struct Cols {
     lo: vec4<f32>,
     hi: vec4<f32>,
 }
@@ -53,23 +53,23 @@ var<private> acc_hi: array<vec4<f32>, 8>;
 const COLUMNS: u32 = 8u;
 const LOW_NIBBLES: u32 = 0x0F0F0F0Fu;
 #if TYPE_Q4_0
-fn dq4_pair(row: u32, c: u32) -> Pair {
+fn dq_cols(row: u32, c: u32) -> Cols {
     let b = row / 16u + c / 32u;
     let d = ld_f16(p.n_rows * p.k / 2u + 2u * b);
     let w = ld_u32(16u * b + c % 16u);
-    return Pair(d * (vec4<f32>(u8x4(w & LOW_NIBBLES)) - 8.0), d * (vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) - 8.0));
+    return Cols(d * (vec4<f32>(u8x4(w & LOW_NIBBLES)) - 8.0), d * (vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) - 8.0));
 }
 #endif
 #if TYPE_Q4_1
-fn dq4_pair(row: u32, c: u32) -> Pair {
+fn dq_cols(row: u32, c: u32) -> Cols {
     let b = row / 16u + c / 32u;
     let dm = unpack2x16float(src_q[p.n_rows * p.k / 8u + b]);
     let w = ld_u32(16u * b + c % 16u);
-    return Pair(dm.x * vec4<f32>(u8x4(w & LOW_NIBBLES)) + dm.y, dm.x * vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) + dm.y);
+    return Cols(dm.x * vec4<f32>(u8x4(w & LOW_NIBBLES)) + dm.y, dm.x * vec4<f32>(u8x4((w >> 4u) & LOW_NIBBLES)) + dm.y);
 }
 #endif
 #if TYPE_Q5_0
-fn dq4_pair(row: u32, c: u32) -> Pair {
+fn dq_cols(row: u32, c: u32) -> Cols {
     let b = row / 16u + c / 32u;
     let qs_bytes = p.n_rows * p.k / 2u;
     let qh = src_q[qs_bytes / 4u + b];
@@ -77,11 +77,11 @@ fn dq4_pair(row: u32, c: u32) -> Pair {
     let d = ld_f16(qs_bytes + p.n_rows * p.k / 8u + 2u * b);
     let lo = u8x4(w & LOW_NIBBLES) | fifth_bits4(qh, c % 32u);
     let hi = u8x4((w >> 4u) & LOW_NIBBLES) | fifth_bits4(qh, c % 32u + 16u);
-    return Pair(d * (vec4<f32>(lo) - 16.0), d * (vec4<f32>(hi) - 16.0));
+    return Cols(d * (vec4<f32>(lo) - 16.0), d * (vec4<f32>(hi) - 16.0));
 }
 #endif
 #if TYPE_Q5_1
-fn dq4_pair(row: u32, c: u32) -> Pair {
+fn dq_cols(row: u32, c: u32) -> Cols {
     let b = row / 16u + c / 32u;
     let qs_words = p.n_rows * p.k / 8u;
     let qh = src_q[qs_words + b];
@@ -89,19 +89,19 @@ fn dq4_pair(row: u32, c: u32) -> Pair {
     let w = ld_u32(16u * b + c % 16u);
     let lo = u8x4(w & LOW_NIBBLES) | fifth_bits4(qh, c % 32u);
     let hi = u8x4((w >> 4u) & LOW_NIBBLES) | fifth_bits4(qh, c % 32u + 16u);
-    return Pair(dm.x * vec4<f32>(lo) + dm.y, dm.x * vec4<f32>(hi) + dm.y);
+    return Cols(dm.x * vec4<f32>(lo) + dm.y, dm.x * vec4<f32>(hi) + dm.y);
 }
 #endif
 
 #if DY_QUADS
-// token j's gradients for four rows into both quads
-fn add_pair(j: u32, d: vec4<f32>, w0: Pair, w1: Pair, w2: Pair, w3: Pair) {
+// token j's gradients d of four rows into the columns' sums
+fn add_cols4(j: u32, d: vec4<f32>, w0: Cols, w1: Cols, w2: Cols, w3: Cols) {
     acc[j] = add4(d, w0.lo, w1.lo, w2.lo, w3.lo, acc[j]);
     acc_hi[j] = add4(d, w0.hi, w1.hi, w2.hi, w3.hi, acc_hi[j]);
 }
 #endif
 
-fn add_row_pair(t0: u32, r: u32, w: Pair) {
+fn add_cols_row(t0: u32, r: u32, w: Cols) {
     add_row(t0, r, w.lo);
     let h = acc;
     acc = acc_hi;
@@ -110,7 +110,19 @@ fn add_row_pair(t0: u32, r: u32, w: Pair) {
     acc = h;
 }
 #else
+// four columns c..c+3 of a row
 const COLUMNS: u32 = 4u;
+fn dq_cols(row: u32, c: u32) -> vec4<f32> {
+    return dq4(row, c);
+}
+#if DY_QUADS
+fn add_cols4(j: u32, d: vec4<f32>, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>) {
+    acc[j] = add4(d, w0, w1, w2, w3, acc[j]);
+}
+#endif
+fn add_cols_row(t0: u32, r: u32, w: vec4<f32>) {
+    add_row(t0, r, w);
+}
 #endif
 
 // this tile's token j (the last token again past the end: read, never written)
@@ -126,71 +138,36 @@ fn dy_at(t0: u32, j: u32, r: u32) -> f32 {
     return dy[e / 4u][e % 4u];
 }
 
-#if PAIRED
-#if DY_BROADCAST
-fn add_quad_pair(t0: u32, r: u32, c: u32, lane: u32) {
-    let w0 = dq4_pair(r * p.row_bytes, c);
-    let w1 = dq4_pair((r + 1u) * p.row_bytes, c);
-    let w2 = dq4_pair((r + 2u) * p.row_bytes, c);
-    let w3 = dq4_pair((r + 3u) * p.row_bytes, c);
-    let d = dy[dy_index(t0, lane, r) / 4u];
-    add_pair(0u, subgroupBroadcast(d, 0u), w0, w1, w2, w3);
-    add_pair(1u, subgroupBroadcast(d, 1u), w0, w1, w2, w3);
-    add_pair(2u, subgroupBroadcast(d, 2u), w0, w1, w2, w3);
-    add_pair(3u, subgroupBroadcast(d, 3u), w0, w1, w2, w3);
-    add_pair(4u, subgroupBroadcast(d, 4u), w0, w1, w2, w3);
-    add_pair(5u, subgroupBroadcast(d, 5u), w0, w1, w2, w3);
-    add_pair(6u, subgroupBroadcast(d, 6u), w0, w1, w2, w3);
-    add_pair(7u, subgroupBroadcast(d, 7u), w0, w1, w2, w3);
-}
-#else
-fn add_quad_pair(t0: u32, r: u32, c: u32, lane: u32) {
-    let w0 = dq4_pair(r * p.row_bytes, c);
-    let w1 = dq4_pair((r + 1u) * p.row_bytes, c);
-    let w2 = dq4_pair((r + 2u) * p.row_bytes, c);
-    let w3 = dq4_pair((r + 3u) * p.row_bytes, c);
-    add_pair(0u, dy[dy_index(t0, 0u, r) / 4u], w0, w1, w2, w3);
-    add_pair(1u, dy[dy_index(t0, 1u, r) / 4u], w0, w1, w2, w3);
-    add_pair(2u, dy[dy_index(t0, 2u, r) / 4u], w0, w1, w2, w3);
-    add_pair(3u, dy[dy_index(t0, 3u, r) / 4u], w0, w1, w2, w3);
-    add_pair(4u, dy[dy_index(t0, 4u, r) / 4u], w0, w1, w2, w3);
-    add_pair(5u, dy[dy_index(t0, 5u, r) / 4u], w0, w1, w2, w3);
-    add_pair(6u, dy[dy_index(t0, 6u, r) / 4u], w0, w1, w2, w3);
-    add_pair(7u, dy[dy_index(t0, 7u, r) / 4u], w0, w1, w2, w3);
-}
-#endif
-#endif
-
 #if DY_BROADCAST
 fn add_quad(t0: u32, r: u32, c: u32, lane: u32) {
-    let w0 = dq4(r * p.row_bytes, c);
-    let w1 = dq4((r + 1u) * p.row_bytes, c);
-    let w2 = dq4((r + 2u) * p.row_bytes, c);
-    let w3 = dq4((r + 3u) * p.row_bytes, c);
+    let w0 = dq_cols(r * p.row_bytes, c);
+    let w1 = dq_cols((r + 1u) * p.row_bytes, c);
+    let w2 = dq_cols((r + 2u) * p.row_bytes, c);
+    let w3 = dq_cols((r + 3u) * p.row_bytes, c);
     let d = dy[dy_index(t0, lane, r) / 4u];
-    acc[0] = add4(subgroupBroadcast(d, 0u), w0, w1, w2, w3, acc[0]);
-    acc[1] = add4(subgroupBroadcast(d, 1u), w0, w1, w2, w3, acc[1]);
-    acc[2] = add4(subgroupBroadcast(d, 2u), w0, w1, w2, w3, acc[2]);
-    acc[3] = add4(subgroupBroadcast(d, 3u), w0, w1, w2, w3, acc[3]);
-    acc[4] = add4(subgroupBroadcast(d, 4u), w0, w1, w2, w3, acc[4]);
-    acc[5] = add4(subgroupBroadcast(d, 5u), w0, w1, w2, w3, acc[5]);
-    acc[6] = add4(subgroupBroadcast(d, 6u), w0, w1, w2, w3, acc[6]);
-    acc[7] = add4(subgroupBroadcast(d, 7u), w0, w1, w2, w3, acc[7]);
+    add_cols4(0u, subgroupBroadcast(d, 0u), w0, w1, w2, w3);
+    add_cols4(1u, subgroupBroadcast(d, 1u), w0, w1, w2, w3);
+    add_cols4(2u, subgroupBroadcast(d, 2u), w0, w1, w2, w3);
+    add_cols4(3u, subgroupBroadcast(d, 3u), w0, w1, w2, w3);
+    add_cols4(4u, subgroupBroadcast(d, 4u), w0, w1, w2, w3);
+    add_cols4(5u, subgroupBroadcast(d, 5u), w0, w1, w2, w3);
+    add_cols4(6u, subgroupBroadcast(d, 6u), w0, w1, w2, w3);
+    add_cols4(7u, subgroupBroadcast(d, 7u), w0, w1, w2, w3);
 }
 #else
 fn add_quad(t0: u32, r: u32, c: u32, lane: u32) {
-    let w0 = dq4(r * p.row_bytes, c);
-    let w1 = dq4((r + 1u) * p.row_bytes, c);
-    let w2 = dq4((r + 2u) * p.row_bytes, c);
-    let w3 = dq4((r + 3u) * p.row_bytes, c);
-    acc[0] = add4(dy[dy_index(t0, 0u, r) / 4u], w0, w1, w2, w3, acc[0]);
-    acc[1] = add4(dy[dy_index(t0, 1u, r) / 4u], w0, w1, w2, w3, acc[1]);
-    acc[2] = add4(dy[dy_index(t0, 2u, r) / 4u], w0, w1, w2, w3, acc[2]);
-    acc[3] = add4(dy[dy_index(t0, 3u, r) / 4u], w0, w1, w2, w3, acc[3]);
-    acc[4] = add4(dy[dy_index(t0, 4u, r) / 4u], w0, w1, w2, w3, acc[4]);
-    acc[5] = add4(dy[dy_index(t0, 5u, r) / 4u], w0, w1, w2, w3, acc[5]);
-    acc[6] = add4(dy[dy_index(t0, 6u, r) / 4u], w0, w1, w2, w3, acc[6]);
-    acc[7] = add4(dy[dy_index(t0, 7u, r) / 4u], w0, w1, w2, w3, acc[7]);
+    let w0 = dq_cols(r * p.row_bytes, c);
+    let w1 = dq_cols((r + 1u) * p.row_bytes, c);
+    let w2 = dq_cols((r + 2u) * p.row_bytes, c);
+    let w3 = dq_cols((r + 3u) * p.row_bytes, c);
+    add_cols4(0u, dy[dy_index(t0, 0u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(1u, dy[dy_index(t0, 1u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(2u, dy[dy_index(t0, 2u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(3u, dy[dy_index(t0, 3u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(4u, dy[dy_index(t0, 4u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(5u, dy[dy_index(t0, 5u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(6u, dy[dy_index(t0, 6u, r) / 4u], w0, w1, w2, w3);
+    add_cols4(7u, dy[dy_index(t0, 7u, r) / 4u], w0, w1, w2, w3);
 }
 #endif
 
@@ -232,18 +209,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 #if PAIRED
     // the low quad's first column (c % 32 < 16); the high quad is 16 further
     let c = (i % quads) / 4u * 32u + (i % quads) % 4u * 4u;
-    var r = p.r_begin;
-#if DY_QUADS
-    for (; r + 4u <= p.r_end; r += 4u) {
-        add_quad_pair(t0, r, c, lid);
-    }
-#endif
-    for (; r < p.r_end; r++) {
-        add_row_pair(t0, r, dq4_pair(r * p.row_bytes, c));
-    }
+    let whole = true;
 #else
     let c = (i % quads) * 4u;
-    if (c + 4u <= p.k) {
+    let whole = c + 4u <= p.k;
+#endif
+    if (whole) {
         var r = p.r_begin;
 #if DY_QUADS
         for (; r + 4u <= p.r_end; r += 4u) {
@@ -251,7 +222,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
 #endif
         for (; r < p.r_end; r++) {
-            add_row(t0, r, dq4(r * p.row_bytes, c));
+            add_cols_row(t0, r, dq_cols(r * p.row_bytes, c));
         }
     } else {
         // the last columns of a row whose length is no multiple of 4 (a LoRA factor's rank)
@@ -263,7 +234,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             add_row(t0, r, w);
         }
     }
-#endif
     for (var j = 0u; j < TOKENS; j++) {
         let t = t0 + j;
         if (t >= p.m || !live) {
