@@ -33,8 +33,11 @@ pub(super) async fn product_backward(gpu: &Gpu) -> Result<Vec<Check>> {
                 ));
                 // dy broadcast over a subgroup (where the device and rows allow) forced on and off,
                 // whatever the rows' count chose above
-                // and PAIRED (the types that have it) forced on and off
-                for (broadcast, paired) in [(true, true), (false, true), (true, false), (false, false)].into_iter().filter(|_| m == 11) {
+                // and PAIRED forced on and off for the types that have it (for the others both
+                // would run the same kernel)
+                let paired_modes: &[bool] = if crate::ops::product_backward_pairs(ty) { &[true, false] } else { &[false] };
+                let modes = [true, false].into_iter().flat_map(|b| paired_modes.iter().map(move |&p| (b, p)));
+                for (broadcast, paired) in modes.filter(|_| m == 11) {
                     let mut rec = Recorder::new(gpu);
                     rec.backward_broadcast = Some(broadcast);
                     rec.backward_paired = Some(paired);
@@ -78,9 +81,10 @@ pub(super) async fn weight_gradient(gpu: &Gpu) -> Result<Vec<Check>> {
         let (dy, x, prior) = (rng.fill(m * stride, 1.0), rng.fill(m * k, 1.0), rng.fill(n_rows * k, 1.0));
         let part: Vec<f32> = (0..m).flat_map(|t| dy[t * stride + offset..][..n_rows].to_vec()).collect();
         let want = reference::add(&prior, &reference::scale(&reference::weight_gradient(&part, &x, n_rows, k, m), 0.5));
+        let (dyb, xb) = (gpu.upload_f32("dy", &dy).await?, gpu.upload_f32("x", &x).await?);
         // the scalar kernel, and TILES where the shape allows it
         for tiles in [false, true] {
-            let (dyb, xb, dw) = (gpu.upload_f32("dy", &dy).await?, gpu.upload_f32("x", &x).await?, gpu.upload_f32("dw", &prior).await?);
+            let dw = gpu.upload_f32("dw", &prior).await?;
             let mut rec = Recorder::new(gpu);
             rec.lora_tiles = Some(tiles);
             rec.weight_gradient(&dyb, &xb, &dw, n_rows as u32, k as u32, m as u32, stride as u32, offset as u32, 0.5).await?;
@@ -233,10 +237,11 @@ pub(super) async fn skinny_product(gpu: &Gpu) -> Result<Vec<Check>> {
         let (w, x, prior) = (rng.fill(n_rows * k, 1.0), rng.fill(m * k, 1.0), rng.fill(m * n_rows, 1.0));
         let want = reference::matmul(&w, &x, n_rows, k, m);
         let want_acc = reference::add(&prior, &reference::scale(&want, -0.5));
+        let wm = GpuMatrix::upload(gpu, "w", GgmlType::F32, k as u64, n_rows as u64, bytemuck::cast_slice(&w)).await?;
+        let xb = gpu.upload_f32("x", &x).await?;
         // the one-output kernel, and TILES where the rows come in fours
         for tiles in [false, true] {
-            let wm = GpuMatrix::upload(gpu, "w", GgmlType::F32, k as u64, n_rows as u64, bytemuck::cast_slice(&w)).await?;
-            let (xb, y, y_acc) = (gpu.upload_f32("x", &x).await?, gpu.storage("y", (m * n_rows * 4) as u64).await?, gpu.upload_f32("y prior", &prior).await?);
+            let (y, y_acc) = (gpu.storage("y", (m * n_rows * 4) as u64).await?, gpu.upload_f32("y prior", &prior).await?);
             let mut rec = Recorder::new(gpu);
             rec.lora_tiles = Some(tiles);
             rec.skinny_product(&wm, &xb, &y, m as u32, 1.0, false).await?;

@@ -98,6 +98,7 @@ pub use norm::NORM_LAYOUT;
 pub use norm_backward::NORM_BACKWARD_LAYOUT;
 pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLayout};
 pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
+pub(crate) use product_backward::pairs as product_backward_pairs;
 pub use product_backward::PRODUCT_BACKWARD_LAYOUT;
 pub use recorder::{DispatchCache, Recorder};
 pub use rope_kv::{KvType, Place, Places, QkNorm, RopeArgs, MAX_SEQ_ROWS, ROPE_KV_LAYOUT};

@@ -44,7 +44,7 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 
 /// Whether product_backward.wgsl has PAIRED for `ty`: the 4- and 5-bit types of 32-element
 /// blocks, whose columns c and c + 16 share a quant word.
-fn pairs(ty: GgmlType) -> bool {
+pub(crate) fn pairs(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1)
 }
 
