@@ -6,7 +6,7 @@
 // and loads a 32x16 slice of X into shared memory once, and every invocation accumulates a
 // 4-row by 2-token patch of the tile from it, so each weight is dequantized once per 32 tokens.
 
-// matvec.wgsl's parameters and bindings (binding 3, norm_w, is unused here)
+// matvec.wgsl's parameters and bindings (norm_w, resid and sum are unused here)
 struct Params {
     n_rows: u32,
     k: u32,
@@ -24,7 +24,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
-@group(0) @binding(6) var<uniform> p: Params;
+@group(0) @binding(8) var<uniform> p: Params;
 
 #include "lib/dequant.wgsl"
 #include "lib/product_out.wgsl"

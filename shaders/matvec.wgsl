@@ -22,6 +22,10 @@
 // TOKEN_TILE (CPU devices' prefill and batched decode, quantized types, TPR 1): TILE tokens a
 // pass (2 to 4) share each load of the weights (dot.wgsl's load_unit, then dot_loaded per
 // token); every input and output mode.
+// POST_NORM_ADD (with NORM_IN; Gemma 3, whose branches go back into the residual stream
+// through a norm of their own): the input is h = resid + x / rms(x) · post_w, read as
+// h / rms(h) · norm_w, with norm_w: [2][k] holding [norm_w; post_w]; workgroup 0 also stores h
+// into sum: [m][k] for the layers after. That saves the separate norm-and-add dispatch.
 
 struct Params {
     n_rows: u32,      // rows in this chunk
@@ -41,6 +45,7 @@ struct Params {
     freq_scale: f32,
     t_begin: u32,     // TOKEN_RANGE: the first token (llvmpipe's loop budget splits long rows)
     kv_row0: u32,     // OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache)
+    best0: u32,       // OUT_ARGMAX: this chunk's first slot
     // OUT_QKV_ROPE with SEQ_ROWS (a decode step of several sequences): token t's (position,
     // cache row of its position 0) in seqs[t / 2].xy (t even) or .zw (t odd)
     seqs: array<vec4<u32>, 8>,
@@ -63,7 +68,16 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y2: array<f32>;
 #endif
-@group(0) @binding(6) var<uniform> p: Params;
+#if POST_NORM_ADD
+#if X_VEC4
+@group(0) @binding(6) var<storage, read> resid4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> sum4: array<vec4<f32>>;
+#else
+@group(0) @binding(6) var<storage, read> resid: array<f32>;
+@group(0) @binding(7) var<storage, read_write> sum: array<f32>;
+#endif
+#endif
+@group(0) @binding(8) var<uniform> p: Params;
 
 #if X_VEC4
 #include "lib/dot.wgsl"
@@ -71,6 +85,94 @@ struct Params {
 #include "lib/dequant.wgsl"
 #endif
 #include "lib/product_out.wgsl"
+
+#if POST_NORM_ADD
+// 1 / rms(x) of tokens branch_t0.. (up to a tile of them)
+var<private> branch_inv: vec4<f32>;
+var<private> branch_t0: u32;
+
+#if ROW_PER_INVOCATION
+#if X_BROADCAST
+// the workgroup is one subgroup: its lanes share the loads
+fn branch_ss(t: u32, lid: u32) -> f32 {
+    var ss = 0.0;
+    for (var i = lid; i < p.k / 4u; i += WG) {
+        let v = x4[t * (p.k / 4u) + i];
+        ss += dot(v, v);
+    }
+    return subgroupAdd(ss);
+}
+#else
+// every invocation sums the whole row itself, with no barrier for llvmpipe to pay
+fn branch_ss(t: u32, lid: u32) -> f32 {
+    var ss = 0.0;
+#if X_VEC4
+    for (var i = 0u; i < p.k / 4u; i++) {
+        let v = x4[t * (p.k / 4u) + i];
+        ss += dot(v, v);
+    }
+#else
+    for (var i = 0u; i < p.k; i++) {
+        ss += x[t * p.k + i] * x[t * p.k + i];
+    }
+#endif
+    return ss;
+}
+#endif
+#else
+// GPUs: over the workgroup through shared memory (uniform control flow)
+fn branch_ss(t: u32, lid: u32) -> f32 {
+    var ss = 0.0;
+#if X_VEC4
+    for (var i = lid; i < p.k / 4u; i += WG) {
+        let v = x4[t * (p.k / 4u) + i];
+        ss += dot(v, v);
+    }
+#else
+    for (var i = lid; i < p.k; i += WG) {
+        ss += x[t * p.k + i] * x[t * p.k + i];
+    }
+#endif
+    workgroupBarrier();
+    partial[lid] = ss;
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        workgroupBarrier();
+        if (lid < stride) {
+            partial[lid] += partial[lid + stride];
+        }
+    }
+    workgroupBarrier();
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+#endif
+
+// branch_inv for tokens t0..t0+n (the last one repeated past m)
+fn prepare_branches(t0: u32, n: u32, lid: u32) {
+    branch_t0 = t0;
+    for (var j = 0u; j < n; j++) {
+        branch_inv[j] = inverseSqrt(branch_ss(min(t0 + j, p.m - 1u), lid) / f32(p.k) + p.eps);
+    }
+}
+
+// h of tokens t0..t0+n into sum, by workgroup 0's invocations
+fn store_sums(t0: u32, n: u32, lid: u32) {
+    for (var j = 0u; j < n && t0 + j < p.m; j++) {
+#if X_VEC4
+        for (var e4 = lid; e4 < p.k / 4u; e4 += WG) {
+            let i = (t0 + j) * (p.k / 4u) + e4;
+            sum4[i] = resid4[i] + x4[i] * branch_inv[j] * norm_w4[p.k / 4u + e4];
+        }
+#else
+        for (var e = lid; e < p.k; e += WG) {
+            let i = (t0 + j) * p.k + e;
+            sum[i] = resid[i] + x[i] * branch_inv[j] * norm_w[p.k + e];
+        }
+#endif
+    }
+}
+#endif
 
 const ROWS_PER_WG: u32 = WG / TPR * RPI;
 #if OUT_GLU
@@ -103,7 +205,12 @@ fn row_sum(v: f32, lid: u32, lane: u32) -> f32 {
 // norm costs no pass of its own over x.
 #if X_VEC4
 fn x_in4(t: u32, e4: u32, ss: ptr<function, f32>) -> vec4<f32> {
-    let v = x4[t * (p.k / 4u) + e4];
+    let i = t * (p.k / 4u) + e4;
+#if POST_NORM_ADD
+    let v = resid4[i] + x4[i] * branch_inv[t - branch_t0] * norm_w4[p.k / 4u + e4];
+#else
+    let v = x4[i];
+#endif
 #if NORM_IN
     *ss += dot(v, v);
     return v * norm_w4[e4];
@@ -155,7 +262,12 @@ fn dot_with(x: UnitX, w: Unit) -> f32 {
 #endif
 #else
 fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
-    let v = x[t * p.k + e];
+    let i = t * p.k + e;
+#if POST_NORM_ADD
+    let v = resid[i] + x[i] * branch_inv[t - branch_t0] * norm_w[p.k + e];
+#else
+    let v = x[i];
+#endif
 #if NORM_IN
     *ss += v * v;
     return v * norm_w[e];
@@ -167,9 +279,10 @@ fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
 
 // The end of token t's products: this invocation's dot products for its RPI rows (acc) and,
 // under NORM_IN, its Σ x² (ss) summed over the invocations sharing the rows, scaled by
-// 1 / rms(x), and stored as product_out.wgsl says by the rows' first invocation. r0: the
+// 1 / rms(x), and stored as product_out.wgsl says by the rows' first invocation, which gets
+// them back. r0: the
 // group's first row (OUT_GLU: its first gate row).
-fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, lane: u32) {
+fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, lane: u32) -> array<f32, RPI> {
     var acc = acc_in;
     var ss = ss_in;
 #if ROW_PER_INVOCATION
@@ -215,7 +328,37 @@ fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, 
 #endif
 #endif
     }
+    return acc;
 }
+
+#if OUT_ARGMAX
+// token 0's best of this invocation's rows (r0.. of the chunk), or its subgroup's, into slot
+// best0 + the group's index (lib/product_out.wgsl); uniform control flow
+fn store_best(acc: array<f32, RPI>, r0: u32, lid: u32) {
+    var best = -3.4e38;
+    var row = 0xFFFFFFFFu;
+    for (var j = 0u; j < RPI; j++) {
+        // strictly greater: the lowest row among equal values, as topk.wgsl ranks them
+        if (r0 + j < p.n_rows && acc[j] > best) {
+            best = acc[j];
+            row = p.row_offset + r0 + j;
+        }
+    }
+#if X_BROADCAST
+    let top = subgroupMax(best);
+    let top_row = subgroupMin(select(0xFFFFFFFFu, row, best == top));
+    if (lid == 0u && r0 < p.n_rows) {
+        y1[p.best0 + r0 / ROWS_PER_WG] = top;
+        y2[p.best0 + r0 / ROWS_PER_WG] = bitcast<f32>(top_row);
+    }
+#else
+    if (lid % TPR == 0u && r0 < p.n_rows) {
+        y1[p.best0 + r0 / RPI] = best;
+        y2[p.best0 + r0 / RPI] = bitcast<f32>(row);
+    }
+#endif
+}
+#endif
 
 // Tokens first_token()..m: a constant 0 unless this dispatch takes a later range of them
 // (TOKEN_RANGE; reading it from the parameters always cost Gemma 3's decode ~5% on lavapipe).
@@ -233,6 +376,9 @@ fn main(@builtin(local_invocation_index) lid: u32,
         @builtin(num_workgroups) nwg: vec3<u32>) {
     let group = (wid.x + wid.y * nwg.x) * (WG / TPR) + lid / TPR;
     let lane = lid % TPR;
+#if POST_NORM_ADD
+    let writes_sum = wid.x + wid.y == 0u;
+#endif
     // rows past the end repeat the last row (a few wasted loads, no divergent branch) and are
     // not written
     var rows: array<u32, RPI>;
@@ -255,6 +401,10 @@ fn main(@builtin(local_invocation_index) lid: u32,
     // constant `TILE > n` conditions leave a smaller tile without the work of tokens it lacks
     // (every token's multiply-adds cost about as much again as the loads: bench/README.md).
     for (var t0 = first_token(); t0 < p.m; t0 += TILE) {
+#if POST_NORM_ADD
+        prepare_branches(t0, TILE, lid);
+        if (writes_sum) { store_sums(t0, TILE, lid); }
+#endif
         var acc0 = array<f32, RPI>();
         var acc1 = array<f32, RPI>();
         var acc2 = array<f32, RPI>();
@@ -280,14 +430,18 @@ fn main(@builtin(local_invocation_index) lid: u32,
                 if (TILE > 3u) { acc3[j] += dot_with(x3, w); }
             }
         }
-        finish_token(t0, acc0, ss0, r0, lid, lane);
-        if (t0 + 1u < p.m) { finish_token(t0 + 1u, acc1, ss1, r0, lid, lane); }
-        if (TILE > 2u && t0 + 2u < p.m) { finish_token(t0 + 2u, acc2, ss2, r0, lid, lane); }
-        if (TILE > 3u && t0 + 3u < p.m) { finish_token(t0 + 3u, acc3, ss3, r0, lid, lane); }
+        _ = finish_token(t0, acc0, ss0, r0, lid, lane);
+        if (t0 + 1u < p.m) { _ = finish_token(t0 + 1u, acc1, ss1, r0, lid, lane); }
+        if (TILE > 2u && t0 + 2u < p.m) { _ = finish_token(t0 + 2u, acc2, ss2, r0, lid, lane); }
+        if (TILE > 3u && t0 + 3u < p.m) { _ = finish_token(t0 + 3u, acc3, ss3, r0, lid, lane); }
     }
 #else
     // tokens one after another, so that the rows' blocks stay in cache between tokens
     for (var t = first_token(); t < p.m; t++) {
+#if POST_NORM_ADD
+        prepare_branches(t, 1u, lid);
+        if (writes_sum) { store_sums(t, 1u, lid); }
+#endif
         var ss = 0.0;
         var acc = array<f32, RPI>();
 #if X_VEC4
@@ -314,7 +468,10 @@ fn main(@builtin(local_invocation_index) lid: u32,
             }
         }
 #endif
-        finish_token(t, acc, ss, r0, lid, lane);
+        let done = finish_token(t, acc, ss, r0, lid, lane);
+#if OUT_ARGMAX
+        store_best(done, r0, lid);
+#endif
     }
 #endif
 }

@@ -372,6 +372,20 @@ impl Gpu {
         .await
     }
 
+    /// A storage buffer holding `parts`' whole contents one after another.
+    pub async fn concat(&self, label: &str, parts: &[&wgpu::Buffer]) -> Result<wgpu::Buffer, GpuError> {
+        self.check_lost()?;
+        let out = self.storage(label, parts.iter().map(|b| b.size()).sum()).await?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut offset = 0;
+        for b in parts {
+            enc.copy_buffer_to_buffer(b, 0, &out, offset, b.size());
+            offset += b.size();
+        }
+        self.queue.submit([enc.finish()]);
+        Ok(out)
+    }
+
     /// Copy `bytes` bytes from `src` at `offset` back to the host.
     pub async fn read(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>, GpuError> {
         self.check_lost()?;

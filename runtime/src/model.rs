@@ -58,8 +58,37 @@ pub struct Model {
     pub output: Option<GpuMatrix>, // [n_vocab][n_embd]
     /// RoPE's per-dimension frequency divisors, [n_rot / 2] (RopeScaling::Factors).
     pub rope_factors: Option<wgpu::Buffer>,
+    /// Gemma 3's post-norms paired with the pre-norms after them (`FoldedNorms`).
+    pub folded_norms: Option<FoldedNorms>,
     /// Bytes of weights uploaded.
     pub weight_bytes: u64,
+}
+
+/// Where a branch goes back into the residual stream through a norm of its own (Gemma 3),
+/// the next product can add it in itself (`ProductIn::PostNormAdd`); it reads both norms'
+/// weights from one buffer, [the next block's pre-norm; the branch's post-norm], each `[2][n_embd]`.
+pub struct FoldedNorms {
+    /// Layer i + 1's attention input: [attn_norm of i + 1; post_ffn_norm of i].
+    pub attn: Vec<wgpu::Buffer>,
+    /// Layer i's feed-forward input: [ffn_norm; post_attn_norm].
+    pub ffn: Vec<wgpu::Buffer>,
+}
+
+impl FoldedNorms {
+    async fn pair(gpu: &Gpu, layers: &[Layer]) -> Result<Option<FoldedNorms>, GpuError> {
+        let posts: Option<Vec<(&wgpu::Buffer, &wgpu::Buffer)>> = layers.iter().map(|l| Some((l.post_attn_norm.as_ref()?, l.post_ffn_norm.as_ref()?))).collect();
+        let Some(posts) = posts else {
+            return Ok(None);
+        };
+        let (mut attn, mut ffn) = (Vec::new(), Vec::new());
+        for (i, (l, (post_attn, post_ffn))) in layers.iter().zip(&posts).enumerate() {
+            ffn.push(gpu.concat("folded norms", &[&l.ffn_norm, post_attn]).await?);
+            if let Some(next) = layers.get(i + 1) {
+                attn.push(gpu.concat("folded norms", &[&next.attn_norm, post_ffn]).await?);
+            }
+        }
+        Ok(Some(FoldedNorms { attn, ffn }))
+    }
 }
 
 /// Progress of a load: bytes read from the source and uploaded so far, of the total.
@@ -287,7 +316,8 @@ impl Model {
             _ => None,
         };
         let weight_bytes = l.done;
-        Ok(Model { config: c, token_embd, layers, output_norm, output, rope_factors, weight_bytes })
+        let folded_norms = FoldedNorms::pair(gpu, &layers).await?;
+        Ok(Model { config: c, token_embd, layers, output_norm, output, rope_factors, folded_norms, weight_bytes })
     }
 
     /// The matrix that turns the last hidden state into logits (`output`, or the tied embeddings).

@@ -35,6 +35,33 @@ struct Plan<'p> {
     /// A step of several sequences: token t's place.
     per_token: Option<&'p [Place]>,
     fused: bool,
+    /// Blocks leave their post-normed branch for the next product to add in (`Stream::Pending`).
+    fold: bool,
+}
+
+/// Where a recorded argmax leaves the best logit's value and id (its first entry of each).
+struct Best<'b> {
+    values: &'b wgpu::Buffer,
+    ids: &'b wgpu::Buffer,
+}
+
+/// The residual stream between blocks: in a buffer, or (Gemma 3 where the products fuse their
+/// input's norm) a branch output the next product adds in: resid + rms_norm(branch) · post_norm,
+/// stored into `sum` by that product (`ProductIn::PostNormAdd`).
+#[derive(Clone, Copy)]
+enum Stream<'b> {
+    Ready(&'b wgpu::Buffer),
+    Pending { branch: &'b wgpu::Buffer, post_norm: &'b wgpu::Buffer, resid: &'b wgpu::Buffer, sum: &'b wgpu::Buffer },
+}
+
+impl<'b> Stream<'b> {
+    /// Where the stream is, or will be once its next product (or `materialize`) has run.
+    fn buffer(&self) -> &'b wgpu::Buffer {
+        match *self {
+            Stream::Ready(x) => x,
+            Stream::Pending { sum, .. } => sum,
+        }
+    }
 }
 
 impl Plan<'_> {
@@ -117,6 +144,9 @@ struct Scratch {
     logits2: wgpu::Buffer, // same, soft-capped
     /// [n_vocab]: one sequence's logits, copied out of a step of several for its top-k
     logits_row: wgpu::Buffer,
+    /// [argmax_slots] each: the output head's best rows, value and id, for greedy decoding
+    best_values: wgpu::Buffer,
+    best_ids: wgpu::Buffer,
 }
 
 /// A model plus its KV cache: the state of one conversation, or of several (slots), each with
@@ -233,6 +263,8 @@ impl<'m> Session<'m> {
             logits: gpu.storage("logits", logits_len).await?,
             logits2: gpu.storage("logits2", logits_len).await?,
             logits_row: gpu.storage("logits row", if n_slots > 1 { c.n_vocab as u64 * 4 } else { 4 }).await?,
+            best_values: gpu.storage("head's best values", ops::argmax_slots(&gpu, model.output_head()) as u64 * 4).await?,
+            best_ids: gpu.storage("head's best ids", ops::argmax_slots(&gpu, model.output_head()) as u64 * 4).await?,
         };
         let dispatch = Arc::new(DispatchCache::new(&gpu, SESSION_PARAM_SLOTS));
         let top_k = TopKScratch::new(&gpu, c.n_vocab as u32).await?;
@@ -430,7 +462,7 @@ impl<'m> Session<'m> {
         }
         let places: Vec<Place> = steps.iter().map(|st| Place { pos: self.slot_tokens(st.slot).len() as u32, kv_row0: self.kv_row0(st.slot) }).collect();
         let ids: Vec<u32> = steps.iter().map(|st| st.token).collect();
-        let mut r = self.forward(&ids, Some(&places), true).await?;
+        let (mut r, _) = self.forward(&ids, Some(&places), true, false).await?;
         // each row's read-back after the last: the k best ids then values, or the logits
         let v = c.n_vocab as u64;
         let mut at = 0u64;
@@ -512,7 +544,7 @@ impl<'m> Session<'m> {
             Want::Logits => v * 4,
         };
         self.grow_logit_rows(n, n as u64 * row_bytes).await?;
-        let mut r = self.forward(ids, None, true).await?;
+        let (mut r, _) = self.forward(ids, None, true, false).await?;
         match want {
             Want::TopK(k) => {
                 let half = k as u64 * 4;
@@ -584,15 +616,18 @@ impl<'m> Session<'m> {
     /// The forward pass over one batch of at most MAX_BATCH tokens, as llama2.c's forward():
     /// embed, each layer's attention and feed-forward blocks, the output head.
     async fn eval_batch(&mut self, ids: &[u32], then: Readback) -> Result<Vec<u8>, ModelError> {
-        let r = self.forward(ids, None, false).await?;
+        let greedy = then == Readback::TopK(1) && !self.all_logits;
+        let (r, best) = self.forward(ids, None, false, greedy).await?;
         let n_last = if self.all_logits { ids.len() - 1 } else { 0 };
-        self.finish(r, n_last, then).await
+        self.finish(r, n_last, then, best).await
     }
 
     /// Record the forward pass over `ids`: consecutive tokens of the current slot, or with
     /// `per_token` one token of each of several slots; with `every_row` the logits of every
-    /// token in rows 0..n (else only the last token's, or every one with all_logits).
-    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>, every_row: bool) -> Result<Recorder<'_>, ModelError> {
+    /// token in rows 0..n (else only the last token's, or every one with all_logits); with
+    /// `greedy` (one row) also the argmax passes where the head keeps its best rows, returning
+    /// where the best id and value will be.
+    async fn forward(&self, ids: &[u32], per_token: Option<&[Place]>, every_row: bool, greedy: bool) -> Result<(Recorder<'_>, Option<Best<'_>>), ModelError> {
         let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let n = ids.len() as u32;
@@ -602,7 +637,11 @@ impl<'m> Session<'m> {
         // model's logits bit for bit)
         let active: Vec<(Arc<LoraAdapter>, f32)> = self.adapters.iter().filter(|(_, scale)| *scale != 0.0).cloned().collect();
         let lora = Lora { adapters: &active, t: self.lora_t.as_ref(), u: self.lora_u.as_ref() };
-        let plan = Plan { n, pos0: self.tokens.len() as u32, kv_row0: self.kv_row0(self.slot), per_token, fused: r.fuses_block(n) && active.is_empty() };
+        let fused = r.fuses_block(n) && active.is_empty();
+        // one token: a prefill or batch's every token repeats the fold's loads in every
+        // workgroup, which cost more than the dispatch it saves (bench/README.md)
+        let fold = fused && n == 1 && m.folded_norms.is_some() && self.gpu.tuning.post_norm_fold;
+        let plan = Plan { n, pos0: self.tokens.len() as u32, kv_row0: self.kv_row0(self.slot), per_token, fused, fold };
         // x = embed(ids) (· sqrt(n_embd) for Gemma)                         [n][n_embd]
         match c.embed_scale() {
             Some(scale) => {
@@ -611,20 +650,22 @@ impl<'m> Session<'m> {
             }
             None => r.gather(&m.token_embd, &s.ids, &s.x, n).await?,
         }
+        let mut x = Stream::Ready(&s.x);
         for (i, layer) in m.layers.iter().enumerate() {
-            let h = self.attention_block(&mut r, &plan, &lora, i, layer).await?; // h = x + attention
-            self.ffn_block(&mut r, &plan, &lora, layer, h).await?; //               x = h + ffn(h)
+            let h = self.attention_block(&mut r, &plan, &lora, i, layer, x).await?; // h = x + attention
+            x = self.ffn_block(&mut r, &plan, &lora, i, layer, h).await?; //           x = h + ffn(h)
         }
-        self.output_head(&mut r, &lora, n, every_row).await?; //               [n_out][n_vocab]
-        Ok(r)
+        let best = self.output_head(&mut r, &lora, n, every_row, x, greedy).await?; // [n_out][n_vocab]
+        Ok((r, best))
     }
 
     /// h = x + out(W_o · attention(RoPE(q), RoPE(k), v)), [q; k; v] = W_qkv · rms_norm(x), with
-    /// k and v appended to layer i's cache; returns the buffer holding h (x itself where the
-    /// branch adds in place).
-    async fn attention_block(&self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, i: usize, l: &Layer) -> Result<&wgpu::Buffer, GpuError> {
+    /// k and v appended to layer i's cache; returns h (in x itself where the branch adds in
+    /// place).
+    async fn attention_block<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, i: usize, l: &'b Layer, x: Stream<'b>) -> Result<Stream<'b>, GpuError> {
         let (c, s) = (&self.model.config, &self.s);
-        let input = self.branch_input(r, p, &s.x, &l.attn_norm).await?; //     [n][n_embd]
+        let folded = self.model.folded_norms.as_ref().and_then(|f| f.attn.get(i.wrapping_sub(1)));
+        let input = self.branch_input(r, p, x, &l.attn_norm, folded).await?; // [n][n_embd]
         let rope = self.rope_args(p, i);
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
         // the fused product turns q and k without frequency factors
@@ -647,14 +688,15 @@ impl<'m> Session<'m> {
             q
         };
         r.attention_at(q, k_cache, v_cache, &s.attn, self.attention_args(p, i), p.places()).await?; // [n][q_dim]
-        self.branch_out(r, lora, &l.wo, &s.attn, l.post_attn_norm.as_ref(), &s.x, &s.x2, p.n).await
+        self.branch_out(r, p, lora, &l.wo, &s.attn, l.post_attn_norm.as_ref(), x.buffer(), &s.x2).await
     }
 
     /// x = h + out(W_down · act(gate) ⊙ up), [gate; up] = W_gate_up · rms_norm(h).
-    async fn ffn_block(&self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, l: &Layer, h: &wgpu::Buffer) -> Result<(), GpuError> {
+    async fn ffn_block<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, i: usize, l: &'b Layer, h: Stream<'b>) -> Result<Stream<'b>, GpuError> {
         let (c, s) = (&self.model.config, &self.s);
         let gelu = c.spec().activation == Activation::GeluTanh;
-        let input = self.branch_input(r, p, h, &l.ffn_norm).await?; //          [n][n_embd]
+        let folded = self.model.folded_norms.as_ref().map(|f| &f.ffn[i]);
+        let input = self.branch_input(r, p, h, &l.ffn_norm, folded).await?; //  [n][n_embd]
         if p.fused && l.w_gate_up.len() == 1 && r.fuses_glu(&l.w_gate_up[0], p.n) {
             // act = act(gate) ⊙ up in the product                              [n][n_ff]
             r.product(&l.w_gate_up[0], input, ProductOut::Glu { out: &s.act, gelu }, p.n).await?;
@@ -667,45 +709,69 @@ impl<'m> Session<'m> {
                 r.silu_gate(&s.gate, &s.up, &s.act, len).await?
             }
         }
-        self.branch_out(r, lora, &l.w_down, &s.act, l.post_ffn_norm.as_ref(), h, &s.x, p.n).await?;
-        Ok(())
+        self.branch_out(r, p, lora, &l.w_down, &s.act, l.post_ffn_norm.as_ref(), h.buffer(), &s.x).await
     }
 
     /// What a block's product reads: rms_norm(x) · weight, fused into the product where the
-    /// plan says so, else normalised into xn first.
-    async fn branch_input<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan<'_>, x: &'b wgpu::Buffer, weight: &'b wgpu::Buffer) -> Result<ProductIn<'b>, GpuError> {
+    /// plan says so (with a pending branch added in first: `folded` holds [weight; its
+    /// post-norm]), else normalised into xn first.
+    async fn branch_input<'b>(
+        &'b self,
+        r: &mut Recorder<'_>,
+        p: &Plan<'_>,
+        x: Stream<'b>,
+        weight: &'b wgpu::Buffer,
+        folded: Option<&'b wgpu::Buffer>,
+    ) -> Result<ProductIn<'b>, GpuError> {
         let c = &self.model.config;
-        if p.fused {
-            return Ok(ProductIn::RmsNorm { x, weight, eps: c.norm_eps });
+        let eps = c.norm_eps;
+        match (x, folded) {
+            (Stream::Pending { branch, resid, sum, .. }, Some(weights)) if p.fused => return Ok(ProductIn::PostNormAdd { branch, resid, sum, weights, eps }),
+            _ => {}
         }
-        r.rms_norm(x, weight, &self.s.xn, c.n_embd as u32, p.n, c.norm_eps).await?;
+        let x = self.materialize(r, x, p.n).await?;
+        if p.fused {
+            return Ok(ProductIn::RmsNorm { x, weight, eps });
+        }
+        r.rms_norm(x, weight, &self.s.xn, c.n_embd as u32, p.n, eps).await?;
         Ok(ProductIn::X(&self.s.xn))
     }
 
-    /// A branch's way back into the residual stream: resid + W · x into `sum`, through the
-    /// branch's own RMS norm where it has one (Gemma 3); otherwise added into resid in place.
-    /// Returns where the sum is.
+    /// The stream in its buffer: a pending branch added in by a dispatch of its own.
+    async fn materialize<'b>(&self, r: &mut Recorder<'_>, x: Stream<'b>, n: u32) -> Result<&'b wgpu::Buffer, GpuError> {
+        let c = &self.model.config;
+        if let Stream::Pending { branch, post_norm, resid, sum } = x {
+            r.rms_norm_add(branch, post_norm, resid, sum, c.n_embd as u32, n, c.norm_eps).await?;
+        }
+        Ok(x.buffer())
+    }
+
+    /// A branch's way back into the residual stream: resid + W · x, through the branch's own
+    /// RMS norm where it has one (Gemma 3: into `sum`, or left for the next product to add in
+    /// where the plan folds); otherwise added into resid in place.
     #[allow(clippy::too_many_arguments)]
     async fn branch_out<'b>(
         &'b self,
         r: &mut Recorder<'_>,
+        p: &Plan<'_>,
         lora: &Lora<'_>,
         w: &GpuMatrix,
         x: &wgpu::Buffer,
-        post_norm: Option<&wgpu::Buffer>,
+        post_norm: Option<&'b wgpu::Buffer>,
         resid: &'b wgpu::Buffer,
         sum: &'b wgpu::Buffer,
-        n: u32,
-    ) -> Result<&'b wgpu::Buffer, GpuError> {
-        let c = &self.model.config;
-        let Some(norm) = post_norm else {
-            lora.project_residual(r, w, x, resid, n).await?;
-            return Ok(resid);
+    ) -> Result<Stream<'b>, GpuError> {
+        let Some(post_norm) = post_norm else {
+            lora.project_residual(r, w, x, resid, p.n).await?;
+            return Ok(Stream::Ready(resid));
         };
-        let t1 = &self.s.t1;
-        lora.project(r, std::slice::from_ref(w), ProductIn::X(x), x, &[t1], n).await?;
-        r.rms_norm_add(t1, norm, resid, sum, c.n_embd as u32, n, c.norm_eps).await?;
-        Ok(sum)
+        let branch = &self.s.t1;
+        lora.project(r, std::slice::from_ref(w), ProductIn::X(x), x, &[branch], p.n).await?;
+        let pending = Stream::Pending { branch, post_norm, resid, sum };
+        if p.fold {
+            return Ok(pending);
+        }
+        Ok(Stream::Ready(self.materialize(r, pending, p.n).await?))
     }
 
     /// q, k, v with their biases added where the layer has them (Qwen2).
@@ -723,30 +789,41 @@ impl<'m> Session<'m> {
 
     /// logits = W_out · rms_norm(x) for every token, or for the last one only, soft-capped
     /// where the model says so.
-    async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32, every_row: bool) -> Result<(), GpuError> {
+    async fn output_head(&self, r: &mut Recorder<'_>, lora: &Lora<'_>, n: u32, every_row: bool, x: Stream<'_>, greedy: bool) -> Result<Option<Best<'_>>, GpuError> {
         let (m, s) = (&*self.model, &self.s);
         let c = &m.config;
         let (d, vocab, eps) = (c.n_embd as u32, c.n_vocab as u32, c.norm_eps);
-        let (x_out, n_out) = if self.all_logits || every_row {
-            (&s.x, n)
-        } else {
-            r.encoder().copy_buffer_to_buffer(&s.x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
-            (&s.last, 1)
-        };
+        let all_rows = self.all_logits || every_row;
+        let n_out = if all_rows { n } else { 1 };
         // fused for one token, and for a step of several sequences where the block fuses
-        let fuse = n_out == 1 || (every_row && r.fuses_block(n_out));
-        let input = if fuse && lora.adapters.is_empty() {
+        let fuse = (n_out == 1 || (every_row && r.fuses_block(n_out))) && lora.adapters.is_empty();
+        // a pending branch is added in by a dispatch of its own: folded into the head, each of
+        // its thousands of workgroups would repeat that work (Gemma 3 decode: 5 ms against 0.1)
+        let x = self.materialize(r, x, n).await?;
+        let x_out = if all_rows || n == 1 {
+            x
+        } else {
+            r.encoder().copy_buffer_to_buffer(x, (n as u64 - 1) * d as u64 * 4, &s.last, 0, d as u64 * 4);
+            &s.last
+        };
+        let input = if fuse {
             ProductIn::RmsNorm { x: x_out, weight: &m.output_norm, eps }
         } else {
             r.rms_norm(x_out, &m.output_norm, &s.xn, d, n_out, eps).await?;
             ProductIn::X(&s.xn)
         };
+        if greedy && n_out == 1 && fuse && c.final_softcap.is_none() && self.gpu.tuning.head_argmax {
+            let head = m.output_head();
+            r.product(head, input, ProductOut::Argmax { y: &s.logits, best_values: &s.best_values, best_ids: &s.best_ids }, 1).await?;
+            let (values, ids) = ops::record_argmax_of(r, &self.top_k, &s.best_values, &s.best_ids, ops::argmax_slots(&self.gpu, head)).await?;
+            return Ok(Some(Best { values, ids }));
+        }
         lora.project(r, std::slice::from_ref(m.output_head()), input, &s.xn, &[&s.logits], n_out).await?;
         if let Some(cap) = c.final_softcap {
             r.softcap(&s.logits, &s.logits2, n_out * vocab, cap).await?;
             r.encoder().copy_buffer_to_buffer(&s.logits2, 0, &s.logits, 0, (n_out * vocab) as u64 * 4);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// RoPE of layer i for this batch: its base, and no rotation on layers without it.
@@ -780,14 +857,17 @@ impl<'m> Session<'m> {
 
     /// Record the read-back `then` of row n_last of the logits after what `r` holds, submit,
     /// and return the bytes read.
-    async fn finish(&self, mut r: Recorder<'_>, n_last: usize, then: Readback) -> Result<Vec<u8>, ModelError> {
+    async fn finish(&self, mut r: Recorder<'_>, n_last: usize, then: Readback, best: Option<Best<'_>>) -> Result<Vec<u8>, ModelError> {
         let v = self.model.config.n_vocab as u64;
         let row = n_last as u64 * v * 4;
         let bytes = match then {
             Readback::Nothing => 0,
             Readback::TopK(k) | Readback::MaskedTopK(k) if !self.all_logits => {
                 let masked = matches!(then, Readback::MaskedTopK(_));
-                let (values, ids) = ops::record_top_k_masked(&mut r, &self.top_k, &self.s.logits, v as u32, k, masked).await?;
+                let (values, ids) = match best {
+                    Some(b) if then == Readback::TopK(1) => (b.values, b.ids),
+                    _ => ops::record_top_k_masked(&mut r, &self.top_k, &self.s.logits, v as u32, k, masked).await?,
+                };
                 let half = k as u64 * 4;
                 r.encoder().copy_buffer_to_buffer(ids, 0, &self.readback, 0, half);
                 r.encoder().copy_buffer_to_buffer(values, 0, &self.readback, half, half);
@@ -836,7 +916,7 @@ impl<'m> Session<'m> {
     /// Logits of the last evaluated token, `[n_vocab]`.
     pub async fn logits(&self) -> Result<Vec<f32>, ModelError> {
         let r = Recorder::with_cache(&self.gpu, self.dispatch.clone());
-        let bytes = self.finish(r, self.last_row(), Readback::Logits).await?;
+        let bytes = self.finish(r, self.last_row(), Readback::Logits, None).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -849,7 +929,7 @@ impl<'m> Session<'m> {
     /// The k best (id, logit) of the last token, selected on the GPU (k ≤ MAX_TOP_K).
     pub async fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, ModelError> {
         let r = Recorder::with_cache(&self.gpu, self.dispatch.clone());
-        let bytes = self.finish(r, self.last_row(), Readback::TopK(k)).await?;
+        let bytes = self.finish(r, self.last_row(), Readback::TopK(k), None).await?;
         Ok(self.top_k_of(&bytes, k))
     }
 }

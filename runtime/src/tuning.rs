@@ -54,6 +54,10 @@ pub struct KernelOverrides {
     pub backward_paired: Option<bool>,
     /// `NOMOAT_LORA_TILES=0`: weight_gradient.wgsl and skinny_product.wgsl without TILES.
     pub lora_tiles: Option<bool>,
+    /// `NOMOAT_POST_NORM_FOLD=0`: Gemma 3's post-norm-and-add as a dispatch of its own.
+    pub post_norm_fold: Option<bool>,
+    /// `NOMOAT_HEAD_ARGMAX=0`: greedy decoding's argmax over the whole of the logits.
+    pub head_argmax: Option<bool>,
 }
 
 impl KernelOverrides {
@@ -84,6 +88,8 @@ impl KernelOverrides {
             attention_backward_broadcast: off("NOMOAT_ATTENTION_BACKWARD_BROADCAST"),
             backward_paired: off("NOMOAT_BACKWARD_PAIRED"),
             lora_tiles: off("NOMOAT_LORA_TILES"),
+            post_norm_fold: off("NOMOAT_POST_NORM_FOLD"),
+            head_argmax: off("NOMOAT_HEAD_ARGMAX"),
         }
     }
 }
@@ -170,6 +176,13 @@ pub struct Tuning {
     /// A LoRA factor's products and gradients (skinny_product.wgsl, weight_gradient.wgsl) by
     /// 4 x 4 blocks (TILES) where the shapes are multiples of 4.
     pub lora_tiles: bool,
+    /// A branch that goes back into the residual stream through its own norm (Gemma 3) is
+    /// added in by the next product where that product fuses its input's norm
+    /// (`ProductIn::PostNormAdd`), not by a dispatch of its own.
+    pub post_norm_fold: bool,
+    /// Greedy decoding's output head also keeps the best of each group of its rows
+    /// (`ProductOut::Argmax`), so the argmax starts from those instead of every logit.
+    pub head_argmax: bool,
 }
 
 /// When attention splits its keys (see [`Tuning::attention_split`]); groups 0: never.
@@ -237,6 +250,8 @@ impl Tuning {
             attention_backward_broadcast: o.attention_backward_broadcast != Some(false),
             backward_paired: o.backward_paired != Some(false),
             lora_tiles: o.lora_tiles != Some(false),
+            post_norm_fold: o.post_norm_fold != Some(false),
+            head_argmax: o.head_argmax != Some(false),
         }
     }
 

@@ -14,6 +14,11 @@
 //                 turned by RoPE in adjacent-pair mode, q into y [m][n0], k and v straight into
 //                 the KV cache at rows kv_row0 + pos (the rope_kv dispatch, fused away for
 //                 decode); with SEQ_ROWS each token at its own sequence's position and rows
+//   OUT_ARGMAX    split, one token (matvec only): also each row group's best row, or each
+//                 workgroup's under X_BROADCAST (one subgroup), as its value into y1 and its
+//                 row into y2 (as u32 bits) at slot best0 + that group's index: greedy
+//                 decoding's argmax of the logits then starts from a few thousand candidates
+//                 instead of the whole vocabulary (topk.wgsl takes it from there)
 #include "lib/activation.wgsl"
 #if OUT_QKV_ROPE
 #include "lib/kv_write.wgsl"

@@ -60,6 +60,20 @@ fn tensors_over_the_binding_limit_are_split() {
     }
 }
 
+/// Greedy decoding's head over several bindings: each chunk's best-of slots follow the
+/// previous chunk's, and the argmax over them all is the whole matrix's.
+#[test]
+fn head_argmax_over_the_binding_limit() {
+    let gpu = small_binding();
+    for (ty, n_rows, k) in [(GgmlType::Q8_0, 2000, 1024), (GgmlType::F32, 700, 1000)] {
+        assert!(ty.row_bytes(k as u64).unwrap() * n_rows as u64 > gpu.max_binding(), "{ty}: fits one binding");
+        let checks = block_on(conformance::head_argmax(gpu, ty, n_rows, k, 450)).unwrap();
+        for c in &checks {
+            assert!(c.ok(), "{}: {} {:e} > {:e}", c.case, c.metric, c.error, c.bound);
+        }
+    }
+}
+
 /// Stacked matrices (q/k/v-like parts) over several bindings: each part's rows still reach its
 /// own output, whichever chunk holds them, for decode, both prompt kernels and the residual add.
 #[test]

@@ -480,6 +480,11 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (ti, ty) in weight_types(gpu).into_iter().enumerate() {
         let (_, k) = shapes(ty)[2];
+        // a vocabulary of rows over many workgroups, the last one partly filled, for the types
+        // output heads come in (the best-of step is the same for every type)
+        if [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q6K, GgmlType::Q4_0].contains(&ty) {
+            checks.extend(head_argmax(gpu, ty, 1000 + 3 * ti, k, 3900 + 10 * ti as u64).await?);
+        }
         // q/k/v-like parts with odd row counts; gate/up-like equal parts
         let rows = [13usize, 5, 7];
         let (stacked, parts) = random_stacked(gpu, ty, &rows, k, 3000 + 10 * ti as u64).await?;
@@ -500,6 +505,7 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
             let mut rec = Recorder::new(gpu);
             rec.tiled_matmul = tiled;
             rec.token_tile = token_tile;
+            let rec_modes = (tiled, token_tile);
             let fuse = rec.fuses_block(m as u32);
             let x = rng.fill(m * k, 2.0);
             let xb = gpu.upload_f32("x", &x).await?;
@@ -541,9 +547,100 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
                 checks.push(Check::nmse(format!("{label}silu(gate)·up {ty} 13x{k} m={m}"), &got, &reference::silu_gate(&g, &u), MATMUL_NMSE));
                 let got = gpu.read_f32(&gelu_act, 0, m * 13).await?;
                 checks.push(Check::nmse(format!("{label}gelu(gate)·up {ty} 13x{k} m={m}"), &got, &reference::gelu_gate(&g, &u), MATMUL_NMSE));
+                // the fold reads x the same way for every quantized type: one token (decode, where
+                // sessions fold) for Gemma 3's types and a float one, token tiles for one
+                if (m == 1 && [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K].contains(&ty)) || (m == 6 && ty == GgmlType::Q4K) {
+                    checks.extend(
+                        post_norm_add(gpu, &mut rng, rec_modes, &stacked, &values, &gate_up, (gate_values, up_values), &norm_w, m, &format!("{label}{ty}")).await?,
+                    );
+                }
             }
         }
     }
+    Ok(checks)
+}
+
+/// `ProductOut::Argmax` (greedy decoding's output head) over n_rows x k weights of type ty:
+/// its rows against the reference product, and the argmax taken from its best-of slots
+/// (`ops::record_argmax_of`) against the argmax of the rows it wrote, value and id exactly.
+/// The best row's bytes are copied to a row halfway round, so that two rows tie for the top,
+/// in different workgroups: the lower one must win, as topk.wgsl ranks equal values.
+pub async fn head_argmax(gpu: &Gpu, ty: GgmlType, n_rows: usize, k: usize, seed: u64) -> Result<Vec<Check>> {
+    let (mut bytes, w) = random_matrix(ty, n_rows, k, seed)?;
+    let mut rng = Rng::new(seed + 1);
+    let (x, norm_w) = (rng.fill(k, 1.0), rng.fill(k, 1.0));
+    let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
+    let best = reference::top_k(&reference::matmul(&w, &xn, n_rows, k, 1), 1)[0].0;
+    let row_bytes = bytes.len() / n_rows;
+    let twin = (best + n_rows / 2) % n_rows;
+    bytes.copy_within(best * row_bytes..(best + 1) * row_bytes, twin * row_bytes);
+    let w = quant::dequantize(ty, &bytes, n_rows * k)?;
+    let m = GpuMatrix::upload(gpu, "head", ty, k as u64, n_rows as u64, &bytes).await?;
+    let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
+    let slots = ops::argmax_slots(gpu, &m);
+    let (y, best_values, best_ids) =
+        (gpu.storage("y", n_rows as u64 * 4).await?, gpu.storage("best values", slots as u64 * 4).await?, gpu.storage("best ids", slots as u64 * 4).await?);
+    let scratch = ops::TopKScratch::new(gpu, slots).await?;
+    let mut rec = Recorder::new(gpu);
+    rec.product(&m, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, ProductOut::Argmax { y: &y, best_values: &best_values, best_ids: &best_ids }, 1).await?;
+    let (value, id) = ops::record_argmax_of(&mut rec, &scratch, &best_values, &best_ids, slots).await?;
+    rec.submit()?;
+    let rows = gpu.read_f32(&y, 0, n_rows).await?;
+    let label = format!("head argmax {ty} {n_rows}x{k} ({} chunk(s), {slots} slots)", m.chunks.len());
+    let mut checks = vec![Check::nmse(format!("{label}: rows"), &rows, &reference::matmul(&w, &xn, n_rows, k, 1), MATMUL_NMSE)];
+    // the first of the highest rows the product wrote (the twins tie there exactly)
+    let want = rows.iter().enumerate().fold(0, |b, (i, &v)| if v > rows[b] { i } else { b });
+    let got_id = gpu.read_u32(id, 0, 1).await?[0];
+    let got_value = gpu.read_f32(value, 0, 1).await?[0];
+    checks.push(Check::max_abs(format!("{label}: id (the twins {} and {})", best.min(twin), best.max(twin)), &[got_id as f32], &[want as f32], 0.0));
+    checks.push(Check::max_abs(format!("{label}: value"), &[got_value], &[rows[want]], 0.0));
+    Ok(checks)
+}
+
+/// `ProductIn::PostNormAdd` (Gemma 3's post-norm-and-add folded into the next products): h =
+/// resid + rms_norm(branch)·post_w stored into sum, the stacked parts and gelu(gate)·up read
+/// rms_norm(h)·norm_w; against the reference ops composed.
+#[allow(clippy::too_many_arguments)]
+async fn post_norm_add(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    (tiled, token_tile): (Option<bool>, Option<bool>),
+    stacked: &GpuMatrix,
+    values: &[&Vec<f32>],
+    gate_up: &GpuMatrix,
+    (gate_values, up_values): (&[f32], &[f32]),
+    norm_w: &[f32],
+    m: usize,
+    label: &str,
+) -> Result<Vec<Check>> {
+    let k = stacked.k as usize;
+    let rows: Vec<usize> = stacked.parts.iter().map(|p| p.1 as usize).collect();
+    let (branch, resid, post_w) = (rng.fill(m * k, 2.0), rng.fill(m * k, 1.0), rng.fill(k, 1.0));
+    let h = reference::add(&resid, &reference::rms_norm(&branch, &post_w, k, 1e-5));
+    let hn = reference::rms_norm(&h, norm_w, k, 1e-5);
+    let weights = gpu.upload_f32("folded norms", &[norm_w, &post_w].concat()).await?;
+    let (bb, rb, sum) = (gpu.upload_f32("branch", &branch).await?, gpu.upload_f32("resid", &resid).await?, gpu.storage("sum", (m * k * 4) as u64).await?);
+    let mut outs = Vec::new();
+    for r in &rows {
+        outs.push(gpu.storage("y", (m * r * 4) as u64).await?);
+    }
+    let act = gpu.storage("act", (m * gate_values.len() / k * 4) as u64).await?;
+    let mut rec = Recorder::new(gpu);
+    rec.tiled_matmul = tiled;
+    rec.token_tile = token_tile;
+    let input = ProductIn::PostNormAdd { branch: &bb, resid: &rb, sum: &sum, weights: &weights, eps: 1e-5 };
+    let out_refs: Vec<&wgpu::Buffer> = outs.iter().collect();
+    rec.product(stacked, input, ProductOut::Split(&out_refs), m as u32).await?;
+    rec.product(gate_up, input, ProductOut::Glu { out: &act, gelu: true }, m as u32).await?;
+    rec.submit()?;
+    let mut checks = vec![Check::max_abs(format!("{label} post-norm-add: h m={m}"), &gpu.read_f32(&sum, 0, m * k).await?, &h, 1e-5)];
+    for (pi, &r) in rows.iter().enumerate() {
+        let got = gpu.read_f32(&outs[pi], 0, m * r).await?;
+        checks.push(Check::nmse(format!("{label} post-norm-add: stacked part {pi} {r}x{k} m={m}"), &got, &reference::matmul(values[pi], &hn, r, k, m), MATMUL_NMSE));
+    }
+    let n_ff = gate_values.len() / k;
+    let want = reference::gelu_gate(&reference::matmul(gate_values, &hn, n_ff, k, m), &reference::matmul(up_values, &hn, n_ff, k, m));
+    checks.push(Check::nmse(format!("{label} post-norm-add: gelu(gate)·up {n_ff}x{k} m={m}"), &gpu.read_f32(&act, 0, m * n_ff).await?, &want, MATMUL_NMSE));
     Ok(checks)
 }
 

@@ -97,7 +97,7 @@ pub use matrix::{GpuMatrix, MatrixChunk, WEIGHT_PAD};
 pub use norm::NORM_LAYOUT;
 pub use norm_backward::NORM_BACKWARD_LAYOUT;
 pub use pipeline::{all_pipeline_keys, layout_of, params_layouts, Bind, ParamsLayout};
-pub use product::{ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
+pub use product::{argmax_slots, ProductIn, ProductOut, MATMUL_LAYOUT, MATVEC_LAYOUT};
 pub(crate) use product_backward::pairs as product_backward_pairs;
 pub use product_backward::PRODUCT_BACKWARD_LAYOUT;
 pub use recorder::{DispatchCache, Recorder};
@@ -105,7 +105,7 @@ pub use rope_kv::{KvType, Place, Places, QkNorm, RopeArgs, MAX_SEQ_ROWS, ROPE_KV
 pub use skinny_product::SKINNY_PRODUCT_LAYOUT;
 pub use softmax::SOFTMAX_LAYOUT;
 pub use support::{supports, Op, Unsupported, MAX_HEAD_DIM};
-pub use top_k::{record_top_k, record_top_k_masked, top_k, top_k_masked, TopKScratch, MAX_TOP_K, NO_ID, TOPK_LAYOUT};
+pub use top_k::{record_argmax_of, record_top_k, record_top_k_masked, top_k, top_k_masked, TopKScratch, MAX_TOP_K, NO_ID, TOPK_LAYOUT};
 pub use weight_gradient::WEIGHT_GRADIENT_LAYOUT;
 
 /// The largest workgroup count per dimension WebGPU guarantees.

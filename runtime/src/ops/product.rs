@@ -6,21 +6,35 @@ use super::matrix::{type_define, GpuMatrix};
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::{KvType, Places, RopeArgs, MAX_SEQ_ROWS};
 use super::{grid, Recorder};
-use crate::device::{GpuError, PipelineKey};
+use crate::device::{Gpu, GpuError, PipelineKey};
 use crate::ggml_type::GgmlType;
 use crate::shaders::Defines;
 use crate::tuning::MatvecShape;
 
-/// matvec.wgsl's bindings, in order: w, x, y, norm_w, y1, y2, params.
-pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Read, ReadWrite, ReadWrite, Uniform];
-/// matmul.wgsl's bindings: matvec.wgsl's (norm_w unused).
+/// matvec.wgsl's bindings, in order: w, x, y, norm_w, y1, y2, resid, sum, params.
+pub const MATVEC_LAYOUT: &[Bind] = &[Read, Read, ReadWrite, Read, ReadWrite, ReadWrite, Read, ReadWrite, Uniform];
+/// matmul.wgsl's bindings: matvec.wgsl's (norm_w, resid and sum unused).
 pub const MATMUL_LAYOUT: &[Bind] = MATVEC_LAYOUT;
 
 /// What a product reads: x as it is, or x / rms(x) · weight per token (the RMS norm fused in).
 #[derive(Clone, Copy)]
 pub enum ProductIn<'a> {
     X(&'a wgpu::Buffer),
-    RmsNorm { x: &'a wgpu::Buffer, weight: &'a wgpu::Buffer, eps: f32 },
+    RmsNorm {
+        x: &'a wgpu::Buffer,
+        weight: &'a wgpu::Buffer,
+        eps: f32,
+    },
+    /// A branch's output added back through its own RMS norm and then normed for this
+    /// product (Gemma 3): h = resid + rms_norm(branch) · weights[1], stored into `sum`, and the
+    /// product reads rms_norm(h) · weights[0]; `weights`: [2][k]. All: [m][k] but `weights`.
+    PostNormAdd {
+        branch: &'a wgpu::Buffer,
+        resid: &'a wgpu::Buffer,
+        sum: &'a wgpu::Buffer,
+        weights: &'a wgpu::Buffer,
+        eps: f32,
+    },
 }
 
 /// Where a product's rows go (lib/product_out.wgsl): one output per stacked part of the matrix (or
@@ -32,6 +46,14 @@ pub enum ProductOut<'a> {
     Glu {
         out: &'a wgpu::Buffer,
         gelu: bool,
+    },
+    /// One token's rows into `y`, and the best of each group of rows (value and row id as u32
+    /// bits) into `best_values` and `best_ids`, [argmax_slots] of each, for greedy
+    /// decoding's argmax to start from (lib/product_out.wgsl's OUT_ARGMAX).
+    Argmax {
+        y: &'a wgpu::Buffer,
+        best_values: &'a wgpu::Buffer,
+        best_ids: &'a wgpu::Buffer,
     },
     /// Stacked q, k, v projections: q turned by RoPE into `q`, k turned and v appended to the
     /// KV cache at the tokens' `places` (see `Recorder::fuses_qkv_rope`).
@@ -67,6 +89,9 @@ params! {
         t_begin: u32,
         /// OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache).
         kv_row0: u32,
+        /// OUT_ARGMAX: this chunk's first slot of the best-of lists.
+        best0: u32,
+        _pad: [u32; 3],
         /// OUT_QKV_ROPE with SEQ_ROWS: each token's (position, cache row of its position 0).
         seqs: [u32; 2 * MAX_SEQ_ROWS],
     }
@@ -85,6 +110,19 @@ fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
         d = d.flag("X_BROADCAST");
     }
     d
+}
+
+/// How many best-of slots `ProductOut::Argmax` writes for the rows of `w` on `gpu`.
+pub fn argmax_slots(gpu: &Gpu, w: &GpuMatrix) -> u32 {
+    w.chunks.iter().map(|c| argmax_slots_of_chunk(gpu, w, c.n_rows)).sum()
+}
+
+/// One per row group of a chunk of n_rows, or per workgroup where its lanes share x
+/// (X_BROADCAST, one subgroup a workgroup).
+fn argmax_slots_of_chunk(gpu: &Gpu, w: &GpuMatrix, n_rows: u32) -> u32 {
+    let shape = gpu.tuning.matvec;
+    let per = if shape.x_broadcast && w.ty.block_elems() > 1 { shape.rows_per_workgroup() } else { shape.rpi };
+    n_rows.div_ceil(per)
 }
 
 /// TOKEN_TILE's sizes: tokens a pass (`Tuning::tile_for`).
@@ -110,8 +148,11 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
         }
         // the fused modes, on the CPU and GPU shapes; CPU prefill's four-token tiles (quantized
         // types) take every mode, the plain one too
-        let fused: [&[&str]; 8] = [
+        let fused: [&[&str]; 11] = [
             &["NORM_IN"],
+            &["NORM_IN", "POST_NORM_ADD"],
+            &["NORM_IN", "POST_NORM_ADD", "OUT_GLU"],
+            &["NORM_IN", "POST_NORM_ADD", "OUT_GLU", "GLU_GELU"],
             &["OUT_RESIDUAL"],
             &["NORM_IN", "OUT_GLU"],
             &["NORM_IN", "OUT_GLU", "GLU_GELU"],
@@ -129,6 +170,7 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
                 }
             };
             with_modes(&d, &fused);
+            with_modes(&d, &[&["NORM_IN", "OUT_ARGMAX"]]);
             let tiles = if tpr == 1 && ty.block_elems() > 1 { TILES.as_slice() } else { &[] };
             for &n in tiles {
                 let tile = tiled_defines(d.clone(), n);
@@ -250,9 +292,10 @@ impl Recorder<'_> {
     /// needs a one-chunk matrix of two equal parts [gate; up].
     pub async fn product(&mut self, w: &GpuMatrix, input: ProductIn<'_>, out: ProductOut<'_>, m: u32) -> Result<(), GpuError> {
         let runs_matvec = self.product_runs_matvec(m);
-        let (x, norm, eps) = match input {
-            ProductIn::X(x) => (x, None, 0.0),
-            ProductIn::RmsNorm { x, weight, eps } => (x, Some(weight), eps),
+        let (x, norm, eps, fold) = match input {
+            ProductIn::X(x) => (x, None, 0.0, None),
+            ProductIn::RmsNorm { x, weight, eps } => (x, Some(weight), eps, None),
+            ProductIn::PostNormAdd { branch, resid, sum, weights, eps } => (branch, Some(weights), eps, Some((resid, sum))),
         };
         let unsupported = |what: &str| Err(GpuError::Unsupported(format!("{what} for '{}'", w.name)));
         if norm.is_some() && !runs_matvec {
@@ -284,6 +327,12 @@ impl Recorder<'_> {
             }
             ProductOut::Split(ys) => return unsupported(&format!("{} outputs for {} stacked parts", ys.len(), w.parts.len())),
             ProductOut::Residual(y) => ([y, &spare[0], &spare[1]], w.n_rows, 0, &["OUT_RESIDUAL"]),
+            ProductOut::Argmax { y, best_values, best_ids } => {
+                if m != 1 || !runs_matvec {
+                    return unsupported(&format!("the best row fused into a product of {m} tokens"));
+                }
+                ([y, best_values, best_ids], w.n_rows, 0, &["OUT_ARGMAX"])
+            }
             ProductOut::Glu { out, gelu } => {
                 if !self.fuses_glu(w, m) {
                     return unsupported("a fused gated activation");
@@ -300,15 +349,16 @@ impl Recorder<'_> {
         let add_mode = |d: Defines| {
             let d = kv_defines.0.iter().fold(d, |d, (k, v)| d.value(k, v));
             let d = flags.iter().fold(d, |d, f| d.flag(f));
-            if norm.is_some() {
-                d.flag("NORM_IN")
-            } else {
-                d
+            match (norm, fold) {
+                (_, Some(_)) => d.flag("NORM_IN").flag("POST_NORM_ADD"),
+                (Some(_), None) => d.flag("NORM_IN"),
+                _ => d,
             }
         };
         let glu = flags.contains(&"OUT_GLU");
         let pairs = glu || rope.is_some();
         let r = rope.unwrap_or(RopeArgs { n_tokens: m, n_heads: 0, head_dim: 1, n_rot: 0, pos0: 0, neox: false, freq_base: 1.0, freq_scale: 1.0 });
+        let mut best0 = 0;
         for c in &w.chunks {
             let params = ProductParams {
                 n_rows: c.n_rows,
@@ -327,9 +377,13 @@ impl Recorder<'_> {
                 freq_scale: r.freq_scale,
                 t_begin: 0,
                 kv_row0,
+                best0,
+                _pad: [0; 3],
                 seqs,
             };
-            let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2]];
+            best0 += argmax_slots_of_chunk(self.gpu, w, c.n_rows);
+            let (resid, sum) = fold.unwrap_or((x, &spare[2]));
+            let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2], resid, sum];
             if runs_matvec {
                 let shape = if pairs { self.gpu.tuning.paired_matvec() } else { self.gpu.tuning.matvec };
                 let rows = if glu { n0 * 2 } else { c.n_rows };

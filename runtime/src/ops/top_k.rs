@@ -108,6 +108,31 @@ pub async fn record_top_k_masked<'s>(
     k: u32,
     masked: bool,
 ) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
+    record_passes(rec, scratch, values, None, n, k, masked).await
+}
+
+/// The argmax of n (value, id) candidates (values: [n] f32, ids: [n] u32), such as a product's
+/// best rows (`ProductOut::Argmax`); where `record_top_k` leaves it.
+pub async fn record_argmax_of<'s>(
+    rec: &mut Recorder<'_>,
+    scratch: &'s TopKScratch,
+    values: &wgpu::Buffer,
+    ids: &wgpu::Buffer,
+    n: u32,
+) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
+    record_passes(rec, scratch, values, Some(ids), n, 1, false).await
+}
+
+/// The passes of a selection over values with their `ids` (None: the index is the id).
+async fn record_passes<'s>(
+    rec: &mut Recorder<'_>,
+    scratch: &'s TopKScratch,
+    values: &wgpu::Buffer,
+    ids: Option<&wgpu::Buffer>,
+    n: u32,
+    k: u32,
+    masked: bool,
+) -> Result<(&'s wgpu::Buffer, &'s wgpu::Buffer), GpuError> {
     supports(Op::TopK { n, k }, None)?;
     if n > scratch.n {
         return Err(GpuError::Unsupported(format!("top-k over {n} values with scratch for {}", scratch.n)));
@@ -119,11 +144,11 @@ pub async fn record_top_k_masked<'s>(
     loop {
         let groups = count.div_ceil(chunk);
         let out = pass % 2;
-        let (in_v, in_id) = if pass == 0 { (values, values) } else { (&scratch.values[1 - out], &scratch.ids[1 - out]) };
+        let (in_v, in_id) = if pass == 0 { (values, ids.unwrap_or(values)) } else { (&scratch.values[1 - out], &scratch.ids[1 - out]) };
         rec.dispatch(
             PipelineKey { file: "topk.wgsl", entry, defines: Defines::new() },
             &[in_v, in_id, &scratch.mask, &scratch.values[out], &scratch.ids[out]],
-            &TopKParams { n: count, k, first_pass: (pass == 0) as u32, masked: masked as u32 },
+            &TopKParams { n: count, k, first_pass: (pass == 0 && ids.is_none()) as u32, masked: masked as u32 },
             (groups, 1, 1),
         )
         .await?;
