@@ -812,13 +812,16 @@ impl<'m> Session<'m> {
             r.rms_norm(x_out, &m.output_norm, &s.xn, d, n_out, eps).await?;
             ProductIn::X(&s.xn)
         };
-        if greedy && n_out == 1 && fuse && c.final_softcap.is_none() && self.gpu.tuning.head_argmax {
-            let head = m.output_head();
+        let head = m.output_head();
+        // where a slot keeps the best of 8 rows or more (CPU devices' shapes; a GPU's row group
+        // is one row, and its best-of list would be the logits again)
+        let slots = ops::argmax_slots(&self.gpu, head);
+        if greedy && n_out == 1 && fuse && c.final_softcap.is_none() && self.gpu.tuning.head_argmax && slots * 8 <= head.n_rows {
             r.product(head, input, ProductOut::Argmax { y: &s.logits, best_values: &s.best_values, best_ids: &s.best_ids }, 1).await?;
-            let (values, ids) = ops::record_argmax_of(r, &self.top_k, &s.best_values, &s.best_ids, ops::argmax_slots(&self.gpu, head)).await?;
+            let (values, ids) = ops::record_argmax_of(r, &self.top_k, &s.best_values, &s.best_ids, slots).await?;
             return Ok(Some(Best { values, ids }));
         }
-        lora.project(r, std::slice::from_ref(m.output_head()), input, &s.xn, &[&s.logits], n_out).await?;
+        lora.project(r, std::slice::from_ref(head), input, &s.xn, &[&s.logits], n_out).await?;
         if let Some(cap) = c.final_softcap {
             r.softcap(&s.logits, &s.logits2, n_out * vocab, cap).await?;
             r.encoder().copy_buffer_to_buffer(&s.logits2, 0, &s.logits, 0, (n_out * vocab) as u64 * 4);
