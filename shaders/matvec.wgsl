@@ -91,50 +91,39 @@ struct Params {
 var<private> branch_inv: vec4<f32>;
 var<private> branch_t0: u32;
 
-#if ROW_PER_INVOCATION
-#if X_BROADCAST
-// the workgroup is one subgroup: its lanes share the loads
-fn branch_ss(t: u32, lid: u32) -> f32 {
-    var ss = 0.0;
-    for (var i = lid; i < p.k / 4u; i += WG) {
-        let v = x4[t * (p.k / 4u) + i];
-        ss += dot(v, v);
-    }
-    return subgroupAdd(ss);
-}
-#else
-// every invocation sums the whole row itself, with no barrier for llvmpipe to pay
-fn branch_ss(t: u32, lid: u32) -> f32 {
+// Σ x² of token t's branch output over elements first, first + stride, ...
+fn branch_ss_from(t: u32, first: u32, stride: u32) -> f32 {
     var ss = 0.0;
 #if X_VEC4
-    for (var i = 0u; i < p.k / 4u; i++) {
+    for (var i = first; i < p.k / 4u; i += stride) {
         let v = x4[t * (p.k / 4u) + i];
         ss += dot(v, v);
     }
 #else
-    for (var i = 0u; i < p.k; i++) {
+    for (var i = first; i < p.k; i += stride) {
         ss += x[t * p.k + i] * x[t * p.k + i];
     }
 #endif
     return ss;
 }
+
+#if ROW_PER_INVOCATION
+#if X_BROADCAST
+// the workgroup is one subgroup: its lanes share the loads
+fn branch_ss(t: u32, lid: u32) -> f32 {
+    return subgroupAdd(branch_ss_from(t, lid, WG));
+}
+#else
+// every invocation sums the whole row itself, with no barrier for llvmpipe to pay
+fn branch_ss(t: u32, lid: u32) -> f32 {
+    return branch_ss_from(t, 0u, 1u);
+}
 #endif
 #else
 // GPUs: over the workgroup through shared memory (uniform control flow)
 fn branch_ss(t: u32, lid: u32) -> f32 {
-    var ss = 0.0;
-#if X_VEC4
-    for (var i = lid; i < p.k / 4u; i += WG) {
-        let v = x4[t * (p.k / 4u) + i];
-        ss += dot(v, v);
-    }
-#else
-    for (var i = lid; i < p.k; i += WG) {
-        ss += x[t * p.k + i] * x[t * p.k + i];
-    }
-#endif
     workgroupBarrier();
-    partial[lid] = ss;
+    partial[lid] = branch_ss_from(t, lid, WG);
     for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
         workgroupBarrier();
         if (lid < stride) {
@@ -156,18 +145,30 @@ fn prepare_branches(t0: u32, n: u32, lid: u32) {
     }
 }
 
+// h = resid + x / rms(x) · post_w of token t (prepared by prepare_branches), element e4 (a
+// vec4) or e
+#if X_VEC4
+fn h4(t: u32, e4: u32) -> vec4<f32> {
+    let i = t * (p.k / 4u) + e4;
+    return resid4[i] + x4[i] * branch_inv[t - branch_t0] * norm_w4[p.k / 4u + e4];
+}
+#else
+fn h1(t: u32, e: u32) -> f32 {
+    let i = t * p.k + e;
+    return resid[i] + x[i] * branch_inv[t - branch_t0] * norm_w[p.k + e];
+}
+#endif
+
 // h of tokens t0..t0+n into sum, by workgroup 0's invocations
 fn store_sums(t0: u32, n: u32, lid: u32) {
-    for (var j = 0u; j < n && t0 + j < p.m; j++) {
+    for (var t = t0; t < t0 + n && t < p.m; t++) {
 #if X_VEC4
         for (var e4 = lid; e4 < p.k / 4u; e4 += WG) {
-            let i = (t0 + j) * (p.k / 4u) + e4;
-            sum4[i] = resid4[i] + x4[i] * branch_inv[j] * norm_w4[p.k / 4u + e4];
+            sum4[t * (p.k / 4u) + e4] = h4(t, e4);
         }
 #else
         for (var e = lid; e < p.k; e += WG) {
-            let i = (t0 + j) * p.k + e;
-            sum[i] = resid[i] + x[i] * branch_inv[j] * norm_w[p.k + e];
+            sum[t * p.k + e] = h1(t, e);
         }
 #endif
     }
@@ -205,11 +206,10 @@ fn row_sum(v: f32, lid: u32, lane: u32) -> f32 {
 // norm costs no pass of its own over x.
 #if X_VEC4
 fn x_in4(t: u32, e4: u32, ss: ptr<function, f32>) -> vec4<f32> {
-    let i = t * (p.k / 4u) + e4;
 #if POST_NORM_ADD
-    let v = resid4[i] + x4[i] * branch_inv[t - branch_t0] * norm_w4[p.k / 4u + e4];
+    let v = h4(t, e4);
 #else
-    let v = x4[i];
+    let v = x4[t * (p.k / 4u) + e4];
 #endif
 #if NORM_IN
     *ss += dot(v, v);
@@ -262,11 +262,10 @@ fn dot_with(x: UnitX, w: Unit) -> f32 {
 #endif
 #else
 fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
-    let i = t * p.k + e;
 #if POST_NORM_ADD
-    let v = resid[i] + x[i] * branch_inv[t - branch_t0] * norm_w[p.k + e];
+    let v = h1(t, e);
 #else
-    let v = x[i];
+    let v = x[t * p.k + e];
 #endif
 #if NORM_IN
     *ss += v * v;
@@ -280,8 +279,7 @@ fn x_in(t: u32, e: u32, ss: ptr<function, f32>) -> f32 {
 // The end of token t's products: this invocation's dot products for its RPI rows (acc) and,
 // under NORM_IN, its Σ x² (ss) summed over the invocations sharing the rows, scaled by
 // 1 / rms(x), and stored as product_out.wgsl says by the rows' first invocation, which gets
-// them back. r0: the
-// group's first row (OUT_GLU: its first gate row).
+// them back. r0: the group's first row (OUT_GLU: its first gate row).
 fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, lane: u32) -> array<f32, RPI> {
     var acc = acc_in;
     var ss = ss_in;

@@ -243,6 +243,7 @@ impl<'m> Session<'m> {
         let logits_len = if all_logits { b } else { step_rows } * c.n_vocab as u64 * 4;
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_kv_head * c.head_dim;
+        let head_slots = ops::argmax_slots(&gpu, model.output_head()) as u64;
         let s = Scratch {
             ids: gpu.storage("ids", b * 4).await?,
             x: gpu.storage("x", f(c.n_embd)).await?,
@@ -263,8 +264,8 @@ impl<'m> Session<'m> {
             logits: gpu.storage("logits", logits_len).await?,
             logits2: gpu.storage("logits2", logits_len).await?,
             logits_row: gpu.storage("logits row", if n_slots > 1 { c.n_vocab as u64 * 4 } else { 4 }).await?,
-            best_values: gpu.storage("head's best values", ops::argmax_slots(&gpu, model.output_head()) as u64 * 4).await?,
-            best_ids: gpu.storage("head's best ids", ops::argmax_slots(&gpu, model.output_head()) as u64 * 4).await?,
+            best_values: gpu.storage("head's best values", head_slots * 4).await?,
+            best_ids: gpu.storage("head's best ids", head_slots * 4).await?,
         };
         let dispatch = Arc::new(DispatchCache::new(&gpu, SESSION_PARAM_SLOTS));
         let top_k = TopKScratch::new(&gpu, c.n_vocab as u32).await?;
@@ -664,7 +665,7 @@ impl<'m> Session<'m> {
     /// place).
     async fn attention_block<'b>(&'b self, r: &mut Recorder<'_>, p: &Plan<'_>, lora: &Lora<'_>, i: usize, l: &'b Layer, x: Stream<'b>) -> Result<Stream<'b>, GpuError> {
         let (c, s) = (&self.model.config, &self.s);
-        let folded = self.model.folded_norms.as_ref().and_then(|f| f.attn.get(i.wrapping_sub(1)));
+        let folded = self.model.folded_norms.as_ref().and_then(|f| i.checked_sub(1).and_then(|before| f.attn.get(before)));
         let input = self.branch_input(r, p, x, &l.attn_norm, folded).await?; // [n][n_embd]
         let rope = self.rope_args(p, i);
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
