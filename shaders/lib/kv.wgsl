@@ -38,8 +38,8 @@ fn kv_word(i: u32) -> u32 { return i >> 1u; }
 fn kv_value(w: KvStore, i: u32) -> f32 { return unpack2x16float(w)[i & 1u]; }
 #endif
 // four halves as two u32 words even with shader-f16: llvmpipe loads storage one component per
-// lane at a time, so a vec4<f16> cost twice the loads (SmolLM2's attention at 2,048 keys took
-// 1.4x as long; bench/README.md)
+// lane at a time, so a vec4<f16> costs twice the loads (bench/README.md, "The f16 cache read as
+// words")
 alias KvQuad = vec2<u32>;
 fn quad_value(w: KvQuad) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
 #else
