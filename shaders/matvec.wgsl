@@ -46,6 +46,7 @@ struct Params {
     t_begin: u32,     // TOKEN_RANGE: the first token (llvmpipe's loop budget splits long rows)
     kv_row0: u32,     // OUT_QKV_ROPE: the cache row of position 0 (a sequence's slot of a shared cache)
     best0: u32,       // OUT_ARGMAX: this chunk's first slot
+    kv_scales: u32,   // OUT_QKV_ROPE with KV_Q8: the word at which the caches' scales start
     // OUT_QKV_ROPE with SEQ_ROWS (a decode step of several sequences): token t's (position,
     // cache row of its position 0) in seqs[t / 2].xy (t even) or .zw (t odd)
     seqs: array<vec4<u32>, 8>,
@@ -303,6 +304,12 @@ fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, 
         acc[j] *= inv_rms;
     }
 #endif
+#if OUT_QKV_ROPE
+#if KV_Q8
+    // every invocation (TPR 1): the q8_0 blocks are shared through workgroup memory
+    store_qkv_q8(t, r0, acc, lid);
+#endif
+#endif
     if (lane == 0u) {
 #if OUT_GLU
         for (var j = 0u; j < HALF; j++) {
@@ -312,11 +319,14 @@ fn finish_token(t: u32, acc_in: array<f32, RPI>, ss_in: f32, r0: u32, lid: u32, 
         }
 #else
 #if OUT_QKV_ROPE
+#if KV_Q8
+#else
         for (var j = 0u; j < RPI; j += 2u) {
             if (r0 + j < p.n_rows) {
                 store_qkv_pair(t, p.row_offset + r0 + j, acc[j], acc[j + 1u]);
             }
         }
+#endif
 #else
         for (var j = 0u; j < RPI; j++) {
             if (r0 + j < p.n_rows) {

@@ -671,7 +671,7 @@ impl<'m> Session<'m> {
         let (k_cache, v_cache) = (&self.k_cache[i], &self.v_cache[i]);
         // the fused product turns q and k without frequency factors
         let plain_qk = c.spec().qk == QkPrep::Plain && self.model.rope_factors.is_none();
-        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && self.kv.written_in_pairs() && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n) {
+        let q = if p.fused && plain_qk && l.wqkv.len() == 1 && r.fuses_qkv_rope(&l.wqkv[0], &rope, p.n, self.kv) {
             // the product turns q and k and writes k and v to the cache itself
             let out = ProductOut::QkvRope { q: &s.q, k_cache, v_cache, kv: self.kv, rope, places: p.places() };
             r.product(&l.wqkv[0], input, out, p.n).await?;

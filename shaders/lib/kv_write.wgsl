@@ -1,8 +1,9 @@
 // Writing pairs of elements into the KV cache (see kv.wgsl for its element types), for the
 // kernels that declare read-write `k_cache` and `v_cache` (rope_kv.wgsl, and matvec.wgsl when it
 // writes the cache itself). put_k(d, a, b) stores elements d, d + 1 (d even): a packed f16
-// word is written whole by one invocation. KV_Q8 (rope_kv.wgsl alone): q8_pack quantizes four
-// values of a q8_0 block, put_q8_word stores a word of int8s or scales.
+// word is written whole by one invocation. KV_Q8 (rope_kv.wgsl, and matvec.wgsl through
+// lib/product_out.wgsl's store_qkv_q8): q8_pack quantizes four values of a q8_0 block,
+// put_q8_word stores a word of int8s or scales.
 #include "lib/kv.wgsl"
 
 #if KV_Q8

@@ -123,7 +123,7 @@ pub const CASES: &[Case] = &[
     case!("attention", "attention_workgroup.wgsl, attention_query.wgsl, attention_merge.wgsl", "max-abs 1e-5 (over the values the cache holds)", attention),
     case!("top_k", "topk.wgsl", "exact ids and values", top_k),
     case!("fused_product", "matvec.wgsl, matmul.wgsl (lib/product_out.wgsl)", "nmse 1e-10 against the unfused ops", fused_product),
-    case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache", qkv_rope),
+    case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache; a q8_0 step", qkv_rope),
     case!("product_backward", "product_backward.wgsl", "nmse 1e-10", training::product_backward),
     case!("weight_gradient", "weight_gradient.wgsl", "nmse 1e-10", training::weight_gradient),
     case!("rms_norm_backward", "norm_backward.wgsl", "nmse 1e-10", training::rms_norm_backward),
@@ -688,7 +688,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 let mut rec = Recorder::new(gpu);
                 rec.tiled_matmul = Some(false);
                 rec.token_tile = token_tile;
-                if !rec.fuses_qkv_rope(&w, &rope, m as u32) {
+                if !rec.fuses_qkv_rope(&w, &rope, m as u32, kv) {
                     return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
                 }
                 let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::Consecutive { kv_row0: 0 } };
@@ -702,7 +702,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?, row), &k_want, cache_bound));
                 checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?, row), &v_want, cache_bound));
             }
-            // a q8_0 cache takes whole blocks, which only rope_kv writes: the fused product refuses it
+            // a q8_0 cache takes whole blocks of 64 rows a part: this shape's are not
             let (qb, kc) = (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", KvType::Q8_0.row_bytes(64) * 64).await?);
             let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &kc, kv: KvType::Q8_0, rope, places: Places::Consecutive { kv_row0: 0 } };
             let mut rec = Recorder::new(gpu);
@@ -758,6 +758,88 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, n * rows[0]).await?, &q_want, MATMUL_NMSE));
             checks.push(Check::nmse(format!("{name}: k"), &got_k, &k_want, cache_bound));
             checks.push(Check::nmse(format!("{name}: v"), &got_v, &v_want, cache_bound));
+        }
+    }
+    checks.extend(qkv_rope_q8(gpu).await?);
+    Ok(checks)
+}
+
+/// The fused q/k/v + RoPE product into a q8_0 cache (lib/product_out.wgsl's store_qkv_q8),
+/// where the device's product shape allows it, else its refusal: parts of whole 64-row blocks
+/// (heads of 64, RoPE on 48 of each), decode, a prefill block in tiles and a step of five
+/// sequences (SEQ_ROWS). q against the reference to the matmul bound; the cache against the
+/// reference's own q8_0 quantization of its k and v (a step apart at most, where the product's
+/// rounding moves a value across a quantization boundary).
+async fn qkv_rope_q8(gpu: &Gpu) -> Result<Vec<Check>> {
+    use reference::{RopeMode, RopeParams};
+    let mut checks = Vec::new();
+    let (n_head, n_kv_head, head_dim, n_rot) = (2usize, 1usize, 64usize, 48usize);
+    let rows = [n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim];
+    let kv = KvType::Q8_0;
+    let row = rows[1];
+    for (ti, ty) in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q4K].into_iter().enumerate() {
+        let (_, k) = shapes(ty)[2];
+        let (w, parts) = random_stacked(gpu, ty, &rows, k, 7700 + 10 * ti as u64).await?;
+        let values: Vec<&Vec<f32>> = parts.iter().map(|p| &p.1).collect();
+        let mut rng = Rng::new(7800 + ti as u64);
+        let tile = if ty.block_elems() > 1 { Some(true) } else { Some(false) };
+        // (tokens, TOKEN_TILE, the tokens' places: consecutive after 5 cached, or one a sequence)
+        for (m, token_tile, per_sequence) in [(1usize, None, false), (6, tile, false), (SEQ_POSITIONS.len(), tile, true)] {
+            let (x, norm_w) = (rng.fill(m * k, 2.0), rng.fill(k, 1.0));
+            let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
+            let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
+            let pos0 = 5u32;
+            let places: Vec<Place> = if per_sequence {
+                SEQ_POSITIONS.iter().enumerate().map(|(i, &pos)| Place { pos, kv_row0: i as u32 * SEQ_CTX }).collect()
+            } else {
+                (0..m as u32).map(|t| Place { pos: pos0 + t, kv_row0: 0 }).collect()
+            };
+            let rope = RopeArgs {
+                n_tokens: m as u32,
+                n_heads: n_head as u32,
+                head_dim: head_dim as u32,
+                n_rot: n_rot as u32,
+                pos0: if per_sequence { 0 } else { pos0 },
+                neox: false,
+                freq_base: 10000.0,
+                freq_scale: 1.0,
+            };
+            let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
+            let (mut q_want, mut k_want) = (reference::matmul(values[0], &xn, rows[0], k, m), reference::matmul(values[1], &xn, rows[1], k, m));
+            let v_want = reference::matmul(values[2], &xn, rows[2], k, m);
+            for (t, p) in places.iter().enumerate() {
+                reference::rope(&mut q_want[t * rows[0]..(t + 1) * rows[0]], n_head, head_dim, p.pos, params);
+                reference::rope(&mut k_want[t * rows[1]..(t + 1) * rows[1]], n_kv_head, head_dim, p.pos, params);
+            }
+            let cache_rows = if per_sequence { places.len() as u64 * SEQ_CTX as u64 } else { pos0 as u64 + m as u64 };
+            let cache_bytes = cache_rows * kv.row_bytes(row as u64);
+            let (qb, kc, vc) =
+                (gpu.storage("q", (m * rows[0]) as u64 * 4).await?, gpu.storage("k cache", cache_bytes).await?, gpu.storage("v cache", cache_bytes).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.tiled_matmul = Some(false);
+            rec.token_tile = token_tile;
+            let to = if per_sequence { Places::PerToken(&places) } else { Places::Consecutive { kv_row0: 0 } };
+            let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: to };
+            let tiles = if token_tile == Some(true) { " (token tiles)" } else { "" };
+            let name = format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} {}m={m}{tiles}", if per_sequence { "SEQ_ROWS " } else { "" });
+            if !rec.fuses_qkv_rope(&w, &rope, m as u32, kv) {
+                let refusal = rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await;
+                checks.push(refused(name, refusal));
+                continue;
+            }
+            rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
+            rec.submit()?;
+            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row));
+            let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
+            for p in &places {
+                let r = (p.kv_row0 + p.pos) as usize * row;
+                got_k.extend_from_slice(&k_all[r..r + row]);
+                got_v.extend_from_slice(&v_all[r..r + row]);
+            }
+            let slack = |v: &[f32]| 1e-5 * v.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64));
+            checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
+            checks.extend(q8_checks(&format!("{name}: k"), &got_k, &k_want, slack(&k_want)));
+            checks.extend(q8_checks(&format!("{name}: v"), &got_v, &v_want, slack(&v_want)));
         }
     }
     Ok(checks)

@@ -91,7 +91,9 @@ params! {
         kv_row0: u32,
         /// OUT_ARGMAX: this chunk's first slot of the best-of lists.
         best0: u32,
-        _pad: [u32; 3],
+        /// OUT_QKV_ROPE into a q8_0 cache: the word at which the caches' scales start.
+        kv_scales: u32,
+        _pad: [u32; 2],
         /// OUT_QKV_ROPE with SEQ_ROWS: each token's (position, cache row of its position 0).
         seqs: [u32; 2 * MAX_SEQ_ROWS],
     }
@@ -161,6 +163,8 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
             &["NORM_IN", "OUT_QKV_ROPE", "SEQ_ROWS"],
             &["NORM_IN", "OUT_QKV_ROPE", "KV_F16", "SEQ_ROWS"],
         ];
+        // a q8_0 cache's blocks, written by invocations of 8 rows each (`writes_q8_blocks`)
+        let q8: [&[&str]; 2] = [&["NORM_IN", "OUT_QKV_ROPE", "KV_Q8"], &["NORM_IN", "OUT_QKV_ROPE", "KV_Q8", "SEQ_ROWS"]];
         for (tpr, rpi, wg, x_broadcast) in [(1, 8, 8, false), (1, 8, 8, true), (32, 2, 64, false)] {
             let d = matvec_defines(ty, MatvecShape { tpr, rpi, wg, x_broadcast });
             let mut with_modes = |d: &Defines, modes: &[&[&str]]| {
@@ -171,11 +175,15 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
             };
             with_modes(&d, &fused);
             with_modes(&d, &[&["NORM_IN", "OUT_ARGMAX"]]);
+            if tpr == 1 {
+                with_modes(&d, &q8);
+            }
             let tiles = if tpr == 1 && ty.block_elems() > 1 { TILES.as_slice() } else { &[] };
             for &n in tiles {
                 let tile = tiled_defines(d.clone(), n);
                 with_modes(&tile, &[&[]]);
                 with_modes(&tile, &fused);
+                with_modes(&tile, &q8);
             }
             // a batch split over dispatches (llvmpipe's loop budget), token loop and tiles
             with_modes(&d.clone().flag("TOKEN_RANGE"), &[&[], &["OUT_RESIDUAL"]]);
@@ -211,10 +219,10 @@ impl Recorder<'_> {
         !self.tiled_matmul.unwrap_or(self.gpu.tuning.tiled_matmul)
     }
 
-    /// Whether `ProductOut::QkvRope` applies: stacked q, k, v in one binding, RoPE in
-    /// adjacent-pair mode on whole heads, every part a whole number of the invocations' row
-    /// groups, and the matvec path.
-    pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32) -> bool {
+    /// Whether `ProductOut::QkvRope` applies for a `kv` cache: stacked q, k, v in one binding,
+    /// RoPE in adjacent-pair mode on whole heads, every part a whole number of the invocations'
+    /// row groups, the matvec path, and a cache written in pairs or `writes_q8_blocks`.
+    pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32, kv: KvType) -> bool {
         let rpi = self.gpu.tuning.paired_matvec().rpi;
         self.product_runs_matvec(m)
             && w.chunks.len() == 1
@@ -224,6 +232,16 @@ impl Recorder<'_> {
             && rope.n_rot.is_multiple_of(2)
             && rope.n_rot <= rope.head_dim
             && w.parts.iter().all(|(_, rows)| rows % rpi == 0 && rows % rope.head_dim == 0)
+            && (kv.written_in_pairs() || self.writes_q8_blocks(w))
+    }
+
+    /// Whether the fused q/k/v product can write a q8_0 cache itself (lib/product_out.wgsl's
+    /// store_qkv_q8): an invocation holds 8 rows (CPU devices' shape), so four hold a block of
+    /// 32, and every part is whole blocks of 64 rows, so a workgroup's are of one part. GPUs'
+    /// shape (a row over 32 invocations) spreads a block over workgroups: rope_kv writes it.
+    fn writes_q8_blocks(&self, w: &GpuMatrix) -> bool {
+        let s = self.gpu.tuning.paired_matvec();
+        s.tpr == 1 && s.rpi == 8 && s.wg.is_multiple_of(8) && w.parts.iter().all(|(_, rows)| rows % 64 == 0)
     }
 
     /// Whether prefill's products run matvec.wgsl's TOKEN_TILE (quantized weights).
@@ -309,14 +327,18 @@ impl Recorder<'_> {
                         return unsupported(&format!("{} places for {m} tokens", p.len()));
                     }
                 }
-                if !kv.written_in_pairs() {
-                    return unsupported(&format!("a fused write into a {kv} KV cache (rope_kv writes it)"));
+                if !kv.written_in_pairs() && !self.writes_q8_blocks(w) {
+                    return unsupported(&format!("a fused write into a {kv} KV cache on this device (rope_kv writes it)"));
                 }
                 let d = kv.defines();
                 let place_params = places.params()?;
                 (Some(rope), if place_params.2 { d.flag("SEQ_ROWS") } else { d }, place_params)
             }
             _ => (None, Defines::new(), (0, [0; 2 * MAX_SEQ_ROWS], false)),
+        };
+        let kv_scales = match out {
+            ProductOut::QkvRope { k_cache, kv, .. } => kv.scales_word(k_cache, w.parts[1].1),
+            _ => 0,
         };
         // outputs y, y1, y2, rows to y and to y1, and the lib/product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
@@ -339,8 +361,8 @@ impl Recorder<'_> {
                 }
                 ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
             }
-            ProductOut::QkvRope { q, k_cache, v_cache, rope, .. } => {
-                if !self.fuses_qkv_rope(w, &rope, m) {
+            ProductOut::QkvRope { q, k_cache, v_cache, rope, kv, .. } => {
+                if !self.fuses_qkv_rope(w, &rope, m, kv) {
                     return unsupported("RoPE and the KV-cache write fused");
                 }
                 ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"])
@@ -378,7 +400,8 @@ impl Recorder<'_> {
                 t_begin: 0,
                 kv_row0,
                 best0,
-                _pad: [0; 3],
+                kv_scales,
+                _pad: [0; 2],
                 seqs,
             };
             best0 += argmax_slots_of_chunk(self.gpu, w, c.n_rows);
