@@ -728,12 +728,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             freq_scale: 1.0,
         };
         let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
-        let (mut q_want, mut k_want) = (reference::matmul(values[0], &xn, rows[0], k, n), reference::matmul(values[1], &xn, rows[1], k, n));
-        let v_want = reference::matmul(values[2], &xn, rows[2], k, n);
-        for (t, p) in places.iter().enumerate() {
-            reference::rope(&mut q_want[t * rows[0]..(t + 1) * rows[0]], n_head, head_dim, p.pos, params);
-            reference::rope(&mut k_want[t * rows[1]..(t + 1) * rows[1]], n_kv_head, head_dim, p.pos, params);
-        }
+        let [q_want, k_want, v_want] = qkv_turned(&values, &xn, rows, k, n, &places, (n_head, n_kv_head, head_dim), params);
         let token_tile = if ty.block_elems() > 1 { Some(true) } else { Some(false) };
         for kv in [KvType::F32, KvType::F16] {
             let row = rows[1];
@@ -746,13 +741,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &vc, kv, rope, places: Places::PerToken(&places) };
             rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, n as u32).await?;
             rec.submit()?;
-            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row));
-            let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
-            for p in &places {
-                let r = (p.kv_row0 + p.pos) as usize * row;
-                got_k.extend_from_slice(&k_all[r..r + row]);
-                got_v.extend_from_slice(&v_all[r..r + row]);
-            }
+            let (got_k, got_v) = cached_rows(gpu, kv, (&kc, &vc), cache_bytes, row, &places).await?;
             let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
             let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} SEQ_ROWS m={n}");
             checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, n * rows[0]).await?, &q_want, MATMUL_NMSE));
@@ -762,6 +751,40 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
     }
     checks.extend(qkv_rope_q8(gpu).await?);
     Ok(checks)
+}
+
+/// The reference's q, k (both turned by RoPE at each token's position) and v of `m` tokens
+/// from the stacked parts' values and the normed input xn: [m][k].
+#[allow(clippy::too_many_arguments)]
+fn qkv_turned(
+    values: &[&Vec<f32>],
+    xn: &[f32],
+    rows: [usize; 3],
+    k: usize,
+    m: usize,
+    places: &[Place],
+    heads: (usize, usize, usize),
+    params: reference::RopeParams,
+) -> [Vec<f32>; 3] {
+    let (n_head, n_kv_head, head_dim) = heads;
+    let (mut q, mut kk) = (reference::matmul(values[0], xn, rows[0], k, m), reference::matmul(values[1], xn, rows[1], k, m));
+    for (t, p) in places.iter().enumerate() {
+        reference::rope(&mut q[t * rows[0]..(t + 1) * rows[0]], n_head, head_dim, p.pos, params);
+        reference::rope(&mut kk[t * rows[1]..(t + 1) * rows[1]], n_kv_head, head_dim, p.pos, params);
+    }
+    [q, kk, reference::matmul(values[2], xn, rows[2], k, m)]
+}
+
+/// The k and v rows the cache holds at `places`, read back whole and decoded.
+async fn cached_rows(gpu: &Gpu, kv: KvType, caches: (&wgpu::Buffer, &wgpu::Buffer), bytes: u64, row: usize, places: &[Place]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k_all, v_all) = (cache_values(kv, gpu.read(caches.0, 0, bytes).await?, row), cache_values(kv, gpu.read(caches.1, 0, bytes).await?, row));
+    let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
+    for p in places {
+        let r = (p.kv_row0 + p.pos) as usize * row;
+        got_k.extend_from_slice(&k_all[r..r + row]);
+        got_v.extend_from_slice(&v_all[r..r + row]);
+    }
+    Ok((got_k, got_v))
 }
 
 /// The fused q/k/v + RoPE product into a q8_0 cache (lib/product_out.wgsl's store_qkv_q8),
@@ -805,12 +828,7 @@ async fn qkv_rope_q8(gpu: &Gpu) -> Result<Vec<Check>> {
                 freq_scale: 1.0,
             };
             let params = RopeParams { mode: RopeMode::Normal, n_rot, freq_base: 10000.0, freq_scale: 1.0 };
-            let (mut q_want, mut k_want) = (reference::matmul(values[0], &xn, rows[0], k, m), reference::matmul(values[1], &xn, rows[1], k, m));
-            let v_want = reference::matmul(values[2], &xn, rows[2], k, m);
-            for (t, p) in places.iter().enumerate() {
-                reference::rope(&mut q_want[t * rows[0]..(t + 1) * rows[0]], n_head, head_dim, p.pos, params);
-                reference::rope(&mut k_want[t * rows[1]..(t + 1) * rows[1]], n_kv_head, head_dim, p.pos, params);
-            }
+            let [q_want, k_want, v_want] = qkv_turned(&values, &xn, rows, k, m, &places, (n_head, n_kv_head, head_dim), params);
             let cache_rows = if per_sequence { places.len() as u64 * SEQ_CTX as u64 } else { pos0 as u64 + m as u64 };
             let cache_bytes = cache_rows * kv.row_bytes(row as u64);
             let (qb, kc, vc) =
@@ -829,13 +847,7 @@ async fn qkv_rope_q8(gpu: &Gpu) -> Result<Vec<Check>> {
             }
             rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await?;
             rec.submit()?;
-            let (k_all, v_all) = (cache_values(kv, gpu.read(&kc, 0, cache_bytes).await?, row), cache_values(kv, gpu.read(&vc, 0, cache_bytes).await?, row));
-            let (mut got_k, mut got_v) = (Vec::new(), Vec::new());
-            for p in &places {
-                let r = (p.kv_row0 + p.pos) as usize * row;
-                got_k.extend_from_slice(&k_all[r..r + row]);
-                got_v.extend_from_slice(&v_all[r..r + row]);
-            }
+            let (got_k, got_v) = cached_rows(gpu, kv, (&kc, &vc), cache_bytes, row, &places).await?;
             let slack = |v: &[f32]| 1e-5 * v.iter().fold(1.0f64, |m, x| m.max(x.abs() as f64));
             checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
             checks.extend(q8_checks(&format!("{name}: k"), &got_k, &k_want, slack(&k_want)));
