@@ -320,25 +320,21 @@ impl Recorder<'_> {
             return unsupported("a fused input norm on this device's prefill path");
         }
         let spare = &self.gpu.unused_buffers;
-        let (rope, kv_defines, (kv_row0, seqs, _)) = match out {
-            ProductOut::QkvRope { rope, kv, places, .. } => {
+        let (rope, kv_defines, (kv_row0, seqs, _), kv_scales) = match out {
+            ProductOut::QkvRope { k_cache, rope, kv, places, .. } => {
                 if let Places::PerToken(p) = places {
                     if p.len() != m as usize {
                         return unsupported(&format!("{} places for {m} tokens", p.len()));
                     }
                 }
-                if !kv.written_in_pairs() && !self.writes_q8_blocks(w) {
-                    return unsupported(&format!("a fused write into a {kv} KV cache on this device (rope_kv writes it)"));
+                if !self.fuses_qkv_rope(w, &rope, m, kv) {
+                    return unsupported(&format!("RoPE and the write into a {kv} KV cache fused"));
                 }
                 let d = kv.defines();
                 let place_params = places.params()?;
-                (Some(rope), if place_params.2 { d.flag("SEQ_ROWS") } else { d }, place_params)
+                (Some(rope), if place_params.2 { d.flag("SEQ_ROWS") } else { d }, place_params, kv.scales_word(k_cache, w.parts[1].1))
             }
-            _ => (None, Defines::new(), (0, [0; 2 * MAX_SEQ_ROWS], false)),
-        };
-        let kv_scales = match out {
-            ProductOut::QkvRope { k_cache, kv, .. } => kv.scales_word(k_cache, w.parts[1].1),
-            _ => 0,
+            _ => (None, Defines::new(), (0, [0; 2 * MAX_SEQ_ROWS], false), 0),
         };
         // outputs y, y1, y2, rows to y and to y1, and the lib/product_out.wgsl mode flags
         let (ys, n0, n1, flags): ([&wgpu::Buffer; 3], u32, u32, &[&str]) = match out {
@@ -361,12 +357,8 @@ impl Recorder<'_> {
                 }
                 ([out, &spare[0], &spare[1]], w.parts[0].1, 0, if gelu { &["OUT_GLU", "GLU_GELU"] } else { &["OUT_GLU"] })
             }
-            ProductOut::QkvRope { q, k_cache, v_cache, rope, kv, .. } => {
-                if !self.fuses_qkv_rope(w, &rope, m, kv) {
-                    return unsupported("RoPE and the KV-cache write fused");
-                }
-                ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"])
-            }
+            // checked by fuses_qkv_rope above
+            ProductOut::QkvRope { q, k_cache, v_cache, .. } => ([q, k_cache, v_cache], w.parts[0].1, w.parts[1].1, &["OUT_QKV_ROPE"]),
         };
         let add_mode = |d: Defines| {
             let d = kv_defines.0.iter().fold(d, |d, (k, v)| d.value(k, v));
