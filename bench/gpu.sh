@@ -2,7 +2,9 @@
 # Speed on a machine with a GPU and no network (issue #22): GGUF files with the shapes of
 # Llama-3.2-1B and Llama-3.1-8B and random weights (`nomoat synth`: speed depends on shapes and
 # types, not values) in Q4_0, Q4_K_M and Q8_0, each through `nomoat bench` (pp512, tg128, and
-# tg32 at depth 4096), then a table with the share of the GPU's memory bandwidth decode reaches.
+# tg32 at depth 4096; for the first, pp512 at depth 4096 with the tiled attention and with
+# NOMOAT_ATTENTION=workgroup), then a table with the share of the GPU's memory bandwidth decode
+# reaches.
 #
 #   bench/gpu.sh --prepare   here: the stripped release binary in .gpubench/ and the Vulkan
 #                            loader packages in .gl/ (both git-ignored, ~25 MiB together)
@@ -59,13 +61,20 @@ for run in $runs; do
   shape=${run%%:*}; ty=${run##*:}
   model="$work/$shape-$ty.gguf"
   "$bin" synth --shape "$shape" --type "$ty" -o "$model" >&2
-  # each line: {"shape", "type", "bench": <nomoat bench --json>}
-  for args in "-p $pp -n $tg -r $reps" "-p 0 -n $dtg -d $depth -r 1"; do
+  # each test: nomoat bench's arguments | environment overrides
+  tests=("-p $pp -n $tg -r $reps|" "-p 0 -n $dtg -d $depth -r 1|")
+  if [ "$run" = "${runs%% *}" ]; then
+    # prefill deep in the cache: the tiled attention (GPUs' default) against one workgroup per (head, query)
+    tests+=("-p $pp -n 0 -d $depth -r 1|" "-p $pp -n 0 -d $depth -r 1|NOMOAT_ATTENTION=workgroup")
+  fi
+  # each line: {"shape", "type", "env", "bench": <nomoat bench --json>}
+  for t in "${tests[@]}"; do
+    args=${t%%|*}; envs=${t#*|}
     # shellcheck disable=SC2086
-    if out=$("$bin" bench -m "$model" $args --json 2>"$work/err"); then
-      printf '{"shape": "%s", "type": "%s", "bench": %s}\n' "$shape" "$ty" "$out" >> "$results"
+    if out=$(env $envs "$bin" bench -m "$model" $args --json 2>"$work/err"); then
+      printf '{"shape": "%s", "type": "%s", "env": "%s", "bench": %s}\n' "$shape" "$ty" "$envs" "$out" >> "$results"
     else
-      echo "$shape $ty bench $args failed: $(tail -3 "$work/err")" >&2
+      echo "$shape $ty bench $args $envs failed: $(tail -3 "$work/err")" >&2
     fi
   done
   rm -f "$model"
@@ -92,6 +101,7 @@ for r in rows:
         c, sd = b["decode_ceiling_tok_s"], b.get("decode_ceiling_tok_s_std", 0)
         ceil = f"{100 * tps / (c + sd):.0f} to {100 * tps / max(c - sd, 1e-9):.0f}%" if decode else ""
         gbs_s = f"{gbs:.0f}" if gbs else ""
-        print(f"| {r['shape']} {r['type']} ({b['size_mib']:.0f} MiB) | {t['test']} | {tps:.1f} ± {t['tok_s_std']:.1f} | {gbs_s} | {share} | {ceil} |")
+        test = f"{t['test']} {r['env']}" if r.get("env") else t["test"]
+        print(f"| {r['shape']} {r['type']} ({b['size_mib']:.0f} MiB) | {test} | {tps:.1f} ± {t['tok_s_std']:.1f} | {gbs_s} | {share} | {ceil} |")
 print(f"\nbackend: {rows[0]['bench']['backend'] if rows else '?'}; f32 matvec measured {rows[0]['bench']['matvec_f32_gbs']:.0f} ± {rows[0]['bench'].get('matvec_f32_gbs_std', 0):.0f} GB/s (6 samples)" if rows else "no results")
 PY

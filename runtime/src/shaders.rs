@@ -55,6 +55,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("lib/attention.wgsl", include_str!("../shaders/lib/attention.wgsl")),
     ("attention_workgroup.wgsl", include_str!("../shaders/attention_workgroup.wgsl")),
     ("attention_query.wgsl", include_str!("../shaders/attention_query.wgsl")),
+    ("attention_tile.wgsl", include_str!("../shaders/attention_tile.wgsl")),
     ("attention_merge.wgsl", include_str!("../shaders/attention_merge.wgsl")),
     ("topk.wgsl", include_str!("../shaders/topk.wgsl")),
     ("copy.wgsl", include_str!("../shaders/copy.wgsl")),

@@ -5,6 +5,7 @@
 //!
 //! Measurements behind the choices are in bench/README.md.
 
+use crate::ops::AttentionFamily;
 use crate::shaders::Variant;
 
 fn env_u32(name: &str) -> Option<u32> {
@@ -29,8 +30,9 @@ pub struct KernelOverrides {
     pub tile_tokens: Option<u32>,
     /// `NOMOAT_MATMUL=tiled` / `rows`: prefill through matmul.wgsl's tiles or matvec.wgsl.
     pub tiled_matmul: Option<bool>,
-    /// `NOMOAT_ATTENTION=query` / `workgroup`: the per-query or the per-workgroup kernels.
-    pub attention_per_query: Option<bool>,
+    /// `NOMOAT_ATTENTION=query` / `workgroup` / `tile`: the per-query kernels, the
+    /// per-workgroup one, or the tiles (where they fill, else the per-workgroup one).
+    pub attention: Option<AttentionFamily>,
     /// `NOMOAT_ATTENTION_BROADCAST=0`: no KV_BROADCAST.
     pub attention_broadcast: Option<bool>,
     /// `NOMOAT_ATTENTION_KEY_LANES=0`: no KEY_LANES.
@@ -76,7 +78,12 @@ impl KernelOverrides {
             token_tile: choice("NOMOAT_MATVEC_TILE", "1", "0"),
             tile_tokens: env_u32("NOMOAT_MATVEC_TILE_TOKENS").filter(|v| (2..=4).contains(v)),
             tiled_matmul: choice("NOMOAT_MATMUL", "tiled", "rows"),
-            attention_per_query: choice("NOMOAT_ATTENTION", "query", "workgroup"),
+            attention: match std::env::var("NOMOAT_ATTENTION").ok().as_deref() {
+                Some("query") => Some(AttentionFamily::PerQuery),
+                Some("workgroup") => Some(AttentionFamily::PerWorkgroup),
+                Some("tile") => Some(AttentionFamily::Tile),
+                _ => None,
+            },
             attention_broadcast: off("NOMOAT_ATTENTION_BROADCAST"),
             attention_key_lanes: off("NOMOAT_ATTENTION_KEY_LANES"),
             attention_heads_share_kv: off("NOMOAT_ATTENTION_HEADS_SHARE_KV"),
@@ -139,8 +146,9 @@ pub struct Tuning {
     /// TOKEN_TILE's tokens a pass: Some(n) always n (an override), None as many as the batch
     /// has, up to 4 ([`Tuning::tile_for`]).
     pub tile_tokens: Option<u32>,
-    /// Attention through the one-query-per-invocation kernels (CPU devices).
-    pub attention_per_query: bool,
+    /// The attention kernels' family: the one-query-per-invocation kernels on CPU devices,
+    /// the tiles (prefill) or one workgroup per (head, query) (decode) on GPUs.
+    pub attention: AttentionFamily,
     /// Which of the subgroup attention modes may be used (all, unless an override says not).
     pub attention_broadcast: bool,
     pub attention_key_lanes: bool,
@@ -224,7 +232,7 @@ impl Tuning {
             tiled_matmul: o.tiled_matmul.unwrap_or(!cpu),
             token_tile,
             tile_tokens: o.tile_tokens,
-            attention_per_query: o.attention_per_query.unwrap_or(cpu),
+            attention: o.attention.unwrap_or(if cpu { AttentionFamily::PerQuery } else { AttentionFamily::Tile }),
             attention_broadcast: o.attention_broadcast != Some(false),
             attention_key_lanes: o.attention_key_lanes != Some(false),
             attention_heads_share_kv: o.attention_heads_share_kv != Some(false),
@@ -269,10 +277,11 @@ impl Tuning {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn adapter(name: &str, device_type: wgpu::DeviceType, subgroup: u32) -> wgpu::AdapterInfo {
+    /// An adapter of this name, type and subgroup size, for choices made from capabilities.
+    pub(crate) fn adapter(name: &str, device_type: wgpu::DeviceType, subgroup: u32) -> wgpu::AdapterInfo {
         wgpu::AdapterInfo {
             name: name.into(),
             vendor: 0,
@@ -293,7 +302,7 @@ mod tests {
     fn choices_follow_capabilities_and_overrides() {
         let sg = Variant { f16: true, subgroups: true, web: false };
         let lavapipe = Tuning::for_device(&adapter("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides::default());
-        assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention_per_query && !lavapipe.tiled_matmul);
+        assert!(lavapipe.cpu && lavapipe.subgroups_of_8 && lavapipe.token_tile && lavapipe.attention == AttentionFamily::PerQuery && !lavapipe.tiled_matmul);
         assert_eq!(lavapipe.sample_top_k_max, 1);
         assert_eq!(lavapipe.decode_slots, 4);
         assert_eq!([2, 3, 4, 5, 64].map(|m| lavapipe.tile_for(m)), [2, 3, 4, 4, 4]);
@@ -310,7 +319,7 @@ mod tests {
         assert!(swiftshader.cpu && !swiftshader.token_tile && swiftshader.loop_budget.is_none() && !swiftshader.matvec.x_broadcast);
         assert_eq!(swiftshader.decode_slots, 1);
         let gpu = Tuning::for_device(&adapter("NVIDIA H200", wgpu::DeviceType::DiscreteGpu, 32), sg, &Default::default());
-        assert!(!gpu.cpu && gpu.tiled_matmul && !gpu.attention_per_query && !gpu.token_tile && gpu.loop_budget.is_none());
+        assert!(!gpu.cpu && gpu.tiled_matmul && gpu.attention == AttentionFamily::Tile && !gpu.token_tile && gpu.loop_budget.is_none());
         assert_eq!((gpu.matvec.tpr, gpu.matvec.rpi, gpu.matvec.wg), (32, 1, 64));
         assert_eq!(gpu.decode_slots, 8);
         assert!(gpu.attention_split.groups > 0 && lavapipe.attention_split == AttentionSplit::CPU && lavapipe.attention_dim_lanes);

@@ -23,7 +23,7 @@
 
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
-use crate::ops::{self, supports, AttentionArgs, GpuMatrix, KvType, Op, Place, Places, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
+use crate::ops::{self, supports, AttentionArgs, AttentionFamily, GpuMatrix, KvType, Op, Place, Places, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
 use crate::{quant, reference};
 
 mod training;
@@ -120,7 +120,12 @@ pub const CASES: &[Case] = &[
     case!("rope", "rope_kv.wgsl", "max-abs 1e-5 + 3e-7·position", rope),
     case!("rope_kv", "rope_kv.wgsl", "RoPE's, plus half an f16 step for an f16 cache; q8_0 within a step of the reference's", rope_kv),
     case!("kv_store", "rope_kv.wgsl", "exact (after f16 rounding for an f16 cache); q8_0 within a step of the reference's", kv_store),
-    case!("attention", "attention_workgroup.wgsl, attention_query.wgsl, attention_merge.wgsl", "max-abs 1e-5 (over the values the cache holds)", attention),
+    case!(
+        "attention",
+        "attention_tile.wgsl, attention_workgroup.wgsl, attention_query.wgsl, attention_merge.wgsl",
+        "max-abs 1e-5 (over the values the cache holds)",
+        attention
+    ),
     case!("top_k", "topk.wgsl", "exact ids and values", top_k),
     case!("fused_product", "matvec.wgsl, matmul.wgsl (lib/product_out.wgsl)", "nmse 1e-10 against the unfused ops", fused_product),
     case!("qkv_rope", "matvec.wgsl (lib/product_out.wgsl)", "nmse 1e-10; 1e-6 for an f16 cache; a q8_0 step", qkv_rope),
@@ -1201,10 +1206,10 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
     let shape =
         reference::AttentionShape { n_head: n_head as usize, n_kv_head: n_kv_head as usize, head_dim: head_dim as usize, pos0: pos0 as usize, window: None, scale };
     let (want_held, want_exact) = (reference::attention(&q, &k_held, &v_held, shape), reference::attention(&q, &k, &v, shape));
-    for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
+    for (family, split_k) in attention_runs() {
         let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window: 0, scale, kv };
         let mut rec = Recorder::new(gpu);
-        rec.query_per_invocation = Some(per_query);
+        rec.attention_family = Some(family);
         rec.split_k = Some(if split_k { u32::MAX } else { 1 });
         let kernel = attention_name(&rec, &a);
         rec.attention(&qb, &k_cache, &v_cache, &out, a).await?;
@@ -1216,6 +1221,11 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
         checks.push(Check::nmse(format!("attention {kernel} Q8_0 outlier keys, against exact k and v"), &got, &want_exact, 2e-3));
     }
     Ok(checks)
+}
+
+/// Each family of attention kernels, unsplit and split-K (forced: a chunk every 8 keys).
+fn attention_runs() -> impl Iterator<Item = (AttentionFamily, bool)> {
+    [AttentionFamily::PerWorkgroup, AttentionFamily::PerQuery, AttentionFamily::Tile].into_iter().flat_map(|f| [(f, false), (f, true)])
 }
 
 /// The attention kernel a recorder runs for `a`, and its split-K chunks where it splits.
@@ -1251,14 +1261,16 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
                 scale: c.scale,
             };
             let want = reference::attention(&q, &k_want, &v_want, shape);
-            for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut run = Vec::new();
+            for (family, split_k) in attention_runs() {
                 let mut rec = Recorder::new(gpu);
-                rec.query_per_invocation = Some(per_query);
+                rec.attention_family = Some(family);
                 rec.split_k = Some(if split_k { u32::MAX } else { 1 });
-                if split_k && rec.attention_split(&c) == 1 {
-                    continue; // too few keys to split: the case above
-                }
                 let kernel = attention_name(&rec, &c);
+                if (split_k && rec.attention_split(&c) == 1) || run.contains(&kernel) {
+                    continue; // too few keys to split, or a family's fallback already run
+                }
+                run.push(kernel.clone());
                 rec.attention(&qb, &k_cache, &v_cache, &out, c).await?;
                 rec.submit()?;
                 let got = gpu.read_f32(&out, 0, q.len()).await?;
@@ -1317,9 +1329,10 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
                     want.extend(reference::attention(&q[i * qd..(i + 1) * qd], &k[r0..r1], &v[r0..r1], shape));
                 }
                 let args = AttentionArgs { n_q: n_seqs as u32, n_head, n_kv_head, head_dim, pos0: 0, window, scale, kv };
+                // (the tiles take consecutive places only: theirs is the per-workgroup kernel)
                 for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
                     let mut rec = Recorder::new(gpu);
-                    rec.query_per_invocation = Some(per_query);
+                    rec.attention_family = Some(if per_query { AttentionFamily::PerQuery } else { AttentionFamily::PerWorkgroup });
                     rec.split_k = Some(if split_k { u32::MAX } else { 1 });
                     rec.attention_at(&qb, &k_cache, &v_cache, &out, args, Places::PerToken(&places)).await?;
                     rec.submit()?;

@@ -1,7 +1,9 @@
-//! Causal attention over the KV cache: one workgroup per (head, query) (attention_workgroup.wgsl,
-//! GPUs) or one query per invocation (attention_query.wgsl and its subgroup modes, CPU devices),
-//! chosen by [`attention_kernel`]; either split-K (flash-decoding: chunks of the keys in
-//! separate workgroups, merged by attention_merge.wgsl) where [`attention_split`] says.
+//! Causal attention over the KV cache: tiles of keys in workgroup memory shared by the query
+//! heads and queries of a kv head (attention_tile.wgsl, GPUs' prefill), one workgroup per
+//! (head, query) (attention_workgroup.wgsl, GPUs' decode) or one query per invocation
+//! (attention_query.wgsl and its subgroup modes, CPU devices), chosen by [`attention_kernel`];
+//! each split-K (flash-decoding: chunks of the keys in separate workgroups, merged by
+//! attention_merge.wgsl) where [`attention_split`] says.
 
 use super::pipeline::Bind::{self, *};
 use super::rope_kv::{KvType, Places, MAX_SEQ_ROWS};
@@ -58,11 +60,25 @@ params! {
     }
 }
 
+/// The families of attention kernels a device chooses from (`NOMOAT_ATTENTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionFamily {
+    /// One query per invocation and its subgroup modes (CPU devices).
+    PerQuery,
+    /// One workgroup per (head, query).
+    PerWorkgroup,
+    /// Tiles of keys in workgroup memory for blocks of rows (GPUs), one workgroup per (head,
+    /// query) where too few rows would fill a block.
+    Tile,
+}
+
 /// The attention kernels (see [`attention_kernel`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
     /// One workgroup per (head, query), its invocations sharing the keys through shared memory.
     PerWorkgroup,
+    /// Blocks of (query, head) rows of a kv head sharing each tile of keys in workgroup memory.
+    Tile,
     /// One invocation per (head, query).
     PerQuery,
     /// KV_BROADCAST: 8 queries of a head, each K/V row loaded once for them.
@@ -87,6 +103,29 @@ const DIM_LANES_MIN_HEAD_DIM: u32 = 128;
 /// Heads up to this size get per-query kernels built for their head_dim (attention_query.wgsl says
 /// why); larger ones share one that reads it from the parameters.
 const QUERY_FIXED_HEAD_DIM_MAX: u32 = 64;
+
+/// attention_tile.wgsl's keys a tile and dimensions a chunk (its constants TILE_KEYS, CHUNK).
+const TILE_KEYS: u32 = 16;
+const TILE_CHUNK: u32 = 64;
+
+/// attention_tile.wgsl's chunks of 64 dimensions a head takes, and the rows a workgroup
+/// holds: its queries (rows x chunks x 64 floats) stay within 8 KiB of workgroup memory, and
+/// each invocation's outputs (rows x chunks) within 32 registers.
+fn tile_shape(head_dim: u32) -> (u32, u32) {
+    let chunks = head_dim.div_ceil(TILE_CHUNK).max(1);
+    (chunks, 32 / chunks)
+}
+
+/// attention_tile.wgsl's workgroups along the rows: blocks of its rows over a kv head's
+/// queries times query heads.
+fn tile_blocks(a: &AttentionArgs) -> u32 {
+    (a.n_q * (a.n_head / a.n_kv_head.max(1))).div_ceil(tile_shape(a.head_dim).1)
+}
+
+fn tile_defines(kv: KvType, head_dim: u32) -> Defines {
+    let (chunks, rows) = tile_shape(head_dim);
+    kv.defines().value("WG", format!("{TILE_CHUNK}u")).value("HEAD_CHUNKS", format!("{chunks}u")).value("ROWS", format!("{rows}u"))
+}
 
 /// DIM_LANES's kernel: built for the head size and the query heads a kv head has (`group`).
 fn dim_lanes_defines(kv: KvType, head_dim: u32, group: u32) -> Defines {
@@ -115,6 +154,9 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
         // a fixed head size (any multiple of 16, 32 with the broadcast, builds the same way)
         // and the one kernel for larger heads
         keys.push(PipelineKey { file: "attention_workgroup.wgsl", entry: "main", defines: kv.defines().flag("SEQ_ROWS") });
+        for head_dim in [64, 128, 192, 256] {
+            keys.push(PipelineKey { file: "attention_tile.wgsl", entry: "main", defines: tile_defines(kv, head_dim) });
+        }
         for head_dim in [64, 256] {
             keys.push(PipelineKey { file: "attention_query.wgsl", entry: "main", defines: query_attention_defines(kv, head_dim).flag("KV_BROADCAST") });
             // every kernel but the broadcast also takes a step of several sequences (SEQ_ROWS)
@@ -136,8 +178,11 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
     keys
 }
 
-/// The attention kernel for `a` on a device tuned as `t` (`per_query` forces the choice
-/// between the per-query kernels and the per-workgroup one). The per-query ones on CPU devices,
+/// The attention kernel for `a` on a device tuned as `t` (`family` forces the family, and a
+/// forced Tile takes even the rows that fill a fraction of its blocks). On GPUs, the tiles
+/// where the queries are consecutive positions of one sequence and fill half a block or more
+/// (prefill), else one workgroup per (head, query), each also where the loop budget stops the
+/// other. The per-query ones on CPU devices,
 /// where the head fits their loops and the keys a lane walks fit llvmpipe's loop budget; among
 /// them, on subgroups of exactly the workgroup's 8 lanes, the broadcast for 8 queries or more
 /// (prefill), for fewer (decode) with heads of 128 or more the dimensions split over lanes
@@ -145,15 +190,23 @@ pub(super) fn pipeline_keys() -> Vec<PipelineKey> {
 /// workgroups or more (split-K's chunks counted, `split` forcing them as in
 /// [`attention_split`]), otherwise the keys split over lanes (on lavapipe sharing is the
 /// faster of the two with several workgroups, the slower with one).
-pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, split: Option<u32>) -> AttentionKernel {
-    attention_kernel_for(t, a, per_query, split, true)
+pub(super) fn attention_kernel(t: &Tuning, a: &AttentionArgs, family: Option<AttentionFamily>, split: Option<u32>) -> AttentionKernel {
+    attention_kernel_for(t, a, family, split, true)
 }
 
 /// `attention_kernel`, where `shared_keys` says whether the queries are consecutive positions
 /// of one sequence (the broadcast shares their keys; a step of several sequences cannot).
-fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, per_query: Option<bool>, split: Option<u32>, shared_keys: bool) -> AttentionKernel {
-    if !per_query.unwrap_or(t.attention_per_query) || !a.head_dim.is_multiple_of(16) {
-        return AttentionKernel::PerWorkgroup;
+fn attention_kernel_for(t: &Tuning, a: &AttentionArgs, family: Option<AttentionFamily>, split: Option<u32>, shared_keys: bool) -> AttentionKernel {
+    match family.unwrap_or(t.attention) {
+        AttentionFamily::PerWorkgroup => return AttentionKernel::PerWorkgroup,
+        AttentionFamily::Tile => {
+            let kernel = AttentionKernel::Tile;
+            let fills = family.is_some() || 2 * a.n_q * (a.n_head / a.n_kv_head.max(1)) >= tile_shape(a.head_dim).1;
+            let fits = attention_within_loop_budget(t, a, kernel, attention_split(t, a, kernel, split)) && tile_blocks(a) <= u16::MAX as u32;
+            return if shared_keys && fills && fits { kernel } else { AttentionKernel::PerWorkgroup };
+        }
+        AttentionFamily::PerQuery if !a.head_dim.is_multiple_of(16) => return AttentionKernel::PerWorkgroup,
+        AttentionFamily::PerQuery => {}
     }
     let quads_of_8 = t.subgroups_of_8 && a.head_dim.is_multiple_of(32);
     let per_kv = a.n_head / a.n_kv_head;
@@ -201,6 +254,7 @@ fn chunk_keys(keys: u32, n_split: u32) -> u32 {
 fn kernel_groups(a: &AttentionArgs, kernel: AttentionKernel) -> u32 {
     match kernel {
         AttentionKernel::PerWorkgroup | AttentionKernel::KeyLanes => a.n_head * a.n_q,
+        AttentionKernel::Tile => a.n_kv_head * tile_blocks(a),
         AttentionKernel::PerQuery => (a.n_head * a.n_q).div_ceil(QUERY_WG),
         AttentionKernel::Broadcast => a.n_head * a.n_q.div_ceil(QUERY_WG),
         AttentionKernel::HeadsShareKv | AttentionKernel::DimLanes => a.n_kv_head * a.n_q,
@@ -237,21 +291,30 @@ pub(super) fn attention_split(t: &Tuning, a: &AttentionArgs, kernel: AttentionKe
 /// one-workgroup-per-query kernel takes about (head_dim + 4·64 + 16) / 64 of them a key (its
 /// score loop, its 4 x 64 weighted-sum loop and its reductions, per tile of 64 keys; head_dim
 /// 256 gave wrong outputs at 16,000 keys and right ones at 4,000).
+/// The tiled kernel, per tile of 16 keys: for each chunk of the head, 16 loads and its scores'
+/// 64-long loops, then the rows' softmax (3 x 16) and for each chunk 16 loads and each row's
+/// 16-long loop (counted from the shader; not measured at the limit).
 /// `n_split`: the chunks of a split-K dispatch, each walking its own part of the keys.
 pub(super) fn attention_within_loop_budget(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel, n_split: u32) -> bool {
     let Some(budget) = t.loop_budget else { return true };
     match kernel {
         AttentionKernel::PerWorkgroup => chunk_keys(a.pos0 + a.n_q, n_split) as u64 * (a.head_dim as u64 + 4 * 64 + 16) / 64 <= budget,
+        AttentionKernel::Tile => {
+            let (chunks, rows) = tile_shape(a.head_dim);
+            let scores = (rows * TILE_KEYS).div_ceil(TILE_CHUNK);
+            let per_tile = chunks * (TILE_KEYS + scores * (TILE_CHUNK + 1)) + 2 * scores + 3 * TILE_KEYS + chunks * (TILE_KEYS + rows * (TILE_KEYS + 1)) + 1;
+            chunk_keys(a.pos0 + a.n_q, n_split).div_ceil(TILE_KEYS) as u64 * per_tile as u64 <= budget
+        }
         _ => per_query_fits(a, kernel, n_split, budget),
     }
 }
 
 impl Recorder<'_> {
     /// The attention kernel `attention` runs for `a` (see [`attention_kernel`]);
-    /// `NOMOAT_ATTENTION=query` / `workgroup`, `NOMOAT_ATTENTION_BROADCAST=0`,
+    /// `NOMOAT_ATTENTION=query` / `workgroup` / `tile`, `NOMOAT_ATTENTION_BROADCAST=0`,
     /// `_HEADS_SHARE_KV=0`, `_KEY_LANES=0` steer it through the device's tuning.
     pub fn attention_kernel(&self, a: &AttentionArgs) -> AttentionKernel {
-        attention_kernel(&self.gpu.tuning, a, self.query_per_invocation, self.split_k)
+        attention_kernel(&self.gpu.tuning, a, self.attention_family, self.split_k)
     }
 
     /// The chunks `attention` cuts each query's keys into for `a` (1: no split; see
@@ -288,7 +351,7 @@ impl Recorder<'_> {
                 AttentionArgs { pos0: most.saturating_sub(a.n_q), ..a }
             }
         };
-        let kernel = attention_kernel_for(&self.gpu.tuning, &a_keys, self.query_per_invocation, self.split_k, !per_token);
+        let kernel = attention_kernel_for(&self.gpu.tuning, &a_keys, self.attention_family, self.split_k, !per_token);
         let n_split = attention_split(&self.gpu.tuning, &a_keys, kernel, self.split_k);
         let keys = a_keys.pos0 + a_keys.n_q;
         let op = Op::Attention { kv: a.kv, head_dim: a.head_dim, n_head: a.n_head, n_kv_head: a.n_kv_head, keys, kernel: Some((kernel, n_split)) };
@@ -317,6 +380,8 @@ impl Recorder<'_> {
         let per_query = seq_rows(query_attention_defines(a.kv, a.head_dim));
         let (defines, groups) = match kernel {
             AttentionKernel::PerWorkgroup => (seq_rows(a.kv.defines()), (a.n_head, a.n_q, 1)),
+            // consecutive places only (attention_kernel_for)
+            AttentionKernel::Tile => (seq_rows(tile_defines(a.kv, a.head_dim)), (tile_blocks(&a), a.n_kv_head, 1)),
             AttentionKernel::PerQuery => {
                 let (gx, gy) = grid((a.n_head * a.n_q).div_ceil(QUERY_WG));
                 (per_query, (gx, gy, 1))
@@ -339,7 +404,11 @@ impl Recorder<'_> {
                 (seq_rows(dim_lanes_defines(a.kv, a.head_dim, a.n_head / a.n_kv_head)), (gx, gy, 1))
             }
         };
-        let file = if kernel == AttentionKernel::PerWorkgroup { "attention_workgroup.wgsl" } else { "attention_query.wgsl" };
+        let file = match kernel {
+            AttentionKernel::PerWorkgroup => "attention_workgroup.wgsl",
+            AttentionKernel::Tile => "attention_tile.wgsl",
+            _ => "attention_query.wgsl",
+        };
         if n_split <= 1 {
             return self.dispatch(PipelineKey { file, entry: "main", defines }, &[q, k, v, out], &params, groups).await;
         }
@@ -350,5 +419,36 @@ impl Recorder<'_> {
         let (gx, gy) = grid((rows as u32 * a.head_dim).div_ceil(MERGE_WG));
         let merge = PipelineKey { file: "attention_merge.wgsl", entry: "main", defines: Defines::default().value("WG", format!("{MERGE_WG}u")) };
         self.dispatch(merge, &[&partials, out], &params, (gx, gy, 1)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shaders::Variant;
+    use crate::tuning::{tests::adapter, KernelOverrides};
+
+    /// GPUs: the tiles for a prompt's block of queries, one workgroup per (head, query) for a
+    /// decode step, a step of several sequences and rows too few to fill half a block unless
+    /// forced; lavapipe: a forced tile past the loop budget falls back.
+    #[test]
+    fn tiles_for_prefill_on_gpus() {
+        let sg = Variant { f16: true, subgroups: true, web: false };
+        let gpu = Tuning::for_device(&adapter("NVIDIA H100", wgpu::DeviceType::DiscreteGpu, 32), sg, &KernelOverrides::default());
+        let smol = |n_q, pos0| AttentionArgs { n_q, n_head: 9, n_kv_head: 3, head_dim: 64, pos0, window: 0, scale: 0.125, kv: KvType::F16 };
+        assert_eq!(attention_kernel(&gpu, &smol(32, 0), None, None), AttentionKernel::Tile);
+        assert_eq!(tile_blocks(&smol(32, 0)), 3);
+        assert_eq!(attention_kernel(&gpu, &smol(1, 4000), None, None), AttentionKernel::PerWorkgroup);
+        assert_eq!(attention_kernel(&gpu, &smol(1, 4000), Some(AttentionFamily::Tile), None), AttentionKernel::Tile);
+        assert_eq!(attention_kernel_for(&gpu, &smol(32, 0), None, None, false), AttentionKernel::PerWorkgroup);
+        // Gemma 3's heads of 256: 8 rows a block, 4 query heads a kv head
+        let gemma = |n_q| AttentionArgs { n_q, n_head: 4, n_kv_head: 1, head_dim: 256, pos0: 0, window: 0, scale: 0.0625, kv: KvType::F32 };
+        assert_eq!(tile_shape(256), (4, 8));
+        assert_eq!(attention_kernel(&gpu, &gemma(1), None, None), AttentionKernel::Tile);
+        assert_eq!(tile_blocks(&gemma(5)), 3);
+        let lavapipe = Tuning::for_device(&adapter("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::DeviceType::Cpu, 8), sg, &KernelOverrides::default());
+        assert_eq!(attention_kernel(&lavapipe, &smol(32, 0), None, None), AttentionKernel::Broadcast);
+        assert_eq!(attention_kernel(&lavapipe, &smol(32, 0), Some(AttentionFamily::Tile), Some(1)), AttentionKernel::Tile);
+        assert_eq!(attention_kernel(&lavapipe, &smol(32, 4000), Some(AttentionFamily::Tile), Some(1)), AttentionKernel::PerWorkgroup);
     }
 }

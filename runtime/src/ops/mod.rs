@@ -86,7 +86,7 @@ mod top_k;
 mod weight_gradient;
 
 pub use adamw::ADAMW_LAYOUT;
-pub use attention::{AttentionArgs, AttentionKernel, ATTENTION_LAYOUT, ATTENTION_MERGE_LAYOUT};
+pub use attention::{AttentionArgs, AttentionFamily, AttentionKernel, ATTENTION_LAYOUT, ATTENTION_MERGE_LAYOUT};
 pub use attention_backward::{AttentionBackwardKernel, AttentionGrads, ATTENTION_BACKWARD_LAYOUT};
 pub use copy::COPY_LAYOUT;
 pub use cross_entropy::CROSS_ENTROPY_LAYOUT;

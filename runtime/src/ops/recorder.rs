@@ -3,6 +3,7 @@
 //! [`DispatchCache`] of parameter slots and bind groups it records against. The ops' own
 //! `Recorder` methods live in their files and all end in `Recorder::dispatch`.
 
+use super::AttentionFamily;
 use crate::device::{Gpu, GpuError, PipelineKey};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,9 +104,9 @@ pub struct Recorder<'g> {
     pub token_tile: Option<bool>,
     /// TOKEN_TILE's tokens a pass (2 to 4): Some forces it, None takes `Tuning::tile_for`.
     pub tile_tokens: Option<u32>,
-    /// Attention: Some(true) runs one invocation per (head, query), Some(false) one workgroup
-    /// per (head, query), None what suits the device (tests run both everywhere).
-    pub query_per_invocation: Option<bool>,
+    /// Attention: Some forces a family of kernels (see `attention_kernel`), None what suits
+    /// the device (tests run each everywhere).
+    pub attention_family: Option<AttentionFamily>,
     /// Attention's split-K (flash-decoding): Some(n) cuts each query's keys into n chunks (at
     /// most one per 8 keys; Some(1): no split), None where it pays on the device (tests and
     /// benchmarks force both).
@@ -183,7 +184,7 @@ impl<'g> Recorder<'g> {
             tiled_matmul: None,
             token_tile: None,
             tile_tokens: None,
-            query_per_invocation: None,
+            attention_family: None,
             split_k: None,
             backward_broadcast: None,
             backward_paired: None,
