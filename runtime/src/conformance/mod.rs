@@ -1284,7 +1284,8 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// SEQ_ROWS: one query of each of several sequences, each over its own slot of a shared cache
 /// up to its own position (0, a slot's last row, between), against the reference per sequence;
-/// on both kernel families, and for 5 queries (key lanes / shared heads) and 8 (per query).
+/// on both kernel families that take it, and for 5 queries (key lanes / shared heads) and 8
+/// (per query). Then a block of consecutive queries in one slot, on every family.
 async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // (heads, kv heads, head_dim, window): shared heads, a window, 8 heads a kv head, key lanes
@@ -1346,6 +1347,34 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
                         1e-5,
                     ));
                 }
+            }
+            // a prompt block of consecutive positions in slot 3 (a sequence's prefill in a shared
+            // cache): every family, which reads no row outside the slot
+            let (n_q, pos0, kv_row0) = (12u32, 20u32, 3 * SEQ_CTX);
+            let q = rng.fill((n_q * n_head * head_dim) as usize, 1.0);
+            let qb = gpu.upload_f32("q", &q).await?;
+            let out = gpu.storage("out", (q.len() * 4) as u64).await?;
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let (r0, r1) = (kv_row0 as usize * row, (kv_row0 + pos0 + n_q) as usize * row);
+            let shape = reference::AttentionShape {
+                n_head: n_head as usize,
+                n_kv_head: n_kv_head as usize,
+                head_dim: head_dim as usize,
+                pos0: pos0 as usize,
+                window: (window > 0).then_some(window as usize),
+                scale,
+            };
+            let want = reference::attention(&q, &k[r0..r1], &v[r0..r1], shape);
+            let args = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale, kv };
+            for (family, split_k) in attention_runs() {
+                let mut rec = Recorder::new(gpu);
+                rec.attention_family = Some(family);
+                rec.split_k = Some(if split_k { u32::MAX } else { 1 });
+                let kernel = attention_name(&rec, &args);
+                rec.attention_at(&qb, &k_cache, &v_cache, &out, args, Places::Consecutive { kv_row0 }).await?;
+                rec.submit()?;
+                let got = gpu.read_f32(&out, 0, q.len()).await?;
+                checks.push(Check::max_abs(format!("attention slot 3 {kernel} {kv:?} {n_head}/{n_kv_head}x{head_dim} window={window}"), &got, &want, 1e-5));
             }
         }
     }
