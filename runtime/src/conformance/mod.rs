@@ -1203,11 +1203,10 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
     let out = gpu.storage("out", (q.len() * 4) as u64).await?;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let pos0 = (n_kv - n_q as usize) as u32;
-    let shape =
-        reference::AttentionShape { n_head: n_head as usize, n_kv_head: n_kv_head as usize, head_dim: head_dim as usize, pos0: pos0 as usize, window: None, scale };
+    let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window: 0, scale, kv };
+    let shape = reference_shape(&a);
     let (want_held, want_exact) = (reference::attention(&q, &k_held, &v_held, shape), reference::attention(&q, &k, &v, shape));
     for (family, split_k) in attention_runs() {
-        let a = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window: 0, scale, kv };
         let mut rec = Recorder::new(gpu);
         rec.attention_family = Some(family);
         rec.split_k = Some(if split_k { u32::MAX } else { 1 });
@@ -1221,6 +1220,18 @@ async fn kv_store_outliers(gpu: &Gpu) -> Result<Vec<Check>> {
         checks.push(Check::nmse(format!("attention {kernel} Q8_0 outlier keys, against exact k and v"), &got, &want_exact, 2e-3));
     }
     Ok(checks)
+}
+
+/// The reference's attention shape for `a` (its queries from position a.pos0).
+fn reference_shape(a: &AttentionArgs) -> reference::AttentionShape {
+    reference::AttentionShape {
+        n_head: a.n_head as usize,
+        n_kv_head: a.n_kv_head as usize,
+        head_dim: a.head_dim as usize,
+        pos0: a.pos0 as usize,
+        window: (a.window > 0).then_some(a.window as usize),
+        scale: a.scale,
+    }
 }
 
 /// Each family of attention kernels, unsplit and split-K (forced: a chunk every 8 keys).
@@ -1252,15 +1263,7 @@ async fn attention(gpu: &Gpu) -> Result<Vec<Check>> {
             let FilledCache { args: c, q, k_cache, v_cache, k_want, v_want, .. } = fill_cache(gpu, ci, kv).await?;
             let qb = gpu.upload_f32("q", &q).await?;
             let out = gpu.storage("out", (q.len() * 4) as u64).await?;
-            let shape = reference::AttentionShape {
-                n_head: c.n_head as usize,
-                n_kv_head: c.n_kv_head as usize,
-                head_dim: c.head_dim as usize,
-                pos0: c.pos0 as usize,
-                window: (c.window > 0).then_some(c.window as usize),
-                scale: c.scale,
-            };
-            let want = reference::attention(&q, &k_want, &v_want, shape);
+            let want = reference::attention(&q, &k_want, &v_want, reference_shape(&c));
             let mut run = Vec::new();
             for (family, split_k) in attention_runs() {
                 let mut rec = Recorder::new(gpu);
@@ -1316,20 +1319,13 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
                 let qb = gpu.upload_f32("q", &q).await?;
                 let out = gpu.storage("out", (q.len() * 4) as u64).await?;
                 let scale = 1.0 / (head_dim as f32).sqrt();
+                let args = AttentionArgs { n_q: n_seqs as u32, n_head, n_kv_head, head_dim, pos0: 0, window, scale, kv };
                 let mut want = Vec::new();
                 for (i, p) in places.iter().enumerate() {
                     let (r0, r1) = (p.kv_row0 as usize * row, (p.kv_row0 + p.pos + 1) as usize * row);
-                    let shape = reference::AttentionShape {
-                        n_head: n_head as usize,
-                        n_kv_head: n_kv_head as usize,
-                        head_dim: head_dim as usize,
-                        pos0: p.pos as usize,
-                        window: (window > 0).then_some(window as usize),
-                        scale,
-                    };
+                    let shape = reference_shape(&AttentionArgs { n_q: 1, pos0: p.pos, ..args });
                     want.extend(reference::attention(&q[i * qd..(i + 1) * qd], &k[r0..r1], &v[r0..r1], shape));
                 }
-                let args = AttentionArgs { n_q: n_seqs as u32, n_head, n_kv_head, head_dim, pos0: 0, window, scale, kv };
                 // (the tiles take consecutive places only: theirs is the per-workgroup kernel)
                 for (per_query, split_k) in [(false, false), (true, false), (false, true), (true, true)] {
                     let mut rec = Recorder::new(gpu);
@@ -1356,16 +1352,8 @@ async fn attention_seq_rows(gpu: &Gpu) -> Result<Vec<Check>> {
             let out = gpu.storage("out", (q.len() * 4) as u64).await?;
             let scale = 1.0 / (head_dim as f32).sqrt();
             let (r0, r1) = (kv_row0 as usize * row, (kv_row0 + pos0 + n_q) as usize * row);
-            let shape = reference::AttentionShape {
-                n_head: n_head as usize,
-                n_kv_head: n_kv_head as usize,
-                head_dim: head_dim as usize,
-                pos0: pos0 as usize,
-                window: (window > 0).then_some(window as usize),
-                scale,
-            };
-            let want = reference::attention(&q, &k[r0..r1], &v[r0..r1], shape);
             let args = AttentionArgs { n_q, n_head, n_kv_head, head_dim, pos0, window, scale, kv };
+            let want = reference::attention(&q, &k[r0..r1], &v[r0..r1], reference_shape(&args));
             for (family, split_k) in attention_runs() {
                 let mut rec = Recorder::new(gpu);
                 rec.attention_family = Some(family);

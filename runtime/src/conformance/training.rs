@@ -201,14 +201,7 @@ pub(super) async fn attention_backward(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut rng = Rng::new(1800 + ci as u64);
         let (q, k, v, dout) = (rng.fill(qn, 1.0), rng.fill(kn, 1.0), rng.fill(kn, 1.0), rng.fill(qn, 1.0));
         let (qb, kb, vb, db) = (gpu.upload_f32("q", &q).await?, gpu.upload_f32("k", &k).await?, gpu.upload_f32("v", &v).await?, gpu.upload_f32("dout", &dout).await?);
-        let shape = reference::AttentionShape {
-            n_head: n_head as usize,
-            n_kv_head: n_kv_head as usize,
-            head_dim: head_dim as usize,
-            pos0: pos0 as usize,
-            window: (window > 0).then_some(window as usize),
-            scale: a.scale,
-        };
+        let shape = super::reference_shape(&a);
         let (want_q, want_k, want_v) = reference::attention_backward(&q, &k, &v, &dout, shape);
         for mode in [AttentionBackwardKernel::Scalar, AttentionBackwardKernel::Tiled, AttentionBackwardKernel::Broadcast] {
             let mut rec = Recorder::new(gpu);
