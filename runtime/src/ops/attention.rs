@@ -293,7 +293,8 @@ pub(super) fn attention_split(t: &Tuning, a: &AttentionArgs, kernel: AttentionKe
 /// 256 gave wrong outputs at 16,000 keys and right ones at 4,000).
 /// The tiled kernel, per tile of 16 keys: for each chunk of the head, 16 loads and its scores'
 /// 64-long loops, then the rows' softmax (3 x 16) and for each chunk 16 loads and each row's
-/// 16-long loop (counted from the shader; not measured at the limit).
+/// 16-long loop (counted from the shader as if no loop unrolled: an over-count, checked
+/// against lavapipe's real limit in docs/architecture.md).
 /// `n_split`: the chunks of a split-K dispatch, each walking its own part of the keys.
 pub(super) fn attention_within_loop_budget(t: &Tuning, a: &AttentionArgs, kernel: AttentionKernel, n_split: u32) -> bool {
     let Some(budget) = t.loop_budget else { return true };
