@@ -116,6 +116,14 @@ impl MatvecShape {
     pub fn rows_per_workgroup(&self) -> u32 {
         self.wg / self.tpr * self.rpi
     }
+
+    /// GPUs' shape ([`Tuning::for_device`]), which tests force on CPU devices.
+    pub const GPU: MatvecShape = MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false };
+
+    /// This shape with an even number of rows an invocation (outputs written in pairs).
+    pub fn paired(self) -> MatvecShape {
+        MatvecShape { rpi: (self.rpi + 1) & !1, ..self }
+    }
 }
 
 /// Loop iterations a kernel may take in one invocation on llvmpipe, which stops it after 65,535
@@ -217,7 +225,7 @@ impl Tuning {
         // a workgroup (one 256-bit register of lanes). 16 rows per invocation gave wrong F16
         // products for 70 tokens on lavapipe (not root-caused), so it is not used. GPUs: 32
         // invocations per row, one row each, 64 per workgroup.
-        let mut matvec = if cpu { MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast: false } } else { MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false } };
+        let mut matvec = if cpu { MatvecShape { tpr: 1, rpi: 8, wg: 8, x_broadcast: false } } else { MatvecShape::GPU };
         matvec.tpr = o.matvec_tpr.unwrap_or(matvec.tpr);
         matvec.rpi = o.matvec_rpi.unwrap_or(matvec.rpi);
         matvec.wg = o.matvec_wg.unwrap_or(matvec.wg).max(matvec.tpr);
@@ -272,7 +280,7 @@ impl Tuning {
     /// The matvec shape with an even number of rows per invocation, for outputs that need rows
     /// in pairs in one invocation (gate with up, RoPE's adjacent pairs).
     pub fn paired_matvec(&self) -> MatvecShape {
-        MatvecShape { rpi: (self.matvec.rpi + 1) & !1, ..self.matvec }
+        self.matvec.paired()
     }
 }
 

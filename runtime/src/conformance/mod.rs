@@ -24,6 +24,7 @@
 use crate::device::{Gpu, GpuError};
 use crate::ggml_type::GgmlType;
 use crate::ops::{self, supports, AttentionArgs, AttentionFamily, GpuMatrix, KvType, Op, Place, Places, ProductIn, ProductOut, QkNorm, Recorder, RopeArgs};
+use crate::tuning::MatvecShape;
 use crate::{quant, reference};
 
 mod training;
@@ -258,6 +259,7 @@ pub async fn gpu_gather(gpu: &Gpu, w: &GpuMatrix, ids: &[u32]) -> Result<Vec<f32
     Ok(gpu.read_f32(&out, 0, ids.len() * w.k as usize).await?)
 }
 
+/// The device's matvec shape, then GPUs' (a row over 32 invocations) forced on it.
 async fn matvec(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for ty in weight_types(gpu) {
@@ -265,8 +267,16 @@ async fn matvec(gpu: &Gpu) -> Result<Vec<Check>> {
             let (bytes, w) = random_matrix(ty, n_rows, k, 100 + i as u64)?;
             let x = Rng::new(7 + i as u64).fill(k, 1.0);
             let m = GpuMatrix::upload(gpu, "w", ty, k as u64, n_rows as u64, &bytes).await?;
+            let want = reference::matmul(&w, &x, n_rows, k, 1);
             let got = gpu_matvec(gpu, &m, &x).await?;
-            checks.push(Check::nmse(format!("matvec {ty} {n_rows}x{k}"), &got, &reference::matmul(&w, &x, n_rows, k, 1), MATMUL_NMSE));
+            checks.push(Check::nmse(format!("matvec {ty} {n_rows}x{k}"), &got, &want, MATMUL_NMSE));
+            let (xb, y) = (gpu.upload_f32("x", &x).await?, gpu.storage("y", n_rows as u64 * 4).await?);
+            let mut rec = Recorder::new(gpu);
+            rec.matvec_shape = Some(MatvecShape::GPU);
+            rec.matvec(&m, &xb, &y).await?;
+            rec.submit()?;
+            let got = gpu.read_f32(&y, 0, n_rows).await?;
+            checks.push(Check::nmse(format!("matvec (GPU shape) {ty} {n_rows}x{k}"), &got, &want, MATMUL_NMSE));
         }
     }
     Ok(checks)
@@ -504,13 +514,25 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
         // block where prefill tiles tokens, which quantized weights then do and float weights
         // (no tiles) run through the token loop.
         let quantized = ty.block_elems() > 1;
-        for (m, tiled, token_tile) in
-            [(1usize, None, None), (5, Some(true), None), (5, Some(false), Some(false)), (6, Some(false), Some(true)), (3, Some(false), Some(true))]
-        {
+        // and one token in GPUs' matvec shape (a row over 32 invocations), forced for Q4_K (its
+        // outputs are every type's; the matvec case takes every type in it, plain; each type
+        // here would build its pipelines again, ~1 s each on lavapipe)
+        for (m, tiled, token_tile, shape) in [
+            (1usize, None, None, None),
+            (1, None, None, Some(MatvecShape::GPU)),
+            (5, Some(true), None, None),
+            (5, Some(false), Some(false), None),
+            (6, Some(false), Some(true), None),
+            (3, Some(false), Some(true), None),
+        ] {
+            if shape.is_some() && ty != GgmlType::Q4K {
+                continue;
+            }
             let mut rec = Recorder::new(gpu);
             rec.tiled_matmul = tiled;
             rec.token_tile = token_tile;
-            let rec_modes = (tiled, token_tile);
+            rec.matvec_shape = shape;
+            let rec_modes = (tiled, token_tile, shape);
             let fuse = rec.fuses_block(m as u32);
             let x = rng.fill(m * k, 2.0);
             let xb = gpu.upload_f32("x", &x).await?;
@@ -531,6 +553,7 @@ async fn fused_product(gpu: &Gpu) -> Result<Vec<Check>> {
             rec.submit()?;
             let product_in = if fuse { &xn } else { &x };
             let label = match (m, tiled, token_tile, fuse) {
+                (1, _, _, _) if shape.is_some() => "(GPU shape) rms_norm → ",
                 (1, _, _, _) => "rms_norm → ",
                 (_, Some(true), _, _) => "(tiled) ",
                 (_, _, Some(true), _) if quantized => "(token tiles) rms_norm → ",
@@ -582,23 +605,31 @@ pub async fn head_argmax(gpu: &Gpu, ty: GgmlType, n_rows: usize, k: usize, seed:
     let w = quant::dequantize(ty, &bytes, n_rows * k)?;
     let m = GpuMatrix::upload(gpu, "head", ty, k as u64, n_rows as u64, &bytes).await?;
     let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
-    let slots = ops::argmax_slots(gpu, &m);
-    let (y, best_values, best_ids) =
-        (gpu.storage("y", n_rows as u64 * 4).await?, gpu.storage("best values", slots as u64 * 4).await?, gpu.storage("best ids", slots as u64 * 4).await?);
-    let scratch = ops::TopKScratch::new(gpu, slots).await?;
-    let mut rec = Recorder::new(gpu);
-    rec.product(&m, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, ProductOut::Argmax { y: &y, best_values: &best_values, best_ids: &best_ids }, 1).await?;
-    let (value, id) = ops::record_argmax_of(&mut rec, &scratch, &best_values, &best_ids, slots).await?;
-    rec.submit()?;
-    let rows = gpu.read_f32(&y, 0, n_rows).await?;
-    let label = format!("head argmax {ty} {n_rows}x{k} ({} chunk(s), {slots} slots)", m.chunks.len());
-    let mut checks = vec![Check::nmse(format!("{label}: rows"), &rows, &reference::matmul(&w, &xn, n_rows, k, 1), MATMUL_NMSE)];
-    // the first of the highest rows the product wrote (the twins tie there exactly)
-    let want = rows.iter().enumerate().fold(0, |b, (i, &v)| if v > rows[b] { i } else { b });
-    let got_id = gpu.read_u32(id, 0, 1).await?[0];
-    let got_value = gpu.read_f32(value, 0, 1).await?[0];
-    checks.push(Check::max_abs(format!("{label}: id (the twins {} and {})", best.min(twin), best.max(twin)), &[got_id as f32], &[want as f32], 0.0));
-    checks.push(Check::max_abs(format!("{label}: value"), &[got_value], &[rows[want]], 0.0));
+    let mut checks = Vec::new();
+    // the device's matvec shape, then GPUs' (a slot per row) forced on it for Q8_0 (the test
+    // models' heads; other types build pipelines for the same code)
+    let gpu_shape = (ty == GgmlType::Q8_0).then_some(MatvecShape::GPU);
+    for shape in [None].into_iter().chain(gpu_shape.map(Some)) {
+        let mut rec = Recorder::new(gpu);
+        rec.matvec_shape = shape;
+        let slots = rec.argmax_slots(&m);
+        let (y, best_values, best_ids) =
+            (gpu.storage("y", n_rows as u64 * 4).await?, gpu.storage("best values", slots as u64 * 4).await?, gpu.storage("best ids", slots as u64 * 4).await?);
+        let scratch = ops::TopKScratch::new(gpu, slots).await?;
+        rec.product(&m, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, ProductOut::Argmax { y: &y, best_values: &best_values, best_ids: &best_ids }, 1).await?;
+        let (value, id) = ops::record_argmax_of(&mut rec, &scratch, &best_values, &best_ids, slots).await?;
+        rec.submit()?;
+        let rows = gpu.read_f32(&y, 0, n_rows).await?;
+        let shape = if shape.is_some() { "(GPU shape) " } else { "" };
+        let label = format!("head argmax {shape}{ty} {n_rows}x{k} ({} chunk(s), {slots} slots)", m.chunks.len());
+        checks.push(Check::nmse(format!("{label}: rows"), &rows, &reference::matmul(&w, &xn, n_rows, k, 1), MATMUL_NMSE));
+        // the first of the highest rows the product wrote (the twins tie there exactly)
+        let want = rows.iter().enumerate().fold(0, |b, (i, &v)| if v > rows[b] { i } else { b });
+        let got_id = gpu.read_u32(id, 0, 1).await?[0];
+        let got_value = gpu.read_f32(value, 0, 1).await?[0];
+        checks.push(Check::max_abs(format!("{label}: id (the twins {} and {})", best.min(twin), best.max(twin)), &[got_id as f32], &[want as f32], 0.0));
+        checks.push(Check::max_abs(format!("{label}: value"), &[got_value], &[rows[want]], 0.0));
+    }
     Ok(checks)
 }
 
@@ -609,7 +640,7 @@ pub async fn head_argmax(gpu: &Gpu, ty: GgmlType, n_rows: usize, k: usize, seed:
 async fn post_norm_add(
     gpu: &Gpu,
     rng: &mut Rng,
-    (tiled, token_tile): (Option<bool>, Option<bool>),
+    (tiled, token_tile, shape): (Option<bool>, Option<bool>, Option<MatvecShape>),
     stacked: &GpuMatrix,
     values: &[&Vec<f32>],
     gate_up: &GpuMatrix,
@@ -633,6 +664,7 @@ async fn post_norm_add(
     let mut rec = Recorder::new(gpu);
     rec.tiled_matmul = tiled;
     rec.token_tile = token_tile;
+    rec.matvec_shape = shape;
     let input = ProductIn::PostNormAdd { branch: &bb, resid: &rb, sum: &sum, weights: &weights, eps: 1e-5 };
     let out_refs: Vec<&wgpu::Buffer> = outs.iter().collect();
     rec.product(stacked, input, ProductOut::Split(&out_refs), m as u32).await?;

@@ -116,13 +116,12 @@ fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
 
 /// How many best-of slots `ProductOut::Argmax` writes for the rows of `w` on `gpu`.
 pub fn argmax_slots(gpu: &Gpu, w: &GpuMatrix) -> u32 {
-    w.chunks.iter().map(|c| argmax_slots_of_chunk(gpu, w, c.n_rows)).sum()
+    w.chunks.iter().map(|c| argmax_slots_of_chunk(gpu.tuning.matvec, w, c.n_rows)).sum()
 }
 
 /// One per row group of a chunk of n_rows, or per workgroup where its lanes share x
 /// (X_BROADCAST, one subgroup a workgroup).
-fn argmax_slots_of_chunk(gpu: &Gpu, w: &GpuMatrix, n_rows: u32) -> u32 {
-    let shape = gpu.tuning.matvec;
+fn argmax_slots_of_chunk(shape: MatvecShape, w: &GpuMatrix, n_rows: u32) -> u32 {
     let per = if shape.x_broadcast && w.ty.block_elems() > 1 { shape.rows_per_workgroup() } else { shape.rpi };
     n_rows.div_ceil(per)
 }
@@ -212,6 +211,16 @@ impl Recorder<'_> {
     /// shared-memory tiled matmul.wgsl; CPU devices, where shared-memory reads and barriers cost
     /// a per-lane loop and a coroutine switch each, run matvec.wgsl with its token loop instead
     /// (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
+    /// The matvec shape this recorder's products take: the device's, or the one forced.
+    pub fn matvec_shape(&self) -> MatvecShape {
+        self.matvec_shape.unwrap_or(self.gpu.tuning.matvec)
+    }
+
+    /// `argmax_slots` for this recorder's matvec shape.
+    pub fn argmax_slots(&self, w: &GpuMatrix) -> u32 {
+        w.chunks.iter().map(|c| argmax_slots_of_chunk(self.matvec_shape(), w, c.n_rows)).sum()
+    }
+
     fn product_runs_matvec(&self, m: u32) -> bool {
         if m == 1 {
             return true;
@@ -223,7 +232,7 @@ impl Recorder<'_> {
     /// RoPE in adjacent-pair mode on whole heads, every part a whole number of the invocations'
     /// row groups, the matvec path, and a cache written in pairs or `writes_q8_blocks`.
     pub fn fuses_qkv_rope(&self, w: &GpuMatrix, rope: &RopeArgs, m: u32, kv: KvType) -> bool {
-        let rpi = self.gpu.tuning.paired_matvec().rpi;
+        let rpi = self.matvec_shape().paired().rpi;
         self.product_runs_matvec(m)
             && w.chunks.len() == 1
             && w.parts.len() == 3
@@ -240,7 +249,7 @@ impl Recorder<'_> {
     /// 32, and every part is whole blocks of 64 rows, so a workgroup's are of one part. GPUs'
     /// shape (a row over 32 invocations) spreads a block over workgroups: rope_kv writes it.
     fn writes_q8_blocks(&self, w: &GpuMatrix) -> bool {
-        let s = self.gpu.tuning.paired_matvec();
+        let s = self.matvec_shape().paired();
         s.tpr == 1 && s.rpi == 8 && s.wg.is_multiple_of(8) && w.parts.iter().all(|(_, rows)| rows % 64 == 0)
     }
 
@@ -396,11 +405,11 @@ impl Recorder<'_> {
                 _pad: [0; 2],
                 seqs,
             };
-            best0 += argmax_slots_of_chunk(self.gpu, w, c.n_rows);
+            best0 += argmax_slots_of_chunk(self.matvec_shape(), w, c.n_rows);
             let (resid, sum) = fold.unwrap_or((x, &spare[2]));
             let buffers = [&c.buffer, x, ys[0], norm.unwrap_or(x), ys[1], ys[2], resid, sum];
             if runs_matvec {
-                let shape = if pairs { self.gpu.tuning.paired_matvec() } else { self.gpu.tuning.matvec };
+                let shape = if pairs { self.matvec_shape().paired() } else { self.matvec_shape() };
                 let rows = if glu { n0 * 2 } else { c.n_rows };
                 let (gx, gy) = grid(rows.div_ceil(shape.rows_per_workgroup()));
                 let defines = add_mode(matvec_defines(w.ty, shape));

@@ -104,6 +104,9 @@ pub struct Recorder<'g> {
     pub token_tile: Option<bool>,
     /// TOKEN_TILE's tokens a pass (2 to 4): Some forces it, None takes `Tuning::tile_for`.
     pub tile_tokens: Option<u32>,
+    /// matvec.wgsl's shape: Some forces one (tests run GPUs' `MatvecShape::GPU` on CPU
+    /// devices), None the device's.
+    pub matvec_shape: Option<crate::tuning::MatvecShape>,
     /// Attention: Some forces a family of kernels (see `attention_kernel`), None what suits
     /// the device (tests run each everywhere).
     pub attention_family: Option<AttentionFamily>,
@@ -185,6 +188,7 @@ impl<'g> Recorder<'g> {
             token_tile: None,
             tile_tokens: None,
             attention_family: None,
+            matvec_shape: None,
             split_k: None,
             backward_broadcast: None,
             backward_paired: None,
