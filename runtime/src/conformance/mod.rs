@@ -696,8 +696,10 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
         let mut rng = Rng::new(7500 + ti as u64);
         // (tokens, matvec's TOKEN_TILE): decode, and a prefill block as fuses_block runs it
         // (tiles for quantized weights, the token loop for float ones)
-        let block = if ty.block_elems() > 1 { (6, Some(true)) } else { (3, Some(false)) };
-        for (m, token_tile) in [(1usize, None), block] {
+        let block = if ty.block_elems() > 1 { (6, Some(true), None) } else { (3, Some(false), None) };
+        // and decode in GPUs' matvec shape for Q4_K (forced; the fused_product case says why one type)
+        let gpu_shape = (ty == GgmlType::Q4K).then_some((1, None, Some(MatvecShape::GPU)));
+        for (m, token_tile, shape) in [(1usize, None, None), block].into_iter().chain(gpu_shape) {
             let (x, norm_w) = (rng.fill(m * k, 2.0), rng.fill(k, 1.0));
             let (xb, nwb) = (gpu.upload_f32("x", &x).await?, gpu.upload_f32("norm w", &norm_w).await?);
             let xn = reference::rms_norm(&x, &norm_w, k, 1e-5);
@@ -725,6 +727,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 let mut rec = Recorder::new(gpu);
                 rec.tiled_matmul = Some(false);
                 rec.token_tile = token_tile;
+                rec.matvec_shape = shape;
                 if !rec.fuses_qkv_rope(&w, &rope, m as u32, kv) {
                     return Err(SuiteError(format!("{ty}: the fused q/k/v + RoPE product does not apply to its own test shape")));
                 }
@@ -733,7 +736,11 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 rec.submit()?;
                 let at = pos0 as u64 * kv.row_bytes(row as u64);
                 let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
-                let tiles = if token_tile == Some(true) { " (token tiles)" } else { "" };
+                let tiles = match (token_tile, shape) {
+                    (_, Some(_)) => " (GPU shape)",
+                    (Some(true), _) => " (token tiles)",
+                    _ => "",
+                };
                 let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} m={m}{tiles}");
                 checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
                 checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?, row), &k_want, cache_bound));
@@ -744,8 +751,10 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             let out = ProductOut::QkvRope { q: &qb, k_cache: &kc, v_cache: &kc, kv: KvType::Q8_0, rope, places: Places::Consecutive { kv_row0: 0 } };
             let mut rec = Recorder::new(gpu);
             rec.token_tile = token_tile;
+            rec.matvec_shape = shape;
             let refusal = rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await;
-            checks.push(refused(format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} m={m}"), refusal));
+            let gpu_shape = if shape.is_some() { " (GPU shape)" } else { "" };
+            checks.push(refused(format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} m={m}{gpu_shape}"), refusal));
         }
         // SEQ_ROWS: one token of each of five sequences, each turned for its own position and
         // written at its own slot's row
