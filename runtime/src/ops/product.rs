@@ -116,7 +116,12 @@ fn matvec_defines(ty: GgmlType, s: MatvecShape) -> Defines {
 
 /// How many best-of slots `ProductOut::Argmax` writes for the rows of `w` on `gpu`.
 pub fn argmax_slots(gpu: &Gpu, w: &GpuMatrix) -> u32 {
-    w.chunks.iter().map(|c| argmax_slots_of_chunk(gpu.tuning.matvec, w, c.n_rows)).sum()
+    argmax_slots_for(gpu.tuning.matvec, w)
+}
+
+/// `argmax_slots` for products of this shape.
+fn argmax_slots_for(shape: MatvecShape, w: &GpuMatrix) -> u32 {
+    w.chunks.iter().map(|c| argmax_slots_of_chunk(shape, w, c.n_rows)).sum()
 }
 
 /// One per row group of a chunk of n_rows, or per workgroup where its lanes share x
@@ -206,11 +211,6 @@ impl Recorder<'_> {
         self.product(w, ProductIn::X(x), ProductOut::Split(&[y]), m).await
     }
 
-    /// Whether `product` runs matvec.wgsl for m tokens (which alone can fuse the input's RMS
-    /// norm and the gated activation): always for one token. For more, GPUs run the
-    /// shared-memory tiled matmul.wgsl; CPU devices, where shared-memory reads and barriers cost
-    /// a per-lane loop and a coroutine switch each, run matvec.wgsl with its token loop instead
-    /// (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
     /// The matvec shape this recorder's products take: the device's, or the one forced.
     pub fn matvec_shape(&self) -> MatvecShape {
         self.matvec_shape.unwrap_or(self.gpu.tuning.matvec)
@@ -218,9 +218,14 @@ impl Recorder<'_> {
 
     /// `argmax_slots` for this recorder's matvec shape.
     pub fn argmax_slots(&self, w: &GpuMatrix) -> u32 {
-        w.chunks.iter().map(|c| argmax_slots_of_chunk(self.matvec_shape(), w, c.n_rows)).sum()
+        argmax_slots_for(self.matvec_shape(), w)
     }
 
+    /// Whether `product` runs matvec.wgsl for m tokens (which alone can fuse the input's RMS
+    /// norm and the gated activation): always for one token. For more, GPUs run the
+    /// shared-memory tiled matmul.wgsl; CPU devices, where shared-memory reads and barriers cost
+    /// a per-lane loop and a coroutine switch each, run matvec.wgsl with its token loop instead
+    /// (`NOMOAT_MATMUL=tiled` / `rows` overrides the choice).
     fn product_runs_matvec(&self, m: u32) -> bool {
         if m == 1 {
             return true;
