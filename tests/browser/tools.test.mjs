@@ -11,8 +11,8 @@
 //   control token).
 // - Bad tools, a choice naming no tool and tools in complete() reject with BadRequest; the
 //   engine stays usable.
-// - The page: tools from the drawer, a call shown as a call, its result typed in, the reply
-//   after it, and the calls shown again after a reload.
+// - The page: tools from the drawer, each call shown as a call, a result typed in for each (one
+//   form at a time), the reply after the last, and the calls shown again after a reload.
 // Run: node --test tests/browser/tools.test.mjs (after scripts/build-web.sh)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -249,7 +249,7 @@ test('bad tools reject with BadRequest; the engine stays usable', { timeout: LON
   assert.equal(got.after, 'length');
 });
 
-test('the page shows a call as a call, takes its result and replies after it', { timeout: LONG }, async () => {
+test('the page shows each call, takes a result for each, one at a time, and replies after the last', { timeout: LONG }, async () => {
   const p = await ctx.newPage();
   try {
     p.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
@@ -260,32 +260,45 @@ test('the page shows a call as a call, takes its result and replies after it', {
     await p.waitForFunction(() => document.querySelector('#model-info').textContent.includes('layers') || !document.querySelector('#error').hidden, null, { timeout: LONG });
     assert.equal(await p.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '');
     await p.fill('#max-tokens', '300');
+    // a fixed seed whose reply is two calls (the random model's count of calls varies with it)
+    await p.fill('#seed', '2');
     await p.fill('#tools', JSON.stringify(TOOLS.slice(0, 1)));
     await p.selectOption('#tool-choice', 'required');
     await p.fill('#input', 'Weather in Paris?');
     await p.press('#input', 'Enter');
-    await p.waitForSelector('.tool-result-form textarea', { timeout: LONG });
-    const shown = await p.$eval('.tool-call', (e) => ({ label: e.querySelector('.tool-label').textContent, args: e.querySelector('pre').textContent }));
-    assert.equal(shown.label, 'calls get_weather');
-    assert.ok(validate([[TOOLS[0].function.parameters, shown.args]])[0].ok, shown.args);
-    assert.match(await p.textContent('#stats'), /tool_calls/);
-    // the result; the reply after it (tools still required: another call, shown as one)
-    await p.selectOption('#tool-choice', 'none');
-    await p.fill('.tool-result-form textarea', 'sunny, 21 C');
-    await p.click('.tool-result-form button');
-    await p.waitForFunction(() => document.querySelectorAll('.msg.assistant').length === 2 && document.querySelector('#stats').textContent.includes('tok/s'), null, { timeout: LONG });
+    const done = (replies) => document.querySelectorAll('.msg.assistant').length === replies && document.querySelector('#stats').textContent.includes('tok/s');
+    const failed = () => !document.querySelector('#error').hidden;
+    await p.waitForFunction(`(${done})(1) || (${failed})()`, null, { timeout: LONG });
     assert.equal(await p.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '');
-    assert.equal(await p.$eval('.msg.tool', (e) => e.textContent), 'sunny, 21 C');
-    assert.equal(await p.$eval('.turn.tool .tool-label', (e) => e.textContent), 'result of get_weather');
+    assert.match(await p.textContent('#stats'), /tool_calls/);
+    const calls = await p.$$eval('.tool-call', (cs) => cs.map((e) => ({ label: e.querySelector('.tool-label').textContent, args: e.querySelector('pre').textContent })));
+    assert.ok(calls.length >= 1);
+    for (const c of calls) {
+      assert.equal(c.label, 'calls get_weather');
+      assert.ok(validate([[TOOLS[0].function.parameters, c.args]])[0].ok, c.args);
+    }
+    // a result for each call, one form at a time; the reply after the last (no tools then)
+    await p.selectOption('#tool-choice', 'none');
+    for (let i = 0; i < calls.length; i++) {
+      await p.waitForSelector('.tool-result-form textarea');
+      assert.equal(await p.$$eval('.msg.assistant', (m) => m.length), 1, 'no reply before every call has its result');
+      await p.fill('.tool-result-form textarea', `sunny, ${21 + i} C`);
+      await p.click('.tool-result-form button');
+    }
+    await p.waitForFunction(`(${done})(2) || (${failed})()`, null, { timeout: LONG });
+    assert.equal(await p.$eval('#error', (e) => (e.hidden ? '' : e.textContent)), '');
+    assert.deepEqual(await p.$$eval('.msg.tool', (m) => m.map((e) => e.textContent)), calls.map((_, i) => `sunny, ${21 + i} C`));
+    assert.deepEqual(await p.$$eval('.turn.tool .tool-label', (m) => m.map((e) => e.textContent)), calls.map(() => 'result of get_weather'));
     assert.equal(await p.$$eval('.tool-result-form', (f) => f.length), 0);
+    console.log(`the page: ${calls.length} calls answered, then ${await p.textContent('#stats')}`);
     fs.mkdirSync(path.join(ROOT, 'target/browser-artifacts'), { recursive: true });
     await p.screenshot({ path: path.join(ROOT, 'target/browser-artifacts/tools-page.png') });
     // kept with the conversation
     await p.reload();
     await p.waitForFunction(() => window.nomoat?.ready, null, { timeout: 60_000 });
     await p.waitForSelector('.tool-call');
-    assert.equal(await p.$eval('.tool-call .tool-label', (e) => e.textContent), 'calls get_weather');
-    assert.equal(await p.$eval('.msg.tool', (e) => e.textContent), 'sunny, 21 C');
+    assert.equal(await p.$$eval('.tool-call .tool-label', (m) => m.length), calls.length);
+    assert.deepEqual(await p.$$eval('.msg.tool', (m) => m.map((e) => e.textContent)), calls.map((_, i) => `sunny, ${21 + i} C`));
   } finally {
     await p.close();
   }
