@@ -788,6 +788,8 @@ async function reply() {
     conv.messages.push(m);
     conv.model = modelName;
     ui.stats.textContent = `${result.prompt_tokens} prompt tokens (${result.reused_tokens} reused) at ${result.prompt_tps.toFixed(1)} tok/s · ${result.tokens} tokens at ${result.gen_tps.toFixed(1)} tok/s · ${result.finish_reason}`;
+    // the engine drops a call cut short: say why the reply is empty
+    if (result.finish_reason === 'length' && !result.text && !result.tool_calls) ui.stats.textContent += ': Max tokens ran out inside a tool call';
     // the live region reads the finished reply once, not every piece as it streams
     ui.announce.textContent = out.textContent;
     await persist();

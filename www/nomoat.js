@@ -23,7 +23,8 @@
 //
 // Tool calling: chat(messages, { tools, toolChoice, parallelToolCalls }) with OpenAI's shapes.
 // A reply of calls is not streamed as text: its result has finish_reason 'tool_calls' and
-// tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}]. Send the
+// tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}] ('length' when
+// maxTokens ran out inside a call: the complete calls are kept, the unfinished one dropped). Send the
 // results back as {role: 'tool', tool_call_id, content} after the assistant turn
 // {role: 'assistant', content: null, tool_calls}, as with OpenAI's API.
 //

@@ -827,15 +827,22 @@ fn prepare(s: &AppState, kind: Kind, body: &[u8], random_seed: u64) -> Result<(C
 /// Makes the ids of a reply's tool calls: "call_" and 24 hex digits.
 struct CallIds(u64);
 
-/// A reply read as tool calls: the text before them (None when empty), and each call with its id.
-type ReadCalls = (Option<String>, Vec<(String, ToolCall)>);
+/// A reply read as tool calls: the text before them (None when empty), each call with its id,
+/// and the finish_reason (from the generation's own when a call was cut short).
+struct ReadCalls {
+    content: Option<String>,
+    calls: Vec<(String, ToolCall)>,
+    finish: &'static str,
+}
 
 impl CallIds {
     /// The calls of a reply with tools, with their ids, and the text before them; None when the
-    /// reply is text (it did not start with a call, or its calls do not parse).
-    fn read(&self, text: &str) -> Option<ReadCalls> {
-        let (content, calls) = tools::read_calls(text)?;
-        Some((content, tools::with_ids(self.0, calls)))
+    /// reply is text (it did not start with a call, or its calls do not parse). `generated`: the
+    /// generation's finish_reason.
+    fn read(&self, text: &str, generated: &'static str) -> Option<ReadCalls> {
+        let reply = tools::read_calls(text)?;
+        let finish = reply.finish_reason(generated);
+        Some(ReadCalls { content: reply.content, calls: tools::with_ids(self.0, reply.calls), finish })
     }
 }
 
@@ -863,8 +870,8 @@ async fn collect_response(
             Event::Done(Outcome { completion_tokens, cached_tokens, finish, logprobs: entries }) => {
                 let lp = logprobs.as_ref().map_or(Value::Null, |tok| api::logprobs_json(meta.kind, tok, &entries));
                 let usage = api::Usage { prompt: prompt_tokens, cached: cached_tokens, completion: completion_tokens };
-                if let Some((content, calls)) = calls.as_ref().and_then(|c| c.read(&text)) {
-                    return Ok(Json(meta.tool_response(content.as_deref(), &calls, usage, lp)).into_response());
+                if let Some(read) = calls.as_ref().and_then(|c| c.read(&text, finish_str(finish))) {
+                    return Ok(Json(meta.tool_response(read.content.as_deref(), &read.calls, read.finish, usage, lp)).into_response());
                 }
                 return Ok(Json(meta.response(&text, finish_str(finish), usage, lp)).into_response());
             }
@@ -934,15 +941,15 @@ fn stream_response(
                 Some(Event::Done(o)) => {
                     let mut finish = finish_str(o.finish);
                     if let Some(held) = st.held.take() {
-                        match st.calls.as_ref().and_then(|c| c.read(&held)) {
-                            Some((content, calls)) => {
-                                if let Some(text) = content {
+                        match st.calls.as_ref().and_then(|c| c.read(&held, finish)) {
+                            Some(read) => {
+                                if let Some(text) = read.content {
                                     st.pending.push_back(data(&st.meta.chunk(Some(&text), false, None, st.include_usage)));
                                 }
-                                for c in st.meta.tool_chunks(&calls, st.include_usage) {
+                                for c in st.meta.tool_chunks(&read.calls, st.include_usage) {
                                     st.pending.push_back(data(&c));
                                 }
-                                finish = "tool_calls";
+                                finish = read.finish;
                             }
                             None => st.pending.push_back(data(&st.meta.chunk(Some(&held), false, None, st.include_usage))),
                         }

@@ -324,19 +324,22 @@ fn structured_output_through_the_server() {
     // auto with a response_format: calls, or JSON that fits the schema
     let answer = json!({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}}, "required": ["answer"], "additionalProperties": false});
     for seed in 0..3 {
-        let body =
-            json!({"model": "m", "messages": q, "tools": tools, "response_format": schema_format("answer", &answer), "temperature": 1.0, "seed": seed, "max_tokens": 60});
+        let body = json!({"model": "m", "messages": q, "tools": tools, "response_format": schema_format("answer", &answer), "temperature": 1.0, "seed": seed, "max_tokens": 60, "parallel_tool_calls": false});
         let (status, text) = s.post_raw(&body);
         assert_eq!(status, 200, "{text}");
         let r: Value = serde_json::from_str(&text).unwrap();
         let m = &r["choices"][0]["message"];
-        match r["choices"][0]["finish_reason"].as_str().unwrap() {
-            "tool_calls" => assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather", "{r}"),
-            _ => {
-                let v: Value = serde_json::from_str(m["content"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {r}"));
+        // one call (SmolLM2 at temperature 1 repeats calls until max_tokens when it may make
+        // several), or JSON that fits
+        match (r["choices"][0]["finish_reason"].as_str().unwrap(), m.get("tool_calls"), m["content"].as_str()) {
+            ("tool_calls", Some(calls), None) => assert_eq!(calls[0]["function"]["name"], "get_weather", "{r}"),
+            (_, None, Some(content)) => {
+                let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {r}"));
                 assert!(v["answer"].is_string() && v.as_object().unwrap().len() == 1, "{r}");
             }
+            _ => panic!("neither calls nor an answer: {r}"),
         }
+        eprintln!("[structured] auto with a response_format, seed {seed}: {}", r["choices"][0]["finish_reason"]);
     }
     step("tools through the generic prompt", t);
 

@@ -174,7 +174,8 @@ export interface ChatOptions {
 export interface ReplyResult {
   /** The reply's text; with tool calls, any text the model wrote before them ('' if none). */
   text: string;
-  /** The calls of a reply with tools (finish_reason 'tool_calls'), else null. */
+  /** The calls of a reply with tools (finish_reason 'tool_calls', or 'length' when maxTokens ran
+   * out inside a later call: the complete ones are kept), else null. */
   tool_calls: ToolCall[] | null;
   tokens: number;
   token_ids: number[];

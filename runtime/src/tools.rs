@@ -226,29 +226,53 @@ pub fn with_ids(seed: u64, calls: Vec<ToolCall>) -> Vec<(String, ToolCall)> {
     calls.into_iter().map(|c| (format!("call_{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32), c)).collect()
 }
 
-/// A reply under a tool grammar read as calls: the text before them (None when empty) and the
-/// calls; None when it is text (it did not start with a call, or no call parses). The grammar
-/// makes the first character tell: a call starts with `<`, text cannot.
-pub fn read_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+/// A reply with tools, read back: the text before its calls, the calls, and whether it stopped
+/// inside a call (cut by max_tokens or a stop string): that call is in neither.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadReply {
+    /// Text outside the calls, trimmed; None when empty.
+    pub content: Option<String>,
+    /// The calls, in order.
+    pub calls: Vec<ToolCall>,
+    /// The reply ended inside an unfinished call.
+    pub cut_short: bool,
+}
+
+impl ReadReply {
+    /// OpenAI's finish_reason: "tool_calls" when every call it began is complete, else the
+    /// generation's own reason (`generated`: "length" or "stop"), so a cut reply says so.
+    pub fn finish_reason<'a>(&self, generated: &'a str) -> &'a str {
+        if self.calls.is_empty() || self.cut_short {
+            generated
+        } else {
+            "tool_calls"
+        }
+    }
+}
+
+/// A reply under a tool grammar read as calls; None when it is text (it did not start with a
+/// call, or it holds neither a call that parses nor an unfinished one). The grammar makes the
+/// first character tell: a call starts with `<`, text cannot.
+pub fn read_calls(text: &str) -> Option<ReadReply> {
     if !text.starts_with('<') {
         return None;
     }
-    let (content, calls) = parse_reply(text);
-    (!calls.is_empty()).then_some((content, calls))
+    let reply = parse_reply(text);
+    (!reply.calls.is_empty() || reply.cut_short).then_some(reply)
 }
 
-/// The text before the first call (trimmed; None when empty) and the calls, from a reply
-/// written as [`grammar`] makes it. A call whose JSON does not parse, or has no string `name`,
-/// is left in the text.
-pub fn parse_reply(text: &str) -> (Option<String>, Vec<ToolCall>) {
+/// A reply written as [`grammar`] makes it, read back. A call whose JSON does not parse, or has
+/// no string `name`, is left in the text; an unclosed call at the end is dropped (`cut_short`).
+pub fn parse_reply(text: &str) -> ReadReply {
     let mut calls = Vec::new();
     let mut content = String::new();
+    let mut cut_short = false;
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
         content.push_str(&rest[..start]);
         let after = &rest[start + OPEN.len()..];
         let Some(end) = after.find(CLOSE) else {
-            content.push_str(&rest[start..]);
+            cut_short = true;
             rest = "";
             break;
         };
@@ -266,9 +290,14 @@ pub fn parse_reply(text: &str) -> (Option<String>, Vec<ToolCall>) {
         }
         rest = &after[end + CLOSE.len()..];
     }
+    // cut inside the call's opening tag
+    if !rest.trim().is_empty() && OPEN.starts_with(rest.trim()) {
+        cut_short = true;
+        rest = "";
+    }
     content.push_str(rest);
     let content = content.trim();
-    ((!content.is_empty()).then(|| content.to_string()), calls)
+    ReadReply { content: (!content.is_empty()).then(|| content.to_string()), calls, cut_short }
 }
 
 /// An assistant turn's calls as the model writes them, for templates without tool support.
@@ -304,22 +333,41 @@ mod tests {
 
     #[test]
     fn replies_parse_into_text_and_calls() {
-        let (c, calls) =
-            parse_reply("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>");
-        assert_eq!(c, None);
-        assert_eq!(calls, vec![ToolCall { name: "f".into(), arguments: "{\"a\":1}".into() }, ToolCall { name: "g".into(), arguments: "{}".into() }]);
-        let (c, calls) = parse_reply("Sure. <tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"b\\\": 2}\"}</tool_call>");
-        assert_eq!((c.as_deref(), calls[0].arguments.as_str()), (Some("Sure."), "{\"b\": 2}"));
-        let (c, calls) = parse_reply("no calls <tool_call>{broken</tool_call> <tool_call>unclosed");
-        assert!(calls.is_empty());
-        assert_eq!(c.as_deref(), Some("no calls <tool_call>{broken</tool_call> <tool_call>unclosed"));
+        let r = parse_reply("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>");
+        assert_eq!((r.content.as_deref(), r.cut_short), (None, false));
+        assert_eq!(r.calls, vec![ToolCall { name: "f".into(), arguments: "{\"a\":1}".into() }, ToolCall { name: "g".into(), arguments: "{}".into() }]);
+        assert_eq!(r.finish_reason("stop"), "tool_calls");
+        let r = parse_reply("Sure. <tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"b\\\": 2}\"}</tool_call>");
+        assert_eq!((r.content.as_deref(), r.calls[0].arguments.as_str()), (Some("Sure."), "{\"b\": 2}"));
+        let r = parse_reply("no calls <tool_call>{broken</tool_call> <tool_call>unclosed");
+        assert!(r.calls.is_empty() && r.cut_short);
+        assert_eq!(r.content.as_deref(), Some("no calls <tool_call>{broken</tool_call>"));
+    }
+
+    #[test]
+    fn a_reply_cut_inside_a_call_keeps_its_complete_calls_and_says_length() {
+        let one = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
+        // max_tokens ran out in the second call: the first is a call, the second is not text
+        let r = read_calls(&format!("{one}\n<tool_call>\n{{\"name\": \"f\", \"arguments\": {{\"a\": 2")).unwrap();
+        assert_eq!((r.content.as_deref(), r.calls.len(), r.cut_short, r.finish_reason("length")), (None, 1, true, "length"));
+        // ... or in the first: no calls and no text
+        for cut in ["<tool_call>\n{\"name\": \"f\", \"argu", "<tool_ca"] {
+            let r = read_calls(cut).unwrap();
+            assert_eq!((r.content.as_deref(), r.calls.len(), r.finish_reason("length")), (None, 0, "length"), "{cut}");
+        }
+        let r = read_calls(&format!("{one}\n<tool")).unwrap();
+        assert_eq!((r.content.as_deref(), r.calls.len(), r.cut_short), (None, 1, true));
+        assert_eq!(parse_reply("a < b <").content.as_deref(), Some("a < b <"));
+        assert_eq!(read_calls(one).unwrap().finish_reason("stop"), "tool_calls");
+        assert_eq!(read_calls("plain text"), None);
+        assert_eq!(read_calls("<b>bold</b>"), None);
     }
 
     #[test]
     fn calls_render_as_they_parse() {
         let calls = vec![ToolCall { name: "f".into(), arguments: "{\"a\": [1, 2]}".into() }];
-        let (c, back) = parse_reply(&render_calls(&calls));
-        assert_eq!((c, back[0].name.as_str(), serde_json::from_str::<Value>(&back[0].arguments).unwrap()), (None, "f", json!({"a": [1, 2]})));
+        let r = parse_reply(&render_calls(&calls));
+        assert_eq!((r.content, r.calls[0].name.as_str(), serde_json::from_str::<Value>(&r.calls[0].arguments).unwrap()), (None, "f", json!({"a": [1, 2]})));
     }
 
     #[test]

@@ -73,6 +73,18 @@ def main() -> int:
     assert finish == "tool_calls" and streamed == calls, f"streamed {streamed} ({finish}) != {calls}"
     assert all(acc[i]["id"].startswith("call_") for i in acc), acc
 
+    # max_tokens runs out inside the call: finish_reason "length", neither a call nor the
+    # unfinished call's text; streamed the same
+    r = client.chat.completions.create(messages=question, tool_choice="required", **dict(common, max_tokens=8))
+    cut = r.choices[0]
+    assert cut.finish_reason == "length" and not cut.message.tool_calls and not cut.message.content, cut
+    pieces = []
+    for chunk in client.chat.completions.create(messages=question, tool_choice="required", stream=True, **dict(common, max_tokens=8)):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            pieces.append((d.content or "", bool(d.tool_calls), chunk.choices[0].finish_reason))
+    assert "".join(p[0] for p in pieces) == "" and not any(p[1] for p in pieces) and pieces[-1][2] == "length", pieces
+
     # a named tool: one call of it; no parallel calls: one call
     r = client.chat.completions.create(messages=question, tool_choice={"type": "function", "function": {"name": "get_time"}}, **common)
     named = check_calls(r.choices[0].message.tool_calls, "named")
@@ -102,7 +114,7 @@ def main() -> int:
         raise AssertionError("tool_choice naming no tool was accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == "tool_choice" and "nope" in e.body["message"], e.body
-    print(f"openai client: tool calls {calls} (streamed the same), named, single, round trip answer {answer.message.content[:60]!r}, auto text, 400")
+    print(f"openai client: tool calls {calls} (streamed the same), cut short, named, single, round trip answer {answer.message.content[:60]!r}, auto text, 400")
     return 0
 
 

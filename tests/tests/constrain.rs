@@ -299,8 +299,9 @@ fn tool_call_walks_name_a_tool_with_fitting_arguments() {
                 continue;
             }
             ended += 1;
-            let (content, calls) = parse_reply(&text);
-            assert!(content.is_none() && !calls.is_empty(), "{text:?}");
+            let reply = parse_reply(&text);
+            let calls = reply.calls;
+            assert!(reply.content.is_none() && !reply.cut_short && !calls.is_empty(), "{text:?}");
             assert!(parallel || calls.len() == 1, "{text:?}");
             for call in calls {
                 let which = if call.name == "get_weather" { "enum" } else { "person" };

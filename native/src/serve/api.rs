@@ -473,11 +473,15 @@ impl Meta {
     }
 
     /// The non-streaming chat response of a reply with tool calls: content null unless text
-    /// came before the calls, finish_reason "tool_calls".
-    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], usage: Usage, logprobs: Value) -> Value {
-        let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
-        let message = json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls});
-        let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}]));
+    /// came before the calls, no tool_calls when a cut-short call was the only one, finish_reason
+    /// "tool_calls" unless one was cut short ("length").
+    pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], finish: &str, usage: Usage, logprobs: Value) -> Value {
+        let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+        if !calls.is_empty() {
+            let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
+            message["tool_calls"] = json!(calls);
+        }
+        let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]));
         v["usage"] = usage.json();
         v
     }
