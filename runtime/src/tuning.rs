@@ -120,7 +120,8 @@ impl MatvecShape {
     /// GPUs' shape ([`Tuning::for_device`]), which tests force on CPU devices.
     pub const GPU: MatvecShape = MatvecShape { tpr: 32, rpi: 1, wg: 64, x_broadcast: false };
 
-    /// This shape with an even number of rows an invocation (outputs written in pairs).
+    /// This shape with an even number of rows an invocation, for outputs that need rows in
+    /// pairs in one invocation (gate with up, RoPE's adjacent pairs).
     pub fn paired(self) -> MatvecShape {
         MatvecShape { rpi: (self.rpi + 1) & !1, ..self }
     }
@@ -143,7 +144,7 @@ pub struct Tuning {
     /// Driver defect, llvmpipe: invocations stop after 65,535 loop iterations, leaving their
     /// output unwritten. Kernels split or refuse work beyond this many. None: no such limit.
     pub loop_budget: Option<u64>,
-    /// The matvec shape (see [`Tuning::paired_matvec`] for outputs that need row pairs).
+    /// The matvec shape (see [`MatvecShape::paired`] for outputs that need row pairs).
     pub matvec: MatvecShape,
     /// Prefill's products through the shared-memory tiled matmul.wgsl (GPUs) rather than
     /// matvec.wgsl's token loop (CPU devices).
@@ -276,12 +277,6 @@ impl Tuning {
     pub fn tile_for(&self, m: u32) -> u32 {
         self.tile_tokens.unwrap_or(m.clamp(2, 4))
     }
-
-    /// The matvec shape with an even number of rows per invocation, for outputs that need rows
-    /// in pairs in one invocation (gate with up, RoPE's adjacent pairs).
-    pub fn paired_matvec(&self) -> MatvecShape {
-        self.matvec.paired()
-    }
 }
 
 #[cfg(test)]
@@ -321,7 +316,7 @@ pub(crate) mod tests {
         let gpu = Tuning::for_device(&adapter("NVIDIA H100", wgpu::DeviceType::DiscreteGpu, 32), sg, &KernelOverrides::default());
         assert_eq!(gpu.sample_top_k_max, crate::ops::MAX_TOP_K);
         assert_eq!(lavapipe.loop_budget, Some(LLVMPIPE_LOOP_BUDGET));
-        assert!(lavapipe.matvec.x_broadcast && lavapipe.paired_matvec().rpi == 8);
+        assert!(lavapipe.matvec.x_broadcast && lavapipe.matvec.paired().rpi == 8);
         let swiftshader =
             Tuning::for_device(&adapter("google swiftshader", wgpu::DeviceType::Cpu, 4), Variant { f16: false, subgroups: false, web: true }, &Default::default());
         assert!(swiftshader.cpu && !swiftshader.token_tile && swiftshader.loop_budget.is_none() && !swiftshader.matvec.x_broadcast);
@@ -336,6 +331,6 @@ pub(crate) mod tests {
         let o = KernelOverrides { matvec_tpr: Some(4), matvec_rpi: Some(3), matvec_wg: Some(2), tiled_matmul: Some(true), token_tile: Some(false), ..Default::default() };
         let forced = Tuning::for_device(&adapter("llvmpipe", wgpu::DeviceType::Cpu, 8), sg, &o);
         assert_eq!((forced.matvec.tpr, forced.matvec.rpi, forced.matvec.wg), (4, 3, 4));
-        assert!(forced.tiled_matmul && !forced.token_tile && !forced.matvec.x_broadcast && forced.paired_matvec().rpi == 4);
+        assert!(forced.tiled_matmul && !forced.token_tile && !forced.matvec.x_broadcast && forced.matvec.paired().rpi == 4);
     }
 }

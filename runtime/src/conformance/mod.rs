@@ -719,6 +719,11 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             let v_want = reference::matmul(values[2], &xn, rows[2], k, m);
             reference::rope(&mut q_want, n_head, head_dim, pos0, params);
             reference::rope(&mut k_want, n_kv_head, head_dim, pos0, params);
+            let mode = match (token_tile, shape) {
+                (_, Some(_)) => " (GPU shape)",
+                (Some(true), _) => " (token tiles)",
+                _ => "",
+            };
             for kv in [KvType::F32, KvType::F16] {
                 let row = rows[1];
                 let cache_bytes = (pos0 as u64 + m as u64) * kv.row_bytes(row as u64);
@@ -736,12 +741,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
                 rec.submit()?;
                 let at = pos0 as u64 * kv.row_bytes(row as u64);
                 let cache_bound = if kv == KvType::F16 { 1e-6 } else { MATMUL_NMSE };
-                let tiles = match (token_tile, shape) {
-                    (_, Some(_)) => " (GPU shape)",
-                    (Some(true), _) => " (token tiles)",
-                    _ => "",
-                };
-                let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} m={m}{tiles}");
+                let name = format!("rms_norm → q/k/v + RoPE + {kv:?} cache {ty} m={m}{mode}");
                 checks.push(Check::nmse(format!("{name}: q"), &gpu.read_f32(&qb, 0, m * rows[0]).await?, &q_want, MATMUL_NMSE));
                 checks.push(Check::nmse(format!("{name}: k"), &cache_values(kv, gpu.read(&kc, at, cache_bytes - at).await?, row), &k_want, cache_bound));
                 checks.push(Check::nmse(format!("{name}: v"), &cache_values(kv, gpu.read(&vc, at, cache_bytes - at).await?, row), &v_want, cache_bound));
@@ -753,8 +753,7 @@ async fn qkv_rope(gpu: &Gpu) -> Result<Vec<Check>> {
             rec.token_tile = token_tile;
             rec.matvec_shape = shape;
             let refusal = rec.product(&w, ProductIn::RmsNorm { x: &xb, weight: &nwb, eps: 1e-5 }, out, m as u32).await;
-            let gpu_shape = if shape.is_some() { " (GPU shape)" } else { "" };
-            checks.push(refused(format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} m={m}{gpu_shape}"), refusal));
+            checks.push(refused(format!("rms_norm → q/k/v + RoPE + Q8_0 cache {ty} m={m}{mode}"), refusal));
         }
         // SEQ_ROWS: one token of each of five sequences, each turned for its own position and
         // written at its own slot's row
