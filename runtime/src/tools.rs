@@ -226,9 +226,15 @@ pub fn with_ids(seed: u64, calls: Vec<ToolCall>) -> Vec<(String, ToolCall)> {
     calls.into_iter().map(|c| (format!("call_{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32), c)).collect()
 }
 
+/// A reply's calls with their ids as OpenAI's `tool_calls` list:
+/// `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+pub fn openai_calls(calls: &[(String, ToolCall)]) -> Vec<Value> {
+    calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect()
+}
+
 /// A reply with tools, read back: the text before its calls, the calls, and whether it stopped
 /// inside a call (cut by max_tokens or a stop string): that call is in neither.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReadReply {
     /// Text outside the calls, trimmed; None when empty.
     pub content: Option<String>,

@@ -889,10 +889,7 @@ impl Engine {
                 Some(read) => {
                     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64; // 53 random bits
                     let finish = read.finish_reason(g.finish.as_str());
-                    let list: Vec<serde_json::Value> = tools::with_ids(seed, read.calls)
-                        .into_iter()
-                        .map(|(id, c)| serde_json::json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                        .collect();
+                    let list = tools::openai_calls(&tools::with_ids(seed, read.calls));
                     let tool_calls = if list.is_empty() { serde_json::Value::Null } else { serde_json::Value::Array(list) };
                     (read.content.unwrap_or_default(), finish, tool_calls)
                 }

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use nomoat_runtime::constrain::{json_type_name as type_name, FieldError, Grammar};
 use nomoat_runtime::prompt::{self, ChatTurn};
 use nomoat_runtime::sampler::SamplerConfig;
-use nomoat_runtime::tools::{ToolCall, ToolRequest};
+use nomoat_runtime::tools::{self, ToolCall, ToolRequest};
 use serde_json::{json, Map, Value};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -478,8 +478,7 @@ impl Meta {
     pub fn tool_response(&self, content: Option<&str>, calls: &[(String, ToolCall)], finish: &str, usage: Usage, logprobs: Value) -> Value {
         let mut message = json!({"role": "assistant", "content": content, "refusal": null});
         if !calls.is_empty() {
-            let calls: Vec<Value> = calls.iter().map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
-            message["tool_calls"] = json!(calls);
+            message["tool_calls"] = json!(tools::openai_calls(calls));
         }
         let mut v = self.base("chat.completion", json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]));
         v["usage"] = usage.json();
